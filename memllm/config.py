@@ -1,0 +1,103 @@
+"""Typed configuration, validated once at construction (ConfigError, a ValueError, never assert).
+
+MemoryConfig holds the context-memory (InfLLM-style) knobs. Fields left as None are derived from the
+model's trained context by `MemoryConfig.resolved(trained_len)`. Knows nothing of torch or models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from memllm.errors import ConfigError
+
+OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Context memory configuration.
+
+    n_init: sink tokens kept on the device.  n_local: local window (exact relative positions).
+    block_size: tokens per memory unit.  repr_topk: representative keys per unit.
+    topk: units retrieved per execution block.  exc_block_size: queries sharing one lookup.
+    chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer).
+    offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
+    """
+
+    n_init: int = 128
+    n_local: int | None = None
+    block_size: int = 128
+    repr_topk: int = 4
+    topk: int = 16
+    exc_block_size: int = 512
+    chunk_size: int | None = None
+    max_cached_blocks: int | None = None
+    offload_dtype: str = "bf16"
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: int | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"MemoryConfig.{name} must be an integer, got {value!r}")
+            if value < 0 or (value == 0 and not allow_zero):
+                raise ConfigError(f"MemoryConfig.{name} must be > 0, got {value}")
+
+        positive("n_init", self.n_init, allow_zero=True)
+        positive("n_local", self.n_local, allow_none=True)
+        positive("block_size", self.block_size)
+        positive("repr_topk", self.repr_topk)
+        positive("topk", self.topk, allow_zero=True)
+        positive("exc_block_size", self.exc_block_size)
+        positive("chunk_size", self.chunk_size, allow_none=True)
+        positive("max_cached_blocks", self.max_cached_blocks, allow_none=True)
+        if self.repr_topk > self.block_size:
+            raise ConfigError(
+                f"MemoryConfig.repr_topk ({self.repr_topk}) cannot exceed block_size ({self.block_size})"
+            )
+        if self.n_local is not None and self.n_local < self.block_size:
+            raise ConfigError(
+                f"MemoryConfig.n_local ({self.n_local}) must be at least block_size ({self.block_size})"
+            )
+        if self.offload_dtype not in OFFLOAD_DTYPES:
+            raise ConfigError(
+                f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
+            )
+        if (
+            self.max_cached_blocks is not None
+            and self.topk > 0
+            and self.max_cached_blocks < self.topk
+        ):
+            raise ConfigError(
+                f"MemoryConfig.max_cached_blocks ({self.max_cached_blocks}) must be at least topk ({self.topk})"
+            )
+
+    def resolved(self, trained_len: int) -> MemoryConfig:
+        """Fill the None fields from the model's trained context length, and check the budget fits it."""
+        n_local = self.n_local
+        if n_local is None:
+            # Leave room in the trained window for sinks, retrieved units and one execution block.
+            n_local = max(self.block_size, min(4096, trained_len // 2))
+        chunk = self.chunk_size if self.chunk_size is not None else max(self.exc_block_size, min(4096, n_local))
+        cached = self.max_cached_blocks if self.max_cached_blocks is not None else max(2 * self.topk, 1)
+        out = replace(self, n_local=n_local, chunk_size=chunk, max_cached_blocks=cached)
+        span = out.n_init + out.topk * out.block_size + n_local + out.exc_block_size
+        if span > trained_len:
+            raise ConfigError(
+                f"memory window n_init + topk*block_size + n_local + exc_block_size = {span} exceeds the "
+                f"model's trained context ({trained_len}): lower n_local or topk"
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown MemoryConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**data)

@@ -1,0 +1,54 @@
+"""Named exceptions of memllm. Each message names the fix; the CLI maps them to exit codes.
+
+Knows nothing of models, tensors or the CLI.
+"""
+
+from __future__ import annotations
+
+
+class MemllmError(Exception):
+    """Base of every error memllm raises on purpose. `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(MemllmError, ValueError):
+    """A configuration value is invalid (e.g. n_local < block_size)."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(MemllmError):
+    """A model name is neither an alias, a local path nor a reachable Hugging Face id."""
+
+    exit_code = 3
+
+
+class ModelPackageMissingError(MemllmError):
+    """An alias is known but the package that carries its weights is not installed."""
+
+    exit_code = 3
+
+
+class UnsupportedModelError(MemllmError):
+    """The model cannot run with context memory (no RoPE, attention not via the interface...)."""
+
+    exit_code = 4
+
+
+class SnapshotError(MemllmError):
+    """A memory snapshot is missing, corrupt, or from an incompatible version/model."""
+
+    exit_code = 5
+
+
+class StoreError(MemllmError):
+    """The text memory store cannot be opened or written."""
+
+    exit_code = 6
+
+
+class InputError(MemllmError):
+    """Input text/documents cannot be read (empty, binary, too large)."""
+
+    exit_code = 7

@@ -1,0 +1,1 @@
+"""memory_stores subpackage."""
