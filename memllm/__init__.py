@@ -27,8 +27,8 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memllm.config import MemoryConfig
-    from memllm.errors import (
+    from memllm.config import MemoryConfig  # noqa: F401
+    from memllm.errors import (  # noqa: F401
         ConfigError,
         InputError,
         MemllmError,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
         StoreError,
         UnsupportedModelError,
     )
-    from memllm.llm import MemLLM
+    from memllm.llm import MemLLM  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

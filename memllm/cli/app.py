@@ -1,0 +1,60 @@
+"""The `memllm` command: a typer app that parses, calls the library and renders. No logic of its own.
+
+MemllmError becomes a one-line message on stderr and its exit code (no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from memllm import __version__
+from memllm.cli.bench import bench_app
+from memllm.cli.chat import chat
+from memllm.cli.models import models_app
+from memllm.errors import MemllmError
+
+app = typer.Typer(
+    name="memllm",
+    help="Language models with memory beyond their context window: chat, long-document Q&A, benchmarks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"memllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """memllm: memory beyond the context window for language models."""
+
+
+app.command(help="Chat with a model (streams tokens; reads piped stdin line by line).")(chat)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except MemllmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,47 @@
+"""Helpers shared by CLI commands: status lines on stderr, MemllmError to exit codes, model loading."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from memllm.errors import MemllmError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_printer() -> Callable[[str], None]:
+    """A progress callback that writes one dim line per message on stderr (stdout stays for answers)."""
+
+    def show(message: str) -> None:
+        print(f"memllm: {message}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def fail_on_error(fn: F) -> F:
+    """Turn MemllmError into a one-line message on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MemllmError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_llm(model: str, device: str, dtype: str | None = None) -> Any:
+    """Load a MemLLM (the CLI's single seam for tests to substitute a fake model)."""
+    from transformers.utils import logging as hf_logging
+
+    from memllm.llm import MemLLM
+
+    hf_logging.disable_progress_bar()  # the CLI's own process: keep stderr to memllm's status lines
+    return MemLLM.from_pretrained(model, device=device, dtype=dtype, progress=status_printer())

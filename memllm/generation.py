@@ -1,0 +1,77 @@
+"""Token generation over any transformers Cache: sampling, stop tokens, streaming detokenization.
+
+One decode loop serves plain chat (DynamicCache) and memory sessions (ContextMemoryCache): it feeds
+the prompt, then one token at a time, and yields token ids. Knows nothing of chat templates or memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (batch,) from last-position logits (batch, vocab): greedy at temperature 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    cache: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    start_position: int = 0,
+) -> Iterator[int]:
+    """Yield up to max_new_tokens ids after `input_ids` (1, seq); stops before yielding a stop id.
+
+    `start_position` is the absolute position of input_ids[0, 0] (tokens already in `cache`).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, seq), got {tuple(input_ids.shape)}")
+    stops = set(stop_ids)
+    pos = start_position
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        n = ids.shape[1]
+        positions = torch.arange(pos, pos + n, device=ids.device).unsqueeze(0)
+        out = model(
+            input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1
+        )
+        pos += n
+        nxt = sample_next(out.logits[:, -1, :], temperature, generator)
+        token = int(nxt.item())
+        if token in stops:
+            return
+        yield token
+        ids = nxt.view(1, 1)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

@@ -1,0 +1,94 @@
+"""CLI transcripts with a fake model: exact output for scripted stdin; errors as one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from memllm import __version__
+from memllm.cli.app import app
+
+runner = CliRunner()
+
+
+def test_version_and_help():
+    assert runner.invoke(app, ["--version"]).stdout == f"memllm {__version__}\n"
+    out = runner.invoke(app, ["--help"]).stdout
+    for cmd in ("chat", "models", "bench"):
+        assert cmd in out
+
+
+def test_piped_chat_transcript(fake_llm):
+    result = runner.invoke(app, ["chat"], input="hello there\n\nsecond question\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "echo: hello there (1 msgs)\necho: second question (3 msgs)\n"
+    assert fake_llm.loaded == [("smollm2-135m", "auto")]
+
+
+def test_piped_reset_exit_help_and_unknown(fake_llm):
+    script = "one\n/reset\ntwo\n/help\n/nope\n/exit\nnever sent\n"
+    result = runner.invoke(app, ["chat", "--model", "m", "--device", "cpu"], input=script)
+    assert result.exit_code == 0
+    help_line = "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, /help\n"
+    assert result.stdout == (
+        "echo: one (1 msgs)\n(conversation reset)\necho: two (1 msgs)\n"
+        + help_line
+        + "unknown command /nope: "
+        + help_line
+    )
+    assert len(fake_llm.calls) == 2
+
+
+def test_interactive_prompts_and_ctrl_d(fake_llm):
+    result = runner.invoke(app, ["chat", "--interactive", "--system", "be brief"], input="hi\n")
+    assert result.exit_code == 0
+    assert result.stdout == (
+        "memllm chat with smollm2-135m. commands: /exit or /quit (or Ctrl-D) to leave, "
+        "/reset to forget the conversation, /help\n"
+        "you> smollm2-135m> echo: hi (2 msgs)\nyou> \n"
+    )
+    assert fake_llm.calls[0][0] == {"role": "system", "content": "be brief"}
+
+
+def test_json_mode(fake_llm):
+    result = runner.invoke(app, ["chat", "--json"], input="a b\n")
+    record = json.loads(result.stdout)
+    assert record["user"] == "a b" and record["answer"] == "echo: a b (1 msgs)"
+
+
+def test_max_new_tokens_passed(fake_llm):
+    result = runner.invoke(app, ["chat", "--max-new-tokens", "2"], input="a b c\n")
+    assert result.stdout == "echo: a\n"
+
+
+def test_unknown_model_is_one_line_without_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "memllm.cli.app", "chat", "--model", "no-such-model"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "error: model 'no-such-model' not found: use an alias from `memllm models` "
+        "(smollm2-135m, qwen2.5-coder-0.5b), a Hugging Face id or a path to a model folder or .gguf file\n"
+    )
+
+
+def test_models_json_lists_aliases(isolated_home):
+    result = runner.invoke(app, ["models", "--json"])
+    data = json.loads(result.stdout)
+    assert [m["alias"] for m in data["models"]] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    assert data["home"] == str(isolated_home)
+    assert all(m["cached"] is False for m in data["models"])
+
+
+def test_models_prepare_unknown_name():
+    result = runner.invoke(app, ["models", "prepare", "nope"])
+    assert result.exit_code == 3
+    assert "model 'nope' not found" in result.stderr
