@@ -1,0 +1,212 @@
+"""The text-memory record model and the store protocol.
+
+`MemoryRecord` is one entry of the memory stream (a dialogue turn, a document chunk, a summary or a
+fact); `SearchResult` is a record with its similarity; `MemoryStore` is what every store implements.
+Knows nothing of FAISS, SQLite or embedders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol, runtime_checkable
+
+from memllm.errors import StoreError
+
+KINDS = ("turn", "chunk", "summary", "fact")
+Kind = Literal["turn", "chunk", "summary", "fact"]
+FILTER_KEYS = ("kind", "source", "created_after", "created_before", "metadata")
+
+
+def new_id() -> str:
+    """A fresh record id: 32 hex characters (uuid4)."""
+    return uuid.uuid4().hex
+
+
+def content_hash(kind: str, text: str) -> str:
+    """The dedup key of a record within its namespace: sha256 of kind and whitespace-normalised text."""
+    normalised = " ".join(text.split())
+    return hashlib.sha256(f"{kind}\x00{normalised}".encode()).hexdigest()
+
+
+@dataclass
+class MemoryRecord:
+    """One entry of the memory stream.
+
+    importance is in [0, 1]. `span` is the (start, end) character span of the text in `source`
+    (a document path, a session id...), when there is one. Timestamps are UNIX seconds;
+    `updated_at` defaults to `created_at`. `content_hash` is computed from kind and text.
+    """
+
+    text: str
+    namespace: str = "default"
+    kind: Kind = "turn"
+    summary: str | None = None
+    importance: float = 0.5
+    created_at: float = field(default_factory=time.time)
+    updated_at: float | None = None
+    source: str | None = None
+    span: tuple[int, int] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    content_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise StoreError("a memory record needs non-empty text: skip empty turns/chunks before adding")
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise StoreError("a memory record needs a namespace (a user or document name), got an empty one")
+        if self.kind not in KINDS:
+            raise StoreError(f"record kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        imp = float(self.importance)
+        if not math.isfinite(imp) or not 0.0 <= imp <= 1.0:
+            raise StoreError(f"record importance must be within [0, 1], got {self.importance!r}")
+        self.importance = imp
+        self.created_at = float(self.created_at)
+        self.updated_at = self.created_at if self.updated_at is None else float(self.updated_at)
+        if self.span is not None:
+            start, end = (int(v) for v in self.span)
+            if start < 0 or end < start:
+                raise StoreError(
+                    f"record span must be (start, end) with 0 <= start <= end, got {self.span!r}"
+                )
+            self.span = (start, end)
+        if not isinstance(self.metadata, dict):
+            raise StoreError(f"record metadata must be a dict, got {type(self.metadata).__name__}")
+        expected = content_hash(self.kind, self.text)
+        if self.content_hash and self.content_hash != expected:
+            raise StoreError(f"record {self.id}: content_hash does not match its text (edited export file?)")
+        self.content_hash = expected
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the JSONL export line)."""
+        return {
+            "id": self.id,
+            "namespace": self.namespace,
+            "kind": self.kind,
+            "text": self.text,
+            "summary": self.summary,
+            "importance": self.importance,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "source": self.source,
+            "span": list(self.span) if self.span is not None else None,
+            "metadata": self.metadata,
+            "content_hash": self.content_hash,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MemoryRecord:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise StoreError(f"unknown memory record fields: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        if values.get("span") is not None:
+            values["span"] = tuple(values["span"])
+        if values.get("metadata") is None:
+            values["metadata"] = {}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A record found by a search; `score` is the cosine similarity to the query (higher is closer)."""
+
+    record: MemoryRecord
+    score: float
+
+
+def check_filters(filters: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate a search/list filter dict; returns a normalised copy (kind always a tuple)."""
+    if not filters:
+        return {}
+    unknown = set(filters) - set(FILTER_KEYS)
+    if unknown:
+        raise StoreError(
+            f"unknown search filter(s) {', '.join(sorted(unknown))}: use {', '.join(FILTER_KEYS)}"
+        )
+    out = dict(filters)
+    if "kind" in out and out["kind"] is not None:
+        kinds = (out["kind"],) if isinstance(out["kind"], str) else tuple(out["kind"])
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise StoreError(f"filter kind must be among {', '.join(KINDS)}, got {', '.join(bad)}")
+        out["kind"] = kinds
+    if "metadata" in out and out["metadata"] is not None and not isinstance(out["metadata"], Mapping):
+        raise StoreError("filter 'metadata' must be a dict of key -> required value")
+    return out
+
+
+def matches(record: MemoryRecord, filters: Mapping[str, Any]) -> bool:
+    """Whether a record passes a (normalised) filter dict."""
+    kinds = filters.get("kind")
+    if kinds is not None and record.kind not in kinds:
+        return False
+    source = filters.get("source")
+    if source is not None and record.source != source:
+        return False
+    after = filters.get("created_after")
+    if after is not None and record.created_at <= after:
+        return False
+    before = filters.get("created_before")
+    if before is not None and record.created_at >= before:
+        return False
+    meta = filters.get("metadata")
+    return not meta or all(record.metadata.get(k) == v for k, v in meta.items())
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    """A persistent, namespaced text memory with similarity search.
+
+    `add`/`add_many` return the id stored for each record: a record whose (namespace, kind, text)
+    is already present is not stored or embedded again, and the existing id is returned.
+    `search` only ever returns records of the given namespace.
+    """
+
+    def add(self, record: MemoryRecord) -> str: ...
+
+    def add_many(self, records: Sequence[MemoryRecord]) -> list[str]: ...
+
+    def get(self, record_id: str) -> MemoryRecord | None: ...
+
+    def update(
+        self,
+        record_id: str,
+        *,
+        summary: str | None = None,
+        importance: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> MemoryRecord: ...
+
+    def search(
+        self, query: str, k: int = 5, *, namespace: str, filters: Mapping[str, Any] | None = None
+    ) -> list[SearchResult]: ...
+
+    def delete(self, record_ids: Iterable[str]) -> int: ...
+
+    def list(
+        self,
+        namespace: str,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+    ) -> list[MemoryRecord]: ...
+
+    def count(self, namespace: str | None = None) -> int: ...
+
+    def namespaces(self) -> list[str]: ...
+
+    def export_jsonl(self, dest: str | Path | IO[str], namespace: str | None = None) -> int: ...
+
+    def import_jsonl(self, src: str | Path | IO[str], namespace: str | None = None) -> list[str]: ...
+
+    def close(self) -> None: ...
