@@ -12,6 +12,7 @@ from typing import Any
 from memllm.errors import ConfigError
 
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
+IMPLS = ("fast", "reference")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class MemoryConfig:
     topk: units retrieved per execution block.  exc_block_size: queries sharing one lookup.
     chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer).
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
+    impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     """
 
     n_init: int = 128
@@ -35,9 +37,12 @@ class MemoryConfig:
     max_cached_blocks: int | None = None
     offload_dtype: str = "bf16"
     device: str | None = None
+    impl: str = "fast"
 
     def __post_init__(self) -> None:
-        def positive(name: str, value: int | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+        def positive(
+            name: str, value: int | None, allow_none: bool = False, allow_zero: bool = False
+        ) -> None:
             if value is None and allow_none:
                 return
             if not isinstance(value, int) or isinstance(value, bool):
@@ -65,29 +70,40 @@ class MemoryConfig:
             raise ConfigError(
                 f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
             )
-        if (
-            self.max_cached_blocks is not None
-            and self.topk > 0
-            and self.max_cached_blocks < self.topk
-        ):
+        if self.max_cached_blocks is not None and self.topk > 0 and self.max_cached_blocks < self.topk:
             raise ConfigError(
                 f"MemoryConfig.max_cached_blocks ({self.max_cached_blocks}) must be at least topk ({self.topk})"
             )
 
     def resolved(self, trained_len: int) -> MemoryConfig:
-        """Fill the None fields from the model's trained context length, and check the budget fits it."""
+        """Fill the None fields from the model's trained context length, and check the budget fits it.
+
+        Positions the model sees: local window up to n_init + n_local + block_size + exc_block_size,
+        memory queries at distance n_local, model calls at cache-reported positions below
+        n_init + n_local + chunk_size. All must stay below `trained_len`.
+        """
         n_local = self.n_local
         if n_local is None:
             # Leave room in the trained window for sinks, retrieved units and one execution block.
             n_local = max(self.block_size, min(4096, trained_len // 2))
-        chunk = self.chunk_size if self.chunk_size is not None else max(self.exc_block_size, min(4096, n_local))
+        room = trained_len - self.n_init - n_local
+        chunk = self.chunk_size
+        if chunk is None:
+            chunk = min(4096, n_local, room)
+            if chunk >= self.exc_block_size:
+                chunk -= chunk % self.exc_block_size
+        if chunk < 1 or chunk > room:
+            raise ConfigError(
+                f"MemoryConfig.chunk_size ({chunk}) must be between 1 and trained context - n_init - n_local "
+                f"({room}): lower chunk_size or n_local"
+            )
         cached = self.max_cached_blocks if self.max_cached_blocks is not None else max(2 * self.topk, 1)
         out = replace(self, n_local=n_local, chunk_size=chunk, max_cached_blocks=cached)
-        span = out.n_init + out.topk * out.block_size + n_local + out.exc_block_size
+        span = out.n_init + out.topk * out.block_size + n_local + out.block_size + out.exc_block_size
         if span > trained_len:
             raise ConfigError(
-                f"memory window n_init + topk*block_size + n_local + exc_block_size = {span} exceeds the "
-                f"model's trained context ({trained_len}): lower n_local or topk"
+                f"memory window n_init + topk*block_size + n_local + block_size + exc_block_size = {span} "
+                f"exceeds the model's trained context ({trained_len}): lower n_local or topk"
             )
         return out
 

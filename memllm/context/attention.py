@@ -1,0 +1,61 @@
+"""The attention function memllm registers with transformers' AttentionInterface (name: "memllm_context").
+
+It looks up the ContextMemoryCache made active by `attach` (a context variable, so concurrent threads
+and nested attaches do not see each other's cache), checks that the K/V it received are the ones the
+cache's layer recorded in `update`, and lets that layer compute the output (cache.py). Registration
+is done by attach.py, never at import. Knows nothing of the rule itself.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+
+ATTN_NAME = "memllm_context"
+
+ACTIVE_CACHE: contextvars.ContextVar = contextvars.ContextVar("memllm_active_context_cache", default=None)
+
+
+def context_memory_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query (b, heads, q, d), key/value (b, kv_heads, q, d), rotated by the model -> ((b, q, heads, d), None)."""
+    cache = ACTIVE_CACHE.get()
+    if cache is None:
+        raise RuntimeError(
+            f"attention '{ATTN_NAME}' was called outside memllm.context.attach(): use `with attach(model, config) "
+            "as cache:` and pass that cache as past_key_values"
+        )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise RuntimeError(f"attention '{ATTN_NAME}' does not support {unsupported}")
+    layer = cache.layers[module.layer_idx]
+    if layer.pending is None or layer.pending[0] is not key:
+        raise RuntimeError(
+            "the model's keys did not come from the active ContextMemoryCache: pass the cache from attach() as "
+            "past_key_values (and use_cache=True)"
+        )
+    layer.pending = None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    positions = kwargs.get("position_ids")
+    if positions is not None:
+        positions = positions.reshape(-1)[-query.shape[2] :]
+    else:
+        start = layer.reported_length()
+        positions = torch.arange(start, start + query.shape[2], device=query.device)
+    if positions.numel() and int(positions.max()) >= cache.spec.trained_len:
+        raise RuntimeError(
+            f"position {int(positions.max())} is beyond the model's trained length ({cache.spec.trained_len}): "
+            f"feed at most {cache.config.chunk_size} tokens per call (memllm.context.prefill.feed does)"
+        )
+    with torch.no_grad():
+        out = layer.attend(query, key, value, scale, positions.to(query.device))
+    return out.transpose(1, 2).contiguous(), None

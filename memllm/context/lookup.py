@@ -1,0 +1,34 @@
+"""Unit lookup: score memory units against an execution block of queries, keep the top k per KV head.
+
+Score of unit u for KV head g: max over u's representative keys r of (sum of the block's queries of
+the heads in group g, rotated at the fixed distance) . (r rotated at position 0). Selection: the
+`topk` highest scores per KV head, returned sorted by unit index. `select_units` runs on the device
+(no host synchronisation); `select_units_reference` is the plain loop the tests compare it with.
+
+Knows nothing of where unit K/V live or of attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
+    """q_sum (kv_heads, head_dim) fp32; repr_keys (n_units, kv_heads, repr_topk, head_dim) -> (kv_heads, n_units)."""
+    return torch.einsum("hd,uhrd->hur", q_sum, repr_keys.float()).amax(dim=-1)
+
+
+def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (kv_heads, n_units) -> ids (kv_heads, min(k, n_units)) long, ascending per row, on scores' device."""
+    k = min(k, scores.shape[1])
+    ids = torch.topk(scores, k, dim=1, sorted=False).indices
+    return torch.sort(ids, dim=1).values
+
+
+def select_units_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Same selection as `select_units`, by sorting on the host (ties broken by lower index)."""
+    rows = []
+    for row in scores.detach().to("cpu", torch.float64).tolist():
+        order = sorted(range(len(row)), key=lambda u: (-row[u], u))[:k]
+        rows.append(sorted(order))
+    return torch.tensor(rows, dtype=torch.long, device=scores.device).reshape(scores.shape[0], -1)

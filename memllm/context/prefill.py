@@ -1,0 +1,49 @@
+"""Model-level chunked prefill and single steps through a ContextMemoryCache (inside `attach`).
+
+Chunks end at absolute multiples of chunk_size, the model computes logits only for the last position,
+so activations stay bounded by chunk_size whatever the stream length. Knows nothing of text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from memllm.context.cache import ContextMemoryCache
+
+
+@torch.no_grad()
+def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -> torch.Tensor:
+    """Feed ids (1, n) in one model call (n <= chunk_size); returns the last position's logits (vocab,) fp32."""
+    ids = ids.to(cache.layers[0].device)
+    out = model(
+        input_ids=ids,
+        past_key_values=cache,
+        position_ids=cache.next_position_ids(ids.shape[1]),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[0, -1].float()
+
+
+@torch.no_grad()
+def feed(
+    model: torch.nn.Module,
+    cache: ContextMemoryCache,
+    ids: torch.Tensor,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor | None:
+    """Feed ids (1, n) in chunks; progress(done, total) after each. Returns the last logits (None if n == 0)."""
+    total = ids.shape[1]
+    chunk = cache.config.chunk_size
+    done = 0
+    logits = None
+    while done < total:
+        seen = cache.seen_tokens
+        end = min(total, done + chunk - seen % chunk)
+        logits = step(model, cache, ids[:, done:end])
+        done = end
+        if progress is not None:
+            progress(done, total)
+    return logits

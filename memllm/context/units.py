@@ -1,0 +1,178 @@
+"""Memory units of one layer: K/V of `block_size` tokens kept off the device, representatives on it.
+
+Host storage is a list of fixed-size segments (pinned when the device is CUDA, so a kernel can read
+them through unified addressing without a host synchronisation); units are never moved once written.
+K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and channel; values: per
+unit, head and token). Representative keys (repr_topk per unit and KV head, un-rotated) live on the
+device in a buffer that doubles when full.
+
+Knows nothing of positions, attention or which units get selected (see lookup.py, gather.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HOST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
+
+
+def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 along all but `dim`'s reduction: scale = absmax over `dim` / 127."""
+    scale = x.float().abs().amax(dim=dim, keepdim=True).clamp_min(1e-8) / 127.0
+    q = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class UnitStore:
+    """Units of one layer. Shapes: unit K/V (kv_heads, block_size, head_dim); repr (kv_heads, repr_topk, head_dim)."""
+
+    def __init__(
+        self,
+        kv_heads: int,
+        block_size: int,
+        head_dim: int,
+        repr_topk: int,
+        offload_dtype: str,
+        device: torch.device,
+        segment_units: int = 64,
+    ):
+        self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
+            kv_heads,
+            block_size,
+            head_dim,
+            repr_topk,
+        )
+        self.offload_dtype = offload_dtype
+        self.host_dtype = HOST_DTYPES[offload_dtype]
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.segment_units = segment_units
+        self.n_units = 0
+        # Each segment: dict of host tensors with leading dim segment_units.
+        self.segments: list[dict[str, torch.Tensor]] = []
+        self._repr: torch.Tensor | None = None  # (capacity, kv_heads, repr_topk, head_dim) on device
+        self.version = 0  # bumps when segments are added (gather kernels rebuild pointer tables)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _new_segment(self) -> dict[str, torch.Tensor]:
+        n, h, b, d = self.segment_units, self.kv_heads, self.block_size, self.head_dim
+        seg = {
+            "k": self._host_empty((n, h, b, d), self.host_dtype),
+            "v": self._host_empty((n, h, b, d), self.host_dtype),
+        }
+        if self.offload_dtype == "int8":
+            seg["k_scale"] = self._host_empty((n, h, 1, d), torch.float32)
+            seg["v_scale"] = self._host_empty((n, h, b, 1), torch.float32)
+        self.segments.append(seg)
+        self.version += 1
+        return seg
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, repr_k: torch.Tensor) -> int:
+        """Add one unit: k, v (kv_heads, block_size, head_dim) on the device; repr_k (kv_heads, repr_topk, head_dim)."""
+        idx = self.n_units
+        seg_i, off = divmod(idx, self.segment_units)
+        seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
+        nb = self.pin
+        if self.offload_dtype == "int8":
+            kq, ks = quantize_int8(k, dim=1)  # per (head, channel)
+            vq, vs = quantize_int8(v, dim=2)  # per (head, token)
+            seg["k"][off].copy_(kq, non_blocking=nb)
+            seg["v"][off].copy_(vq, non_blocking=nb)
+            seg["k_scale"][off].copy_(ks, non_blocking=nb)
+            seg["v_scale"][off].copy_(vs, non_blocking=nb)
+        else:
+            seg["k"][off].copy_(k, non_blocking=nb)
+            seg["v"][off].copy_(v, non_blocking=nb)
+        if self._repr is None or self._repr.shape[0] <= idx:
+            cap = max(16, 2 * (self._repr.shape[0] if self._repr is not None else 0))
+            grown = torch.empty((cap, *repr_k.shape), dtype=repr_k.dtype, device=self.device)
+            if self._repr is not None:
+                grown[: self.n_units] = self._repr[: self.n_units]
+            self._repr = grown
+        self._repr[idx] = repr_k
+        self.n_units += 1
+        return idx
+
+    def truncate(self, n_units: int) -> None:
+        """Forget units >= n_units (their storage is reused by later appends)."""
+        if n_units > self.n_units:
+            raise ValueError(f"cannot truncate {self.n_units} units to {n_units}")
+        self.n_units = n_units
+
+    # ---- reading -------------------------------------------------------------------------------
+    def repr_keys(self) -> torch.Tensor:
+        """(n_units, kv_heads, repr_topk, head_dim) on the device (a view)."""
+        if self._repr is None:
+            return torch.empty(0, self.kv_heads, self.repr_topk, self.head_dim, device=self.device)
+        return self._repr[: self.n_units]
+
+    def host_unit(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unit's K/V dequantized to `dtype` on the host: (kv_heads, block_size, head_dim) each."""
+        seg = self.segments[idx // self.segment_units]
+        off = idx % self.segment_units
+        k, v = seg["k"][off], seg["v"][off]
+        if self.offload_dtype == "int8":
+            return (k.float() * seg["k_scale"][off]).to(dtype), (v.float() * seg["v_scale"][off]).to(dtype)
+        return k.to(dtype), v.to(dtype)
+
+    def gather_reference(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain-PyTorch gather. ids (kv_heads, t) long -> K, V (kv_heads, t*block_size, head_dim) on the device.
+
+        Reads the ids on the host (a synchronisation on CUDA); the fast path is gather.gather_units.
+        """
+        h, t = ids.shape
+        ids_host = ids.to("cpu").tolist()
+        ks = torch.empty(h, t, self.block_size, self.head_dim, dtype=dtype)
+        vs = torch.empty_like(ks)
+        for head in range(h):
+            for j, u in enumerate(ids_host[head]):
+                k, v = self.host_unit(int(u), dtype)
+                ks[head, j], vs[head, j] = k[head], v[head]
+        flat = (h, t * self.block_size, self.head_dim)
+        return ks.reshape(flat).to(self.device), vs.reshape(flat).to(self.device)
+
+    # ---- accounting and snapshots ------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for seg in self.segments for t in seg.values())
+
+    def stored_bytes(self) -> int:
+        """Bytes the n_units units occupy on the host (excluding unused segment capacity)."""
+        if not self.segments:
+            return 0
+        per_unit = sum(t[0].numel() * t.element_size() for t in self.segments[0].values())
+        return per_unit * self.n_units
+
+    def device_bytes(self) -> int:
+        return 0 if self._repr is None else self._repr.numel() * self._repr.element_size()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The n_units units as contiguous host tensors (for safetensors)."""
+        out: dict[str, torch.Tensor] = {"repr": self.repr_keys().to("cpu").contiguous()}
+        if self.n_units == 0:
+            return out
+        names = list(self.segments[0].keys())
+        for name in names:
+            parts = [seg[name] for seg in self.segments]
+            out[name] = torch.cat(parts, dim=0)[: self.n_units].contiguous()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        repr_k = state["repr"]
+        n = repr_k.shape[0]
+        self.truncate(0)
+        for idx in range(n):
+            seg_i, off = divmod(idx, self.segment_units)
+            seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
+            for name, t in seg.items():
+                t[off].copy_(state[name][idx])
+            if self._repr is None or self._repr.shape[0] <= idx:
+                cap = max(16, 2 * (self._repr.shape[0] if self._repr is not None else 0), n)
+                grown = torch.empty((cap, *repr_k.shape[1:]), dtype=repr_k.dtype, device=self.device)
+                if self._repr is not None:
+                    grown[:idx] = self._repr[:idx]
+                self._repr = grown
+            self._repr[idx] = repr_k[idx].to(self.device)
+            self.n_units += 1
