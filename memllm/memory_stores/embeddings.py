@@ -194,8 +194,7 @@ class SentenceTransformerEmbedder:
     def dim(self) -> int:
         if self._dim is None:
             self._load()
-        assert self._dim is not None
-        return self._dim
+        return int(self._dim or 0)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:

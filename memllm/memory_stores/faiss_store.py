@@ -589,10 +589,20 @@ class FaissStore:
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM records WHERE id = ?", (record_id,)).fetchone()
         return _row_to_record(row) if row else None
 
+    def get_by_hash(self, namespace: str, content_hash: str) -> MemoryRecord | None:
+        """The record of `namespace` with this content hash (see `records.content_hash`), if stored."""
+        self._check_open()
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE namespace = ? AND content_hash = ?",
+                (namespace, content_hash),
+            ).fetchone()
+        return _row_to_record(row) if row else None
+
     def resolve_id(self, prefix: str, namespace: str | None = None) -> str:
         """The full id of the one record whose id starts with `prefix` (for CLIs showing short ids)."""
         self._check_open()
-        if not prefix or not all(c in "0123456789abcdefABCDEF-_" or c.isalnum() for c in prefix):
+        if not prefix:
             raise StoreError(f"invalid record id {prefix!r}: copy an id from `memllm memory list`")
         sql, args = "SELECT id FROM records WHERE id >= ? AND id < ?", [prefix, prefix + "\U0010ffff"]
         if namespace is not None:

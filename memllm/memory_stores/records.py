@@ -176,6 +176,8 @@ class MemoryStore(Protocol):
 
     def get(self, record_id: str) -> MemoryRecord | None: ...
 
+    def get_by_hash(self, namespace: str, content_hash: str) -> MemoryRecord | None: ...
+
     def update(
         self,
         record_id: str,
