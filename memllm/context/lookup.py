@@ -2,7 +2,8 @@
 
 Score of unit u for KV head g: max over u's representative keys r of (sum of the block's queries of
 the heads in group g, rotated at the fixed distance) . (r rotated at position 0). Selection: the
-`topk` highest scores per KV head, returned sorted by unit index. `select_units` runs on the device
+`topk` highest scores per KV head (ties: lower unit index first; equal keys make exact ties, e.g.
+the same token in layer 0), returned sorted by unit index. `select_units` runs on the device
 (no host synchronisation); `select_units_reference` is the plain loop the tests compare it with.
 
 Knows nothing of where unit K/V live or of attention.
@@ -21,8 +22,8 @@ def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores (kv_heads, n_units) -> ids (kv_heads, min(k, n_units)) long, ascending per row, on scores' device."""
     k = min(k, scores.shape[1])
-    ids = torch.topk(scores, k, dim=1, sorted=False).indices
-    return torch.sort(ids, dim=1).values
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values
 
 
 def select_units_reference(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""Past the window: memllm equals the slow reference of the same rule (tests/context/reference_rule.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from memllm.context import attach
+from tests.context.helpers import rel_err, small_memory, tiny_model
+from tests.context.reference_rule import RuleReference
+
+PREFILL, DECODE = 200, 6
+
+
+def reference_logits(model, ids, mem):
+    ref = RuleReference(model, mem)
+    name = "memllm_test_rule_reference"
+    AttentionInterface.register(name, ref)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            zeros = torch.zeros(1, PREFILL, dtype=torch.long)
+            outs = [model(input_ids=ids[:, :PREFILL], position_ids=zeros, use_cache=False).logits[0]]
+            for i in range(PREFILL, PREFILL + DECODE):
+                one = torch.zeros(1, 1, dtype=torch.long)
+                outs.append(model(input_ids=ids[:, i : i + 1], position_ids=one, use_cache=False).logits[0])
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface._global_mapping.pop(name, None)
+    return torch.cat(outs), ref
+
+
+def memllm_logits(model, ids, mem):
+    outs = []
+    with attach(model, mem) as cache, torch.no_grad():
+        for a in range(0, PREFILL, mem.chunk_size):
+            b = min(PREFILL, a + mem.chunk_size)
+            pos = cache.next_position_ids(b - a)
+            outs.append(
+                model(input_ids=ids[:, a:b], past_key_values=cache, position_ids=pos, use_cache=True).logits[
+                    0
+                ]
+            )
+        for i in range(PREFILL, PREFILL + DECODE):
+            pos = cache.next_position_ids(1)
+            outs.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache, position_ids=pos).logits[0])
+    return torch.cat(outs), cache
+
+
+@pytest.mark.parametrize("kind,impl", [("llama", "fast"), ("llama", "reference"), ("qwen2", "fast")])
+def test_past_window_equals_reference(kind, impl):
+    model = tiny_model(kind)
+    # Distinct tokens: equal tokens have equal layer-0 keys, hence exactly tied unit scores.
+    ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE].unsqueeze(0)
+    mem = small_memory(impl=impl)
+    got, cache = memllm_logits(model, ids, mem)
+    want, ref = reference_logits(model, ids, mem)
+    assert len(ref.state[0]["units"]) == cache.layers[0].store.n_units > mem.topk  # retrieval really happened
+    assert cache.stats()["lookups"] > 0
+    assert rel_err(got, want.float()) < 1e-4
