@@ -1,6 +1,6 @@
 """`memllm chat`: streams a model's answers; interactive on a TTY, line by line from piped stdin.
 
-Commands inside the chat: /exit (or /quit), /reset, /help. Ctrl-D ends the chat; Ctrl-C stops the
+Commands inside the chat: /exit (or /quit), /reset, /memory, /help. Ctrl-D ends the chat; Ctrl-C stops the
 answer being generated (at the prompt it says how to quit). Parsing and rendering only: the model,
 its chat template and the window policy live in memllm.llm.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -17,7 +18,10 @@ import typer
 from memllm import models
 from memllm.cli import common
 
-HELP_TEXT = "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, /help"
+HELP_TEXT = (
+    "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, "
+    "/memory to show what was recalled, /help"
+)
 
 
 def _write(text: str) -> None:
@@ -25,13 +29,56 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _answer(
-    llm: Any, history: list[dict[str, str]], opts: dict[str, Any], interactive: bool
-) -> tuple[str, bool]:
+class PlainConversation:
+    """Chat without long-term memory: the history lives in this process only."""
+
+    def __init__(self, llm: Any, system: str | None, opts: dict[str, Any]) -> None:
+        self.llm, self.opts = llm, opts
+        self.base: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.history = list(self.base)
+
+    def send(self, text: str) -> Iterator[str]:
+        self.history.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            for piece in self.llm.chat_stream(self.history, **self.opts):
+                pieces.append(piece)
+                yield piece
+        finally:  # an interrupted answer stays in the history as far as it went
+            self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+    def reset(self) -> str:
+        self.history = list(self.base)
+        return "(conversation reset)"
+
+    def memory_report(self, as_json: bool) -> str:
+        return "(memory is off: start with --user NAME to remember across runs)"
+
+
+class MemoryConversation:
+    """Chat through a ChatAgent: every turn stored, memory recalled per turn."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    def send(self, text: str) -> Iterator[str]:
+        return self.agent.stream(text)
+
+    def reset(self) -> str:
+        return f"(long-term memory of {self.agent.user} is kept: `memllm memory forget` removes records)"
+
+    def memory_report(self, as_json: bool) -> str:
+        recall = self.agent.last_recall()
+        if recall is None:
+            return "(nothing recalled yet: ask something first)"
+        return json.dumps(recall.to_dict()) if as_json else recall.explain()
+
+
+def _answer(conv: Any, text: str, interactive: bool) -> tuple[str, bool]:
     """Stream one answer to stdout; returns (text, interrupted)."""
     pieces: list[str] = []
     try:
-        for piece in llm.chat_stream(history, **opts):
+        for piece in conv.send(text):
             pieces.append(piece)
             _write(piece)
     except KeyboardInterrupt:
@@ -50,6 +97,13 @@ def chat(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     system: str | None = typer.Option(None, "--system", help="A system prompt for the conversation."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling (temperature > 0)."),
+    user: str | None = typer.Option(
+        None, "--user", "-u", help="Remember this user's conversations across runs (text memory)."
+    ),
+    store: str | None = typer.Option(
+        None, "--store", help="Memory store folder (default: $MEMLLM_HOME/memory)."
+    ),
+    memory: str = typer.Option("text", "--memory", help="Memory mode with --user: text, kv or hybrid."),
     as_json: bool = typer.Option(False, "--json", help="Piped mode: one JSON object per answer."),
     interactive: bool | None = typer.Option(
         None, "--interactive/--no-interactive", hidden=True, help="Force prompt mode on or off."
@@ -59,10 +113,23 @@ def chat(
     interactive = sys.stdin.isatty() if interactive is None else interactive
     llm = common.load_llm(model, device)
     opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
-    base: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    history = list(base)
+    if user is None:
+        conv: Any = PlainConversation(llm, system, opts)
+    else:
+        from memllm.agents.chat import ChatAgent
+
+        agent = ChatAgent(
+            llm,
+            common.open_store(store, with_embedder=True),
+            user=user,
+            memory=memory,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )
+        conv = MemoryConversation(agent)
     if interactive:
-        _write(f"memllm chat with {model}. {HELP_TEXT}\n")
+        _write(f"memllm chat with {model}{f' (memory of {user})' if user else ''}. {HELP_TEXT}\n")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -83,25 +150,21 @@ def chat(
             if cmd in ("/exit", "/quit"):
                 return
             if cmd == "/reset":
-                history = list(base)
-                _write("(conversation reset)\n")
+                _write(conv.reset() + "\n")
+            elif cmd == "/memory":
+                _write(conv.memory_report(as_json) + "\n")
             elif cmd == "/help":
                 _write(HELP_TEXT + "\n")
             else:
                 _write(f"unknown command {cmd}: {HELP_TEXT}\n")
             continue
-        history.append({"role": "user", "content": text})
         if interactive:
             _write(f"{model}> ")
         start = time.perf_counter()
         if as_json and not interactive:
-            answer = "".join(llm.chat_stream(history, **opts))
-            interrupted = False
+            answer = "".join(conv.send(text))
             record = {"user": text, "answer": answer, "seconds": round(time.perf_counter() - start, 3)}
             _write(json.dumps(record) + "\n")
         else:
-            answer, interrupted = _answer(llm, history, opts, interactive)
+            _answer(conv, text, interactive)
             _write("\n")
-        history.append({"role": "assistant", "content": answer})
-        if interrupted:
-            continue

@@ -45,3 +45,18 @@ def load_llm(model: str, device: str, dtype: str | None = None) -> Any:
 
     hf_logging.disable_progress_bar()  # the CLI's own process: keep stderr to memllm's status lines
     return MemLLM.from_pretrained(model, device=device, dtype=dtype, progress=status_printer())
+
+
+def load_embedder() -> Any:
+    """The default sentence embedder (a seam for tests to substitute a fake one)."""
+    from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder()
+
+
+def open_store(path: str | None, *, with_embedder: bool) -> Any:
+    """Open the text memory store at `path` (default $MEMLLM_HOME/memory); embedder only when needed."""
+    from memllm.memory_stores.faiss_store import FaissStore
+    from memllm.models import memllm_home
+
+    return FaissStore(path or memllm_home() / "memory", load_embedder() if with_embedder else None)

@@ -32,7 +32,10 @@ def test_piped_reset_exit_help_and_unknown(fake_llm):
     script = "one\n/reset\ntwo\n/help\n/nope\n/exit\nnever sent\n"
     result = runner.invoke(app, ["chat", "--model", "m", "--device", "cpu"], input=script)
     assert result.exit_code == 0
-    help_line = "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, /help\n"
+    help_line = (
+        "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, "
+        "/memory to show what was recalled, /help\n"
+    )
     assert result.stdout == (
         "echo: one (1 msgs)\n(conversation reset)\necho: two (1 msgs)\n"
         + help_line
@@ -47,7 +50,7 @@ def test_interactive_prompts_and_ctrl_d(fake_llm):
     assert result.exit_code == 0
     assert result.stdout == (
         "memllm chat with smollm2-135m. commands: /exit or /quit (or Ctrl-D) to leave, "
-        "/reset to forget the conversation, /help\n"
+        "/reset to forget the conversation, /memory to show what was recalled, /help\n"
         "you> smollm2-135m> echo: hi (2 msgs)\nyou> \n"
     )
     assert fake_llm.calls[0][0] == {"role": "system", "content": "be brief"}
