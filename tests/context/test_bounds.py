@@ -1,0 +1,42 @@
+"""Bounds: keys per query within budget, positions below the trained length, device memory flat."""
+
+from __future__ import annotations
+
+import torch
+
+from memllm.context import attach, feed, step
+from tests.context.helpers import TRAINED, small_memory, tiny_model
+
+
+def test_bounds_over_a_long_stream():
+    model = tiny_model("llama")
+    mem = small_memory(offload_dtype="bf16", topk=2)
+    budget = mem.n_init + mem.topk * mem.block_size + mem.n_local + mem.block_size + mem.exc_block_size
+    ids = torch.randint(0, 512, (1, 1600), generator=torch.Generator().manual_seed(3))
+    windows, index = [], []
+    with attach(model, mem) as cache:
+        for a in range(0, 1600, 160):
+            feed(model, cache, ids[:, a : a + 160])
+            s = cache.stats()
+            windows.append(s["device_bytes_window"])
+            index.append(s["device_bytes_index"])
+        logits = None
+        for _ in range(5):
+            logits = step(model, cache, torch.tensor([[7]]))
+    s = cache.stats()
+    assert torch.isfinite(logits).all()
+    assert s["tokens_seen"] == 1605
+    assert s["max_keys_per_query"] <= budget
+    assert s["max_position"] < TRAINED
+    # Model calls sit at reported length (<= n_init + n_local) + chunk; the window adds a block + an exec block.
+    span = mem.n_init + mem.n_local + max(mem.chunk_size, mem.block_size + mem.exc_block_size)
+    assert s["max_position"] < span
+    # The window (sinks + local + scores) is the same size at every later chunk: it stopped growing.
+    assert len(set(windows[1:])) == 1
+    # Representative keys: the only device memory that grows, at repr_topk / block_size of the keys.
+    per_unit = (
+        model.config.num_hidden_layers * 2 * mem.repr_topk * 16 * 4
+    )  # layers, kv heads, head_dim 16, fp32
+    assert index[-1] <= 2 * per_unit * s["units_per_layer"]
+    # Host memory holds the units: bf16 K+V per stored token and layer = 2 * kv_heads * head_dim * 2 bytes.
+    assert s["host_bytes_stored"] == s["units"] * mem.block_size * 2 * 2 * 16 * 2
