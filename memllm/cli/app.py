@@ -12,6 +12,7 @@ import typer
 from memllm import __version__
 from memllm.cli.bench import bench_app
 from memllm.cli.chat import chat
+from memllm.cli.memory import memory_app
 from memllm.cli.models import models_app
 from memllm.errors import MemllmError
 
@@ -41,6 +42,7 @@ def _root(
 
 app.command(help="Chat with a model (streams tokens; reads piped stdin line by line).")(chat)
 app.add_typer(models_app, name="models")
+app.add_typer(memory_app, name="memory")
 app.add_typer(bench_app, name="bench")
 
 

@@ -1,0 +1,167 @@
+"""`memllm memory list|search|show|forget|export|import --user NAME`: inspect and edit text memory.
+
+Parse, call the store, render. Commands that need no embeddings open the store without loading the
+embedding model (list, show, forget, export).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from memllm.cli import common
+
+memory_app = typer.Typer(help="Inspect and edit a user's text memory.", no_args_is_help=True)
+
+UserOpt = typer.Option(..., "--user", "-u", help="Whose memory (as given to `memllm chat --user`).")
+StoreOpt = typer.Option(None, "--store", help="Memory store folder (default: $MEMLLM_HOME/memory).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def _ns(user: str) -> str:
+    from memllm.agents.chat import user_namespace
+
+    return user_namespace(user)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _short(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _records_table(title: str, rows: list[tuple[Any, float | None]]) -> None:
+    table = Table(title=title)
+    for col in (
+        "id",
+        "kind",
+        "role",
+        "created",
+        *(["score"] if any(s is not None for _, s in rows) else []),
+        "text",
+    ):
+        table.add_column(col, overflow="fold" if col == "text" else "ellipsis", no_wrap=col != "text")
+    for rec, score in rows:
+        cells = [rec.id[:8], rec.kind, str(rec.metadata.get("role", "")), _when(rec.created_at)]
+        if score is not None:
+            cells.append(f"{score:.3f}")
+        table.add_row(*cells, _short(rec.text))
+    Console().print(table)
+
+
+@memory_app.command("list")
+@common.fail_on_error
+def list_records(
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    kind: str | None = typer.Option(None, "--kind", help="Only this kind: turn, chunk, summary or fact."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Newest N records."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List a user's records, oldest first (the newest --limit)."""
+    s = common.open_store(store, with_embedder=False)
+    filters = {"kind": kind} if kind else None
+    recs = s.list(_ns(user), filters=filters, limit=limit, newest_first=True)[::-1]
+    if as_json:
+        typer.echo(
+            json.dumps({"user": user, "count": s.count(_ns(user)), "records": [r.to_dict() for r in recs]})
+        )
+        return
+    _records_table(f"memory of {user}: {s.count(_ns(user))} records", [(r, None) for r in recs])
+
+
+@memory_app.command("search")
+@common.fail_on_error
+def search(
+    query: str = typer.Argument(..., help="What to look for."),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    k: int = typer.Option(5, "--k", "-k", min=1, help="How many results."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Search a user's records by meaning."""
+    s = common.open_store(store, with_embedder=True)
+    hits = s.search(query, k, namespace=_ns(user))
+    if as_json:
+        typer.echo(
+            json.dumps({"query": query, "results": [{"score": h.score, **h.record.to_dict()} for h in hits]})
+        )
+        return
+    _records_table(f"memory of {user} for {query!r}", [(h.record, h.score) for h in hits])
+
+
+@memory_app.command("show")
+@common.fail_on_error
+def show(
+    record_id: str = typer.Argument(..., help="A record id or its first characters."),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show one record in full."""
+    s = common.open_store(store, with_embedder=False)
+    rec = s.get(s.resolve_id(record_id, _ns(user)))
+    data = rec.to_dict()
+    if as_json:
+        typer.echo(json.dumps(data))
+        return
+    for key, value in data.items():
+        typer.echo(f"{key}: {value}")
+
+
+@memory_app.command("forget")
+@common.fail_on_error
+def forget(
+    record_ids: list[str] = typer.Argument(None, help="Record ids (or prefixes) to remove."),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    everything: bool = typer.Option(False, "--all", help="Forget every record of this user."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove records from the store and its index (or all of a user's with --all)."""
+    s = common.open_store(store, with_embedder=False)
+    if everything:
+        removed = s.delete_namespace(_ns(user))
+    elif record_ids:
+        removed = s.delete([s.resolve_id(r, _ns(user)) for r in record_ids])
+    else:
+        print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({"forgotten": removed}) if as_json else f"forgot {removed} record(s) of {user}")
+
+
+@memory_app.command("export")
+@common.fail_on_error
+def export(
+    dest: str = typer.Argument("-", help="JSONL file to write, or - for stdout."),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+) -> None:
+    """Export a user's records as JSON lines."""
+    s = common.open_store(store, with_embedder=False)
+    n = s.export_jsonl(sys.stdout if dest == "-" else dest, namespace=_ns(user))
+    if dest != "-":
+        typer.echo(f"exported {n} record(s) of {user} to {dest}")
+
+
+@memory_app.command("import")
+@common.fail_on_error
+def import_(
+    src: str = typer.Argument(..., help="JSONL file written by `memllm memory export`, or - for stdin."),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Import records (into this user's memory); records already present are not added twice."""
+    s = common.open_store(store, with_embedder=True)
+    ids = s.import_jsonl(sys.stdin if src == "-" else src, namespace=_ns(user))
+    typer.echo(json.dumps({"imported": len(ids)}) if as_json else f"imported {len(ids)} record(s) for {user}")

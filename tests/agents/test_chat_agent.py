@@ -1,0 +1,170 @@
+"""ChatAgent and the memory CLI with a fake LLM and a fake embedder: exact transcripts, budgets, persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.agents.controller import ControllerConfig
+from memllm.cli.app import app
+from memllm.errors import ConfigError
+from memllm.memory_stores.embeddings import FakeEmbedder
+from memllm.memory_stores.faiss_store import FaissStore
+from tests.fakes import FakeLLM
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FaissStore(tmp_path / "store", FakeEmbedder())
+    yield s
+    s.close()
+
+
+def small_budgets() -> ControllerConfig:
+    return ControllerConfig(memory_tokens=40, flash_tokens=30, gate="heuristic")
+
+
+def test_fact_recalled_after_filler_and_across_agents(store):
+    llm = FakeLLM(trained_len=200)
+    agent = ChatAgent(llm, store, user="alice", controller=small_budgets(), summarize=False)
+    assert agent.chat("my dog is called Rex") == "echo: my dog is called Rex (2 msgs)"
+    for i in range(30):
+        agent.chat(f"filler number {i} about the weather today")
+    # The fact left the recent turns long ago; the cue "my dog" opens the gate and recall finds it.
+    answer = agent.chat("what is my dog called?")
+    assert answer.startswith("echo: what is my dog called? (")
+    memory_section = answer.split("[memory: ", 1)[1]
+    assert "] user: my dog is called Rex" in memory_section  # rendered as "[date time] role: text"
+    recall = agent.last_recall()
+    assert recall.gate.fire and recall.memory_tokens <= 40 and recall.flash_tokens <= 30
+    assert any(it.record.text == "my dog is called Rex" and it.mode == "raw" for it in recall.used)
+    # A new agent over the same store (a restart) remembers too; another user does not.
+    again = ChatAgent(llm, store, user="alice", controller=small_budgets(), summarize=False)
+    assert "my dog is called Rex" in again.chat("remember my dog?")
+    bob = ChatAgent(llm, store, user="bob", controller=small_budgets(), summarize=False)
+    assert "Rex" not in bob.chat("what is my dog called?")
+
+
+def test_every_turn_is_stored_in_the_users_namespace(store):
+    agent = ChatAgent(FakeLLM(), store, user="carol", summarize=False)
+    agent.chat("hello")
+    agent.chat("second")
+    turns = agent.history()
+    assert [(r.metadata["role"], r.text) for r in turns] == [
+        ("user", "hello"),
+        ("assistant", "echo: hello (2 msgs)"),
+        ("user", "second"),
+        ("assistant", "echo: second (4 msgs)"),
+    ]
+    assert all(r.namespace == user_namespace("carol") for r in turns)
+
+
+def test_prompt_never_exceeds_window_with_real_tokenizer(tmp_path, store):
+    from memllm.llm import MemLLM
+    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
+
+    llm = MemLLM.from_pretrained(str(write_tiny_llama_gguf(tmp_path / "t.gguf")), device="cpu")
+    seen: list[int] = []
+    original = llm.chat_ids
+
+    def spy(messages, max_new_tokens):
+        ids = original(messages, max_new_tokens)
+        seen.append(len(ids) + max_new_tokens)
+        return ids
+
+    llm.chat_ids = spy
+    agent = ChatAgent(llm, store, user="dave", max_new_tokens=8, summarize=False)
+    for i in range(12):
+        agent.chat(f"turn {i}: the the the there here is some longer text to fill the window quickly")
+    assert seen and max(seen) <= llm.trained_len == 256
+    assert torch.is_tensor(llm.model.lm_head.weight)
+
+
+def test_bad_mode_and_user():
+    with pytest.raises(ConfigError, match="memory mode must be one of text, kv, hybrid"):
+        ChatAgent(FakeLLM(), None, memory="both")
+    with pytest.raises(ConfigError, match="user name must be non-empty"):
+        user_namespace("  ")
+
+
+@pytest.fixture
+def cli_fakes(monkeypatch):
+    fake = FakeLLM()
+    monkeypatch.setattr("memllm.cli.common.load_llm", lambda model, device, dtype=None: fake)
+    monkeypatch.setattr("memllm.cli.common.load_embedder", lambda: FakeEmbedder())
+    return fake
+
+
+def test_cli_remembers_across_runs_and_memory_commands(cli_fakes, tmp_path):
+    st = str(tmp_path / "mem")
+    first = runner.invoke(app, ["chat", "--user", "alice", "--store", st], input="my cat is Tom\n")
+    assert first.exit_code == 0, first.output
+    assert first.stdout == "echo: my cat is Tom (2 msgs)\n"
+    second = runner.invoke(
+        app, ["chat", "--user", "alice", "--store", st, "--json"], input="what is my cat called?\n/memory\n"
+    )
+    assert second.exit_code == 0, second.output
+    lines = second.stdout.splitlines()
+    answer = json.loads(lines[0])["answer"]
+    # The previous run's turns come back as recent turns (flash memory): 4 messages incl. system.
+    assert answer == "echo: what is my cat called? (4 msgs)"
+    report = json.loads(lines[1])
+    assert report["query"] == "what is my cat called?" and report["gate"]["fire"] is False
+    assert report["gate"]["reason"] == "nothing archived beyond the recent turns"
+
+    listed = json.loads(
+        runner.invoke(app, ["memory", "list", "--user", "alice", "--store", st, "--json"]).stdout
+    )
+    assert listed["count"] == 4
+    assert [r["text"] for r in listed["records"]][:2] == ["my cat is Tom", "echo: my cat is Tom (2 msgs)"]
+    found = json.loads(
+        runner.invoke(app, ["memory", "search", "cat Tom", "--user", "alice", "--store", st, "--json"]).stdout
+    )
+    assert found["results"][0]["text"] == "my cat is Tom"
+    rid = listed["records"][0]["id"]
+    shown = json.loads(
+        runner.invoke(app, ["memory", "show", rid[:8], "--user", "alice", "--store", st, "--json"]).stdout
+    )
+    assert shown["id"] == rid
+    exported = runner.invoke(app, ["memory", "export", "-", "--user", "alice", "--store", st])
+    assert len(exported.stdout.splitlines()) == 4
+    other = runner.invoke(app, ["memory", "list", "--user", "bob", "--store", st, "--json"])
+    assert json.loads(other.stdout)["count"] == 0
+    gone = runner.invoke(app, ["memory", "forget", rid[:8], "--user", "alice", "--store", st])
+    assert gone.stdout == "forgot 1 record(s) of alice\n"
+    after = runner.invoke(app, ["memory", "search", "cat Tom", "--user", "alice", "--store", st, "--json"])
+    assert all(r["id"] != rid for r in json.loads(after.stdout)["results"])
+    exp_file = tmp_path / "alice.jsonl"
+    exported = runner.invoke(app, ["memory", "export", str(exp_file), "--user", "alice", "--store", st])
+    assert exported.stdout == f"exported 3 record(s) of alice to {exp_file}\n"
+    imported = runner.invoke(
+        app, ["memory", "import", str(exp_file), "--user", "erin", "--store", st, "--json"]
+    )
+    assert json.loads(imported.stdout) == {"imported": 3}
+    wiped = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st, "--json"])
+    assert json.loads(wiped.stdout) == {"forgotten": 3}
+
+
+def test_cli_memory_errors_are_one_line(cli_fakes, tmp_path):
+    st = str(tmp_path / "mem")
+    res = runner.invoke(app, ["memory", "show", "zzz", "--user", "alice", "--store", st])
+    assert res.exit_code == 6
+    assert (
+        res.stderr
+        == "error: no memory record with id 'zzz' for 'user:alice': list ids with `memllm memory list`\n"
+    )
+    res = runner.invoke(app, ["memory", "forget", "--user", "alice", "--store", st])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["chat", "--user", "alice", "--store", st, "--memory", "kv"], input="hi\n")
+    assert res.exit_code == 2 and "use --memory text" in res.stderr
+
+
+def test_plain_chat_memory_command_says_off(cli_fakes):
+    res = runner.invoke(app, ["chat"], input="/memory\n")
+    assert res.stdout == "(memory is off: start with --user NAME to remember across runs)\n"
