@@ -187,7 +187,11 @@ class SentenceTransformerEmbedder:
             path = self._path if self._path is not None else extract_default_model()
             # A local directory and local_files_only: the hub is never contacted.
             self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
-            self._dim = int(self._model.get_sentence_embedding_dimension())
+            get_dim = (
+                getattr(self._model, "get_embedding_dimension", None)
+                or self._model.get_sentence_embedding_dimension
+            )
+            self._dim = int(get_dim())
         return self._model
 
     @property
