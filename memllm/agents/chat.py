@@ -5,19 +5,25 @@ records within a token budget; the prompt is the system prompt + recalled memory
 message, always within the model's window; the answer streams; both turns are stored. Long turns get
 an LLM-written summary when stored (after the answer, not on its path).
 
-Modes: "text" (above). "kv" and "hybrid" stream the dialogue into a context-memory session as well;
-they need memllm.session and are refused with a message where it is not available.
+Modes: "text" (above). "kv": the dialogue itself is streamed into a context-memory session (InfLLM-
+style KV memory, memllm.session), turn by turn, and every answer continues that stream; the session is
+saved next to the store at `close()` and restored by the next agent of the same user. "hybrid": kv,
+plus the text memory's recalled records placed in the turn, for recall across sessions and beyond
+what KV retrieval finds. Turns are stored in the text memory in every mode. kv/hybrid decode greedily.
 
 Knows nothing of the CLI; the store and controller come from memllm.memory_stores / agents.controller.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
-from memllm.errors import ConfigError
+from memllm.config import MemoryConfig
+from memllm.errors import ConfigError, UnsupportedModelError
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
 
 MEMORY_MODES = ("text", "kv", "hybrid")
@@ -47,14 +53,10 @@ class ChatAgent:
         temperature: float = 0.0,
         controller: ControllerConfig | None = None,
         summarize: bool = True,
+        context_memory: MemoryConfig | None = None,
     ) -> None:
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
-        if memory != "text":
-            raise ConfigError(
-                f"memory mode {memory!r} needs context memory sessions, which this build does not have yet: "
-                "use --memory text"
-            )
         self.llm = llm
         self.store = store
         self.user = user
@@ -70,6 +72,71 @@ class ChatAgent:
             summarize=self._summarize if summarize else None,
             config=cfg,
         )
+        self.context_memory = context_memory
+        self.session: Any = None
+        if memory != "text":
+            self.session = self._open_session()
+
+    # ------------------------------------------------------------------ kv session
+    def snapshot_path(self) -> Path | None:
+        root = getattr(self.store, "path", None)
+        if root is None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.controller.namespace)
+        return Path(root) / "kv" / safe
+
+    def _open_session(self) -> Any:
+        path = self.snapshot_path()
+        if path is not None and (path / "manifest.json").is_file():
+            return self.llm.restore(str(path))
+        return self.llm.session(self.context_memory)
+
+    def close(self) -> None:
+        """Save the kv session (kv/hybrid) so the next agent of this user continues the same stream."""
+        path = self.snapshot_path()
+        if self.session is not None and path is not None and self.session.cache.seen_tokens > 0:
+            self.session.save(str(path))
+
+    def _render(self, messages: list[dict[str, str]], generation: bool) -> str:
+        return self.llm.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=False
+        )
+
+    def _segment(self, turn: list[dict[str, str]]) -> str:
+        """The chat-template text of `turn` as a continuation of the stream (system prompt only once)."""
+        system = [{"role": "system", "content": self.system}]
+        full = self._render(system + turn, True)
+        if self.session.cache.seen_tokens == 0:
+            return full
+        prefix = self._render(system, False)
+        if not full.startswith(prefix):
+            raise UnsupportedModelError(
+                f"the chat template of {getattr(self.llm, 'name', 'this model')} does not render turns "
+                "incrementally, which kv memory needs: use --memory text"
+            )
+        return full[len(prefix) :]
+
+    def _stream_kv(self, text: str, recall: Recall | None) -> Iterator[str]:
+        turn = []
+        if recall is not None and recall.memory_text:
+            turn.append({"role": "system", "content": f"{MEMORY_HEADER}\n{recall.memory_text}"})
+        turn.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        for piece in self.session.generate(self._segment(turn), max_new_tokens=self.max_new_tokens):
+            pieces.append(piece)
+            yield piece
+        self._close_turn(turn, "".join(pieces))
+
+    def _close_turn(self, turn: list[dict[str, str]], answer: str) -> None:
+        """Feed what the template writes after an answer (e.g. `<|im_end|>\\n`): the stream stays well-formed."""
+        system = [{"role": "system", "content": self.system}]
+        opened = self._render(system + turn, True)
+        closed = self._render([*system, *turn, {"role": "assistant", "content": answer}], False)
+        tail = closed[len(opened) :] if closed.startswith(opened) else ""
+        if tail.startswith(answer) and tail[len(answer) :]:
+            self.session.feed(tail[len(answer) :])
+        else:
+            self.session.feed_ids([self.llm.tokenizer.eos_token_id])
 
     @staticmethod
     def default_controller_config(window: int, max_new_tokens: int) -> ControllerConfig:
@@ -100,12 +167,17 @@ class ChatAgent:
         text = message.strip()
         if not text:
             raise ConfigError("a chat message must be non-empty")
-        recall = self.controller.recall(text)
-        messages = self.build_messages(text, recall)
+        recall = self.controller.recall(text) if self.memory != "kv" else None
+        if self.session is not None:
+            source = self._stream_kv(text, recall)
+        else:
+            source = self.llm.chat_stream(
+                self.build_messages(text, recall),
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+            )
         pieces: list[str] = []
-        for piece in self.llm.chat_stream(
-            messages, max_new_tokens=self.max_new_tokens, temperature=self.temperature
-        ):
+        for piece in source:
             pieces.append(piece)
             yield piece
         answer = "".join(pieces).strip()

@@ -54,6 +54,9 @@ class PlainConversation:
     def memory_report(self, as_json: bool) -> str:
         return "(memory is off: start with --user NAME to remember across runs)"
 
+    def close(self) -> None:
+        pass
+
 
 class MemoryConversation:
     """Chat through a ChatAgent: every turn stored, memory recalled per turn."""
@@ -72,6 +75,9 @@ class MemoryConversation:
         if recall is None:
             return "(nothing recalled yet: ask something first)"
         return json.dumps(recall.to_dict()) if as_json else recall.explain()
+
+    def close(self) -> None:
+        self.agent.close()
 
 
 def _answer(conv: Any, text: str, interactive: bool) -> tuple[str, bool]:
@@ -130,6 +136,14 @@ def chat(
         conv = MemoryConversation(agent)
     if interactive:
         _write(f"memllm chat with {model}{f' (memory of {user})' if user else ''}. {HELP_TEXT}\n")
+    try:
+        _loop(conv, model, interactive, as_json)
+    finally:
+        conv.close()
+
+
+def _loop(conv: Any, model: str, interactive: bool, as_json: bool) -> None:
+    """Read lines until /exit or end of input; answer each one."""
     while True:
         try:
             line = input("you> " if interactive else "")

@@ -161,10 +161,92 @@ def test_cli_memory_errors_are_one_line(cli_fakes, tmp_path):
     )
     res = runner.invoke(app, ["memory", "forget", "--user", "alice", "--store", st])
     assert res.exit_code == 2
-    res = runner.invoke(app, ["chat", "--user", "alice", "--store", st, "--memory", "kv"], input="hi\n")
-    assert res.exit_code == 2 and "use --memory text" in res.stderr
+    res = runner.invoke(app, ["chat", "--user", "alice", "--store", st, "--memory", "both"], input="hi\n")
+    assert res.exit_code == 2
+    assert res.stderr == "error: memory mode must be one of text, kv, hybrid, got 'both'\n"
 
 
 def test_plain_chat_memory_command_says_off(cli_fakes):
     res = runner.invoke(app, ["chat"], input="/memory\n")
     assert res.stdout == "(memory is off: start with --user NAME to remember across runs)\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    import os
+
+    from memllm.llm import MemLLM
+    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
+
+    old = os.environ.get("MEMLLM_HOME")
+    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("home"))
+    try:
+        path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
+        return MemLLM.from_pretrained(str(path), device="cpu")
+    finally:
+        if old is None:
+            del os.environ["MEMLLM_HOME"]
+        else:
+            os.environ["MEMLLM_HOME"] = old
+
+
+def tiny_context():
+    from memllm.config import MemoryConfig
+
+    return MemoryConfig(
+        n_init=4, n_local=64, block_size=16, repr_topk=2, topk=2, exc_block_size=16, chunk_size=32
+    )
+
+
+@pytest.mark.parametrize("mode", ["kv", "hybrid"])
+def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
+    agent = ChatAgent(
+        tiny_llm,
+        store,
+        user="kim",
+        memory=mode,
+        max_new_tokens=4,
+        summarize=False,
+        context_memory=tiny_context(),
+    )
+    agent.chat("hello the there")
+    seen_after_one = agent.session.cache.seen_tokens
+    agent.chat("and the second the turn")
+    seen = agent.session.cache.seen_tokens
+    assert seen > seen_after_one > 0
+    # The stream holds both turns in chat-template form, the system prompt once.
+    assert len(agent.history()) == 4
+    logits = agent.session.last_logits.clone()
+    agent.close()
+    again = ChatAgent(
+        tiny_llm,
+        store,
+        user="kim",
+        memory=mode,
+        max_new_tokens=4,
+        summarize=False,
+        context_memory=tiny_context(),
+    )
+    assert again.session.cache.seen_tokens == seen
+    assert torch.allclose(again.session.last_logits, logits, atol=1e-5)
+    other = ChatAgent(
+        tiny_llm, store, user="lee", memory=mode, summarize=False, context_memory=tiny_context()
+    )
+    assert other.session.cache.seen_tokens == 0
+
+
+def test_kv_segment_renders_system_once(tiny_llm, store):
+    agent = ChatAgent(
+        tiny_llm,
+        store,
+        user="sam",
+        memory="kv",
+        max_new_tokens=2,
+        summarize=False,
+        context_memory=tiny_context(),
+    )
+    first = agent._segment([{"role": "user", "content": "a"}])
+    assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
+    agent.chat("a")
+    later = agent._segment([{"role": "user", "content": "b"}])
+    assert later == "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n"
