@@ -32,6 +32,18 @@ MEMORY_HEADER = "Things you remember from earlier conversations with this user:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
 
 
+def build_messages(system: str, message: str, recall: Recall | None) -> list[dict[str, str]]:
+    """The chat for one turn: system prompt (+ recalled memory), recent turns, then the message."""
+    if recall is not None and recall.memory_text:
+        system = f"{system}\n\n{MEMORY_HEADER}\n{recall.memory_text}"
+    msgs = [{"role": "system", "content": system}]
+    for rec in recall.flash if recall is not None else []:
+        role = rec.metadata.get("role", "user")
+        msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
+    msgs.append({"role": "user", "content": message})
+    return msgs
+
+
 def user_namespace(user: str) -> str:
     if not user or not user.strip():
         raise ConfigError("a chat user name must be non-empty (e.g. --user alice)")
@@ -151,15 +163,7 @@ class ChatAgent:
 
     # ------------------------------------------------------------------ prompt
     def build_messages(self, message: str, recall: Recall) -> list[dict[str, str]]:
-        system = self.system
-        if recall.memory_text:
-            system = f"{system}\n\n{MEMORY_HEADER}\n{recall.memory_text}"
-        msgs = [{"role": "system", "content": system}]
-        for rec in recall.flash:
-            role = rec.metadata.get("role", "user")
-            msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
-        msgs.append({"role": "user", "content": message})
-        return msgs
+        return build_messages(self.system, message, recall)
 
     # ------------------------------------------------------------------ turns
     def stream(self, message: str) -> Iterator[str]:
