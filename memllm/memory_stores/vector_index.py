@@ -24,13 +24,17 @@ from memllm.errors import StoreError
 class IndexConfig:
     """ivf_threshold: vectors at which the exact index becomes IVF (and below half of which it turns
     back).  ivf_nprobe: lists probed per query (None: max(32, nlist // 16)).  retrain_growth: an IVF
-    index is retrained once it holds this many times the vectors it was trained on."""
+    index is retrained once it holds this many times the vectors it was trained on.
+    search_threads: OpenMP threads for one query (None: FAISS's default). One query is latency-bound;
+    fanning it out over threads gains little and, on a busy machine, costs tens of ms per barrier.
+    OpenMP's thread count is per calling thread, so this never changes other threads' settings."""
 
     ivf_threshold: int = 50_000
     ivf_nprobe: int | None = None
     retrain_growth: float = 4.0
     train_sample: int = 100_000
     seed: int = 1234
+    search_threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.ivf_threshold < 1000:
@@ -39,6 +43,8 @@ class IndexConfig:
             )
         if self.ivf_nprobe is not None and self.ivf_nprobe < 1:
             raise StoreError(f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
+        if self.search_threads is not None and self.search_threads < 1:
+            raise StoreError(f"search_threads must be >= 1 or None, got {self.search_threads}")
         if self.retrain_growth <= 1.0:
             raise StoreError(f"retrain_growth must be > 1, got {self.retrain_growth}")
 
@@ -137,7 +143,17 @@ class VectorIndex:
         k = min(k, self.ntotal)
         if k <= 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
+        query = np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32)
+        threads = self.config.search_threads
+        if threads is None:
+            scores, ids = self.index.search(query, k)
+        else:
+            before = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(threads)
+            try:
+                scores, ids = self.index.search(query, k)
+            finally:
+                faiss.omp_set_num_threads(before)
         keep = ids[0] >= 0
         return scores[0][keep], ids[0][keep]
 
