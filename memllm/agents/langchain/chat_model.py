@@ -15,13 +15,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.chat_models import generate_from_stream
-from langchain_core.messages import AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
@@ -74,6 +75,17 @@ def generation_lock(llm: Any) -> threading.Lock:
 # ---------------------------------------------------------------------------- the chat model
 
 
+@dataclass
+class _Turn:
+    """One reply being generated: its text pieces, the prompt's token count (asked once the pieces
+    are consumed), and what to do with the answer the caller saw once the stream ends."""
+
+    pieces: Iterator[str]
+    input_tokens: Callable[[], int]
+    finish: Callable[[str], None] = lambda answer: None
+    drain: bool = False  # after a stop sequence, let the model finish (unseen) instead of stopping it
+
+
 class ChatMemLLM(BaseChatModel):
     """A memllm model as a LangChain chat model.
 
@@ -114,9 +126,12 @@ class ChatMemLLM(BaseChatModel):
     """The MemoryStore for `memory` modes (default: a FaissStore at `store_path`)."""
     store_path: str | None = None
     """Where the default store lives when `store` is not given (default: $MEMLLM_HOME/stores/default)."""
+    context_memory: Any = Field(default=None, exclude=True)
+    """A memllm MemoryConfig for the KV memory of 'kv' and 'hybrid' modes (default: memllm's)."""
 
     _agent: Any = PrivateAttr(default=None)
     _agent_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _agent_system: str = PrivateAttr(default="")
 
     @model_validator(mode="before")
     @classmethod
@@ -191,12 +206,9 @@ class ChatMemLLM(BaseChatModel):
                 store = self.store
                 if store is None:
                     store = self.store = open_default_store(self.store_path)
-                try:
-                    self._agent = ChatAgent(self.get_llm(), store, user=self.user, memory=self.memory)
-                except (ValueError, NotImplementedError) as exc:
-                    raise ConfigError(
-                        f"memory={self.memory!r} is not available ({exc}): use memory='text'"
-                    ) from exc
+                extra = {"context_memory": self.context_memory} if self.context_memory is not None else {}
+                self._agent = ChatAgent(self.get_llm(), store, user=self.user, memory=self.memory, **extra)
+                self._agent_system = self._agent.system
             return self._agent
 
     # ------------------------------------------------------------------ generation
@@ -222,23 +234,45 @@ class ChatMemLLM(BaseChatModel):
             "seed": kwargs.get("seed", self.seed),
         }
 
-    def _pieces(
-        self, llm: MemLLM, messages: list[BaseMessage], opts: dict[str, Any]
-    ) -> tuple[Iterator[str], int]:
-        """The text pieces of the reply and the number of prompt tokens the model reads."""
+    def _turn(self, llm: MemLLM, messages: list[BaseMessage], opts: dict[str, Any]) -> _Turn:
+        """The reply's text pieces, with how to count the prompt and what to do once it ends."""
         gen = {k: opts[k] for k in ("max_new_tokens", "temperature", "seed")}
         if self.memory is None:
             chat = to_chat_messages(messages)
             if not chat:
                 raise InputError("ChatMemLLM needs at least one message")
-            return llm.chat_stream(chat, **gen), len(llm.chat_ids(chat, opts["max_new_tokens"]))
+            prompt = len(llm.chat_ids(chat, opts["max_new_tokens"]))
+            return _Turn(llm.chat_stream(chat, **gen), lambda: prompt)
         if opts["model"] not in (None, self.model_name):
             raise ConfigError("a per-call model= cannot be used with memory: the agent owns one model")
         if not messages or not isinstance(messages[-1], HumanMessage):
             raise InputError("ChatMemLLM(memory=...) answers a human message: end the input with one")
         text = content_text(messages[-1].content)
         agent = self.get_agent()
-        return agent.stream(text), llm.count_tokens(text)
+        system = "\n".join(content_text(m.content) for m in messages if isinstance(m, SystemMessage))
+        agent.system = system or self._agent_system
+        agent.max_new_tokens, agent.temperature = opts["max_new_tokens"], opts["temperature"]
+        completed: list[bool] = []
+        kv = getattr(agent, "session", None) is not None
+
+        def pieces() -> Iterator[str]:
+            yield from agent.stream(text)
+            completed.append(True)  # the agent stored both turns
+
+        def prompt_tokens() -> int:
+            recall = agent.last_recall()
+            if kv or recall is None:  # kv/hybrid: the stream lives in KV memory; count the new message
+                return llm.count_tokens(text)
+            return len(llm.chat_ids(agent.build_messages(text.strip(), recall), opts["max_new_tokens"]))
+
+        def finish(answer: str) -> None:
+            if not completed:  # cut at a stop sequence: store the turn as the caller saw it
+                agent.controller.remember(text.strip(), kind="turn", role="user")
+                if answer.strip():
+                    agent.controller.remember(answer.strip(), kind="turn", role="assistant")
+
+        # kv/hybrid: the KV stream must see the whole answer, so a stop hides the rest but lets it run.
+        return _Turn(pieces(), prompt_tokens, finish, drain=kv)
 
     def _chunks(
         self,
@@ -254,13 +288,15 @@ class ChatMemLLM(BaseChatModel):
         produced: list[str] = []
         emitted: list[str] = []
         with generation_lock(llm):
-            pieces, input_tokens = self._pieces(llm, messages, opts)
-            for text in _cut(pieces, scanner, produced):
+            turn = self._turn(llm, messages, opts)
+            for text in _cut(turn.pieces, scanner, produced, drain=turn.drain):
                 emitted.append(text)
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
                 if run_manager is not None:
                     run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
+            turn.finish("".join(emitted))
+            input_tokens = turn.input_tokens()
         generated = llm.count_tokens("".join(produced)) if produced else 0
         output_tokens = llm.count_tokens("".join(emitted)) if emitted else 0
         if scanner.stopped:
@@ -303,16 +339,19 @@ class ChatMemLLM(BaseChatModel):
     # _agenerate / _astream: BaseChatModel's defaults run _generate / _stream in a worker thread.
 
 
-def _cut(pieces: Iterator[str], scanner: StopScanner, produced: list[str]) -> Iterator[str]:
-    """The text of `pieces` up to the first stop sequence; the model stops there (its generator is
-    closed, as it is when the consumer stops reading). Every raw piece is appended to `produced`."""
+def _cut(
+    pieces: Iterator[str], scanner: StopScanner, produced: list[str], *, drain: bool = False
+) -> Iterator[str]:
+    """The text of `pieces` up to the first stop sequence. The model stops there (its generator is
+    closed, as it is when the consumer stops reading), unless `drain`: then the rest is generated
+    but not shown. Every raw piece is appended to `produced`."""
     try:
         for piece in pieces:
             produced.append(piece)
             text, done = scanner.push(piece)
             if text:
                 yield text
-            if done:
+            if done and not drain:
                 break
     finally:
         close = getattr(pieces, "close", None)
