@@ -2,6 +2,82 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 
+from memllm import models
+from memllm.cli.common import fail_on_error, load_llm, status_printer
+from memllm.errors import ConfigError
+
 bench_app = typer.Typer(help="Benchmarks: passkey retrieval, long-document QA.", no_args_is_help=True)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+@bench_app.command("passkey")
+@fail_on_error
+def passkey(
+    lengths: str = typer.Option(
+        "8k,32k,128k,1m", "--lengths", help="Comma-separated lengths (k = 1024, m = 1024^2)."
+    ),
+    depths: int = typer.Option(10, "--depths", min=1, help="Key depths per length, evenly from 0 to 1."),
+    model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Model dtype (default: bf16 on GPU, fp32 on CPU)."
+    ),
+    n_local: int | None = typer.Option(None, "--n-local", help="Local window (default: from the model)."),
+    topk: int = typer.Option(16, "--topk", help="Memory units retrieved per execution block."),
+    offload_dtype: str = typer.Option("bf16", "--offload-dtype", help="bf16, fp16, fp32 or int8."),
+    full_attention_baseline: bool = typer.Option(
+        False,
+        "--full-attention-baseline",
+        help="Also run plain full attention (lengths within the trained context).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Passkey retrieval: accuracy per length, prefill tokens/s, decode ms/token, peak GPU and host memory."""
+    from memllm.bench.passkey import parse_length, run_passkey
+    from memllm.config import MemoryConfig
+
+    try:
+        wanted = [parse_length(x) for x in lengths.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    memory = MemoryConfig(n_local=n_local, topk=topk, offload_dtype=offload_dtype)
+    llm = load_llm(model, device, dtype)
+    say = status_printer()
+    results = []
+    if full_attention_baseline:
+        fits = [n for n in wanted if n <= llm.trained_len]
+        results += run_passkey(llm, fits, depths, system="full", progress=say)
+    results += run_passkey(llm, wanted, depths, memory=memory, system="memllm", progress=say)
+    summaries = [r.summary() for r in results]
+    if as_json:
+        payload = {"model": model, "device": str(llm.device), "dtype": str(llm.dtype), "results": summaries}
+        json.dump(payload, sys.stdout)
+        sys.stdout.write("\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"passkey retrieval: {model} on {llm.device}")
+    for col in ("system", "length", "correct", "prefill tok/s", "decode ms/tok", "peak GPU", "host (units)"):
+        table.add_column(col)
+    for s in summaries:
+        tps = s["prefill_tokens_per_s"]
+        dec = s["decode_ms_per_token"]
+        table.add_row(
+            s["system"],
+            str(s["length"]),
+            f"{s['correct']}/{s['trials']}",
+            "-" if tps is None else f"{tps:,.0f}",
+            "-" if dec is None else f"{dec:.1f}",
+            _gib(s["peak_gpu_bytes"]),
+            _gib(s["host_bytes"]),
+        )
+    Console().print(table)

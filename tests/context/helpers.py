@@ -14,7 +14,9 @@ VOCAB = 512
 TRAINED = 512
 
 
-def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def tiny_model(
+    kind: str = "llama", seed: int = 0, layers: int = 2, trained: int = TRAINED
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB,
@@ -23,7 +25,7 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=TRAINED,
+        max_position_embeddings=trained,
     )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))

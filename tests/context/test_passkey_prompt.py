@@ -1,0 +1,47 @@
+"""Passkey prompt builder: exact length L - 10, the key at the requested depth, keys as issue 3 fixes them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from memllm.bench.passkey import FILLER, HEADER, KEY, QUESTION, depths, keys_for, parse_length, prompt_ids
+from tests.context.helpers import CharTokenizer
+
+
+def test_lengths_and_depths():
+    assert parse_length("8k") == 8192 and parse_length("1m") == 1 << 20 and parse_length("5000") == 5000
+    with pytest.raises(ValueError):
+        parse_length("k")
+    assert depths(10) == [i / 9 for i in range(10)]
+    rng = random.Random(1234 * 1000003 + 8192)
+    assert keys_for(8192) == [rng.randint(10000, 99999) for _ in range(10)]
+
+
+@pytest.mark.parametrize("length", [600, 1000, 4096])
+def test_prompt_exact_length_and_key_depth(length):
+    tok = CharTokenizer()
+    for depth, key in zip(depths(10), keys_for(length), strict=True):
+        ids = prompt_ids(tok, length, depth, key)
+        assert len(ids) == length - 10
+        text = tok.decode(ids)
+        key_text = KEY.format(key=key)
+        assert text.startswith(HEADER) and text.endswith(QUESTION) and text.count(key_text) == 1
+        n = (length - 10 - len(HEADER) - len(key_text) - len(QUESTION)) // len(FILLER)
+        before = text[len(HEADER) : text.index(key_text)]
+        assert before == FILLER * round(depth * n)
+        after = text[text.index(key_text) + len(key_text) : -len(QUESTION)]
+        pad = length - 10 - len(HEADER) - len(key_text) - len(QUESTION) - n * len(FILLER)
+        assert after == FILLER * (n - round(depth * n)) + FILLER[:pad]
+
+
+@pytest.mark.slow
+def test_prompt_with_the_default_tokenizer():
+    from memllm.llm import MemLLM
+
+    tok = MemLLM.from_pretrained("smollm2-135m", device="cpu").tokenizer
+    for depth, key in zip(depths(3), keys_for(8192, 3), strict=True):
+        ids = prompt_ids(tok, 8192, depth, key)
+        assert len(ids) == 8182
+        assert str(key) in tok.decode(ids)
