@@ -42,5 +42,10 @@ class TestChatMemLLMUnit(TinyModelParams, ChatModelUnitTests):
 
 class TestChatMemLLMIntegration(TinyModelParams, ChatModelIntegrationTests):
     @property
+    def chat_model_params(self) -> dict:
+        # The suite asks for 100 new tokens; 16 keep it fast and still give non-empty replies.
+        return {**super().chat_model_params, "max_tokens": 16}
+
+    @property
     def model_override_value(self) -> str:
         return TINY["other"]
