@@ -2,8 +2,9 @@
 10K, 100K and 1M records, on this machine's CPU.
 
 What it does, exactly:
-1. Generates `--real` synthetic dialogue-like records (templated sentences, seeded) and `--queries`
-   questions about them. The real all-MiniLM-L6-v2 embedder (packaged, offline) embeds them all.
+1. Takes `--real` record texts and `--queries` query texts from the utterances of the chitchat-dataset
+   package (real human dialogue; distinct, >= 5 words, shuffled with a fixed seed). The real
+   all-MiniLM-L6-v2 embedder (packaged, offline) embeds them all.
 2. Add throughput, embeddings included: the `--real` records through `FaissStore.add_many` in batches of
    `--batch` (records/s), then `--single` records through `add` one at a time (the chat case).
 3. For each size N: a fresh store holds the real records with their real embeddings plus N - real
@@ -33,59 +34,23 @@ import numpy as np
 
 from memllm.memory_stores import FaissStore, MemoryRecord, SentenceTransformerEmbedder
 
-PEOPLE = ["my sister", "my brother", "my boss", "my friend Ana", "my neighbour", "my son", "my wife", "Tom"]
-ACTIVITIES = [
-    "went hiking in the Alps",
-    "started piano lessons",
-    "adopted a grey cat",
-    "moved to a flat in Lyon",
-    "booked a trip to Lisbon",
-    "ran a half marathon",
-    "fixed the old bike",
-    "baked a lemon cake",
-    "lost the car keys",
-    "bought a used Volvo",
-    "planted tomatoes",
-    "learned to sail",
-    "visited the dentist",
-    "painted the kitchen blue",
-    "watched a jazz concert",
-    "read a book on Rome",
-]
-TIMES = [
-    "last weekend",
-    "on Tuesday",
-    "in March",
-    "yesterday",
-    "two years ago",
-    "this morning",
-    "last summer",
-]
-FEELINGS = [
-    "and loved it",
-    "but it rained a lot",
-    "and it was expensive",
-    "which took all day",
-    "and we laughed a lot",
-    "though I was tired",
-    "and I want to do it again",
-]
 
+def chitchat_utterances(seed: int) -> list[str]:
+    """Distinct utterances of at least 5 words from the chitchat-dataset package (real human dialogue),
+    shuffled with `seed`."""
+    from chitchat_dataset import Dataset  # pip install chitchat-dataset (MIT; bundled JSON, no download)
 
-def make_texts(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [
-        f"{rng.choice(['I', 'We'])} {rng.choice(ACTIVITIES)} with {rng.choice(PEOPLE)} {rng.choice(TIMES)} "
-        f"{rng.choice(FEELINGS)} (note {i})."
-        for i in range(n)
-    ]
-
-
-def make_queries(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [
-        f"When did I {rng.choice(ACTIVITIES).split(' ', 1)[1]} with {rng.choice(PEOPLE)}?" for _ in range(n)
-    ]
+    seen: set[str] = set()
+    out = []
+    for conv in Dataset().values():
+        for message in conv["messages"]:
+            for utterance in message:
+                text = " ".join(utterance["text"].split())
+                if len(text.split()) >= 5 and text.lower() not in seen:
+                    seen.add(text.lower())
+                    out.append(text)
+    order = np.random.default_rng(seed).permutation(len(out))
+    return [out[i] for i in order]
 
 
 def pct(samples: list[float]) -> dict[str, float]:
@@ -101,7 +66,7 @@ def stored_vectors(path: Path, dim: int) -> np.ndarray:
 
 
 def bench_adds(
-    work: Path, emb: SentenceTransformerEmbedder, texts: list[str], batch: int, single: int
+    work: Path, emb: SentenceTransformerEmbedder, texts: list[str], batch: int, extra: list[str]
 ) -> dict:
     path = work / "adds"
     shutil.rmtree(path, ignore_errors=True)
@@ -111,11 +76,10 @@ def bench_adds(
     for i in range(0, len(texts), batch):
         store.add_many([MemoryRecord(t, namespace="bench", kind="turn") for t in texts[i : i + batch]])
     batched = time.perf_counter() - start
-    extra = make_texts(single, seed=99)
     times = []
     for t in extra:
         s = time.perf_counter()
-        store.add(MemoryRecord(t + " (single)", namespace="single"))
+        store.add(MemoryRecord(t, namespace="single"))
         times.append(time.perf_counter() - s)
     store.close()
     return {
@@ -123,8 +87,8 @@ def bench_adds(
         "batch": batch,
         "batched_s": round(batched, 2),
         "batched_records_per_s": round(len(texts) / batched, 1),
-        "single_records": single,
-        "single_records_per_s": round(single / sum(times), 1),
+        "single_records": len(extra),
+        "single_records_per_s": round(len(extra) / sum(times), 1),
         "single_add_ms": pct(times),
     }
 
@@ -243,8 +207,10 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     emb = SentenceTransformerEmbedder()
-    texts = make_texts(args.real, seed=1)
-    queries = make_queries(args.queries, seed=2)
+    utterances = chitchat_utterances(seed=1)
+    texts = utterances[: args.real]
+    queries = utterances[args.real : args.real + args.queries]
+    single = utterances[args.real + args.queries : args.real + args.queries + args.single]
     result: dict = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -254,8 +220,9 @@ def main() -> None:
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         },
         "embedder": {"name": emb.name, "precision": None},
+        "texts": f"chitchat-dataset utterances of >= 5 words: {len(texts)} records, {len(queries)} queries",
     }
-    result["adds"] = bench_adds(work, emb, texts, args.batch, args.single)
+    result["adds"] = bench_adds(work, emb, texts, args.batch, single)
     result["embedder"]["precision"] = emb.precision
     print(json.dumps(result, indent=1), flush=True)
     real = stored_vectors(work / "adds", emb.dim)[: len(texts)]

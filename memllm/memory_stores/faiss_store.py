@@ -41,6 +41,10 @@ _COLUMNS = (
     "source, span_start, span_end, metadata"
 )
 _CHUNK = 500  # ids per SQL IN (...) list
+# `+namespace` keeps SQLite off the namespace index for these two: it would scan the whole namespace
+# (tens of ms at 100K records) where the primary key finds the few rows wanted.
+BY_SEQ_SQL = f"SELECT {_COLUMNS} FROM records WHERE seq IN ({{marks}}) AND +namespace = ?"
+CATCH_UP_SQL = "SELECT seq, embedding FROM records WHERE seq > ? AND +namespace = ? ORDER BY seq"
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -325,10 +329,7 @@ class FaissStore:
             return
         with self._read() as conn:
             generation = self._generation(namespace)
-            rows = conn.execute(
-                "SELECT seq, embedding FROM records WHERE namespace = ? AND seq > ? ORDER BY seq",
-                (namespace, state.max_seq),
-            ).fetchall()
+            rows = conn.execute(CATCH_UP_SQL, (state.max_seq, namespace)).fetchall()
             dead = conn.execute(
                 "SELECT seq FROM tombstones WHERE namespace = ? AND generation > ?",
                 (namespace, state.generation),
@@ -656,9 +657,7 @@ class FaissStore:
         out: dict[int, MemoryRecord] = {}
         for part in _chunks(seqs):
             marks = ",".join("?" * len(part))
-            for row in self._conn.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE namespace = ? AND seq IN ({marks})", (namespace, *part)
-            ):
+            for row in self._conn.execute(BY_SEQ_SQL.format(marks=marks), (*part, namespace)):
                 rec = _row_to_record(row)
                 if rec.namespace == namespace:  # never another namespace's record
                     out[int(row[0])] = rec

@@ -58,7 +58,12 @@ def _v2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX records_ns_time ON records (namespace, created_at)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+def _v3(conn: sqlite3.Connection) -> None:
+    """Catching an index up reads the tombstones of one namespace newer than a generation: index them."""
+    conn.execute("CREATE INDEX tombstones_ns_gen ON tombstones (namespace, generation)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

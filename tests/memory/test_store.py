@@ -221,7 +221,7 @@ def test_migration_from_version_1(tmp_path):
     conn.execute("INSERT INTO namespaces VALUES ('alice', 1)")
     conn.close()
     with FaissStore(path, emb) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
+        assert s.schema_version == SCHEMA_VERSION == 3
         got = s.get(old.id)
         assert got is not None and got.metadata == {} and got.text == old.text
         assert s.search("old memllm", k=1, namespace="alice")[0].record.id == old.id
@@ -305,3 +305,15 @@ def test_resolve_id_and_closed_store(store):
     store.close()
     with pytest.raises(StoreError, match="is closed: open it again"):
         store.get(rid)
+
+
+def test_hit_lookups_use_the_primary_key(store):
+    """Fetching hits and catching up must not scan a namespace (a 100K-record namespace made that 26 ms)."""
+    from memllm.memory_stores.faiss_store import BY_SEQ_SQL, CATCH_UP_SQL
+
+    store.add_many([rec(f"row {i}") for i in range(50)])
+    conn = store._conn  # noqa: SLF001
+    conn.execute("ANALYZE")
+    for sql, args in ((BY_SEQ_SQL.format(marks="?,?,?"), (1, 2, 3, "alice")), (CATCH_UP_SQL, (10, "alice"))):
+        plan = " ".join(str(r[-1]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        assert "PRIMARY KEY" in plan and "records_ns" not in plan, plan
