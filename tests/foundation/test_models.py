@@ -51,11 +51,18 @@ def test_folder_without_config_and_non_gguf_file(tmp_path):
 
 
 def test_hub_id_is_passed_to_transformers_and_failure_is_clear(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolved = models.resolve("nobody-here/no-model")
     assert resolved.kind == "hub" and resolved.location == "nobody-here/no-model"
+    asked: list[str] = []
+
+    def offline(name, *args, **kwargs):  # what transformers raises for an id it cannot find or fetch
+        asked.append(name)
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", offline)
     with pytest.raises(ModelNotFoundError, match="model 'nobody-here/no-model' not found"):
         MemLLM.from_pretrained("nobody-here/no-model", device="cpu")
+    assert asked == ["nobody-here/no-model"]
 
 
 def test_cache_miss_then_hit(tiny_gguf, monkeypatch, isolated_home):
