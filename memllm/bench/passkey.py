@@ -125,8 +125,22 @@ def _answer(llm: Any, ids: list[int]) -> str:
     return llm.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _cut_at_stop(llm: Any, ids: list[int]) -> list[int]:
+    stop = set(llm.stop_ids()) if hasattr(llm, "stop_ids") else {llm.tokenizer.eos_token_id}
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[:i]
+    return ids
+
+
 def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int]:
-    """Feed the prompt into a fresh Session and decode greedily; (answer ids, prefill s, decode ms/token, host bytes)."""
+    """Feed the prompt into a fresh Session and decode greedily; (answer ids, prefill s, decode ms/token, host bytes).
+
+    Decoding keeps the tokens on the device (prefill.greedy: no host synchronisation per token) and
+    cuts at the first stop token afterwards.
+    """
+    from memllm.context import attach
+    from memllm.context.prefill import greedy
     from memllm.session import Session
 
     session = Session(llm, memory)
@@ -136,11 +150,16 @@ def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float,
     session.feed_ids(ids)
     _sync(device)
     t1 = time.perf_counter()
-    out = list(session.generate_ids(max_new_tokens=ANSWER_TOKENS))
+    with attach(llm.model, cache=session.cache):
+        out, _ = greedy(llm.model, session.cache, session.last_logits, ANSWER_TOKENS)
     _sync(device)
     t2 = time.perf_counter()
-    steps = max(len(out), 1)
-    return out, t1 - t0, (t2 - t1) * 1000 / steps, session.stats()["host_bytes_stored"]
+    return (
+        _cut_at_stop(llm, out.tolist()),
+        t1 - t0,
+        (t2 - t1) * 1000 / ANSWER_TOKENS,
+        session.stats()["host_bytes_stored"],
+    )
 
 
 @torch.no_grad()
@@ -150,7 +169,6 @@ def run_full_attention(llm: Any, ids: list[int]) -> tuple[list[int], float, floa
 
     model = llm.model
     device = next(model.parameters()).device
-    stop = set(llm.stop_ids()) if hasattr(llm, "stop_ids") else {llm.tokenizer.eos_token_id}
     cache = DynamicCache(config=model.config)
     x = torch.tensor([ids], device=device)
     _sync(device)
@@ -158,18 +176,15 @@ def run_full_attention(llm: Any, ids: list[int]) -> tuple[list[int], float, floa
     logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     _sync(device)
     t1 = time.perf_counter()
-    out: list[int] = []
+    toks = []
     for _ in range(ANSWER_TOKENS):
-        tok = int(logits.argmax())
-        if tok in stop:
-            break
-        out.append(tok)
-        logits = model(
-            input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True
-        ).logits[0, -1]
+        tok = logits.argmax().view(1, 1)
+        toks.append(tok)
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[0, -1]
     _sync(device)
     t2 = time.perf_counter()
-    return out, t1 - t0, (t2 - t1) * 1000 / max(len(out), 1)
+    out = torch.cat(toks).view(-1).tolist()
+    return _cut_at_stop(llm, out), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
 
 
 def run_passkey(

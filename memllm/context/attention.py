@@ -45,17 +45,15 @@ def context_memory_attention(
         )
     layer.pending = None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    positions = kwargs.get("position_ids")
-    if positions is not None:
-        positions = positions.reshape(-1)[-query.shape[2] :]
-    else:
-        start = layer.reported_length()
-        positions = torch.arange(start, start + query.shape[2], device=query.device)
-    if positions.numel() and int(positions.max()) >= cache.spec.trained_len:
-        raise RuntimeError(
-            f"position {int(positions.max())} is beyond the model's trained length ({cache.spec.trained_len}): "
-            f"feed at most {cache.config.chunk_size} tokens per call (memllm.context.prefill.feed does)"
-        )
+    given = kwargs.get("position_ids")
+    if given is not None and (query.device.type == "cpu" or cache.config.impl == "reference"):
+        # The rotation is undone at the cache's positions; check the model used them (on the CPU and on
+        # the reference path only: reading device tensors would synchronise the host).
+        want = layer.model_positions(query.shape[2], query.device)
+        if not torch.equal(given.reshape(-1)[-query.shape[2] :].to(want.device), want):
+            raise RuntimeError(
+                "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
+            )
     with torch.no_grad():
-        out = layer.attend(query, key, value, scale, positions.to(query.device))
+        out = layer.attend(query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None

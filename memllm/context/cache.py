@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from memllm.config import MemoryConfig
 from memllm.context.gather import gather_units
 from memllm.context.lookup import select_units, select_units_reference, unit_scores
-from memllm.context.merge import merged_attention
+from memllm.context.merge import merged_attention, merged_attention_fused
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
@@ -80,6 +80,16 @@ class ContextMemoryLayer(CacheLayerMixin):
     def reported_length(self) -> int:
         return min(self.seen, self.config.n_init + self.config.n_local)
 
+    def model_positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n,) the positions the model rotates the next n tokens at (reported length + arange)."""
+        start = self.reported_length()
+        if start + n > self.spec.trained_len:
+            raise RuntimeError(
+                f"position {start + n - 1} is beyond the model's trained length ({self.spec.trained_len}): "
+                f"feed at most {self.spec.trained_len - start} tokens per call (memllm.context.prefill.feed does)"
+            )
+        return torch.arange(start, start + n, device=device)
+
     def get_seq_length(self) -> int:
         return self.reported_length()
 
@@ -103,21 +113,18 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     # ---- the rule ------------------------------------------------------------------------------
     def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scale: float,
-        model_positions: torch.Tensor,
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """query (1, heads, c, d), key/value (1, kv_heads, c, d) rotated at model_positions (c,).
+        """query (1, heads, c, d), key/value (1, kv_heads, c, d) rotated by the model at the positions
+        `model_positions(c)` gives (what the cache reported: HF's default position ids).
 
         Returns (1, heads, c, d) in the model dtype and advances the state by c tokens.
         """
         if query.shape[0] != 1:
             raise ValueError("ContextMemoryCache supports batch size 1 only")
         c = query.shape[2]
-        self.max_position = max(self.max_position, int(model_positions.max()) if c else 0)
+        model_positions = self.model_positions(c, query.device)
+        self.max_position = max(self.max_position, self.reported_length() + c - 1)
         q = self.rotary.unrotate(query[0], model_positions)  # (heads, c, d) fp32
         k = self.rotary.unrotate(key[0], model_positions).to(self.dtype)  # (kv_heads, c, d)
         v = value[0].to(self.dtype)
@@ -160,10 +167,15 @@ class ContextMemoryLayer(CacheLayerMixin):
             n_mem = k_mem.shape[1]
         self.max_keys_per_query = max(self.max_keys_per_query, n_mem + n_prev + e)
         self.max_position = max(self.max_position, n_prev + e - 1, cfg.n_local if self.cut else 0)
-        compute = torch.float32 if (cfg.impl == "reference" or dev.type == "cpu") else self.dtype
-        out, received = merged_attention(
-            q_loc, k_loc_r, v_loc, q_mem, k_mem, v_mem, scale, causal_offset=n_prev, compute_dtype=compute
-        )
+        if cfg.impl == "reference":
+            out, received = merged_attention(
+                q_loc, k_loc_r, v_loc, q_mem, k_mem, v_mem, scale, n_prev, torch.float32
+            )
+        else:
+            compute = torch.float32 if dev.type == "cpu" else self.dtype
+            out, received = merged_attention_fused(
+                q_loc, k_loc_r, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute
+            )
         self.local_k, self.local_v = k_loc, v_loc
         self.local_score = (
             torch.cat([self.local_score, torch.zeros_like(received[:, n_prev:])], dim=1) + received
@@ -261,8 +273,7 @@ class ContextMemoryCache(Cache):
 
     def next_position_ids(self, n: int) -> torch.Tensor:
         """(1, n) position ids the model should be called with next (what HF derives by default)."""
-        start = self.layers[0].reported_length()
-        return torch.arange(start, start + n, device=self.layers[0].device).unsqueeze(0)
+        return self.layers[0].model_positions(n, self.layers[0].device).unsqueeze(0)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ContextMemoryCache cannot crop: use checkpoint()/rollback()")

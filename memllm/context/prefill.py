@@ -47,3 +47,20 @@ def feed(
         if progress is not None:
             progress(done, total)
     return logits
+
+
+@torch.no_grad()
+def greedy(
+    model: torch.nn.Module, cache: ContextMemoryCache, logits: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """n greedy steps from logits (vocab,), tokens kept on the device: no host synchronisation.
+
+    Returns (ids (n,) on the device, the logits after the last one). Stop tokens are not checked
+    (that needs the host); callers cut the ids at the first stop token afterwards.
+    """
+    toks = []
+    for _ in range(n):
+        tok = logits.argmax().view(1, 1)
+        toks.append(tok)
+        logits = step(model, cache, tok)
+    return torch.cat(toks).view(-1), logits

@@ -34,7 +34,7 @@ class UnitStore:
         repr_topk: int,
         offload_dtype: str,
         device: torch.device,
-        segment_units: int = 64,
+        segment_units: int | None = None,
     ):
         self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
             kv_heads,
@@ -46,7 +46,14 @@ class UnitStore:
         self.host_dtype = HOST_DTYPES[offload_dtype]
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
+        if segment_units is None:
+            # Pinned host memory is allocated in powers of two: fill ~8 MiB segments almost exactly.
+            unit_bytes = (
+                kv_heads * block_size * head_dim * torch.empty(0, dtype=self.host_dtype).element_size()
+            )
+            segment_units = max(1, (8 << 20) // unit_bytes) if self.pin else 64
         self.segment_units = segment_units
+        self.kernel_state: object | None = None  # owned by the gather kernel (uva.py)
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []

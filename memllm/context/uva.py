@@ -1,0 +1,116 @@
+"""CUDA fast path of the unit gather: a Triton kernel reads selected units straight from pinned host memory.
+
+Pinned host memory is mapped into the device's unified address space, so the kernel dereferences a
+table of segment base addresses (a small device tensor, rebuilt when the store grows) by device-side
+unit ids: no .item(), .cpu() or nonzero, no host synchronisation. int8 units are dequantized in the
+kernel. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
+Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memllm.context.units import UnitStore
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
+
+
+@triton.jit
+def _gather_kernel(
+    ids_ptr,  # (kv_heads * t,) int64 unit ids
+    k_table,  # (segments,) int64 base addresses of K segments
+    v_table,
+    ks_table,  # int8 only: key scales (segment_units, kv_heads, 1, head_dim) fp32
+    vs_table,  # int8 only: value scales (segment_units, kv_heads, block, 1) fp32
+    out_k,  # (kv_heads, t, block, head_dim)
+    out_v,
+    t,
+    KV_HEADS: tl.constexpr,
+    SEG_UNITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SRC_DTYPE: tl.constexpr,
+    QUANT: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (kv head, selected unit)
+    part = tl.program_id(1)  # one CHUNK of the unit's block * head_dim elements
+    h = pid // t
+    u = tl.load(ids_ptr + pid)
+    seg = u // SEG_UNITS
+    off = u % SEG_UNITS
+    elems: tl.constexpr = BLOCK * HEAD_DIM
+    src_off = (off * KV_HEADS + h) * elems
+    k_src = tl.load(k_table + seg).to(tl.pointer_type(SRC_DTYPE))
+    v_src = tl.load(v_table + seg).to(tl.pointer_type(SRC_DTYPE))
+    offs = part * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < elems
+    k = tl.load(k_src + src_off + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_src + src_off + offs, mask=mask).to(tl.float32)
+    if QUANT:
+        ks = tl.load(ks_table + seg).to(tl.pointer_type(tl.float32))
+        vs = tl.load(vs_table + seg).to(tl.pointer_type(tl.float32))
+        k = k * tl.load(ks + (off * KV_HEADS + h) * HEAD_DIM + offs % HEAD_DIM, mask=mask)
+        v = v * tl.load(vs + (off * KV_HEADS + h) * BLOCK + offs // HEAD_DIM, mask=mask)
+    dst = pid * elems + offs
+    tl.store(out_k + dst, k.to(out_k.dtype.element_ty), mask=mask)
+    tl.store(out_v + dst, v.to(out_v.dtype.element_ty), mask=mask)
+
+
+class _Tables:
+    """Device tables of segment base addresses for one store (rebuilt when segments are added)."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.host: torch.Tensor | None = None
+        self.dev: dict[str, torch.Tensor] = {}
+
+    def refresh(self, store: UnitStore) -> dict[str, torch.Tensor]:
+        if self.version != store.version:
+            names = list(store.segments[0].keys())
+            ptrs = [[seg[name].data_ptr() for seg in store.segments] for name in names]
+            # Pinned staging kept alive with the device copy, so the copy is asynchronous and safe.
+            self.host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
+            table = self.host.to(store.device, non_blocking=True)
+            self.dev = {name: table[i] for i, name in enumerate(names)}
+            self.version = store.version
+        return self.dev
+
+
+def gather_units_uva(
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (kv_heads, t) long on CUDA -> K, V (kv_heads, t*block_size, head_dim) in `dtype`, no host sync."""
+    h, t = ids.shape
+    bs, d = store.block_size, store.head_dim
+    out_k = torch.empty(h, t * bs, d, dtype=dtype, device=ids.device)
+    out_v = torch.empty_like(out_k)
+    if t == 0:
+        return out_k, out_v
+    if not isinstance(store.kernel_state, _Tables):
+        store.kernel_state = _Tables()
+    tables = store.kernel_state.refresh(store)
+    quant = store.offload_dtype == "int8"
+    chunk = 2048
+    grid = (h * t, triton.cdiv(bs * d, chunk))
+    _gather_kernel[grid](
+        ids.contiguous().reshape(-1),
+        tables["k"],
+        tables["v"],
+        tables["k_scale"] if quant else tables["k"],
+        tables["v_scale"] if quant else tables["v"],
+        out_k,
+        out_v,
+        t,
+        KV_HEADS=h,
+        SEG_UNITS=store.segment_units,
+        BLOCK=bs,
+        HEAD_DIM=d,
+        SRC_DTYPE=_TL[store.host_dtype],
+        QUANT=quant,
+        CHUNK=chunk,
+    )
+    return out_k, out_v
