@@ -72,3 +72,12 @@ def test_attach_is_scoped_and_import_registers_nothing(setup):
         assert model.config._attn_implementation == ATTN_NAME
     assert model.config._attn_implementation == "sdpa"
     assert ATTN_NAME not in AttentionInterface._global_mapping
+
+
+@pytest.mark.gpu
+def test_golden_on_cuda():
+    model = tiny_model("qwen2").cuda()
+    ids = torch.randint(0, 512, (1, N), generator=torch.Generator().manual_seed(1)).cuda()
+    ref = full_attention_logits(model, ids, "sdpa")
+    got = run_chunks(model, ids, [0, 3, 17, 40, N])
+    assert rel_err(got, ref) < 1e-4

@@ -60,3 +60,22 @@ def test_past_window_equals_reference(kind, impl):
     assert len(ref.state[0]["units"]) == cache.layers[0].store.n_units > mem.topk  # retrieval really happened
     assert cache.stats()["lookups"] > 0
     assert rel_err(got, want.float()) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["fp32", "bf16", "int8"])
+def test_cuda_fast_path_equals_reference_path(offload):
+    """On CUDA: UVA gather + fused merge + device top-k against host gather + plain merge + host sort."""
+    model = tiny_model("llama").cuda()
+    ids = (
+        torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE]
+        .unsqueeze(0)
+        .cuda()
+    )
+    fast, cache = memllm_logits(model, ids, small_memory(impl="fast", offload_dtype=offload))
+    ref, _ = memllm_logits(model, ids, small_memory(impl="reference", offload_dtype=offload))
+    assert cache.stats()["lookups"] > 0
+    assert rel_err(fast, ref) < 1e-4
+    want, _ = reference_logits(model.cpu(), ids.cpu(), small_memory(offload_dtype=offload))
+    if offload == "fp32":
+        assert rel_err(fast.cpu(), want.float()) < 1e-4

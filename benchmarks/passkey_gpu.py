@@ -1,0 +1,131 @@
+"""Passkey on a GPU: plain full attention (sdpa) and memllm context memory, in one run (issue 3).
+
+Usage (on the device machine, model folder holding the SmolLM2 GGUF and its tokenizer files):
+  PYTHONPATH=/tmp/site:. python benchmarks/passkey_gpu.py --model-dir /root/m --gguf smollm2.gguf \
+      --full 4k,8k --lengths 8k,32k,128k --depths 10 --out $OUT/passkey.json
+Prints a table last; writes every trial to --out. `--sync-check 32k` decodes once more at that length
+with torch.cuda.set_sync_debug_mode("error"): any host synchronisation in the decode path raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids, run_memllm, run_passkey
+from memllm.config import MemoryConfig
+
+
+class DeviceLLM:
+    def __init__(self, model, tokenizer, name: str):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.trained_len = model.config.max_position_embeddings
+
+    def stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return sorted(i for i in ids if i is not None)
+
+
+def lengths(text: str) -> list[int]:
+    return [parse_length(x) for x in text.split(",") if x.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--full", default="4k,8k")
+    ap.add_argument("--lengths", default="8k,32k,128k,512k,1m")
+    ap.add_argument("--depths", type=int, default=10)
+    ap.add_argument("--offload-dtype", default="bf16")
+    ap.add_argument("--sync-check", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = time.time()
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    kw = {"gguf_file": args.gguf} if args.gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, **kw).cuda().eval()
+    model.set_attn_implementation("sdpa")
+    llm = DeviceLLM(model, tok, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, bf16)")
+    print(f"model loaded in {time.time() - t:.1f}s", flush=True)
+    memory = MemoryConfig(offload_dtype=args.offload_dtype)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    results = []
+    if args.full:
+        results += run_passkey(llm, lengths(args.full), args.depths, system="full", progress=say)
+    sync = None
+    if args.sync_check:
+        n = parse_length(args.sync_check)
+        ids = prompt_ids(tok, n, depths(2)[1], keys_for(n, 2)[1])
+        run_memllm(llm, ids, memory)  # warm-up (kernels compiled, pinned memory cached)
+        from memllm.context import attach
+        from memllm.context.prefill import greedy
+        from memllm.session import Session
+
+        s = Session(llm, memory)
+        s.feed_ids(ids)
+        torch.cuda.synchronize()
+        try:
+            with attach(model, cache=s.cache):
+                torch.cuda.set_sync_debug_mode("error")
+                greedy(model, s.cache, s.last_logits, 10)
+                torch.cuda.set_sync_debug_mode(0)
+            sync = {
+                "length": n,
+                "decode_host_syncs": "none: set_sync_debug_mode('error') raised nothing in 10 steps",
+            }
+        except RuntimeError as exc:
+            sync = {"length": n, "decode_host_syncs": f"FOUND: {str(exc).splitlines()[0]}"}
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        print("sync check:", sync, flush=True)
+    results += run_passkey(
+        llm, lengths(args.lengths), args.depths, memory=memory, system="memllm", progress=say
+    )
+    rows = [r.summary() for r in results]
+    import transformers
+    import triton
+
+    env = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "memory": memory.resolved(llm.trained_len).to_dict(),
+        "sync_check": sync,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
+    print(json.dumps(env))
+    print(
+        f"{'system':8} {'length':>8} {'acc':>6} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'host B/tok':>11}"
+    )
+    for r in rows:
+        tps = r["prefill_tokens_per_s"] or 0
+        dec = r["decode_ms_per_token"] or 0
+        gpu = (r["peak_gpu_bytes"] or 0) / 2**30
+        host = (r["host_bytes"] or 0) / max(r["length"] - 10, 1)
+        print(
+            f"{r['system']:8} {r['length']:>8} {r['correct']:>3}/{r['trials']:<2} {tps:>14,.0f} {dec:>14.2f} {gpu:>13.3f} {host:>11,.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
