@@ -1,0 +1,633 @@
+"""DocumentQA: read documents once, answer many questions, and show the evidence of each answer.
+
+Modes:
+  kv      the documents are streamed into one context-memory Session (InfLLM-style); each question is
+          asked from a checkpoint and rolled back, so question 50 sees the same memory as question 1.
+          Evidence: the memory units the question's lookups selected, per group of layers, mapped
+          back to character spans and line numbers of the source.
+  text    the documents are cut into chunks (char spans, line numbers) stored in a text-memory store
+          under one namespace; the controller retrieves the best chunks within the window's budget and
+          the model answers from them with plain full attention. Evidence: the chunks and their scores.
+  hybrid  both: the documents in KV memory, and the retrieved chunks placed right before the question
+          (inside the exact local window). Evidence: chunks and units.
+  full    baseline: plain full attention over the documents truncated to the model's window (the
+          middle is cut, head and tail kept); for benchmarks.
+
+Prompts are plain completions ("...\\n\\nQuestion: ...\\nAnswer:"): SmolLM2-135M answers extractive
+questions better that way than through its chat template. Answers are greedy and end at the first
+line break after some text. `save(path)` writes everything needed to answer without re-reading
+(context snapshot, chunk store, documents and token spans); `DocumentQA.load(llm, path)` restores it.
+
+Knows nothing of the CLI. Uses memllm.session (kv), agents.controller + memory_stores (text).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
+from memllm.config import MemoryConfig
+from memllm.documents import Document, available_memory, human_bytes, read_document, read_text
+from memllm.errors import ConfigError, InputError, SnapshotError
+
+MODES = ("kv", "text", "hybrid", "full")
+DOCQA_FORMAT = "memllm-docqa"
+DOCQA_VERSION = 1
+PROMPT_QUESTION = "\n\nQuestion: {question}\nAnswer:"
+PASSAGES_HEADER = "\n\nRelevant passages:\n"
+SEPARATOR = "\n\n"
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------- results
+@dataclass
+class Evidence:
+    """One thing an answer used. kind: 'chunk' (text retrieval) or 'unit' (a KV memory unit).
+
+    score: similarity for chunks; for units, the share of the group's lookups (layers x KV heads x
+    query blocks) that selected it. group: the layer group for units ('layers 0-9'), None for chunks.
+    """
+
+    kind: str
+    source: str
+    start: int
+    end: int
+    lines: tuple[int, int]
+    score: float
+    text: str
+    group: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source, "span": [self.start, self.end],
+                "lines": list(self.lines), "score": round(self.score, 4), "group": self.group,
+                "text": self.text}  # fmt: skip
+
+    def location(self) -> str:
+        a, b = self.lines
+        where = f"line {a}" if a == b else f"lines {a}-{b}"
+        return f"{self.source}:{where} (chars {self.start}-{self.end})"
+
+
+@dataclass
+class Answer:
+    """An answer, what it was drawn from, and how long it took (seconds, question to last token)."""
+
+    question: str
+    text: str
+    evidence: list[Evidence] = field(default_factory=list)
+    seconds: float = 0.0
+    mode: str = "kv"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"question": self.question, "answer": self.text, "mode": self.mode,
+                "seconds": round(self.seconds, 3), "evidence": [e.to_dict() for e in self.evidence],
+                "notes": list(self.notes)}  # fmt: skip
+
+
+@dataclass
+class ReadReport:
+    """What one `read` did: documents, tokens, chunks, seconds, and notes (encoding fallbacks...)."""
+
+    documents: list[str]
+    tokens: int
+    chunks: int
+    seconds: float
+    notes: list[str]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def default_memory(trained_len: int) -> MemoryConfig:
+    """Context-memory settings for a model's trained window: InfLLM's defaults from 8K up (128 sinks,
+    4096-token window, 128-token units, top 16), scaled down proportionally for smaller test models."""
+    if trained_len >= 8192:
+        return MemoryConfig()
+    block = min(128, max(4, trained_len // 16))
+    return MemoryConfig(n_init=block, n_local=trained_len // 4, block_size=block, repr_topk=min(4, block),
+                        topk=4, exc_block_size=block)  # fmt: skip
+
+
+def kv_bytes_per_token(llm: Any, memory: MemoryConfig) -> int:
+    """Host bytes one token takes in context memory (keys + values of every layer)."""
+    cfg = llm.model.config
+    layers = int(cfg.num_hidden_layers)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    per = {"int8": 1.0 + 4.0 / head_dim, "fp32": 4.0}.get(memory.offload_dtype, 2.0)
+    return int(layers * 2 * kv_heads * head_dim * per)
+
+
+_NEWLINE_IDS: dict[int, frozenset[int]] = {}
+
+
+def newline_ids(tokenizer: Any) -> frozenset[int]:
+    """Token ids whose text contains a line break (cached per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_IDS:
+        vocab = tokenizer.get_vocab()
+        ids = [i for i in vocab.values()]
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        _NEWLINE_IDS[key] = frozenset(i for i, t in zip(ids, texts, strict=True) if "\n" in t)
+    return _NEWLINE_IDS[key]
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def _layer_groups(n_layers: int, groups: int) -> list[range]:
+    groups = max(1, min(groups, n_layers))
+    bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(groups)]
+
+
+class _LookupRecorder:
+    """Read-only hook on a ContextMemoryCache: records the unit ids each layer's lookup selects.
+
+    Wraps `layer.lookup` per instance for the duration of a `with` block (the class is untouched);
+    the ids stay on their device until the block ends, so no host synchronisation is added per lookup.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.log: list[tuple[int, Any]] = []
+        self.supported = all(hasattr(layer, "lookup") for layer in cache.layers)
+
+    def __enter__(self) -> _LookupRecorder:
+        if not self.supported:
+            return self
+        for i, layer in enumerate(self.cache.layers):
+            original = layer.lookup
+
+            def wrapped(q_mem, _orig=original, _i=i):
+                ids = _orig(q_mem)
+                self.log.append((_i, ids))
+                return ids
+
+            layer.lookup = wrapped
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.cache.layers:
+            layer.__dict__.pop("lookup", None)
+
+    def counts(self) -> dict[int, Counter]:
+        """layer -> Counter of unit id -> times selected (over KV heads and query blocks)."""
+        out: dict[int, Counter] = {}
+        for layer, ids in self.log:
+            out.setdefault(layer, Counter()).update(ids.reshape(-1).tolist())
+        return out
+
+
+# ---------------------------------------------------------------------------------------- the agent
+class DocumentQA:
+    """Read documents once, ask many questions. `llm` is a memllm.MemLLM (model + fast tokenizer).
+
+    store: a MemoryStore for text/hybrid (default: a private FaissStore in a temporary folder, with the
+    packaged MiniLM embedder); namespace: where the chunks go in it. memory: context-memory settings
+    for kv/hybrid (default: `default_memory(trained window)`). chunk_tokens: chunk size for text/hybrid.
+    context_tokens: how many tokens of retrieved chunks text mode puts in the prompt (default: the
+    window left after question and answer); hybrid_tokens: the same for hybrid (default: n_local/2).
+    evidence_units: units shown per layer group; layer_groups: how many groups of layers.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        mode: str = "kv",
+        store: Any = None,
+        memory: MemoryConfig | None = None,
+        *,
+        namespace: str = "documents",
+        chunk_tokens: int = 192,
+        context_tokens: int | None = None,
+        hybrid_tokens: int | None = None,
+        max_new_tokens: int = 24,
+        evidence_units: int = 3,
+        layer_groups: int = 3,
+        embedder: Any = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"document QA mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if chunk_tokens < 16:
+            raise ConfigError(f"chunk_tokens must be at least 16, got {chunk_tokens}")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.llm = llm
+        self.mode = mode
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self.context_tokens = context_tokens
+        self.max_new_tokens = max_new_tokens
+        self.evidence_units = evidence_units
+        self.layer_groups = layer_groups
+        self.memory = memory or getattr(llm, "memory", None) or default_memory(llm.trained_len)
+        self.docs: list[TokenizedDocument] = []
+        self.segments: list[tuple[int, int]] = []  # (stream token start, doc index) for kv
+        self.session: Any = None
+        self.stream_tokens = 0
+        self._tmp: Path | None = None
+        self._owns_store = False
+        self.store = store
+        self._embedder = embedder
+        if mode in ("kv", "hybrid"):
+            self.session = llm.session(self.memory)
+            self.memory = self.session.config
+        n_local = self.memory.n_local or 0
+        self.hybrid_tokens = hybrid_tokens if hybrid_tokens is not None else max(64, n_local // 2)
+        self.controller: Any = None
+        self.chunk_count = 0
+
+    # ------------------------------------------------------------------ text store
+    def _ensure_store(self) -> Any:
+        if self.store is None:
+            from memllm.memory_stores.faiss_store import FaissStore
+
+            if self._embedder is None:
+                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+                self._embedder = SentenceTransformerEmbedder()
+            self._tmp = Path(tempfile.mkdtemp(prefix="memllm-docqa-"))
+            self.store = FaissStore(self._tmp / "store", self._embedder)
+            self._owns_store = True
+        if self.controller is None:
+            from memllm.agents.controller import ControllerConfig, MemoryController
+
+            cfg = ControllerConfig(memory_tokens=self.llm.trained_len, flash_tokens=0, candidates=24,
+                                   w_recency=0.0, w_importance=0.0, min_relevance=0.0, gate="always",
+                                   kinds=("chunk",))  # fmt: skip
+            self.controller = MemoryController(
+                self.store, self.namespace, count_tokens=self.llm.count_tokens, config=cfg,
+                render=lambda rec, mode: rec.text,
+            )  # fmt: skip
+        return self.store
+
+    def _store_chunks(self, doc_index: int, td: TokenizedDocument) -> int:
+        from memllm.memory_stores.records import MemoryRecord
+
+        store = self._ensure_store()
+        records = []
+        for i, (s, e) in enumerate(chunk_spans(td, self.chunk_tokens)):
+            a, b = td.doc.lines(s, e)
+            records.append(MemoryRecord(
+                td.doc.text[s:e], namespace=self.namespace, kind="chunk", source=td.doc.name, span=(s, e),
+                created_at=float(doc_index * 1_000_000 + i), importance=0.5,
+                metadata={"doc": doc_index, "chunk": i, "lines": [a, b]},
+            ))  # fmt: skip
+        store.add_many(records)
+        return len(records)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, source: str | Path | Document, progress: Progress | None = None,
+             *, name: str | None = None) -> ReadReport:  # fmt: skip
+        """Read one document: a Document, a path (or '-' for stdin), or text (when `name` is given or
+        the string is not an existing path). progress(done, total) in tokens (kv/hybrid)."""
+        start = time.perf_counter()
+        if isinstance(source, Document):
+            doc = source
+        elif name is not None:
+            doc = read_text(str(source), name)
+        elif isinstance(source, Path) or (
+            str(source) == "-" or ("\n" not in str(source) and Path(str(source)).exists())
+        ):
+            doc = read_document(source)
+        else:
+            doc = read_text(str(source))
+        td = TokenizedDocument.build(doc, self.llm.tokenizer)
+        if not td.ids:
+            raise InputError(f"{doc.name} has no tokens: nothing to read")
+        index = len(self.docs)
+        chunks = 0
+        if self.session is not None:
+            self._check_host_memory(doc.name, len(td.ids))
+            self._feed(index, td, progress)
+        if self.mode in ("text", "hybrid"):
+            chunks = self._store_chunks(index, td)
+            self.chunk_count += chunks
+        if self.session is None and progress is not None:
+            progress(len(td.ids), len(td.ids))
+        self.docs.append(td)
+        return ReadReport([doc.name], len(td.ids), chunks, time.perf_counter() - start, list(doc.notes))
+
+    def read_many(
+        self, sources: Sequence[str | Path | Document], progress: Progress | None = None
+    ) -> ReadReport:
+        """Read several documents; progress(done, total) over all of them."""
+        docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
+        total = 0
+        sizes = []
+        for d in docs:
+            n = len(self.llm.tokenizer(d.text, add_special_tokens=False)["input_ids"])
+            sizes.append(n)
+            total += n
+        done = 0
+        reports = []
+        for d, n in zip(docs, sizes, strict=True):
+            base = done
+            cb = (lambda a, _b, base=base: progress(base + a, total)) if progress else None
+            reports.append(self.read(d, cb))
+            done += n
+        return ReadReport(
+            [n for r in reports for n in r.documents], sum(r.tokens for r in reports),
+            sum(r.chunks for r in reports), sum(r.seconds for r in reports), [x for r in reports for x in r.notes],
+        )  # fmt: skip
+
+    def _check_host_memory(self, name: str, n_tokens: int) -> None:
+        per = kv_bytes_per_token(self.llm, self.memory)
+        need = n_tokens * per
+        avail = available_memory()
+        if need > avail:
+            raise InputError(
+                f"{name}: {n_tokens} tokens need about {human_bytes(need)} of host memory in context memory "
+                f"({per} bytes per token), but only {human_bytes(avail)} is available: use --mode text, "
+                "a smaller document, or int8 offload"
+            )
+
+    def _feed(self, index: int, td: TokenizedDocument, progress: Progress | None) -> None:
+        s = self.session
+        ids = list(td.ids)
+        tok = self.llm.tokenizer
+        lead: list[int] = []
+        if self.stream_tokens == 0:
+            bos = getattr(tok, "bos_token_id", None)
+            if bos is not None and getattr(tok, "add_bos_token", False):
+                lead = [bos]
+        else:
+            lead = list(tok(SEPARATOR, add_special_tokens=False)["input_ids"])
+        if lead:
+            s.feed_ids(lead)
+        self.stream_tokens += len(lead)
+        self.segments.append((self.stream_tokens, index))
+        s.feed_ids(ids, progress)
+        self.stream_tokens += len(ids)
+
+    # ------------------------------------------------------------------ asking
+    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
+        """Answer one question from what was read; the memory is left as it was."""
+        question = " ".join(question.split())
+        if not question:
+            raise InputError("a question must be non-empty")
+        if not self.docs:
+            raise InputError("nothing has been read yet: read a document before asking")
+        n_new = max_new_tokens or self.max_new_tokens
+        start = time.perf_counter()
+        tail = PROMPT_QUESTION.format(question=question)
+        evidence: list[Evidence] = []
+        notes: list[str] = []
+        if self.mode == "kv":
+            text, evidence, notes = self._ask_kv(tail, n_new)
+        elif self.mode == "hybrid":
+            chunks, chunk_text = self._retrieve(question, self.hybrid_tokens)
+            text, units, notes = self._ask_kv(
+                PASSAGES_HEADER + chunk_text + tail if chunk_text else tail, n_new
+            )
+            evidence = chunks + units
+        elif self.mode == "text":
+            budget = self._text_budget(tail, n_new)
+            evidence, chunk_text = self._retrieve(question, budget)
+            text = self._complete(chunk_text + tail, n_new)
+        else:
+            text, notes = self._ask_full(tail, n_new)
+        return Answer(question, text, evidence, time.perf_counter() - start, self.mode, notes)
+
+    def _text_budget(self, tail: str, n_new: int) -> int:
+        room = self.llm.trained_len - self.llm.count_tokens(tail) - n_new - 8
+        return max(0, min(room, self.context_tokens) if self.context_tokens is not None else room)
+
+    def _retrieve(self, question: str, budget: int) -> tuple[list[Evidence], str]:
+        """The best chunks that fit `budget` tokens: evidence (best first) and their text, best last."""
+        if budget <= 0 or self.controller is None:
+            return [], ""
+        ctl = self.controller
+        want = max(4, budget // max(16, self.chunk_tokens // 2) + 2)
+        if ctl.config.candidates != want:
+            ctl.config = replace(ctl.config, candidates=want)
+        recall = ctl.recall(question, memory_tokens=budget, flash_tokens=0)
+        used = [it for it in recall.items if it.mode != "dropped"]
+        evidence = []
+        for it in used:
+            rec = it.record
+            s, e = rec.span or (0, len(rec.text))
+            lines = tuple(rec.metadata.get("lines") or (0, 0))
+            evidence.append(Evidence("chunk", rec.source or "", s, e, (int(lines[0]), int(lines[1])),
+                                     float(it.relevance), rec.text))  # fmt: skip
+        order = sorted(used, key=lambda it: it.relevance)  # best chunk nearest the question
+        return evidence, "\n\n".join(it.record.text for it in order)
+
+    def _generate(self, ids: list[int], cache: Any, n_new: int, start_position: int = 0) -> str:
+        import torch
+
+        from memllm.generation import generate_ids
+
+        tok = self.llm.tokenizer
+        stops = set(self.llm.stop_ids())
+        nl = newline_ids(tok)
+        out: list[int] = []
+        gen = generate_ids(self.llm.model, torch.tensor([ids], device=self.llm.device), cache=cache,
+                           max_new_tokens=n_new, stop_ids=stops, start_position=start_position)  # fmt: skip
+        for t in gen:
+            out.append(t)
+            if t in nl and tok.decode(out, skip_special_tokens=True).strip():
+                break
+        return first_line(tok.decode(out, skip_special_tokens=True))
+
+    def _complete(self, prompt: str, n_new: int) -> str:
+        from transformers import DynamicCache
+
+        ids = list(self.llm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        limit = self.llm.trained_len - n_new
+        if len(ids) > limit:
+            ids = ids[-limit:]
+        return self._generate(ids, DynamicCache(config=self.llm.model.config), n_new)
+
+    def _ask_full(self, tail: str, n_new: int) -> tuple[str, list[str]]:
+        """Full attention over the documents, the middle cut to fit the window."""
+        tok = self.llm.tokenizer
+        tail_ids = list(tok(tail, add_special_tokens=False)["input_ids"])
+        sep = list(tok(SEPARATOR, add_special_tokens=False)["input_ids"])
+        body: list[int] = []
+        for i, td in enumerate(self.docs):
+            body.extend((sep if i else []) + td.ids)
+        room = self.llm.trained_len - n_new - len(tail_ids)
+        notes = []
+        if len(body) > room:
+            head = room // 2
+            notes.append(f"documents truncated: {len(body)} tokens, the middle {len(body) - room} cut")
+            body = body[:head] + body[len(body) - (room - head) :]
+        from transformers import DynamicCache
+
+        return self._generate(body + tail_ids, DynamicCache(config=self.llm.model.config), n_new), notes
+
+    def _ask_kv(self, prompt: str, n_new: int) -> tuple[str, list[Evidence], list[str]]:
+        s = self.session
+        tok = self.llm.tokenizer
+        stops = set(self.llm.stop_ids())
+        nl = newline_ids(tok)
+        checkpoint = s.cache.checkpoint()
+        logits = s.last_logits
+        out: list[int] = []
+        recorder = _LookupRecorder(s.cache)
+        try:
+            with recorder:
+                for t in s.generate_ids(prompt, n_new, stop=stops):
+                    out.append(t)
+                    if t in nl and tok.decode(out, skip_special_tokens=True).strip():
+                        break
+        finally:
+            s.cache.rollback(checkpoint)
+            s.last_logits = logits
+            s.asks += 1
+        notes = []
+        if not recorder.supported:
+            notes.append("this context memory exposes no unit lookups: no KV evidence")
+        elif not recorder.log:
+            notes.append(
+                "the documents fit in the attention window: every token was attended, no units retrieved"
+            )
+        return first_line(tok.decode(out, skip_special_tokens=True)), self._unit_evidence(recorder), notes
+
+    def _unit_evidence(self, recorder: _LookupRecorder) -> list[Evidence]:
+        counts = recorder.counts()
+        if not counts:
+            return []
+        cfg = self.memory
+        n_layers = len(self.session.cache.layers)
+        evidence = []
+        for group in _layer_groups(n_layers, self.layer_groups):
+            total: Counter = Counter()
+            picks = 0
+            for layer in group:
+                c = counts.get(layer, Counter())
+                total.update(c)
+                picks += sum(c.values())
+            label = f"layers {group.start}-{group.stop - 1}"
+            shown = 0
+            for unit, times in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])):
+                ev = self._unit_to_evidence(unit, cfg, times / max(1, picks), label)
+                if ev is None:
+                    continue
+                evidence.append(ev)
+                shown += 1
+                if shown >= self.evidence_units:
+                    break
+        return evidence
+
+    def _unit_to_evidence(self, unit: int, cfg: MemoryConfig, share: float, label: str) -> Evidence | None:
+        """Unit u holds stream tokens [n_init + u*block, n_init + (u+1)*block)."""
+        t0 = cfg.n_init + unit * cfg.block_size
+        t1 = t0 + cfg.block_size
+        for seg_start, index in reversed(self.segments):
+            if t0 >= seg_start or t1 > seg_start:
+                td = self.docs[index]
+                a, b = max(0, t0 - seg_start), min(len(td), t1 - seg_start)
+                if a >= len(td) or b <= 0:
+                    return None
+                s, e = td.char_span(a, b)
+                return Evidence("unit", td.doc.name, s, e, td.doc.lines(s, e), share, td.doc.text[s:e], label)
+        return None
+
+    # ------------------------------------------------------------------ snapshots
+    def save(self, path: str | Path) -> Path:
+        """Write what answering needs: docqa.json, documents, kv/ (context snapshot), store/ (chunks)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.session is not None:
+            self.session.save(folder / "kv")
+        if self.store is not None and self.mode in ("text", "hybrid"):
+            target = folder / "store"
+            if self._owns_store:
+                self.store.flush()
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.copytree(self._tmp / "store", target)
+        docs = [
+            {"doc": td.doc.to_dict(), "ids": td.ids, "starts": td.starts, "ends": td.ends} for td in self.docs
+        ]
+        (folder / "documents.json").write_text(json.dumps(docs))
+        manifest = {"format": DOCQA_FORMAT, "version": DOCQA_VERSION, "mode": self.mode,
+                    "namespace": self.namespace, "segments": self.segments, "stream_tokens": self.stream_tokens,
+                    "chunk_tokens": self.chunk_tokens, "chunks": self.chunk_count,
+                    "model": getattr(self.llm, "name", None)}  # fmt: skip
+        (folder / "docqa.json").write_text(json.dumps(manifest, indent=2))
+        return folder
+
+    @classmethod
+    def load(
+        cls, llm: Any, path: str | Path, *, store: Any = None, embedder: Any = None, **kwargs: Any
+    ) -> DocumentQA:
+        """A DocumentQA restored from `save(path)`: answers without reading the documents again."""
+        folder = Path(path)
+        mpath = folder / "docqa.json"
+        if not mpath.is_file():
+            raise SnapshotError(
+                f"no document memory at {folder}: expected docqa.json (written by --save-memory)"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+            docs = json.loads((folder / "documents.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"document memory at {folder} is unreadable ({exc}): save it again") from exc
+        if manifest.get("format") != DOCQA_FORMAT or manifest.get("version") != DOCQA_VERSION:
+            raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
+        mode = manifest["mode"]
+        if store is None and mode in ("text", "hybrid"):
+            from memllm.memory_stores.faiss_store import FaissStore
+
+            if embedder is None:
+                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+                embedder = SentenceTransformerEmbedder()
+            store = FaissStore(folder / "store", embedder)
+        qa = cls.__new__(cls)
+        memory = None
+        if mode in ("kv", "hybrid"):
+            session = llm.restore(str(folder / "kv"))
+            memory = session.config
+        cls.__init__(qa, llm, "text" if mode in ("kv", "hybrid") else mode, store, memory,
+                     namespace=manifest["namespace"], chunk_tokens=manifest["chunk_tokens"], **kwargs)  # fmt: skip
+        qa.mode = mode
+        if mode in ("kv", "hybrid"):
+            qa.session = session
+            qa.memory = session.config
+            qa.hybrid_tokens = kwargs.get("hybrid_tokens") or max(64, (qa.memory.n_local or 0) // 2)
+        if mode in ("text", "hybrid"):
+            qa._ensure_store()
+        qa.docs = [
+            TokenizedDocument(Document.from_dict(d["doc"]), d["ids"], d["starts"], d["ends"]) for d in docs
+        ]
+        qa.segments = [tuple(x) for x in manifest["segments"]]
+        qa.stream_tokens = manifest["stream_tokens"]
+        qa.chunk_count = manifest.get("chunks", 0)
+        return qa
+
+    def close(self) -> None:
+        if self._owns_store and self.store is not None:
+            self.store.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> DocumentQA:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "documents": len(self.docs),
+                               "tokens": sum(len(td) for td in self.docs), "chunks": self.chunk_count}  # fmt: skip
+        if self.session is not None:
+            out["context"] = self.session.stats()
+        return out
