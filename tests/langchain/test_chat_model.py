@@ -253,3 +253,14 @@ def test_kv_memory_streams_the_dialogue_into_context_memory(store, tiny_model):
     assert chat.get_agent().session.cache.seen_tokens > seen  # the second turn continued the same stream
     said = [r.text for r in store.list("user:erin") if r.metadata["role"] == "user"]
     assert said == ["Hello", "again"]
+
+
+def test_memory_mode_stores_what_the_caller_read_when_it_stops_early(store):
+    llm = ScriptedLLM(["first", " second", " third"])
+    chat = ChatMemLLM(llm=llm, memory="text", user="fay", store=store)
+    stream = chat.stream("tell me")
+    assert next(stream).content == "first"
+    stream.close()
+    assert llm.pulled == 1
+    turns = [(r.metadata["role"], r.text) for r in store.list("user:fay")]
+    assert turns == [("user", "tell me"), ("assistant", "first")]

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from memllm.llm import MemLLM
 
 MemoryMode = Literal["text", "kv", "hybrid"]
+CALL_OPTIONS = ("model", "max_tokens", "temperature", "seed")  # per-call kwargs, besides stop
 DEFAULT_MODEL = "smollm2-135m"  # memllm.models.DEFAULT_MODEL, written here so that init stays cheap
 
 # ---------------------------------------------------------------------------- shared model cache
@@ -214,7 +215,7 @@ class ChatMemLLM(BaseChatModel):
     # ------------------------------------------------------------------ generation
 
     def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(kwargs) - {"model", "max_tokens", "temperature", "seed"}
+        unknown = set(kwargs) - set(CALL_OPTIONS) - {"stream"}  # stream: LangChain's own flag
         if unknown:
             raise ConfigError(
                 f"ChatMemLLM does not take {', '.join(sorted(unknown))} per call: use model, stop, "
@@ -289,12 +290,18 @@ class ChatMemLLM(BaseChatModel):
         emitted: list[str] = []
         with generation_lock(llm):
             turn = self._turn(llm, messages, opts)
-            for text in _cut(turn.pieces, scanner, produced, drain=turn.drain):
-                emitted.append(text)
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(text, chunk=chunk)
-                yield chunk
+            cut = _cut(turn.pieces, scanner, produced, drain=turn.drain)
+            try:
+                for text in cut:
+                    emitted.append(text)
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
+            except GeneratorExit:  # the caller stopped reading: stop the model; what it saw is the answer
+                cut.close()
+                turn.finish("".join(emitted))
+                raise
             turn.finish("".join(emitted))
             input_tokens = turn.input_tokens()
         generated = llm.count_tokens("".join(produced)) if produced else 0
