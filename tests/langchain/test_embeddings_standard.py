@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from langchain_tests.integration_tests import EmbeddingsIntegrationTests
 from langchain_tests.unit_tests import EmbeddingsUnitTests
 
@@ -27,3 +28,12 @@ class TestMemllmEmbeddingsUnit(FakeEmbedderParams, EmbeddingsUnitTests):
 
 class TestMemllmEmbeddingsIntegration(FakeEmbedderParams, EmbeddingsIntegrationTests):
     pass
+
+
+@pytest.mark.slow
+class TestMemllmEmbeddingsMiniLM(EmbeddingsIntegrationTests):
+    """The packaged all-MiniLM-L6-v2 (offline, from its PyPI package)."""
+
+    @property
+    def embeddings_class(self) -> type[MemllmEmbeddings]:
+        return MemllmEmbeddings
