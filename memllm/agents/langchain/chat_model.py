@@ -29,37 +29,43 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from memllm.agents.langchain.messages import StopScanner, content_text, to_chat_messages
 from memllm.errors import ConfigError, InputError
+from memllm.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
     from memllm.llm import MemLLM
 
 MemoryMode = Literal["text", "kv", "hybrid"]
 CALL_OPTIONS = ("model", "max_tokens", "temperature", "seed")  # per-call kwargs, besides stop
-DEFAULT_MODEL = "smollm2-135m"  # memllm.models.DEFAULT_MODEL, written here so that init stays cheap
 
 # ---------------------------------------------------------------------------- shared model cache
 
 _CACHE_SIZE = 2
 _cache: OrderedDict[tuple[str, str, str], MemLLM] = OrderedDict()
 _cache_lock = threading.Lock()
+_load_locks: dict[tuple[str, str, str], threading.Lock] = {}
 _gen_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 def load_model(name: str, device: str = "auto", dtype: str | None = None) -> MemLLM:
     """A loaded MemLLM for (name, device, dtype), shared by every ChatMemLLM in this process.
 
-    At most two models stay loaded; the least recently used one is released first."""
+    At most two models stay loaded; the least recently used one is released first. Two threads
+    asking for one model load it once; loading one model does not hold up the others."""
     from memllm.llm import MemLLM
 
     key = (name, device, str(dtype))
     with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+        load_lock = _load_locks.setdefault(key, threading.Lock())
+    with load_lock:
+        with _cache_lock:
+            if key in _cache:
+                _cache.move_to_end(key)
+                return _cache[key]
         llm = MemLLM.from_pretrained(name, device=device, dtype=dtype)
-        _cache[key] = llm
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+        with _cache_lock:
+            _cache[key] = llm
+            while len(_cache) > _CACHE_SIZE:
+                _cache.popitem(last=False)
         return llm
 
 
