@@ -143,7 +143,9 @@ class Session:
         for i, layer in enumerate(self.cache.layers):
             for name, t in layer.state().items():
                 tensors[f"layer{i}.{name}"] = t
-            layers.append({"seen": layer.seen, "cut": layer.cut, "units": layer.store.n_units})
+            layers.append(
+                {"seen": layer.seen, "cut": layer.cut, "base": layer.base, "units": layer.store.n_units}
+            )
         if self.last_logits is not None:
             tensors["last_logits"] = self.last_logits.to("cpu").contiguous()
         manifest = {
@@ -194,7 +196,7 @@ class Session:
         for i, (layer, meta) in enumerate(zip(session.cache.layers, manifest["layers"], strict=True)):
             prefix = f"layer{i}."
             state = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-            layer.load_state(state, seen=meta["seen"], cut=meta["cut"])
+            layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
         if "last_logits" in tensors:
             session.last_logits = tensors["last_logits"].to(session.cache.layers[0].device)
         return session

@@ -1,8 +1,9 @@
 """ContextMemoryCache: a transformers Cache of per-layer context memories (InfLLM-style).
 
-Per layer (ContextMemoryLayer), all keys kept un-rotated (see positions.py):
-  sinks   (kv_heads, n_init, head_dim)   first n_init tokens, fixed distance once cutting began
-  local   (kv_heads, L, head_dim)        the window, exact relative positions (start = position 0)
+Per layer (ContextMemoryLayer); see positions.py for how rotations are undone and redone:
+  sinks   (kv_heads, n_init, head_dim)   first n_init tokens, un-rotated, fixed distance once cutting began
+  local   (kv_heads, L, head_dim)        the window, keys rotated at (j - base): exact relative positions;
+                                         re-rotated ("rebased") before a position would reach the trained length
   units   UnitStore                      cut blocks of block_size tokens, K/V off the device
 
 The rule, per execution block of queries (aligned to absolute multiples of exc_block_size):
@@ -60,6 +61,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k, self.local_v = empty, empty
         self.local_score = torch.empty(h, 0, dtype=torch.float32, device=self.device)  # (kv_heads, L)
         self.seen = 0
+        self.base = 0  # absolute index of window position 0: local key j is kept rotated at j - base
         self.cut = False  # phase 2 once a unit has been cut
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lookups = 0
@@ -124,36 +126,44 @@ class ContextMemoryLayer(CacheLayerMixin):
             raise ValueError("ContextMemoryCache supports batch size 1 only")
         c = query.shape[2]
         model_positions = self.model_positions(c, query.device)
-        self.max_position = max(self.max_position, self.reported_length() + c - 1)
-        q = self.rotary.unrotate(query[0], model_positions)  # (heads, c, d) fp32
-        k = self.rotary.unrotate(key[0], model_positions).to(self.dtype)  # (kv_heads, c, d)
+        q = self.rotary.unrotate(query[0], model_positions)  # (heads, c, d) fp32, un-rotated
+        k = self.rotary.unrotate(key[0], model_positions)  # (kv_heads, c, d) fp32, un-rotated
         v = value[0].to(self.dtype)
         outs = []
         e = self.config.exc_block_size
         start = 0
         while start < c:
-            absolute = self.seen
-            end = min(c, start + e - absolute % e)
+            end = min(c, start + e - self.seen % e)
             outs.append(self._attend_block(q[:, start:end], k[:, start:end], v[:, start:end], scale))
             self._evict()
             start = end
         return torch.cat(outs, dim=1).unsqueeze(0).to(query.dtype)
 
+    def _rebase(self, new_base: int) -> None:
+        """Re-rotate the window so that its positions count from `new_base` (keeps them < trained length)."""
+        n = self.local_k.shape[1]
+        dev = self.local_k.device
+        old = torch.arange(n, device=dev) + (self.seen - n - self.base)
+        new = torch.arange(n, device=dev) + (self.seen - n - new_base)
+        self.local_k = self.rotary.rotate(self.rotary.unrotate(self.local_k, old), new).to(self.dtype)
+        self.base = new_base
+
     def _attend_block(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (heads, e, d), k (kv_heads, e, d) un-rotated fp32; v (kv_heads, e, d). One execution block."""
         cfg, rot = self.config, self.rotary
         e = q.shape[1]
         n_prev = self.local_k.shape[1]
-        k_loc = torch.cat([self.local_k, k], dim=1)
-        v_loc = torch.cat([self.local_v, v], dim=1)
+        if self.seen + e - 1 - self.base >= self.spec.trained_len:
+            self._rebase(self.seen - n_prev)
         dev = q.device
-        pos_k = torch.arange(n_prev + e, device=dev)
-        q_loc = rot.rotate(q, pos_k[n_prev:])
-        k_loc_r = rot.rotate(k_loc.float(), pos_k)
+        pos_q = torch.arange(e, device=dev) + (self.seen - self.base)
+        q_loc = rot.rotate(q, pos_q)
+        k_loc = torch.cat([self.local_k, rot.rotate(k, pos_q).to(self.dtype)], dim=1)  # rotated at j - base
+        v_loc = torch.cat([self.local_v, v], dim=1)
         q_mem = k_mem = v_mem = None
         n_mem = 0
         if self.cut:
             q_mem = rot.rotate(q, torch.full((e,), cfg.n_local, device=dev, dtype=torch.long))
-            s0 = rot.scale_at_zero(dev)
             mem_k, mem_v = [self.sink_k], [self.sink_v]
             if self.store.n_units > 0 and cfg.topk > 0:
                 ids = self.lookup(q_mem)
@@ -162,24 +172,24 @@ class ContextMemoryLayer(CacheLayerMixin):
                 mem_v.append(uv)
                 self.lookups += 1
                 self.units_fetched += ids.numel()
-            k_mem = torch.cat(mem_k, dim=1).float() * s0
+            k_mem = torch.cat(mem_k, dim=1) * rot.scale_at_zero(dev).to(self.dtype)  # keys at position 0
             v_mem = torch.cat(mem_v, dim=1)
             n_mem = k_mem.shape[1]
         self.max_keys_per_query = max(self.max_keys_per_query, n_mem + n_prev + e)
-        self.max_position = max(self.max_position, n_prev + e - 1, cfg.n_local if self.cut else 0)
+        self.max_position = max(
+            self.max_position, self.seen + e - 1 - self.base, cfg.n_local if self.cut else 0
+        )
         if cfg.impl == "reference":
             out, received = merged_attention(
-                q_loc, k_loc_r, v_loc, q_mem, k_mem, v_mem, scale, n_prev, torch.float32
+                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, torch.float32
             )
         else:
             compute = torch.float32 if dev.type == "cpu" else self.dtype
             out, received = merged_attention_fused(
-                q_loc, k_loc_r, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute
+                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute
             )
         self.local_k, self.local_v = k_loc, v_loc
-        self.local_score = (
-            torch.cat([self.local_score, torch.zeros_like(received[:, n_prev:])], dim=1) + received
-        )
+        self.local_score = torch.cat([self.local_score + received[:, :n_prev], received[:, n_prev:]], dim=1)
         self.seen += e
         return out
 
@@ -188,38 +198,48 @@ class ContextMemoryLayer(CacheLayerMixin):
         heads, _, d = q_mem.shape
         kvh = self.spec.kv_heads
         q_sum = q_mem.reshape(kvh, heads // kvh, -1, d).sum(dim=(1, 2))  # (kv_heads, d)
-        repr_k = self.store.repr_keys().float() * self.rotary.scale_at_zero(q_mem.device)
-        scores = unit_scores(q_sum, repr_k)
+        # q . (s * r) = (s * q) . r: scale the one summed query, not every representative key.
+        q_sum = q_sum * self.rotary.scale_at_zero(q_mem.device)
+        scores = unit_scores(q_sum, self.store.repr_keys())
         if self.config.impl == "reference":
             return select_units_reference(scores, self.config.topk)
         return select_units(scores, self.config.topk)
 
     def _evict(self) -> None:
+        """Cut every block that leaves the window (all at once; each block's representatives are its own)."""
         cfg = self.config
         bs = cfg.block_size
         start = 0 if self.cut else cfg.n_init
-        while self.local_k.shape[1] - start - bs >= cfg.n_local:
-            blk = slice(start, start + bs)
-            k_blk, v_blk = self.local_k[:, blk], self.local_v[:, blk]
-            top = torch.topk(self.local_score[:, blk], cfg.repr_topk, dim=1).indices  # (kv_heads, r)
-            repr_k = torch.gather(k_blk, 1, top.unsqueeze(-1).expand(-1, -1, k_blk.shape[-1]))
-            self.store.append(k_blk, v_blk, repr_k)
-            if not self.cut:
-                self.sink_k, self.sink_v = self.local_k[:, :start].clone(), self.local_v[:, :start].clone()
-                self.cut = True
-            rest = slice(start + bs, None)
-            self.local_k, self.local_v = self.local_k[:, rest], self.local_v[:, rest]
-            self.local_score = self.local_score[:, rest]
-            start = 0
-            # Keep the window compact (a slice would pin the old storage).
-            self.local_k, self.local_v = self.local_k.contiguous(), self.local_v.contiguous()
-            self.local_score = self.local_score.contiguous()
+        n_cut = (self.local_k.shape[1] - start - cfg.n_local) // bs
+        if n_cut <= 0:
+            return
+        kvh, n_win, d = self.local_k.shape
+        first = self.seen - n_win - self.base  # position of the window's first key
+        rot = self.rotary
+        span = slice(start, start + n_cut * bs)
+        pos = torch.arange(start, start + n_cut * bs, device=self.local_k.device) + first
+        k_blk = rot.unrotate(self.local_k[:, span], pos).to(self.dtype).reshape(kvh, n_cut, bs, d)
+        v_blk = self.local_v[:, span].reshape(kvh, n_cut, bs, d)
+        top = torch.topk(self.local_score[:, span].reshape(kvh, n_cut, bs), cfg.repr_topk, dim=2).indices
+        repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n_cut, r, d)
+        self.store.append_many(k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1))
+        if not self.cut:
+            pos = torch.arange(start, device=self.local_k.device) + first
+            self.sink_k = rot.unrotate(self.local_k[:, :start], pos).to(self.dtype)
+            self.sink_v = self.local_v[:, :start].clone()
+            self.cut = True
+        rest = slice(start + n_cut * bs, None)
+        # Compact copies: a slice would pin the old storage.
+        self.local_k = self.local_k[:, rest].contiguous()
+        self.local_v = self.local_v[:, rest].contiguous()
+        self.local_score = self.local_score[:, rest].contiguous()
 
     # ---- checkpoints, accounting, snapshots ------------------------------------------------------------
     def checkpoint(self) -> dict:
         return {
             "sink_k": self.sink_k, "sink_v": self.sink_v, "local_k": self.local_k, "local_v": self.local_v,
             "local_score": self.local_score, "seen": self.seen, "cut": self.cut, "n_units": self.store.n_units,
+            "base": self.base,
         }  # fmt: skip
 
     def empty_checkpoint(self) -> dict:
@@ -227,13 +247,13 @@ class ContextMemoryLayer(CacheLayerMixin):
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
         score = torch.empty(h, 0, dtype=torch.float32, device=self.device)
         return {"sink_k": empty, "sink_v": empty, "local_k": empty, "local_v": empty, "local_score": score,
-                "seen": 0, "cut": False, "n_units": 0}  # fmt: skip
+                "seen": 0, "cut": False, "n_units": 0, "base": 0}  # fmt: skip
 
     def restore_checkpoint(self, cp: dict) -> None:
         """Roll back to a checkpoint taken earlier (tensors are never modified in place, units only appended)."""
         self.sink_k, self.sink_v = cp["sink_k"], cp["sink_v"]
         self.local_k, self.local_v, self.local_score = cp["local_k"], cp["local_v"], cp["local_score"]
-        self.seen, self.cut = cp["seen"], cp["cut"]
+        self.seen, self.cut, self.base = cp["seen"], cp["cut"], cp["base"]
         self.store.truncate(cp["n_units"])
 
     def device_bytes(self) -> dict[str, int]:
@@ -248,12 +268,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         out.update({f"units.{name}": t for name, t in self.store.state().items()})
         return out
 
-    def load_state(self, state: dict[str, torch.Tensor], seen: int, cut: bool) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], seen: int, cut: bool, base: int) -> None:
         dev = self.device
         self.sink_k, self.sink_v = state["sink_k"].to(dev), state["sink_v"].to(dev)
         self.local_k, self.local_v = state["local_k"].to(dev), state["local_v"].to(dev)
         self.local_score = state["local_score"].to(dev)
-        self.seen, self.cut = seen, cut
+        self.seen, self.cut, self.base = seen, cut, base
         self.store.load_state({k[len("units.") :]: t for k, t in state.items() if k.startswith("units.")})
 
 

@@ -15,8 +15,10 @@ import torch
 
 
 def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
-    """q_sum (kv_heads, head_dim) fp32; repr_keys (n_units, kv_heads, repr_topk, head_dim) -> (kv_heads, n_units)."""
-    return torch.einsum("hd,uhrd->hur", q_sum, repr_keys.float()).amax(dim=-1)
+    """q_sum (kv_heads, head_dim); repr_keys (kv_heads, n_units, repr_topk, head_dim) -> (kv_heads, n_units) fp32.
+
+    Computed in the keys' dtype (one product over all units, fp32 accumulation), no copy of the keys."""
+    return torch.einsum("hd,hurd->hur", q_sum.to(repr_keys.dtype), repr_keys).amax(dim=-1).float()
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:

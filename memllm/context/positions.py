@@ -2,10 +2,10 @@
 
 Decision (see DESIGN.md "Positions"): the model rotates q/k at the position ids it was called with
 (always < its trained length; the cache reports a bounded sequence length). The attention function
-un-rotates them with the inverse rotation at those same positions, keeps keys un-rotated, and
-re-rotates at the positions memllm's rule assigns: exact relative positions inside the local window
-(window start = 0), and one fixed distance for sinks and retrieved units (keys at 0, queries at
-`fixed_distance`). cos/sin come from `model.model.rotary_emb` (any rope_type it implements: default,
+un-rotates them with the inverse rotation at those same positions and re-rotates them where memllm's
+rule puts them: exact relative positions inside the local window (window keys are kept rotated at
+j - base, base moved forward before any position reaches the trained length), and one fixed distance
+for sinks and retrieved units (kept un-rotated; keys at position 0, queries at n_local). cos/sin come from `model.model.rotary_emb` (any rope_type it implements: default,
 llama3, yarn, ...); its attention scaling s (cos^2 + sin^2 = s^2) is kept, so logits carry s^2 as in
 the model. Only the rotate_half (non-interleaved) convention is supported.
 

@@ -4,7 +4,8 @@ Host storage is a list of fixed-size segments (pinned when the device is CUDA, s
 them through unified addressing without a host synchronisation); units are never moved once written.
 K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and channel; values: per
 unit, head and token). Representative keys (repr_topk per unit and KV head, un-rotated) live on the
-device in a buffer that doubles when full.
+device, laid out (kv_heads, capacity, repr_topk, head_dim) so scoring reads them without a copy; the
+buffer doubles when full.
 
 Knows nothing of positions, attention or which units get selected (see lookup.py, gather.py).
 """
@@ -57,7 +58,7 @@ class UnitStore:
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
-        self._repr: torch.Tensor | None = None  # (capacity, kv_heads, repr_topk, head_dim) on device
+        self._repr: torch.Tensor | None = None  # (kv_heads, capacity, repr_topk, head_dim) on device
         self.version = 0  # bumps when segments are added (gather kernels rebuild pointer tables)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -79,29 +80,39 @@ class UnitStore:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, repr_k: torch.Tensor) -> int:
         """Add one unit: k, v (kv_heads, block_size, head_dim) on the device; repr_k (kv_heads, repr_topk, head_dim)."""
-        idx = self.n_units
-        seg_i, off = divmod(idx, self.segment_units)
-        seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
+        self.append_many(k.unsqueeze(0), v.unsqueeze(0), repr_k.unsqueeze(0))
+        return self.n_units - 1
+
+    def append_many(self, k: torch.Tensor, v: torch.Tensor, repr_k: torch.Tensor) -> None:
+        """Add n units: k, v (n, kv_heads, block_size, head_dim); repr_k (n, kv_heads, repr_topk, head_dim).
+
+        Copies to pinned host memory are asynchronous (stream-ordered before any later gather)."""
+        n = k.shape[0]
         nb = self.pin
         if self.offload_dtype == "int8":
-            kq, ks = quantize_int8(k, dim=1)  # per (head, channel)
-            vq, vs = quantize_int8(v, dim=2)  # per (head, token)
-            seg["k"][off].copy_(kq, non_blocking=nb)
-            seg["v"][off].copy_(vq, non_blocking=nb)
-            seg["k_scale"][off].copy_(ks, non_blocking=nb)
-            seg["v_scale"][off].copy_(vs, non_blocking=nb)
+            k, ks = quantize_int8(k, dim=2)  # per (unit, head, channel)
+            v, vs = quantize_int8(v, dim=3)  # per (unit, head, token)
+            parts = {"k": k, "v": v, "k_scale": ks, "v_scale": vs}
         else:
-            seg["k"][off].copy_(k, non_blocking=nb)
-            seg["v"][off].copy_(v, non_blocking=nb)
-        if self._repr is None or self._repr.shape[0] <= idx:
-            cap = max(16, 2 * (self._repr.shape[0] if self._repr is not None else 0))
-            grown = torch.empty((cap, *repr_k.shape), dtype=repr_k.dtype, device=self.device)
+            parts = {"k": k, "v": v}
+        done = 0
+        while done < n:
+            seg_i, off = divmod(self.n_units + done, self.segment_units)
+            seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
+            take = min(n - done, self.segment_units - off)
+            for name, t in parts.items():
+                seg[name][off : off + take].copy_(t[done : done + take], non_blocking=nb)
+            done += take
+        need = self.n_units + n
+        if self._repr is None or self._repr.shape[1] < need:
+            cap = max(16, need, 2 * (self._repr.shape[1] if self._repr is not None else 0))
+            h, _, r, d = repr_k.transpose(0, 1).shape
+            grown = torch.empty((h, cap, r, d), dtype=repr_k.dtype, device=self.device)
             if self._repr is not None:
-                grown[: self.n_units] = self._repr[: self.n_units]
+                grown[:, : self.n_units] = self._repr[:, : self.n_units]
             self._repr = grown
-        self._repr[idx] = repr_k
-        self.n_units += 1
-        return idx
+        self._repr[:, self.n_units : need] = repr_k.transpose(0, 1)
+        self.n_units = need
 
     def truncate(self, n_units: int) -> None:
         """Forget units >= n_units (their storage is reused by later appends)."""
@@ -111,10 +122,10 @@ class UnitStore:
 
     # ---- reading -------------------------------------------------------------------------------
     def repr_keys(self) -> torch.Tensor:
-        """(n_units, kv_heads, repr_topk, head_dim) on the device (a view)."""
+        """(kv_heads, n_units, repr_topk, head_dim) on the device (a view)."""
         if self._repr is None:
-            return torch.empty(0, self.kv_heads, self.repr_topk, self.head_dim, device=self.device)
-        return self._repr[: self.n_units]
+            return torch.empty(self.kv_heads, 0, self.repr_topk, self.head_dim, device=self.device)
+        return self._repr[:, : self.n_units]
 
     def host_unit(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One unit's K/V dequantized to `dtype` on the host: (kv_heads, block_size, head_dim) each."""
@@ -167,19 +178,17 @@ class UnitStore:
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        repr_k = state["repr"]
-        n = repr_k.shape[0]
+        """Inverse of `state` (units are written back into fresh segments)."""
+        repr_k = state["repr"]  # (kv_heads, n, r, d)
+        n = repr_k.shape[1]
         self.truncate(0)
-        for idx in range(n):
-            seg_i, off = divmod(idx, self.segment_units)
+        done = 0
+        while done < n:
+            seg_i, off = divmod(done, self.segment_units)
             seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
+            take = min(n - done, self.segment_units - off)
             for name, t in seg.items():
-                t[off].copy_(state[name][idx])
-            if self._repr is None or self._repr.shape[0] <= idx:
-                cap = max(16, 2 * (self._repr.shape[0] if self._repr is not None else 0), n)
-                grown = torch.empty((cap, *repr_k.shape[1:]), dtype=repr_k.dtype, device=self.device)
-                if self._repr is not None:
-                    grown[:idx] = self._repr[:idx]
-                self._repr = grown
-            self._repr[idx] = repr_k[idx].to(self.device)
-            self.n_units += 1
+                t[off : off + take].copy_(state[name][done : done + take])
+            done += take
+        self._repr = repr_k.to(self.device).clone() if n else None
+        self.n_units = n

@@ -12,8 +12,8 @@ def brute_force(q_sum: torch.Tensor, repr_keys: torch.Tensor, k: int) -> list[li
     out = []
     for g in range(q_sum.shape[0]):
         scores = []
-        for u in range(repr_keys.shape[0]):
-            scores.append(max(float(q_sum[g].double() @ r.double()) for r in repr_keys[u, g]))
+        for u in range(repr_keys.shape[1]):
+            scores.append(max(float(q_sum[g].double() @ r.double()) for r in repr_keys[g, u]))
         best = sorted(range(len(scores)), key=lambda u: (-scores[u], u))[:k]
         out.append(sorted(best))
     return out
@@ -28,7 +28,7 @@ def devices() -> list[str]:
 def test_topk_equals_brute_force(device, n_units, k):
     gen = torch.Generator().manual_seed(n_units)
     q_sum = torch.randn(3, 16, generator=gen)
-    repr_keys = torch.randn(n_units, 3, 4, 16, generator=gen)
+    repr_keys = torch.randn(3, n_units, 4, 16, generator=gen)  # (kv_heads, units, repr_topk, head_dim)
     want = brute_force(q_sum, repr_keys, k)
     scores = unit_scores(q_sum.to(device), repr_keys.to(device))
     fast = select_units(scores, k)

@@ -66,7 +66,7 @@ def test_past_window_equals_reference(kind, impl):
 @pytest.mark.parametrize("offload", ["fp32", "bf16", "int8"])
 def test_cuda_fast_path_equals_reference_path(offload):
     """On CUDA: UVA gather + fused merge + device top-k against host gather + plain merge + host sort."""
-    model = tiny_model("llama").cuda()
+    model = tiny_model("llama", trained=128).cuda()
     ids = (
         torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE]
         .unsqueeze(0)
