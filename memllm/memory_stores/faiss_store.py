@@ -32,7 +32,8 @@ from filelock import FileLock, Timeout
 
 from memllm.errors import StoreError
 from memllm.memory_stores.embeddings import Embedder, normalize_rows
-from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches, new_id
+from memllm.memory_stores.jsonl import import_records, read_jsonl, write_jsonl
+from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches
 from memllm.memory_stores.schema import migrate
 from memllm.memory_stores.vector_index import IndexConfig, VectorIndex
 
@@ -754,79 +755,21 @@ class FaissStore:
     # ------------------------------------------------------------------ export / import
 
     def export_jsonl(self, dest: str | Path | IO[str], namespace: str | None = None) -> int:
-        """Write records (all, or one namespace's) as JSON lines, oldest first; returns how many.
-        Embeddings are not exported: importing re-embeds (with the importing store's embedder)."""
+        """Write records (all, or one namespace's) as JSON lines in insertion order, from one consistent
+        snapshot; returns how many. Embeddings are not exported: importing re-embeds."""
         self._check_open()
         sql, args = f"SELECT {_COLUMNS} FROM records", ()
         if namespace is not None:
             sql, args = sql + " WHERE namespace = ?", (namespace,)
-        sql += " ORDER BY seq"
-
-        def write(out: IO[str]) -> int:
-            n = 0
-            with self._read() as conn:
-                for row in conn.execute(sql, args):
-                    out.write(json.dumps(_row_to_record(row).to_dict(), ensure_ascii=False) + "\n")
-                    n += 1
-            return n
-
-        if isinstance(dest, (str, Path)):
-            tmp = Path(f"{dest}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                n = write(f)
-            tmp.replace(dest)
-            return n
-        return write(dest)
+        with self._read() as conn:
+            return write_jsonl(map(_row_to_record, conn.execute(sql + " ORDER BY seq", args)), dest)
 
     def import_jsonl(
         self, src: str | Path | IO[str], namespace: str | None = None, *, batch: int = 256
     ) -> list[str]:
         """Add the records of a JSONL export (into `namespace` if given); returns their ids here.
         Records already present are not added twice; an id taken by another record gets a fresh one."""
-        if isinstance(src, (str, Path)):
-            try:
-                with open(src, encoding="utf-8") as f:
-                    lines = f.readlines()
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot read {src} ({exc}): pass a file written by `memllm memory export`"
-                ) from exc
-        else:
-            lines = src.readlines()
-        records: list[MemoryRecord] = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                if namespace is not None:
-                    data["namespace"] = namespace
-                records.append(MemoryRecord.from_dict(data))
-            except (json.JSONDecodeError, TypeError, AttributeError, StoreError) as exc:
-                raise StoreError(
-                    f"line {lineno} of the import is not a memory record ({exc}): use a file written by `memllm memory export`"
-                ) from exc
-        ids: list[str] = []
-        for part in _chunks(records, batch):
-            part = list(part)
-            taken = self._taken_ids([r.id for r in part])
-            mine = self._existing([(r.namespace, r.content_hash) for r in part])
-            for i, rec in enumerate(part):
-                if rec.id in taken and mine.get((rec.namespace, rec.content_hash)) != rec.id:
-                    part[i] = MemoryRecord(**{**rec.to_dict(), "id": new_id(), "span": rec.span})
-            ids.extend(self.add_many(part))
-        return ids
-
-    def _taken_ids(self, ids: list[str]) -> set[str]:
-        out: set[str] = set()
-        with self._lock:
-            for part in _chunks(ids):
-                marks = ",".join("?" * len(part))
-                out.update(
-                    r[0]
-                    for r in self._conn.execute(f"SELECT id FROM records WHERE id IN ({marks})", tuple(part))
-                )
-        return out
+        return import_records(self, read_jsonl(src, namespace), batch)
 
     # ------------------------------------------------------------------ lifecycle
 

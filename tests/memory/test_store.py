@@ -189,6 +189,10 @@ def test_export_import_round_trip(tmp_path, embedder):
         assert b.search("fact one", k=1, namespace="dave")[0].record.text == "fact one"
         with pytest.raises(StoreError, match="line 1 .*memllm memory export"):
             b.import_jsonl(io.StringIO("{not json\n"))
+        edited = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])
+        edited["text"] = "fact one, corrected"  # a hand-edited export: its content hash is recomputed
+        [new] = b.import_jsonl(io.StringIO(json.dumps(edited) + "\n"))
+        assert new != edited["id"] and b.get(new).text == "fact one, corrected"
 
 
 def test_migration_from_version_1(tmp_path):
