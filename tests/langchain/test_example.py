@@ -24,6 +24,6 @@ def test_agent_with_memory_example_recalls_the_dogs_name(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     replies = [line for line in run.stdout.splitlines() if line.startswith("assistant: ")]
-    assert len(replies) == 4
-    assert "Pixel" in replies[-1]  # told in turn 1; the prompt only shows the last exchange (turn 3)
+    assert len(replies) == 3
+    assert "Pixel" in replies[-1]  # told in turn 1; the prompt only shows the last exchange (turn 2)
     assert (tmp_path / "memory" / "memory.db").is_file()  # the memory persists where --store says
