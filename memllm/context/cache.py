@@ -84,13 +84,18 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     def model_positions(self, n: int, device: torch.device) -> torch.Tensor:
         """(n,) the positions the model rotates the next n tokens at (reported length + arange)."""
+        self.check_positions(n)
+        start = self.reported_length()
+        return torch.arange(start, start + n, device=device)
+
+    def check_positions(self, n: int) -> None:
+        """Refuse a model call whose positions would reach the trained length (host integers only)."""
         start = self.reported_length()
         if start + n > self.spec.trained_len:
             raise RuntimeError(
                 f"position {start + n - 1} is beyond the model's trained length ({self.spec.trained_len}): "
                 f"feed at most {self.spec.trained_len - start} tokens per call (memllm.context.prefill.feed does)"
             )
-        return torch.arange(start, start + n, device=device)
 
     def get_seq_length(self) -> int:
         return self.reported_length()
@@ -125,45 +130,51 @@ class ContextMemoryLayer(CacheLayerMixin):
         if query.shape[0] != 1:
             raise ValueError("ContextMemoryCache supports batch size 1 only")
         c = query.shape[2]
-        model_positions = self.model_positions(c, query.device)
-        q = self.rotary.unrotate(query[0], model_positions)  # (heads, c, d) fp32, un-rotated
-        k = self.rotary.unrotate(key[0], model_positions)  # (kv_heads, c, d) fp32, un-rotated
+        model_start = self.reported_length()
+        self.check_positions(c)
+        self.max_position = max(self.max_position, model_start + c - 1)
         v = value[0].to(self.dtype)
         outs = []
         e = self.config.exc_block_size
         start = 0
         while start < c:
             end = min(c, start + e - self.seen % e)
-            outs.append(self._attend_block(q[:, start:end], k[:, start:end], v[:, start:end], scale))
+            q, k = query[0, :, start:end], key[0, :, start:end]
+            outs.append(self._attend_block(q, k, v[:, start:end], scale, model_start + start))
             self._evict()
             start = end
-        return torch.cat(outs, dim=1).unsqueeze(0).to(query.dtype)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.unsqueeze(0).to(query.dtype)
 
     def _rebase(self, new_base: int) -> None:
         """Re-rotate the window so that its positions count from `new_base` (keeps them < trained length)."""
-        n = self.local_k.shape[1]
-        dev = self.local_k.device
-        old = torch.arange(n, device=dev) + (self.seen - n - self.base)
-        new = torch.arange(n, device=dev) + (self.seen - n - new_base)
-        self.local_k = self.rotary.rotate(self.rotary.unrotate(self.local_k, old), new).to(self.dtype)
+        self.local_k = self.rotary.rotate_const(self.local_k, self.base - new_base).to(self.dtype)
         self.base = new_base
 
-    def _attend_block(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (heads, e, d), k (kv_heads, e, d) un-rotated fp32; v (kv_heads, e, d). One execution block."""
+    def _attend_block(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, model_start: int
+    ) -> torch.Tensor:
+        """One execution block: q (heads, e, d), k (kv_heads, e, d) as rotated by the model at
+        model_start + t; v (kv_heads, e, d). Returns (heads, e, d) fp32."""
         cfg, rot = self.config, self.rotary
-        e = q.shape[1]
+        e, d = q.shape[1], q.shape[2]
         n_prev = self.local_k.shape[1]
         if self.seen + e - 1 - self.base >= self.spec.trained_len:
             self._rebase(self.seen - n_prev)
         dev = q.device
-        pos_q = torch.arange(e, device=dev) + (self.seen - self.base)
-        q_loc = rot.rotate(q, pos_q)
-        k_loc = torch.cat([self.local_k, rot.rotate(k, pos_q).to(self.dtype)], dim=1)  # rotated at j - base
+        shift = self.seen - self.base - model_start  # model position -> window position, same for all t
+        cos_l, sin_l, _ = rot.tables(dev)
+        row = rot._row(shift)
+        k_loc = torch.cat([self.local_k, rot.apply(k, cos_l[row], sin_l[row]).to(self.dtype)], dim=1)
         v_loc = torch.cat([self.local_v, v], dim=1)
         q_mem = k_mem = v_mem = None
-        n_mem = 0
         if self.cut:
-            q_mem = rot.rotate(q, torch.full((e,), cfg.n_local, device=dev, dtype=torch.long))
+            # Both rotations of the queries at once: (heads, e, 2, d) = [window position, fixed distance].
+            cos_m, sin_m = rot.cos_sin(model_start - cfg.n_local, e, -1, dev)  # n_local - (model_start + t)
+            cos2 = torch.stack([cos_l[row].expand(e, d), cos_m], dim=1)
+            sin2 = torch.stack([sin_l[row].expand(e, d), sin_m], dim=1)
+            q_pair = rot.apply(q.unsqueeze(2), cos2, sin2)
+            q_loc, q_mem = q_pair[:, :, 0], q_pair[:, :, 1]
             mem_k, mem_v = [self.sink_k], [self.sink_v]
             if self.store.n_units > 0 and cfg.topk > 0:
                 ids = self.lookup(q_mem)
@@ -172,9 +183,12 @@ class ContextMemoryLayer(CacheLayerMixin):
                 mem_v.append(uv)
                 self.lookups += 1
                 self.units_fetched += ids.numel()
-            k_mem = torch.cat(mem_k, dim=1) * rot.scale_at_zero(dev).to(self.dtype)  # keys at position 0
+            k_mem = torch.cat(mem_k, dim=1)  # kept rotated at position 0
             v_mem = torch.cat(mem_v, dim=1)
-            n_mem = k_mem.shape[1]
+        else:
+            q_pair = None
+            q_loc = rot.apply(q, cos_l[row], sin_l[row])
+        n_mem = 0 if k_mem is None else k_mem.shape[1]
         self.max_keys_per_query = max(self.max_keys_per_query, n_mem + n_prev + e)
         self.max_position = max(
             self.max_position, self.seen + e - 1 - self.base, cfg.n_local if self.cut else 0
@@ -186,7 +200,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         else:
             compute = torch.float32 if dev.type == "cpu" else self.dtype
             out, received = merged_attention_fused(
-                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute
+                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute, q_pair=q_pair
             )
         self.local_k, self.local_v = k_loc, v_loc
         self.local_score = torch.cat([self.local_score + received[:, :n_prev], received[:, n_prev:]], dim=1)
@@ -198,8 +212,6 @@ class ContextMemoryLayer(CacheLayerMixin):
         heads, _, d = q_mem.shape
         kvh = self.spec.kv_heads
         q_sum = q_mem.reshape(kvh, heads // kvh, -1, d).sum(dim=(1, 2))  # (kv_heads, d)
-        # q . (s * r) = (s * q) . r: scale the one summed query, not every representative key.
-        q_sum = q_sum * self.rotary.scale_at_zero(q_mem.device)
         scores = unit_scores(q_sum, self.store.repr_keys())
         if self.config.impl == "reference":
             return select_units_reference(scores, self.config.topk)
@@ -217,16 +229,16 @@ class ContextMemoryLayer(CacheLayerMixin):
         first = self.seen - n_win - self.base  # position of the window's first key
         rot = self.rotary
         span = slice(start, start + n_cut * bs)
-        pos = torch.arange(start, start + n_cut * bs, device=self.local_k.device) + first
-        k_blk = rot.unrotate(self.local_k[:, span], pos).to(self.dtype).reshape(kvh, n_cut, bs, d)
+        # Units keep keys rotated at position 0: rotate back by their window positions.
+        k_blk = rot.rotate(self.local_k[:, span], first + start, -1).to(self.dtype).reshape(kvh, n_cut, bs, d)
         v_blk = self.local_v[:, span].reshape(kvh, n_cut, bs, d)
         top = torch.topk(self.local_score[:, span].reshape(kvh, n_cut, bs), cfg.repr_topk, dim=2).indices
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n_cut, r, d)
         self.store.append_many(k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1))
         if not self.cut:
-            pos = torch.arange(start, device=self.local_k.device) + first
-            self.sink_k = rot.unrotate(self.local_k[:, :start], pos).to(self.dtype)
-            self.sink_v = self.local_v[:, :start].clone()
+            if start:
+                self.sink_k = rot.rotate(self.local_k[:, :start], first, -1).to(self.dtype)
+                self.sink_v = self.local_v[:, :start].clone()
             self.cut = True
         rest = slice(start + n_cut * bs, None)
         # Compact copies: a slice would pin the old storage.

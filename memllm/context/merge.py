@@ -83,8 +83,11 @@ def merged_attention_fused(
     scale: float,
     causal_offset: int,
     compute_dtype: torch.dtype = torch.bfloat16,
+    q_pair: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `merged_attention`, with fewer passes over memory (the device path).
+
+    q_pair (heads, e, 2, head_dim), if given, holds [q_local, q_mem] already side by side.
 
     Both query rotations ride in one product: q' = [q_local, q_mem] (2*head_dim) against
     k' = [0, k_mem] for memory keys and [k_local, 0] for local keys, so one GEMM (with the mask added
@@ -96,7 +99,9 @@ def merged_attention_fused(
     cd = compute_dtype
     n_mem = 0 if k_mem is None else k_mem.shape[1]
     if n_mem:
-        q = torch.cat([q_local, q_mem], dim=-1).to(cd).reshape(kv_heads, g * e, 2 * d)
+        if q_pair is None:
+            q_pair = torch.stack([q_local, q_mem], dim=2)
+        q = q_pair.to(cd).reshape(kv_heads, g * e, 2 * d)
         k = torch.zeros(kv_heads, n_mem + n_local, 2 * d, dtype=cd, device=k_local.device)
         k[:, :n_mem, d:] = k_mem
         k[:, n_mem:, :d] = k_local
