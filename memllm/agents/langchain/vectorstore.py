@@ -41,7 +41,8 @@ class MemllmVectorStore(VectorStore):
 
     embedding: LangChain `Embeddings` (MemllmEmbeddings, or any other: it is wrapped so the store
     indexes with it) used for documents and queries. path / store: where records live (a FaissStore
-    is opened at `path` when `store` is not given). namespace: the collection. kind: record kind.
+    is opened at `path` when `store` is not given; a given store must search by vector, as
+    FaissStore.search_vector does). namespace: the collection. kind: record kind.
     """
 
     def __init__(
@@ -132,7 +133,7 @@ class MemllmVectorStore(VectorStore):
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         """Delete records of this namespace by id (missing ids are ignored); None deletes them all."""
         if ids is None:
-            self.store.delete_namespace(self.namespace)
+            self.store.delete([r.id for r in self.store.list(self.namespace)])
             return True
         mine = [d.id for d in self.get_by_ids(ids) if d.id is not None]
         self.store.delete(mine)
