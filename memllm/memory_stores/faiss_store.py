@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 from memllm.errors import StoreError
 from memllm.memory_stores.embeddings import Embedder, normalize_rows
 from memllm.memory_stores.jsonl import import_records, read_jsonl, write_jsonl
-from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches
+from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches, text_hash
 from memllm.memory_stores.schema import migrate
 from memllm.memory_stores.vector_index import IndexConfig, VectorIndex
 
@@ -399,9 +399,10 @@ class FaissStore:
         )[0]
 
     def add_many(self, records: Sequence[MemoryRecord], *, embeddings: np.ndarray | None = None) -> list[str]:
-        """Store records in one transaction; returns one id per input, in order. Records already
-        present (same namespace, kind and text), also within the batch, are neither stored nor
-        embedded again: their existing id is returned and their updated_at refreshed.
+        """Store records in one transaction; returns one id per input, in order. A record whose
+        content hash is already stored in its namespace (also earlier in the batch) is not stored
+        again: the existing id is returned and its updated_at refreshed. A text already embedded in
+        the namespace, or twice in the batch, is embedded once.
         embeddings: optional precomputed (len(records), dim) vectors (normalised here)."""
         self._check_open()
         records = list(records)
@@ -420,16 +421,9 @@ class FaissStore:
             first.setdefault((rec.namespace, rec.content_hash), i)
         known = self._existing(list(first))
         fresh = [i for key, i in first.items() if key not in known]
-        if embeddings is not None:
-            vectors = embeddings[fresh]
-        elif fresh:
-            vectors = normalize_rows(self._require_embedder().embed([records[i].text for i in fresh]))
-            if vectors.shape != (len(fresh), self.dim):
-                raise StoreError(
-                    f"embedder returned shape {vectors.shape}, expected ({len(fresh)}, {self.dim})"
-                )
-        else:
-            vectors = np.zeros((0, self.dim), np.float32)
+        vectors = (
+            embeddings[fresh] if embeddings is not None else self._vectors_for([records[i] for i in fresh])
+        )
         with self._lock:
             added: dict[str, list[tuple[int, np.ndarray]]] = {}
             gens: dict[str, tuple[int, int]] = {}
@@ -465,6 +459,40 @@ class FaissStore:
                         self._persist(ns, state)
         return [known[(rec.namespace, rec.content_hash)] for rec in records]
 
+    def _vectors_for(self, records: list[MemoryRecord]) -> np.ndarray:
+        """(len(records), dim) vectors: reused from stored records of equal text in the same
+        namespace, else embedded, each distinct text once."""
+        dim = int(self.dim or 0)
+        out = np.zeros((len(records), dim), np.float32)
+        hashes = [text_hash(r.text) for r in records]
+        stored: dict[tuple[str, str], np.ndarray] = {}
+        by_ns: dict[str, list[str]] = {}
+        for rec, th in zip(records, hashes, strict=True):
+            by_ns.setdefault(rec.namespace, []).append(th)
+        with self._lock:
+            for ns, ths in by_ns.items():
+                for part in _chunks(sorted(set(ths))):
+                    marks = ",".join("?" * len(part))
+                    for th, blob in self._conn.execute(
+                        f"SELECT text_hash, embedding FROM records WHERE namespace = ? AND text_hash IN ({marks})",
+                        (ns, *part),
+                    ):
+                        stored[(ns, th)] = np.frombuffer(blob, dtype="<f4")
+        todo: dict[str, list[int]] = {}
+        for row, (rec, th) in enumerate(zip(records, hashes, strict=True)):
+            if (rec.namespace, th) in stored:
+                out[row] = stored[(rec.namespace, th)]
+            else:
+                todo.setdefault(th, []).append(row)
+        if todo:
+            texts = [records[rows[0]].text for rows in todo.values()]
+            vectors = normalize_rows(self._require_embedder().embed(texts))
+            if vectors.shape != (len(texts), dim):
+                raise StoreError(f"embedder returned shape {vectors.shape}, expected ({len(texts)}, {dim})")
+            for vector, rows in zip(vectors, todo.values(), strict=True):
+                out[rows] = vector
+        return out
+
     def _existing(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         by_ns: dict[str, list[str]] = {}
         for ns, chash in keys:
@@ -485,8 +513,8 @@ class FaissStore:
         try:
             cur = conn.execute(
                 "INSERT INTO records (id, namespace, kind, text, summary, importance, created_at, updated_at, "
-                "content_hash, source, span_start, span_end, embedding, metadata) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "content_hash, source, span_start, span_end, embedding, metadata, text_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.id,
                     rec.namespace,
@@ -502,6 +530,7 @@ class FaissStore:
                     rec.span[1] if rec.span else None,
                     np.asarray(vector, dtype="<f4").tobytes(),
                     json.dumps(rec.metadata, ensure_ascii=False),
+                    text_hash(rec.text),
                 ),
             )
         except sqlite3.IntegrityError as exc:

@@ -28,10 +28,20 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def content_hash(kind: str, text: str) -> str:
-    """The dedup key of a record within its namespace: sha256 of kind and whitespace-normalised text."""
-    normalised = " ".join(text.split())
-    return hashlib.sha256(f"{kind}\x00{normalised}".encode()).hexdigest()
+def text_hash(text: str) -> str:
+    """sha256 of the whitespace-normalised text: records with equal text_hash share one embedding."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
+
+
+def content_hash(kind: str, text: str, created_at: float | None = None) -> str:
+    """The dedup key of a record within its namespace.
+
+    A chunk, summary or fact is its content: kind + normalised text, so it is stored once. A turn is an
+    event: the same words said again later are a new turn (its created_at is part of the key), which
+    still reuses the stored embedding of that text (see `text_hash`).
+    """
+    stamp = f"\x00{float(created_at)!r}" if kind == "turn" else ""
+    return hashlib.sha256(f"{kind}\x00{text_hash(text)}{stamp}".encode()).hexdigest()
 
 
 @dataclass
@@ -40,7 +50,7 @@ class MemoryRecord:
 
     importance is in [0, 1]. `span` is the (start, end) character span of the text in `source`
     (a document path, a session id...), when there is one. Timestamps are UNIX seconds;
-    `updated_at` defaults to `created_at`. `content_hash` is computed from kind and text.
+    `updated_at` defaults to `created_at`. `content_hash` is computed (see `content_hash`).
     """
 
     text: str
@@ -78,7 +88,7 @@ class MemoryRecord:
             self.span = (start, end)
         if not isinstance(self.metadata, dict):
             raise StoreError(f"record metadata must be a dict, got {type(self.metadata).__name__}")
-        expected = content_hash(self.kind, self.text)
+        expected = content_hash(self.kind, self.text, self.created_at)
         if self.content_hash and self.content_hash != expected:
             raise StoreError(f"record {self.id}: content_hash does not match its text (edited export file?)")
         self.content_hash = expected
@@ -165,8 +175,9 @@ def matches(record: MemoryRecord, filters: Mapping[str, Any]) -> bool:
 class MemoryStore(Protocol):
     """A persistent, namespaced text memory with similarity search.
 
-    `add`/`add_many` return the id stored for each record: a record whose (namespace, kind, text)
-    is already present is not stored or embedded again, and the existing id is returned.
+    `add`/`add_many` return the id stored for each record: a record whose content hash is already
+    present in its namespace is not stored again, and the existing id is returned; a text already
+    embedded in the namespace is not embedded again.
     `search` only ever returns records of the given namespace.
     """
 

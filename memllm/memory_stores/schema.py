@@ -63,7 +63,21 @@ def _v3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX tombstones_ns_gen ON tombstones (namespace, generation)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: sqlite3.Connection) -> None:
+    """Turns become events (their content hash includes created_at: the same words said twice are two
+    turns), and records gain text_hash, under which equal texts share one embedding."""
+    from memllm.memory_stores.records import content_hash, text_hash
+
+    conn.execute("ALTER TABLE records ADD COLUMN text_hash TEXT")
+    rows = conn.execute("SELECT seq, kind, text, created_at FROM records").fetchall()
+    conn.executemany(
+        "UPDATE records SET text_hash = ?, content_hash = ? WHERE seq = ?",
+        [(text_hash(text), content_hash(kind, text, created), seq) for seq, kind, text, created in rows],
+    )
+    conn.execute("CREATE INDEX records_ns_text ON records (namespace, text_hash)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

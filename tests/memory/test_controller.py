@@ -246,3 +246,17 @@ def test_assembled_prompt_never_exceeds_budget(
         render_record(it.record, it.mode) for it in r.used
     ]
     assert all(it.record.namespace == ns for it in r.items)
+
+
+def test_flash_keeps_repeated_turns_in_order(store):
+    clock = itertools.count(100.0, 1.0)
+    c = MemoryController(store, "u", count_tokens=whitespace_tokens, clock=lambda: next(clock))
+    for role, text in [("assistant", "Tea?"), ("user", "yes"), ("assistant", "More?"), ("user", "yes")]:
+        c.remember(text, role=role)
+    assert [(r.metadata["role"], r.text) for r in c.flash()] == [
+        ("assistant", "Tea?"),
+        ("user", "yes"),
+        ("assistant", "More?"),
+        ("user", "yes"),
+    ]
+    assert c.recall("and now?").flash_text == "assistant: Tea?\nuser: yes\nassistant: More?\nuser: yes"

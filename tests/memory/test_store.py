@@ -3,6 +3,7 @@ migrations, index rebuilds, errors that name the fix."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sqlite3
@@ -43,15 +44,31 @@ def test_record_validation_names_the_fix():
 
 
 def test_dedup_embeds_nothing_twice(store, embedder):
-    a = store.add_many([rec("I have a dog named Rex"), rec("I have a dog   named Rex"), rec("I like tea")])
+    facts = [rec("I have a dog named Rex", kind="fact"), rec("I have a dog   named Rex", kind="fact")]
+    a = store.add_many([*facts, rec("I like tea", kind="fact")])
     assert a[0] == a[1] != a[2]
     assert embedder.calls == 2
-    again = store.add(rec("I have a dog named Rex"))
+    again = store.add(rec("I have a dog named Rex", kind="fact"))
     assert again == a[0] and embedder.calls == 2
-    # the same text is a different record in another namespace, or as another kind
-    assert store.add(rec("I have a dog named Rex", ns="bob")) != a[0]
-    assert store.add(rec("I have a dog named Rex", kind="fact")) != a[0]
+    # the same text as a chunk is another record, but its embedding is reused
+    chunk = store.add(rec("I have a dog named Rex", kind="chunk"))
+    assert chunk != a[0] and embedder.calls == 2
+    # in another namespace it is another record, embedded there (nothing is read across namespaces)
+    assert store.add(rec("I have a dog named Rex", ns="bob", kind="fact")) != a[0] and embedder.calls == 3
     assert store.count("alice") == 3 and store.count() == 4
+
+
+def test_turns_are_events_that_share_embeddings(store, embedder):
+    """The same words said twice are two turns (both in the history), embedded once."""
+    ids = store.add_many(
+        [rec("yes", created_at=1.0), rec("what now?", created_at=2.0), rec("yes", created_at=3.0)]
+    )
+    assert len(set(ids)) == 3 and embedder.calls == 2
+    assert store.add(rec("yes", created_at=4.0)) not in ids and embedder.calls == 2
+    assert store.add(rec("yes", created_at=3.0)) == ids[2]  # the very same event: deduplicated
+    assert [r.text for r in store.list("alice")] == ["yes", "what now?", "yes", "yes"]
+    hits = store.search("yes", k=10, namespace="alice")
+    assert len(hits) == 4 and {h.score for h in hits if h.record.text == "yes"} == {hits[0].score}
 
 
 def test_round_trip_across_process_restart(tmp_path):
@@ -215,7 +232,7 @@ def test_migration_from_version_1(tmp_path):
             0.5,
             5.0,
             5.0,
-            old.content_hash,
+            hashlib.sha256(f"turn\x00{old.text}".encode()).hexdigest(),  # v1's content hash
             None,
             None,
             None,
@@ -225,9 +242,11 @@ def test_migration_from_version_1(tmp_path):
     conn.execute("INSERT INTO namespaces VALUES ('alice', 1)")
     conn.close()
     with FaissStore(path, emb) as s:
-        assert s.schema_version == SCHEMA_VERSION == 3
+        assert s.schema_version == SCHEMA_VERSION == 4
         got = s.get(old.id)
         assert got is not None and got.metadata == {} and got.text == old.text
+        assert got.content_hash == old.content_hash  # recomputed by migration 4
+        assert s.add(rec("written by an old memllm", created_at=6.0)) != old.id  # a new turn, same words
         assert s.search("old memllm", k=1, namespace="alice")[0].record.id == old.id
         s.add(rec("new", metadata={"x": 1}))
     conn = sqlite3.connect(path / "memory.db")
