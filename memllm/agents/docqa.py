@@ -45,6 +45,7 @@ PROMPT_QUESTION = "\n\nQuestion: {question}\nAnswer:"
 PASSAGES_HEADER = "\n\nRelevant passages:\n"
 SEPARATOR = "\n\n"
 Progress = Callable[[int, int], None]
+_clock = time.perf_counter  # tests replace it with a fake clock
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -102,6 +103,8 @@ class ReadReport:
     chunks: int
     seconds: float
     notes: list[str]
+    kv_seconds: float = 0.0  # streaming into context memory
+    text_seconds: float = 0.0  # chunking, embedding and storing
 
     @property
     def tokens_per_second(self) -> float:
@@ -290,12 +293,14 @@ class DocumentQA:
         return len(records)
 
     # ------------------------------------------------------------------ reading
-    def read(self, source: str | Path | Document, progress: Progress | None = None,
+    def read(self, source: str | Path | Document | TokenizedDocument, progress: Progress | None = None,
              *, name: str | None = None) -> ReadReport:  # fmt: skip
         """Read one document: a Document, a path (or '-' for stdin), or text (when `name` is given or
         the string is not an existing path). progress(done, total) in tokens (kv/hybrid)."""
-        start = time.perf_counter()
-        if isinstance(source, Document):
+        start = _clock()
+        if isinstance(source, TokenizedDocument):
+            doc = source.doc
+        elif isinstance(source, Document):
             doc = source
         elif name is not None:
             doc = read_text(str(source), name)
@@ -305,43 +310,50 @@ class DocumentQA:
             doc = read_document(source)
         else:
             doc = read_text(str(source))
-        td = TokenizedDocument.build(doc, self.llm.tokenizer)
+        td = (
+            source
+            if isinstance(source, TokenizedDocument)
+            else TokenizedDocument.build(doc, self.llm.tokenizer)
+        )
         if not td.ids:
             raise InputError(f"{doc.name} has no tokens: nothing to read")
         index = len(self.docs)
         chunks = 0
+        kv_s = text_s = 0.0
         if self.session is not None:
             self._check_host_memory(doc.name, len(td.ids))
+            t0 = _clock()
             self._feed(index, td, progress)
+            kv_s = _clock() - t0
         if self.mode in ("text", "hybrid"):
+            t0 = _clock()
             chunks = self._store_chunks(index, td)
+            text_s = _clock() - t0
             self.chunk_count += chunks
         if self.session is None and progress is not None:
             progress(len(td.ids), len(td.ids))
         self.docs.append(td)
-        return ReadReport([doc.name], len(td.ids), chunks, time.perf_counter() - start, list(doc.notes))
+        return ReadReport([doc.name], len(td.ids), chunks, _clock() - start, list(doc.notes),
+                          kv_s, text_s)  # fmt: skip
 
     def read_many(
         self, sources: Sequence[str | Path | Document], progress: Progress | None = None
     ) -> ReadReport:
         """Read several documents; progress(done, total) over all of them."""
         docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
-        total = 0
-        sizes = []
-        for d in docs:
-            n = len(self.llm.tokenizer(d.text, add_special_tokens=False)["input_ids"])
-            sizes.append(n)
-            total += n
+        tds = [TokenizedDocument.build(d, self.llm.tokenizer) for d in docs]
+        total = sum(len(td) for td in tds)
         done = 0
         reports = []
-        for d, n in zip(docs, sizes, strict=True):
+        for td in tds:
             base = done
             cb = (lambda a, _b, base=base: progress(base + a, total)) if progress else None
-            reports.append(self.read(d, cb))
-            done += n
+            reports.append(self.read(td, cb))
+            done += len(td)
         return ReadReport(
             [n for r in reports for n in r.documents], sum(r.tokens for r in reports),
             sum(r.chunks for r in reports), sum(r.seconds for r in reports), [x for r in reports for x in r.notes],
+            sum(r.kv_seconds for r in reports), sum(r.text_seconds for r in reports),
         )  # fmt: skip
 
     def _check_host_memory(self, name: str, n_tokens: int) -> None:
@@ -374,33 +386,49 @@ class DocumentQA:
         self.stream_tokens += len(ids)
 
     # ------------------------------------------------------------------ asking
-    def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
-        """Answer one question from what was read; the memory is left as it was."""
+    def modes(self) -> list[str]:
+        """The modes this reading can answer in: hybrid reads serve kv, text and full too."""
+        out = ["full"]
+        if self.session is not None:
+            out.insert(0, "kv")
+        if self.mode in ("text", "hybrid"):
+            out.insert(-1, "text")
+        if self.mode == "hybrid":
+            out.insert(-1, "hybrid")
+        return out
+
+    def ask(self, question: str, max_new_tokens: int | None = None, mode: str | None = None) -> Answer:
+        """Answer one question from what was read; the memory is left as it was. `mode` answers in
+        another mode than the reading's, where the reading supports it (see `modes()`)."""
+        mode = mode or self.mode
+        if mode not in self.modes():
+            raise ConfigError(f"documents read in mode {self.mode} cannot be asked in mode {mode}: "
+                              f"use one of {', '.join(self.modes())}")  # fmt: skip
         question = " ".join(question.split())
         if not question:
             raise InputError("a question must be non-empty")
         if not self.docs:
             raise InputError("nothing has been read yet: read a document before asking")
         n_new = max_new_tokens or self.max_new_tokens
-        start = time.perf_counter()
+        start = _clock()
         tail = PROMPT_QUESTION.format(question=question)
         evidence: list[Evidence] = []
         notes: list[str] = []
-        if self.mode == "kv":
+        if mode == "kv":
             text, evidence, notes = self._ask_kv(tail, n_new)
-        elif self.mode == "hybrid":
+        elif mode == "hybrid":
             chunks, chunk_text = self._retrieve(question, self.hybrid_tokens)
             text, units, notes = self._ask_kv(
                 PASSAGES_HEADER + chunk_text + tail if chunk_text else tail, n_new
             )
             evidence = chunks + units
-        elif self.mode == "text":
+        elif mode == "text":
             budget = self._text_budget(tail, n_new)
             evidence, chunk_text = self._retrieve(question, budget)
             text = self._complete(chunk_text + tail, n_new)
         else:
             text, notes = self._ask_full(tail, n_new)
-        return Answer(question, text, evidence, time.perf_counter() - start, self.mode, notes)
+        return Answer(question, text, evidence, _clock() - start, mode, notes)
 
     def _text_budget(self, tail: str, n_new: int) -> int:
         room = self.llm.trained_len - self.llm.count_tokens(tail) - n_new - 8

@@ -1,0 +1,211 @@
+"""`memllm ask FILE... -q QUESTION`: read documents once, answer many questions, show the evidence.
+
+Reading shows a progress bar (tokens, tokens/s, ETA) on stderr; answers go to stdout, as text or one
+JSON object per answer (--json). `--save-memory PATH` keeps what was read so that `--memory PATH`
+answers later without reading again. Also `qa_command`, the `memllm bench qa` command (registered by
+the lead on bench_app). Parsing and rendering only: the logic lives in memllm.agents.docqa,
+memllm.documents and memllm.bench.qa.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from memllm import models
+from memllm.cli import common
+from memllm.errors import ConfigError, InputError
+
+EXCERPT = 60
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    print(f"memllm: {text}", file=sys.stderr, flush=True)
+
+
+def excerpt(text: str, width: int = EXCERPT) -> str:
+    """One line of at most `width` characters, whitespace collapsed, quoted."""
+    flat = " ".join(text.split())
+    if len(flat) > width:
+        flat = flat[: width - 3] + "..."
+    return json.dumps(flat, ensure_ascii=False)
+
+
+def render_answer(answer: Any, evidence: bool = True) -> str:
+    """The text block for one answer (what `memllm ask` prints)."""
+    lines = [f"Q: {answer.question}", f"A: {answer.text}"]
+    if evidence:
+        if answer.evidence:
+            lines.append("evidence:")
+        for ev in answer.evidence:
+            tag = f"chunk {ev.score:.3f}" if ev.kind == "chunk" else f"{ev.group} {ev.score:.0%}"
+            lines.append(f"  [{tag}] {ev.location()} {excerpt(ev.text)}")
+        lines.extend(f"note: {n}" for n in answer.notes)
+    lines.append(f"({answer.seconds:.2f} s)")
+    return "\n".join(lines) + "\n"
+
+
+def read_questions(questions: list[str], questions_file: str | None) -> list[str]:
+    out = [q for q in (" ".join(q.split()) for q in questions) if q]
+    if questions_file is not None:
+        path = Path(questions_file)
+        if not path.is_file():
+            raise InputError(f"questions file {questions_file}: no such file")
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+class _Progress:
+    """A rich progress bar on stderr: tokens read, tokens/s, ETA. Created lazily on the first call."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.text import Text
+
+            class Speed(ProgressColumn):
+                def render(self, task: Any) -> Text:
+                    speed = task.finished_speed or task.speed
+                    return Text(f"{speed:,.0f} tok/s" if speed else "- tok/s")
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                Speed(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _embedder_for(mode: str) -> Any:
+    return common.load_embedder() if mode in ("text", "hybrid") else None
+
+
+@common.fail_on_error
+def ask(
+    files: list[str] = typer.Argument(None, help="Documents (.txt, .md, .html, .pdf; '-' for stdin)."),
+    question: list[str] = typer.Option([], "--question", "-q", help="A question (repeat for more)."),
+    questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
+    mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
+    save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
+    memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
+    model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show what each answer used."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
+) -> None:
+    """Read documents once and answer questions about them, with the evidence of each answer."""
+    from memllm.agents.docqa import MODES, DocumentQA
+
+    files = list(files or [])
+    questions = read_questions(question, questions_file)
+    if mode is not None and mode not in MODES[:3]:
+        raise ConfigError(f"--mode must be kv, text or hybrid, got {mode!r}")
+    if not files and memory is None:
+        raise ConfigError("give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier")
+    if not questions and save_memory is None:
+        raise ConfigError("give questions with -q/--questions (or --save-memory PATH to only read)")
+    if memory is not None and not (Path(memory) / "docqa.json").is_file():
+        raise InputError(f"no document memory at {memory}: expected docqa.json (written by --save-memory)")
+    llm = common.load_llm(model, device)
+    if memory is not None:
+        start = time.perf_counter()
+        saved = json.loads((Path(memory) / "docqa.json").read_text())["mode"]
+        if mode is not None and mode != saved:
+            raise ConfigError(
+                f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"
+            )
+        qa = DocumentQA.load(llm, memory, embedder=_embedder_for(saved), max_new_tokens=max_new_tokens)
+        _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
+    else:
+        mode = mode or "kv"
+        qa = DocumentQA(llm, mode, embedder=_embedder_for(mode), max_new_tokens=max_new_tokens)
+    try:
+        if files:
+            bar = _Progress("reading")
+            try:
+                report = qa.read_many(files, progress=bar)
+            finally:
+                bar.close()
+            for note in report.notes:
+                _note(f"note: {note}")
+            _note(
+                f"read {report.tokens} tokens from {len(report.documents)} document(s) in {report.seconds:.2f} s "
+                f"({report.tokens_per_second:,.0f} tokens/s)"
+            )
+        if save_memory is not None:
+            qa.save(save_memory)
+            _note(f"memory saved to {save_memory} (answer later with --memory {save_memory})")
+        for q in questions:
+            answer = qa.ask(q)
+            _write(
+                json.dumps(answer.to_dict(), ensure_ascii=False) + "\n"
+                if as_json
+                else render_answer(answer, evidence)
+            )
+    finally:
+        qa.close()
+
+
+@common.fail_on_error
+def qa_command(
+    lengths: str = typer.Option("8k,32k", "--lengths", help="Document lengths in tokens: 8k,32k,128k,512k."),
+    modes: str = typer.Option("kv,text,hybrid,full", "--modes", help="Modes to compare."),
+    datasets: str = typer.Option("squad,hotpotqa", "--datasets", help="squad, hotpotqa."),
+    questions: int = typer.Option(10, "--questions", "-n", min=1, help="Questions per dataset and length."),
+    model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed for question choice and paragraph order."),
+    out: str | None = typer.Option(None, "--out", help="Write the results as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Long-document QA: SQuAD / HotpotQA gold paragraphs hidden among distractors; EM and F1 per mode."""
+    from memllm.bench import qa as qa_bench
+
+    llm = common.load_llm(model, device)
+    results = qa_bench.run(
+        llm,
+        lengths=qa_bench.parse_lengths(lengths),
+        modes=qa_bench.parse_list(modes, qa_bench.BENCH_MODES, "mode"),
+        datasets=qa_bench.parse_list(datasets, qa_bench.DATASETS, "dataset"),
+        n_questions=questions,
+        seed=seed,
+        embedder=common.load_embedder() if {"text", "hybrid"} & set(modes.split(",")) else None,
+        log=_note,
+    )
+    if out is not None:
+        Path(out).write_text(json.dumps(results, indent=2))
+        _note(f"results written to {out}")
+    _write(json.dumps(results) + "\n" if as_json else qa_bench.table(results["rows"]) + "\n")

@@ -1,0 +1,181 @@
+"""`memllm ask` and `memllm bench qa` transcripts on the tiny random Llama and the fake embedder.
+
+The commands are mounted on a local typer app here (the lead registers them on memllm's app). Time is
+a fake clock, so the printed seconds are exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from memllm.agents import docqa as docqa_mod
+from memllm.agents.docqa import DocumentQA
+from memllm.cli.ask import ask, qa_command, render_answer
+from memllm.memory_stores.embeddings import FakeEmbedder
+from tests.docqa.conftest import boxes_text
+
+app = typer.Typer()
+app.command("ask")(ask)
+app.command("qa")(qa_command)
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli(tiny_llm, monkeypatch):
+    loaded = []
+
+    def load(model, device, dtype=None):
+        loaded.append((model, device))
+        return tiny_llm
+
+    monkeypatch.setattr("memllm.cli.common.load_llm", load)
+    monkeypatch.setattr("memllm.cli.common.load_embedder", lambda: FakeEmbedder())
+    ticks = itertools.count()
+    monkeypatch.setattr(docqa_mod, "_clock", lambda: next(ticks) * 0.25)
+    return loaded
+
+
+def library_answers(llm, mode, path, questions):
+    qa = DocumentQA(llm, mode, embedder=FakeEmbedder())
+    qa.read(path)
+    try:
+        return [qa.ask(q) for q in questions]
+    finally:
+        qa.close()
+
+
+def test_ask_text_transcript(cli, tiny_llm, tmp_path):
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 7?", "--mode", "text"])
+    assert result.exit_code == 0, result.output
+    (answer,) = library_answers(tiny_llm, "text", str(doc), ["What color is box 7?"])
+    best = answer.evidence[0]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Q: What color is box 7?"
+    assert lines[1] == f"A: {answer.text}"
+    assert lines[2] == "evidence:"
+    a, b = best.lines
+    assert lines[3] == (
+        f"  [chunk {best.score:.3f}] {doc}:lines {a}-{b} (chars {best.start}-{best.end}) "
+        + json.dumps(" ".join(best.text.split())[:57] + "...")
+    )
+    assert len(lines) == 3 + len(answer.evidence) + 1
+    assert lines[-1] == "(0.25 s)"
+    assert result.stdout == render_answer(answer)
+    assert f"memllm: read {len(tiny_llm.tokenizer(boxes_text())['input_ids'])} tokens from 1 document(s)" in (
+        result.stderr
+    )
+    assert cli == [("smollm2-135m", "auto")]
+
+
+def test_ask_json_kv_many_questions(cli, tiny_llm, tmp_path):
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("# questions\nWhere is box 3?\n\nWhich box is blue?\n")
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            str(doc),
+            "-q",
+            "What color is box 7?",
+            "--questions",
+            str(qfile),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    questions = ["What color is box 7?", "Where is box 3?", "Which box is blue?"]
+    expected = library_answers(tiny_llm, "kv", str(doc), questions)
+    assert [r["question"] for r in records] == questions
+    for rec, ans in zip(records, expected, strict=True):
+        want = ans.to_dict()
+        assert rec["seconds"] == 0.25
+        rec.pop("seconds"), want.pop("seconds")
+        assert rec == want
+        assert rec["mode"] == "kv" and {e["kind"] for e in rec["evidence"]} == {"unit"}
+
+
+def test_save_memory_then_answer_without_the_document(cli, tiny_llm, tmp_path):
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    mem = tmp_path / "mem"
+    first = runner.invoke(app, ["ask", str(doc), "--mode", "hybrid", "--save-memory", str(mem), "-q", "Where is box 3?",
+                                "--json"])  # fmt: skip
+    assert first.exit_code == 0, first.output
+    assert f"memllm: memory saved to {mem} (answer later with --memory {mem})" in first.stderr
+    doc.unlink()  # the later run must not need it
+    later = runner.invoke(app, ["ask", "--memory", str(mem), "-q", "Where is box 3?", "--json"])
+    assert later.exit_code == 0, later.output
+    assert "memllm: restored 1 document(s) from" in later.stderr and "read " not in later.stderr
+    a, b = json.loads(first.stdout), json.loads(later.stdout)
+    assert a == b
+    mismatch = runner.invoke(app, ["ask", "--memory", str(mem), "--mode", "kv", "-q", "x?"])
+    assert mismatch.exit_code == 2
+    assert mismatch.stderr == (
+        f"error: the memory at {mem} was saved in mode hybrid: drop --mode or use --mode hybrid\n"
+    )
+
+
+def test_stdin_document(cli, tiny_llm):
+    result = runner.invoke(app, ["ask", "-", "-q", "What color is box 1?", "--mode", "text", "--no-evidence"],
+                           input=boxes_text(6))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Q: What color is box 1?" and lines[1].startswith("A: ") and lines[2] == "(0.25 s)"
+    assert len(lines) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["ask", "-q", "why?"], 2, "give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier"),
+        (["ask", "DOC"], 2, "give questions with -q/--questions (or --save-memory PATH to only read)"),
+        (["ask", "DOC", "-q", "why?", "--mode", "full"], 2, "--mode must be kv, text or hybrid, got 'full'"),
+        (["ask", "--memory", "NOWHERE", "-q", "why?"], 7,
+         "no document memory at NOWHERE: expected docqa.json (written by --save-memory)"),
+        (["ask", "EMPTY", "-q", "why?"], 7, "EMPTY is empty: nothing to read"),
+        (["ask", "MISSING", "-q", "why?"], 7, "MISSING: no such file"),
+        (["ask", "DOC", "--questions", "MISSING"], 7, "questions file MISSING: no such file"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line(cli, tmp_path, args, code, message):
+    paths = {"DOC": tmp_path / "d.txt", "EMPTY": tmp_path / "e.txt", "MISSING": tmp_path / "m.txt",
+             "NOWHERE": tmp_path / "nowhere"}  # fmt: skip
+    paths["DOC"].write_text("Some text.")
+    paths["EMPTY"].write_text("")
+    args = [str(paths.get(a, a)) for a in args]
+    for key, value in paths.items():
+        message = message.replace(key, str(value))
+    result = runner.invoke(app, args)
+    assert result.exit_code == code
+    assert result.stdout == ""
+    assert result.stderr == f"error: {message}\n"
+
+
+def test_bench_qa_command(cli, tmp_path):
+    out = tmp_path / "qa.json"
+    result = runner.invoke(app, ["qa", "--lengths", "1k", "--modes", "kv,text,full", "--datasets", "squad", "-n", "2",
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "| dataset | length | mode | n | EM | F1 | read s | s/answer |"
+    assert [line.split(" | ")[:4] for line in lines[2:]] == [
+        ["| squad", "1K", m, "2"] for m in ("kv", "text", "full")
+    ]
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["rows"]] == ["kv", "text", "full"]
+    assert len(data["answers"]) == 6 and data["meta"]["reading_mode"] == "hybrid"
+    bad = runner.invoke(app, ["qa", "--lengths", "8q"])
+    assert bad.exit_code == 2
+    assert bad.stderr == "error: cannot read length '8q': use numbers like 8k, 32k, 128k, 512k, 1m\n"
