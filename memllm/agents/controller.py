@@ -362,7 +362,8 @@ class MemoryController:
 
     def _search(self, query: str, exclude: set[str]) -> list[SearchResult]:
         k = self.config.candidates + len(exclude)
-        hits = self.store.search(query, k, namespace=self.namespace, filters={"kind": self.config.kinds})
+        kinds = None if set(self.config.kinds) >= set(KINDS) else {"kind": self.config.kinds}
+        hits = self.store.search(query, k, namespace=self.namespace, filters=kinds)
         return [h for h in hits if h.record.id not in exclude and h.record.namespace == self.namespace]
 
     def decide(
@@ -380,7 +381,7 @@ class MemoryController:
             fire, reason = True, "gate=always"
         elif self.config.gate == "never":
             fire, reason = False, "gate=never"
-        elif self.store.count(self.namespace) <= len(exclude):
+        elif not self.store.list(self.namespace, limit=1, offset=len(exclude)):  # no more than the flash
             fire, reason = False, "nothing archived beyond the recent turns"
         elif cue := self._cues.search(query):
             fire, reason, by = True, f"cue {cue.group(0)!r}", "cue"

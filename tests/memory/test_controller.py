@@ -260,3 +260,12 @@ def test_flash_keeps_repeated_turns_in_order(store):
         ("user", "yes"),
     ]
     assert c.recall("and now?").flash_text == "assistant: Tea?\nuser: yes\nassistant: More?\nuser: yes"
+
+
+def test_recall_only_the_configured_kinds(store):
+    c = controller(store, flash_tokens=0, gate="always", min_relevance=0.0, kinds=("fact",))
+    c.remember("the wifi password is tulip", kind="fact")
+    c.remember("the wifi password is tulip, said in a chat", kind="turn")
+    c.remember("wifi password chunk of a manual", kind="chunk")
+    r = c.recall("wifi password")
+    assert [it.record.kind for it in r.items] == ["fact"]
