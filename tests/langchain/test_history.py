@@ -37,8 +37,17 @@ def test_history_persists_across_instances_and_keeps_exact_order(tmp_path):
     store.close()
     reopened = MemllmChatMessageHistory("ann", store=open_store(tmp_path / "s"))  # a new process, say
     assert reopened.messages == CONVERSATION
-    texts = sorted(r.text for r in reopened.store.list("user:ann"))
-    assert texts == sorted({"be nice", "hi, I am Ann", "hello Ann", "ok", "42"})  # one record per text
+    records = reopened.store.list("user:ann")
+    assert [r.text for r in records] == [m.content for m in CONVERSATION]  # turns are events: one each
+    assert [r.metadata["role"] for r in records] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "tool",
+    ]
 
 
 def test_sessions_are_isolated_and_clear_forgets_only_turns(tmp_path):
@@ -95,3 +104,31 @@ def test_runnable_with_message_history_remembers_across_calls(tmp_path):
         {"role": "assistant", "content": "echo: I have a parrot"},
         {"role": "user", "content": "what pet do I have?"},
     ]
+
+
+class TextDedupStore:
+    """A MemoryStore that keeps one record per text (the protocol allows a store to return an
+    existing record's id for a record it already holds)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def add_many(self, records):
+        ids = []
+        for record in records:
+            same = [r for r in self.inner.list(record.namespace) if r.text == record.text]
+            ids.append(same[0].id if same else self.inner.add(record))
+        return ids
+
+
+def test_history_keeps_every_message_over_a_store_that_dedups_texts(tmp_path):
+    store = TextDedupStore(open_store(tmp_path / "s"))
+    history = MemllmChatMessageHistory("gus", store=store)
+    said = [HumanMessage("ok"), AIMessage("ok"), HumanMessage("fine"), HumanMessage("ok")]
+    history.add_messages(said[:2])
+    history.add_messages(said[2:])
+    assert [r.text for r in store.list("user:gus")] == ["ok", "fine"]
+    assert history.messages == said

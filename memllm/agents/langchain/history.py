@@ -3,10 +3,11 @@
 One history is one namespace of the store (by default the ChatAgent's namespace of a user,
 `user:<session_id>`), so what a LangChain chain says is recalled by memllm's controller,
 retriever and chat agent, and what they stored shows up here. Each message is a record of kind
-'turn' whose text is the message's text and whose metadata holds its role (as the controller
-expects) and, under 'lc_turns', every time it was said with the exact LangChain message. The store
-keeps one copy of a text per namespace, so a message said twice ("ok") is one record with two
-occurrences, and the history still lists it twice, in order.
+'turn' (a turn is an event: the same words said twice are two records) whose text is the message's
+text and whose metadata holds its role (as the controller expects) and, under 'lc_turns', the exact
+LangChain message with the time it was said. Should a store return an existing record for a new
+message (a store that keeps one copy per text), the message joins that record's 'lc_turns', so the
+history still lists every message, in order.
 
 Knows nothing of models or prompts.
 """
