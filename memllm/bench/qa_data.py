@@ -259,3 +259,41 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
         p, r = same / len(pred), same / len(gold)
         best = max(best, 2 * p * r / (p + r))
     return best
+
+
+# ---------------------------------------------------------------------------------------- packs
+def save_pack(
+    path: str | Path, haystacks: Sequence[Haystack], vectors: dict[str, list[float]] | None = None
+) -> None:
+    """Write haystacks (and text -> embedding vectors, keyed by sha1 of the text) to a .json.gz file,
+    so a machine without the dataset package or the embedder can run the benchmark."""
+    import gzip
+
+    data = {
+        "format": "memllm-qa-pack",
+        "version": 1,
+        "haystacks": [
+            {"dataset": h.dataset, "length": h.length, "text": h.text, "tokens": h.tokens, "depths": h.depths,
+             "cases": [c.__dict__ for c in h.cases]}
+            for h in haystacks
+        ],
+        "vectors": vectors or {},
+    }  # fmt: skip
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        json.dump(data, fh)
+
+
+def load_pack(path: str | Path) -> tuple[list[Haystack], dict[str, list[float]]]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        data = json.load(fh)
+    if data.get("format") != "memllm-qa-pack":
+        raise ConfigError(f"{path} is not a memllm QA pack (written by benchmarks/qa_bench.py --make-pack)")
+    hays = [
+        Haystack(
+            h["dataset"], h["length"], h["text"], [QACase(**c) for c in h["cases"]], h["tokens"], h["depths"]
+        )
+        for h in data["haystacks"]
+    ]
+    return hays, data["vectors"]
