@@ -155,23 +155,30 @@ class FaissStore:
             raise StoreError(
                 f"cannot open memory store {self.path} ({exc}): check the path and its permissions"
             ) from exc
-        with self._file_lock():
-            try:
-                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                self._conn.execute(
-                    "PRAGMA secure_delete=ON"
-                )  # forgotten text is overwritten, not left in free pages
-                self.schema_version = migrate(self._conn)
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(
-                    f"{self.path / self.DB_NAME} is not a memllm memory store ({exc}): pass another --store path"
-                ) from exc
-            if mode.lower() != "wal":
-                raise StoreError(
-                    f"memory store {self.path} cannot use SQLite WAL mode (got {mode}): use a local disk"
-                )
-            self._check_embedder()
+        try:
+            with self._file_lock():
+                self._prepare(synchronous.upper())
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _prepare(self, synchronous: str) -> None:
+        """Pragmas, migrations and the embedder check, under the file lock."""
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._conn.execute(f"PRAGMA synchronous={synchronous}")
+            # secure_delete: forgotten text is overwritten on disk, not left in free pages
+            self._conn.execute("PRAGMA secure_delete=ON")
+            self.schema_version = migrate(self._conn)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"{self.path / self.DB_NAME} is not a memllm memory store ({exc}): pass another --store path"
+            ) from exc
+        if mode.lower() != "wal":
+            raise StoreError(
+                f"memory store {self.path} cannot use SQLite WAL mode (got {mode}): use a local disk"
+            )
+        self._check_embedder()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -292,9 +299,7 @@ class FaissStore:
             (namespace,),
         ).fetchone()
         if row is None:
-            if (
-                self._generation(namespace) == 0
-            ):  # a namespace never written: an empty index, nothing to rebuild
+            if self._generation(namespace) == 0:  # never written: an empty index, nothing to rebuild
                 return _NsIndex(VectorIndex(self.dim, self.index_config), 0, 0)  # type: ignore[arg-type]
             return self._rebuild(namespace, "no index file recorded")
         generation, max_seq, _kind, trained_on, ntotal, checksum = row
