@@ -13,6 +13,7 @@ from memllm.errors import ConfigError
 
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
+LOOKUPS = ("shared", "per_head")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class MemoryConfig:
     chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer).
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
+    lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
     """
 
     n_init: int = 128
@@ -38,6 +40,7 @@ class MemoryConfig:
     offload_dtype: str = "bf16"
     device: str | None = None
     impl: str = "fast"
+    lookup: str = "shared"
 
     def __post_init__(self) -> None:
         def positive(

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.config import MemoryConfig
 from memllm.context.gather import gather_units
-from memllm.context.lookup import select_units, select_units_reference, unit_scores
+from memllm.context.lookup import combine, select_units, select_units_reference, unit_scores
 from memllm.context.merge import merged_attention, merged_attention_fused
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
@@ -212,10 +212,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         heads, _, d = q_mem.shape
         kvh = self.spec.kv_heads
         q_sum = q_mem.reshape(kvh, heads // kvh, -1, d).sum(dim=(1, 2))  # (kv_heads, d)
-        scores = unit_scores(q_sum, self.store.repr_keys())
+        scores = combine(unit_scores(q_sum, self.store.repr_keys()), self.config.lookup)
         if self.config.impl == "reference":
-            return select_units_reference(scores, self.config.topk)
-        return select_units(scores, self.config.topk)
+            ids = select_units_reference(scores, self.config.topk)
+        else:
+            ids = select_units(scores, self.config.topk)
+        return ids.expand(kvh, -1)
 
     def _evict(self) -> None:
         """Cut every block that leaves the window (all at once; each block's representatives are its own)."""

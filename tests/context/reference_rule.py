@@ -4,8 +4,9 @@ Per layer it keeps the whole un-rotated K/V history and, for every query and hea
 keys the rule allows with their positions and does a dense softmax. The rule (memllm/context/cache.py):
 execution blocks of exc_block_size queries aligned to absolute multiples; before any cut, plain
 causal attention; afterwards local tokens [w, i] at positions (j - w) with the query at (i - w), plus
-sinks [0, n_init) and, per KV head, the topk units by max_r (sum of the block's group queries rotated
-at n_local) . (repr key * s), all at key position 0 with queries at n_local. After each block, while
+sinks [0, n_init) and the topk units by the sum over KV heads g of (sum of the block's queries of g's
+heads rotated at n_local) . (mean of g's repr keys * s) (same units for every head; per KV head when
+mem.lookup == "per_head"), all at key position 0 with queries at n_local. After each block, while
 T - c0 - block_size >= n_local (c0 = w once cut, else n_init), tokens [c0, c0 + block_size) become a
 unit with representatives = the repr_topk tokens that received the most attention while local.
 The model is called with position_ids = 0, so the keys it hands over are s * x (un-rotated).
@@ -73,14 +74,24 @@ class RuleReference:
         w = st["w"]
         chosen = {}
         if st["cut"] and st["units"]:
-            for g in range(st["K"].shape[0]):
+            n_kv = st["K"].shape[0]
+            per_head = []
+            for g in range(n_kv):
                 qsum = sum(
                     self.rot(q[h], [mem.n_local] * e).sum(0)
                     for h in range(g * self.group, (g + 1) * self.group)
                 )
-                scores = [
-                    max(float(qsum @ (r * s)) for r in st["repr"][u][g]) for u in range(len(st["units"]))
-                ]
+                per_head.append(
+                    [
+                        sum(float(qsum @ (r * s)) for r in st["repr"][u][g]) / mem.repr_topk
+                        for u in range(len(st["units"]))
+                    ]
+                )
+            for g in range(n_kv):
+                if mem.lookup == "shared":
+                    scores = [sum(per_head[h][u] for h in range(n_kv)) for u in range(len(st["units"]))]
+                else:
+                    scores = per_head[g]
                 order = sorted(range(len(scores)), key=lambda u: (-scores[u], u))[: mem.topk]
                 chosen[g] = sorted(order)
             self.chosen_log.append((st["layer"], a, chosen))

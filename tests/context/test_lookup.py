@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memllm.context.lookup import select_units, select_units_reference, unit_scores
+from memllm.context.lookup import combine, select_units, select_units_reference, unit_scores
 
 
-def brute_force(q_sum: torch.Tensor, repr_keys: torch.Tensor, k: int) -> list[list[int]]:
-    out = []
+def brute_force(q_sum: torch.Tensor, repr_keys: torch.Tensor, k: int, mode: str) -> list[list[int]]:
+    per_head = []
     for g in range(q_sum.shape[0]):
-        scores = []
-        for u in range(repr_keys.shape[1]):
-            scores.append(max(float(q_sum[g].double() @ r.double()) for r in repr_keys[g, u]))
-        best = sorted(range(len(scores)), key=lambda u: (-scores[u], u))[:k]
-        out.append(sorted(best))
-    return out
+        per_head.append(
+            [sum(float(q_sum[g].double() @ r.double()) for r in repr_keys[g, u]) / repr_keys.shape[2]
+             for u in range(repr_keys.shape[1])]
+        )  # fmt: skip
+    rows = [[sum(col) for col in zip(*per_head, strict=True)]] if mode == "shared" else per_head
+    return [sorted(sorted(range(len(row)), key=lambda u: (-row[u], u))[:k]) for row in rows]
 
 
 def devices() -> list[str]:
@@ -24,13 +24,14 @@ def devices() -> list[str]:
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
 @pytest.mark.parametrize("n_units,k", [(1, 4), (7, 3), (50, 16), (300, 16)])
-def test_topk_equals_brute_force(device, n_units, k):
+def test_topk_equals_brute_force(device, mode, n_units, k):
     gen = torch.Generator().manual_seed(n_units)
     q_sum = torch.randn(3, 16, generator=gen)
     repr_keys = torch.randn(3, n_units, 4, 16, generator=gen)  # (kv_heads, units, repr_topk, head_dim)
-    want = brute_force(q_sum, repr_keys, k)
-    scores = unit_scores(q_sum.to(device), repr_keys.to(device))
+    want = brute_force(q_sum, repr_keys, k, mode)
+    scores = combine(unit_scores(q_sum.to(device), repr_keys.to(device)), mode)
     fast = select_units(scores, k)
     assert fast.device.type == device
     assert fast.tolist() == want

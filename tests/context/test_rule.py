@@ -49,12 +49,20 @@ def memllm_logits(model, ids, mem):
     return torch.cat(outs), cache
 
 
-@pytest.mark.parametrize("kind,impl", [("llama", "fast"), ("llama", "reference"), ("qwen2", "fast")])
-def test_past_window_equals_reference(kind, impl):
+@pytest.mark.parametrize(
+    "kind,impl,lookup",
+    [
+        ("llama", "fast", "shared"),
+        ("llama", "reference", "shared"),
+        ("qwen2", "fast", "shared"),
+        ("llama", "fast", "per_head"),
+    ],
+)
+def test_past_window_equals_reference(kind, impl, lookup):
     model = tiny_model(kind)
     # Distinct tokens: equal tokens have equal layer-0 keys, hence exactly tied unit scores.
     ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE].unsqueeze(0)
-    mem = small_memory(impl=impl)
+    mem = small_memory(impl=impl, lookup=lookup)
     got, cache = memllm_logits(model, ids, mem)
     want, ref = reference_logits(model, ids, mem)
     assert len(ref.state[0]["units"]) == cache.layers[0].store.n_units > mem.topk  # retrieval really happened
