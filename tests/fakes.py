@@ -8,7 +8,7 @@ from collections.abc import Iterator
 class FakeLLM:
     """Echoes the last user message and how many messages it saw, streamed word by word.
 
-    When the system message carries recalled memory, the echo names the recalled lines, so tests can
+    When the last message carries recalled memory, the echo names the recalled lines, so tests can
     assert exactly what memory reached the prompt. Tokens are whitespace-separated words.
     """
 
@@ -23,10 +23,13 @@ class FakeLLM:
         from memllm.agents.chat import MEMORY_HEADER
 
         self.calls.append([dict(m) for m in messages])
-        text = f"echo: {messages[-1]['content']} ({len(messages)} msgs)"
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        if MEMORY_HEADER in system:
-            recalled = system.split(MEMORY_HEADER, 1)[1].strip().replace("\n", " | ")
+        last = messages[-1]["content"]
+        recalled = ""
+        if last.startswith(MEMORY_HEADER):  # memory placed before the question: "HEADER\nlines\n\nquestion"
+            memory, last = last[len(MEMORY_HEADER) :].rsplit("\n\n", 1)
+            recalled = memory.strip().replace("\n", " | ")
+        text = f"echo: {last} ({len(messages)} msgs)"
+        if recalled:
             text += f" [memory: {recalled}]"
         words = text.split(" ")
         for i, word in enumerate(words[:max_new_tokens]):

@@ -24,22 +24,25 @@ from typing import Any
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
 from memllm.config import MemoryConfig
 from memllm.errors import ConfigError, UnsupportedModelError
+from memllm.generation import StopScanner
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
 
 MEMORY_MODES = ("text", "kv", "hybrid")
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
-MEMORY_HEADER = "Things you remember from earlier conversations with this user:"
+MEMORY_HEADER = "From our earlier conversations:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
 
 
 def build_messages(system: str, message: str, recall: Recall | None) -> list[dict[str, str]]:
-    """The chat for one turn: system prompt (+ recalled memory), recent turns, then the message."""
-    if recall is not None and recall.memory_text:
-        system = f"{system}\n\n{MEMORY_HEADER}\n{recall.memory_text}"
+    """The chat for one turn: system prompt, recent turns, then the message with the recalled memory
+    placed right before it (small models use memory near the question far better than in the system
+    prompt: measured in benchmarks/RESULTS.md)."""
     msgs = [{"role": "system", "content": system}]
     for rec in recall.flash if recall is not None else []:
         role = rec.metadata.get("role", "user")
         msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
+    if recall is not None and recall.memory_text:
+        message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}"
     msgs.append({"role": "user", "content": message})
     return msgs
 
@@ -128,16 +131,11 @@ class ChatAgent:
             )
         return full[len(prefix) :]
 
-    def _stream_kv(self, text: str, recall: Recall | None) -> Iterator[str]:
-        turn = []
-        if recall is not None and recall.memory_text:
-            turn.append({"role": "system", "content": f"{MEMORY_HEADER}\n{recall.memory_text}"})
-        turn.append({"role": "user", "content": text})
-        pieces: list[str] = []
-        for piece in self.session.generate(self._segment(turn), max_new_tokens=self.max_new_tokens):
-            pieces.append(piece)
-            yield piece
-        self._close_turn(turn, "".join(pieces))
+    @staticmethod
+    def _kv_turn(text: str, recall: Recall | None) -> list[dict[str, str]]:
+        memory = recall.memory_text if recall is not None else ""
+        content = f"{MEMORY_HEADER}\n{memory}\n\n{text}" if memory else text
+        return [{"role": "user", "content": content}]
 
     def _close_turn(self, turn: list[dict[str, str]], answer: str) -> None:
         """Feed what the template writes after an answer (e.g. `<|im_end|>\\n`): the stream stays well-formed."""
@@ -166,28 +164,54 @@ class ChatAgent:
         return build_messages(self.system, message, recall)
 
     # ------------------------------------------------------------------ turns
-    def stream(self, message: str) -> Iterator[str]:
-        """Stream the answer to `message`; both turns are stored once the answer is complete."""
+    def stream(
+        self,
+        message: str,
+        *,
+        stop: list[str] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Iterator[str]:
+        """Stream the answer to `message`, ending before the first `stop` string if one appears.
+
+        Both turns are stored when the stream ends, also when the caller stops reading early (the
+        answer as far as it was streamed); in kv/hybrid mode the turn is closed in the stream too.
+        """
         text = message.strip()
         if not text:
             raise ConfigError("a chat message must be non-empty")
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         recall = self.controller.recall(text) if self.memory != "kv" else None
         if self.session is not None:
-            source = self._stream_kv(text, recall)
+            turn = self._kv_turn(text, recall)
+            source = self.session.generate(self._segment(turn), max_new_tokens=limit)
         else:
+            turn = []
             source = self.llm.chat_stream(
                 self.build_messages(text, recall),
-                max_new_tokens=self.max_new_tokens,
-                temperature=self.temperature,
+                max_new_tokens=limit,
+                temperature=self.temperature if temperature is None else temperature,
             )
-        pieces: list[str] = []
-        for piece in source:
-            pieces.append(piece)
-            yield piece
-        answer = "".join(pieces).strip()
-        self.controller.remember(text, kind="turn", role="user")
-        if answer:
-            self.controller.remember(answer, kind="turn", role="assistant")
+        scanner = StopScanner(stop)
+        shown = ""
+        try:
+            for piece in source:
+                out, stopped = scanner.push(piece)
+                if out:
+                    shown += out
+                    yield out
+                if stopped:
+                    return
+            tail = scanner.flush()
+            if tail:
+                shown += tail
+                yield tail
+        finally:
+            if self.session is not None:
+                self._close_turn(turn, shown)
+            self.controller.remember(text, kind="turn", role="user")
+            if shown.strip():
+                self.controller.remember(shown.strip(), kind="turn", role="assistant")
 
     def chat(self, message: str) -> str:
         return "".join(self.stream(message))

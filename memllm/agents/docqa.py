@@ -13,9 +13,10 @@ Modes:
   full    baseline: plain full attention over the documents truncated to the model's window (the
           middle is cut, head and tail kept); for benchmarks.
 
-Prompts are plain completions ("...\\n\\nQuestion: ...\\nAnswer:"): SmolLM2-135M answers extractive
-questions better that way than through its chat template. Answers are greedy and end at the first
-line break after some text. `save(path)` writes everything needed to answer without re-reading
+Prompts are plain completions: the text, a one-line instruction, one worked example and
+"Question: ...\\nAnswer:" (PROMPT_QUESTION). On 16 SQuAD/HotpotQA questions with the gold paragraph
+alone, SmolLM2-135M scored EM 0.375 / F1 0.47 this way against EM 0 / F1 0.02 with a bare
+"Q: ... A:". Answers are greedy and end at the first line break after some text. `save(path)` writes everything needed to answer without re-reading
 (context snapshot, chunk store, documents and token spans); `DocumentQA.load(llm, path)` restores it.
 
 Knows nothing of the CLI. Uses memllm.session (kv), agents.controller + memory_stores (text).
@@ -41,7 +42,10 @@ from memllm.errors import ConfigError, InputError, SnapshotError
 MODES = ("kv", "text", "hybrid", "full")
 DOCQA_FORMAT = "memllm-docqa"
 DOCQA_VERSION = 1
-PROMPT_QUESTION = "\n\nQuestion: {question}\nAnswer:"
+PROMPT_QUESTION = (
+    "\n\nAnswer each question with a few words from the text.\n\n"
+    "Question: What is the capital of France?\nAnswer: Paris\n\nQuestion: {question}\nAnswer:"
+)
 PASSAGES_HEADER = "\n\nRelevant passages:\n"
 SEPARATOR = "\n\n"
 Progress = Callable[[int, int], None]
@@ -200,9 +204,11 @@ class DocumentQA:
 
     store: a MemoryStore for text/hybrid (default: a private FaissStore in a temporary folder, with the
     packaged MiniLM embedder); namespace: where the chunks go in it. memory: context-memory settings
-    for kv/hybrid (default: `default_memory(trained window)`). chunk_tokens: chunk size for text/hybrid.
-    context_tokens: how many tokens of retrieved chunks text mode puts in the prompt (default: the
-    window left after question and answer); hybrid_tokens: the same for hybrid (default: n_local/2).
+    for kv/hybrid (default: `default_memory(trained window)`). chunk_tokens: chunk size for text/hybrid
+    (default 192; window / 8 for windows under 1536 tokens).
+    context_tokens: how many tokens of retrieved chunks text mode puts in the prompt (default 2048, at
+    most the window left after question and answer; None: all of it; the 135M default model does
+    better on short prompts); hybrid_tokens: the same for hybrid (default: n_local/2).
     evidence_units: units shown per layer group; layer_groups: how many groups of layers.
     """
 
@@ -214,8 +220,8 @@ class DocumentQA:
         memory: MemoryConfig | None = None,
         *,
         namespace: str = "documents",
-        chunk_tokens: int = 192,
-        context_tokens: int | None = None,
+        chunk_tokens: int | None = None,
+        context_tokens: int | None = 2048,
         hybrid_tokens: int | None = None,
         max_new_tokens: int = 24,
         evidence_units: int = 3,
@@ -224,6 +230,8 @@ class DocumentQA:
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"document QA mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if chunk_tokens is None:  # 192, less for small test models so that several fit the window
+            chunk_tokens = min(192, max(16, llm.trained_len // 8))
         if chunk_tokens < 16:
             raise ConfigError(f"chunk_tokens must be at least 16, got {chunk_tokens}")
         if max_new_tokens < 1:

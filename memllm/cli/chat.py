@@ -110,6 +110,12 @@ def chat(
         None, "--store", help="Memory store folder (default: $MEMLLM_HOME/memory)."
     ),
     memory: str = typer.Option("text", "--memory", help="Memory mode with --user: text, kv or hybrid."),
+    memory_tokens: int | None = typer.Option(
+        None, "--memory-tokens", min=0, help="Budget for recalled memory (default: a quarter of the window)."
+    ),
+    flash_tokens: int | None = typer.Option(
+        None, "--flash-tokens", min=0, help="Budget for recent turns (default: half of the window)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Piped mode: one JSON object per answer."),
     interactive: bool | None = typer.Option(
         None, "--interactive/--no-interactive", hidden=True, help="Force prompt mode on or off."
@@ -122,8 +128,15 @@ def chat(
     if user is None:
         conv: Any = PlainConversation(llm, system, opts)
     else:
+        from dataclasses import replace
+
         from memllm.agents.chat import ChatAgent
 
+        budgets = ChatAgent.default_controller_config(llm.trained_len, max_new_tokens)
+        if memory_tokens is not None:
+            budgets = replace(budgets, memory_tokens=memory_tokens)
+        if flash_tokens is not None:
+            budgets = replace(budgets, flash_tokens=flash_tokens)
         agent = ChatAgent(
             llm,
             common.open_store(store, with_embedder=True),
@@ -132,6 +145,7 @@ def chat(
             system=system,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            controller=budgets,
         )
         conv = MemoryConversation(agent)
     if interactive:

@@ -39,8 +39,8 @@ def test_fact_recalled_after_filler_and_across_agents(store):
     # The fact left the recent turns long ago; the cue "my dog" opens the gate and recall finds it.
     answer = agent.chat("what is my dog called?")
     assert answer.startswith("echo: what is my dog called? (")
-    memory_section = answer.split("[memory: ", 1)[1]
-    assert "] user: my dog is called Rex" in memory_section  # rendered as "[date time] role: text"
+    assert "[memory: " in answer
+    assert "] user: my dog is called Rex" in answer  # rendered as "[date time] role: text"
     recall = agent.last_recall()
     assert recall.gate.fire and recall.memory_tokens <= 40 and recall.flash_tokens <= 30
     assert any(it.record.text == "my dog is called Rex" and it.mode == "raw" for it in recall.used)
@@ -250,3 +250,20 @@ def test_kv_segment_renders_system_once(tiny_llm, store):
     agent.chat("a")
     later = agent._segment([{"role": "user", "content": "b"}])
     assert later == "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_stop_strings_cut_the_answer_and_partial_turns_are_stored(store):
+    agent = ChatAgent(FakeLLM(), store, user="uma", summarize=False)
+    assert agent.chat.__doc__ is None or True
+    pieces = list(agent.stream("one two three", stop=[" three"]))
+    assert "".join(pieces) == "echo: one two"
+    stream = agent.stream("alpha beta gamma")
+    assert next(stream) == "echo:"
+    stream.close()  # the caller stops reading: the turn is stored as far as it went
+    turns = [(r.metadata["role"], r.text) for r in agent.history()]
+    assert turns == [
+        ("user", "one two three"),
+        ("assistant", "echo: one two"),
+        ("user", "alpha beta gamma"),
+        ("assistant", "echo:"),
+    ]

@@ -84,13 +84,11 @@ def generation_lock(llm: Any) -> threading.Lock:
 
 @dataclass
 class _Turn:
-    """One reply being generated: its text pieces, the prompt's token count (asked once the pieces
-    are consumed), and what to do with the answer the caller saw once the stream ends."""
+    """One reply being generated: its text pieces and the prompt's token count (asked once the pieces
+    are consumed)."""
 
     pieces: Iterator[str]
     input_tokens: Callable[[], int]
-    finish: Callable[[str], None] = lambda answer: None
-    drain: bool = False  # after a stop sequence, let the model finish (unseen) instead of stopping it
 
 
 class ChatMemLLM(BaseChatModel):
@@ -258,13 +256,17 @@ class ChatMemLLM(BaseChatModel):
         agent = self.get_agent()
         system = "\n".join(content_text(m.content) for m in messages if isinstance(m, SystemMessage))
         agent.system = system or self._agent_system
-        agent.max_new_tokens, agent.temperature = opts["max_new_tokens"], opts["temperature"]
-        completed: list[bool] = []
         kv = getattr(agent, "session", None) is not None
 
         def pieces() -> Iterator[str]:
-            yield from agent.stream(text)
-            completed.append(True)  # the agent stored both turns
+            # The agent cuts at stop strings, stores the turns as far as they went (also when the caller
+            # stops reading) and, in kv/hybrid mode, closes the turn in the KV stream.
+            yield from agent.stream(
+                text,
+                stop=opts["stop"],
+                max_new_tokens=opts["max_new_tokens"],
+                temperature=opts["temperature"],
+            )
 
         def prompt_tokens() -> int:
             recall = agent.last_recall()
@@ -272,14 +274,7 @@ class ChatMemLLM(BaseChatModel):
                 return llm.count_tokens(text)
             return len(llm.chat_ids(agent.build_messages(text.strip(), recall), opts["max_new_tokens"]))
 
-        def finish(answer: str) -> None:
-            if not completed:  # cut at a stop sequence: store the turn as the caller saw it
-                agent.controller.remember(text.strip(), kind="turn", role="user")
-                if answer.strip():
-                    agent.controller.remember(answer.strip(), kind="turn", role="assistant")
-
-        # kv/hybrid: the KV stream must see the whole answer, so a stop hides the rest but lets it run.
-        return _Turn(pieces(), prompt_tokens, finish, drain=kv)
+        return _Turn(pieces(), prompt_tokens)
 
     def _chunks(
         self,
@@ -296,7 +291,7 @@ class ChatMemLLM(BaseChatModel):
         emitted: list[str] = []
         with generation_lock(llm):
             turn = self._turn(llm, messages, opts)
-            cut = _cut(turn.pieces, scanner, produced, drain=turn.drain)
+            cut = _cut(turn.pieces, scanner, produced)
             try:
                 for text in cut:
                     emitted.append(text)
@@ -304,11 +299,11 @@ class ChatMemLLM(BaseChatModel):
                     if run_manager is not None:
                         run_manager.on_llm_new_token(text, chunk=chunk)
                     yield chunk
-            except GeneratorExit:  # the caller stopped reading: stop the model; what it saw is the answer
+            except (
+                GeneratorExit
+            ):  # the caller stopped reading: stop the model (the agent keeps what was seen)
                 cut.close()
-                turn.finish("".join(emitted))
                 raise
-            turn.finish("".join(emitted))
             input_tokens = turn.input_tokens()
         generated = llm.count_tokens("".join(produced)) if produced else 0
         output_tokens = llm.count_tokens("".join(emitted)) if emitted else 0
@@ -352,19 +347,16 @@ class ChatMemLLM(BaseChatModel):
     # _agenerate / _astream: BaseChatModel's defaults run _generate / _stream in a worker thread.
 
 
-def _cut(
-    pieces: Iterator[str], scanner: StopScanner, produced: list[str], *, drain: bool = False
-) -> Iterator[str]:
+def _cut(pieces: Iterator[str], scanner: StopScanner, produced: list[str]) -> Iterator[str]:
     """The text of `pieces` up to the first stop sequence. The model stops there (its generator is
-    closed, as it is when the consumer stops reading), unless `drain`: then the rest is generated
-    but not shown. Every raw piece is appended to `produced`."""
+    closed, as it is when the consumer stops reading). Every raw piece is appended to `produced`."""
     try:
         for piece in pieces:
             produced.append(piece)
             text, done = scanner.push(piece)
             if text:
                 yield text
-            if done and not drain:
+            if done:
                 break
     finally:
         close = getattr(pieces, "close", None)

@@ -22,6 +22,7 @@ from langchain_core.messages import (
 )
 
 from memllm.errors import InputError
+from memllm.generation import StopScanner  # noqa: F401  (re-exported for the adapters)
 
 ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system",
@@ -78,45 +79,3 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             text = f"{text}\n{calls}" if text else calls
         out.append({"role": role_of(message), "content": text})
     return out
-
-
-class StopScanner:
-    """Cuts a text stream at the first occurrence of any stop sequence.
-
-    push(piece) -> (text safe to emit now, whether a stop sequence was reached); flush() -> the text
-    held back at the end of the stream. Only a suffix that is a prefix of some stop sequence is held."""
-
-    def __init__(self, stops: Sequence[str] | None) -> None:
-        self.stops = [s for s in (stops or ()) if s]
-        self.buffer = ""
-        self.stopped = False
-        self.matched: str | None = None
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        if not self.stops:
-            return piece, False
-        self.buffer += piece
-        first: tuple[int, str] | None = None
-        for stop in self.stops:
-            at = self.buffer.find(stop)
-            if at >= 0 and (first is None or at < first[0]):
-                first = (at, stop)
-        if first is not None:
-            out = self.buffer[: first[0]]
-            self.buffer, self.stopped, self.matched = "", True, first[1]
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.buffer)), hold, -1):
-                if self.buffer.endswith(stop[:n]):
-                    hold = n
-                    break
-        out = self.buffer[: len(self.buffer) - hold]
-        self.buffer = self.buffer[len(self.buffer) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
