@@ -50,7 +50,7 @@ def test_fact_recalled_after_many_windows_and_after_cli_restart(tmp_path):
     recall = agent.last_recall()
     assert recall.gate.fire
     assert any("Biscuit" in it.record.text for it in recall.used)
-    assert "Biscuit" in answer
+    assert "biscuit" in answer.lower()
     store.close()
 
     exe = shutil.which("memllm")
@@ -68,7 +68,7 @@ def test_fact_recalled_after_many_windows_and_after_cli_restart(tmp_path):
             "--memory-tokens",
             "256",
             "--flash-tokens",
-            "256",
+            "64",
         ],
         input="What is my dog called?\n",
         capture_output=True,
@@ -76,4 +76,4 @@ def test_fact_recalled_after_many_windows_and_after_cli_restart(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "Biscuit" in proc.stdout
+    assert "biscuit" in proc.stdout.lower()
