@@ -71,6 +71,11 @@ def memllm_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "memllm"
 
 
+def default_store_path() -> Path:
+    """Where the text memory store lives unless a path is given: $MEMLLM_HOME/memory."""
+    return memllm_home() / "memory"
+
+
 def aliases_text() -> str:
     return ", ".join(ALIASES)
 

@@ -57,6 +57,6 @@ def load_embedder() -> Any:
 def open_store(path: str | None, *, with_embedder: bool) -> Any:
     """Open the text memory store at `path` (default $MEMLLM_HOME/memory); embedder only when needed."""
     from memllm.memory_stores.faiss_store import FaissStore
-    from memllm.models import memllm_home
+    from memllm.models import default_store_path
 
-    return FaissStore(path or memllm_home() / "memory", load_embedder() if with_embedder else None)
+    return FaissStore(path or default_store_path(), load_embedder() if with_embedder else None)

@@ -1,7 +1,7 @@
 """Text memory: the record model, the store protocol, embedders and the FAISS+SQLite store.
 
     from memllm.memory_stores import FaissStore, MemoryRecord, SentenceTransformerEmbedder
-    store = FaissStore("~/.cache/memllm/stores/default", SentenceTransformerEmbedder())
+    store = FaissStore("~/.cache/memllm/memory", SentenceTransformerEmbedder())
     store.add(MemoryRecord("I live in Lyon", namespace="alice", kind="fact"))
     store.search("where does alice live?", k=3, namespace="alice")
 

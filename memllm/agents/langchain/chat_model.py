@@ -130,7 +130,7 @@ class ChatMemLLM(BaseChatModel):
     store: Any = Field(default=None, exclude=True)
     """The MemoryStore for `memory` modes (default: a FaissStore at `store_path`)."""
     store_path: str | None = None
-    """Where the default store lives when `store` is not given (default: $MEMLLM_HOME/stores/default)."""
+    """Where the default store lives when `store` is not given (default: $MEMLLM_HOME/memory, shared with `memllm chat --user`)."""
     context_memory: Any = Field(default=None, exclude=True)
     """A memllm MemoryConfig for the KV memory of 'kv' and 'hybrid' modes (default: memllm's)."""
 
@@ -368,8 +368,8 @@ def _cut(pieces: Iterator[str], scanner: StopScanner, produced: list[str]) -> It
 
 
 def open_default_store(path: str | None) -> Any:
-    """A FaissStore with the packaged embedder at `path` (default: $MEMLLM_HOME/stores/default)."""
+    """A FaissStore with the packaged embedder at `path` (default: the one `memllm chat --user` uses)."""
     from memllm.memory_stores import FaissStore, SentenceTransformerEmbedder
-    from memllm.memory_stores.embeddings import memllm_home
+    from memllm.models import default_store_path
 
-    return FaissStore(path or memllm_home() / "stores" / "default", SentenceTransformerEmbedder())
+    return FaissStore(path or default_store_path(), SentenceTransformerEmbedder())

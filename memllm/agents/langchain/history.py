@@ -80,7 +80,7 @@ class MemllmChatMessageHistory(BaseChatMessageHistory):
     """Chat history of one session/user, persisted in a memllm store.
 
         history = MemllmChatMessageHistory("alice", store=FaissStore(path, embedder))
-        history = MemllmChatMessageHistory("alice", path="~/.cache/memllm/stores/default")
+        history = MemllmChatMessageHistory("alice", path="~/.cache/memllm/memory")
         RunnableWithMessageHistory(chain, lambda sid: MemllmChatMessageHistory(sid, store=store), ...)
 
     session_id: the user or session; namespace: the store namespace (default `user:<session_id>`,
