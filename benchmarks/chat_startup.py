@@ -22,8 +22,12 @@ QUESTION = "What is the capital of France? Answer in one word.\n"
 
 def one_run(exe: str, model: str) -> dict[str, float | str]:
     start = time.perf_counter()
-    proc = subprocess.Popen([exe, "chat", "--model", model], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "chat", "--model", model],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert proc.stdin and proc.stdout
     proc.stdin.write(QUESTION.encode())
     proc.stdin.close()
@@ -31,8 +35,12 @@ def one_run(exe: str, model: str) -> dict[str, float | str]:
     t_first = time.perf_counter() - start
     rest = proc.stdout.read()
     proc.wait()
-    return {"first_byte_s": t_first, "exit_s": time.perf_counter() - start, "answer": (first + rest).decode().strip(),
-            "rc": proc.returncode}
+    return {
+        "first_byte_s": t_first,
+        "exit_s": time.perf_counter() - start,
+        "answer": (first + rest).decode().strip(),
+        "rc": proc.returncode,
+    }
 
 
 def main() -> None:
@@ -48,15 +56,21 @@ def main() -> None:
     firsts = [float(r["first_byte_s"]) for r in runs]
     exits = [float(r["exit_s"]) for r in runs]
     result = {
-        "model": args.model, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "runs": runs, "first_answer_median_s": statistics.median(firsts),
-        "first_answer_min_s": min(firsts), "first_answer_max_s": max(firsts),
+        "model": args.model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "runs": runs,
+        "first_answer_median_s": statistics.median(firsts),
+        "first_answer_min_s": min(firsts),
+        "first_answer_max_s": max(firsts),
         "exit_median_s": statistics.median(exits),
     }
     print(json.dumps(result, indent=2))
-    print(f"\n| runs | first answer median (min-max) | process exit median | answer |")
-    print(f"| {args.runs} | {result['first_answer_median_s']:.2f} s ({min(firsts):.2f}-{max(firsts):.2f}) | "
-          f"{result['exit_median_s']:.2f} s | {runs[0]['answer']!r} |")
+    print("\n| runs | first answer median (min-max) | process exit median | answer |")
+    print(
+        f"| {args.runs} | {result['first_answer_median_s']:.2f} s ({min(firsts):.2f}-{max(firsts):.2f}) | "
+        f"{result['exit_median_s']:.2f} s | {runs[0]['answer']!r} |"
+    )
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ def main() -> None:
         f"| {pct(s['baseline_fuzzy'])} |"
     )
     print(
-        f"\ngate fired {pct(s['gate_fire_rate'])}, {s['gate_ms_mean']:.1f} ms mean; "
-        f"recall {s['recall_ms_mean']:.1f} ms mean"
+        f"\ngate on the recall questions: fired {pct(s['gate_fire_rate'])}, {s['gate_ms_mean']:.1f} ms mean; "
+        f"on {s['ordinary_turns']} ordinary turns: fired {pct(s['ordinary_fire_rate'])}, "
+        f"{s['ordinary_gate_ms_mean']:.1f} ms mean; recall {s['recall_ms_mean']:.1f} ms mean"
     )
 
 

@@ -192,6 +192,8 @@ def run_cases(
             store, ns, count_tokens=count_tokens, config=cfg, clock=lambda c=case: c.ask_time
         )
         recall = ctl.recall(case.question)
+        # The gate on ordinary turns: the person's own messages of their last conversation.
+        ordinary = [ctl.decide(text)[0] for role, text, _ in case.sessions[-1] if role == "user"]
         in_memory = any(it.record.text == case.fact for it in recall.used)
         in_flash = any(r.text == case.fact for r in recall.flash)
         baseline = last_turns(list(case.turns()), memory_tokens + flash_tokens, count_tokens)
@@ -209,6 +211,9 @@ def run_cases(
             "recall_ms": recall.elapsed_ms,
             "ingest_s": ingest_s,
             "baseline_recall": any(t[1] == case.fact for t in baseline),
+            "ordinary_turns": len(ordinary),
+            "ordinary_fired": sum(d.fire for d in ordinary),
+            "ordinary_gate_ms": sum(d.cost_ms for d in ordinary),
         }
         if llm is not None:
             msgs = build_messages(DEFAULT_SYSTEM, case.question, recall)
@@ -240,6 +245,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "baseline_recall_at_budget": rate("baseline_recall"),
         "gate_fire_rate": rate("gate_fired"),
         "gate_ms_mean": sum(r["gate_ms"] for r in rows) / n if n else 0.0,
+        "ordinary_turns": sum(r["ordinary_turns"] for r in rows),
+        "ordinary_fire_rate": sum(r["ordinary_fired"] for r in rows)
+        / max(1, sum(r["ordinary_turns"] for r in rows)),
+        "ordinary_gate_ms_mean": sum(r["ordinary_gate_ms"] for r in rows)
+        / max(1, sum(r["ordinary_turns"] for r in rows)),
         "recall_ms_mean": sum(r["recall_ms"] for r in rows) / n if n else 0.0,
         "dialogue_tokens_mean": sum(r["dialogue_tokens"] for r in rows) / n if n else 0.0,
         "memllm_exact": rate("memllm_exact"),
