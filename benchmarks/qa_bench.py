@@ -107,7 +107,12 @@ def snapshot_check(args, llm, hay) -> dict:
         if args.model_dir:
             cmd += ["--model-dir", args.model_dir] + (["--gguf", args.gguf] if args.gguf else [])
         t3 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        )
         child_s = time.perf_counter() - t3
         if proc.returncode != 0:
             raise SystemExit(f"restore child failed:\n{proc.stderr[-3000:]}")
@@ -136,6 +141,7 @@ def main() -> None:
     ap.add_argument("--read-once", default=None, help="length for the read-once-ask-many measurement")
     ap.add_argument("--read-once-questions", type=int, default=20)
     ap.add_argument("--snapshot", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="ask at most this many questions per haystack")
     ap.add_argument("--skip-main", action="store_true", help="only --read-once / --snapshot")
     ap.add_argument("--restore-from", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -181,18 +187,33 @@ def main() -> None:
             h for h in all_hays if h.length in lengths and h.dataset in datasets and h.dataset != "read-once"
         ]
         ro_hays = [h for h in all_hays if h.dataset == "read-once"]
+        if args.limit:
+            for h in hays:
+                h.cases = h.cases[: args.limit]
     else:
         ro_hays = []
     emb = embedder_for(args, table)
     from memllm.agents.doc_store import InMemoryChunkStore
 
     results: dict = {"command": " ".join(sys.argv)}
-    if not args.skip_main:
-        results |= bench.run(llm, lengths=lengths, modes=modes, datasets=datasets, n_questions=args.questions,
-                             seed=args.seed, embedder=emb, log=say, haystacks=hays,
-                             store_factory=lambda: InMemoryChunkStore(emb))  # fmt: skip
-    else:
-        results["meta"] = bench.environment(llm)
+    if hays is not None:
+        hays.sort(key=lambda h: (h.length, datasets.index(h.dataset)))
+
+    def partial(rows, answers):
+        say(bench.table(rows))
+        if args.out:
+            Path(args.out).write_text(
+                json.dumps(results | {"rows": rows, "answers": answers, "partial": True})
+            )
+
+    if args.snapshot:
+        hay = (
+            hays or bench.build_all(llm.count_tokens, datasets[:1], lengths[:1], args.questions, args.seed)
+        )[0]
+        say(f"snapshot check on {hay.dataset} {bench.label(hay.length)} ({hay.tokens} tokens)")
+        results["snapshot"] = snapshot_check(args, llm, hay)
+        say("snapshot: " + json.dumps({k: v for k, v in results["snapshot"].items() if "answers" not in k}))
+        partial([], [])
     if args.read_once:
         n = bench.parse_lengths(args.read_once)[0]
         hay = next((h for h in ro_hays if h.length == n), None) or bench.read_once_haystack(
@@ -200,12 +221,14 @@ def main() -> None:
         )
         say(f"read once, ask {len(hay.cases)}: {hay.tokens} tokens")
         results["read_once"] = bench.read_once_ask_many(llm, hay)
-    if args.snapshot:
-        hay = (
-            hays or bench.build_all(llm.count_tokens, datasets[:1], lengths[:1], args.questions, args.seed)
-        )[0]
-        say(f"snapshot check on {hay.dataset} {bench.label(hay.length)} ({hay.tokens} tokens)")
-        results["snapshot"] = snapshot_check(args, llm, hay)
+        say("read once, ask many: " + json.dumps(results["read_once"]))
+        partial([], [])
+    if not args.skip_main:
+        results["meta"] = bench.environment(llm)
+        results |= bench.run(llm, lengths=lengths, modes=modes, datasets=datasets, n_questions=args.questions,
+                             seed=args.seed, embedder=emb, log=say, haystacks=hays, on_rows=partial,
+                             store_factory=lambda: InMemoryChunkStore(emb))  # fmt: skip
+    results.setdefault("meta", bench.environment(llm))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
         say(f"wrote {args.out}")

@@ -113,11 +113,13 @@ def run(
     haystacks: Sequence[Haystack] | None = None,
     store_factory: Callable[[], Any] | None = None,
     qa_kwargs: dict[str, Any] | None = None,
+    on_rows: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns {'meta', 'rows' (one per dataset x length x mode), 'answers'}.
 
     haystacks: prebuilt ones (e.g. from a pack made on another machine); default: built here.
     store_factory: the text store for each reading (default: DocumentQA's private FAISS store).
+    on_rows(rows, answers): called after each dataset x length (to keep partial results).
     """
     from memllm.agents.docqa import DocumentQA
 
@@ -171,6 +173,8 @@ def run(
                          "em": round(100 * st["em"] / n, 1), "f1": round(100 * st["f1"] / n, 1),
                          "read_s": round(st["read_s"], 2), "answer_s": round(st["answer_s"] / n, 3),
                          "haystacks": len(hays)})  # fmt: skip
+        if on_rows is not None:
+            on_rows(rows, answers)
     meta = environment(llm) | {"lengths": sorted({k[1] for k in keys}), "modes": list(modes),
                                "datasets": list(dict.fromkeys(k[0] for k in keys)), "questions": n_questions,
                                "seed": seed, "reading_mode": read_mode, "max_new_tokens": max_new_tokens}  # fmt: skip
@@ -271,7 +275,7 @@ def pack_vectors(
         texts.extend(" ".join(c.question.split()) for c in hay.cases)
     unique = list(dict.fromkeys(texts))
     vectors = embedder.embed(unique)
-    return {text_key(t): [round(float(x), 5) for x in v] for t, v in zip(unique, vectors, strict=True)}
+    return {text_key(t): v for t, v in zip(unique, vectors, strict=True)}
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

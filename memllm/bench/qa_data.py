@@ -262,12 +262,18 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
 
 
 # ---------------------------------------------------------------------------------------- packs
-def save_pack(
-    path: str | Path, haystacks: Sequence[Haystack], vectors: dict[str, list[float]] | None = None
-) -> None:
-    """Write haystacks (and text -> embedding vectors, keyed by sha1 of the text) to a .json.gz file,
-    so a machine without the dataset package or the embedder can run the benchmark."""
+def save_pack(path: str | Path, haystacks: Sequence[Haystack], vectors: dict | None = None) -> None:
+    """Write haystacks (and text key -> embedding vector, stored as fp16) to a .json.gz file, so a
+    machine without the dataset package or the embedder can run the benchmark."""
+    import base64
     import gzip
+
+    import numpy as np
+
+    keys = list(vectors or {})
+    matrix = np.stack([np.asarray(vectors[k], dtype=np.float16) for k in keys]) if keys else np.zeros((0, 0))
+    packed = {"keys": keys, "dim": int(matrix.shape[1]) if keys else 0,
+              "fp16": base64.b64encode(matrix.astype(np.float16).tobytes()).decode()}  # fmt: skip
 
     data = {
         "format": "memllm-qa-pack",
@@ -277,14 +283,18 @@ def save_pack(
              "cases": [c.__dict__ for c in h.cases]}
             for h in haystacks
         ],
-        "vectors": vectors or {},
+        "vectors": packed,
     }  # fmt: skip
     with gzip.open(path, "wt", encoding="utf-8") as fh:
         json.dump(data, fh)
 
 
-def load_pack(path: str | Path) -> tuple[list[Haystack], dict[str, list[float]]]:
+def load_pack(path: str | Path) -> tuple[list[Haystack], dict]:
+    """(haystacks, text key -> fp32 vector) from a pack written by save_pack."""
+    import base64
     import gzip
+
+    import numpy as np
 
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         data = json.load(fh)
@@ -296,4 +306,6 @@ def load_pack(path: str | Path) -> tuple[list[Haystack], dict[str, list[float]]]
         )
         for h in data["haystacks"]
     ]
-    return hays, data["vectors"]
+    v = data["vectors"]
+    matrix = np.frombuffer(base64.b64decode(v["fp16"]), dtype=np.float16).reshape(len(v["keys"]), -1)
+    return hays, {k: matrix[i].astype(np.float32) for i, k in enumerate(v["keys"])}

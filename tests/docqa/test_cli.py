@@ -61,9 +61,10 @@ def test_ask_text_transcript(cli, tiny_llm, tmp_path):
     assert lines[1] == f"A: {answer.text}"
     assert lines[2] == "evidence:"
     a, b = best.lines
-    assert lines[3] == (
-        f"  [chunk {best.score:.3f}] {doc}:lines {a}-{b} (chars {best.start}-{best.end}) "
-        + json.dumps(" ".join(best.text.split())[:57] + "...")
+    flat = " ".join(best.text.split())
+    shown = json.dumps(flat if len(flat) <= 60 else flat[:57] + "...")
+    assert (
+        lines[3] == f"  [chunk {best.score:.3f}] {doc}:lines {a}-{b} (chars {best.start}-{best.end}) {shown}"
     )
     assert len(lines) == 3 + len(answer.evidence) + 1
     assert lines[-1] == "(0.25 s)"

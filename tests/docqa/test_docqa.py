@@ -105,7 +105,7 @@ def test_text_mode_evidence_chunks_and_budget(tiny_llm):
     assert "Box 7 is red." in answer.evidence[0].text
     ids = tiny_llm.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     assert len(ids) + qa.max_new_tokens <= tiny_llm.trained_len
-    assert prompts[0].endswith("\n\nQuestion: What color is box 7?\nAnswer:")
+    assert prompts[0].endswith(docqa_mod.PROMPT_QUESTION.format(question="What color is box 7?"))
     # The best chunk sits nearest the question.
     assert prompts[0].rindex(answer.evidence[0].text) > prompts[0].rindex(answer.evidence[-1].text)
     qa.close()
@@ -149,7 +149,7 @@ def test_full_mode_truncates_the_middle(tiny_llm):
     room = (
         tiny_llm.trained_len
         - qa.max_new_tokens
-        - tiny_llm.count_tokens("\n\nQuestion: What color is box 7?\nAnswer:")
+        - tiny_llm.count_tokens(docqa_mod.PROMPT_QUESTION.format(question="What color is box 7?"))
     )
     assert answer.notes == [f"documents truncated: {n} tokens, the middle {n - room} cut"]
 
