@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--offload-dtype", default="bf16")
     ap.add_argument("--sync-check", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 

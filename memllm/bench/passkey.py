@@ -194,8 +194,11 @@ def run_passkey(
     memory: Any = None,
     system: str = "memllm",
     progress: Callable[[str], None] | None = None,
+    only: list[int] | None = None,
 ) -> list[LengthResult]:
-    """Run the passkey benchmark; system is "memllm" (context memory) or "full" (plain attention)."""
+    """Run the passkey benchmark; system is "memllm" (context memory) or "full" (plain attention).
+
+    `only`: indices of the depths to run (keys stay those of the full depth list)."""
     device = next(llm.model.parameters()).device
     results = []
     for length in lengths:
@@ -203,7 +206,9 @@ def run_passkey(
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        for depth, key in zip(depths(n_depths), keys_for(length, n_depths), strict=True):
+        for i, (depth, key) in enumerate(zip(depths(n_depths), keys_for(length, n_depths), strict=True)):
+            if only is not None and i not in only:
+                continue
             ids = prompt_ids(llm.tokenizer, length, depth, key)
             if system == "full":
                 out, prefill_s, decode_ms = run_full_attention(llm, ids)
