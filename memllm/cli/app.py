@@ -10,6 +10,7 @@ import sys
 import typer
 
 from memllm import __version__
+from memllm.cli.ask import ask, qa_command
 from memllm.cli.bench import bench_app
 from memllm.cli.chat import chat
 from memllm.cli.memory import memory_app
@@ -41,9 +42,11 @@ def _root(
 
 
 app.command(help="Chat with a model (streams tokens; reads piped stdin line by line).")(chat)
+app.command(help="Answer questions about documents: read once, ask many, show the evidence.")(ask)
 app.add_typer(models_app, name="models")
 app.add_typer(memory_app, name="memory")
 app.add_typer(bench_app, name="bench")
+bench_app.command("qa", help="Long-document QA: SQuAD/HotpotQA hidden in distractors; EM/F1 per mode.")(qa_command)
 
 
 def main() -> None:
