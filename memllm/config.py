@@ -23,7 +23,8 @@ class MemoryConfig:
     n_init: sink tokens kept on the device.  n_local: local window (exact relative positions).
     block_size: tokens per memory unit.  repr_topk: representative keys per unit.
     topk: units retrieved per execution block.  exc_block_size: queries sharing one lookup.
-    chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer).
+    chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer;
+    reserved: the context memory has no device LRU yet and reads units from pinned host memory).
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".

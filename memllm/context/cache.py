@@ -9,8 +9,8 @@ Per layer (ContextMemoryLayer); see positions.py for how rotations are undone an
 The rule, per execution block of queries (aligned to absolute multiples of exc_block_size):
   * phase 1 (nothing cut yet): local holds every token, sinks included: plain causal attention.
   * phase 2: each query attends to the local window (exact positions, causal) and to sinks + the
-    topk units chosen by lookup.py for its KV head (keys at position 0, queries at n_local), one
-    softmax over both (merge.py).
+    topk units chosen by lookup.py for the block (shared by all KV heads, or per KV head), keys at
+    position 0 and queries at n_local; one softmax over both (merge.py).
   * after each block, while the window minus a block still holds n_local tokens, its oldest
     block_size tokens become a unit whose representatives are the repr_topk keys that received most
     attention while in the window (in phase 1 the first n_init tokens become the sinks then).
@@ -19,7 +19,11 @@ Keys attended per query <= n_init + topk*block_size + n_local + block_size + exc
 `update` only records the new K/V; the attention function (attention.py) calls `layer.attend`,
 which computes the block outputs and advances the state. get_seq_length() reports
 min(tokens seen, n_init + n_local), so model positions stay bounded; `seen_tokens` is the truth.
-Batch size 1 only. Knows nothing of the model beyond ModelSpec.
+Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), HF `generate()`
+(its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
+device-side LRU of units yet: the CUDA gather reads the selected units from pinned host memory on
+every lookup (MemoryConfig.max_cached_blocks is accepted and unused). Knows nothing of the model
+beyond ModelSpec.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from memllm.context.merge import merged_attention, merged_attention_fused
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
+from memllm.errors import ConfigError
 
 
 class ContextMemoryLayer(CacheLayerMixin):
@@ -45,7 +50,7 @@ class ContextMemoryLayer(CacheLayerMixin):
     def __init__(self, spec: ModelSpec, config: MemoryConfig, rotary: Rotary, layer_idx: int):
         super().__init__()
         self.spec, self.config, self.rotary, self.layer_idx = spec, config, rotary, layer_idx
-        self.device = torch.device(config.device) if config.device else spec.device
+        self.device = spec.device
         self.dtype = spec.dtype
         self.store = UnitStore(
             spec.kv_heads,
@@ -296,6 +301,11 @@ class ContextMemoryCache(Cache):
 
     def __init__(self, spec: ModelSpec, config: MemoryConfig):
         resolved = config.resolved(spec.trained_len)
+        if resolved.device is not None and torch.device(resolved.device) != spec.device:
+            raise ConfigError(
+                f"MemoryConfig.device ({resolved.device}) must be where the model is ({spec.device}): "
+                "move the model, or leave device unset"
+            )
         rotary = Rotary(spec.rotary, spec.trained_len, spec.head_dim)
         layers = [ContextMemoryLayer(spec, resolved, rotary, i) for i in range(spec.num_layers)]
         super().__init__(layers=layers)
