@@ -73,8 +73,12 @@ class StreamDecoder:
         self.emitted = len(text)
         return piece
 
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def flush(self) -> str:
+        """What is left once the stream ends (an incomplete character is shown as it decodes)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
 
 
 class StopScanner:

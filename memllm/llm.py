@@ -171,6 +171,9 @@ class MemLLM:
             piece = decoder.push(token)
             if piece:
                 yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> str:
         return "".join(self.chat_stream(messages, **kwargs))

@@ -23,6 +23,7 @@ from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import InputError, SnapshotError
+from memllm.generation import StreamDecoder
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
 SNAPSHOT_VERSION = 1
@@ -99,17 +100,12 @@ class Session:
 
     def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        tok = self.llm.tokenizer
-        ids: list[int] = []
-        shown = ""
+        decoder = StreamDecoder(self.llm.tokenizer)
         for t in self.generate_ids(prompt, max_new_tokens):
-            ids.append(t)
-            text = tok.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue
-            yield text[len(shown) :]
-            shown = text
-        rest = tok.decode(ids, skip_special_tokens=True)[len(shown) :]
+            piece = decoder.push(t)
+            if piece:
+                yield piece
+        rest = decoder.flush()
         if rest:
             yield rest
 
