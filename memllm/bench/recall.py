@@ -185,15 +185,20 @@ def run_cases(
             MemoryRecord(text, namespace=ns, kind="turn", created_at=t, metadata={"role": role})
             for role, text, t in case.turns()
         ]
-        t0 = time.perf_counter()
-        store.add_many(records)
-        ingest_s = time.perf_counter() - t0
+        last = len(case.sessions[-1])
         ctl = MemoryController(
             store, ns, count_tokens=count_tokens, config=cfg, clock=lambda c=case: c.ask_time
         )
-        recall = ctl.recall(case.question)
-        # The gate on ordinary turns: the person's own messages of their last conversation.
+        t0 = time.perf_counter()
+        store.add_many(records[:-last])
+        ingest_s = time.perf_counter() - t0
+        # The gate on ordinary turns: the person's messages of their last conversation, decided against
+        # all their earlier conversations (before that conversation is stored: no message meets itself).
         ordinary = [ctl.decide(text)[0] for role, text, _ in case.sessions[-1] if role == "user"]
+        t0 = time.perf_counter()
+        store.add_many(records[-last:])
+        ingest_s += time.perf_counter() - t0
+        recall = ctl.recall(case.question)
         in_memory = any(it.record.text == case.fact for it in recall.used)
         in_flash = any(r.text == case.fact for r in recall.flash)
         baseline = last_turns(list(case.turns()), memory_tokens + flash_tokens, count_tokens)
