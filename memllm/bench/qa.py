@@ -176,7 +176,7 @@ def run(
         if on_rows is not None:
             on_rows(rows, answers)
     meta = environment(llm) | {"lengths": sorted({k[1] for k in keys}), "modes": list(modes),
-                               "datasets": list(dict.fromkeys(k[0] for k in keys)), "questions": n_questions,
+                               "datasets": list(dict.fromkeys(k[0] for k in keys)), "questions": max((r["n"] for r in rows), default=0),
                                "seed": seed, "reading_mode": read_mode, "max_new_tokens": max_new_tokens}  # fmt: skip
     return {"meta": meta, "rows": rows, "answers": answers}
 
