@@ -80,19 +80,15 @@ class MemoryConversation:
         self.agent.close()
 
 
-def _answer(conv: Any, text: str, interactive: bool) -> tuple[str, bool]:
-    """Stream one answer to stdout; returns (text, interrupted)."""
-    pieces: list[str] = []
+def _answer(conv: Any, text: str, interactive: bool) -> None:
+    """Stream one answer to stdout; Ctrl-C stops it (interactive) and the chat goes on."""
     try:
         for piece in conv.send(text):
-            pieces.append(piece)
             _write(piece)
     except KeyboardInterrupt:
         if not interactive:
             raise
         _write(" [interrupted]")
-        return "".join(pieces), True
-    return "".join(pieces), False
 
 
 @common.fail_on_error

@@ -198,17 +198,21 @@ def tiny_context():
     )
 
 
-@pytest.mark.parametrize("mode", ["kv", "hybrid"])
-def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
-    agent = ChatAgent(
-        tiny_llm,
+def kv_agent(llm, store, user, mode, max_new_tokens=4):
+    return ChatAgent(
+        llm,
         store,
-        user="kim",
+        user=user,
         memory=mode,
-        max_new_tokens=4,
+        max_new_tokens=max_new_tokens,
         summarize=False,
         context_memory=tiny_context(),
     )
+
+
+@pytest.mark.parametrize("mode", ["kv", "hybrid"])
+def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
+    agent = kv_agent(tiny_llm, store, "kim", mode)
     agent.chat("hello the there")
     seen_after_one = agent.session.cache.seen_tokens
     agent.chat("and the second the turn")
@@ -218,33 +222,15 @@ def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
     assert len(agent.history()) == 4
     logits = agent.session.last_logits.clone()
     agent.close()
-    again = ChatAgent(
-        tiny_llm,
-        store,
-        user="kim",
-        memory=mode,
-        max_new_tokens=4,
-        summarize=False,
-        context_memory=tiny_context(),
-    )
+    again = kv_agent(tiny_llm, store, "kim", mode)
     assert again.session.cache.seen_tokens == seen
     assert torch.allclose(again.session.last_logits, logits, atol=1e-5)
-    other = ChatAgent(
-        tiny_llm, store, user="lee", memory=mode, summarize=False, context_memory=tiny_context()
-    )
+    other = kv_agent(tiny_llm, store, "lee", mode)
     assert other.session.cache.seen_tokens == 0
 
 
 def test_kv_segment_renders_system_once(tiny_llm, store):
-    agent = ChatAgent(
-        tiny_llm,
-        store,
-        user="sam",
-        memory="kv",
-        max_new_tokens=2,
-        summarize=False,
-        context_memory=tiny_context(),
-    )
+    agent = kv_agent(tiny_llm, store, "sam", "kv", max_new_tokens=2)
     first = agent._segment([{"role": "user", "content": "a"}])
     assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
     agent.chat("a")
@@ -254,7 +240,6 @@ def test_kv_segment_renders_system_once(tiny_llm, store):
 
 def test_stop_strings_cut_the_answer_and_partial_turns_are_stored(store):
     agent = ChatAgent(FakeLLM(), store, user="uma", summarize=False)
-    assert agent.chat.__doc__ is None or True
     pieces = list(agent.stream("one two three", stop=[" three"]))
     assert "".join(pieces) == "echo: one two"
     stream = agent.stream("alpha beta gamma")
