@@ -56,6 +56,18 @@ def generate_ids(
         ids = nxt.view(1, 1)
 
 
+def decode_stream(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces of a token stream, as they become whole characters (then whatever is left)."""
+    decoder = StreamDecoder(tokenizer)
+    for token in tokens:
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest
+
+
 class StreamDecoder:
     """Turns a growing list of token ids into text pieces, never splitting a multi-byte character."""
 

@@ -147,7 +147,7 @@ class MemLLM:
         import torch
         from transformers import DynamicCache
 
-        from memllm.generation import StreamDecoder, generate_ids
+        from memllm.generation import decode_stream, generate_ids
 
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -158,8 +158,7 @@ class MemLLM:
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
-        decoder = StreamDecoder(self.tokenizer)
-        for token in generate_ids(
+        tokens = generate_ids(
             self.model,
             input_ids,
             cache=DynamicCache(config=self.model.config),
@@ -167,13 +166,8 @@ class MemLLM:
             temperature=temperature,
             stop_ids=self.stop_ids(),
             generator=gen,
-        ):
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+        )
+        yield from decode_stream(self.tokenizer, tokens)
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> str:
         return "".join(self.chat_stream(messages, **kwargs))

@@ -23,7 +23,7 @@ from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import InputError, SnapshotError
-from memllm.generation import StreamDecoder
+from memllm.generation import decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
 SNAPSHOT_VERSION = 1
@@ -100,14 +100,7 @@ class Session:
 
     def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        decoder = StreamDecoder(self.llm.tokenizer)
-        for t in self.generate_ids(prompt, max_new_tokens):
-            piece = decoder.push(t)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens))
 
     def ask(self, question: str, max_new_tokens: int = 32) -> str:
         """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
