@@ -154,6 +154,14 @@ def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def _copy_store(src: Path, dst: Path) -> None:
+    """Replace folder `dst` with a copy of the FaissStore folder `src` (flushed, no write under way),
+    leaving out its lock file and SQLite's shared-memory index (rebuilt from the WAL on open)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("store.lock", "*-shm"))
+
+
 def _layer_groups(n_layers: int, groups: int) -> list[range]:
     groups = max(1, min(groups, n_layers))
     bounds = [round(i * n_layers / groups) for i in range(groups + 1)]
@@ -262,7 +270,10 @@ class DocumentQA:
         self.chunk_count = 0
 
     # ------------------------------------------------------------------ text store
-    def _ensure_store(self) -> Any:
+    def _ensure_store(self, copy_of: Path | None = None) -> Any:
+        """The chunk store; without one given, a private FaissStore in a temporary folder, started as
+        a copy of the saved store `copy_of` (so that reading more never changes a saved memory, and
+        `save` can copy it out whole)."""
         if self.store is None:
             from memllm.memory_stores.faiss_store import FaissStore
 
@@ -271,6 +282,8 @@ class DocumentQA:
 
                 self._embedder = SentenceTransformerEmbedder()
             self._tmp = Path(tempfile.mkdtemp(prefix="memllm-docqa-"))
+            if copy_of is not None:
+                _copy_store(copy_of, self._tmp / "store")
             self.store = FaissStore(self._tmp / "store", self._embedder)
             self._owns_store = True
         if self.controller is None:
@@ -576,7 +589,9 @@ class DocumentQA:
 
     # ------------------------------------------------------------------ snapshots
     def save(self, path: str | Path) -> Path:
-        """Write what answering needs: docqa.json, documents, kv/ (context snapshot), store/ (chunks)."""
+        """Write what answering needs: docqa.json, documents, kv/ (context snapshot), store/ (chunks).
+        The chunk store is copied only when this DocumentQA owns it (made it, or loaded it from a
+        snapshot); a store passed in by the caller stays theirs: pass it again to `load`."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         if self.session is not None:
@@ -585,9 +600,7 @@ class DocumentQA:
             target = folder / "store"
             if self._owns_store:
                 self.store.flush()
-                if target.exists():
-                    shutil.rmtree(target)
-                shutil.copytree(self._tmp / "store", target)
+                _copy_store(self._tmp / "store", target)
         docs = [
             {"doc": td.doc.to_dict(), "ids": td.ids, "starts": td.starts, "ends": td.ends} for td in self.docs
         ]
@@ -618,28 +631,26 @@ class DocumentQA:
         if manifest.get("format") != DOCQA_FORMAT or manifest.get("version") != DOCQA_VERSION:
             raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
         mode = manifest["mode"]
-        if store is None and mode in ("text", "hybrid"):
-            from memllm.memory_stores.faiss_store import FaissStore
-
-            if embedder is None:
-                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
-
-                embedder = SentenceTransformerEmbedder()
-            store = FaissStore(folder / "store", embedder)
+        saved_store = folder / "store"
+        if store is None and mode in ("text", "hybrid") and not saved_store.is_dir():
+            raise SnapshotError(
+                f"document memory at {folder} has no chunk store (store/): save it again with --save-memory"
+            )
         qa = cls.__new__(cls)
         memory = None
         if mode in ("kv", "hybrid"):
             session = llm.restore(str(folder / "kv"))
             memory = session.config
         cls.__init__(qa, llm, "text" if mode in ("kv", "hybrid") else mode, store, memory,
-                     namespace=manifest["namespace"], chunk_tokens=manifest["chunk_tokens"], **kwargs)  # fmt: skip
+                     namespace=manifest["namespace"], chunk_tokens=manifest["chunk_tokens"], embedder=embedder,
+                     **kwargs)  # fmt: skip
         qa.mode = mode
         if mode in ("kv", "hybrid"):
             qa.session = session
             qa.memory = session.config
             qa.hybrid_tokens = kwargs.get("hybrid_tokens") or max(64, (qa.memory.n_local or 0) // 2)
         if mode in ("text", "hybrid"):
-            qa._ensure_store()
+            qa._ensure_store(copy_of=saved_store)
         qa.docs = [
             TokenizedDocument(Document.from_dict(d["doc"]), d["ids"], d["starts"], d["ends"]) for d in docs
         ]

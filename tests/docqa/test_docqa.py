@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -154,19 +156,34 @@ def test_full_mode_truncates_the_middle(tiny_llm):
     assert answer.notes == [f"documents truncated: {n} tokens, the middle {n - room} cut"]
 
 
-@pytest.mark.parametrize("mode", ["kv", "text", "hybrid"])
-def test_save_and_load_answer_the_same(tiny_llm, tmp_path, mode):
-    qa = make(tiny_llm, mode)
+def save_boxes(llm, mode: str, path) -> tuple[DocumentQA, list[dict]]:
+    """Read the boxes, answer QUESTIONS, save to `path` and close: the (closed) reader and its answers."""
+    qa = make(llm, mode)
     qa.read(boxes_text(), name="boxes.txt")
     answers = [qa.ask(q).to_dict() for q in QUESTIONS]
-    qa.save(tmp_path / "mem")
+    qa.save(path)
     qa.close()
-    restored = DocumentQA.load(tiny_llm, tmp_path / "mem", embedder=FakeEmbedder())
-    assert restored.mode == mode
-    again = [restored.ask(q).to_dict() for q in QUESTIONS]
+    return qa, answers
+
+
+def load(llm, path) -> DocumentQA:
+    return DocumentQA.load(llm, path, embedder=FakeEmbedder())
+
+
+def assert_same_answers(answers: list[dict], qa: DocumentQA) -> list[dict]:
+    """`qa` answers QUESTIONS as `answers` did (all but the seconds); returns its answers."""
+    again = [qa.ask(q).to_dict() for q in QUESTIONS]
     for a, b in zip(answers, again, strict=True):
-        a.pop("seconds"), b.pop("seconds")
-        assert a == b
+        assert {**a, "seconds": 0} == {**b, "seconds": 0}
+    return again
+
+
+@pytest.mark.parametrize("mode", ["kv", "text", "hybrid"])
+def test_save_and_load_answer_the_same(tiny_llm, tmp_path, mode):
+    _, answers = save_boxes(tiny_llm, mode, tmp_path / "mem")
+    restored = load(tiny_llm, tmp_path / "mem")
+    assert restored.mode == mode
+    assert_same_answers(answers, restored)
     restored.close()
 
 
@@ -206,3 +223,42 @@ def test_errors(tiny_llm, tmp_path):
         qa.ask("   ")
     with pytest.raises(SnapshotError, match="no document memory at"):
         DocumentQA.load(tiny_llm, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+def test_memory_saved_from_a_loaded_memory_is_self_contained(tiny_llm, tmp_path, mode):
+    """--memory A --save-memory B: B holds the chunk store too, so B answers after A is deleted."""
+    qa, answers = save_boxes(tiny_llm, mode, tmp_path / "a")
+    loaded = load(tiny_llm, tmp_path / "a")
+    loaded.save(tmp_path / "b")
+    loaded.close()
+    shutil.rmtree(tmp_path / "a")
+    b = load(tiny_llm, tmp_path / "b")
+    assert b.mode == mode and b.store.count(b.namespace) == b.chunk_count == qa.chunk_count > 3
+    again = assert_same_answers(answers, b)
+    assert all(any(e["kind"] == "chunk" for e in a["evidence"]) for a in again)
+    b.close()
+
+
+def test_reading_more_into_a_loaded_memory_leaves_the_saved_one_as_it_was(tiny_llm, tmp_path):
+    qa, _ = save_boxes(tiny_llm, "text", tmp_path / "a")
+    loaded = load(tiny_llm, tmp_path / "a")
+    loaded.read("\n\n".join(f"Cup {i} holds {i} spoons." for i in range(40)), name="cups.txt")
+    loaded.save(tmp_path / "b")
+    loaded.close()
+    a, b = load(tiny_llm, tmp_path / "a"), load(tiny_llm, tmp_path / "b")
+    assert a.store.count(a.namespace) == a.chunk_count == qa.chunk_count
+    assert b.store.count(b.namespace) == b.chunk_count > qa.chunk_count
+    assert {e.source for e in a.ask("How many spoons does cup 30 hold?").evidence} == {"boxes.txt"}
+    assert "cups.txt" in {e.source for e in b.ask("How many spoons does cup 30 hold?").evidence}
+    a.close(), b.close()
+
+
+def test_text_memory_without_its_chunk_store_is_refused(tiny_llm, tmp_path):
+    save_boxes(tiny_llm, "text", tmp_path / "a")
+    shutil.rmtree(tmp_path / "a" / "store")
+    with pytest.raises(SnapshotError) as info:
+        load(tiny_llm, tmp_path / "a")
+    assert str(info.value) == (
+        f"document memory at {tmp_path / 'a'} has no chunk store (store/): save it again with --save-memory"
+    )
