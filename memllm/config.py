@@ -82,15 +82,16 @@ class MemoryConfig:
     def resolved(self, trained_len: int) -> MemoryConfig:
         """Fill the None fields from the model's trained context length, and check the budget fits it.
 
-        Positions the model sees: local window up to n_init + n_local + block_size + exc_block_size,
-        memory queries at distance n_local, model calls at cache-reported positions below
-        n_init + n_local + chunk_size. All must stay below `trained_len`.
+        Positions the model sees: a call's window frame up to n_init + n_local + block_size + chunk_size
+        (the window before the call plus the call's tokens, see memllm/context/plan.py), memory queries at
+        distance n_local, model calls at cache-reported positions below n_init + n_local + chunk_size.
+        All must stay below `trained_len`.
         """
         n_local = self.n_local
         if n_local is None:
             # Leave room in the trained window for sinks, retrieved units and one execution block.
             n_local = max(self.block_size, min(4096, trained_len // 2))
-        room = trained_len - self.n_init - n_local
+        room = trained_len - self.n_init - n_local - self.block_size
         chunk = self.chunk_size
         if chunk is None:
             chunk = min(4096, n_local, room)
@@ -99,7 +100,7 @@ class MemoryConfig:
         if chunk < 1 or chunk > room:
             raise ConfigError(
                 f"MemoryConfig.chunk_size ({chunk}) must be between 1 and trained context - n_init - n_local "
-                f"({room}): lower chunk_size or n_local"
+                f"- block_size ({room}): lower chunk_size or n_local"
             )
         cached = self.max_cached_blocks if self.max_cached_blocks is not None else max(2 * self.topk, 1)
         out = replace(self, n_local=n_local, chunk_size=chunk, max_cached_blocks=cached)

@@ -169,34 +169,26 @@ def _layer_groups(n_layers: int, groups: int) -> list[range]:
 
 
 class _LookupRecorder:
-    """Read-only hook on a ContextMemoryCache: records the unit ids each layer's lookup selects.
-
-    Wraps `layer.lookup` per instance for the duration of a `with` block (the class is untouched);
-    the ids stay on their device until the block ends, so no host synchronisation is added per lookup.
-    """
+    """Read-only: the unit ids each layer's lookups select while a question is asked, through the
+    cache's own `record_lookups()` log (ids stay on their device until the block ends, so no host
+    synchronisation is added per lookup)."""
 
     def __init__(self, cache: Any) -> None:
         self.cache = cache
         self.log: list[tuple[int, Any]] = []
-        self.supported = all(hasattr(layer, "lookup") for layer in cache.layers)
+        self.supported = hasattr(cache, "record_lookups")
+        self._scope: Any = None
 
     def __enter__(self) -> _LookupRecorder:
-        if not self.supported:
-            return self
-        for i, layer in enumerate(self.cache.layers):
-            original = layer.lookup
-
-            def wrapped(q_mem, _orig=original, _i=i):
-                ids = _orig(q_mem)
-                self.log.append((_i, ids))
-                return ids
-
-            layer.lookup = wrapped
+        if self.supported:
+            self._scope = self.cache.record_lookups()
+            self.log = self._scope.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for layer in self.cache.layers:
-            layer.__dict__.pop("lookup", None)
+        if self._scope is not None:
+            self._scope.__exit__(*exc)
+            self._scope = None
 
     def counts(self) -> dict[int, Counter]:
         """layer -> Counter of unit id -> times selected (over KV heads and query blocks)."""

@@ -6,39 +6,72 @@ Per layer (ContextMemoryLayer); see positions.py for how rotations are undone an
                                          re-rotated ("rebased") before a position would reach the trained length
   units   UnitStore                      cut blocks of block_size tokens, K/V off the device
 
-The rule, per execution block of queries (aligned to absolute multiples of exc_block_size):
+The rule, per execution block of queries (aligned to absolute multiples of exc_block_size; plan.py):
   * phase 1 (nothing cut yet): local holds every token, sinks included: plain causal attention.
   * phase 2: each query attends to the local window (exact positions, causal) and to sinks + the
     topk units chosen by lookup.py for the block (shared by all KV heads, or per KV head), keys at
-    position 0 and queries at n_local; one softmax over both (merge.py).
+    position 0 and queries at n_local; one softmax over both (window.merge).
   * after each block, while the window minus a block still holds n_local tokens, its oldest
     block_size tokens become a unit whose representatives are the repr_topk keys that received most
-    attention while in the window (in phase 1 the first n_init tokens become the sinks then).
+    attention (softmax over the window's keys) while in the window; in phase 1 the first n_init
+    tokens become the sinks then.
 Keys attended per query <= n_init + topk*block_size + n_local + block_size + exc_block_size.
 
+How a call is computed (all execution blocks of a call at once, a fixed number of launches per layer):
+the call's keys join the window; one local pass gives every query's window output, its log-sum-exp
+and each window key's received attention; the units the call cuts are written; one batched lookup
+and gather give each block its units; one memory pass; one merge. On CUDA the passes are Triton
+kernels (flash.py), elsewhere and with impl="reference" the loops of window.py.
+
 `update` only records the new K/V; the attention function (attention.py) calls `layer.attend`,
-which computes the block outputs and advances the state. get_seq_length() reports
+which computes the outputs and advances the state. get_seq_length() reports
 min(tokens seen, n_init + n_local), so model positions stay bounded; `seen_tokens` is the truth.
 Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), HF `generate()`
 (its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
-device-side LRU of units yet: the CUDA gather reads the selected units from pinned host memory on
+device-side LRU of units: the CUDA gather reads the selected units from pinned host memory on
 every lookup (MemoryConfig.max_cached_blocks is accepted and unused). Knows nothing of the model
 beyond ModelSpec.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.config import MemoryConfig
 from memllm.context.gather import gather_units
-from memllm.context.lookup import combine, select_units, select_units_reference, unit_scores
-from memllm.context.merge import merged_attention, merged_attention_fused
+from memllm.context.lookup import (
+    block_query_sums,
+    combine,
+    mask_later,
+    select_units,
+    select_units_reference,
+    unit_scores,
+)
+from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
+from memllm.context.window import local_attention, memory_attention, merge
 from memllm.errors import ConfigError
+
+
+class PlanMemo:
+    """The latest call's plan, shared by the layers of one cache (they are all in the same state)."""
+
+    def __init__(self, config: MemoryConfig):
+        self.config = config
+        self.key: tuple | None = None
+        self.plan: CallPlan | None = None
+
+    def get(self, seen: int, window: int, cut: bool, n_units: int, c: int) -> CallPlan:
+        key = (seen, window, cut, n_units, c)
+        if key != self.key or self.plan is None:
+            self.key, self.plan = key, plan_call(seen, window, cut, n_units, c, self.config)
+        return self.plan
 
 
 class ContextMemoryLayer(CacheLayerMixin):
@@ -47,7 +80,14 @@ class ContextMemoryLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, spec: ModelSpec, config: MemoryConfig, rotary: Rotary, layer_idx: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: MemoryConfig,
+        rotary: Rotary,
+        layer_idx: int,
+        plans: PlanMemo | None = None,
+    ):
         super().__init__()
         self.spec, self.config, self.rotary, self.layer_idx = spec, config, rotary, layer_idx
         self.device = spec.device
@@ -69,6 +109,10 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.base = 0  # absolute index of window position 0: local key j is kept rotated at j - base
         self.cut = False  # phase 2 once a unit has been cut
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.plans = (
+            plans if plans is not None else PlanMemo(config)
+        )  # shared by all layers: one schedule per call
+        self.lookup_log: list[tuple[int, torch.Tensor]] | None = None  # see ContextMemoryCache.record_lookups
         self.lookups = 0
         self.units_fetched = 0
         self.max_keys_per_query = 0
@@ -134,21 +178,41 @@ class ContextMemoryLayer(CacheLayerMixin):
         """
         if query.shape[0] != 1:
             raise ValueError("ContextMemoryCache supports batch size 1 only")
+        cfg, rot = self.config, self.rotary
         c = query.shape[2]
         model_start = self.reported_length()
         self.check_positions(c)
-        self.max_position = max(self.max_position, model_start + c - 1)
-        v = value[0].to(self.dtype)
-        outs = []
-        e = self.config.exc_block_size
-        start = 0
-        while start < c:
-            end = min(c, start + e - self.seen % e)
-            q, k = query[0, :, start:end], key[0, :, start:end]
-            outs.append(self._attend_block(q, k, v[:, start:end], scale, model_start + start))
-            self._evict()
-            start = end
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        n_prev = self.local_k.shape[1]
+        plan = self.plans.get(self.seen, n_prev, self.cut, self.store.n_units, c)
+        if self.seen + c - 1 - self.base >= self.spec.trained_len:
+            self._rebase(self.seen - n_prev)
+        dev = query.device
+        q, k, v = query[0], key[0], value[0].to(self.dtype)
+        # Model position -> window position: one angle for the whole call.
+        cos_l, sin_l, _ = rot.tables(dev)
+        row = rot._row(self.seen - self.base - model_start)
+        k_all = torch.cat([self.local_k, rot.apply(k, cos_l[row], sin_l[row]).to(self.dtype)], dim=1)
+        v_all = torch.cat([self.local_v, v], dim=1)
+        q_loc = rot.apply(q, cos_l[row], sin_l[row])
+        kernels = cfg.impl == "fast" and dev.type == "cuda"
+        if kernels:
+            from memllm.context.flash import local_attention_cuda
+
+            out, lse, received = local_attention_cuda(q_loc.to(self.dtype), k_all, v_all, plan, scale)
+        else:
+            out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
+        score = torch.cat([self.local_score, self.local_score.new_zeros(self.local_score.shape[0], c)], dim=1)
+        score = score + received
+        self._cut(plan, k_all, v_all, score)
+        if plan.memory_blocks:
+            out = self._attend_memory(q, plan, model_start, scale, out, lse, kernels)
+        self._account(plan, model_start)
+        keep = plan.keep_from
+        # Compact copies when cutting: a slice would pin the old storage.
+        self.local_k = k_all[:, keep:].contiguous() if keep else k_all
+        self.local_v = v_all[:, keep:].contiguous() if keep else v_all
+        self.local_score = score[:, keep:].contiguous() if keep else score
+        self.seen += c
         return out.unsqueeze(0).to(query.dtype)
 
     def _rebase(self, new_base: int) -> None:
@@ -156,102 +220,91 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k = self.rotary.rotate_const(self.local_k, self.base - new_base).to(self.dtype)
         self.base = new_base
 
-    def _attend_block(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, model_start: int
-    ) -> torch.Tensor:
-        """One execution block: q (heads, e, d), k (kv_heads, e, d) as rotated by the model at
-        model_start + t; v (kv_heads, e, d). Returns (heads, e, d) fp32."""
-        cfg, rot = self.config, self.rotary
-        e, d = q.shape[1], q.shape[2]
-        n_prev = self.local_k.shape[1]
-        if self.seen + e - 1 - self.base >= self.spec.trained_len:
-            self._rebase(self.seen - n_prev)
-        dev = q.device
-        shift = self.seen - self.base - model_start  # model position -> window position, same for all t
-        cos_l, sin_l, _ = rot.tables(dev)
-        row = rot._row(shift)
-        k_loc = torch.cat([self.local_k, rot.apply(k, cos_l[row], sin_l[row]).to(self.dtype)], dim=1)
-        v_loc = torch.cat([self.local_v, v], dim=1)
-        q_mem = k_mem = v_mem = None
-        if self.cut:
-            # Both rotations of the queries at once: (heads, e, 2, d) = [window position, fixed distance].
-            cos_m, sin_m = rot.cos_sin(model_start - cfg.n_local, e, -1, dev)  # n_local - (model_start + t)
-            cos2 = torch.stack([cos_l[row].expand(e, d), cos_m], dim=1)
-            sin2 = torch.stack([sin_l[row].expand(e, d), sin_m], dim=1)
-            q_pair = rot.apply(q.unsqueeze(2), cos2, sin2)
-            q_loc, q_mem = q_pair[:, :, 0], q_pair[:, :, 1]
-            mem_k, mem_v = [self.sink_k], [self.sink_v]
-            if self.store.n_units > 0 and cfg.topk > 0:
-                ids = self.lookup(q_mem)
-                uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
-                mem_k.append(uk)
-                mem_v.append(uv)
-                self.lookups += 1
-                self.units_fetched += ids.numel()
-            k_mem = torch.cat(mem_k, dim=1)  # kept rotated at position 0
-            v_mem = torch.cat(mem_v, dim=1)
-        else:
-            q_pair = None
-            q_loc = rot.apply(q, cos_l[row], sin_l[row])
-        n_mem = 0 if k_mem is None else k_mem.shape[1]
-        self.max_keys_per_query = max(self.max_keys_per_query, n_mem + n_prev + e)
-        self.max_position = max(
-            self.max_position, self.seen + e - 1 - self.base, cfg.n_local if self.cut else 0
-        )
-        if cfg.impl == "reference":
-            out, received = merged_attention(
-                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, torch.float32
-            )
-        else:
-            compute = torch.float32 if dev.type == "cpu" else self.dtype
-            out, received = merged_attention_fused(
-                q_loc, k_loc, v_loc, q_mem, k_mem, v_mem, scale, n_prev, compute, q_pair=q_pair
-            )
-        self.local_k, self.local_v = k_loc, v_loc
-        self.local_score = torch.cat([self.local_score + received[:, :n_prev], received[:, n_prev:]], dim=1)
-        self.seen += e
-        return out
+    def _cut(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor) -> None:
+        """Write the units the plan cuts during this call (and the sinks, on the first cut).
 
-    def lookup(self, q_mem: torch.Tensor) -> torch.Tensor:
-        """q_mem (heads, e, d) rotated at the fixed distance -> unit ids (kv_heads, <=topk) on the device."""
-        heads, _, d = q_mem.shape
-        kvh = self.spec.kv_heads
-        q_sum = q_mem.reshape(kvh, heads // kvh, -1, d).sum(dim=(1, 2))  # (kv_heads, d)
-        scores = combine(unit_scores(q_sum, self.store.repr_keys()), self.config.lookup)
-        if self.config.impl == "reference":
-            ids = select_units_reference(scores, self.config.topk)
-        else:
-            ids = select_units(scores, self.config.topk)
-        return ids.expand(kvh, -1)
-
-    def _evict(self) -> None:
-        """Cut every block that leaves the window (all at once; each block's representatives are its own)."""
-        cfg = self.config
-        bs = cfg.block_size
-        start = 0 if self.cut else cfg.n_init
-        n_cut = (self.local_k.shape[1] - start - cfg.n_local) // bs
-        if n_cut <= 0:
+        Units keep keys rotated at position 0: rotated back by their window positions. Representatives:
+        the repr_topk keys that received the most attention while in the window."""
+        if plan.n_cut == 0:
             return
-        kvh, n_win, d = self.local_k.shape
-        first = self.seen - n_win - self.base  # position of the window's first key
-        rot = self.rotary
-        span = slice(start, start + n_cut * bs)
-        # Units keep keys rotated at position 0: rotate back by their window positions.
-        k_blk = rot.rotate(self.local_k[:, span], first + start, -1).to(self.dtype).reshape(kvh, n_cut, bs, d)
-        v_blk = self.local_v[:, span].reshape(kvh, n_cut, bs, d)
-        top = torch.topk(self.local_score[:, span].reshape(kvh, n_cut, bs), cfg.repr_topk, dim=2).indices
-        repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n_cut, r, d)
+        cfg, rot = self.config, self.rotary
+        bs, n = cfg.block_size, plan.n_cut
+        kvh, _, d = k_all.shape
+        first = plan.seen - plan.window - self.base  # position of window key 0
+        span = slice(plan.cut_start, plan.cut_start + n * bs)
+        k_blk = rot.rotate(k_all[:, span], first + plan.cut_start, -1).to(self.dtype).reshape(kvh, n, bs, d)
+        v_blk = v_all[:, span].reshape(kvh, n, bs, d)
+        top = torch.topk(score[:, span].reshape(kvh, n, bs), cfg.repr_topk, dim=2).indices
+        repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
         self.store.append_many(k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1))
-        if not self.cut:
-            if start:
-                self.sink_k = rot.rotate(self.local_k[:, :start], first, -1).to(self.dtype)
-                self.sink_v = self.local_v[:, :start].clone()
+        if plan.sinks_from is not None:
+            sinks = slice(plan.sinks_from, plan.sinks_from + cfg.n_init)
+            self.sink_k = rot.rotate(k_all[:, sinks], first + plan.sinks_from, -1).to(self.dtype)
+            self.sink_v = v_all[:, sinks].clone()
             self.cut = True
-        rest = slice(start + n_cut * bs, None)
-        # Compact copies: a slice would pin the old storage.
-        self.local_k = self.local_k[:, rest].contiguous()
-        self.local_v = self.local_v[:, rest].contiguous()
-        self.local_score = self.local_score[:, rest].contiguous()
+
+    def _attend_memory(
+        self,
+        q: torch.Tensor,
+        plan: CallPlan,
+        model_start: int,
+        scale: float,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        kernels: bool,
+    ) -> torch.Tensor:
+        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`."""
+        cfg, rot = self.config, self.rotary
+        dev, c = q.device, q.shape[1]
+        kvh = self.spec.kv_heads
+        cos_m, sin_m = rot.cos_sin(model_start - cfg.n_local, c, -1, dev)  # n_local - (model_start + t)
+        q_mem = rot.apply(q, cos_m, sin_m)
+        t = plan.tensors(dev)
+        n_mb = len(plan.memory_blocks)
+        mem_k = [self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)]
+        mem_v = [self.sink_v.unsqueeze(0).expand(n_mb, -1, -1, -1)]
+        chosen = 0
+        if self.store.n_units > 0 and cfg.topk > 0:
+            q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
+            scores = mask_later(
+                combine(unit_scores(q_sum, self.store.repr_keys()), cfg.lookup), t["mb_units"]
+            )
+            select = select_units_reference if cfg.impl == "reference" else select_units
+            ids = select(scores, cfg.topk).expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
+            chosen = ids.shape[-1]
+            uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
+            mem_k.append(uk)
+            mem_v.append(uv)
+            valid = [min(chosen, plan.blocks[i].units_before) for i in plan.memory_blocks]
+            self.lookups += n_mb
+            self.units_fetched += kvh * sum(valid)
+            if self.lookup_log is not None:  # one entry per block's lookup
+                self.lookup_log += [(self.layer_idx, ids[i, :, :n].reshape(-1)) for i, n in enumerate(valid)]
+        k_mem = torch.cat(mem_k, dim=2) if len(mem_k) > 1 else mem_k[0]
+        v_mem = torch.cat(mem_v, dim=2) if len(mem_v) > 1 else mem_v[0]
+        n_sinks = self.sink_k.shape[1]
+        if kernels:
+            from memllm.context.flash import memory_attention_cuda
+
+            out_m, lse_m = memory_attention_cuda(
+                q_mem.to(self.dtype), k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale
+            )
+        else:
+            out_m, lse_m = memory_attention(
+                q_mem, k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, torch.float32
+            )
+        return merge(out, lse, out_m, lse_m)
+
+    def _account(self, plan: CallPlan, model_start: int) -> None:
+        """Bounds the tests check: keys per query, positions (host integers only)."""
+        cfg = self.config
+        n_sinks = cfg.n_init
+        for b in plan.blocks:
+            n_mem = n_sinks + min(cfg.topk, b.units_before) * cfg.block_size if b.cut_before else 0
+            self.max_keys_per_query = max(self.max_keys_per_query, n_mem + plan.window + b.q1 - b.lo)
+        in_window = plan.seen + plan.c - 1 - self.base  # the call's last query, window frame
+        memory = cfg.n_local if plan.memory_blocks else 0
+        self.max_position = max(self.max_position, model_start + plan.c - 1, in_window, memory)
 
     # ---- checkpoints, accounting, snapshots ------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -307,7 +360,8 @@ class ContextMemoryCache(Cache):
                 "move the model, or leave device unset"
             )
         rotary = Rotary(spec.rotary, spec.trained_len, spec.head_dim)
-        layers = [ContextMemoryLayer(spec, resolved, rotary, i) for i in range(spec.num_layers)]
+        plans = PlanMemo(resolved)
+        layers = [ContextMemoryLayer(spec, resolved, rotary, i, plans) for i in range(spec.num_layers)]
         super().__init__(layers=layers)
         self.spec, self.config, self.rotary = spec, resolved, rotary
 
@@ -318,6 +372,19 @@ class ContextMemoryCache(Cache):
     def next_position_ids(self, n: int) -> torch.Tensor:
         """(1, n) position ids the model should be called with next (what HF derives by default)."""
         return self.layers[0].model_positions(n, self.layers[0].device).unsqueeze(0)
+
+    @contextmanager
+    def record_lookups(self) -> Iterator[list[tuple[int, torch.Tensor]]]:
+        """Within the block, every block's lookup appends (layer index, the unit ids it chose, flat, on the device):
+        read-only, and no host synchronisation is added (read the ids after the block)."""
+        log: list[tuple[int, torch.Tensor]] = []
+        for layer in self.layers:
+            layer.lookup_log = log
+        try:
+            yield log
+        finally:
+            for layer in self.layers:
+                layer.lookup_log = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ContextMemoryCache cannot crop: use checkpoint()/rollback()")

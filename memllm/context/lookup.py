@@ -1,11 +1,14 @@
-"""Unit lookup: score memory units against an execution block of queries, keep the top k per KV head.
+"""Unit lookup: score memory units against execution blocks of queries, keep the top k per KV head.
 
 Score of unit u for KV head g: (sum of the block's queries of the heads in group g, rotated at the
 fixed distance) . (mean of u's representative keys, rotated at position 0), as InfLLM does.
 Selection ("shared", the default): the `topk` units with the highest score summed over KV heads, the
-same units for every head; ("per_head"): the topk per KV head. Ties: lower unit index first (equal
-keys make exact ties, e.g. the same token in layer 0); ids come sorted by unit index. `select_units` runs on the device
-(no host synchronisation); `select_units_reference` is the plain loop the tests compare it with.
+same units for every head; ("per_head"): the topk per KV head. A block may only choose among the
+units cut before it (`units_before`): later ones score -inf, so they sort last and a block with
+fewer than topk candidates keeps its valid ids first. Ties: lower unit index first (equal keys make
+exact ties, e.g. the same token in layer 0); ids come sorted by unit index. All blocks of a call
+are scored and selected at once on the device (no host synchronisation); `select_units_reference`
+is the plain loop the tests compare with.
 
 Knows nothing of where unit K/V live or of attention.
 """
@@ -15,29 +18,51 @@ from __future__ import annotations
 import torch
 
 
+def block_query_sums(
+    q_mem: torch.Tensor, row_block: torch.Tensor, n_blocks: int, kv_heads: int
+) -> torch.Tensor:
+    """q_mem (heads, c, d); row_block (c,) long: each row's memory block or -1 -> (n_blocks, kv_heads, d) fp32.
+
+    A one-hot product rather than a scatter, so the sums are deterministic on every device."""
+    heads, c, d = q_mem.shape
+    per_kv = q_mem.float().reshape(kv_heads, heads // kv_heads, c, d).sum(dim=1)  # (kv_heads, c, d)
+    onehot = (row_block[None, :] == torch.arange(n_blocks, device=q_mem.device)[:, None]).float()
+    return torch.matmul(onehot, per_kv.transpose(0, 1).reshape(c, kv_heads * d)).reshape(
+        n_blocks, kv_heads, d
+    )
+
+
 def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
-    """q_sum (kv_heads, head_dim); repr_keys (kv_heads, n_units, repr_topk, head_dim) -> (kv_heads, n_units) fp32.
+    """q_sum (..., kv_heads, head_dim); repr_keys (kv_heads, n_units, repr_topk, head_dim) -> (..., kv_heads, n_units) fp32.
 
     Computed in the keys' dtype (one product over all units and representatives), no copy of the keys."""
-    return torch.einsum("hd,hurd->hur", q_sum.to(repr_keys.dtype), repr_keys).float().mean(dim=-1)
+    return torch.einsum("...hd,hurd->...hur", q_sum.to(repr_keys.dtype), repr_keys).float().mean(dim=-1)
 
 
 def combine(scores: torch.Tensor, mode: str) -> torch.Tensor:
-    """Per-head scores (kv_heads, n_units) -> the rows selection runs on: one summed row ("shared") or all."""
-    return scores.sum(dim=0, keepdim=True) if mode == "shared" else scores
+    """Per-head scores (..., kv_heads, n_units) -> the rows selection runs on: one summed row ("shared") or all."""
+    return scores.sum(dim=-2, keepdim=True) if mode == "shared" else scores
+
+
+def mask_later(scores: torch.Tensor, units_before: torch.Tensor) -> torch.Tensor:
+    """scores (blocks, rows, n_units); units_before (blocks,) -> units >= units_before[b] set to -inf."""
+    later = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= units_before[:, None]
+    return scores.masked_fill(later[:, None, :], float("-inf"))
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores (rows, n_units) -> ids (rows, min(k, n_units)) long, ascending per row, on scores' device."""
-    k = min(k, scores.shape[1])
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.sort(order, dim=1).values
+    """scores (..., n_units) -> ids (..., min(k, n_units)) long, ascending per row, on scores' device."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values
 
 
 def select_units_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Same selection as `select_units`, by sorting on the host (ties broken by lower index)."""
     rows = []
-    for row in scores.detach().to("cpu", torch.float64).tolist():
+    flat = scores.detach().reshape(-1, scores.shape[-1])
+    for row in flat.to("cpu", torch.float64).tolist():
         order = sorted(range(len(row)), key=lambda u: (-row[u], u))[:k]
         rows.append(sorted(order))
-    return torch.tensor(rows, dtype=torch.long, device=scores.device).reshape(scores.shape[0], -1)
+    n = min(k, scores.shape[-1])
+    return torch.tensor(rows, dtype=torch.long, device=scores.device).reshape(*scores.shape[:-1], n)

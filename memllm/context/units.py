@@ -137,19 +137,21 @@ class UnitStore:
         return k.to(dtype), v.to(dtype)
 
     def gather_reference(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain-PyTorch gather. ids (kv_heads, t) long -> K, V (kv_heads, t*block_size, head_dim) on the device.
+        """Plain-PyTorch gather. ids (..., kv_heads, t) long -> K, V (..., kv_heads, t*block_size, head_dim)
+        on the device (row h of ids reads head h).
 
         Reads the ids on the host (a synchronisation on CUDA); the fast path is gather.gather_units.
         """
-        h, t = ids.shape
-        ids_host = ids.to("cpu").tolist()
-        ks = torch.empty(h, t, self.block_size, self.head_dim, dtype=dtype)
+        lead, (h, t) = ids.shape[:-2], ids.shape[-2:]
+        rows = ids.reshape(-1, h, t).to("cpu").tolist()
+        ks = torch.empty(len(rows), h, t, self.block_size, self.head_dim, dtype=dtype)
         vs = torch.empty_like(ks)
-        for head in range(h):
-            for j, u in enumerate(ids_host[head]):
-                k, v = self.host_unit(int(u), dtype)
-                ks[head, j], vs[head, j] = k[head], v[head]
-        flat = (h, t * self.block_size, self.head_dim)
+        for r, row in enumerate(rows):
+            for head in range(h):
+                for j, u in enumerate(row[head]):
+                    k, v = self.host_unit(int(u), dtype)
+                    ks[r, head, j], vs[r, head, j] = k[head], v[head]
+        flat = (*lead, h, t * self.block_size, self.head_dim)
         return ks.reshape(flat).to(self.device), vs.reshape(flat).to(self.device)
 
     # ---- accounting and snapshots ------------------------------------------------------------------

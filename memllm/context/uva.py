@@ -20,12 +20,12 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 @triton.jit
 def _gather_kernel(
-    ids_ptr,  # (kv_heads * t,) int64 unit ids
+    ids_ptr,  # (rows * kv_heads * t,) int64 unit ids
     k_table,  # (segments,) int64 base addresses of K segments
     v_table,
     ks_table,  # int8 only: key scales (segment_units, kv_heads, 1, head_dim) fp32
     vs_table,  # int8 only: value scales (segment_units, kv_heads, block, 1) fp32
-    out_k,  # (kv_heads, t, block, head_dim)
+    out_k,  # (rows, kv_heads, t, block, head_dim)
     out_v,
     t,
     KV_HEADS: tl.constexpr,
@@ -36,9 +36,9 @@ def _gather_kernel(
     QUANT: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # one (kv head, selected unit)
+    pid = tl.program_id(0)  # one (row, kv head, selected unit)
     part = tl.program_id(1)  # one CHUNK of the unit's block * head_dim elements
-    h = pid // t
+    h = (pid // t) % KV_HEADS
     u = tl.load(ids_ptr + pid)
     seg = u // SEG_UNITS
     off = u % SEG_UNITS
@@ -83,19 +83,20 @@ class _Tables:
 def gather_units_uva(
     store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (kv_heads, t) long on CUDA -> K, V (kv_heads, t*block_size, head_dim) in `dtype`, no host sync."""
-    h, t = ids.shape
+    """ids (..., kv_heads, t) long on CUDA -> K, V (..., kv_heads, t*block_size, head_dim) in `dtype`, no host sync."""
+    lead, (h, t) = ids.shape[:-2], ids.shape[-2:]
+    n_rows = ids.numel() // max(h * t, 1)
     bs, d = store.block_size, store.head_dim
-    out_k = torch.empty(h, t * bs, d, dtype=dtype, device=ids.device)
+    out_k = torch.empty(*lead, h, t * bs, d, dtype=dtype, device=ids.device)
     out_v = torch.empty_like(out_k)
-    if t == 0:
+    if t == 0 or n_rows == 0:
         return out_k, out_v
     if not isinstance(store.kernel_state, _Tables):
         store.kernel_state = _Tables()
     tables = store.kernel_state.refresh(store)
     quant = store.offload_dtype == "int8"
     chunk = 2048
-    grid = (h * t, triton.cdiv(bs * d, chunk))
+    grid = (n_rows * h * t, triton.cdiv(bs * d, chunk))
     _gather_kernel[grid](
         ids.contiguous().reshape(-1),
         tables["k"],

@@ -8,7 +8,8 @@ sinks [0, n_init) and the topk units by the sum over KV heads g of (sum of the b
 heads rotated at n_local) . (mean of g's repr keys * s) (same units for every head; per KV head when
 mem.lookup == "per_head"), all at key position 0 with queries at n_local. After each block, while
 T - c0 - block_size >= n_local (c0 = w once cut, else n_init), tokens [c0, c0 + block_size) become a
-unit with representatives = the repr_topk tokens that received the most attention while local.
+unit with representatives = the repr_topk tokens that received the most attention while local
+(softmax over the local keys only, summed over the queries that saw them).
 The model is called with position_ids = 0, so the keys it hands over are s * x (un-rotated).
 """
 
@@ -114,7 +115,7 @@ class RuleReference:
                     vals.append(st["V"][g, mem_tokens])
                 p = torch.softmax(torch.cat(logits), dim=0)
                 out[h, i] = p @ torch.cat(vals)
-                st["recv"][g, local] += p[: len(local)]
+                st["recv"][g, local] += torch.softmax(logits[0], dim=0)  # attention within the window
         total = a + e
         while True:
             c0 = st["w"] if st["cut"] else mem.n_init

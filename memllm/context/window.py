@@ -1,0 +1,92 @@
+"""Attention passes of one call (see plan.py for the coordinates), in plain PyTorch.
+
+local_attention: each query over the window keys its block sees [lo_b, W + t] (causal, exact relative
+positions), returning the output, its log-sum-exp and the attention each window key received
+(softmax over the local keys, summed over the call's queries and the heads sharing its KV head).
+memory_attention: the queries of each memory block over that block's sinks + chosen units.
+merge: one softmax over both key sets, from the two (output, lse) pairs: exactly what dense
+attention over the union gives.
+
+These loops over execution blocks are the reference and the CPU path; flash.py holds the CUDA
+kernels with the same contracts, which tests compare with these. Knows nothing of rotations or units.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memllm.context.plan import CallPlan
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, scale: float, compute: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (heads, c, d) rotated at window positions; k, v (kv_heads, W + c, d).
+
+    Returns out (heads, c, d) fp32, lse (heads, c) fp32, received (kv_heads, W + c) fp32."""
+    heads, c, d = q.shape
+    kvh, n_keys = k.shape[0], k.shape[1]
+    g = heads // kvh
+    W = plan.window
+    out = torch.empty(heads, c, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(heads, c, dtype=torch.float32, device=q.device)
+    received = torch.zeros(kvh, n_keys, dtype=torch.float32, device=q.device)
+    for b in plan.blocks:
+        n, hi = b.q1 - b.q0, W + b.q1
+        qb = q[:, b.q0 : b.q1].to(compute).reshape(kvh, g * n, d)
+        kb, vb = k[:, b.lo : hi].to(compute), v[:, b.lo : hi].to(compute)
+        logits = torch.matmul(qb, kb.transpose(1, 2)).float() * scale  # (kvh, g*n, hi - lo)
+        rows = torch.arange(n, device=q.device).repeat(g) + W + b.q0  # each row's own key
+        cols = torch.arange(b.lo, hi, device=q.device)
+        logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        lse_b = torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = torch.exp(logits - lse_b)
+        out[:, b.q0 : b.q1] = torch.matmul(p.to(compute), vb).float().reshape(heads, n, d)
+        lse[:, b.q0 : b.q1] = lse_b.reshape(heads, n)
+        received[:, b.lo : hi] += p.sum(dim=1)
+    return out, lse, received
+
+
+def memory_attention(
+    q: torch.Tensor,
+    k_mem: torch.Tensor,
+    v_mem: torch.Tensor,
+    plan: CallPlan,
+    n_sinks: int,
+    n_chosen: int,
+    block_size: int,
+    scale: float,
+    compute: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (heads, c, d) rotated at the fixed distance; k_mem, v_mem (memory blocks, kv_heads, M, d) laid
+    out [sinks, chosen units]; memory block i sees n_sinks + min(n_chosen, units_before) * block_size keys.
+
+    Returns out (heads, c, d) fp32 (0 on rows without memory) and lse (heads, c) (-inf there)."""
+    heads, c, d = q.shape
+    kvh = k_mem.shape[1]
+    g = heads // kvh
+    out = torch.zeros(heads, c, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((heads, c), float("-inf"), dtype=torch.float32, device=q.device)
+    for i, bi in enumerate(plan.memory_blocks):
+        b = plan.blocks[bi]
+        n = b.q1 - b.q0
+        m = n_sinks + min(n_chosen, b.units_before) * block_size
+        if m == 0:
+            continue
+        qb = q[:, b.q0 : b.q1].to(compute).reshape(kvh, g * n, d)
+        logits = torch.matmul(qb, k_mem[i, :, :m].to(compute).transpose(1, 2)).float() * scale
+        lse_b = torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = torch.exp(logits - lse_b)
+        out[:, b.q0 : b.q1] = (
+            torch.matmul(p.to(compute), v_mem[i, :, :m].to(compute)).float().reshape(heads, n, d)
+        )
+        lse[:, b.q0 : b.q1] = lse_b.reshape(heads, n)
+    return out, lse
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Two attentions over disjoint key sets -> attention over their union. lse_a must be finite."""
+    m = torch.maximum(lse_a, lse_b)
+    wa = torch.exp(lse_a - m).unsqueeze(-1)
+    wb = torch.exp(lse_b - m).unsqueeze(-1)
+    return (out_a * wa + out_b * wb) / (wa + wb)
