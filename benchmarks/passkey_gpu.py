@@ -3,7 +3,7 @@
 Usage (on the device machine, model folder holding the SmolLM2 GGUF and its tokenizer files):
   PYTHONPATH=/tmp/site:. python benchmarks/passkey_gpu.py --model-dir /root/m --gguf smollm2.gguf \
       --full 4k,8k --lengths 8k,32k,128k --depths 10 --out $OUT/passkey.json
-Prints a table last; writes every trial to --out. `--sync-check 32k` decodes once more at that length
+Prints a table last (prefill and decode: medians over a length's trials); writes every trial to --out. `--sync-check 32k` decodes once more at that length
 with torch.cuda.set_sync_debug_mode("error"): any host synchronisation in the decode path raises.
 """
 
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8k,32k,128k,512k,1m")
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--offload-dtype", default="bf16")
+    ap.add_argument("--int8", default="", help="lengths to run again with int8 units (accuracy cost)")
     ap.add_argument("--sync-check", default=None)
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
     ap.add_argument("--out", default=None)
@@ -95,9 +96,13 @@ def main() -> None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         print("sync check:", sync, flush=True)
+    only = [int(x) for x in args.only.split(",")] if args.only else None
     results += run_passkey(
-        llm, lengths(args.lengths), args.depths, memory=memory, system="memllm", progress=say
+        llm, lengths(args.lengths), args.depths, memory=memory, system="memllm", progress=say, only=only
     )
+    if args.int8:
+        int8 = MemoryConfig(offload_dtype="int8")
+        results += run_passkey(llm, lengths(args.int8), args.depths, memory=int8, system="int8", progress=say)
     rows = [r.summary() for r in results]
     import transformers
     import triton

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -95,16 +96,17 @@ class LengthResult:
         return sum(t.correct for t in self.trials)
 
     def summary(self) -> dict[str, Any]:
-        prefill = sum(t.prefill_s for t in self.trials)
-        tokens = sum(t.length - ANSWER_TOKENS for t in self.trials)
+        """Prefill tokens/s and decode ms/token are medians over the trials (the first trial of a run
+        pays warm-up: kernel compilation, allocator growth), so one slow start does not skew them."""
+        rates = [(t.length - ANSWER_TOKENS) / t.prefill_s for t in self.trials if t.prefill_s > 0]
         decode = [t.decode_ms_per_token for t in self.trials if t.decode_ms_per_token > 0]
         return {
             "system": self.system,
             "length": self.length,
             "correct": self.correct,
             "trials": len(self.trials),
-            "prefill_tokens_per_s": tokens / prefill if prefill > 0 else None,
-            "decode_ms_per_token": sum(decode) / len(decode) if decode else None,
+            "prefill_tokens_per_s": statistics.median(rates) if rates else None,
+            "decode_ms_per_token": statistics.median(decode) if decode else None,
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "host_bytes": self.host_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,

@@ -20,17 +20,22 @@ from memllm.context.plan import CallPlan
 BM, BN = 64, 64
 
 
+def _prec(x: torch.Tensor) -> str:
+    """fp32 inputs are multiplied in full fp32 (Triton would use TF32), like the PyTorch loops."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 @triton.jit
-def _online_tile(q, k, v, visible, m_i, l_i, acc, scale):
+def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PREC: tl.constexpr):
     """One key tile of online softmax: q (BM, D), k/v (BN, D), visible (BM, BN)."""
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -38,7 +43,7 @@ def _online_tile(q, k, v, visible, m_i, l_i, acc, scale):
 def _local_fwd(
     Q, K, V, OUT, LSE, ROW_LO,
     c, W, scale,
-    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -61,7 +66,7 @@ def _local_fwd(
         k = tl.load(K + (kvh * n_keys + cols[:, None]) * D + dd[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(V + (kvh * n_keys + cols[:, None]) * D + dd[None, :], mask=col_ok[:, None], other=0.0)
         visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] <= W + rows[:, None]) & row_ok[:, None]
-        m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale)
+        m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PREC)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(OUT + (h * c + rows[:, None]) * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
     tl.store(LSE + h * c + rows, m_i + tl.log(l_safe), mask=row_ok)
@@ -71,7 +76,7 @@ def _local_fwd(
 def _received(
     Q, K, LSE, ROW_LO, R,
     c, W, scale,
-    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -92,7 +97,7 @@ def _received(
             h = kvh * G + gi
             q = tl.load(Q + (h * c + rows[:, None]) * D + dd[None, :], mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + h * c + rows, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             total += tl.sum(p, 0)
     tl.store(R + kvh * n_keys + cols, total, mask=col_ok)
@@ -102,7 +107,7 @@ def _received(
 def _memory_fwd(
     Q, KM, VM, OUT, LSE, MB_Q0, MB_Q1, MB_UNITS,
     c, M, n_sinks, n_chosen, block_size, scale,
-    KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -127,7 +132,7 @@ def _memory_fwd(
             k = tl.load(KM + (base + cols[:, None]) * D + dd[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(VM + (base + cols[:, None]) * D + dd[None, :], mask=col_ok[:, None], other=0.0)
             visible = col_ok[None, :] & row_ok[:, None]
-            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale)
+            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PREC)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("-inf"))
         tl.store(OUT + (h * c + rows[:, None]) * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
@@ -147,10 +152,10 @@ def local_attention_cuda(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = heads // kvh
     _local_fwd[(triton.cdiv(c, BM), heads)](
-        q, k, v, out, lse, t["row_lo"], c, plan.window, scale, G=g, D=d, BM=BM, BN=BN
+        q, k, v, out, lse, t["row_lo"], c, plan.window, scale, G=g, D=d, BM=BM, BN=BN, PREC=_prec(q)
     )
     _received[(triton.cdiv(n_keys, BN), kvh)](
-        q, k, lse, t["row_lo"], received, c, plan.window, scale, G=g, D=d, BM=BM, BN=BN
+        q, k, lse, t["row_lo"], received, c, plan.window, scale, G=g, D=d, BM=BM, BN=BN, PREC=_prec(q)
     )
     return out, lse, received
 
@@ -178,6 +183,6 @@ def memory_attention_cuda(
         q.contiguous(), k_mem.contiguous(), v_mem.contiguous(), out, lse,
         t["mb_q0"], t["mb_q1"], t["mb_units"],
         c, m, n_sinks, n_chosen, block_size, scale,
-        KVH=kvh, G=heads // kvh, D=d, BM=BM, BN=BN,
+        KVH=kvh, G=heads // kvh, D=d, BM=BM, BN=BN, PREC=_prec(q),
     )  # fmt: skip
     return out, lse
