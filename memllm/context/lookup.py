@@ -33,10 +33,9 @@ def block_query_sums(
 
 
 def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
-    """q_sum (..., kv_heads, head_dim); repr_keys (kv_heads, n_units, repr_topk, head_dim) -> (..., kv_heads, n_units) fp32.
-
-    Computed in the keys' dtype (one product over all units and representatives), no copy of the keys."""
-    return torch.einsum("...hd,hurd->...hur", q_sum.to(repr_keys.dtype), repr_keys).float().mean(dim=-1)
+    """q_sum (..., kv_heads, head_dim); repr_keys (kv_heads, n_units, head_dim), each unit's mean
+    representative key -> (..., kv_heads, n_units) fp32. Computed in the keys' dtype, no copy of the keys."""
+    return torch.einsum("...hd,hud->...hu", q_sum.to(repr_keys.dtype), repr_keys).float()
 
 
 def combine(scores: torch.Tensor, mode: str) -> torch.Tensor:

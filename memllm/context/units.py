@@ -3,9 +3,10 @@
 Host storage is a list of fixed-size segments (pinned when the device is CUDA, so a kernel can read
 them through unified addressing without a host synchronisation); units are never moved once written.
 K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and channel; values: per
-unit, head and token). Representative keys (repr_topk per unit and KV head, un-rotated) live on the
-device, laid out (kv_heads, capacity, repr_topk, head_dim) so scoring reads them without a copy; the
-buffer doubles when full.
+unit, head and token). A unit's representative keys (repr_topk per KV head, un-rotated) are kept on
+the device as their mean, which is all the lookup's score needs (q . mean(r) = mean(q . r)): laid out
+(kv_heads, capacity, head_dim) so scoring reads them without a copy; the buffer grows by a quarter
+when full, so the device memory beyond the units' own stays small (one key per unit and KV head).
 
 Knows nothing of positions, attention or which units get selected (see lookup.py, gather.py).
 """
@@ -58,7 +59,7 @@ class UnitStore:
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
-        self._repr: torch.Tensor | None = None  # (kv_heads, capacity, repr_topk, head_dim) on device
+        self._repr: torch.Tensor | None = None  # (kv_heads, capacity, head_dim) on device: mean representative
         self.version = 0  # bumps when segments are added (gather kernels rebuild pointer tables)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -105,13 +106,13 @@ class UnitStore:
             done += take
         need = self.n_units + n
         if self._repr is None or self._repr.shape[1] < need:
-            cap = max(16, need, 2 * (self._repr.shape[1] if self._repr is not None else 0))
-            h, _, r, d = repr_k.transpose(0, 1).shape
-            grown = torch.empty((h, cap, r, d), dtype=repr_k.dtype, device=self.device)
+            cap = max(16, need, (5 * self._repr.shape[1]) // 4 if self._repr is not None else 0)
+            h, d = repr_k.shape[1], repr_k.shape[3]
+            grown = torch.empty((h, cap, d), dtype=repr_k.dtype, device=self.device)
             if self._repr is not None:
                 grown[:, : self.n_units] = self._repr[:, : self.n_units]
             self._repr = grown
-        self._repr[:, self.n_units : need] = repr_k.transpose(0, 1)
+        self._repr[:, self.n_units : need] = repr_k.float().mean(dim=2).transpose(0, 1).to(repr_k.dtype)
         self.n_units = need
 
     def truncate(self, n_units: int) -> None:
@@ -122,9 +123,9 @@ class UnitStore:
 
     # ---- reading -------------------------------------------------------------------------------
     def repr_keys(self) -> torch.Tensor:
-        """(kv_heads, n_units, repr_topk, head_dim) on the device (a view)."""
+        """(kv_heads, n_units, head_dim) on the device (a view): each unit's mean representative key."""
         if self._repr is None:
-            return torch.empty(self.kv_heads, 0, self.repr_topk, self.head_dim, device=self.device)
+            return torch.empty(self.kv_heads, 0, self.head_dim, device=self.device)
         return self._repr[:, : self.n_units]
 
     def host_unit(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +182,9 @@ class UnitStore:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of `state` (units are written back into fresh segments)."""
-        repr_k = state["repr"]  # (kv_heads, n, r, d)
+        repr_k = state["repr"]  # (kv_heads, n, d); snapshots from before the mean: (kv_heads, n, r, d)
+        if repr_k.dim() == 4:
+            repr_k = repr_k.float().mean(dim=2).to(repr_k.dtype)
         n = repr_k.shape[1]
         self.truncate(0)
         done = 0
