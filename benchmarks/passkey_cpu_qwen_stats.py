@@ -8,14 +8,10 @@ Usage: python benchmarks/passkey_cpu_qwen_stats.py [depth index 0..2, default 1]
 
 import json
 import sys
-import time
 
-from memllm.bench.passkey import ANSWER_TOKENS, depths, keys_for, prompt_ids
+from memllm.bench.passkey import depths, feed_and_decode, keys_for, prompt_ids
 from memllm.config import MemoryConfig
-from memllm.context import attach
-from memllm.context.prefill import greedy
 from memllm.llm import MemLLM
-from memllm.session import Session
 
 LENGTH, N_DEPTHS = 8192, 3
 index = int(sys.argv[1]) if len(sys.argv) > 1 else 1
@@ -24,13 +20,8 @@ depth, key = depths(N_DEPTHS)[index], keys_for(LENGTH, N_DEPTHS)[index]
 llm = MemLLM.from_pretrained("qwen2.5-coder-0.5b", device="cpu")
 memory = MemoryConfig(n_local=2048, topk=16, offload_dtype="bf16")
 ids = prompt_ids(llm.tokenizer, LENGTH, depth, key)
-session = Session(llm, memory)
-t0 = time.perf_counter()
-session.feed_ids(ids)
-prefill_s = time.perf_counter() - t0
-with attach(llm.model, cache=session.cache):
-    out, _ = greedy(llm.model, session.cache, session.last_logits, ANSWER_TOKENS)
-answer = llm.tokenizer.decode(out.tolist(), skip_special_tokens=True)
+session, out, prefill_s, _ = feed_and_decode(llm, ids, memory)
+answer = llm.tokenizer.decode(out, skip_special_tokens=True)
 json.dump(
     {
         "model": "qwen2.5-coder-0.5b",

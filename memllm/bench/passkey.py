@@ -135,8 +135,8 @@ def _cut_at_stop(llm: Any, ids: list[int]) -> list[int]:
     return ids
 
 
-def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int]:
-    """Feed the prompt into a fresh Session and decode greedily; (answer ids, prefill s, decode ms/token, host bytes).
+def feed_and_decode(llm: Any, ids: list[int], memory: Any) -> tuple[Any, list[int], float, float]:
+    """Feed the prompt into a fresh Session and decode greedily; (session, answer ids, prefill s, decode ms/token).
 
     Decoding keeps the tokens on the device (prefill.greedy: no host synchronisation per token) and
     cuts at the first stop token afterwards.
@@ -156,12 +156,13 @@ def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float,
         out, _ = greedy(llm.model, session.cache, session.last_logits, ANSWER_TOKENS)
     _sync(device)
     t2 = time.perf_counter()
-    return (
-        _cut_at_stop(llm, out.tolist()),
-        t1 - t0,
-        (t2 - t1) * 1000 / ANSWER_TOKENS,
-        session.stats()["host_bytes_stored"],
-    )
+    return session, _cut_at_stop(llm, out.tolist()), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
+
+
+def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int]:
+    """`feed_and_decode`, keeping the unit store's host bytes: (answer ids, prefill s, decode ms/token, host bytes)."""
+    session, out, prefill_s, decode_ms = feed_and_decode(llm, ids, memory)
+    return out, prefill_s, decode_ms, session.stats()["host_bytes_stored"]
 
 
 @torch.no_grad()

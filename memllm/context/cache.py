@@ -201,8 +201,8 @@ class ContextMemoryLayer(CacheLayerMixin):
             out, lse, received = local_attention_cuda(q_loc.to(self.dtype), k_all, v_all, plan, scale)
         else:
             out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
-        score = torch.cat([self.local_score, self.local_score.new_zeros(self.local_score.shape[0], c)], dim=1)
-        score = score + received
+        score = received  # a fresh tensor: the window's earlier scores are added in place
+        score[:, :n_prev] += self.local_score
         self._cut(plan, k_all, v_all, score)
         if plan.memory_blocks:
             out = self._attend_memory(q, plan, model_start, scale, out, lse, kernels)
