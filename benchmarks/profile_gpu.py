@@ -1,0 +1,264 @@
+"""Where a context-memory model call spends its time on a GPU (issue 3): a profile, not a result.
+
+A random-weight model with SmolLM2-135M's shapes (timing does not depend on the weights), bf16:
+  1. full attention (sdpa): 8K prefill and decode at 8K (medians);
+  2. memllm: per-call prefill time, host time spent inside the attention function, a torch.profiler
+     table of two prefill calls and of five decode steps;
+  3. the Triton kernels alone on one call's shapes, over a sweep of tile configurations, against sdpa
+     on the same number of query-key pairs (the ceiling).
+Usage: PYTHONPATH=. python benchmarks/profile_gpu.py --tokens 128k --out $OUT/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def smollm2_shaped(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def profile_table(fn, rows: int = 25) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    ka = prof.key_averages()
+    cpu = ka.table(sort_by="self_cpu_time_total", row_limit=rows)
+    cuda = ka.table(sort_by="self_cuda_time_total", row_limit=rows)
+    total_cuda = sum(e.self_device_time_total for e in ka) / 1e3
+    total_cpu = sum(e.self_cpu_time_total for e in ka) / 1e3
+    n_launch = sum(
+        e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    )
+    return {"cpu_table": cpu, "cuda_table": cuda, "self_cuda_ms": total_cuda, "self_cpu_ms": total_cpu,
+            "launches": n_launch}  # fmt: skip
+
+
+@torch.no_grad()
+def full_attention(model, n: int) -> dict:
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, 40000, (1, n), device="cuda")
+
+    def prefill():
+        model(
+            input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+        )
+
+    pre = timed(prefill, 6)[1:]
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    steps = []
+    for _ in range(24):
+        sync()
+        t = time.perf_counter()
+        tok = logits.argmax().view(1, 1)
+        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[0, -1]
+        sync()
+        steps.append(time.perf_counter() - t)
+    return {"prefill_s": statistics.median(pre), "tok_s": n / statistics.median(pre),
+            "decode_ms": 1000 * statistics.median(steps[4:])}  # fmt: skip
+
+
+@torch.no_grad()
+def memllm_run(model, n_tokens: int, config) -> dict:
+    from memllm.context import attach
+    from memllm.context.cache import ContextMemoryLayer
+    from memllm.context.prefill import step
+
+    host = {"attend_s": 0.0, "calls": 0}
+    original = ContextMemoryLayer.attend
+
+    def attend(self, *a, **k):  # host time inside the attention function (no sync added)
+        t = time.perf_counter()
+        out = original(self, *a, **k)
+        host["attend_s"] += time.perf_counter() - t
+        host["calls"] += 1
+        return out
+
+    ContextMemoryLayer.attend = attend
+    try:
+        ids = torch.randint(100, 40000, (1, n_tokens), device="cuda")
+        with attach(model, config) as cache:
+            chunk = cache.config.chunk_size
+            per_call, host_per_call = [], []
+            done = 0
+            while done < n_tokens:
+                end = min(n_tokens, done + chunk - cache.seen_tokens % chunk)
+                host["attend_s"] = 0.0
+                sync()
+                t = time.perf_counter()
+                logits = step(model, cache, ids[:, done:end])
+                sync()
+                per_call.append(time.perf_counter() - t)
+                host_per_call.append(host["attend_s"])
+                done = end
+            steady = per_call[4:] or per_call
+            res = {"chunk": chunk, "calls": len(per_call), "call_ms": 1000 * statistics.median(steady),
+                   "tok_s": chunk / statistics.median(steady),
+                   "attend_host_ms_per_call": 1000 * statistics.median(host_per_call[4:] or host_per_call),
+                   "units_per_layer": cache.layers[0].store.n_units}  # fmt: skip
+            more = torch.randint(100, 40000, (1, 2 * chunk), device="cuda")
+            res["prefill_profile"] = profile_table(
+                lambda: (step(model, cache, more[:, :chunk]), step(model, cache, more[:, chunk:]))
+            )
+            steps, host_steps = [], []
+            for _ in range(40):
+                host["attend_s"] = 0.0
+                sync()
+                t = time.perf_counter()
+                tok = logits.argmax().view(1, 1)
+                logits = step(model, cache, tok)
+                sync()
+                steps.append(time.perf_counter() - t)
+                host_steps.append(host["attend_s"])
+            res["decode_ms"] = 1000 * statistics.median(steps[8:])
+            res["decode_attend_host_ms"] = 1000 * statistics.median(host_steps[8:])
+
+            def five():
+                lg = logits
+                for _ in range(5):
+                    lg = step(model, cache, lg.argmax().view(1, 1))
+
+            res["decode_profile"] = profile_table(five)
+    finally:
+        ContextMemoryLayer.attend = original
+    return res
+
+
+def kernel_sweep() -> list[dict]:
+    """The local, received and memory kernels on one steady-state call's shapes, per tile config."""
+    import torch.nn.functional as F
+    import triton
+    import triton.testing
+
+    from memllm.config import MemoryConfig
+    from memllm.context import flash
+    from memllm.context.plan import plan_call
+
+    cfg = MemoryConfig().resolved(8192)
+    c, W = cfg.chunk_size, cfg.n_local + cfg.block_size + 256
+    plan = plan_call(200_000, W, True, 1500, c, cfg)
+    t = plan.tensors("cuda")
+    heads, kvh, d = 9, 3, 64
+    q = torch.randn(heads, c, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(kvh, W + c, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = torch.empty(heads, c, d, device="cuda")
+    lse = torch.empty(heads, c, device="cuda")
+    rec = torch.empty(kvh, W + c, device="cuda")
+    n_mb = len(plan.memory_blocks)
+    m = cfg.n_init + cfg.topk * cfg.block_size
+    km = torch.randn(n_mb, kvh, m, d, device="cuda", dtype=torch.bfloat16)
+    vm = torch.randn_like(km)
+
+    def time_kernels(bm: int, bn: int, kw: dict) -> dict:
+        local = flash._local_fwd[(triton.cdiv(c, bm), heads)]
+        received = flash._received[(triton.cdiv(W + c, bn), kvh)]
+        memory = flash._memory_fwd[(triton.cdiv(512, bm), heads, n_mb)]
+        common = {"G": 3, "D": d, "BM": bm, "BN": bn, "PREC": "tf32", **kw}
+        mem_args = (q, km, vm, out, lse, t["mb_q0"], t["mb_q1"], t["mb_units"], c, m, cfg.n_init, cfg.topk)
+        return {
+            "local_ms": triton.testing.do_bench(
+                lambda: local(q, k, v, out, lse, t["row_lo"], c, W, 0.125, **common)
+            ),
+            "received_ms": triton.testing.do_bench(
+                lambda: received(q, k, lse, t["row_lo"], rec, c, W, 0.125, **common)
+            ),
+            "memory_ms": triton.testing.do_bench(
+                lambda: memory(*mem_args, cfg.block_size, 0.125, KVH=kvh, **common)
+            ),
+        }
+
+    res = []
+    for bm, bn, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]:  # fmt: skip
+        row = {"BM": bm, "BN": bn, "warps": warps, "stages": stages}
+        try:
+            row.update(time_kernels(bm, bn, {"num_warps": warps, "num_stages": stages}))
+        except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        res.append(row)
+        print(row, flush=True)
+    # Ceiling: sdpa (flash) with the same number of query-key pairs as the local pass.
+    keys = cfg.n_local + 512
+    qq = torch.randn(1, heads, c, d, device="cuda", dtype=torch.bfloat16)
+    kk = torch.randn(1, heads, keys, d, device="cuda", dtype=torch.bfloat16)
+    res.append({"sdpa_same_pairs_ms": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(qq, kk, kk)),
+                "keys": keys})  # fmt: skip
+    print(res[-1], flush=True)
+    return res
+
+
+def main() -> None:
+    from memllm.bench.passkey import parse_length
+    from memllm.config import MemoryConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="128k")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: full,memllm,kernels")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    skip = set(args.skip.split(","))
+    import transformers
+    import triton
+
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "triton": triton.__version__}  # fmt: skip
+    print(info, flush=True)
+    model = smollm2_shaped("cuda")
+    res: dict = {"info": info}
+    if "kernels" not in skip:
+        res["kernels"] = kernel_sweep()
+    if "full" not in skip:
+        res["full_8k"] = full_attention(model, 8192)
+        print("full 8K", res["full_8k"], flush=True)
+    if "memllm" not in skip:
+        res["memllm"] = memllm_run(model, parse_length(args.tokens), MemoryConfig())
+        m = res["memllm"]
+        for name in ("prefill_profile", "decode_profile"):
+            print(f"==== {name}: self cuda {m[name]['self_cuda_ms']:.1f} ms, self cpu {m[name]['self_cpu_ms']:.1f} ms, "
+                  f"launches {m[name]['launches']}")  # fmt: skip
+            print(m[name]["cpu_table"])
+            print(m[name]["cuda_table"])
+        print({k: v for k, v in m.items() if not k.endswith("profile")}, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
