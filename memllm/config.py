@@ -28,6 +28,7 @@ class MemoryConfig:
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
+    decode_graphs: on CUDA with impl "fast", decode single tokens by replaying a captured CUDA graph.
     """
 
     n_init: int = 128
@@ -42,6 +43,7 @@ class MemoryConfig:
     device: str | None = None
     impl: str = "fast"
     lookup: str = "shared"
+    decode_graphs: bool = True
 
     def __post_init__(self) -> None:
         def positive(
@@ -74,6 +76,8 @@ class MemoryConfig:
             raise ConfigError(
                 f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
             )
+        if not isinstance(self.decode_graphs, bool):
+            raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")
         if self.max_cached_blocks is not None and self.topk > 0 and self.max_cached_blocks < self.topk:
             raise ConfigError(
                 f"MemoryConfig.max_cached_blocks ({self.max_cached_blocks}) must be at least topk ({self.topk})"

@@ -55,5 +55,8 @@ def context_memory_attention(
                 "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
             )
     with torch.no_grad():
-        out = layer.attend(query, key, value, scale)
+        if cache.static is not None:  # a single-token static step (graph.py)
+            out = cache.static.attend(layer, query, key, value, scale)
+        else:
+            out = layer.attend(query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -113,6 +113,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             plans if plans is not None else PlanMemo(config)
         )  # shared by all layers: one schedule per call
         self.lookup_log: list[tuple[int, torch.Tensor]] | None = None  # see ContextMemoryCache.record_lookups
+        self.static_views = False  # local_k/v/score are views of static.py's buffers (written in place)
         self.lookups = 0
         self.units_fetched = 0
         self.max_keys_per_query = 0
@@ -212,6 +213,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k = k_all[:, keep:].contiguous() if keep else k_all
         self.local_v = v_all[:, keep:].contiguous() if keep else v_all
         self.local_score = score[:, keep:].contiguous() if keep else score
+        self.static_views = False
         self.seen += c
         return out.unsqueeze(0).to(query.dtype)
 
@@ -308,9 +310,12 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     # ---- checkpoints, accounting, snapshots ------------------------------------------------------------
     def checkpoint(self) -> dict:
+        local = (self.local_k, self.local_v, self.local_score)
+        if self.static_views:  # the static decode buffers are written in place: keep a copy
+            local = tuple(t.clone() for t in local)
         return {
-            "sink_k": self.sink_k, "sink_v": self.sink_v, "local_k": self.local_k, "local_v": self.local_v,
-            "local_score": self.local_score, "seen": self.seen, "cut": self.cut, "n_units": self.store.n_units,
+            "sink_k": self.sink_k, "sink_v": self.sink_v, "local_k": local[0], "local_v": local[1],
+            "local_score": local[2], "seen": self.seen, "cut": self.cut, "n_units": self.store.n_units,
             "base": self.base,
         }  # fmt: skip
 
@@ -326,6 +331,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = cp["sink_k"], cp["sink_v"]
         self.local_k, self.local_v, self.local_score = cp["local_k"], cp["local_v"], cp["local_score"]
         self.seen, self.cut, self.base = cp["seen"], cp["cut"], cp["base"]
+        self.static_views = False
         self.store.truncate(cp["n_units"])
 
     def device_bytes(self) -> dict[str, int]:
@@ -346,6 +352,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k, self.local_v = state["local_k"].to(dev), state["local_v"].to(dev)
         self.local_score = state["local_score"].to(dev)
         self.seen, self.cut, self.base = seen, cut, base
+        self.static_views = False
         self.store.load_state({k[len("units.") :]: t for k, t in state.items() if k.startswith("units.")})
 
 
@@ -364,6 +371,19 @@ class ContextMemoryCache(Cache):
         layers = [ContextMemoryLayer(spec, resolved, rotary, i, plans) for i in range(spec.num_layers)]
         super().__init__(layers=layers)
         self.spec, self.config, self.rotary = spec, resolved, rotary
+        self.static = None  # the StaticDecode whose step the attention function runs (set by graph.py)
+        self._decode_graph = None
+
+    def decode_graph(self):
+        """The DecodeGraph single tokens go through (CUDA, impl "fast", config.decode_graphs), else None."""
+        cfg = self.config
+        if not (cfg.decode_graphs and cfg.impl == "fast" and self.layers[0].device.type == "cuda"):
+            return None
+        if self._decode_graph is None:
+            from memllm.context.graph import DecodeGraph
+
+            self._decode_graph = DecodeGraph(self)
+        return self._decode_graph
 
     @property
     def seen_tokens(self) -> int:

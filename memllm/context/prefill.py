@@ -15,8 +15,15 @@ from memllm.context.cache import ContextMemoryCache
 
 @torch.no_grad()
 def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -> torch.Tensor:
-    """Feed ids (1, n) in one model call (n <= chunk_size); returns the last position's logits (vocab,) fp32."""
+    """Feed ids (1, n) in one model call (n <= chunk_size); returns the last position's logits (vocab,) fp32.
+
+    A single token goes through the cache's DecodeGraph when it has one and the token cuts nothing."""
     ids = ids.to(cache.layers[0].device)
+    if ids.shape[1] == 1:
+        graph = cache.decode_graph()
+        logits = graph.step(model, ids) if graph is not None else None
+        if logits is not None:
+            return logits
     out = model(
         input_ids=ids,
         past_key_values=cache,

@@ -1,0 +1,105 @@
+"""The static single-token step (static.py, what graph.py captures) equals the plain decode path.
+
+Run eagerly (DecodeGraph(capture=False)) on the CPU: per-token logits, the state after decoding, the
+counters and the lookup log all match the plain path, across the plain steps that cut units (one in
+block_size tokens) and a checkpoint/rollback in the middle of static steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memllm.context import attach
+from memllm.context.graph import DecodeGraph
+from memllm.context.prefill import feed, step
+from tests.context.helpers import small_memory, tiny_model
+
+PREFILL, DECODE = 120, 40
+
+
+def decode(model, mem, ids, static: bool):
+    """Feed PREFILL tokens, then DECODE single tokens (teacher-forced); logits per token and the cache."""
+    with attach(model, mem) as cache, torch.no_grad(), cache.record_lookups() as log:
+        feed(model, cache, ids[:, :PREFILL])
+        graph = DecodeGraph(cache, capture=False) if static else None
+        outs = []
+        for i in range(PREFILL, PREFILL + DECODE):
+            tok = ids[:, i : i + 1]
+            logits = graph.step(model, tok) if graph is not None else None
+            outs.append(logits if logits is not None else step(model, cache, tok))
+        ids_log = [(layer, t.tolist()) for layer, t in log]
+    return torch.stack(outs), cache, graph, ids_log
+
+
+@pytest.mark.parametrize(
+    "kind,lookup,offload",
+    [("llama", "shared", "fp32"), ("qwen2", "per_head", "fp32"), ("llama", "shared", "int8")],
+)
+def test_static_decode_equals_plain(kind, lookup, offload):
+    model = tiny_model(kind)
+    mem = small_memory(lookup=lookup, offload_dtype=offload)
+    ids = torch.randint(1, 500, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
+    want, plain, _, want_log = decode(model, mem, ids, static=False)
+    got, cache, graph, got_log = decode(model, mem, ids, static=True)
+    assert 0 < graph.steps < DECODE  # static steps, and plain ones where units were cut
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_log == want_log
+    for a, b in zip(cache.layers, plain.layers, strict=True):
+        assert (a.seen, a.store.n_units, a.base, a.cut) == (b.seen, b.store.n_units, b.base, b.cut)
+        torch.testing.assert_close(a.local_k, b.local_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.local_score, b.local_score, rtol=1e-5, atol=1e-5)
+    s, p = cache.stats(), plain.stats()
+    for key in ("lookups", "units_fetched", "max_keys_per_query", "max_position", "units"):
+        assert s[key] == p[key], key
+
+
+def test_rollback_inside_static_steps():
+    """A checkpoint taken between static steps survives them: rolling back repeats the same logits."""
+    model = tiny_model("llama")
+    mem = small_memory()
+    ids = torch.randint(1, 500, (1, PREFILL + 12), generator=torch.Generator().manual_seed(4))
+    with attach(model, mem) as cache, torch.no_grad():
+        feed(model, cache, ids[:, :PREFILL])
+        graph = DecodeGraph(cache, capture=False)
+        for i in range(PREFILL, PREFILL + 2):
+            assert graph.step(model, ids[:, i : i + 1]) is not None
+        cp = cache.checkpoint()
+
+        def run():
+            out = []
+            for i in range(PREFILL + 2, PREFILL + 12):
+                tok = ids[:, i : i + 1]
+                logits = graph.step(model, tok)
+                out.append(logits if logits is not None else step(model, cache, tok))
+            return torch.stack(out)
+
+        first = run()
+        cache.rollback(cp)
+        second = run()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("offload", ["fp32", "int8"])
+def test_graph_replay_equals_static_steps(offload):
+    """On CUDA: tokens replayed from the captured graph give the logits of the same static steps run eagerly."""
+    model = tiny_model("llama").cuda()
+    mem = small_memory(offload_dtype=offload)
+    ids = torch.randint(1, 500, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(5)).cuda()
+    runs = []
+    for capture in (False, True):
+        with attach(model, mem) as cache, torch.no_grad():
+            feed(model, cache, ids[:, :PREFILL])
+            graph = DecodeGraph(cache, capture=capture)
+            outs = []
+            for i in range(PREFILL, PREFILL + DECODE):
+                tok = ids[:, i : i + 1]
+                logits = graph.step(model, tok)
+                outs.append(logits if logits is not None else step(model, cache, tok))
+            runs.append((torch.stack(outs), graph, cache.layers[0].local_score.clone()))
+    (want, _, score_want), (got, graph, score_got) = runs
+    assert graph.replays > 0 and graph.captures >= 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score_got, score_want, rtol=1e-5, atol=1e-5)
