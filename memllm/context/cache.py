@@ -189,22 +189,24 @@ class ContextMemoryLayer(CacheLayerMixin):
             self._rebase(self.seen - n_prev)
         dev = query.device
         q, k, v = query[0], key[0], value[0].to(self.dtype)
-        # Model position -> window position: one angle for the whole call.
-        cos_l, sin_l, _ = rot.tables(dev)
-        row = rot._row(self.seen - self.base - model_start)
-        k_all = torch.cat([self.local_k, rot.apply(k, cos_l[row], sin_l[row]).to(self.dtype)], dim=1)
-        v_all = torch.cat([self.local_v, v], dim=1)
-        q_loc = rot.apply(q, cos_l[row], sin_l[row])
         kernels = cfg.impl == "fast" and dev.type == "cuda"
+        # Model position -> window position: one angle for the whole call.
+        angle = self.seen - self.base - model_start
+        k_all = torch.cat(
+            [self.local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=kernels)], dim=1
+        )
+        v_all = torch.cat([self.local_v, v], dim=1)
         if kernels:
             from memllm.context.flash import local_attention_cuda
 
-            out, lse, received = local_attention_cuda(q_loc.to(self.dtype), k_all, v_all, plan, scale)
+            q_loc = rot.rotated(q, angle, 1, self.dtype, per_row=False, kernel=True)
+            out, lse, received = local_attention_cuda(q_loc, k_all, v_all, plan, scale)
         else:
+            q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
             out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
         score = received  # a fresh tensor: the window's earlier scores are added in place
         score[:, :n_prev] += self.local_score
-        self._cut(plan, k_all, v_all, score)
+        self._cut(plan, k_all, v_all, score, kernels)
         if plan.memory_blocks:
             out = self._attend_memory(q, plan, model_start, scale, out, lse, kernels)
         self._account(plan, model_start)
@@ -222,7 +224,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k = self.rotary.rotate_const(self.local_k, self.base - new_base).to(self.dtype)
         self.base = new_base
 
-    def _cut(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor) -> None:
+    def _cut(
+        self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, kernels: bool
+    ) -> None:
         """Write the units the plan cuts during this call (and the sinks, on the first cut).
 
         Units keep keys rotated at position 0: rotated back by their window positions. Representatives:
@@ -234,14 +238,17 @@ class ContextMemoryLayer(CacheLayerMixin):
         kvh, _, d = k_all.shape
         first = plan.seen - plan.window - self.base  # position of window key 0
         span = slice(plan.cut_start, plan.cut_start + n * bs)
-        k_blk = rot.rotate(k_all[:, span], first + plan.cut_start, -1).to(self.dtype).reshape(kvh, n, bs, d)
+        k_blk = rot.rotated(k_all[:, span], first + plan.cut_start, -1, self.dtype, kernel=kernels)
+        k_blk = k_blk.reshape(kvh, n, bs, d)
         v_blk = v_all[:, span].reshape(kvh, n, bs, d)
         top = torch.topk(score[:, span].reshape(kvh, n, bs), cfg.repr_topk, dim=2).indices
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
         self.store.append_many(k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1))
         if plan.sinks_from is not None:
             sinks = slice(plan.sinks_from, plan.sinks_from + cfg.n_init)
-            self.sink_k = rot.rotate(k_all[:, sinks], first + plan.sinks_from, -1).to(self.dtype)
+            self.sink_k = rot.rotated(
+                k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=kernels
+            )
             self.sink_v = v_all[:, sinks].clone()
             self.cut = True
 
@@ -257,10 +264,10 @@ class ContextMemoryLayer(CacheLayerMixin):
     ) -> torch.Tensor:
         """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`."""
         cfg, rot = self.config, self.rotary
-        dev, c = q.device, q.shape[1]
+        dev = q.device
         kvh = self.spec.kv_heads
-        cos_m, sin_m = rot.cos_sin(model_start - cfg.n_local, c, -1, dev)  # n_local - (model_start + t)
-        q_mem = rot.apply(q, cos_m, sin_m)
+        # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
+        q_mem = rot.rotated(q, model_start - cfg.n_local, -1, torch.float32, kernel=kernels)
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
         mem_k = [self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)]

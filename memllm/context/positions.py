@@ -73,6 +73,29 @@ class Rotary:
         cos, sin = self.cos_sin(start, x.shape[-2], step, x.device)
         return self.apply(x, cos, sin)
 
+    def rotated(
+        self,
+        x: torch.Tensor,
+        start: int,
+        step: int,
+        dtype: torch.dtype,
+        per_row: bool = True,
+        kernel: bool = False,
+    ) -> torch.Tensor:
+        """`rotate(x, start, step)` (per_row) or `rotate_const(x, start)`, in `dtype`; with kernel=True on
+        CUDA (head_dim a power of two) one Triton launch (rope_cuda.py) instead of the PyTorch ops."""
+        d = x.shape[-1]
+        if kernel and x.is_cuda and d >= 2 and d & (d - 1) == 0:
+            from memllm.context.rope_cuda import rotate
+
+            row = self._row(start)
+            if per_row:
+                self._row(start + x.shape[-2] - 1)
+            cos, sin, _ = self.tables(x.device)
+            return rotate(x, row, 1 if per_row else 0, step if per_row else 1, cos, sin, dtype)
+        out = self.rotate(x, start, step) if per_row else self.rotate_const(x, start)
+        return out.to(dtype)
+
     def rotate_const(self, x: torch.Tensor, angle: int) -> torch.Tensor:
         """x rotated by one angle (all rows) -> fp32."""
         cos, sin, _ = self.tables(x.device)
