@@ -2,6 +2,11 @@
 
 Host storage is a list of fixed-size segments (pinned when the device is CUDA, so a kernel can read
 them through unified addressing without a host synchronisation); units are never moved once written.
+Pinned segments are allocated one ahead, in background threads (pinned.py): cudaHostAlloc took ~5 ms
+per 8 MiB segment tensor, measured on the H100, and every layer needs a new segment in the same model
+call. So a CUDA store holds one segment's buffers beyond those in use once it has taken its first
+segment (`prefetched_bytes`); stores on the CPU allocate on demand in the calling thread, with no
+thread. pinned.py gives what this saved when measured (with the default allocator: little).
 K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and channel; values: per
 unit, head and token). A unit's representative keys (repr_topk per KV head, un-rotated) are kept on
 the device as their mean, which is all the lookup's score needs (q . mean(r) = mean(q . r)): laid out
@@ -14,6 +19,8 @@ Knows nothing of positions, attention or which units get selected (see lookup.py
 from __future__ import annotations
 
 import torch
+
+from memllm.context.pinned import HostAlloc, SegmentPrefetch, SegmentSpec, pinned_empty
 
 HOST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
 
@@ -37,7 +44,10 @@ class UnitStore:
         offload_dtype: str,
         device: torch.device,
         segment_units: int | None = None,
+        host_alloc: HostAlloc | None = None,
     ):
+        """host_alloc(shape, dtype) -> host tensor: when given, segments come from it, one segment ahead in
+        background threads (as pinned ones do on CUDA, where the default is pinned.pinned_empty)."""
         self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
             kv_heads,
             block_size,
@@ -59,22 +69,33 @@ class UnitStore:
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
-        self._repr: torch.Tensor | None = None  # (kv_heads, capacity, head_dim) on device: mean representative
+        if host_alloc is None and self.pin:
+            host_alloc = pinned_empty
+        self._prefetch = SegmentPrefetch(self._segment_spec(), host_alloc) if host_alloc else None
+        # (kv_heads, capacity, head_dim) on the device: each unit's mean representative key.
+        self._repr: torch.Tensor | None = None
         self.version = 0  # bumps when segments are added (gather kernels rebuild pointer tables)
 
     # ---- writing -------------------------------------------------------------------------------
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
-    def _new_segment(self) -> dict[str, torch.Tensor]:
+    def _segment_spec(self) -> SegmentSpec:
+        """Name -> (shape, dtype) of one segment's host tensors."""
         n, h, b, d = self.segment_units, self.kv_heads, self.block_size, self.head_dim
-        seg = {
-            "k": self._host_empty((n, h, b, d), self.host_dtype),
-            "v": self._host_empty((n, h, b, d), self.host_dtype),
-        }
+        spec: SegmentSpec = {"k": ((n, h, b, d), self.host_dtype), "v": ((n, h, b, d), self.host_dtype)}
         if self.offload_dtype == "int8":
-            seg["k_scale"] = self._host_empty((n, h, 1, d), torch.float32)
-            seg["v_scale"] = self._host_empty((n, h, b, 1), torch.float32)
+            spec["k_scale"] = ((n, h, 1, d), torch.float32)
+            spec["v_scale"] = ((n, h, b, 1), torch.float32)
+        return spec
+
+    def _new_segment(self) -> dict[str, torch.Tensor]:
+        if self._prefetch is not None:
+            seg = self._prefetch.take()
+        else:
+            seg = {
+                name: self._host_empty(shape, dtype) for name, (shape, dtype) in self._segment_spec().items()
+            }
         self.segments.append(seg)
         self.version += 1
         return seg
@@ -157,6 +178,7 @@ class UnitStore:
 
     # ---- accounting and snapshots ------------------------------------------------------------------
     def host_bytes(self) -> int:
+        """Bytes of the segments in use (all their capacity); buffers held ahead are `prefetched_bytes`."""
         return sum(t.numel() * t.element_size() for seg in self.segments for t in seg.values())
 
     def stored_bytes(self) -> int:
@@ -165,6 +187,10 @@ class UnitStore:
             return 0
         per_unit = sum(t[0].numel() * t.element_size() for t in self.segments[0].values())
         return per_unit * self.n_units
+
+    def prefetched_bytes(self) -> int:
+        """Host bytes requested ahead for the next segment (allocated or in progress); 0 on CPU stores."""
+        return 0 if self._prefetch is None else self._prefetch.held_bytes()
 
     def device_bytes(self) -> int:
         return 0 if self._repr is None else self._repr.numel() * self._repr.element_size()

@@ -1,9 +1,11 @@
 """CUDA fast path of the unit gather: a Triton kernel reads selected units straight from pinned host memory.
 
 Pinned host memory is mapped into the device's unified address space, so the kernel dereferences a
-table of segment base addresses (a small device tensor, rebuilt when the store grows) by device-side
-unit ids: no .item(), .cpu() or nonzero, no host synchronisation. int8 units are dequantized in the
-kernel. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
+table of segment base addresses (a small device tensor) by device-side unit ids: no .item(), .cpu() or
+nonzero, no host synchronisation. The table has room for `TABLE_CAPACITY` segments, doubled when
+exceeded: only then is it a new tensor (`_Tables.capacity_version`), so a captured CUDA graph can keep
+its address while segments are added; new entries are copied in place, old ones are never rewritten.
+int8 units are dequantized in the kernel. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
 Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
 """
 
@@ -60,24 +62,59 @@ def _gather_kernel(
     tl.store(out_v + dst, v.to(out_v.dtype.element_ty), mask=mask)
 
 
+TABLE_CAPACITY = 64  # segments a fresh table has room for (per tensor name)
+
+
 class _Tables:
-    """Device tables of segment base addresses for one store (rebuilt when segments are added)."""
+    """Device tables of segment base addresses for one store: `dev[name]` (capacity,) int64.
+
+    Entries [0, count) hold the addresses of the store's first `count` segments. A refresh after the
+    store grew writes entries [count, n) into a pinned host mirror and copies just those, in place and
+    stream-ordered, into the same device tensor; entries already written are never changed, so kernels
+    in flight read consistent values. Past the capacity (or if the store's segments were replaced by
+    fewer) a new table replaces the old one (capacity doubled as needed) and `capacity_version` bumps. Every host
+    mirror, the replaced ones too, is kept alive (a few KiB, one per capacity doubling), so no
+    asynchronous copy ever reads freed pinned memory.
+    """
 
     def __init__(self) -> None:
-        self.version = -1
-        self.host: torch.Tensor | None = None
+        self.version = -1  # store.version the table reflects
+        self.count = 0  # segments whose addresses are in the table
+        self.capacity = 0
+        self.capacity_version = 0  # bumps whenever `dev`'s tensors are replaced
+        self.names: list[str] = []
+        self.table = torch.empty(0, 0, dtype=torch.int64)  # (names, capacity) int64 on the device
+        self.mirrors: list[torch.Tensor] = []  # pinned (names, capacity) int64; the last is current
         self.dev: dict[str, torch.Tensor] = {}
 
     def refresh(self, store: UnitStore) -> dict[str, torch.Tensor]:
-        if self.version != store.version:
-            names = list(store.segments[0].keys())
-            ptrs = [[seg[name].data_ptr() for seg in store.segments] for name in names]
-            # Pinned staging kept alive with the device copy, so the copy is asynchronous and safe.
-            self.host = torch.tensor(ptrs, dtype=torch.int64).pin_memory()
-            table = self.host.to(store.device, non_blocking=True)
-            self.dev = {name: table[i] for i, name in enumerate(names)}
-            self.version = store.version
+        """The tables, with every segment of `store` in them; copies only entries not yet there."""
+        if self.version == store.version:
+            return self.dev
+        n = len(store.segments)
+        names = list(store.segments[0].keys())
+        if n > self.capacity or n < self.count or names != self.names:
+            self._replace(store, names, n)
+        mirror, table = self.mirrors[-1], self.table
+        for i, name in enumerate(names):
+            mirror[i, self.count : n] = torch.tensor(
+                [seg[name].data_ptr() for seg in store.segments[self.count : n]]
+            )
+            table[i, self.count : n].copy_(mirror[i, self.count : n], non_blocking=True)
+        self.count = n
+        self.version = store.version
         return self.dev
+
+    def _replace(self, store: UnitStore, names: list[str], n: int) -> None:
+        """A new, empty table with room for n segments (TABLE_CAPACITY, doubled as often as needed)."""
+        cap = max(TABLE_CAPACITY, self.capacity)
+        while cap < n:
+            cap *= 2
+        self.table = torch.zeros((len(names), cap), dtype=torch.int64, device=store.device)
+        self.mirrors.append(torch.zeros((len(names), cap), dtype=torch.int64, pin_memory=True))
+        self.dev = {name: self.table[i] for i, name in enumerate(names)}
+        self.names, self.capacity, self.count = names, cap, 0
+        self.capacity_version += 1
 
 
 def gather_units_uva(
