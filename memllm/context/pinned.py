@@ -6,14 +6,21 @@ crosses a segment boundary in the same model call, so allocating on demand stall
 (30 layers). A `SegmentPrefetch` keeps, for each tensor of a segment (k, v; int8 adds k_scale,
 v_scale), one Future for the NEXT segment: `take` returns the buffers (waiting only if they are not
 ready yet) and submits the following segment's at once. So one segment's buffers are held ahead per
-store. The allocator is a parameter (`HostAlloc`); the default is `pinned_empty`.
+store. The allocator is a parameter (`HostAlloc`); `default_host_alloc()` gives the one CUDA stores use.
 
-Measured on the H100 (30 stores of 8 MiB tensors, ~50 ms of GPU work per call): while a worker is in
-cudaHostAlloc, the calling thread's CUDA calls (kernel launches, async copies) wait for it, though the
-GIL is released (the driver takes a global lock). So with the default allocator the call that submits
-the next segments still stalled ~200-300 ms, as without prefetch. With PyTorch's
-PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 (pages touched
-outside the lock, then cudaHostRegister) the same call stalled 50-160 ms, and a later call up to 63 ms.
+Measured on the H100 (30 stores of 8 MiB tensors, ~50 ms of GPU work per call; build/pinbench, by an
+earlier session): while a worker is in cudaHostAlloc, the calling thread's CUDA calls (kernel
+launches, async copies) wait for it, though the GIL is released (the driver takes a global lock). So
+with `pinned_empty` the call that submits the next segments still stalled ~200-300 ms, as without
+prefetch. Ordinary memory with its pages touched (~2.4 ms per 8 MiB, outside the lock) and then
+cudaHostRegister (~1.3 ms, holding the lock) blocked the calling thread for less; with PyTorch's
+PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 the same call
+stalled 50-160 ms, and a later call up to 63 ms.
+
+`registered_alloc` does that itself (anonymous mmap, transparent huge pages asked for, pages touched,
+then cudaHostRegister) and is the default for CUDA stores (`CUDA_HOST_ALLOC`; set it to `pinned_empty`
+to switch back). Its stall in a model-like run is NOT measured yet: benchmarks/pinned_alloc_gpu.py
+compares the three ways on the GPU.
 
 The worker pool (`WORKERS` threads named memllm-pin-*) is process-wide and created on first submit;
 importing this module starts no thread. Knows nothing of units, quantization or the device.
@@ -21,13 +28,22 @@ importing this module starts no thread. Knows nothing of units, quantization or 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import math
+import mmap
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
+import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 HostAlloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 SegmentSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor name -> (shape, dtype)
@@ -40,6 +56,188 @@ _pool_lock = threading.Lock()
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised page-locked host tensor (cudaHostAlloc through PyTorch's host allocator)."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64, arm64 with 4 KiB base pages)
+PAGE = 4096  # one byte in every PAGE bytes is written to fault the memory in
+HOST_REGISTER_FLAGS = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+_CU_ATTR_HOST_POINTER_FOR_REGISTERED_MEM = 91  # CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM
+_noted: set[str] = set()  # one-time log messages already given
+
+
+def _note_once(key: str, level: int, msg: str, *args: object) -> None:
+    if key not in _noted:
+        _noted.add(key)
+        logger.log(level, msg, *args)
+
+
+def region_bytes(nbytes: int) -> int:
+    """Bytes registered for a tensor of `nbytes`: rounded up to `HUGE_PAGE` from one huge page on,
+    to `PAGE` below it (a smaller region can hold no huge page; int8 scale tensors are 0.25-0.5 MiB)."""
+    to = HUGE_PAGE if nbytes >= HUGE_PAGE else PAGE
+    return max(1, -(-nbytes // to)) * to
+
+
+@functools.cache
+def host_pointers_usable() -> bool | None:
+    """Whether every visible CUDA device reads registered host memory at its host address.
+
+    The UVA gather (uva.py) hands the kernel host addresses; for memory from cudaHostRegister that is
+    valid only where CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM is 1 (it is not
+    needed for cudaHostAlloc memory). Queried once through the driver library (libcuda.so.1, with
+    ctypes: PyTorch does not expose the attribute). None where it cannot be queried (no CUDA, no
+    libcuda.so.1, a driver call failed).
+    """
+    if not torch.cuda.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        logger.debug("libcuda.so.1 not loadable (%s): registered-memory capability unknown", exc)
+        return None
+    dev, value = ctypes.c_int(), ctypes.c_int()
+    if lib.cuInit(0) != 0:
+        return None
+    for ordinal in range(torch.cuda.device_count()):
+        if lib.cuDeviceGet(ctypes.byref(dev), ordinal) != 0:
+            return None
+        if lib.cuDeviceGetAttribute(ctypes.byref(value), _CU_ATTR_HOST_POINTER_FOR_REGISTERED_MEM, dev) != 0:
+            return None
+        if value.value != 1:
+            return False
+    return True
+
+
+class _Registered:
+    """One registered mapping. numpy arrays made from it keep it alive (their `base`), and torch tensors
+    made from those arrays keep the arrays alive, so it dies with the last tensor or view on it."""
+
+    def __init__(self, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
+        self.mm, self.ptr, self.nbytes = mm, ptr, nbytes
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+def _release(cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
+    """Unregister, then unmap (the finalizer of a `_Registered`); a failed unregister is logged."""
+    err = cudart.cudaHostUnregister(ptr)
+    if int(err) != 0:
+        logger.warning(
+            "cudaHostUnregister of %d bytes at %#x failed: %s", nbytes, ptr, _error_text(cudart, err)
+        )
+    mm.close()
+
+
+def _error_text(cudart: Any, err: Any) -> str:
+    get = getattr(cudart, "cudaGetErrorString", None)
+    return f"error {int(err)}" + (f" ({get(err)})" if get is not None else "")
+
+
+def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
+    """Ask for transparent huge pages on `length` bytes of `mm` from `start`; where that is not
+    possible, a debug log says so (once)."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        _note_once(
+            "madv", logging.DEBUG, "mmap.MADV_HUGEPAGE not available: registered segments use base pages"
+        )
+        return
+    try:
+        mm.madvise(advice, start, length)
+    except OSError as exc:
+        _note_once("madv-err", logging.DEBUG, "madvise(MADV_HUGEPAGE) failed (%s): base pages are used", exc)
+
+
+def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any = None) -> torch.Tensor:
+    """A zero-filled page-locked host tensor: anonymous mmap, touched, then cudaHostRegister.
+
+    The registered range is `region_bytes` long: the tensor's bytes rounded up to 2 MiB (`HUGE_PAGE`)
+    for tensors of 2 MiB and more (segment K/V), to 4 KiB below. A range of 2 MiB or more starts on a
+    2 MiB boundary (2 MiB more address space is mapped to align it; that slack is never touched, so
+    takes no memory) and gets madvise(MADV_HUGEPAGE): where Linux's transparent huge pages are in
+    `madvise` or `always` mode, touching then faults 2 MiB pages (fewer faults, fewer pages to pin).
+    One byte per 4 KiB page is written in the calling thread (a prefetch worker for all but a store's
+    first segment), outside the driver's lock; then cudaHostRegister (flags Portable | Mapped) pins and
+    maps the range, holding it. The tensor's storage is the whole range.
+
+    The mapping is private (MAP_PRIVATE): Python's default, shared anonymous memory, is shmem, which
+    madvise(MADV_HUGEPAGE) does not give huge pages. Measured by the session that wrote this on the
+    project's CPU machine (a VM, Linux 6.18, THP in `madvise` mode), touching 8 MiB one byte per page:
+    shared 6.3 ms (smaps: THPeligible 0), private 4.2 ms with 4 KiB pages, private with MADV_HUGEPAGE
+    0.8 ms (smaps: 8192 kB AnonHugePages). Memory the VM had not used before was far slower
+    (13-27 ms per 8 MiB, with or without huge pages), so only the comparison may carry over.
+
+    torch reports the tensor pinned (`is_pinned()` asks the driver, cudaPointerGetAttributes), so
+    non_blocking copies to and from it are asynchronous; tests/context/test_pinned.py checks that on
+    a GPU (not yet run). Memory is unregistered and unmapped when the last tensor or view on it is
+    freed, at once: unlike PyTorch's cached pinned blocks, nothing waits for GPU work still reading
+    it, so a segment must not be dropped while a kernel or copy on it is queued (UnitStore never drops
+    a segment while it is alive).
+
+    cudart: the object with cudaHostRegister / cudaHostUnregister (torch.cuda.cudart() when None; the
+    tests pass a fake). With the real one, raises RuntimeError if a visible device cannot use host
+    pointers of registered memory (`host_pointers_usable` is False). Raises RuntimeError naming the
+    bytes if cudaHostRegister fails (the mapping is unmapped first; the CUDA runtime's last-error of
+    the calling thread is not cleared: torch.cuda.cudart() has no cudaGetLastError).
+    """
+    if cudart is None:
+        cudart = torch.cuda.cudart()
+        usable = host_pointers_usable()
+        if usable is False:
+            raise RuntimeError(
+                "a visible CUDA device cannot read registered host memory at its host address "
+                "(CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM is 0): use pinned_empty"
+            )
+        if usable is None:
+            _note_once(
+                "usable?",
+                logging.WARNING,
+                "could not query whether the device reads registered "
+                "memory at its host address; the UVA gather assumes it does",
+            )
+    numel = math.prod(shape)
+    nbytes = region_bytes(numel * dtype.itemsize)
+    huge = nbytes >= HUGE_PAGE
+    # MAP_PRIVATE: mmap's default MAP_SHARED is shmem, which madvise(MADV_HUGEPAGE) leaves at 4 KiB pages
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE if huge else nbytes, flags=mmap.MAP_PRIVATE)
+    view = ctypes.c_char.from_buffer(mm)  # a buffer export, released at once: mm must stay closable
+    base = ctypes.addressof(view)
+    del view
+    skip = -base % HUGE_PAGE if huge else 0
+    ptr = base + skip
+    if huge:
+        _advise_huge(mm, skip, nbytes)
+    holder = _Registered(mm, ptr, nbytes)
+    raw = torch.from_numpy(np.asarray(holder))
+    raw[::PAGE].fill_(0)  # fault every page in (anonymous pages read as zeros already)
+    err = cudart.cudaHostRegister(ptr, nbytes, HOST_REGISTER_FLAGS)
+    if int(err) != 0:
+        del raw, holder
+        mm.close()
+        raise RuntimeError(
+            f"cudaHostRegister of {nbytes} bytes (for {tuple(shape)} {dtype}) failed: "
+            f"{_error_text(cudart, err)}"
+        )
+    fin = weakref.finalize(holder, _release, cudart, mm, ptr, nbytes)
+    fin.atexit = False  # at exit the process's memory goes anyway; CUDA may already be torn down
+    del holder
+    return raw.view(dtype)[:numel].view(shape)
+
+
+CUDA_HOST_ALLOC: HostAlloc = registered_alloc  # what CUDA stores use; pinned_empty switches back
+
+
+def default_host_alloc() -> HostAlloc:
+    """The allocator for CUDA stores: `CUDA_HOST_ALLOC`, except `pinned_empty` in place of
+    `registered_alloc` where `host_pointers_usable()` is not True (logged once)."""
+    if CUDA_HOST_ALLOC is registered_alloc and host_pointers_usable() is not True:
+        _note_once(
+            "fallback",
+            logging.INFO,
+            "registered host memory not known to be readable by the "
+            "device at its host address: CUDA stores use pinned_empty (cudaHostAlloc)",
+        )
+        return pinned_empty
+    return CUDA_HOST_ALLOC
 
 
 def pool() -> ThreadPoolExecutor:

@@ -1,12 +1,14 @@
 """Memory units of one layer: K/V of `block_size` tokens kept off the device, representatives on it.
 
-Host storage is a list of fixed-size segments (pinned when the device is CUDA, so a kernel can read
-them through unified addressing without a host synchronisation); units are never moved once written.
-Pinned segments are allocated one ahead, in background threads (pinned.py): cudaHostAlloc took ~5 ms
-per 8 MiB segment tensor, measured on the H100, and every layer needs a new segment in the same model
-call. So a CUDA store holds one segment's buffers beyond those in use once it has taken its first
-segment (`prefetched_bytes`); stores on the CPU allocate on demand in the calling thread, with no
-thread. pinned.py gives what this saved when measured (with the default allocator: little).
+Host storage is a list of fixed-size segments (page-locked when the device is CUDA, so a kernel can
+read them through unified addressing without a host synchronisation); units are never moved once
+written. Page-locked segments are allocated one ahead, in background threads (pinned.py):
+cudaHostAlloc took ~5 ms per 8 MiB segment tensor, measured on the H100, and every layer needs a new
+segment in the same model call. So a CUDA store holds one segment's buffers beyond those in use once
+it has taken its first segment (`prefetched_bytes`); stores on the CPU allocate on demand in the
+calling thread, with no thread. CUDA stores take their allocator from pinned.default_host_alloc()
+(registered mmap memory, pinned.registered_alloc, where the device supports it); pinned.py gives what
+prefetch saved when measured (with cudaHostAlloc: little; with registered memory: not yet measured).
 K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and channel; values: per
 unit, head and token). A unit's representative keys (repr_topk per KV head, un-rotated) are kept on
 the device as their mean, which is all the lookup's score needs (q . mean(r) = mean(q . r)): laid out
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from memllm.context.pinned import HostAlloc, SegmentPrefetch, SegmentSpec, pinned_empty
+from memllm.context.pinned import HostAlloc, SegmentPrefetch, SegmentSpec, default_host_alloc
 
 HOST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
 
@@ -47,7 +49,9 @@ class UnitStore:
         host_alloc: HostAlloc | None = None,
     ):
         """host_alloc(shape, dtype) -> host tensor: when given, segments come from it, one segment ahead in
-        background threads (as pinned ones do on CUDA, where the default is pinned.pinned_empty)."""
+        background threads (as page-locked ones do on CUDA, where the default is
+        pinned.default_host_alloc(): registered_alloc, or pinned_empty where the device cannot read
+        registered memory at its host address)."""
         self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
             kv_heads,
             block_size,
@@ -70,7 +74,7 @@ class UnitStore:
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
         if host_alloc is None and self.pin:
-            host_alloc = pinned_empty
+            host_alloc = default_host_alloc()
         self._prefetch = SegmentPrefetch(self._segment_spec(), host_alloc) if host_alloc else None
         # (kv_heads, capacity, head_dim) on the device: each unit's mean representative key.
         self._repr: torch.Tensor | None = None

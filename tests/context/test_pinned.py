@@ -1,12 +1,17 @@
 """Segments allocated one ahead in background threads (pinned.py): timing, layout, errors, contents.
 
-A fake slow allocator stands in for cudaHostAlloc, so these run on the CPU; the `gpu` tests use the
-real pinned allocator and the gather kernel's stable address tables (uva.py).
+A fake slow allocator stands in for cudaHostAlloc, and a fake cudart for cudaHostRegister /
+cudaHostUnregister (registered_alloc), so these run on the CPU; the `gpu` tests use the real
+allocators (registered memory is the CUDA default) and the gather kernel's stable address tables (uva.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import logging
+import mmap
+import sys
 import threading
 import time
 import weakref
@@ -207,3 +212,208 @@ def test_gather_tables_keep_their_address_until_capacity_is_exceeded():
         ptrs.add(tuple(t.data_ptr() for t in tables.dev.values()))
     assert len(ptrs) == 2  # one table up to the capacity, a doubled one after
     assert tables.capacity == 2 * TABLE_CAPACITY
+
+
+# ---- registered host memory (pinned.registered_alloc) ----------------------------------------------
+
+
+class FakeCudart:
+    """Stands in for torch.cuda.cudart(): records register/unregister calls; `fail` is an error code."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.fail = fail
+        self.registered: list[tuple[int, int, int, str]] = []  # ptr, bytes, flags, thread name
+        self.unregistered: list[int] = []
+        self.lock = threading.Lock()
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int) -> int:
+        with self.lock:
+            self.registered.append((ptr, nbytes, flags, threading.current_thread().name))
+        return self.fail
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        with self.lock:
+            self.unregistered.append(ptr)
+        return 0
+
+    def cudaGetErrorString(self, err: int) -> str:
+        return "fake: out of memory"
+
+
+def mapped(ptr: int) -> bool:
+    """Whether address `ptr` lies in a mapping of this process (Linux /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+
+
+def test_registered_regions_round_up_to_huge_pages_from_2_mib_on():
+    mib = 1 << 20
+    assert pinned.region_bytes(0) == pinned.region_bytes(1) == 4096
+    assert pinned.region_bytes(261_888) == 262_144  # int8 key scales of an 8 MiB segment: 4 KiB pages
+    assert pinned.region_bytes(2 * mib - 1) == 2 * mib
+    assert pinned.region_bytes(2 * mib) == 2 * mib
+    assert pinned.region_bytes(2 * mib + 1) == 4 * mib
+    assert pinned.region_bytes(170 * 3 * 128 * 64 * 2) == 8 * mib  # a SmolLM2 bf16 K segment
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "region", "align"),
+    [
+        ((170, 3, 128, 64), torch.bfloat16, 8 << 20, 2 << 20),  # SmolLM2 bf16 K/V segment
+        ((341, 3, 1, 64), torch.float32, 262_144, 4096),  # SmolLM2 int8 key scales
+        ((3, 5), torch.float16, 4096, 4096),
+    ],
+)
+def test_registered_alloc_registers_an_aligned_zeroed_region(shape, dtype, region, align):
+    cudart = FakeCudart()
+    t = pinned.registered_alloc(shape, dtype, cudart=cudart)
+    assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()
+    assert cudart.registered == [(t.data_ptr(), region, 3, threading.current_thread().name)]
+    assert t.data_ptr() % align == 0
+    assert t.untyped_storage().nbytes() == region  # the storage is the whole registered range
+    assert bool((t == 0).all())
+    src = torch.randn(shape).to(dtype)
+    t.copy_(src)
+    torch.testing.assert_close(t, src, rtol=0, atol=0)
+
+
+def test_registered_memory_is_released_with_its_last_view(monkeypatch):
+    released: list[mmap.mmap] = []
+    real_release = pinned._release
+
+    def spy(cudart, mm, ptr, nbytes):
+        real_release(cudart, mm, ptr, nbytes)
+        released.append(mm)
+
+    monkeypatch.setattr(pinned, "_release", spy)
+    cudart = FakeCudart()
+    t = pinned.registered_alloc((4, 1 << 19), torch.float32, cudart=cudart)  # 8 MiB
+    ptr = t.data_ptr()
+    view = t[2]
+    view.fill_(7.0)
+    del t
+    gc.collect()
+    assert cudart.unregistered == [] and released == []  # a view keeps the memory registered
+    assert float(view.sum()) == 7.0 * (1 << 19)
+    del view
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+    assert len(released) == 1 and released[0].closed  # unregistered, then unmapped
+
+
+@linux_only
+def test_a_failed_registration_names_the_bytes_and_unmaps():
+    cudart = FakeCudart(fail=2)
+    with pytest.raises(RuntimeError, match=r"cudaHostRegister of 8388608 bytes .*fake: out of memory"):
+        pinned.registered_alloc((170, 3, 128, 64), torch.bfloat16, cudart=cudart)
+    assert len(cudart.registered) == 1
+    ptr = cudart.registered[0][0]
+    assert cudart.unregistered == []
+    assert not mapped(ptr)
+
+
+@pytest.mark.parametrize("advice", [None, 0x7FFF])  # missing constant; one madvise rejects (EINVAL)
+def test_no_huge_pages_is_a_debug_note_not_an_error(monkeypatch, caplog, advice):
+    monkeypatch.setattr(pinned, "_noted", set())
+    if advice is None:
+        monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)
+    else:
+        monkeypatch.setattr(mmap, "MADV_HUGEPAGE", advice, raising=False)
+    with caplog.at_level(logging.DEBUG, logger="memllm.context.pinned"):
+        t = pinned.registered_alloc((2, 1 << 20), torch.float32, cudart=FakeCudart())
+    assert bool((t == 0).all())
+    notes = [r for r in caplog.records if "MADV_HUGEPAGE" in r.getMessage()]
+    assert notes and all(r.levelno == logging.DEBUG for r in notes)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_store_on_registered_memory_reads_back_as_a_plain_one(dtype):
+    cudart = FakeCudart()
+    k, v, r = units(2 * SEG + 3)
+    plain = make_store(dtype)
+    alloc = functools.partial(pinned.registered_alloc, cudart=cudart)
+    reg = UnitStore(H, B, D, R, dtype, torch.device("cpu"), segment_units=SEG, host_alloc=alloc)
+    for store in (plain, reg):
+        store.append_many(k[:3], v[:3], r[:3])
+        for i in range(3, k.shape[0]):
+            store.append(k[i], v[i], r[i])
+    for i in range(k.shape[0]):
+        for a, b in zip(plain.host_unit(i, torch.float32), reg.host_unit(i, torch.float32), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    names = len(reg.segments[0])
+    first = [thread for *_, thread in cudart.registered[:names]]
+    assert first == [threading.current_thread().name] * names  # the first segment: in this thread
+    assert all(t.startswith("memllm-pin") for *_, t in cudart.registered[names:])  # the rest: workers
+    ptrs = {t.data_ptr() for seg in reg.segments for t in seg.values()}
+    assert ptrs <= {p for p, *_ in cudart.registered}
+
+
+@pytest.mark.parametrize(
+    ("choice", "usable", "expected"),
+    [
+        ("registered_alloc", True, "registered_alloc"),
+        ("registered_alloc", False, "pinned_empty"),
+        ("registered_alloc", None, "pinned_empty"),
+        ("pinned_empty", True, "pinned_empty"),
+    ],
+)
+def test_cuda_stores_take_the_module_default(monkeypatch, choice, usable, expected):
+    monkeypatch.setattr(pinned, "CUDA_HOST_ALLOC", getattr(pinned, choice))
+    monkeypatch.setattr(pinned, "host_pointers_usable", lambda: usable)
+    assert pinned.default_host_alloc() is getattr(pinned, expected)
+    store = UnitStore(H, B, D, R, "bf16", torch.device("cuda"), segment_units=SEG)  # allocates nothing yet
+    assert store._prefetch is not None and store._prefetch.alloc is getattr(pinned, expected)
+
+
+@pytest.mark.gpu
+def test_registered_memory_is_pinned_and_takes_async_copies(caplog):
+    assert pinned.host_pointers_usable() is True  # the UVA gather reads registered memory by host address
+    assert pinned.default_host_alloc() is pinned.registered_alloc
+    t = pinned.registered_alloc((170, 3, 128, 64), torch.bfloat16)
+    assert t.is_pinned()  # torch asks the driver (cudaPointerGetAttributes): registered memory is host-pinned
+    src = torch.randn(170, 3, 128, 64, device="cuda").to(torch.bfloat16)
+    t.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(t, src.cpu(), rtol=0, atol=0)
+    back = t.to("cuda", non_blocking=True)
+    torch.testing.assert_close(back, src, rtol=0, atol=0)
+    torch.cuda.synchronize()
+    with caplog.at_level(logging.WARNING, logger="memllm.context.pinned"):
+        del t
+        gc.collect()
+    assert not [r for r in caplog.records if "cudaHostUnregister" in r.getMessage()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_registered_smollm2_segments_gather_as_the_reference(dtype):
+    from memllm.context.uva import gather_units_uva
+
+    h, b, d = 3, 128, 64  # SmolLM2: default segments of 8 MiB (bf16) take the 2 MiB-page path
+    store = UnitStore(h, b, d, 4, dtype, torch.device("cuda"))
+    assert store._prefetch is not None and store._prefetch.alloc is pinned.registered_alloc
+    n = 2 * store.segment_units + 5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(n, h, b, d, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(n, h, b, d, device="cuda", generator=gen).to(torch.bfloat16)
+    store.append_many(k[:7], v[:7], k[:7, :, :4])
+    store.append_many(k[7:], v[7:], k[7:, :, :4])
+    assert len(store.segments) == 3
+    assert all(t.is_pinned() for seg in store.segments for t in seg.values())
+    ids = torch.randint(0, n, (2, h, 40), device="cuda", generator=gen)
+    ids[0, :, :3] = torch.tensor([0, store.segment_units, n - 1], device="cuda")  # every segment
+    fast = gather_units_uva(store, ids, torch.bfloat16)
+    ref = store.gather_reference(ids, torch.bfloat16)
+    for a, c in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    if dtype == "bf16":  # the stored units are the appended ones
+        heads = torch.arange(h, device="cuda")[None, :, None]
+        want = k[ids, heads].reshape(2, h, 40 * b, d)
+        torch.testing.assert_close(ref[0], want, rtol=0, atol=0)
