@@ -12,6 +12,7 @@ Usage: PYTHONPATH=. python benchmarks/profile_gpu.py --tokens 128k --out $OUT/pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -148,6 +149,21 @@ def memllm_run(model, n_tokens: int, config) -> dict:
                 host_steps.append(host["attend_s"])
             res["decode_ms"] = 1000 * statistics.median(steps[8:])
             res["decode_attend_host_ms"] = 1000 * statistics.median(host_steps[8:])
+            g = cache.decode_graph()
+            if g is not None:
+                res["graph"] = {"captures": g.captures, "replays": g.replays, "static_steps": g.steps}
+            # The same decode without the graph (the plain path per token), for the ratio.
+            graphs_cfg = cache.config
+            cache.config = dataclasses.replace(graphs_cfg, decode_graphs=False)
+            plain = []
+            for _ in range(24):
+                sync()
+                t = time.perf_counter()
+                logits = step(model, cache, logits.argmax().view(1, 1))
+                sync()
+                plain.append(time.perf_counter() - t)
+            cache.config = graphs_cfg
+            res["decode_ms_no_graph"] = 1000 * statistics.median(plain[4:])
 
             def five():
                 lg = logits
