@@ -293,15 +293,15 @@ class ContextMemoryLayer(CacheLayerMixin):
         v_mem = torch.cat(mem_v, dim=2) if len(mem_v) > 1 else mem_v[0]
         n_sinks = self.sink_k.shape[1]
         if kernels:
-            from memllm.context.flash import memory_attention_cuda
+            from memllm.context.flash import memory_attention_merge_cuda
 
-            out_m, lse_m = memory_attention_cuda(
-                q_mem.to(self.dtype), k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale
+            # The memory pass merged into `out` in place (one kernel).
+            return memory_attention_merge_cuda(
+                q_mem.to(self.dtype), k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, out, lse
             )
-        else:
-            out_m, lse_m = memory_attention(
-                q_mem, k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, torch.float32
-            )
+        out_m, lse_m = memory_attention(
+            q_mem, k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, torch.float32
+        )
         return merge(out, lse, out_m, lse_m)
 
     def _account(self, plan: CallPlan, model_start: int) -> None:
