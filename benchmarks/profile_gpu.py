@@ -96,7 +96,7 @@ def full_attention(model, n: int) -> dict:
 
 
 @torch.no_grad()
-def memllm_run(model, n_tokens: int, config) -> dict:
+def memllm_run(model, n_tokens: int, config, profile: bool = True) -> dict:
     from memllm.context import attach
     from memllm.context.cache import ContextMemoryLayer
     from memllm.context.prefill import step
@@ -133,6 +133,8 @@ def memllm_run(model, n_tokens: int, config) -> dict:
                    "tok_s": chunk / statistics.median(steady),
                    "attend_host_ms_per_call": 1000 * statistics.median(host_per_call[4:] or host_per_call),
                    "units_per_layer": cache.layers[0].store.n_units}  # fmt: skip
+            if not profile:
+                return res
             more = torch.randint(100, 40000, (1, 2 * chunk), device="cuda")
             res["prefill_profile"] = profile_table(
                 lambda: (step(model, cache, more[:, :chunk]), step(model, cache, more[:, chunk:]))
@@ -240,6 +242,66 @@ def kernel_sweep() -> list[dict]:
     return res
 
 
+@torch.no_grad()
+def ab_prefill(model, n_tokens: int) -> list[dict]:
+    """Prefill speed with each recent fast-path change undone in turn (patched here, in one process)."""
+    from memllm.config import MemoryConfig
+    from memllm.context import flash, pinned
+    from memllm.context.positions import Rotary
+    from memllm.context.window import merge
+
+    rotated, merge_cuda, alloc = Rotary.rotated, flash.memory_attention_merge_cuda, pinned.CUDA_HOST_ALLOC
+
+    def rope_torch(self, x, start, step, dtype, per_row=True, kernel=False):
+        return rotated(self, x, start, step, dtype, per_row, False)
+
+    def merge_torch(q, k_mem, v_mem, plan, n_sinks, n_chosen, block_size, scale, out, lse):
+        out_m, lse_m = flash.memory_attention_cuda(
+            q, k_mem, v_mem, plan, n_sinks, n_chosen, block_size, scale
+        )
+        return merge(out, lse, out_m, lse_m)
+
+    variants = [("all", None), ("rope_torch", "rope"), ("merge_torch", "merge"), ("cudaHostAlloc", "alloc"),
+                ("all_again", None)]  # fmt: skip
+    rows = []
+    for name, undo in variants:
+        Rotary.rotated = rope_torch if undo == "rope" else rotated
+        flash.memory_attention_merge_cuda = merge_torch if undo == "merge" else merge_cuda
+        pinned.CUDA_HOST_ALLOC = pinned.pinned_empty if undo == "alloc" else alloc
+        try:
+            r = memllm_run(model, n_tokens, MemoryConfig(), profile=False)
+        finally:
+            Rotary.rotated, flash.memory_attention_merge_cuda, pinned.CUDA_HOST_ALLOC = (
+                rotated,
+                merge_cuda,
+                alloc,
+            )
+        rows.append({"variant": name, **r})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def launch_overhead() -> dict:
+    """Host microseconds per launch: a Triton kernel (the rotation) and a PyTorch op, 2000 each."""
+    from memllm.context.rope_cuda import rotate
+
+    x = torch.randn(9, 16, 64, device="cuda", dtype=torch.bfloat16)
+    cos = torch.randn(100, 64, device="cuda")
+    out = {}
+    for name, fn in (("triton_rotate", lambda: rotate(x, 3, 1, -1, cos, cos, torch.bfloat16)),
+                     ("torch_mul", lambda: x.mul(2.0)), ("torch_addcmul", lambda: torch.addcmul(x, x, x))):  # fmt: skip
+        for _ in range(50):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(2000):
+            fn()
+        out[name + "_us"] = (time.perf_counter() - t) / 2000 * 1e6
+        sync()
+    print(out, flush=True)
+    return out
+
+
 def main() -> None:
     from memllm.bench.passkey import parse_length
     from memllm.config import MemoryConfig
@@ -260,6 +322,9 @@ def main() -> None:
     res: dict = {"info": info}
     if "kernels" not in skip:
         res["kernels"] = kernel_sweep()
+    if "ab" not in skip:
+        res["launch"] = launch_overhead()
+        res["ab"] = ab_prefill(model, 64 * 1024)
     if "full" not in skip:
         res["full_8k"] = full_attention(model, 8192)
         print("full 8K", res["full_8k"], flush=True)
