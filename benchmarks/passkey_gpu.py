@@ -89,13 +89,17 @@ def main() -> None:
                 # once per graph); the check covers the steps after it.
                 _, logits = greedy(model, s.cache, s.last_logits, 3)
                 torch.cuda.synchronize()
+                t0 = time.perf_counter()
                 torch.cuda.set_sync_debug_mode("error")
                 greedy(model, s.cache, logits, 10)
                 torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+                steady_ms = (time.perf_counter() - t0) * 100
             g = s.cache.decode_graph()
             sync = {
                 "length": n,
                 "decode_host_syncs": "none: set_sync_debug_mode('error') raised nothing in 10 steps",
+                "steady_decode_ms_per_token": steady_ms,
                 "graph": None
                 if g is None
                 else {"captures": g.captures, "replays": g.replays, "static_steps": g.steps},

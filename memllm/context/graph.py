@@ -15,6 +15,8 @@ path tests compare with the plain one. Replay makes no host synchronisation. Kno
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from memllm.context.static import StaticDecode, repr_buffer
@@ -24,7 +26,9 @@ class DecodeGraph:
     """`step(model, ids)` for ids (1, 1): the next logits (vocab,) fp32, or None when the plain path must run."""
 
     def __init__(self, cache, capture: bool = True):
-        self.cache = cache
+        # A weak reference: the cache owns this object, and a cycle would keep the graph's memory
+        # pool (and the cache's buffers) on the device until Python's cycle collector ran.
+        self._cache = weakref.ref(cache)
         self.capture = capture and cache.layers[0].device.type == "cuda"
         self.static: StaticDecode | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -36,6 +40,10 @@ class DecodeGraph:
         self.steps = 0  # static steps taken (replayed, captured-and-replayed, warm-up or eager)
         self.captures = 0
         self.replays = 0
+
+    @property
+    def cache(self):
+        return self._cache()
 
     def step(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
         cache = self.cache

@@ -20,6 +20,8 @@ Knows nothing of CUDA graphs (graph.py) or of models.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from memllm.context.gather import gather_units
@@ -48,7 +50,7 @@ class StaticDecode:
     """Static buffers and device scalars of one ContextMemoryCache, and its single-token step."""
 
     def __init__(self, cache) -> None:
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # owned by the cache's DecodeGraph: no reference cycle
         cfg = cache.config
         layer = cache.layers[0]
         self.device = layer.device
@@ -62,6 +64,10 @@ class StaticDecode:
         self.row = torch.zeros(1, dtype=torch.long, device=self.device)  # rotation-table row: model -> window
         self.units = torch.zeros(1, dtype=torch.long, device=self.device)  # units the lookup chooses among
         self.synced_seen = -1
+
+    @property
+    def cache(self):
+        return self._cache()
 
     # ---- host side -----------------------------------------------------------------------------
     def plan(self) -> CallPlan:

@@ -103,3 +103,25 @@ def test_graph_replay_equals_static_steps(offload):
     assert graph.replays > 0 and graph.captures >= 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(score_got, score_want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graph_does_not_keep_its_cache_alive():
+    """The cache owns its DecodeGraph; no reference cycle keeps a dropped cache's (device) buffers."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    mem = small_memory()
+    ids = torch.randint(1, 500, (1, PREFILL + 1), generator=torch.Generator().manual_seed(6))
+    with attach(model, mem) as cache, torch.no_grad():
+        feed(model, cache, ids[:, :PREFILL])
+        graph = DecodeGraph(cache, capture=False)
+        cache._decode_graph = graph
+        assert graph.step(model, ids[:, PREFILL:]) is not None
+    alive = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache, graph
+        assert alive() is None
+    finally:
+        gc.enable()
