@@ -109,6 +109,11 @@ def main() -> None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         print("sync check:", sync, flush=True)
+        del s  # its memory must not count in the trials' peak
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     only = [int(x) for x in args.only.split(",")] if args.only else None
     results += run_passkey(
         llm, lengths(args.lengths), args.depths, memory=memory, system="memllm", progress=say, only=only
