@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from memllm.context.static import StaticDecode, repr_buffer
+from memllm.context.static import StaticDecode
 
 
 class DecodeGraph:
@@ -91,8 +91,8 @@ class DecodeGraph:
         """What a captured graph has baked in besides static.py's buffers (addresses and shapes)."""
         parts: list = [self.cache.layers[0].reported_length()]
         for layer in self.cache.layers:
-            reprs = repr_buffer(layer.store)
-            tables = getattr(layer.store, "kernel_state", None)
+            reprs = layer.store.repr_buffer()
+            tables = layer.store.kernel_state
             table_ptrs = tuple(t.data_ptr() for t in tables.dev.values()) if tables is not None else ()
             parts.append(
                 (
@@ -108,7 +108,7 @@ class DecodeGraph:
     def _refresh_tables(self) -> None:
         """Segments written by plain steps since: their addresses go into the (stable) gather tables."""
         for layer in self.cache.layers:
-            tables = getattr(layer.store, "kernel_state", None)
+            tables = layer.store.kernel_state
             if tables is not None:
                 tables.refresh(layer.store)
 

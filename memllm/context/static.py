@@ -30,9 +30,16 @@ from memllm.context.plan import CallPlan
 from memllm.context.window import merge
 
 
-def repr_buffer(store) -> torch.Tensor:
-    """The store's whole mean-representative buffer (kv_heads, capacity, head_dim), empty slots included."""
-    return store._repr if store._repr is not None else store.repr_keys()
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (kvh, g, d), k/v (kvh, n, d) fp32, hidden (n,) bool: keys left out -> out (kvh, g, d),
+    lse (kvh, g, 1), the attention weights (kvh, g, n). At least one key must be visible."""
+    logits = torch.matmul(q, k.transpose(1, 2)) * scale
+    logits = logits.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse)
+    return torch.matmul(p, v), lse, p
 
 
 class StaticWindow:
@@ -84,7 +91,7 @@ class StaticDecode:
             and bool(plan.memory_blocks)
             and cfg.topk > 0
             and layer.store.n_units > 0
-            and repr_buffer(layer.store).shape[1] >= cfg.topk
+            and layer.store.repr_buffer().shape[1] >= cfg.topk
             and layer.seen >= cfg.n_init + cfg.n_local
             and layer.seen - layer.base < layer.spec.trained_len
             and plan.window + 1 <= self.capacity
@@ -154,16 +161,14 @@ class StaticDecode:
         sw.k.index_copy_(1, self.window, k_loc)
         sw.v.index_copy_(1, self.window, value[0].to(sw.v.dtype))
         slots = torch.arange(self.capacity, device=dev)
-        logits = torch.matmul(q_loc.reshape(kvh, g, d), sw.k.float().transpose(1, 2)) * scale
-        logits = logits.masked_fill(slots > self.window, float("-inf"))  # (kvh, g, capacity)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        p = torch.exp(logits - lse)
-        out = torch.matmul(p, sw.v.float())  # (kvh, g, d)
+        out, lse, p = masked_attention(
+            q_loc.reshape(kvh, g, d), sw.k.float(), sw.v.float(), slots > self.window, scale
+        )
         sw.score += p.sum(dim=1)
         # Memory: queries at the fixed distance n_local, sinks + chosen units at 0.
         cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, 1, -1, dev)
         q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, d)
-        reprs = repr_buffer(store)  # (kvh, capacity, d)
+        reprs = store.repr_buffer()  # (kvh, capacity, d)
         scores = combine(unit_scores(q_mem.sum(dim=1).unsqueeze(0), reprs), cfg.lookup)
         later = torch.arange(reprs.shape[1], device=dev) >= self.units
         ids = select_units(scores.masked_fill(later, float("-inf")), cfg.topk)
@@ -173,11 +178,8 @@ class StaticDecode:
         k_mem = torch.cat([layer.sink_k, uk[0]], dim=1).float()
         v_mem = torch.cat([layer.sink_v, uv[0]], dim=1).float()
         limit = layer.sink_k.shape[1] + torch.clamp(self.units, max=cfg.topk) * cfg.block_size
-        logits_m = torch.matmul(q_mem, k_mem.transpose(1, 2)) * scale
         cols = torch.arange(k_mem.shape[1], device=dev)
-        logits_m = logits_m.masked_fill(cols >= limit, float("-inf"))
-        lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
-        out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
+        out_m, lse_m, _ = masked_attention(q_mem, k_mem, v_mem, cols >= limit, scale)
         merged = merge(
             out.reshape(heads, 1, d),
             lse.reshape(heads, 1),

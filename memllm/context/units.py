@@ -149,9 +149,14 @@ class UnitStore:
     # ---- reading -------------------------------------------------------------------------------
     def repr_keys(self) -> torch.Tensor:
         """(kv_heads, n_units, head_dim) on the device (a view): each unit's mean representative key."""
+        return self.repr_buffer()[:, : self.n_units]
+
+    def repr_buffer(self) -> torch.Tensor:
+        """The whole buffer of mean representatives (kv_heads, capacity, head_dim), unwritten slots
+        included (their contents are undefined): the static decode step scores all slots and masks."""
         if self._repr is None:
             return torch.empty(self.kv_heads, 0, self.head_dim, device=self.device)
-        return self._repr[:, : self.n_units]
+        return self._repr
 
     def host_unit(self, idx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One unit's K/V dequantized to `dtype` on the host: (kv_heads, block_size, head_dim) each."""

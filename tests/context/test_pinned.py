@@ -132,17 +132,22 @@ def test_a_failing_first_allocation_names_the_bytes():
         store.append_many(*units(1))
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_units_read_back_as_in_a_store_without_prefetch(dtype):
-    k, v, r = units(2 * SEG + 3)
-    plain, ahead = make_store(dtype), make_store(dtype, FakeAlloc(delay=0.0))
-    for store in (plain, ahead):
+def fill_and_compare(plain: UnitStore, other: UnitStore, k, v, r) -> None:
+    """Append the same units to both stores (a batch, then one by one); they read back identically."""
+    for store in (plain, other):
         store.append_many(k[:3], v[:3], r[:3])
         for i in range(3, k.shape[0]):
             store.append(k[i], v[i], r[i])
     for i in range(k.shape[0]):
-        for a, b in zip(plain.host_unit(i, torch.float32), ahead.host_unit(i, torch.float32), strict=True):
+        for a, b in zip(plain.host_unit(i, torch.float32), other.host_unit(i, torch.float32), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_units_read_back_as_in_a_store_without_prefetch(dtype):
+    k, v, r = units(2 * SEG + 3)
+    plain, ahead = make_store(dtype), make_store(dtype, FakeAlloc(delay=0.0))
+    fill_and_compare(plain, ahead, k, v, r)
     state = plain.state()
     restored = make_store(dtype, FakeAlloc(delay=0.0))
     restored.load_state(state)
@@ -340,13 +345,7 @@ def test_a_store_on_registered_memory_reads_back_as_a_plain_one(dtype):
     plain = make_store(dtype)
     alloc = functools.partial(pinned.registered_alloc, cudart=cudart)
     reg = UnitStore(H, B, D, R, dtype, torch.device("cpu"), segment_units=SEG, host_alloc=alloc)
-    for store in (plain, reg):
-        store.append_many(k[:3], v[:3], r[:3])
-        for i in range(3, k.shape[0]):
-            store.append(k[i], v[i], r[i])
-    for i in range(k.shape[0]):
-        for a, b in zip(plain.host_unit(i, torch.float32), reg.host_unit(i, torch.float32), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fill_and_compare(plain, reg, k, v, r)
     names = len(reg.segments[0])
     first = [thread for *_, thread in cudart.registered[:names]]
     assert first == [threading.current_thread().name] * names  # the first segment: in this thread

@@ -18,6 +18,12 @@ from tests.context.helpers import small_memory, tiny_model
 PREFILL, DECODE = 120, 40
 
 
+def one_token(model, cache, graph, tok):
+    """The static step when the token is eligible for it, else the plain path (what prefill.step does)."""
+    logits = graph.step(model, tok) if graph is not None else None
+    return logits if logits is not None else step(model, cache, tok)
+
+
 def decode(model, mem, ids, static: bool):
     """Feed PREFILL tokens, then DECODE single tokens (teacher-forced); logits per token and the cache."""
     with attach(model, mem) as cache, torch.no_grad(), cache.record_lookups() as log:
@@ -25,9 +31,7 @@ def decode(model, mem, ids, static: bool):
         graph = DecodeGraph(cache, capture=False) if static else None
         outs = []
         for i in range(PREFILL, PREFILL + DECODE):
-            tok = ids[:, i : i + 1]
-            logits = graph.step(model, tok) if graph is not None else None
-            outs.append(logits if logits is not None else step(model, cache, tok))
+            outs.append(one_token(model, cache, graph, ids[:, i : i + 1]))
         ids_log = [(layer, t.tolist()) for layer, t in log]
     return torch.stack(outs), cache, graph, ids_log
 
@@ -69,9 +73,7 @@ def test_rollback_inside_static_steps():
         def run():
             out = []
             for i in range(PREFILL + 2, PREFILL + 12):
-                tok = ids[:, i : i + 1]
-                logits = graph.step(model, tok)
-                out.append(logits if logits is not None else step(model, cache, tok))
+                out.append(one_token(model, cache, graph, ids[:, i : i + 1]))
             return torch.stack(out)
 
         first = run()
@@ -95,9 +97,7 @@ def test_graph_replay_equals_static_steps(offload):
             graph = DecodeGraph(cache, capture=capture)
             outs = []
             for i in range(PREFILL, PREFILL + DECODE):
-                tok = ids[:, i : i + 1]
-                logits = graph.step(model, tok)
-                outs.append(logits if logits is not None else step(model, cache, tok))
+                outs.append(one_token(model, cache, graph, ids[:, i : i + 1]))
             runs.append((torch.stack(outs), graph, cache.layers[0].local_score.clone()))
     (want, _, score_want), (got, graph, score_got) = runs
     assert graph.replays > 0 and graph.captures >= 1
