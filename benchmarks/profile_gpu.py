@@ -4,6 +4,7 @@ A random-weight model with SmolLM2-135M's shapes (timing does not depend on the 
   1. full attention (sdpa): 8K prefill and decode at 8K (medians);
   2. memllm: per-call prefill time, host time spent inside the attention function, a torch.profiler
      table of two prefill calls and of five decode steps;
+  4. with --memory: peak device memory per phase (prefill, graph decode, plain decode) per length;
   3. the Triton kernels alone on one call's shapes, over a sweep of tile configurations, against sdpa
      on the same number of query-key pairs (the ceiling).
 Usage: PYTHONPATH=. python benchmarks/profile_gpu.py --tokens 128k --out $OUT/profile.json
@@ -178,6 +179,56 @@ def memllm_run(model, n_tokens: int, config, profile: bool = True) -> dict:
     return res
 
 
+def memory_run(model, lengths: list[int], config) -> list[dict]:
+    """Peak device memory per phase (prefill, decode with graphs, decode without) at each length, one
+    session at a time in this process, and decode ms/token in steady state (graph replay)."""
+    from memllm.context import attach
+    from memllm.context.prefill import feed, step
+
+    out = []
+    for n in lengths:
+        torch.cuda.empty_cache()
+        ids = torch.randint(100, 40000, (1, n), device="cuda")
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        row: dict = {"tokens": n, "before_mib": base / 2**20}
+        with attach(model, config) as cache:
+            t = time.perf_counter()
+            logits = feed(model, cache, ids)
+            sync()
+            row["prefill_s"] = time.perf_counter() - t
+            row["prefill_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["after_prefill_mib"] = torch.cuda.memory_allocated() / 2**20
+            st = cache.stats()
+            row["window_mib"] = st["device_bytes_window"] / 2**20
+            row["index_mib"] = st["device_bytes_index"] / 2**20
+            row["repr_capacity"] = cache.layers[0].store.repr_buffer().shape[1]
+            row["units_per_layer"] = cache.layers[0].store.n_units
+            torch.cuda.reset_peak_memory_stats()
+            steps = []
+            for _ in range(40):
+                sync()
+                t = time.perf_counter()
+                logits = step(model, cache, logits.argmax().view(1, 1))
+                sync()
+                steps.append(time.perf_counter() - t)
+            row["decode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["after_decode_mib"] = torch.cuda.memory_allocated() / 2**20
+            row["decode_ms_steady"] = 1000 * statistics.median(steps[8:])
+            g = cache.decode_graph()
+            row["graph"] = {"captures": g.captures, "replays": g.replays, "static_steps": g.steps}
+            torch.cuda.reset_peak_memory_stats()
+            cache.config = dataclasses.replace(cache.config, decode_graphs=False)
+            for _ in range(4):
+                logits = step(model, cache, logits.argmax().view(1, 1))
+            sync()
+            row["plain_decode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        del cache, logits, ids
+        print("memory", row, flush=True)
+        out.append(row)
+    return out
+
+
 def kernel_sweep() -> list[dict]:
     """The local, received and memory kernels on one steady-state call's shapes, per tile config."""
     import torch.nn.functional as F
@@ -309,6 +360,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="128k")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: full,memllm,kernels")
+    ap.add_argument("--memory", default="", help="lengths for the per-phase peak memory run, e.g. 32k,1m")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -328,6 +380,8 @@ def main() -> None:
     if "full" not in skip:
         res["full_8k"] = full_attention(model, 8192)
         print("full 8K", res["full_8k"], flush=True)
+    if args.memory:
+        res["memory"] = memory_run(model, [parse_length(x) for x in args.memory.split(",")], MemoryConfig())
     if "memllm" not in skip:
         res["memllm"] = memllm_run(model, parse_length(args.tokens), MemoryConfig())
         m = res["memllm"]

@@ -42,6 +42,42 @@ def masked_attention(
     return torch.matmul(p, v), lse, p
 
 
+def step_attention(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    units: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """One token's attention over its window buffer and its memory, merged (the reference path; the
+    CUDA kernels of decode_cuda.step_attention_cuda follow the same contract, see there).
+
+    q_loc / q_mem (kvh, g, d): the queries at the window position and at the fixed distance;
+    win_k / win_v (kvh, cap, d), keys [0, window] visible; score (kvh, cap) fp32 gets the attention
+    each window key received added in place; sinks (kvh, n_sinks, d); unit_k / unit_v
+    (kvh, topk * block_size, d), the first min(units, topk) * block_size visible. -> (kvh, g, d) fp32."""
+    dev = q_loc.device
+    kvh, g, d = q_loc.shape
+    slots = torch.arange(win_k.shape[1], device=dev)
+    out, lse, p = masked_attention(q_loc, win_k.float(), win_v.float(), slots > window, scale)
+    score += p.sum(dim=1)
+    k_mem = torch.cat([sink_k, unit_k], dim=1).float()
+    v_mem = torch.cat([sink_v, unit_v], dim=1).float()
+    limit = sink_k.shape[1] + torch.clamp(units, max=topk) * block_size
+    cols = torch.arange(k_mem.shape[1], device=dev)
+    out_m, lse_m, _ = masked_attention(q_mem, k_mem, v_mem, cols >= limit, scale)
+    return merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1))
+
+
 class StaticWindow:
     """One layer's window buffers."""
 
@@ -160,11 +196,6 @@ class StaticDecode:
         k_loc = rot.apply(key[0].float(), cos, sin).to(sw.k.dtype)
         sw.k.index_copy_(1, self.window, k_loc)
         sw.v.index_copy_(1, self.window, value[0].to(sw.v.dtype))
-        slots = torch.arange(self.capacity, device=dev)
-        out, lse, p = masked_attention(
-            q_loc.reshape(kvh, g, d), sw.k.float(), sw.v.float(), slots > self.window, scale
-        )
-        sw.score += p.sum(dim=1)
         # Memory: queries at the fixed distance n_local, sinks + chosen units at 0.
         cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, 1, -1, dev)
         q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, d)
@@ -175,15 +206,12 @@ class StaticDecode:
         ids = torch.minimum(ids, self.units - 1).expand(1, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
         uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
-        k_mem = torch.cat([layer.sink_k, uk[0]], dim=1).float()
-        v_mem = torch.cat([layer.sink_v, uv[0]], dim=1).float()
-        limit = layer.sink_k.shape[1] + torch.clamp(self.units, max=cfg.topk) * cfg.block_size
-        cols = torch.arange(k_mem.shape[1], device=dev)
-        out_m, lse_m, _ = masked_attention(q_mem, k_mem, v_mem, cols >= limit, scale)
-        merged = merge(
-            out.reshape(heads, 1, d),
-            lse.reshape(heads, 1),
-            out_m.reshape(heads, 1, d),
-            lse_m.reshape(heads, 1),
-        )
-        return merged.unsqueeze(0).to(query.dtype)
+        args = (q_loc.reshape(kvh, g, d), q_mem, sw.k, sw.v, sw.score, self.window, layer.sink_k,
+                layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
+        if cfg.impl == "fast" and dev.type == "cuda":
+            from memllm.context.decode_cuda import step_attention_cuda
+
+            merged = step_attention_cuda(*args)
+        else:
+            merged = step_attention(*args)
+        return merged.reshape(1, heads, 1, d).to(query.dtype)

@@ -125,3 +125,39 @@ def test_decode_graph_does_not_keep_its_cache_alive():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def step_inputs(device, dtype, window, units, g=3, kvh=2, d=16, cap=70, n_sinks=4, topk=3, bs=8):
+    """Random inputs of static.step_attention: a window buffer of cap keys, sinks, topk gathered units."""
+    gen = torch.Generator().manual_seed(window * 31 + units)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    score = torch.rand(kvh, cap, generator=gen).to(device)
+    return (rand(kvh, g, d).float(), rand(kvh, g, d).float(), rand(kvh, cap, d), rand(kvh, cap, d), score,
+            torch.tensor([window], device=device), rand(kvh, n_sinks, d), rand(kvh, n_sinks, d),
+            rand(kvh, topk * bs, d), rand(kvh, topk * bs, d), torch.tensor([units], device=device),
+            topk, bs, 0.25)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,units", [(0, 1), (5, 2), (63, 3), (64, 9), (69, 5)])
+def test_step_attention_kernel_equals_reference(dtype, window, units):
+    """decode_cuda.step_attention_cuda: the same output and received scores as static.step_attention
+    (window edges on and off tile boundaries; fewer units than topk and more)."""
+    check_step_attention("cuda", dtype, window, units)
+
+
+def check_step_attention(device, dtype, window, units):
+    from memllm.context.decode_cuda import step_attention_cuda
+    from memllm.context.static import step_attention
+
+    want_args = step_inputs(device, dtype, window, units)
+    got_args = step_inputs(device, dtype, window, units)
+    want = step_attention(*want_args)
+    got = step_attention_cuda(*got_args)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_args[4], want_args[4], rtol=1e-5, atol=1e-5)  # received scores

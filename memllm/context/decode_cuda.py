@@ -1,0 +1,198 @@
+"""The static decode step's attention in two Triton launches (CUDA): static.py's `step_attention` contract.
+
+One query token per head, so the work is small and its cost was in launches and fp32 copies: the
+PyTorch path converts the whole window buffer and the gathered units to fp32 and runs batched fp32
+matmuls (torch.profiler on the H100, per layer and token: ~120 us in two gemm kernels alone, plus
+~25 small launches). Here:
+  * `_partials`: program (key tile, kv head) over one tile of BN keys, either of the window buffer
+    (keys [0, W] visible) or of the memory keys (sinks, then the chosen units; the first
+    n_sinks + min(units, topk) * block_size visible): the tile's softmax partials (max, sum, weighted
+    values) for the group's query heads, padded to 16 rows for tl.dot;
+  * `_finish`: program (window tile, kv head) combines the window partials into the window's
+    log-sum-exp, recomputes its tile's logits and adds the attention each key received (summed over
+    the group's heads) to the score buffer; program (0, kv head) also combines all partials into the
+    window and memory outputs and merges them (window.merge's math) into the output.
+Inputs in the model dtype (or fp32), math in fp32 (ieee dot). W and the unit count are device
+scalars, so a CUDA graph replays the launches unchanged. Imported only on CUDA (needs triton).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BN = 64  # keys per tile
+GP = 16  # query rows per kv head, padded (tl.dot needs 16)
+
+
+@triton.jit
+def _rows(P, rows, ok, D: tl.constexpr):
+    """(len(rows), D) fp32: rows of a (n, D) array (rows not ok: 0)."""
+    dd = tl.arange(0, D)
+    return tl.load(P + rows[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_logits(Q, K_BASE, cols, ok, h, scale, G: tl.constexpr, D: tl.constexpr):
+    """(GP, BN) logits of the group's queries against keys K_BASE[cols] (rows >= G and keys not ok: -inf)."""
+    g = tl.arange(0, 16)
+    q = _rows(Q, h * G + g, g < G, D)
+    k = _rows(K_BASE, cols, ok, D)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    return tl.where((g[:, None] < G) & ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _memory_keys(SK, SV, UK, UV, cols, ok, h, n_sinks, n_unit_keys, D: tl.constexpr):
+    """K, V (BN, D) fp32 of memory keys `cols`: sinks [0, n_sinks), then the gathered units."""
+    in_s = ok & (cols < n_sinks)
+    in_u = ok & (cols >= n_sinks)
+    s_rows = h * n_sinks + cols
+    u_rows = h * n_unit_keys + cols - n_sinks
+    k = _rows(SK, s_rows, in_s, D) + _rows(UK, u_rows, in_u, D)
+    v = _rows(SV, s_rows, in_s, D) + _rows(UV, u_rows, in_u, D)
+    return k, v
+
+
+@triton.jit
+def _partials(
+    QL, QM, WK, WV, SK, SV, UK, UV, WIN, UNITS, PM, PL, PACC,
+    cap, n_sinks, n_unit_keys, topk_keys, block_size, scale,
+    TW: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, 16)
+    dd = tl.arange(0, D)
+    if tile < TW:
+        cols = tile * BN + tl.arange(0, BN)
+        w = tl.load(WIN)
+        ok = (cols <= w) & (cols < cap)
+        s = _tile_logits(QL, WK + h * cap * D, cols, ok, h, scale, G, D)
+        v = _rows(WV, h * cap + cols, ok, D)
+    else:
+        cols = (tile - TW) * BN + tl.arange(0, BN)
+        units = tl.load(UNITS)
+        limit = n_sinks + tl.minimum(units * block_size, topk_keys)
+        ok = cols < limit
+        k, v = _memory_keys(SK, SV, UK, UV, cols, ok, h, n_sinks, n_unit_keys, D)
+        q = _rows(QM, h * G + g, g < G, D)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = tl.where((g[:, None] < G) & ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(s - m_safe[:, None])
+    base = h * T + tile
+    tl.store(PM + base * 16 + g, m)
+    tl.store(PL + base * 16 + g, tl.sum(p, 1))
+    tl.store(PACC + (base * 16 + g[:, None]) * D + dd[None, :], tl.dot(p, v, input_precision="ieee"))
+
+
+@triton.jit
+def _combine(PM, PL, PACC, h, t0, t1, T: tl.constexpr, TP: tl.constexpr, D: tl.constexpr):
+    """Partials of tiles [t0, t1) -> out (16, D), lse (16,) (rows with no visible key: lse -inf, out 0)."""
+    g = tl.arange(0, 16)
+    dd = tl.arange(0, D)
+    ts = tl.arange(0, TP)
+    tok = (ts >= t0) & (ts < t1)
+    m = tl.load(PM + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=float("-inf"))
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    l_t = tl.load(PL + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=0.0)
+    total = tl.sum(l_t * tl.exp(m - mx_safe[None, :]), 0)
+    acc = tl.zeros((16, D), tl.float32)
+    for t in range(t0, t1):
+        mt = tl.load(PM + (h * T + t) * 16 + g)
+        a = tl.load(PACC + ((h * T + t) * 16 + g[:, None]) * D + dd[None, :])
+        acc += a * tl.exp(mt - mx_safe)[:, None]
+    safe = tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, mx_safe + tl.log(safe), float("-inf"))
+    return acc / safe[:, None], lse
+
+
+@triton.jit
+def _finish(
+    QL, WK, WIN, SCORE, PM, PL, PACC, OUT,
+    cap, scale,
+    TW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, 16)
+    ts = tl.arange(0, TP)
+    tok = ts < TW
+    # The window's log-sum-exp from its tiles' partials.
+    m = tl.load(PM + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=float("-inf"))
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    l_t = tl.load(PL + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=0.0)
+    total = tl.sum(l_t * tl.exp(m - mx_safe[None, :]), 0)
+    lse_w = mx_safe + tl.log(tl.where(total > 0, total, 1.0))  # padding rows: masked below
+    cols = tile * BN + tl.arange(0, BN)
+    w = tl.load(WIN)
+    ok = (cols <= w) & (cols < cap)
+    s = _tile_logits(QL, WK + h * cap * D, cols, ok, h, scale, G, D)
+    p = tl.where((g[:, None] < G) & ok[None, :], tl.exp(s - lse_w[:, None]), 0.0)
+    got = tl.load(SCORE + h * cap + cols, mask=cols < cap, other=0.0)
+    tl.store(SCORE + h * cap + cols, got + tl.sum(p, 0), mask=cols < cap)
+    if tile == 0:
+        dd = tl.arange(0, D)
+        out_w, lse_w2 = _combine(PM, PL, PACC, h, 0, TW, T, TP, D)
+        out_m, lse_m = _combine(PM, PL, PACC, h, TW, T, T, TP, D)
+        mm = tl.maximum(lse_w2, lse_m)
+        wa = tl.exp(lse_w2 - mm)
+        wb = tl.exp(lse_m - mm)
+        out = (out_w * wa[:, None] + out_m * wb[:, None]) / (wa + wb)[:, None]
+        tl.store(OUT + (h * G + g[:, None]) * D + dd[None, :], out, mask=g[:, None] < G)
+
+
+def step_attention_cuda(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    units: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """q_loc / q_mem (kv_heads, g, d) the token's queries at its window position and at the fixed
+    distance; win_k / win_v (kv_heads, cap, d) and score (kv_heads, cap) fp32 the window buffers
+    (keys [0, window] visible; score gets the received attention added in place); sinks
+    (kv_heads, n_sinks, d); unit_k / unit_v (kv_heads, topk * block_size, d) the gathered units, the
+    first min(units, topk) * block_size keys visible. window, units: (1,) long device scalars.
+    Returns (kv_heads, g, d) fp32: the merged attention (static.py's torch path, same contract)."""
+    kvh, g, d = q_loc.shape
+    cap = win_k.shape[1]
+    n_sinks, n_unit_keys = sink_k.shape[1], unit_k.shape[1]
+    if g > GP or score.dtype != torch.float32 or not score.is_contiguous():
+        raise ValueError("step_attention_cuda: at most 16 query heads per kv head; score contiguous fp32")
+    if n_sinks < 1:
+        raise ValueError("step_attention_cuda needs the sinks (phase 2)")
+    tw = triton.cdiv(cap, BN)
+    t = tw + triton.cdiv(n_sinks + n_unit_keys, BN)
+    dev = q_loc.device
+    pm = torch.empty(kvh, t, GP, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(kvh, t, GP, d, dtype=torch.float32, device=dev)
+    out = torch.empty(kvh, g, d, dtype=torch.float32, device=dev)
+    ql, qm = q_loc.contiguous(), q_mem.contiguous()
+    wk = win_k.contiguous()
+    _partials[(t, kvh)](
+        ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
+        unit_v.contiguous(), window, units, pm, pl, pacc,
+        cap, n_sinks, n_unit_keys, topk * block_size, block_size, scale,
+        TW=tw, T=t, G=g, D=d, BN=BN,
+    )  # fmt: skip
+    _finish[(tw, kvh)](
+        ql, wk, window, score, pm, pl, pacc, out, cap, scale,
+        TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
+    )  # fmt: skip
+    return out
