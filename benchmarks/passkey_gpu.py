@@ -83,6 +83,7 @@ def main() -> None:
         s = Session(llm, memory)
         s.feed_ids(ids)
         torch.cuda.synchronize()
+        g = None
         try:
             with attach(model, cache=s.cache):
                 # The first eligible tokens warm up and capture the decode graph (capture synchronises
@@ -109,7 +110,7 @@ def main() -> None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
         print("sync check:", sync, flush=True)
-        del s  # its memory must not count in the trials' peak
+        del s, g  # their memory (the session; the graph's buffers and pool) must not count in the trials' peak
         import gc
 
         gc.collect()

@@ -392,6 +392,19 @@ class ContextMemoryCache(Cache):
             self._decode_graph = DecodeGraph(self)
         return self._decode_graph
 
+    def reserve(self, n_tokens: int) -> None:
+        """Room in every layer's unit index for the units the next n_tokens will cut, so a long feed grows
+        each index at most once, without growth slack. When it must grow, one call's worth of units
+        more is added for what follows (answers), so short feeds after it do not grow it again."""
+        cfg = self.config
+        layer = self.layers[0]
+        head = 0 if layer.cut else cfg.n_init
+        window = layer.local_k.shape[1]
+        units = layer.store.n_units + max(0, window + n_tokens - head - cfg.n_local) // cfg.block_size
+        for lay in self.layers:
+            if lay.store.repr_buffer().shape[1] < units:
+                lay.store.reserve(units + cfg.chunk_size // cfg.block_size, lay.dtype)
+
     @property
     def seen_tokens(self) -> int:
         return self.layers[0].seen

@@ -44,6 +44,7 @@ def feed(
     """Feed ids (1, n) in chunks; progress(done, total) after each. Returns the last logits (None if n == 0)."""
     total = ids.shape[1]
     chunk = cache.config.chunk_size
+    cache.reserve(total)
     done = 0
     logits = None
     while done < total:

@@ -13,7 +13,8 @@ K/V are kept as bf16/fp16/fp32, or int8 with scales (keys: per unit, head and ch
 unit, head and token). A unit's representative keys (repr_topk per KV head, un-rotated) are kept on
 the device as their mean, which is all the lookup's score needs (q . mean(r) = mean(q . r)): laid out
 (kv_heads, capacity, head_dim) so scoring reads them without a copy; the buffer grows by a quarter
-when full, so the device memory beyond the units' own stays small (one key per unit and KV head).
+when full, so the device memory beyond the units' own stays small (one key per unit and KV head);
+a feed of known length reserves what it will cut at once (`reserve`), without that slack.
 
 Knows nothing of positions, attention or which units get selected (see lookup.py, gather.py).
 """
@@ -131,14 +132,21 @@ class UnitStore:
             done += take
         need = self.n_units + n
         if self._repr is None or self._repr.shape[1] < need:
-            cap = max(16, need, (5 * self._repr.shape[1]) // 4 if self._repr is not None else 0)
-            h, d = repr_k.shape[1], repr_k.shape[3]
-            grown = torch.empty((h, cap, d), dtype=repr_k.dtype, device=self.device)
-            if self._repr is not None:
-                grown[:, : self.n_units] = self._repr[:, : self.n_units]
-            self._repr = grown
+            self._grow_repr(max(16, need, (5 * self._repr.shape[1]) // 4 if self._repr is not None else 0),
+                            repr_k.dtype)  # fmt: skip
         self._repr[:, self.n_units : need] = repr_k.float().mean(dim=2).transpose(0, 1).to(repr_k.dtype)
         self.n_units = need
+
+    def reserve(self, n_units: int, dtype: torch.dtype) -> None:
+        """Make room for n_units representatives at once (a feed of known length: no growth slack)."""
+        if self._repr is None or self._repr.shape[1] < n_units:
+            self._grow_repr(n_units, dtype)
+
+    def _grow_repr(self, capacity: int, dtype: torch.dtype) -> None:
+        grown = torch.empty((self.kv_heads, capacity, self.head_dim), dtype=dtype, device=self.device)
+        if self._repr is not None:
+            grown[:, : self.n_units] = self._repr[:, : self.n_units]
+        self._repr = grown
 
     def truncate(self, n_units: int) -> None:
         """Forget units >= n_units (their storage is reused by later appends)."""

@@ -38,3 +38,22 @@ def test_bounds_over_a_long_stream():
     assert index[-1] <= 2 * per_unit * s["units_per_layer"]
     # Host memory holds the units: bf16 K+V per stored token and layer = 2 * kv_heads * head_dim * 2 bytes.
     assert s["host_bytes_stored"] == s["units"] * mem.block_size * 2 * 2 * 16 * 2
+
+
+def test_a_feed_reserves_its_unit_index_once():
+    """A feed of known length sizes each layer's unit index for the units it cuts (plus one call's worth)
+    at once; short feeds after it (questions, answers) do not grow it again."""
+    model = tiny_model("llama")
+    mem = small_memory()
+    ids = torch.randint(0, 512, (1, 700), generator=torch.Generator().manual_seed(4))
+    with attach(model, mem) as cache:
+        feed(model, cache, ids[:, :600])
+        cfg = cache.config
+        store = cache.layers[0].store
+        units = store.n_units
+        assert units == (600 - cfg.n_init - cfg.n_local) // cfg.block_size
+        capacity = store.repr_buffer().shape[1]
+        assert capacity == units + cfg.chunk_size // cfg.block_size
+        for a in range(600, 620, 5):
+            feed(model, cache, ids[:, a : a + 5])
+        assert store.n_units > units and store.repr_buffer().shape[1] == capacity
