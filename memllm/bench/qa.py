@@ -203,12 +203,16 @@ def read_once_ask_many(llm: Any, hay: Haystack, mode: str = "kv", embedder: Any 
     from memllm.agents.docqa import DocumentQA
 
     qa = DocumentQA(llm, mode, embedder=embedder)
+    parts = {"question_feed_s": 0.0, "tokens": 0}
     try:
         report = qa.read(hay.text, name="read-once")
-        times, em = [], 0.0
+        if qa.session is not None:
+            _time_answer_parts(qa.session, parts)
+        times, em, answers = [], 0.0, []
         for case in hay.cases:
             ans = qa.ask(case.question)
             times.append(ans.seconds)
+            answers.append(ans.text)
             em += exact_match(ans.text, case.answers)
     finally:
         qa.close()
@@ -218,7 +222,33 @@ def read_once_ask_many(llm: Any, hay: Haystack, mode: str = "kv", embedder: Any 
             "tokens_per_s": round(report.tokens_per_second, 1), "first_answer_s": round(times[0], 3),
             "mean_answer_s": round(sum(times) / len(times), 3), "one_question_total_s": round(one, 3),
             "all_questions_total_s": round(many, 3), "ratio": round(many / one, 3),
-            "em": round(100 * em / len(times), 1)}  # fmt: skip
+            "em": round(100 * em / len(times), 1), "answer_s": [round(t, 3) for t in times],
+            "question_feed_s_total": round(parts["question_feed_s"], 3), "tokens_generated": parts["tokens"],
+            "answers": answers}  # fmt: skip
+
+
+def _time_answer_parts(session: Any, parts: dict[str, Any]) -> None:
+    """Wrap the session's question feed (timed to the end of its device work) and its token generator
+    (counted), so a read-once run says where an answer's time goes."""
+    import time
+
+    feed_ids, generate_ids = session.feed_ids, session.generate_ids
+
+    def timed_feed(ids: Any, progress: Any = None) -> None:
+        t = time.perf_counter()
+        feed_ids(ids, progress)
+        if session.last_logits is not None and session.last_logits.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        parts["question_feed_s"] += time.perf_counter() - t
+
+    def counted(*a: Any, **k: Any) -> Any:
+        for tok in generate_ids(*a, **k):
+            parts["tokens"] += 1
+            yield tok
+
+    session.feed_ids, session.generate_ids = timed_feed, counted
 
 
 def text_key(text: str) -> str:

@@ -161,3 +161,26 @@ def check_step_attention(device, dtype, window, units):
     got = step_attention_cuda(*got_args)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_args[4], want_args[4], rtol=1e-5, atol=1e-5)  # received scores
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sessions_with_decode_graphs_leave_no_device_memory():
+    """Each session's decode graph warms up and captures on the one side stream per device: device memory
+    after a dropped session is what it was after the one before (a new stream per graph kept a cuBLAS
+    workspace per session alive)."""
+    model = tiny_model("llama").cuda()
+    mem = small_memory()
+    ids = torch.randint(1, 500, (1, PREFILL + 8), generator=torch.Generator().manual_seed(8)).cuda()
+    after = []
+    for _ in range(3):
+        with attach(model, mem) as cache, torch.no_grad():
+            logits = feed(model, cache, ids[:, :PREFILL])
+            graph = DecodeGraph(cache, capture=True)
+            for _ in range(8):
+                logits = one_token(model, cache, graph, logits.argmax().view(1, 1))
+            assert graph.captures >= 1
+        del cache, graph, logits
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert after[2] == after[1]
