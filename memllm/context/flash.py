@@ -8,7 +8,11 @@ Each pass is one launch per layer and call, whatever the number of execution blo
   memory_attention_cuda         each memory block's queries over its [sinks, chosen units] keys;
   memory_attention_merge_cuda   the same pass, merged in place into the local output (window.merge's
                                 math), so the memory pass's out and lse never reach global memory.
-Inputs are read in the model dtype and accumulated in fp32. window.py holds the loops these are
+Inputs are read in the model dtype and accumulated in fp32. Integers that change from call to call (the
+call's length, the window's) are not specialised on (`do_not_specialize`): Triton would otherwise
+compile a variant per divisibility class: a stall of about a second in the middle of answering
+questions of varying length (the likely cause of one 1.3 s answer among 0.13-0.33 s ones in the
+H100 read-once run 15). window.py holds the loops these are
 tested against. Imported only on CUDA (needs triton).
 
 The received pass is split over key tiles, kv heads and row splits of RECEIVED["ROWS"] rows: each
@@ -57,7 +61,7 @@ def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "W"])
 def _local_fwd(
     Q, K, V, OUT, LSE, ROW_LO,
     c, W, scale,
@@ -90,7 +94,7 @@ def _local_fwd(
     tl.store(LSE + h * c + rows, m_i + tl.log(l_safe), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "W"])
 def _received(
     Q, K, LSE, ROW_LO, R,
     c, W, scale,
@@ -143,7 +147,7 @@ def _received(
     tl.store(R + (split * tl.num_programs(1) + kvh) * n_keys + cols, tl.sum(acc, 0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c", "M", "n_chosen"])
 def _memory_fwd(
     Q, KM, VM, OUT, LSE, MB_Q0, MB_Q1, MB_UNITS,
     c, M, n_sinks, n_chosen, block_size, scale,

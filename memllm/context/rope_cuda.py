@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n", "row0"])
 def _rotate_kernel(
     X, OUT, COS, SIN, n_rows, n, row0, per_row, sign,
     HALF: tl.constexpr, BR: tl.constexpr,

@@ -20,7 +20,7 @@ from memllm.context.units import UnitStore
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _gather_kernel(
     ids_ptr,  # (rows * kv_heads * t,) int64 unit ids
     k_table,  # (segments,) int64 base addresses of K segments
