@@ -4,6 +4,7 @@ A random-weight model with SmolLM2-135M's shapes (timing does not depend on the 
   1. full attention (sdpa): 8K prefill and decode at 8K (medians);
   2. memllm: per-call prefill time, host time spent inside the attention function, a torch.profiler
      table of two prefill calls and of five decode steps;
+  5. with --answers L: read-once answering (question feed, tokens with and without lookahead);
   4. with --memory: peak device memory per phase (prefill, graph decode, plain decode) per length;
   3. the Triton kernels alone on one call's shapes, over a sweep of tile configurations, against sdpa
      on the same number of query-key pairs (the ceiling).
@@ -229,6 +230,68 @@ def memory_run(model, lengths: list[int], config) -> list[dict]:
     return out
 
 
+class _BareLLM:
+    """What Session needs when it is given token ids only (no tokenizer)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.tokenizer, self.name = model, None, "random SmolLM2-shaped"
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.trained_len = model.config.max_position_embeddings
+
+
+def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8, n: int = 12) -> dict:
+    """Read-once answering, piece by piece: after n_tokens in memory, n answers of a question-tokens
+    feed then answer-tokens generated (with and without lookahead), rolled back each time; medians,
+    and a profile of one question feed."""
+    from memllm.session import Session
+
+    s = Session(_BareLLM(model), config)
+    s.feed_ids(torch.randint(100, 40000, (n_tokens,)).tolist())
+    res: dict = {"tokens": n_tokens, "question_tokens": question, "answer_tokens": answer}
+    for lookahead in (False, True, False, True):
+        feeds, per_tok = [], []
+        for i in range(n):
+            q = torch.randint(100, 40000, (question + i % 3,)).tolist()
+            cp, logits = s.cache.checkpoint(), s.last_logits
+            sync()
+            t0 = time.perf_counter()
+            s.feed_ids(q)
+            sync()
+            t1 = time.perf_counter()
+            list(s.generate_ids(None, answer, stop=set(), lookahead=lookahead))
+            sync()
+            t2 = time.perf_counter()
+            s.cache.rollback(cp)
+            s.last_logits = logits
+            feeds.append(t1 - t0)
+            per_tok.append((t2 - t1) / answer)
+        key = "lookahead" if lookahead else "plain"
+        res[key] = {"question_feed_ms": 1000 * statistics.median(feeds[2:]),
+                    "ms_per_token": 1000 * statistics.median(per_tok[2:])}  # fmt: skip
+        print("answer", key, res[key], flush=True)
+    q = torch.randint(100, 40000, (question,)).tolist()
+    cp, logits = s.cache.checkpoint(), s.last_logits
+    res["question_feed_profile"] = profile_table(lambda: s.feed_ids(q))
+    s.cache.rollback(cp)
+    s.last_logits = logits
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    s.feed_ids(q)
+    sync()
+    prof.disable()
+    s.cache.rollback(cp)
+    s.last_logits = logits
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    res["question_feed_python"] = text.getvalue()
+    return res
+
+
 def kernel_sweep() -> list[dict]:
     """The local, received and memory kernels on one steady-state call's shapes, per tile config."""
     import torch.nn.functional as F
@@ -361,6 +424,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="128k")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: full,memllm,kernels")
     ap.add_argument("--memory", default="", help="lengths for the per-phase peak memory run, e.g. 32k,1m")
+    ap.add_argument("--answers", default="", help="length for the read-once answering run, e.g. 128k")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -382,6 +446,13 @@ def main() -> None:
         print("full 8K", res["full_8k"], flush=True)
     if args.memory:
         res["memory"] = memory_run(model, [parse_length(x) for x in args.memory.split(",")], MemoryConfig())
+    if args.answers:
+        res["answers"] = answer_run(model, parse_length(args.answers), MemoryConfig())
+        p = res["answers"]["question_feed_profile"]
+        print(f"==== question feed: self cuda {p['self_cuda_ms']:.1f} ms, self cpu {p['self_cpu_ms']:.1f} ms, "
+              f"launches {p['launches']}")  # fmt: skip
+        print(p["cpu_table"])
+        print(res["answers"]["question_feed_python"])
     if "memllm" not in skip:
         res["memllm"] = memllm_run(model, parse_length(args.tokens), MemoryConfig())
         m = res["memllm"]
