@@ -4,7 +4,7 @@ A random-weight model with SmolLM2-135M's shapes (timing does not depend on the 
   1. full attention (sdpa): 8K prefill and decode at 8K (medians);
   2. memllm: per-call prefill time, host time spent inside the attention function, a torch.profiler
      table of two prefill calls and of five decode steps;
-  5. with --answers L: read-once answering (question feed, tokens with and without lookahead);
+  5. with --answers L: read-once answering (question feed, then tokens), profiled;
   4. with --memory: peak device memory per phase (prefill, graph decode, plain decode) per length;
   3. the Triton kernels alone on one call's shapes, over a sweep of tile configurations, against sdpa
      on the same number of query-key pairs (the ceiling).
@@ -241,15 +241,15 @@ class _BareLLM:
 
 
 def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8, n: int = 12) -> dict:
-    """Read-once answering, piece by piece: after n_tokens in memory, n answers of a question-tokens
-    feed then answer-tokens generated (with and without lookahead), rolled back each time; medians,
-    and a profile of one question feed."""
+    """Read-once answering, piece by piece: after n_tokens in memory, two rounds of n answers (a
+    question-tokens feed, then answer-tokens generated), rolled back each time; medians per round,
+    and a profile of one question feed (torch.profiler and cProfile)."""
     from memllm.session import Session
 
     s = Session(_BareLLM(model), config)
     s.feed_ids(torch.randint(100, 40000, (n_tokens,)).tolist())
     res: dict = {"tokens": n_tokens, "question_tokens": question, "answer_tokens": answer}
-    for lookahead in (False, True, False, True):
+    for _ in range(2):
         feeds, per_tok = [], []
         for i in range(n):
             q = torch.randint(100, 40000, (question + i % 3,)).tolist()
@@ -259,17 +259,16 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
             s.feed_ids(q)
             sync()
             t1 = time.perf_counter()
-            list(s.generate_ids(None, answer, stop=set(), lookahead=lookahead))
+            list(s.generate_ids(None, answer, stop=set()))
             sync()
             t2 = time.perf_counter()
             s.cache.rollback(cp)
             s.last_logits = logits
             feeds.append(t1 - t0)
             per_tok.append((t2 - t1) / answer)
-        key = "lookahead" if lookahead else "plain"
-        res[key] = {"question_feed_ms": 1000 * statistics.median(feeds[2:]),
-                    "ms_per_token": 1000 * statistics.median(per_tok[2:])}  # fmt: skip
-        print("answer", key, res[key], flush=True)
+        res.setdefault("rounds", []).append({"question_feed_ms": 1000 * statistics.median(feeds[2:]),
+                                             "ms_per_token": 1000 * statistics.median(per_tok[2:])})  # fmt: skip
+        print("answer", res["rounds"][-1], flush=True)
     q = torch.randint(100, 40000, (question,)).tolist()
     cp, logits = s.cache.checkpoint(), s.last_logits
     res["question_feed_profile"] = profile_table(lambda: s.feed_ids(q))

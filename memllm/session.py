@@ -80,18 +80,9 @@ class Session:
 
     # ---- generating ------------------------------------------------------------------------------
     def generate_ids(
-        self,
-        prompt: str | list[int] | None = None,
-        max_new_tokens: int = 32,
-        stop: set[int] | None = None,
-        lookahead: bool = False,
+        self, prompt: str | list[int] | None = None, max_new_tokens: int = 32, stop: set[int] | None = None
     ) -> Iterator[int]:
-        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
-
-        lookahead (CUDA): each token's model step is launched before the host reads the token, so the
-        host's stop check and the next launch overlap the device's work. Yields the same tokens, but when
-        generation ends on a stop token, that token has been fed to the memory too: for callers that
-        roll the memory back afterwards (`ask`, DocumentQA)."""
+        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory."""
         stop = _stop_ids(self.llm) if stop is None else stop
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -99,11 +90,7 @@ class Session:
         if self.last_logits is None:
             raise InputError("nothing to continue from: feed text or give a prompt first")
         model = self.llm.model
-        ahead = lookahead and self.last_logits.device.type == "cuda"
         with attach(model, cache=self.cache):
-            if ahead:
-                yield from self._generate_ahead(model, max_new_tokens, stop)
-                return
             for _ in range(max_new_tokens):
                 tok = int(self.last_logits.argmax())
                 if tok in stop:
@@ -111,35 +98,16 @@ class Session:
                 self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
                 yield tok
 
-    def _generate_ahead(self, model: torch.nn.Module, n: int, stop: set[int]) -> Iterator[int]:
-        """generate_ids with lookahead: the token goes to pinned memory behind an event, the step that
-        feeds it is launched, then the host waits for the event only (not for the step)."""
-        host = torch.empty(1, dtype=torch.long, pin_memory=True)
-        ready = torch.cuda.Event()
-        for _ in range(n):
-            tok = self.last_logits.argmax().view(1, 1)
-            host.copy_(tok.view(1), non_blocking=True)
-            ready.record()
-            self.last_logits = prefill.step(model, self.cache, tok)
-            ready.synchronize()
-            t = int(host[0])
-            if t in stop:
-                return
-            yield t
-
-    def generate(
-        self, prompt: str | list[int] | None = None, max_new_tokens: int = 32, lookahead: bool = False
-    ) -> Iterator[str]:
+    def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        ids = self.generate_ids(prompt, max_new_tokens, lookahead=lookahead)
-        yield from decode_stream(self.llm.tokenizer, ids)
+        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens))
 
     def ask(self, question: str, max_new_tokens: int = 32) -> str:
         """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
         checkpoint = self.cache.checkpoint()
         logits = self.last_logits
         try:
-            return "".join(self.generate(question, max_new_tokens, lookahead=True)).strip()
+            return "".join(self.generate(question, max_new_tokens)).strip()
         finally:
             self.cache.rollback(checkpoint)
             self.last_logits = logits

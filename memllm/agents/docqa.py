@@ -522,7 +522,7 @@ class DocumentQA:
         recorder = _LookupRecorder(s.cache)
         try:
             with recorder:
-                for t in s.generate_ids(prompt, n_new, stop=stops, lookahead=True):  # rolled back below
+                for t in s.generate_ids(prompt, n_new, stop=stops):
                     out.append(t)
                     if t in nl and tok.decode(out, skip_special_tokens=True).strip():
                         break
