@@ -11,7 +11,9 @@ launches, their shapes and their addresses are the same from one token to the ne
     masked out, so no uninitialised memory is ever multiplied);
   * memory attention over sinks + the chosen units, masked beyond sinks + min(topk, units) * block_size;
   * one merge. The step itself changes no host state: `advance_host` does that afterwards.
-Computed in fp32 (one query per head: the cost is in launches, not arithmetic).
+Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
+reference) or, on CUDA with impl "fast", decode_cuda.step_attention_cuda (two Triton launches, the
+same contract, tested against it); the lookup is PyTorch either way.
 
 When a step would cut a unit, re-base positions, or outgrow the buffer, the caller takes the plain
 path instead (`eligible`); the next static step copies the plain path's state back in (`sync`).
