@@ -101,16 +101,17 @@ def main() -> None:
                 "length": n,
                 "decode_host_syncs": "none: set_sync_debug_mode('error') raised nothing in 10 steps",
                 "steady_decode_ms_per_token": steady_ms,
-                "graph": None
-                if g is None
-                else {"captures": g.captures, "replays": g.replays, "static_steps": g.steps},
+                "graph": None if g is None else g.counters(),
             }
         except RuntimeError as exc:
             sync = {"length": n, "decode_host_syncs": f"FOUND: {str(exc).splitlines()[0]}"}
         finally:
             torch.cuda.set_sync_debug_mode(0)
         print("sync check:", sync, flush=True)
-        del s, g  # their memory (the session; the graph's buffers and pool) must not count in the trials' peak
+        del (
+            s,
+            g,
+        )  # their memory (the session; the graph's buffers and pool) must not count in the trials' peak
         import gc
 
         gc.collect()

@@ -52,6 +52,20 @@ def timed(fn, n: int) -> list[float]:
     return out
 
 
+def timed_steps(model, cache, logits, n: int) -> tuple[list[float], torch.Tensor]:
+    """n greedy single-token steps, each timed to the end of its device work: (seconds each, last logits)."""
+    from memllm.context.prefill import step
+
+    times = []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        logits = step(model, cache, logits.argmax().view(1, 1))
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, logits
+
+
 def profile_table(fn, rows: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,17 +169,11 @@ def memllm_run(model, n_tokens: int, config, profile: bool = True) -> dict:
             res["decode_attend_host_ms"] = 1000 * statistics.median(host_steps[8:])
             g = cache.decode_graph()
             if g is not None:
-                res["graph"] = {"captures": g.captures, "replays": g.replays, "static_steps": g.steps}
+                res["graph"] = g.counters()
             # The same decode without the graph (the plain path per token), for the ratio.
             graphs_cfg = cache.config
             cache.config = dataclasses.replace(graphs_cfg, decode_graphs=False)
-            plain = []
-            for _ in range(24):
-                sync()
-                t = time.perf_counter()
-                logits = step(model, cache, logits.argmax().view(1, 1))
-                sync()
-                plain.append(time.perf_counter() - t)
+            plain, logits = timed_steps(model, cache, logits, 24)
             cache.config = graphs_cfg
             res["decode_ms_no_graph"] = 1000 * statistics.median(plain[4:])
 
@@ -206,18 +214,12 @@ def memory_run(model, lengths: list[int], config) -> list[dict]:
             row["repr_capacity"] = cache.layers[0].store.repr_buffer().shape[1]
             row["units_per_layer"] = cache.layers[0].store.n_units
             torch.cuda.reset_peak_memory_stats()
-            steps = []
-            for _ in range(40):
-                sync()
-                t = time.perf_counter()
-                logits = step(model, cache, logits.argmax().view(1, 1))
-                sync()
-                steps.append(time.perf_counter() - t)
+            steps, logits = timed_steps(model, cache, logits, 40)
             row["decode_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             row["after_decode_mib"] = torch.cuda.memory_allocated() / 2**20
             row["decode_ms_steady"] = 1000 * statistics.median(steps[8:])
             g = cache.decode_graph()
-            row["graph"] = {"captures": g.captures, "replays": g.replays, "static_steps": g.steps}
+            row["graph"] = g.counters()
             torch.cuda.reset_peak_memory_stats()
             cache.config = dataclasses.replace(cache.config, decode_graphs=False)
             for _ in range(4):

@@ -14,6 +14,7 @@ Knows nothing of the CLI; uses memllm.agents.docqa.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -204,15 +205,13 @@ def read_once_ask_many(
     all of them (read + every answer), and their ratio.
 
     warm_up: first read an eighth of the text and answer one question in a separate DocumentQA, so
-    one-time process costs (GPU kernels compiled, ~2-4 s on a fresh machine; Triton keeps them on
-    disk for later processes) are not counted in the timed read or first answer; its seconds are
-    reported as warm_up_s."""
+    one-time process costs (GPU kernels compiled; Triton keeps them on disk for later processes; the
+    whole warm-up took 10.4 s on a fresh H100 in read-once run 17) are not counted in the timed read or
+    first answer; its seconds are reported as warm_up_s."""
     from memllm.agents.docqa import DocumentQA
 
     warm_s = None
     if warm_up:
-        import time
-
         t = time.perf_counter()
         warm = DocumentQA(llm, mode, embedder=embedder)
         try:
@@ -249,8 +248,6 @@ def read_once_ask_many(
 def _time_answer_parts(session: Any, parts: dict[str, Any]) -> None:
     """Wrap the session's question feed (timed to the end of its device work) and its token generator
     (counted), so a read-once run says where an answer's time goes."""
-    import time
-
     feed_ids, generate_ids = session.feed_ids, session.generate_ids
 
     def timed_feed(ids: Any, progress: Any = None) -> None:

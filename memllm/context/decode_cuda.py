@@ -34,13 +34,21 @@ def _rows(P, rows, ok, D: tl.constexpr):
 
 
 @triton.jit
-def _tile_logits(Q, K_BASE, cols, ok, h, scale, G: tl.constexpr, D: tl.constexpr):
-    """(GP, BN) logits of the group's queries against keys K_BASE[cols] (rows >= G and keys not ok: -inf)."""
+def _logits(Q, k, ok, h, scale, G: tl.constexpr, D: tl.constexpr):
+    """(GP, BN) logits of the group's queries Q[h * G + g] against keys k (BN, D) fp32 (rows >= G and
+    keys not ok: -inf)."""
     g = tl.arange(0, 16)
     q = _rows(Q, h * G + g, g < G, D)
-    k = _rows(K_BASE, cols, ok, D)
     s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     return tl.where((g[:, None] < G) & ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _window_tile(WK, WIN, tile, h, cap, BN: tl.constexpr, D: tl.constexpr):
+    """Window key tile `tile`: its columns, which are visible (keys [0, W]), and its keys (BN, D) fp32."""
+    cols = tile * BN + tl.arange(0, BN)
+    ok = (cols <= tl.load(WIN)) & (cols < cap)
+    return cols, ok, _rows(WK, h * cap + cols, ok, D)
 
 
 @triton.jit
@@ -66,10 +74,8 @@ def _partials(
     g = tl.arange(0, 16)
     dd = tl.arange(0, D)
     if tile < TW:
-        cols = tile * BN + tl.arange(0, BN)
-        w = tl.load(WIN)
-        ok = (cols <= w) & (cols < cap)
-        s = _tile_logits(QL, WK + h * cap * D, cols, ok, h, scale, G, D)
+        cols, ok, k = _window_tile(WK, WIN, tile, h, cap, BN, D)
+        s = _logits(QL, k, ok, h, scale, G, D)
         v = _rows(WV, h * cap + cols, ok, D)
     else:
         cols = (tile - TW) * BN + tl.arange(0, BN)
@@ -77,9 +83,7 @@ def _partials(
         limit = n_sinks + tl.minimum(units * block_size, topk_keys)
         ok = cols < limit
         k, v = _memory_keys(SK, SV, UK, UV, cols, ok, h, n_sinks, n_unit_keys, D)
-        q = _rows(QM, h * G + g, g < G, D)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        s = tl.where((g[:, None] < G) & ok[None, :], s, float("-inf"))
+        s = _logits(QM, k, ok, h, scale, G, D)
     m = tl.max(s, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp(s - m_safe[:, None])
@@ -90,17 +94,25 @@ def _partials(
 
 
 @triton.jit
-def _combine(PM, PL, PACC, h, t0, t1, T: tl.constexpr, TP: tl.constexpr, D: tl.constexpr):
-    """Partials of tiles [t0, t1) -> out (16, D), lse (16,) (rows with no visible key: lse -inf, out 0)."""
+def _stats(PM, PL, h, t0, t1, T: tl.constexpr, TP: tl.constexpr):
+    """Partials of tiles [t0, t1) -> their common max (16,) (0 where every tile's is -inf) and the sum
+    of exp(logit - max) over their keys (16,) (0 for rows with no visible key)."""
     g = tl.arange(0, 16)
-    dd = tl.arange(0, D)
     ts = tl.arange(0, TP)
     tok = (ts >= t0) & (ts < t1)
     m = tl.load(PM + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=float("-inf"))
     mx = tl.max(m, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     l_t = tl.load(PL + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=0.0)
-    total = tl.sum(l_t * tl.exp(m - mx_safe[None, :]), 0)
+    return mx_safe, tl.sum(l_t * tl.exp(m - mx_safe[None, :]), 0)
+
+
+@triton.jit
+def _combine(PM, PL, PACC, h, t0, t1, T: tl.constexpr, TP: tl.constexpr, D: tl.constexpr):
+    """Partials of tiles [t0, t1) -> out (16, D), lse (16,) (rows with no visible key: lse -inf, out 0)."""
+    g = tl.arange(0, 16)
+    dd = tl.arange(0, D)
+    mx_safe, total = _stats(PM, PL, h, t0, t1, T, TP)
     acc = tl.zeros((16, D), tl.float32)
     for t in range(t0, t1):
         mt = tl.load(PM + (h * T + t) * 16 + g)
@@ -120,28 +132,20 @@ def _finish(
     tile = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, 16)
-    ts = tl.arange(0, TP)
-    tok = ts < TW
     # The window's log-sum-exp from its tiles' partials.
-    m = tl.load(PM + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=float("-inf"))
-    mx = tl.max(m, 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    l_t = tl.load(PL + (h * T + ts[:, None]) * 16 + g[None, :], mask=tok[:, None], other=0.0)
-    total = tl.sum(l_t * tl.exp(m - mx_safe[None, :]), 0)
+    mx_safe, total = _stats(PM, PL, h, 0, TW, T, TP)
     lse_w = mx_safe + tl.log(tl.where(total > 0, total, 1.0))  # padding rows: masked below
-    cols = tile * BN + tl.arange(0, BN)
-    w = tl.load(WIN)
-    ok = (cols <= w) & (cols < cap)
-    s = _tile_logits(QL, WK + h * cap * D, cols, ok, h, scale, G, D)
+    cols, ok, k = _window_tile(WK, WIN, tile, h, cap, BN, D)
+    s = _logits(QL, k, ok, h, scale, G, D)
     p = tl.where((g[:, None] < G) & ok[None, :], tl.exp(s - lse_w[:, None]), 0.0)
     got = tl.load(SCORE + h * cap + cols, mask=cols < cap, other=0.0)
     tl.store(SCORE + h * cap + cols, got + tl.sum(p, 0), mask=cols < cap)
     if tile == 0:
         dd = tl.arange(0, D)
-        out_w, lse_w2 = _combine(PM, PL, PACC, h, 0, TW, T, TP, D)
+        out_w, lse_w = _combine(PM, PL, PACC, h, 0, TW, T, TP, D)
         out_m, lse_m = _combine(PM, PL, PACC, h, TW, T, T, TP, D)
-        mm = tl.maximum(lse_w2, lse_m)
-        wa = tl.exp(lse_w2 - mm)
+        mm = tl.maximum(lse_w, lse_m)
+        wa = tl.exp(lse_w - mm)
         wb = tl.exp(lse_m - mm)
         out = (out_w * wa[:, None] + out_m * wb[:, None]) / (wa + wb)[:, None]
         tl.store(OUT + (h * G + g[:, None]) * D + dd[None, :], out, mask=g[:, None] < G)

@@ -58,6 +58,10 @@ class DecodeGraph:
     def cache(self):
         return self._cache()
 
+    def counters(self) -> dict[str, int]:
+        """Graphs captured, replays, and static steps taken (benchmarks report these)."""
+        return {"captures": self.captures, "replays": self.replays, "static_steps": self.steps}
+
     def step(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
         cache = self.cache
         if self.static is None:
