@@ -68,7 +68,6 @@ def step_attention(
     each window key received added in place; sinks (kvh, n_sinks, d); unit_k / unit_v
     (kvh, topk * block_size, d), the first min(units, topk) * block_size visible. -> (kvh, g, d) fp32."""
     dev = q_loc.device
-    kvh, g, d = q_loc.shape
     slots = torch.arange(win_k.shape[1], device=dev)
     out, lse, p = masked_attention(q_loc, win_k.float(), win_v.float(), slots > window, scale)
     score += p.sum(dim=1)
