@@ -255,38 +255,35 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
         feeds, per_tok = [], []
         for i in range(n):
             q = torch.randint(100, 40000, (question + i % 3,)).tolist()
-            cp, logits = s.cache.checkpoint(), s.last_logits
-            sync()
-            t0 = time.perf_counter()
-            s.feed_ids(q)
-            sync()
-            t1 = time.perf_counter()
-            list(s.generate_ids(None, answer, stop=set()))
-            sync()
-            t2 = time.perf_counter()
-            s.cache.rollback(cp)
-            s.last_logits = logits
+            with s.answering():  # held and rolled back, as DocumentQA answers
+                sync()
+                t0 = time.perf_counter()
+                s.feed_ids(q)
+                sync()
+                t1 = time.perf_counter()
+                list(s.generate_ids(None, answer, stop=set()))
+                sync()
+                t2 = time.perf_counter()
             feeds.append(t1 - t0)
             per_tok.append((t2 - t1) / answer)
         res.setdefault("rounds", []).append({"question_feed_ms": 1000 * statistics.median(feeds[2:]),
                                              "ms_per_token": 1000 * statistics.median(per_tok[2:])})  # fmt: skip
         print("answer", res["rounds"][-1], flush=True)
+    graph = s.cache.decode_graph()
+    res["graph"] = graph.counters() if graph is not None else None
     q = torch.randint(100, 40000, (question,)).tolist()
-    cp, logits = s.cache.checkpoint(), s.last_logits
-    res["question_feed_profile"] = profile_table(lambda: s.feed_ids(q))
-    s.cache.rollback(cp)
-    s.last_logits = logits
+    with s.answering():
+        res["question_feed_profile"] = profile_table(lambda: s.feed_ids(q))
     import cProfile
     import io
     import pstats
 
     prof = cProfile.Profile()
-    prof.enable()
-    s.feed_ids(q)
-    sync()
-    prof.disable()
-    s.cache.rollback(cp)
-    s.last_logits = logits
+    with s.answering():
+        prof.enable()
+        s.feed_ids(q)
+        sync()
+        prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
     res["question_feed_python"] = text.getvalue()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -102,16 +103,25 @@ class Session:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
         yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens))
 
-    def ask(self, question: str, max_new_tokens: int = 32) -> str:
-        """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Within the block, what is fed and generated is rolled back afterwards (also on error), and
+        while it lasts its tokens cut no units where they fit the held limit (cache.hold_cuts): they stay
+        in the window at exact positions, and short calls stay eligible for the static step."""
         checkpoint = self.cache.checkpoint()
         logits = self.last_logits
         try:
-            return "".join(self.generate(question, max_new_tokens)).strip()
+            with self.cache.hold_cuts():
+                yield
         finally:
             self.cache.rollback(checkpoint)
             self.last_logits = logits
             self.asks += 1
+
+    def ask(self, question: str, max_new_tokens: int = 32) -> str:
+        """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
+        with self.answering():
+            return "".join(self.generate(question, max_new_tokens)).strip()
 
     # ---- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -516,20 +516,13 @@ class DocumentQA:
         tok = self.llm.tokenizer
         stops = set(self.llm.stop_ids())
         nl = newline_ids(tok)
-        checkpoint = s.cache.checkpoint()
-        logits = s.last_logits
         out: list[int] = []
         recorder = _LookupRecorder(s.cache)
-        try:
-            with recorder:
-                for t in s.generate_ids(prompt, n_new, stop=stops):
-                    out.append(t)
-                    if t in nl and tok.decode(out, skip_special_tokens=True).strip():
-                        break
-        finally:
-            s.cache.rollback(checkpoint)
-            s.last_logits = logits
-            s.asks += 1
+        with s.answering(), recorder:
+            for t in s.generate_ids(prompt, n_new, stop=stops):
+                out.append(t)
+                if t in nl and tok.decode(out, skip_special_tokens=True).strip():
+                    break
         notes = []
         if not recorder.supported:
             notes.append("this context memory exposes no unit lookups: no KV evidence")

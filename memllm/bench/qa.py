@@ -232,6 +232,8 @@ def read_once_ask_many(
             times.append(ans.seconds)
             answers.append(ans.text)
             em += exact_match(ans.text, case.answers)
+        graph = qa.session.cache.decode_graph() if qa.session is not None else None
+        parts["graph"] = graph.counters() if graph is not None else None
     finally:
         qa.close()
     read_s = report.seconds
@@ -242,7 +244,7 @@ def read_once_ask_many(
             "all_questions_total_s": round(many, 3), "ratio": round(many / one, 3),
             "em": round(100 * em / len(times), 1), "warm_up_s": warm_s, "answer_s": [round(t, 3) for t in times],
             "question_feed_s_total": round(parts["question_feed_s"], 3), "tokens_generated": parts["tokens"],
-            "answers": answers}  # fmt: skip
+            "graph": parts.get("graph"), "answers": answers}  # fmt: skip
 
 
 def _time_answer_parts(session: Any, parts: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ The rule, per execution block of queries (aligned to absolute multiples of exc_b
     attention (softmax over the window's keys) while in the window; in phase 1 the first n_init
     tokens become the sinks then.
 Keys attended per query <= n_init + topk*block_size + n_local + block_size + exc_block_size.
+While answering (`hold_cuts`, used by Session.answering), calls that fit cut nothing (plan.py).
 
 How a call is computed (all execution blocks of a call at once, a fixed number of launches per layer):
 the call's keys join the window; one local pass gives every query's window output, its log-sum-exp
@@ -64,13 +65,14 @@ class PlanMemo:
 
     def __init__(self, config: MemoryConfig):
         self.config = config
+        self.hold = False  # calls are held (plan.py): set by ContextMemoryCache.hold_cuts
         self.key: tuple | None = None
         self.plan: CallPlan | None = None
 
     def get(self, seen: int, window: int, cut: bool, n_units: int, c: int) -> CallPlan:
-        key = (seen, window, cut, n_units, c)
+        key = (seen, window, cut, n_units, c, self.hold)
         if key != self.key or self.plan is None:
-            self.key, self.plan = key, plan_call(seen, window, cut, n_units, c, self.config)
+            self.key, self.plan = key, plan_call(seen, window, cut, n_units, c, self.config, self.hold)
         return self.plan
 
 
@@ -404,6 +406,18 @@ class ContextMemoryCache(Cache):
         for lay in self.layers:
             if lay.store.repr_buffer().shape[1] < units:
                 lay.store.reserve(units + cfg.chunk_size // cfg.block_size, lay.dtype)
+
+    @contextmanager
+    def hold_cuts(self) -> Iterator[None]:
+        """Within the block, calls that fit the held limit cut no units (plan.py): for tokens that will be
+        rolled back (a question and its answer), which then stay in the window at exact positions."""
+        plans = self.layers[0].plans
+        before = plans.hold
+        plans.hold = True
+        try:
+            yield
+        finally:
+            plans.hold = before
 
     @property
     def seen_tokens(self) -> int:

@@ -10,7 +10,13 @@ cut (phase 2), the sinks and the units chosen among the first `units_before_b` u
 block, while the window minus its protected head (the first n_init tokens in phase 1, nothing in
 phase 2) holds n_local + block_size tokens, its oldest block_size tokens become a unit. All units
 cut in one call form one contiguous span of window coordinates, so they are written at once after
-the call's local attention, before any lookup reads them. Knows nothing of tensors' contents.
+the call's local attention, before any lookup reads them.
+
+Held calls (`hold=True`, what an answer that will be rolled back uses; cache.hold_cuts): a call whose
+keys fit in the window's held limit, n_local + block_size + exc_block_size past its protected head,
+cuts nothing, so its tokens stay in the window at exact positions; a call that does not fit follows
+the rule above. Keys per query stay within the bound of cache.py either way. Knows nothing of
+tensors' contents.
 """
 
 from __future__ import annotations
@@ -81,9 +87,17 @@ class CallPlan:
         return self.device_tensors[device]
 
 
-def plan_call(seen: int, window: int, cut: bool, n_units: int, c: int, cfg: MemoryConfig) -> CallPlan:
-    """The schedule of a call of c tokens from this state (cfg resolved)."""
+def held_limit(cfg: MemoryConfig) -> int:
+    """Window keys (past the protected head) a held call may reach without cutting."""
+    return cfg.n_local + cfg.block_size + cfg.exc_block_size
+
+
+def plan_call(
+    seen: int, window: int, cut: bool, n_units: int, c: int, cfg: MemoryConfig, hold: bool = False
+) -> CallPlan:
+    """The schedule of a call of c tokens from this state (cfg resolved); `hold`: see the module note."""
     e, bs = cfg.exc_block_size, cfg.block_size
+    held = hold and window + c - (0 if cut else cfg.n_init) <= held_limit(cfg)
     blocks: list[Block] = []
     ws = 0  # window start, window coordinates
     cut_start, n_cut_total = None, 0
@@ -93,7 +107,7 @@ def plan_call(seen: int, window: int, cut: bool, n_units: int, c: int, cfg: Memo
         end = min(c, start + e - (seen + start) % e)
         blocks.append(Block(start, end, ws, cut, n_units + n_cut_total))
         head = 0 if cut else cfg.n_init
-        n_cut = (window + end - ws - head - cfg.n_local) // bs
+        n_cut = 0 if held else (window + end - ws - head - cfg.n_local) // bs
         if n_cut > 0:
             if cut_start is None:
                 cut_start = ws + head

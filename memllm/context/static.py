@@ -1,8 +1,9 @@
-"""One decode token through every context-memory layer with static shapes: the step a CUDA graph replays.
+"""Short calls through every context-memory layer with static shapes: the steps a CUDA graph replays.
 
-A single-token call that cuts nothing follows the same rule as `ContextMemoryLayer.attend` (cache.py),
-but its state lives in fixed buffers and its changing numbers in device scalars, so the kernels it
-launches, their shapes and their addresses are the same from one token to the next:
+A call that cuts nothing (one decode token, or a few rows: a question) follows the same rule as
+`ContextMemoryLayer.attend` (cache.py), but its state lives in fixed buffers and its changing numbers
+in device scalars, so the kernels it launches, their shapes and their addresses are the same from
+one call to the next:
   * per layer, the window is a buffer of `capacity` keys (k, v in the model dtype, received scores
     fp32), zero beyond what was ever written; the new key is written at index W (a device scalar);
   * local attention over keys [0, W], masked by W; the received attention is added to the scores;
@@ -14,6 +15,13 @@ launches, their shapes and their addresses are the same from one token to the ne
 Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
 reference) or, on CUDA with impl "fast", decode_cuda.step_attention_cuda (two Triton launches, the
 same contract, tested against it); the lookup is PyTorch either way.
+
+Calls of more than one token ("rows"): padded to a fixed number of rows T (`rows_bucket`), the first
+n (a device scalar) real. Row t is key W + t (causal); padded rows write keys past W + n that no
+real row sees and the next call overwrites, and add nothing to the scores. As T <= exc_block_size,
+the rows span at most two execution blocks (where the boundary falls is a device scalar: tokens
+seen modulo exc_block_size); each block gets its own lookup, as on the plain path. `rows_attention`
+(PyTorch) is their window pass, memory pass and merge, on every device.
 
 When a step would cut a unit, re-base positions, or outgrow the buffer, the caller takes the plain
 path instead (`eligible`); the next static step copies the plain path's state back in (`sync`).
@@ -27,9 +35,20 @@ import weakref
 import torch
 
 from memllm.context.gather import gather_units
-from memllm.context.lookup import combine, select_units, unit_scores
-from memllm.context.plan import CallPlan
+from memllm.context.lookup import block_query_sums, combine, select_units, unit_scores
+from memllm.context.plan import CallPlan, held_limit
 from memllm.context.window import merge
+
+MAX_ROWS = 128  # rows of the largest multi-token static call
+
+
+def rows_bucket(n: int, exc_block_size: int) -> int | None:
+    """Rows a call of n tokens is padded to (1 for one token; powers of two from min(16,
+    exc_block_size)), or None when it is too long for a static call."""
+    if n == 1:
+        return 1
+    rows = max(1 << (n - 1).bit_length(), min(16, exc_block_size))
+    return rows if rows <= min(MAX_ROWS, exc_block_size) else None
 
 
 def masked_attention(
@@ -79,6 +98,58 @@ def step_attention(
     return merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1))
 
 
+def rows_attention(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    n_valid: torch.Tensor,
+    row_block: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    units: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """T rows' attention over the window buffer and their memory, merged (step_attention for T rows).
+
+    q_loc / q_mem (kvh, g, T, d); row t sees window keys [0, window + t]; the attention of the first
+    n_valid rows is added to score (kvh, cap) fp32; row_block (T,) long: the execution block (0 or 1)
+    of each row, whose gathered units unit_k / unit_v (2, kvh, topk * block_size, d) it attends to
+    (the first min(units, topk) * block_size visible) besides the sinks. -> (kvh, g, T, d) fp32."""
+    kvh, g, rows, d = q_loc.shape
+    dev = q_loc.device
+    t = torch.arange(rows, device=dev)
+    hidden = torch.arange(win_k.shape[1], device=dev)[None, :] > (window + t)[:, None]  # (T, cap)
+    flat = (kvh, g * rows, d)  # row r of a group is row r % T
+    out, lse, p = masked_attention(
+        q_loc.reshape(flat), win_k.float(), win_v.float(), hidden.repeat(g, 1), scale
+    )
+    real = (t < n_valid).to(p.dtype)
+    score += (p.reshape(kvh, g, rows, -1) * real[:, None]).sum(dim=(1, 2))
+    limit = sink_k.shape[1] + torch.clamp(units, max=topk) * block_size
+    cols = torch.arange(sink_k.shape[1] + unit_k.shape[2], device=dev)
+    per_block = [
+        masked_attention(
+            q_mem.reshape(flat),
+            torch.cat([sink_k, unit_k[b]], dim=1).float(),
+            torch.cat([sink_v, unit_v[b]], dim=1).float(),
+            cols >= limit,
+            scale,
+        )
+        for b in range(2)
+    ]
+    second = (row_block == 1).repeat(g)[None, :, None]
+    out_m = torch.where(second, per_block[1][0], per_block[0][0])
+    lse_m = torch.where(second, per_block[1][1], per_block[0][1])
+    return merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1)).reshape(kvh, g, rows, d)
+
+
 class StaticWindow:
     """One layer's window buffers."""
 
@@ -86,7 +157,7 @@ class StaticWindow:
         self.k = torch.zeros(kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.score = torch.zeros(kv_heads, capacity, dtype=torch.float32, device=device)
-        self.ids: torch.Tensor | None = None  # the last step's chosen unit ids (1, kv_heads, topk)
+        self.ids: torch.Tensor | None = None  # the last step's chosen unit ids (blocks, kv_heads, topk)
         self.views: tuple[torch.Tensor, ...] | None = None  # what the layer's local_k/v/score were set to
 
 
@@ -98,8 +169,9 @@ class StaticDecode:
         cfg = cache.config
         layer = cache.layers[0]
         self.device = layer.device
-        # A phase-2 window holds < n_local + block_size keys before a call; one token more fits.
-        self.capacity = cfg.n_local + cfg.block_size + 1
+        # A phase-2 window holds < n_local + block_size keys before a call, a held one (plan.py) up
+        # to held_limit after it; a static call must fit, padded rows included.
+        self.capacity = held_limit(cfg)
         self.windows = [
             StaticWindow(layer.spec.kv_heads, self.capacity, layer.spec.head_dim, layer.dtype, self.device)
             for layer in cache.layers
@@ -107,6 +179,8 @@ class StaticDecode:
         self.window = torch.zeros(1, dtype=torch.long, device=self.device)  # W: keys before the step
         self.row = torch.zeros(1, dtype=torch.long, device=self.device)  # rotation-table row: model -> window
         self.units = torch.zeros(1, dtype=torch.long, device=self.device)  # units the lookup chooses among
+        self.seen = torch.zeros(1, dtype=torch.long, device=self.device)  # tokens seen before the step
+        self.n_valid = torch.zeros(1, dtype=torch.long, device=self.device)  # real rows of a rows step
         self.synced_seen = -1
 
     @property
@@ -114,24 +188,26 @@ class StaticDecode:
         return self._cache()
 
     # ---- host side -----------------------------------------------------------------------------
-    def plan(self) -> CallPlan:
+    def plan(self, n: int = 1) -> CallPlan:
         layer = self.cache.layers[0]
-        return layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, 1)
+        return layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, n)
 
-    def eligible(self, plan: CallPlan) -> bool:
-        """Whether the next single-token call is a static step: phase 2, nothing cut, no re-base, fits."""
+    def eligible(self, plan: CallPlan, rows: int = 1) -> bool:
+        """Whether the next call (plan.c tokens padded to `rows`) is a static step: phase 2, nothing
+        cut, no re-base, at most two execution blocks, fits the buffers and the trained length."""
         layer, cfg = self.cache.layers[0], self.cache.config
         return (
             layer.cut
             and plan.n_cut == 0
             and plan.sinks_from is None
-            and bool(plan.memory_blocks)
+            and len(plan.memory_blocks) == len(plan.blocks) <= (1 if rows == 1 else 2)
             and cfg.topk > 0
             and layer.store.n_units > 0
             and layer.store.repr_buffer().shape[1] >= cfg.topk
             and layer.seen >= cfg.n_init + cfg.n_local
-            and layer.seen - layer.base < layer.spec.trained_len
-            and plan.window + 1 <= self.capacity
+            and layer.seen + plan.c - 1 - layer.base < layer.spec.trained_len
+            and layer.reported_length() + rows <= layer.spec.trained_len
+            and plan.window + rows <= self.capacity
         )
 
     def in_sync(self) -> bool:
@@ -154,36 +230,45 @@ class StaticDecode:
         self.window.fill_(w)
         self.row.fill_(layer.rotary._row(layer.seen - layer.base - layer.reported_length()))
         self.units.fill_(layer.store.n_units)
+        self.seen.fill_(layer.seen)
         self.synced_seen = layer.seen
 
-    def advance_device(self) -> None:
-        """The device scalars after one token (part of the step, so a graph replays it)."""
-        self.window += 1
-        self.row += 1
+    def advance_device(self, rows: int) -> None:
+        """The device scalars after a step of `rows` rows (part of the step, so a graph replays it)."""
+        step = 1 if rows == 1 else self.n_valid
+        self.window += step
+        self.row += step
+        self.seen += step
 
-    def advance_host(self, plan: CallPlan) -> None:
+    def advance_host(self, plan: CallPlan, rows: int = 1) -> None:
         """The layers' host state after one static step (views of the buffers; counters; lookup log)."""
         cfg = self.cache.config
-        w = plan.window + 1
+        w = plan.window + plan.c
+        blocks = len(plan.memory_blocks)
         for sw, layer in zip(self.windows, self.cache.layers, strict=True):
             model_start = layer.reported_length()
             sw.views = (sw.k[:, :w], sw.v[:, :w], sw.score[:, :w])
             layer.local_k, layer.local_v, layer.local_score = sw.views
             layer.static_views = True
             valid = min(cfg.topk, layer.store.n_units)
-            layer.lookups += 1
-            layer.units_fetched += layer.spec.kv_heads * valid
+            layer.lookups += blocks
+            layer.units_fetched += layer.spec.kv_heads * valid * blocks
             if layer.lookup_log is not None and sw.ids is not None:
-                layer.lookup_log.append((layer.layer_idx, sw.ids[0, :, :valid].reshape(-1).clone()))
+                layer.lookup_log += [
+                    (layer.layer_idx, sw.ids[b, :, :valid].reshape(-1).clone()) for b in range(blocks)
+                ]
             layer._account(plan, model_start)
-            layer.seen += 1
+            layer.max_position = max(layer.max_position, model_start + rows - 1)  # padded rows too
+            layer.seen += plan.c
         self.synced_seen = self.cache.layers[0].seen
 
     # ---- the step (device work only) -----------------------------------------------------------
     def attend(
         self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """query (1, heads, 1, d), key/value (1, kv_heads, 1, d) as the model rotated them -> (1, heads, 1, d)."""
+        """query (1, heads, T, d), key/value (1, kv_heads, T, d) as the model rotated them -> (1, heads, T, d)."""
+        if query.shape[2] > 1:
+            return self.attend_rows(layer, query, key, value, scale)
         sw = self.windows[layer.layer_idx]
         cfg, rot, store = layer.config, layer.rotary, layer.store
         dev = query.device
@@ -216,3 +301,38 @@ class StaticDecode:
         else:
             merged = step_attention(*args)
         return merged.reshape(1, heads, 1, d).to(query.dtype)
+
+    def attend_rows(
+        self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """A rows step: query (1, heads, T, d), key/value (1, kv_heads, T, d), the first n_valid rows real."""
+        sw = self.windows[layer.layer_idx]
+        cfg, rot, store = layer.config, layer.rotary, layer.store
+        dev = query.device
+        heads, rows, d = query.shape[1], query.shape[2], query.shape[3]
+        kvh = key.shape[1]
+        g = heads // kvh
+        cos_t, sin_t, _ = rot.tables(dev)
+        cos, sin = cos_t.index_select(0, self.row), sin_t.index_select(0, self.row)  # one angle, all rows
+        q = query[0].float()  # (heads, T, d)
+        t = torch.arange(rows, device=dev)
+        slots = self.window + t
+        sw.k.index_copy_(1, slots, rot.apply(key[0].float(), cos, sin).to(sw.k.dtype))
+        sw.v.index_copy_(1, slots, value[0].to(sw.v.dtype))
+        cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, rows, -1, dev)
+        q_mem = rot.apply(q, cos_m, sin_m)  # row t: from model position reported + t to n_local
+        e = cfg.exc_block_size
+        row_block = torch.where(t < self.n_valid, torch.div(self.seen % e + t, e, rounding_mode="floor"), -1)
+        reprs = store.repr_buffer()
+        scores = combine(unit_scores(block_query_sums(q_mem, row_block, 2, kvh), reprs), cfg.lookup)
+        later = torch.arange(reprs.shape[1], device=dev) >= self.units
+        ids = select_units(scores.masked_fill(later, float("-inf")), cfg.topk)
+        ids = torch.minimum(ids, self.units - 1).expand(2, kvh, -1)
+        sw.ids = ids
+        uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
+        merged = rows_attention(
+            rot.apply(q, cos, sin).reshape(kvh, g, rows, d), q_mem.reshape(kvh, g, rows, d), sw.k, sw.v,
+            sw.score, self.window, self.n_valid, row_block, layer.sink_k, layer.sink_v, uk, uv, self.units,
+            cfg.topk, cfg.block_size, scale,
+        )  # fmt: skip
+        return merged.reshape(1, heads, rows, d).to(query.dtype)

@@ -52,6 +52,36 @@ def test_ask_rolls_back_memory():
     torch.testing.assert_close(s.last_logits, fresh.last_logits, rtol=0, atol=0)
 
 
+def answer_ids(s: Session, static: bool) -> tuple[list[int], int, object]:
+    """Tokens of an answer (rolled back), units during it; static: through a DecodeGraph run eagerly."""
+    from memllm.context.graph import DecodeGraph
+
+    graph = DecodeGraph(s.cache, capture=False) if static else None
+    if static:
+        s.cache.decode_graph = lambda: graph  # what CUDA gets; eager on the CPU
+    with s.answering():
+        toks = list(s.generate_ids("What was said?", max_new_tokens=8, stop=set()))
+        units = s.stats()["units"]
+    return toks, units, graph
+
+
+def test_answering_cuts_nothing_and_static_calls_answer_alike():
+    """While answering, calls that fit the held limit cut no units (the question and answer stay in the
+    window); the question as one static 16-row call and the answer as static single tokens give the
+    plain path's tokens, and the memory is rolled back either way."""
+    plain = make_session(exc_block_size=64, chunk_size=192)
+    plain.feed(TEXT)
+    units = plain.stats()["units"]
+    want, during, _ = answer_ids(plain, static=False)
+    assert during == units and plain.stats()["units"] == units
+    static = make_session(exc_block_size=64, chunk_size=192)
+    static.feed(TEXT)
+    got, during, graph = answer_ids(static, static=True)
+    assert got == want and during == units
+    assert graph.row_steps == 1 and graph.steps == 1 + len(got)
+    assert static.stats()["tokens_seen"] == len(TEXT)
+
+
 def test_generate_keeps_tokens_in_memory():
     s = make_session()
     s.feed(TEXT[:100])

@@ -7,6 +7,8 @@ block_size tokens) and a checkpoint/rollback in the middle of static steps.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -178,3 +180,86 @@ def test_sessions_with_decode_graphs_leave_no_device_memory():
         torch.cuda.synchronize()
         after.append(torch.cuda.memory_allocated())
     assert after[2] == after[1]
+
+
+def short_calls(model, mem, ids, sizes, static: bool, hold: bool, capture: bool = False):
+    """Feed PREFILL tokens, then calls of `sizes` tokens (teacher-forced), optionally held (answering):
+    the logits after each call, the cache, the graph and the lookup log of the calls."""
+    with attach(model, mem) as cache, torch.no_grad(), cache.record_lookups() as log:
+        feed(model, cache, ids[:, :PREFILL])
+        first = len(log)
+        graph = DecodeGraph(cache, capture=capture) if static else None
+        outs, at = [], PREFILL
+        with cache.hold_cuts() if hold else contextlib.nullcontext():
+            for n in sizes:
+                chunk = ids[:, at : at + n]
+                got = graph.step(model, chunk) if graph is not None else None
+                outs.append(got if got is not None else step(model, cache, chunk))
+                at += n
+        ids_log = [(layer, t.tolist()) for layer, t in log[first:]]
+    return torch.stack(outs), cache, graph, ids_log
+
+
+ROW_SIZES = [5, 1, 1, 16, 3, 1, 9, 12, 1, 2, 7]  # from 120 tokens seen: the 4th call crosses 128
+
+
+@pytest.mark.parametrize(
+    "kind,lookup,offload,hold",
+    [("llama", "shared", "fp32", True), ("qwen2", "per_head", "fp32", True), ("llama", "shared", "int8", True),
+     ("llama", "shared", "fp32", False)],
+)  # fmt: skip
+def test_static_rows_equal_plain(kind, lookup, offload, hold):
+    """Calls of several tokens (padded to 16 rows; one across an execution-block boundary, so with two
+    lookups) through the static step give the plain path's logits, state, counters and lookup log, held
+    (answering: nothing cut, all fit the held limit of 48 + 8 + 64) or not (calls that cut take the
+    plain path)."""
+    model = tiny_model(kind)
+    mem = small_memory(lookup=lookup, offload_dtype=offload, exc_block_size=64)
+    total = PREFILL + sum(ROW_SIZES)
+    ids = torch.randint(1, 500, (1, total), generator=torch.Generator().manual_seed(11))
+    want, plain, _, want_log = short_calls(model, mem, ids, ROW_SIZES, static=False, hold=hold)
+    got, cache, graph, got_log = short_calls(model, mem, ids, ROW_SIZES, static=True, hold=hold)
+    assert graph.row_steps > 0
+    if hold:
+        assert graph.steps == len(ROW_SIZES)  # nothing cut: every call static
+        assert cache.layers[0].store.n_units == plain.layers[0].store.n_units
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_log == want_log
+    if hold:
+        assert len(got_log) == len(cache.layers) * (len(ROW_SIZES) + 1)  # two lookups for one call
+    for a, b in zip(cache.layers, plain.layers, strict=True):
+        assert (a.seen, a.store.n_units, a.base, a.cut) == (b.seen, b.store.n_units, b.base, b.cut)
+        torch.testing.assert_close(a.local_k, b.local_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.local_v, b.local_v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.local_score, b.local_score, rtol=1e-5, atol=1e-5)
+    s, p = cache.stats(), plain.stats()
+    for key in ("lookups", "units_fetched", "max_keys_per_query", "units"):
+        assert s[key] == p[key], key
+    assert s["max_position"] < cache.spec.trained_len
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_of_rows_equals_static_rows():
+    """On CUDA: short calls replayed from their captured graphs (one per padded size) give the logits and
+    window state of the same static steps run eagerly; the replays make no host synchronisation."""
+    model = tiny_model("llama").cuda()
+    mem = small_memory(exc_block_size=64)
+    sizes = [5, 1, 1, 6, 1, 3, 1, 9, 12, 1, 2, 7]  # 16-row calls: warm-up, capture, replays
+    ids = torch.randint(1, 500, (1, PREFILL + sum(sizes)), generator=torch.Generator().manual_seed(12)).cuda()
+    want, eager, _, want_log = short_calls(model, mem, ids, sizes, static=True, hold=True)
+    got, replayed, graph, got_log = short_calls(model, mem, ids, sizes, static=True, hold=True, capture=True)
+    assert graph.row_steps == 8 and graph.captures == 2 and graph.replays >= 6
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got_log == want_log
+    for a, b in zip(replayed.layers, eager.layers, strict=True):
+        torch.testing.assert_close(a.local_k, b.local_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.local_score, b.local_score, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,exc,rows", [(1, 512, 1), (2, 512, 16), (16, 512, 16), (17, 512, 32), (128, 512, 128),
+                                         (129, 512, None), (3, 8, 8), (9, 8, None), (5, 16, 16)])  # fmt: skip
+def test_rows_bucket(n, exc, rows):
+    from memllm.context.static import rows_bucket
+
+    assert rows_bucket(n, exc) == rows
