@@ -271,6 +271,15 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
         print("answer", res["rounds"][-1], flush=True)
     graph = s.cache.decode_graph()
     res["graph"] = graph.counters() if graph is not None else None
+    # The same static steps run eagerly, so the profiler times each kernel (a replay is one graph).
+    from memllm.context.graph import DecodeGraph
+
+    s.cache._decode_graph = DecodeGraph(s.cache, capture=False)
+    with s.answering():
+        q = torch.randint(100, 40000, (question,)).tolist()
+        res["question_eager_profile"] = profile_table(lambda: s.feed_ids(q))
+        res["token_eager_profile"] = profile_table(lambda: list(s.generate_ids(None, 1, stop=set())))
+    s.cache._decode_graph = graph
     q = torch.randint(100, 40000, (question,)).tolist()
     with s.answering():
         res["question_feed_profile"] = profile_table(lambda: s.feed_ids(q))
@@ -451,6 +460,10 @@ def main() -> None:
               f"launches {p['launches']}")  # fmt: skip
         print(p["cpu_table"])
         print(res["answers"]["question_feed_python"])
+        for name in ("question_eager_profile", "token_eager_profile"):
+            e = res["answers"][name]
+            print(f"==== {name}: self cuda {e['self_cuda_ms']:.2f} ms, launches {e['launches']}")
+            print(e["cuda_table"])
     if "memllm" not in skip:
         res["memllm"] = memllm_run(model, parse_length(args.tokens), MemoryConfig())
         m = res["memllm"]

@@ -4,7 +4,7 @@ Decoding one token is ~2,400 small launches (30 layers; measured with torch.prof
 so the host, not the GPU, sets its speed; a 40-token question fed as a plain call is ~1,760 launches
 (60 ms, of which 8.7 ms on the GPU). The static step (static.py) makes every launch of a cut-free
 call of a given padded size identical, so the whole model call is captured once per size ("rows":
-1 for a token, static.rows_bucket for more) and replayed:
+1 for a token, static.rows_bucket for more; and one or two execution blocks) and replayed:
   * the first static step after the graph's inputs changed runs eagerly on a side stream (warm-up:
     Triton compiles, cuBLAS workspaces), the next one is captured, then replayed;
   * inputs baked into a graph: the buffers of static.py, each layer's sinks, unit index buffer and
@@ -62,7 +62,7 @@ class DecodeGraph:
         self._cache = weakref.ref(cache)
         self.capture = capture and cache.layers[0].device.type == "cuda"
         self.static: StaticDecode | None = None
-        self.slots: dict[int, _Slot] = {}
+        self.slots: dict[tuple[int, int], _Slot] = {}  # by (rows, execution blocks)
         self.steps = 0  # static steps taken (replayed, captured-and-replayed, warm-up or eager)
         self.row_steps = 0  # of which multi-token (rows) steps
         self.captures = 0
@@ -91,9 +91,11 @@ class DecodeGraph:
             return None
         if not st.in_sync():
             st.sync()
-        slot = self.slots.get(rows)
+        shape = (rows, len(plan.blocks))
+        slot = self.slots.get(shape)
         if slot is None:
-            slot = self.slots[rows] = _Slot(rows, st.device)
+            slot = self.slots[shape] = _Slot(rows, st.device)
+        st.blocks = shape[1]
         slot.tok[:, :n].copy_(ids.reshape(1, n), non_blocking=True)
         start = cache.layers[0].reported_length()
         torch.arange(start, start + rows, out=slot.pos)

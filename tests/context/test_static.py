@@ -249,7 +249,7 @@ def test_graph_replay_of_rows_equals_static_rows():
     ids = torch.randint(1, 500, (1, PREFILL + sum(sizes)), generator=torch.Generator().manual_seed(12)).cuda()
     want, eager, _, want_log = short_calls(model, mem, ids, sizes, static=True, hold=True)
     got, replayed, graph, got_log = short_calls(model, mem, ids, sizes, static=True, hold=True, capture=True)
-    assert graph.row_steps == 8 and graph.captures == 2 and graph.replays >= 6
+    assert graph.row_steps == 7 and graph.captures >= 2 and graph.replays >= 5
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_log == want_log
     for a, b in zip(replayed.layers, eager.layers, strict=True):
