@@ -50,6 +50,7 @@ class _Slot:
         self.signature: tuple | None = None
         self.warm: tuple | None = None  # signature the last eager warm-up ran with
         self.logits: torch.Tensor | None = None
+        self.ids: list[torch.Tensor | None] = []  # per layer: the unit ids tensor its last run wrote
 
 
 class DecodeGraph:
@@ -103,6 +104,8 @@ class DecodeGraph:
             st.n_valid.fill_(n)
             slot.keep.fill_(n - 1)
         logits = self._graph_step(model, slot) if self.capture else self._forward(model, slot)
+        for sw, ids in zip(st.windows, slot.ids, strict=True):
+            sw.ids = ids  # a replay writes the ids tensors of its own capture
         st.advance_host(plan, rows)
         self.steps += 1
         self.row_steps += rows > 1
@@ -123,6 +126,7 @@ class DecodeGraph:
             )
         finally:
             cache.static = None
+        slot.ids = [sw.ids for sw in st.windows]
         st.advance_device(slot.rows)
         return out.logits[0, -1].float()
 
