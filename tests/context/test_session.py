@@ -82,6 +82,18 @@ def test_answering_cuts_nothing_and_static_calls_answer_alike():
     assert static.stats()["tokens_seen"] == len(TEXT)
 
 
+def test_answering_rolls_back_on_error():
+    """What was fed inside `answering()` is rolled back also when the block raises."""
+    s = make_session()
+    s.feed(TEXT)
+    before = (s.stats()["tokens_seen"], s.stats()["units"], s.last_logits.clone())
+    with pytest.raises(KeyboardInterrupt), s.answering():
+        s.feed("a question that is interrupted " * 3)
+        raise KeyboardInterrupt
+    assert (s.stats()["tokens_seen"], s.stats()["units"]) == before[:2]
+    assert torch.equal(s.last_logits, before[2]) and s.asks == 1
+
+
 def test_generate_keeps_tokens_in_memory():
     s = make_session()
     s.feed(TEXT[:100])
