@@ -55,8 +55,8 @@ def rows_bucket(n: int, exc_block_size: int) -> int | None:
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (kvh, g, d), k/v (kvh, n, d) fp32, hidden (n,) bool: keys left out -> out (kvh, g, d),
-    lse (kvh, g, 1), the attention weights (kvh, g, n). At least one key must be visible."""
+    """q (kvh, r, d), k/v (kvh, n, d) fp32, hidden (n,) or (r, n) bool: keys left out -> out (kvh, r, d),
+    lse (kvh, r, 1), the attention weights (kvh, r, n). At least one key must be visible."""
     logits = torch.matmul(q, k.transpose(1, 2)) * scale
     logits = logits.masked_fill(hidden, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -91,23 +91,19 @@ def step_attention(
     block_size: int,
     scale: float,
 ) -> torch.Tensor:
-    """One token's attention over its window buffer and its memory, merged (the reference path; the
-    CUDA kernels of decode_cuda.step_attention_cuda follow the same contract, see there).
+    """One token's attention over its window buffer and its memory, merged: rows_attention for one row
+    (the reference path; the CUDA kernels of decode_cuda.step_attention_cuda follow the same contract).
 
     q_loc / q_mem (kvh, g, d): the queries at the window position and at the fixed distance;
     win_k / win_v (kvh, cap, d), keys [0, window] visible; score (kvh, cap) fp32 gets the attention
     each window key received added in place; sinks (kvh, n_sinks, d); unit_k / unit_v
     (kvh, topk * block_size, d), the first min(units, topk) * block_size visible. -> (kvh, g, d) fp32."""
-    dev = q_loc.device
-    slots = torch.arange(win_k.shape[1], device=dev)
-    out, lse, p = masked_attention(q_loc, win_k.float(), win_v.float(), slots > window, scale)
-    score += p.sum(dim=1)
-    k_mem = torch.cat([sink_k, unit_k], dim=1).float()
-    v_mem = torch.cat([sink_v, unit_v], dim=1).float()
-    limit = sink_k.shape[1] + torch.clamp(units, max=topk) * block_size
-    cols = torch.arange(k_mem.shape[1], device=dev)
-    out_m, lse_m, _ = masked_attention(q_mem, k_mem, v_mem, cols >= limit, scale)
-    return merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1))
+    one = torch.ones_like(window)  # the one row is real, in execution block 0
+    out = rows_attention(
+        q_loc.unsqueeze(2), q_mem.unsqueeze(2), win_k, win_v, score, window, one, one - 1, sink_k, sink_v,
+        unit_k.unsqueeze(0), unit_v.unsqueeze(0), units, topk, block_size, scale,
+    )  # fmt: skip
+    return out.squeeze(2)
 
 
 def rows_attention(
@@ -282,46 +278,8 @@ class StaticDecode:
     def attend(
         self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """query (1, heads, T, d), key/value (1, kv_heads, T, d) as the model rotated them -> (1, heads, T, d)."""
-        if query.shape[2] > 1:
-            return self.attend_rows(layer, query, key, value, scale)
-        sw = self.windows[layer.layer_idx]
-        cfg, rot, store = layer.config, layer.rotary, layer.store
-        dev = query.device
-        heads, d = query.shape[1], query.shape[3]
-        kvh = key.shape[1]
-        g = heads // kvh
-        cos_t, sin_t, _ = rot.tables(dev)
-        cos, sin = cos_t.index_select(0, self.row), sin_t.index_select(0, self.row)  # (1, d)
-        q = query[0].float()  # (heads, 1, d)
-        q_loc = rot.apply(q, cos, sin)
-        k_loc = rot.apply(key[0].float(), cos, sin).to(sw.k.dtype)
-        sw.k.index_copy_(1, self.window, k_loc)
-        sw.v.index_copy_(1, self.window, value[0].to(sw.v.dtype))
-        # Memory: queries at the fixed distance n_local, sinks + chosen units at 0.
-        cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, 1, -1, dev)
-        q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, d)
-        reprs = store.repr_buffer()  # (kvh, capacity, d)
-        scores = combine(unit_scores(q_mem.sum(dim=1).unsqueeze(0), reprs), cfg.lookup)
-        later = torch.arange(reprs.shape[1], device=dev) >= self.units
-        ids = select_units(scores.masked_fill(later, float("-inf")), cfg.topk)
-        ids = torch.minimum(ids, self.units - 1).expand(1, kvh, -1)  # empty slots read a real unit
-        sw.ids = ids
-        uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
-        args = (q_loc.reshape(kvh, g, d), q_mem, sw.k, sw.v, sw.score, self.window, layer.sink_k,
-                layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
-        if cfg.impl == "fast" and dev.type == "cuda":
-            from memllm.context.decode_cuda import step_attention_cuda
-
-            merged = step_attention_cuda(*args)
-        else:
-            merged = step_attention(*args)
-        return merged.reshape(1, heads, 1, d).to(query.dtype)
-
-    def attend_rows(
-        self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """A rows step: query (1, heads, T, d), key/value (1, kv_heads, T, d), the first n_valid rows real."""
+        """query (1, heads, T, d), key/value (1, kv_heads, T, d) as the model rotated them: T = 1 a decode
+        token, T > 1 a rows step (the first n_valid rows real) -> (1, heads, T, d)."""
         sw = self.windows[layer.layer_idx]
         cfg, rot, store = layer.config, layer.rotary, layer.store
         dev = query.device
@@ -331,25 +289,41 @@ class StaticDecode:
         cos_t, sin_t, _ = rot.tables(dev)
         cos, sin = cos_t.index_select(0, self.row), sin_t.index_select(0, self.row)  # one angle, all rows
         q = query[0].float()  # (heads, T, d)
-        t = torch.arange(rows, device=dev)
-        slots = self.window + t
+        t = torch.arange(rows, device=dev) if rows > 1 else None
+        slots = self.window if t is None else self.window + t
         sw.k.index_copy_(1, slots, rot.apply(key[0].float(), cos, sin).to(sw.k.dtype))
         sw.v.index_copy_(1, slots, value[0].to(sw.v.dtype))
+        q_loc = rot.apply(q, cos, sin).reshape(kvh, g, rows, d)
+        # Memory: queries at the fixed distance n_local (row t from model position reported + t), sinks +
+        # chosen units at 0.
         cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, rows, -1, dev)
-        q_mem = rot.apply(q, cos_m, sin_m)  # row t: from model position reported + t to n_local
-        e, nb = cfg.exc_block_size, self.blocks
-        block = torch.div(self.seen % e + t, e, rounding_mode="floor") if nb == 2 else torch.zeros_like(t)
-        row_block = torch.where(t < self.n_valid, block, -1)
-        reprs = store.repr_buffer()
-        scores = combine(unit_scores(block_query_sums(q_mem, row_block, nb, kvh), reprs), cfg.lookup)
+        q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, rows, d)
+        if t is None:
+            nb, q_sum = 1, q_mem.sum(dim=1).reshape(1, kvh, d)
+        else:
+            e, nb = cfg.exc_block_size, self.blocks
+            block = torch.div(self.seen % e + t, e, rounding_mode="floor") if nb == 2 else torch.zeros_like(t)
+            row_block = torch.where(t < self.n_valid, block, -1)
+            q_sum = block_query_sums(q_mem.reshape(heads, rows, d), row_block, nb, kvh)
+        reprs = store.repr_buffer()  # (kvh, capacity, d)
+        scores = combine(unit_scores(q_sum, reprs), cfg.lookup)
         later = torch.arange(reprs.shape[1], device=dev) >= self.units
         ids = select_units(scores.masked_fill(later, float("-inf")), cfg.topk)
-        ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)
+        ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
         uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
-        merged = rows_attention(
-            rot.apply(q, cos, sin).reshape(kvh, g, rows, d), q_mem.reshape(kvh, g, rows, d), sw.k, sw.v,
-            sw.score, self.window, self.n_valid, row_block, layer.sink_k, layer.sink_v, uk, uv, self.units,
-            cfg.topk, cfg.block_size, scale,
-        )  # fmt: skip
+        if t is None:
+            args = (q_loc[:, :, 0], q_mem[:, :, 0], sw.k, sw.v, sw.score, self.window, layer.sink_k,
+                    layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
+            if cfg.impl == "fast" and dev.type == "cuda":
+                from memllm.context.decode_cuda import step_attention_cuda
+
+                merged = step_attention_cuda(*args)
+            else:
+                merged = step_attention(*args)
+        else:
+            merged = rows_attention(
+                q_loc, q_mem, sw.k, sw.v, sw.score, self.window, self.n_valid, row_block, layer.sink_k,
+                layer.sink_v, uk, uv, self.units, cfg.topk, cfg.block_size, scale,
+            )  # fmt: skip
         return merged.reshape(1, heads, rows, d).to(query.dtype)

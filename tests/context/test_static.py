@@ -21,21 +21,16 @@ PREFILL, DECODE = 120, 40
 
 
 def one_token(model, cache, graph, tok):
-    """The static step when the token is eligible for it, else the plain path (what prefill.step does)."""
+    """The static step when the call (a token, or a few) is eligible for it, else the plain path (what
+    prefill.step does)."""
     logits = graph.step(model, tok) if graph is not None else None
     return logits if logits is not None else step(model, cache, tok)
 
 
 def decode(model, mem, ids, static: bool, capture: bool = False):
-    """Feed PREFILL tokens, then DECODE single tokens (teacher-forced); logits per token and the cache."""
-    with attach(model, mem) as cache, torch.no_grad(), cache.record_lookups() as log:
-        feed(model, cache, ids[:, :PREFILL])
-        graph = DecodeGraph(cache, capture=capture) if static else None
-        outs = []
-        for i in range(PREFILL, PREFILL + DECODE):
-            outs.append(one_token(model, cache, graph, ids[:, i : i + 1]))
-        ids_log = [(layer, t.tolist()) for layer, t in log]
-    return torch.stack(outs), cache, graph, ids_log
+    """Feed PREFILL tokens, then DECODE single tokens (teacher-forced); logits per token, the cache, the
+    graph and the whole lookup log."""
+    return short_calls(model, mem, ids, [1] * DECODE, static, hold=False, capture=capture)[:4]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +179,8 @@ def test_sessions_with_decode_graphs_leave_no_device_memory():
 
 def short_calls(model, mem, ids, sizes, static: bool, hold: bool, capture: bool = False):
     """Feed PREFILL tokens, then calls of `sizes` tokens (teacher-forced), optionally held (answering):
-    the logits after each call, the cache, the graph and the lookup log of the calls."""
+    the logits after each call, the cache, the graph, the lookup log and where the calls' part of it
+    starts."""
     with attach(model, mem) as cache, torch.no_grad(), cache.record_lookups() as log:
         feed(model, cache, ids[:, :PREFILL])
         first = len(log)
@@ -192,12 +188,10 @@ def short_calls(model, mem, ids, sizes, static: bool, hold: bool, capture: bool 
         outs, at = [], PREFILL
         with cache.hold_cuts() if hold else contextlib.nullcontext():
             for n in sizes:
-                chunk = ids[:, at : at + n]
-                got = graph.step(model, chunk) if graph is not None else None
-                outs.append(got if got is not None else step(model, cache, chunk))
+                outs.append(one_token(model, cache, graph, ids[:, at : at + n]))
                 at += n
-        ids_log = [(layer, t.tolist()) for layer, t in log[first:]]
-    return torch.stack(outs), cache, graph, ids_log
+        ids_log = [(layer, t.tolist()) for layer, t in log]
+    return torch.stack(outs), cache, graph, ids_log, first
 
 
 ROW_SIZES = [5, 1, 1, 16, 3, 1, 9, 12, 1, 2, 7]  # from 120 tokens seen: the 4th call crosses 128
@@ -217,8 +211,8 @@ def test_static_rows_equal_plain(kind, lookup, offload, hold):
     mem = small_memory(lookup=lookup, offload_dtype=offload, exc_block_size=64)
     total = PREFILL + sum(ROW_SIZES)
     ids = torch.randint(1, 500, (1, total), generator=torch.Generator().manual_seed(11))
-    want, plain, _, want_log = short_calls(model, mem, ids, ROW_SIZES, static=False, hold=hold)
-    got, cache, graph, got_log = short_calls(model, mem, ids, ROW_SIZES, static=True, hold=hold)
+    want, plain, _, want_log, _ = short_calls(model, mem, ids, ROW_SIZES, static=False, hold=hold)
+    got, cache, graph, got_log, first = short_calls(model, mem, ids, ROW_SIZES, static=True, hold=hold)
     assert graph.row_steps > 0
     if hold:
         assert graph.steps == len(ROW_SIZES)  # nothing cut: every call static
@@ -226,7 +220,7 @@ def test_static_rows_equal_plain(kind, lookup, offload, hold):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_log == want_log
     if hold:
-        assert len(got_log) == len(cache.layers) * (len(ROW_SIZES) + 1)  # two lookups for one call
+        assert len(got_log) - first == len(cache.layers) * (len(ROW_SIZES) + 1)  # two lookups for one call
     for a, b in zip(cache.layers, plain.layers, strict=True):
         assert (a.seen, a.store.n_units, a.base, a.cut) == (b.seen, b.store.n_units, b.base, b.cut)
         torch.testing.assert_close(a.local_k, b.local_k, rtol=1e-5, atol=1e-5)
@@ -247,8 +241,10 @@ def test_graph_replay_of_rows_equals_static_rows():
     mem = small_memory(exc_block_size=64)
     sizes = [5, 1, 1, 6, 1, 3, 1, 9, 12, 1, 2, 7]  # 16-row calls: warm-up, capture, replays
     ids = torch.randint(1, 500, (1, PREFILL + sum(sizes)), generator=torch.Generator().manual_seed(12)).cuda()
-    want, eager, _, want_log = short_calls(model, mem, ids, sizes, static=True, hold=True)
-    got, replayed, graph, got_log = short_calls(model, mem, ids, sizes, static=True, hold=True, capture=True)
+    want, eager, _, want_log, _ = short_calls(model, mem, ids, sizes, static=True, hold=True)
+    got, replayed, graph, got_log, _ = short_calls(
+        model, mem, ids, sizes, static=True, hold=True, capture=True
+    )
     assert graph.row_steps == 7 and graph.captures >= 2 and graph.replays >= 5
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_log == want_log
