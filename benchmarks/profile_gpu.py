@@ -134,6 +134,9 @@ def memllm_run(model, n_tokens: int, config, profile: bool = True) -> dict:
             chunk = cache.config.chunk_size
             per_call, host_per_call = [], []
             done = 0
+            cache.reserve(n_tokens)  # as prefill.feed does
+            sync()
+            start = time.perf_counter()
             while done < n_tokens:
                 end = min(n_tokens, done + chunk - cache.seen_tokens % chunk)
                 host["attend_s"] = 0.0
@@ -145,7 +148,11 @@ def memllm_run(model, n_tokens: int, config, profile: bool = True) -> dict:
                 host_per_call.append(host["attend_s"])
                 done = end
             steady = per_call[4:] or per_call
+            feed_s = time.perf_counter() - start  # every call synchronised: host work is not overlapped
             res = {"chunk": chunk, "calls": len(per_call), "call_ms": 1000 * statistics.median(steady),
+                   "feed_s": feed_s, "feed_tok_s": n_tokens / feed_s,
+                   "per_call_ms": [round(1000 * x, 1) for x in per_call],
+                   "graph_after_feed": cache.decode_graph().counters() if cache.decode_graph() else None,
                    "tok_s": chunk / statistics.median(steady),
                    "attend_host_ms_per_call": 1000 * statistics.median(host_per_call[4:] or host_per_call),
                    "units_per_layer": cache.layers[0].store.n_units}  # fmt: skip
@@ -423,6 +430,26 @@ def launch_overhead() -> dict:
     return out
 
 
+def alloc_probe(n_tensors: int, workers: int) -> dict:
+    """Seconds to allocate n_tensors registered 8 MiB host tensors (as segments are) with `workers`
+    threads, then to free them; then the same again (memory the process had just freed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memllm.context.pinned import registered_alloc
+
+    out = {}
+    for attempt in ("first", "again"):
+        t = time.perf_counter()
+        with ThreadPoolExecutor(workers) as ex:
+            held = list(ex.map(lambda _: registered_alloc((4 << 20,), torch.bfloat16), range(n_tensors)))
+        out[f"{attempt}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        del held
+        out[f"{attempt}_free_s"] = time.perf_counter() - t
+    out["gib"] = n_tensors * 8 / 1024
+    return out
+
+
 def main() -> None:
     from memllm.bench.passkey import parse_length
     from memllm.config import MemoryConfig
@@ -432,6 +459,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: full,memllm,kernels")
     ap.add_argument("--memory", default="", help="lengths for the per-phase peak memory run, e.g. 32k,1m")
     ap.add_argument("--answers", default="", help="length for the read-once answering run, e.g. 128k")
+    ap.add_argument("--alloc", default="", help="registered-memory probe: tensors,workers;... e.g. 480,4;480,16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -443,6 +471,9 @@ def main() -> None:
     print(info, flush=True)
     model = smollm2_shaped("cuda")
     res: dict = {"info": info}
+    if args.alloc:
+        res["alloc"] = [alloc_probe(*map(int, x.split(","))) | {"spec": x} for x in args.alloc.split(";")]
+        print("alloc", res["alloc"], flush=True)
     if "kernels" not in skip:
         res["kernels"] = kernel_sweep()
     if "ab" not in skip:
@@ -465,7 +496,12 @@ def main() -> None:
             print(f"==== {name}: self cuda {e['self_cuda_ms']:.2f} ms, launches {e['launches']}")
             print(e["cuda_table"])
     if "memllm" not in skip:
-        res["memllm"] = memllm_run(model, parse_length(args.tokens), MemoryConfig())
+        # Graphs on (steady prefill chunks replayed), then off (every call on the plain path) for the
+        # ratio; the profile tables come from the plain run (a replay is one launch to the profiler).
+        n = parse_length(args.tokens)
+        res["memllm_graphs"] = memllm_run(model, n, MemoryConfig(), profile=False)
+        print("memllm with graphs", res["memllm_graphs"], flush=True)
+        res["memllm"] = memllm_run(model, n, MemoryConfig(decode_graphs=False))
         m = res["memllm"]
         for name in ("prefill_profile", "decode_profile"):
             print(f"==== {name}: self cuda {m[name]['self_cuda_ms']:.1f} ms, self cpu {m[name]['self_cpu_ms']:.1f} ms, "

@@ -28,8 +28,9 @@ class MemoryConfig:
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
-    decode_graphs: on CUDA with impl "fast", run single tokens and short calls (up to 128 tokens, e.g. a
-    question) that cut nothing by replaying captured CUDA graphs (context/graph.py).
+    decode_graphs: on CUDA with impl "fast", run static calls by replaying captured CUDA graphs
+    (context/graph.py): single tokens and short calls (up to 128 tokens, e.g. a question) that cut
+    nothing, and prefill chunks that cut units once the memory holds topk units (int8 units excepted).
     """
 
     n_init: int = 128

@@ -55,8 +55,11 @@ def context_memory_attention(
                 "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
             )
     with torch.no_grad():
-        if cache.static is not None:  # a single-token static step (graph.py)
-            out = cache.static.attend(layer, query, key, value, scale)
+        static = cache.static  # a static call (graph.py): one token, a few rows, or a steady chunk
+        if static is not None and static.cut is not None:
+            out = static.attend_cut(layer, static.cut, query, key, value, scale)
+        elif static is not None:
+            out = static.attend(layer, query, key, value, scale)
         else:
             out = layer.attend(query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None

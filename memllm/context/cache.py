@@ -181,7 +181,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         """
         if query.shape[0] != 1:
             raise ValueError("ContextMemoryCache supports batch size 1 only")
-        cfg, rot = self.config, self.rotary
+        cfg = self.config
         c = query.shape[2]
         model_start = self.reported_length()
         self.check_positions(c)
@@ -189,26 +189,18 @@ class ContextMemoryLayer(CacheLayerMixin):
         plan = self.plans.get(self.seen, n_prev, self.cut, self.store.n_units, c)
         if self.seen + c - 1 - self.base >= self.spec.trained_len:
             self._rebase(self.seen - n_prev)
-        dev = query.device
         q, k, v = query[0], key[0], value[0].to(self.dtype)
-        kernels = cfg.impl == "fast" and dev.type == "cuda"
+        kernels = cfg.impl == "fast" and query.device.type == "cuda"
         # Model position -> window position: one angle for the whole call.
         angle = self.seen - self.base - model_start
-        k_all = torch.cat(
-            [self.local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=kernels)], dim=1
+        out, lse, k_all, v_all, score = self.local_pass(
+            q, k, v, plan, angle, scale, self.local_k, self.local_v, self.local_score
         )
-        v_all = torch.cat([self.local_v, v], dim=1)
-        if kernels:
-            from memllm.context.flash import local_attention_cuda
-
-            q_loc = rot.rotated(q, angle, 1, self.dtype, per_row=False, kernel=True)
-            out, lse, received = local_attention_cuda(q_loc, k_all, v_all, plan, scale)
-        else:
-            q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
-            out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
-        score = received  # a fresh tensor: the window's earlier scores are added in place
-        score[:, :n_prev] += self.local_score
-        self._cut(plan, k_all, v_all, score, kernels)
+        if plan.n_cut:
+            first = plan.seen - plan.window - self.base  # position of window key 0
+            self.store.append_many(*self.cut_units(plan, k_all, v_all, score, first))
+        if plan.sinks_from is not None:
+            self._set_sinks(plan, k_all, v_all)
         if plan.memory_blocks:
             out = self._attend_memory(q, plan, model_start, scale, out, lse, kernels)
         self._account(plan, model_start)
@@ -226,33 +218,71 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.local_k = self.rotary.rotate_const(self.local_k, self.base - new_base).to(self.dtype)
         self.base = new_base
 
-    def _cut(
-        self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, kernels: bool
-    ) -> None:
-        """Write the units the plan cuts during this call (and the sinks, on the first cut).
+    def local_pass(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plan: CallPlan,
+        angle: int,
+        scale: float,
+        local_k: torch.Tensor,
+        local_v: torch.Tensor,
+        local_score: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The call's keys joined to the window (local_k/v/score: its keys, rotated at j - base, values and
+        received scores) and the local attention over them; q, k (model rotation, `angle` positions
+        short of the window frame), v in the model dtype.
+
+        Returns out (heads, c, d) fp32, lse (heads, c), k_all / v_all (kv_heads, W + c, d) and score
+        (kv_heads, W + c) fp32: what each key received, the window's earlier scores included."""
+        rot = self.rotary
+        kernels = self.config.impl == "fast" and q.device.type == "cuda"
+        k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=kernels)], dim=1)
+        v_all = torch.cat([local_v, v], dim=1)
+        if kernels:
+            from memllm.context.flash import local_attention_cuda
+
+            q_loc = rot.rotated(q, angle, 1, self.dtype, per_row=False, kernel=True)
+            out, lse, received = local_attention_cuda(q_loc, k_all, v_all, plan, scale)
+        else:
+            q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
+            out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
+        score = received  # a fresh tensor: the window's earlier scores are added in place
+        score[:, : local_score.shape[1]] += local_score
+        return out, lse, k_all, v_all, score
+
+    def cut_units(
+        self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The units the plan cuts during this call (window key 0 at position `first`): k, v
+        (n, kv_heads, block_size, head_dim) and representatives (n, kv_heads, repr_topk, head_dim).
 
         Units keep keys rotated at position 0: rotated back by their window positions. Representatives:
         the repr_topk keys that received the most attention while in the window."""
-        if plan.n_cut == 0:
-            return
         cfg, rot = self.config, self.rotary
+        kernels = cfg.impl == "fast" and k_all.device.type == "cuda"
         bs, n = cfg.block_size, plan.n_cut
         kvh, _, d = k_all.shape
-        first = plan.seen - plan.window - self.base  # position of window key 0
         span = slice(plan.cut_start, plan.cut_start + n * bs)
         k_blk = rot.rotated(k_all[:, span], first + plan.cut_start, -1, self.dtype, kernel=kernels)
         k_blk = k_blk.reshape(kvh, n, bs, d)
         v_blk = v_all[:, span].reshape(kvh, n, bs, d)
         top = torch.topk(score[:, span].reshape(kvh, n, bs), cfg.repr_topk, dim=2).indices
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
-        self.store.append_many(k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1))
-        if plan.sinks_from is not None:
-            sinks = slice(plan.sinks_from, plan.sinks_from + cfg.n_init)
-            self.sink_k = rot.rotated(
-                k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=kernels
-            )
-            self.sink_v = v_all[:, sinks].clone()
-            self.cut = True
+        return k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1)
+
+    def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        """The first cut (phase 1 -> 2): the sinks, keys rotated back to position 0."""
+        cfg = self.config
+        kernels = cfg.impl == "fast" and k_all.device.type == "cuda"
+        first = plan.seen - plan.window - self.base
+        sinks = slice(plan.sinks_from, plan.sinks_from + cfg.n_init)
+        self.sink_k = self.rotary.rotated(
+            k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=kernels
+        )
+        self.sink_v = v_all[:, sinks].clone()
+        self.cut = True
 
     def _attend_memory(
         self,
@@ -263,8 +293,13 @@ class ContextMemoryLayer(CacheLayerMixin):
         out: torch.Tensor,
         lse: torch.Tensor,
         kernels: bool,
+        whole_index: bool = False,
     ) -> torch.Tensor:
-        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`."""
+        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`.
+
+        whole_index (a static call, static.py): score every slot of the unit index buffer, the blocks'
+        candidate counts (plan.tensors' mb_units) already written on the device, and leave the
+        counters and the lookup log to the caller (it needs n_units >= topk)."""
         cfg, rot = self.config, self.rotary
         dev = q.device
         kvh = self.spec.kv_heads
@@ -277,20 +312,16 @@ class ContextMemoryLayer(CacheLayerMixin):
         chosen = 0
         if self.store.n_units > 0 and cfg.topk > 0:
             q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
-            scores = mask_later(
-                combine(unit_scores(q_sum, self.store.repr_keys()), cfg.lookup), t["mb_units"]
-            )
+            reprs = self.store.repr_buffer() if whole_index else self.store.repr_keys()
+            scores = mask_later(combine(unit_scores(q_sum, reprs), cfg.lookup), t["mb_units"])
             select = select_units_reference if cfg.impl == "reference" else select_units
             ids = select(scores, cfg.topk).expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
             uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
             mem_k.append(uk)
             mem_v.append(uv)
-            valid = [min(chosen, plan.blocks[i].units_before) for i in plan.memory_blocks]
-            self.lookups += n_mb
-            self.units_fetched += kvh * sum(valid)
-            if self.lookup_log is not None:  # one entry per block's lookup
-                self.lookup_log += [(self.layer_idx, ids[i, :, :n].reshape(-1)) for i, n in enumerate(valid)]
+            if not whole_index:
+                self.count_lookups(plan, ids)
         k_mem = torch.cat(mem_k, dim=2) if len(mem_k) > 1 else mem_k[0]
         v_mem = torch.cat(mem_v, dim=2) if len(mem_v) > 1 else mem_v[0]
         n_sinks = self.sink_k.shape[1]
@@ -305,6 +336,14 @@ class ContextMemoryLayer(CacheLayerMixin):
             q_mem, k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, torch.float32
         )
         return merge(out, lse, out_m, lse_m)
+
+    def count_lookups(self, plan: CallPlan, ids: torch.Tensor | None) -> None:
+        """Counters (and the lookup log, from ids (memory blocks, kv_heads, chosen)) of a call's lookups."""
+        valid = [min(self.config.topk, plan.blocks[i].units_before) for i in plan.memory_blocks]
+        self.lookups += len(valid)
+        self.units_fetched += self.spec.kv_heads * sum(valid)
+        if self.lookup_log is not None and ids is not None:  # one entry per block's lookup
+            self.lookup_log += [(self.layer_idx, ids[i, :, :n].reshape(-1)) for i, n in enumerate(valid)]
 
     def _account(self, plan: CallPlan, model_start: int) -> None:
         """Bounds the tests check: keys per query, positions (host integers only)."""

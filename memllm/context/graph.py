@@ -22,7 +22,9 @@ import weakref
 
 import torch
 
-from memllm.context.static import StaticDecode, rows_bucket
+from memllm.context.static import CutShape, StaticDecode, rows_bucket
+
+MAX_CUT_SLOTS = 2  # cutting-call shapes kept (a steady prefill chunk has one; a feed's last chunk another)
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -39,10 +41,11 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class _Slot:
-    """One padded call size: its input buffers and its captured graph."""
+    """One padded call size (or one cutting call's shape): its input buffers and its captured graph."""
 
-    def __init__(self, rows: int, device: torch.device):
+    def __init__(self, rows: int, device: torch.device, cut: CutShape | None = None):
         self.rows = rows
+        self.cut = cut
         self.tok = torch.zeros(1, rows, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)
         self.keep = torch.zeros(1, dtype=torch.long, device=device)  # the row whose logits are returned
@@ -63,9 +66,11 @@ class DecodeGraph:
         self._cache = weakref.ref(cache)
         self.capture = capture and cache.layers[0].device.type == "cuda"
         self.static: StaticDecode | None = None
-        self.slots: dict[tuple[int, int], _Slot] = {}  # by (rows, execution blocks)
+        self.slots: dict[tuple, _Slot] = {}  # by (rows, execution blocks), or ("cut", CutShape.key)
+        self.cut_shapes: dict[tuple, CutShape] = {}
         self.steps = 0  # static steps taken (replayed, captured-and-replayed, warm-up or eager)
         self.row_steps = 0  # of which multi-token (rows) steps
+        self.cut_steps = 0  # of which cutting calls (prefill chunks)
         self.captures = 0
         self.replays = 0
 
@@ -76,58 +81,80 @@ class DecodeGraph:
     def counters(self) -> dict[str, int]:
         """Graphs captured, replays, and static steps taken (benchmarks report these)."""
         return {"captures": self.captures, "replays": self.replays, "static_steps": self.steps,
-                "row_steps": self.row_steps}  # fmt: skip
+                "row_steps": self.row_steps, "cut_steps": self.cut_steps}  # fmt: skip
 
     def step(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
         cache = self.cache
         n = ids.shape[1]
-        rows = rows_bucket(n, cache.config.exc_block_size)
-        if rows is None:
-            return None
         if self.static is None:
             self.static = StaticDecode(cache)
         st = self.static
         plan = st.plan(n)
-        if not st.eligible(plan, rows):
-            return None
+        rows = rows_bucket(n, cache.config.exc_block_size)
+        if rows is not None and st.eligible(plan, rows):
+            shape, cut = (rows, len(plan.blocks)), None
+        else:
+            cut = self._cut_shape(plan)
+            if cut is None:
+                return None
+            shape, rows = ("cut", cut.key), n
         if not st.in_sync():
             st.sync()
-        shape = (rows, len(plan.blocks))
+        if cut is not None:
+            st.prepare_cut(plan)
         slot = self.slots.get(shape)
         if slot is None:
-            slot = self.slots[shape] = _Slot(rows, st.device)
-        st.blocks = shape[1]
+            slot = self.slots[shape] = _Slot(rows, st.device, cut)
+        st.blocks = len(plan.blocks)
         slot.tok[:, :n].copy_(ids.reshape(1, n), non_blocking=True)
         start = cache.layers[0].reported_length()
         torch.arange(start, start + rows, out=slot.pos)
-        if rows > 1:
+        if rows > 1 and cut is None:
             st.n_valid.fill_(n)
             slot.keep.fill_(n - 1)
         logits = self._graph_step(model, slot) if self.capture else self._forward(model, slot)
-        for sw, ids in zip(st.windows, slot.ids, strict=True):
-            sw.ids = ids  # a replay writes the ids tensors of its own capture
-        st.advance_host(plan, rows)
+        if cut is not None:
+            st.advance_host_cut(plan, cut)
+            self.cut_steps += 1
+        else:
+            for sw, ids in zip(st.windows, slot.ids, strict=True):
+                sw.ids = ids  # a replay writes the ids tensors of its own capture
+            st.advance_host(plan, rows)
+            self.row_steps += rows > 1
         self.steps += 1
-        self.row_steps += rows > 1
         return logits
+
+    def _cut_shape(self, plan) -> CutShape | None:
+        """The static shape of a cutting call (known shapes reused: their plan tables stay alive), keeping
+        at most MAX_CUT_SLOTS of them and their graphs."""
+        cut = self.static.cut_shape(plan, self.cut_shapes)
+        if cut is None or cut.key in self.cut_shapes:
+            return cut
+        while len(self.cut_shapes) >= MAX_CUT_SLOTS:
+            old = next(iter(self.cut_shapes))
+            del self.cut_shapes[old]
+            self.slots.pop(("cut", old), None)
+        self.cut_shapes[cut.key] = cut
+        return cut
 
     # ---- internals -------------------------------------------------------------------------------
     def _forward(self, model: torch.nn.Module, slot: _Slot) -> torch.Tensor:
         """One model call on the slot's inputs, every layer through the static step."""
         cache, st = self.cache, self.static
-        cache.static = st
+        cache.static, st.cut = st, slot.cut
         try:
             out = model(
                 input_ids=slot.tok,
                 past_key_values=cache,
                 position_ids=slot.pos.view(1, -1),
                 use_cache=True,
-                logits_to_keep=slot.keep if slot.rows > 1 else 1,
+                logits_to_keep=slot.keep if slot.rows > 1 and slot.cut is None else 1,
             )
         finally:
-            cache.static = None
-        slot.ids = [sw.ids for sw in st.windows]
-        st.advance_device(slot.rows)
+            cache.static, st.cut = None, None
+        if slot.cut is None:
+            slot.ids = [sw.ids for sw in st.windows]
+            st.advance_device(slot.rows)
         return out.logits[0, -1].float()
 
     def _signature(self) -> tuple:

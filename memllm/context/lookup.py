@@ -53,10 +53,19 @@ def mask_later(scores: torch.Tensor, units_before: torch.Tensor) -> torch.Tensor
 
 
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores (..., n_units) -> ids (..., min(k, n_units)) long, ascending per row, on scores' device."""
+    """scores (..., n_units) -> ids (..., min(k, n_units)) long, ascending per row, on scores' device.
+
+    The k largest, ties broken by lower index, as a stable descending sort would give, but by one
+    top-k over int64 keys (the score's fp32 bits made order-preserving, then the index reversed in
+    the low 32 bits): every key is distinct, so which ids win is exact. On the H100 the two stable
+    sorts this replaced took ~2 ms of GPU time per prefill call at 1M tokens (8,159 units, profile)."""
     k = min(k, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.sort(order, dim=-1).values
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal as floats
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # int order = float order
+    index = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+    keys = (ordered << 32) | (0xFFFFFFFF - index)
+    top = torch.topk(keys, k, dim=-1, sorted=False).indices
+    return torch.sort(top, dim=-1).values
 
 
 def select_units_reference(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,21 +11,19 @@ from collections.abc import Callable
 import torch
 
 from memllm.context.cache import ContextMemoryCache
-from memllm.context.static import MAX_ROWS
 
 
 @torch.no_grad()
 def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ids (1, n) in one model call (n <= chunk_size); returns the last position's logits (vocab,) fp32.
 
-    A single token or a short call (static.MAX_ROWS) goes through the cache's DecodeGraph when it has
-    one and the call cuts nothing."""
+    The call goes through the cache's DecodeGraph when it has one and the call is static: a single
+    token or a short call (static.MAX_ROWS) that cuts nothing, or a chunk that cuts units in phase 2."""
     ids = ids.to(cache.layers[0].device)
-    if ids.shape[1] <= MAX_ROWS:
-        graph = cache.decode_graph()
-        logits = graph.step(model, ids) if graph is not None else None
-        if logits is not None:
-            return logits
+    graph = cache.decode_graph()
+    logits = graph.step(model, ids) if graph is not None else None
+    if logits is not None:
+        return logits
     out = model(
         input_ids=ids,
         past_key_values=cache,

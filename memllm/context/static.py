@@ -32,6 +32,7 @@ Knows nothing of CUDA graphs (graph.py) or of models.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,25 @@ from memllm.context.plan import CallPlan, held_limit
 from memllm.context.window import merge
 
 MAX_ROWS = 128  # rows of the largest multi-token static call
+
+
+@dataclass
+class CutShape:
+    """What a static cutting call (a steady prefill chunk) bakes in: equal keys, the same launches.
+
+    plan: the first call of this shape's plan, kept alive with its device tables (a graph reads
+    them); its mb_units is rewritten on the device from the unit count by every step. rel (memory
+    blocks,) long: each block's candidate count minus the units before the call."""
+
+    key: tuple
+    plan: CallPlan
+    rel: torch.Tensor
+    rebase: int  # rotation of the window before the call (0: none)
+    angle: int  # model position -> window position of the call's queries and keys
+    first: int  # window position of window key 0 (after the re-base)
+    model_start: int
+    new_base: int  # the layers' base from the call on (host side; changes from call to call)
+    window_after: int
 
 
 def rows_bucket(n: int, exc_block_size: int) -> int | None:
@@ -193,6 +213,7 @@ class StaticDecode:
         self.seen = torch.zeros(1, dtype=torch.long, device=self.device)  # tokens seen before the step
         self.n_valid = torch.zeros(1, dtype=torch.long, device=self.device)  # real rows of a rows step
         self.blocks = 1  # execution blocks of the rows step being run (a graph's shape: set by graph.py)
+        self.cut: CutShape | None = None  # set by graph.py while a static cutting call runs
         self.synced_seen = -1
 
     @property
@@ -239,6 +260,15 @@ class StaticDecode:
             sw.v[:, :w].copy_(lay.local_v)
             sw.score.zero_()
             sw.score[:, :w].copy_(lay.local_score)
+            sw.views = (sw.k[:, :w], sw.v[:, :w], sw.score[:, :w])
+            lay.local_k, lay.local_v, lay.local_score = sw.views
+            lay.static_views = True
+        self.set_scalars()
+
+    def set_scalars(self) -> None:
+        """The device scalars from the host state (plain fills: no host synchronisation)."""
+        layer = self.cache.layers[0]
+        w = layer.local_k.shape[1]
         self.window.fill_(w)
         self.row.fill_(layer.rotary._row(layer.seen - layer.base - layer.reported_length()))
         self.units.fill_(layer.store.n_units)
@@ -274,7 +304,98 @@ class StaticDecode:
             layer.seen += plan.c
         self.synced_seen = self.cache.layers[0].seen
 
+    def cut_shape(self, plan: CallPlan, known: dict[tuple, CutShape] | None = None) -> CutShape | None:
+        """The static shape of a call that cuts units (a prefill chunk in phase 2), or None when it must
+        take the plain path: sinks to set, a block without memory, fewer units than topk, int8 units,
+        a lookup log, or a window that outgrows the buffers. `known`: shapes already made, by key; one
+        whose key matches is returned (the same launches, the same plan tables)."""
+        layer, cfg = self.cache.layers[0], self.cache.config
+        n_units = layer.store.n_units
+        if not (
+            layer.cut
+            and plan.n_cut > 0
+            and plan.sinks_from is None
+            and len(plan.memory_blocks) == len(plan.blocks)
+            and cfg.topk > 0
+            and n_units >= cfg.topk
+            and cfg.offload_dtype != "int8"
+            and layer.lookup_log is None
+            and plan.window <= self.capacity
+            and plan.window + plan.c - plan.keep_from <= self.capacity
+            and layer.reported_length() + plan.c <= layer.spec.trained_len
+        ):
+            return None
+        base = layer.base
+        if layer.seen + plan.c - 1 - base >= layer.spec.trained_len:
+            base = layer.seen - plan.window  # as ContextMemoryLayer.attend re-bases
+        model_start = layer.reported_length()
+        rel = tuple(b.units_before - n_units for b in plan.blocks)
+        angle, first = layer.seen - base - model_start, plan.seen - plan.window - base
+        key = (plan.window, plan.c, tuple((b.q0, b.q1, b.lo) for b in plan.blocks), rel, plan.cut_start,
+               plan.n_cut, plan.keep_from, layer.base - base, angle, first, model_start)  # fmt: skip
+        prev = (known or {}).get(key)
+        if prev is not None:
+            prev.new_base = base
+            return prev
+        plan.tensors(self.device)  # made now, outside any capture
+        return CutShape(
+            key=key,
+            plan=plan,
+            rel=torch.tensor(rel, dtype=torch.long, device=self.device),
+            rebase=layer.base - base,
+            angle=angle,
+            first=first,
+            model_start=model_start,
+            new_base=base,
+            window_after=plan.window + plan.c - plan.keep_from,
+        )
+
+    def prepare_cut(self, plan: CallPlan) -> None:
+        """Host work before a static cutting call: room in every store for the units it cuts."""
+        for layer in self.cache.layers:
+            layer.store.ensure_room(layer.store.n_units + plan.n_cut, layer.dtype)
+
+    def advance_host_cut(self, plan: CallPlan, shape: CutShape) -> None:
+        """The layers' host state after a static cutting call (what ContextMemoryLayer.attend changes)."""
+        w = shape.window_after
+        for sw, layer in zip(self.windows, self.cache.layers, strict=True):
+            layer.base = shape.new_base
+            sw.views = (sw.k[:, :w], sw.v[:, :w], sw.score[:, :w])
+            layer.local_k, layer.local_v, layer.local_score = sw.views
+            layer.static_views = True
+            layer.store.advance(plan.n_cut)
+            layer.count_lookups(plan, None)
+            layer._account(plan, shape.model_start)
+            layer.seen += plan.c
+        self.set_scalars()
+
     # ---- the step (device work only) -----------------------------------------------------------
+    def attend_cut(
+        self, layer, shape: CutShape, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """ContextMemoryLayer.attend for a call of `shape`, on the buffers: the window read from them and
+        written back, units written at the device unit count, the lookup over the whole index.
+        -> (1, heads, c, d). Changes no host state (advance_host_cut does)."""
+        sw = self.windows[layer.layer_idx]
+        plan, w0, keep = shape.plan, shape.plan.window, shape.plan.keep_from
+        kernels = layer.config.impl == "fast" and query.device.type == "cuda"
+        q, k, v = query[0], key[0], value[0].to(layer.dtype)
+        local_k = sw.k[:, :w0]
+        if shape.rebase:  # as ContextMemoryLayer._rebase
+            local_k = layer.rotary.rotate_const(local_k, shape.rebase).to(layer.dtype)
+        out, lse, k_all, v_all, score = layer.local_pass(
+            q, k, v, plan, shape.angle, scale, local_k, sw.v[:, :w0], sw.score[:, :w0]
+        )
+        layer.store.write_at(self.units, *layer.cut_units(plan, k_all, v_all, score, shape.first))
+        torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
+        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, kernels, whole_index=True)
+        w1 = shape.window_after
+        sw.k[:, :w1].copy_(k_all[:, keep:])
+        sw.v[:, :w1].copy_(v_all[:, keep:])
+        sw.score[:, :w1].copy_(score[:, keep:])
+        sw.score[:, w1:].zero_()  # keys a later step appends start from nothing, as after sync
+        return out.unsqueeze(0).to(query.dtype)
+
     def attend(
         self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:

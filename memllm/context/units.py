@@ -115,27 +115,69 @@ class UnitStore:
 
         Copies to pinned host memory are asynchronous (stream-ordered before any later gather)."""
         n = k.shape[0]
-        nb = self.pin
         if self.offload_dtype == "int8":
             k, ks = quantize_int8(k, dim=2)  # per (unit, head, channel)
             v, vs = quantize_int8(v, dim=3)  # per (unit, head, token)
             parts = {"k": k, "v": v, "k_scale": ks, "v_scale": vs}
         else:
             parts = {"k": k, "v": v}
+        self._write_host(self.n_units, parts)
+        need = self.n_units + n
+        self._repr_room(need, repr_k.dtype)
+        self._repr[:, self.n_units : need] = self._mean(repr_k)
+        self.n_units = need
+
+    @staticmethod
+    def _mean(repr_k: torch.Tensor) -> torch.Tensor:
+        """(n, kv_heads, repr_topk, head_dim) -> the index's layout (kv_heads, n, head_dim)."""
+        return repr_k.float().mean(dim=2).transpose(0, 1).to(repr_k.dtype)
+
+    def _write_host(self, start: int, parts: dict[str, torch.Tensor]) -> None:
+        """Copy parts (name -> (n, ...)) into the segments from unit `start` on, taking segments as needed."""
+        n = next(iter(parts.values())).shape[0]
         done = 0
         while done < n:
-            seg_i, off = divmod(self.n_units + done, self.segment_units)
+            seg_i, off = divmod(start + done, self.segment_units)
             seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
             take = min(n - done, self.segment_units - off)
             for name, t in parts.items():
-                seg[name][off : off + take].copy_(t[done : done + take], non_blocking=nb)
+                seg[name][off : off + take].copy_(t[done : done + take], non_blocking=self.pin)
             done += take
-        need = self.n_units + n
-        if self._repr is None or self._repr.shape[1] < need:
-            self._grow_repr(max(16, need, (5 * self._repr.shape[1]) // 4 if self._repr is not None else 0),
-                            repr_k.dtype)  # fmt: skip
-        self._repr[:, self.n_units : need] = repr_k.float().mean(dim=2).transpose(0, 1).to(repr_k.dtype)
-        self.n_units = need
+
+    def ensure_room(self, n_units: int, dtype: torch.dtype) -> None:
+        """Segments and index slots for units [0, n_units), taken now (host work), for `write_at`."""
+        while len(self.segments) * self.segment_units < n_units:
+            self._new_segment()
+        self._repr_room(n_units, dtype)
+
+    def _repr_room(self, n_units: int, dtype: torch.dtype) -> None:
+        """Index slots for n_units, the buffer grown by at least a quarter when it must grow (a static
+        call's graph keeps the buffer's address: growing it once per call would mean a capture per call)."""
+        if self._repr is None or self._repr.shape[1] < n_units:
+            self._grow_repr(max(16, n_units, (5 * self._repr.shape[1]) // 4 if self._repr is not None else 0),
+                            dtype)  # fmt: skip
+
+    def write_at(self, first: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repr_k: torch.Tensor) -> None:
+        """append_many's writes at units first, first + 1, ... where `first` is a device scalar (long):
+        the device work of a static call (static.py), no host synchronisation on CUDA. The room must
+        exist (ensure_room); n_units is left as it is (`advance`). Not for int8 units."""
+        if self.offload_dtype == "int8":
+            raise ValueError("write_at does not quantize: int8 units take append_many")
+        n = k.shape[0]
+        slots = first + torch.arange(n, device=first.device)
+        self._repr.index_copy_(1, slots, self._mean(repr_k))
+        if self.device.type == "cuda":
+            from memllm.context.uva import write_units_uva
+
+            write_units_uva(self, first, k, v)
+        else:
+            self._write_host(int(first), {"k": k, "v": v})
+
+    def advance(self, n: int) -> None:
+        """Count n units written by `write_at` (host bookkeeping after the device work)."""
+        if len(self.segments) * self.segment_units < self.n_units + n or self.repr_buffer().shape[1] < self.n_units + n:
+            raise ValueError(f"no room was made for {n} more units (ensure_room)")
+        self.n_units += n
 
     def reserve(self, n_units: int, dtype: torch.dtype) -> None:
         """Make room for n_units representatives at once (a feed of known length: no growth slack)."""
@@ -230,13 +272,7 @@ class UnitStore:
             repr_k = repr_k.float().mean(dim=2).to(repr_k.dtype)
         n = repr_k.shape[1]
         self.truncate(0)
-        done = 0
-        while done < n:
-            seg_i, off = divmod(done, self.segment_units)
-            seg = self.segments[seg_i] if seg_i < len(self.segments) else self._new_segment()
-            take = min(n - done, self.segment_units - off)
-            for name, t in seg.items():
-                t[off : off + take].copy_(state[name][done : done + take])
-            done += take
+        if n:
+            self._write_host(0, {name: state[name] for name in self._segment_spec()})
         self._repr = repr_k.to(self.device).clone() if n else None
         self.n_units = n

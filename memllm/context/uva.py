@@ -5,7 +5,8 @@ table of segment base addresses (a small device tensor) by device-side unit ids:
 nonzero, no host synchronisation. The table has room for `TABLE_CAPACITY` segments, doubled when
 exceeded: only then is it a new tensor (`_Tables.capacity_version`), so a captured CUDA graph can keep
 its address while segments are added; new entries are copied in place, old ones are never rewritten.
-int8 units are dequantized in the kernel. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
+int8 units are dequantized in the kernel. `write_units_uva` is the other direction: a static call
+(static.py) writes the units it cuts at device-side ids, so the call can be replayed as a graph. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
 Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
 """
 
@@ -60,6 +61,32 @@ def _gather_kernel(
     dst = pid * elems + offs
     tl.store(out_k + dst, k.to(out_k.dtype.element_ty), mask=mask)
     tl.store(out_v + dst, v.to(out_v.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_kernel(
+    first_ptr,  # (1,) int64: the first unit written
+    k_table,  # (segments,) int64 base addresses of K segments
+    v_table,
+    src_k,  # (n, kv_heads, block, head_dim), contiguous
+    src_v,
+    SEG_UNITS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    ELEMS: tl.constexpr,  # block * head_dim
+    DST_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (unit, kv head): the rows of src in order
+    part = tl.program_id(1)
+    u = tl.load(first_ptr) + pid // KV_HEADS
+    seg = u // SEG_UNITS
+    dst_off = ((u % SEG_UNITS) * KV_HEADS + pid % KV_HEADS) * ELEMS
+    offs = part * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < ELEMS
+    k_dst = tl.load(k_table + seg).to(tl.pointer_type(DST_DTYPE))
+    v_dst = tl.load(v_table + seg).to(tl.pointer_type(DST_DTYPE))
+    tl.store(k_dst + dst_off + offs, tl.load(src_k + pid * ELEMS + offs, mask=mask).to(DST_DTYPE), mask=mask)
+    tl.store(v_dst + dst_off + offs, tl.load(src_v + pid * ELEMS + offs, mask=mask).to(DST_DTYPE), mask=mask)
 
 
 TABLE_CAPACITY = 64  # segments a fresh table has room for (per tensor name)
@@ -152,3 +179,29 @@ def gather_units_uva(
         CHUNK=chunk,
     )
     return out_k, out_v
+
+
+def write_units_uva(store: UnitStore, first: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write n units k, v (n, kv_heads, block, head_dim) on CUDA into the store's segments at units first,
+    first + 1, ... (`first` a device scalar) through the segment tables: no host synchronisation. The
+    segments must exist (UnitStore.ensure_room); bf16/fp16/fp32 units only."""
+    n = k.shape[0]
+    if n == 0:
+        return
+    if not isinstance(store.kernel_state, _Tables):
+        store.kernel_state = _Tables()
+    tables = store.kernel_state.refresh(store)
+    elems = store.block_size * store.head_dim
+    chunk = 2048
+    _write_kernel[(n * store.kv_heads, triton.cdiv(elems, chunk))](
+        first.reshape(1),
+        tables["k"],
+        tables["v"],
+        k.contiguous(),
+        v.contiguous(),
+        SEG_UNITS=store.segment_units,
+        KV_HEADS=store.kv_heads,
+        ELEMS=elems,
+        DST_DTYPE=_TL[store.host_dtype],
+        CHUNK=chunk,
+    )

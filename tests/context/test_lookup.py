@@ -59,3 +59,16 @@ def test_uva_gather_equals_reference():
         ref = gather_units(store, ids, torch.bfloat16, "reference")
         for a, b in zip(fast, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_selection_keys_order_like_floats(device):
+    """Negative, zero (both signs), -inf and equal scores: the same ids as the reference sort."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.tensor([-0.0, 0.0, float("-inf"), -1e-30, 1e-30, -3.5, 3.5, 3.5, float("-inf"), -0.0])
+    for _ in range(20):
+        scores = base[torch.randint(0, len(base), (4, 40), generator=gen)]
+        scores = torch.where(torch.rand(4, 40, generator=gen) < 0.3, torch.randn(4, 40, generator=gen), scores)
+        for k in (1, 5, 16, 40):
+            got = select_units(scores.to(device), k)
+            assert got.tolist() == select_units_reference(scores, k).tolist()

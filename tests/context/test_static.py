@@ -259,3 +259,89 @@ def test_rows_bucket(n, exc, rows):
     from memllm.context.static import rows_bucket
 
     assert rows_bucket(n, exc) == rows
+
+
+def chunked_feed(model, mem, ids, static: bool, capture: bool = False, decode: int = 10):
+    """Feed all but the last `decode` ids in chunk_size calls, then `decode` single tokens, each call
+    static when eligible (a cutting chunk in phase 2; a token): the logits after each call, the cache and
+    the graph."""
+    n = ids.shape[1] - decode
+    with attach(model, mem) as cache, torch.no_grad():
+        graph = DecodeGraph(cache, capture=capture) if static else None
+        cache.reserve(n)
+        outs, done, chunk = [], 0, cache.config.chunk_size
+        while done < n:
+            end = min(n, done + chunk - cache.seen_tokens % chunk)
+            outs.append(one_token(model, cache, graph, ids[:, done:end]))
+            done = end
+        for i in range(n, ids.shape[1]):
+            outs.append(one_token(model, cache, graph, ids[:, i : i + 1]))
+    return torch.stack(outs), cache, graph
+
+
+def assert_same_memory(cache, plain, tol: float = 1e-5) -> None:
+    """Layer states, stored units and the counters of two caches agree."""
+    for a, b in zip(cache.layers, plain.layers, strict=True):
+        assert (a.seen, a.store.n_units, a.base, a.cut) == (b.seen, b.store.n_units, b.base, b.cut)
+        for x, y in ((a.local_k, b.local_k), (a.local_v, b.local_v), (a.local_score, b.local_score)):
+            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+        sa, sb = a.store.state(), b.store.state()
+        assert sa.keys() == sb.keys()
+        for name in sa:
+            torch.testing.assert_close(sa[name], sb[name], rtol=tol, atol=tol)
+    s, p = cache.stats(), plain.stats()
+    for key in ("lookups", "units_fetched", "max_keys_per_query", "max_position", "units"):
+        assert s[key] == p[key], key
+    assert s["max_position"] < cache.spec.trained_len
+
+
+@pytest.mark.parametrize(
+    "kind,lookup,chunk",
+    [("llama", "shared", 32), ("qwen2", "per_head", 32), ("llama", "shared", 256), ("llama3", "shared", 96)],
+)
+def test_static_cutting_chunks_equal_plain(kind, lookup, chunk):
+    """Prefill chunks that cut units (phase 2) through the static cutting step (static.attend_cut: the
+    window read from and written back to the buffers, units written at the device unit count, the
+    lookup over the whole index) give the plain path's logits, windows, stored units, counters and
+    bounds; so do the decode steps after them (the device scalars are set from the new state). With
+    chunk 256 every chunk re-bases the window first, so all steady chunks share one shape."""
+    model = tiny_model(kind)
+    mem = small_memory(lookup=lookup, chunk_size=chunk)
+    ids = torch.randint(1, 500, (1, 1200), generator=torch.Generator().manual_seed(21))
+    want, plain, _ = chunked_feed(model, mem, ids, static=False)
+    got, cache, graph = chunked_feed(model, mem, ids, static=True)
+    calls = len(want) - 10
+    assert graph.cut_steps >= calls - 3  # all but the first chunks (phase 1, the first cut)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same_memory(cache, plain)
+    if chunk == 256:
+        assert len(graph.slots) <= 3  # the steady shape, the last (shorter) chunk, the decode token
+
+
+def test_int8_units_take_the_plain_path_for_cutting_chunks():
+    """int8 units are quantized on the plain path only: no static cutting step, the same results."""
+    model = tiny_model("llama")
+    mem = small_memory(offload_dtype="int8", chunk_size=64)
+    ids = torch.randint(1, 500, (1, 600), generator=torch.Generator().manual_seed(22))
+    want, plain, _ = chunked_feed(model, mem, ids, static=False)
+    got, cache, graph = chunked_feed(model, mem, ids, static=True)
+    assert graph.cut_steps == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_same_memory(cache, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("offload", ["fp32", "bf16"])
+def test_graph_replay_of_cutting_chunks_equals_plain(offload):
+    """On CUDA: steady prefill chunks captured once and replayed (units written to pinned host memory by
+    the UVA write kernel at the device unit count) give the plain path's logits, windows, stored units
+    and counters; the decode tokens after them too."""
+    model = tiny_model("llama").cuda()
+    mem = small_memory(chunk_size=256, offload_dtype=offload, decode_graphs=False)
+    ids = torch.randint(1, 500, (1, 2400), generator=torch.Generator().manual_seed(23)).cuda()
+    want, plain, _ = chunked_feed(model, mem, ids, static=False)
+    got, cache, graph = chunked_feed(model, mem, ids, static=True, capture=True)
+    assert graph.cut_steps >= 7 and graph.captures >= 1 and graph.replays >= 5
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_same_memory(cache, plain, tol=1e-4)
