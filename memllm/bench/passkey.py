@@ -80,6 +80,7 @@ class Trial:
     correct: bool
     prefill_s: float
     decode_ms_per_token: float
+    static_calls: dict | None = None  # memllm on CUDA: the graph counters (graph.DecodeGraph.counters)
 
 
 @dataclass
@@ -159,10 +160,13 @@ def feed_and_decode(llm: Any, ids: list[int], memory: Any) -> tuple[Any, list[in
     return session, _cut_at_stop(llm, out.tolist()), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
 
 
-def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int]:
-    """`feed_and_decode`, keeping the unit store's host bytes: (answer ids, prefill s, decode ms/token, host bytes)."""
+def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int, dict | None]:
+    """`feed_and_decode`, keeping the unit store's host bytes and the graph counters (None without
+    graphs): (answer ids, prefill s, decode ms/token, host bytes, counters)."""
     session, out, prefill_s, decode_ms = feed_and_decode(llm, ids, memory)
-    return out, prefill_s, decode_ms, session.stats()["host_bytes_stored"]
+    graph = session.cache.decode_graph()
+    counters = graph.counters() if graph is not None else None
+    return out, prefill_s, decode_ms, session.stats()["host_bytes_stored"], counters
 
 
 @torch.no_grad()
@@ -213,12 +217,13 @@ def run_passkey(
             if only is not None and i not in only:
                 continue
             ids = prompt_ids(llm.tokenizer, length, depth, key)
+            counters = None
             if system == "full":
                 out, prefill_s, decode_ms = run_full_attention(llm, ids)
             else:
-                out, prefill_s, decode_ms, res.host_bytes = run_memllm(llm, ids, memory)
+                out, prefill_s, decode_ms, res.host_bytes, counters = run_memllm(llm, ids, memory)
             answer = _answer(llm, out)
-            trial = Trial(length, depth, key, answer, str(key) in answer, prefill_s, decode_ms)
+            trial = Trial(length, depth, key, answer, str(key) in answer, prefill_s, decode_ms, counters)
             res.trials.append(trial)
             if progress is not None:
                 mark = "ok" if trial.correct else "miss"

@@ -14,6 +14,21 @@ import torch
 from memllm.context.units import UnitStore
 
 
+def distinct_pairs(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (rows, kv_heads, t) -> the distinct (unit, head) pairs as keys unit * kv_heads + head, sorted,
+    in the first `count` of n = ids.numel() slots (the rest 0); count (1,); and each entry's slot (n,).
+    Fixed shapes, on the device: no host synchronisation."""
+    rows, h, t = ids.shape
+    heads = torch.arange(h, device=ids.device).view(1, h, 1)
+    keys, order = torch.sort((ids * h + heads).reshape(-1))
+    new = torch.ones_like(keys, dtype=torch.bool)
+    new[1:] = keys[1:] != keys[:-1]
+    slot_sorted = torch.cumsum(new, 0) - 1
+    slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
+    distinct = torch.zeros_like(keys).scatter_(0, slot_sorted, keys)  # equal keys write equal values
+    return distinct, new.sum().view(1), slot
+
+
 def gather_host(store: UnitStore, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """CPU path: ids (..., kv_heads, t) long on the host -> K, V (..., kv_heads, t*block_size, head_dim) there."""
     lead, (h, t) = ids.shape[:-2], ids.shape[-2:]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memllm.context.gather import distinct_pairs
 from memllm.context.units import UnitStore
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
@@ -23,12 +24,13 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 @triton.jit(do_not_specialize=["t"])
 def _gather_kernel(
-    ids_ptr,  # (rows * kv_heads * t,) int64 unit ids
+    ids_ptr,  # (rows * kv_heads * t,) int64 unit ids; DEDUP: (n,) int64 keys unit * KV_HEADS + head
+    count_ptr,  # DEDUP: (1,) int64, how many of the keys are real (the rest are not read)
     k_table,  # (segments,) int64 base addresses of K segments
     v_table,
     ks_table,  # int8 only: key scales (segment_units, kv_heads, 1, head_dim) fp32
     vs_table,  # int8 only: value scales (segment_units, kv_heads, block, 1) fp32
-    out_k,  # (rows, kv_heads, t, block, head_dim)
+    out_k,  # (rows, kv_heads, t, block, head_dim); DEDUP: (n, block, head_dim)
     out_v,
     t,
     KV_HEADS: tl.constexpr,
@@ -38,19 +40,26 @@ def _gather_kernel(
     SRC_DTYPE: tl.constexpr,
     QUANT: tl.constexpr,
     CHUNK: tl.constexpr,
+    DEDUP: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)  # one (row, kv head, selected unit)
+    pid = tl.program_id(0)  # one (row, kv head, selected unit); DEDUP: one distinct (unit, head)
     part = tl.program_id(1)  # one CHUNK of the unit's block * head_dim elements
-    h = (pid // t) % KV_HEADS
-    u = tl.load(ids_ptr + pid)
+    elems: tl.constexpr = BLOCK * HEAD_DIM
+    offs = part * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < elems
+    if DEDUP:
+        key = tl.load(ids_ptr + pid)
+        u = key // KV_HEADS
+        h = key % KV_HEADS
+        mask = mask & (pid < tl.load(count_ptr))
+    else:
+        h = (pid // t) % KV_HEADS
+        u = tl.load(ids_ptr + pid)
     seg = u // SEG_UNITS
     off = u % SEG_UNITS
-    elems: tl.constexpr = BLOCK * HEAD_DIM
     src_off = (off * KV_HEADS + h) * elems
     k_src = tl.load(k_table + seg).to(tl.pointer_type(SRC_DTYPE))
     v_src = tl.load(v_table + seg).to(tl.pointer_type(SRC_DTYPE))
-    offs = part * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < elems
     k = tl.load(k_src + src_off + offs, mask=mask).to(tl.float32)
     v = tl.load(v_src + src_off + offs, mask=mask).to(tl.float32)
     if QUANT:
@@ -145,9 +154,13 @@ class _Tables:
 
 
 def gather_units_uva(
-    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, dedup: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (..., kv_heads, t) long on CUDA -> K, V (..., kv_heads, t*block_size, head_dim) in `dtype`, no host sync."""
+    """ids (..., kv_heads, t) long on CUDA -> K, V (..., kv_heads, t*block_size, head_dim) in `dtype`, no host sync.
+
+    With several rows of ids (the execution blocks of a call) and `dedup`, each distinct (unit, head)
+    is read from host memory once, then copied on the device to every place that chose it:
+    consecutive blocks often choose the same units, and host reads are the slow part (PCIe)."""
     lead, (h, t) = ids.shape[:-2], ids.shape[-2:]
     n_rows = ids.numel() // max(h * t, 1)
     bs, d = store.block_size, store.head_dim
@@ -160,15 +173,23 @@ def gather_units_uva(
     tables = store.kernel_state.refresh(store)
     quant = store.offload_dtype == "int8"
     chunk = 2048
-    grid = (n_rows * h * t, triton.cdiv(bs * d, chunk))
+    dedup = dedup and n_rows > 1
+    if dedup:
+        keys, count, slot = distinct_pairs(ids.reshape(n_rows, h, t))
+        dst_k = torch.empty(keys.shape[0], bs, d, dtype=dtype, device=ids.device)
+        dst_v = torch.empty_like(dst_k)
+    else:
+        keys, count, dst_k, dst_v = ids.contiguous().reshape(-1), ids, out_k, out_v
+    grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
     _gather_kernel[grid](
-        ids.contiguous().reshape(-1),
+        keys,
+        count,
         tables["k"],
         tables["v"],
         tables["k_scale"] if quant else tables["k"],
         tables["v_scale"] if quant else tables["v"],
-        out_k,
-        out_v,
+        dst_k,
+        dst_v,
         t,
         KV_HEADS=h,
         SEG_UNITS=store.segment_units,
@@ -177,7 +198,11 @@ def gather_units_uva(
         SRC_DTYPE=_TL[store.host_dtype],
         QUANT=quant,
         CHUNK=chunk,
+        DEDUP=dedup,
     )
+    if dedup:
+        torch.index_select(dst_k, 0, slot, out=out_k.view(-1, bs, d))
+        torch.index_select(dst_v, 0, slot, out=out_v.view(-1, bs, d))
     return out_k, out_v
 
 

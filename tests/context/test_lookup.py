@@ -72,3 +72,39 @@ def test_selection_keys_order_like_floats(device):
         for k in (1, 5, 16, 40):
             got = select_units(scores.to(device), k)
             assert got.tolist() == select_units_reference(scores, k).tolist()
+
+
+def test_distinct_pairs_cover_every_choice():
+    """Each chosen (unit, head) maps to a slot holding it; the first `count` slots are distinct."""
+    from memllm.context.gather import distinct_pairs
+
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 9, (5, 3, 4), generator=gen)
+    keys, count, slot = distinct_pairs(ids)
+    n = int(count)
+    heads = torch.arange(3).view(1, 3, 1).expand_as(ids)
+    assert torch.equal(keys[slot].reshape(ids.shape), ids * 3 + heads)
+    assert n == len({(u, h) for u, h in zip(ids.flatten().tolist(), heads.flatten().tolist(), strict=True)})
+    assert keys[:n].unique().numel() == n and int(slot.max()) == n - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the UVA gather needs CUDA")
+@pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
+def test_uva_gather_of_several_blocks_reads_each_unit_once_and_equals_reference(dtype_name):
+    from memllm.context.gather import gather_units
+    from memllm.context.units import UnitStore
+    from memllm.context.uva import gather_units_uva
+
+    store = UnitStore(3, 8, 16, 2, dtype_name, torch.device("cuda"), segment_units=4)
+    for _ in range(11):
+        k = torch.randn(3, 8, 16, device="cuda", dtype=torch.bfloat16)
+        store.append(k, torch.randn_like(k), k[:, :2])
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 11, (4, 3, 5), generator=gen).cuda()  # 4 blocks, repeats within and across
+    ids[2] = ids[1]
+    ref = gather_units(store, ids, torch.bfloat16, "reference")
+    for dedup in (True, False):
+        fast = gather_units_uva(store, ids, torch.bfloat16, dedup=dedup)
+        for a, b in zip(fast, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
