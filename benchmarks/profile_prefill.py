@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from profile_gpu import profile_table, smollm2_shaped, sync
 
 
