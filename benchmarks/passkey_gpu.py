@@ -3,9 +3,10 @@
 Usage (on the device machine, model folder holding the SmolLM2 GGUF and its tokenizer files):
   PYTHONPATH=/tmp/site:. python benchmarks/passkey_gpu.py --model-dir /root/m --gguf smollm2.gguf \
       --full 4k,8k --lengths 8k,32k,128k --depths 10 --out $OUT/passkey.json
-Prints a table last (prefill and decode: medians over a length's trials); writes every trial to --out. `--sync-check 32k` decodes once more at that length
-with torch.cuda.set_sync_debug_mode("error") after 3 tokens (which warm up and capture the decode graph):
-any host synchronisation in the 10 decode steps after them raises.
+Prints a table last (prefill and decode: medians over a length's trials); writes every trial to --out.
+`--sync-check 32k` reads that length once more with torch.cuda.set_sync_debug_mode("error") over 3
+steady prefill chunks (graph replays) and, after 3 tokens (which warm up and capture the decode graph),
+over 10 decode steps: any host synchronisation in them raises.
 """
 
 from __future__ import annotations
@@ -81,10 +82,26 @@ def main() -> None:
         from memllm.session import Session
 
         s = Session(llm, memory)
-        s.feed_ids(ids)
-        torch.cuda.synchronize()
         g = None
         try:
+            # Prefill: all but the last 4 chunks, then 3 chunks under the check (by then the steady
+            # chunk's graph is captured: these are replays), then the rest.
+            chunk = s.cache.config.chunk_size
+            ids_dev = torch.tensor(ids, device=llm.device)
+            m = (len(ids) // chunk - 4) * chunk
+            s.cache.reserve(len(ids))  # the index's final size now: no growth (a new capture) later
+            s.feed_ids(ids_dev[:m])
+            torch.cuda.synchronize()
+            before = s.cache.decode_graph().counters()
+            t0 = time.perf_counter()
+            torch.cuda.set_sync_debug_mode("error")
+            s.feed_ids(ids_dev[m : m + 3 * chunk])
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            prefill_ms = (time.perf_counter() - t0) * 1000 / 3
+            checked = s.cache.decode_graph().counters()
+            s.feed_ids(ids_dev[m + 3 * chunk :])
+            torch.cuda.synchronize()
             with attach(model, cache=s.cache):
                 # The first eligible tokens warm up and capture the decode graph (capture synchronises
                 # once per graph); the check covers the steps after it.
@@ -99,12 +116,16 @@ def main() -> None:
             g = s.cache.decode_graph()
             sync = {
                 "length": n,
+                "prefill_host_syncs": "none: set_sync_debug_mode('error') raised nothing in 3 chunks",
+                "steady_prefill_ms_per_chunk": prefill_ms,
+                "prefill_chunk": chunk,
+                "replays_in_check": checked["replays"] - before["replays"],
                 "decode_host_syncs": "none: set_sync_debug_mode('error') raised nothing in 10 steps",
                 "steady_decode_ms_per_token": steady_ms,
                 "graph": None if g is None else g.counters(),
             }
         except RuntimeError as exc:
-            sync = {"length": n, "decode_host_syncs": f"FOUND: {str(exc).splitlines()[0]}"}
+            sync = {"length": n, "host_syncs": f"FOUND: {str(exc).splitlines()[0]}"}
         finally:
             torch.cuda.set_sync_debug_mode(0)
         print("sync check:", sync, flush=True)

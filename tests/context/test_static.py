@@ -345,3 +345,26 @@ def test_graph_replay_of_cutting_chunks_equals_plain(offload):
     assert graph.cut_steps >= 7 and graph.captures >= 1 and graph.replays >= 5
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert_same_memory(cache, plain, tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_replayed_cutting_chunks_make_no_host_synchronisation():
+    """Steady prefill chunks replayed from their graph (host work: room in the stores, table refresh,
+    device scalars) run under torch.cuda.set_sync_debug_mode("error") without raising."""
+    model = tiny_model("llama").cuda()
+    mem = small_memory(chunk_size=256)
+    ids = torch.randint(1, 500, (1, 256 * 12), generator=torch.Generator().manual_seed(24)).cuda()
+    with attach(model, mem) as cache, torch.no_grad():
+        cache.reserve(ids.shape[1])
+        feed(model, cache, ids[:, : 256 * 8])
+        graph = cache.decode_graph()
+        assert graph.replays > 0
+        before = graph.replays
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            feed(model, cache, ids[:, 256 * 8 :])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert graph.replays - before == 4
