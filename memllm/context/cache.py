@@ -30,7 +30,8 @@ min(tokens seen, n_init + n_local), so model positions stay bounded; `seen_token
 Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), HF `generate()`
 (its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
 device-side LRU of units: the CUDA gather reads the selected units from pinned host memory on
-every lookup (MemoryConfig.max_cached_blocks is accepted and unused). Knows nothing of the model
+every lookup, each distinct unit once per call (MemoryConfig.max_cached_blocks is accepted and
+unused). static.py runs the same pieces (local_pass, cut_units, _attend_memory) on fixed buffers. Knows nothing of the model
 beyond ModelSpec.
 """
 

@@ -24,8 +24,18 @@ How many blocks is part of the step's shape (`blocks`, a graph per count); where
 falls is a device scalar (tokens seen modulo exc_block_size). `rows_attention`
 (PyTorch) is their window pass, memory pass and merge, on every device.
 
-When a step would cut a unit, re-base positions, or outgrow the buffer, the caller takes the plain
-path instead (`eligible`); the next static step copies the plain path's state back in (`sync`).
+Calls that cut units (`cut_shape`, `attend_cut`): in phase 2, once the index holds topk units, a call
+whose plan cuts units (a prefill chunk; a decode token that completes a unit) runs ContextMemoryLayer.
+attend's own pieces (local_pass, cut_units, _attend_memory) on the buffers: the window is read from
+them (re-based by a rotation fixed for the shape) and written back; the cut units go to the store at
+the device unit count (UnitStore.write_at), the lookup scores the whole index masked by each block's
+candidate count (the plan's mb_units, rewritten on the device). Everything else about the call (its
+plan, angles, window lengths) is host integers fixed by the shape's key, so equal keys launch the
+same kernels. int8 units (quantized on the plain path only) and calls under a lookup log are not.
+
+When a rows or decode step would re-base positions or outgrow the buffer, or a call fits neither kind,
+the caller takes the plain path instead (`eligible`, `cut_shape`); the next static step copies the
+plain path's state back in (`sync`).
 Knows nothing of CUDA graphs (graph.py) or of models.
 """
 
