@@ -9,7 +9,8 @@ call of a given padded size identical, so the whole model call is captured once 
     Triton compiles, cuBLAS workspaces), the next one is captured, then replayed;
   * inputs baked into a graph: the buffers of static.py, each layer's sinks, unit index buffer and
     gather table; a change of any (a unit index that grew, sinks after a rollback) means a new capture;
-  * a call that cuts units in phase 2 (a steady prefill chunk; static.cut_shape) is a static step of
+  * a call too long for a rows step that cuts units in phase 2 (a steady prefill chunk;
+    static.cut_shape) is a static step of
     its own shape: captured the second time that shape comes with the same inputs, replayed after
     (at most MAX_CUT_SLOTS shapes kept). Before each, the host makes room in every store for the
     units it cuts (segments, index slots), since the graph writes them at the device unit count;
@@ -100,7 +101,9 @@ class DecodeGraph:
         if rows is not None and st.eligible(plan, rows):
             shape, cut = (rows, len(plan.blocks)), None
         else:
-            cut = self._cut_shape(plan)
+            # Only calls too long for a rows step (prefill chunks): a decode token or a question that
+            # completes a unit takes the plain path, so decoding makes no new shapes (and captures).
+            cut = self._cut_shape(plan) if rows is None else None
             if cut is None:
                 return None
             shape, rows = ("cut", cut.key), n

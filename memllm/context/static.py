@@ -25,7 +25,7 @@ falls is a device scalar (tokens seen modulo exc_block_size). `rows_attention`
 (PyTorch) is their window pass, memory pass and merge, on every device.
 
 Calls that cut units (`cut_shape`, `attend_cut`): in phase 2, once the index holds topk units, a call
-whose plan cuts units (a prefill chunk; a decode token that completes a unit) runs ContextMemoryLayer.
+whose plan cuts units (a prefill chunk: graph.py sends no call short enough for a rows step) runs ContextMemoryLayer.
 attend's own pieces (local_pass, cut_units, _attend_memory) on the buffers: the window is read from
 them (re-based by a rotation fixed for the shape) and written back; the cut units go to the store at
 the device unit count (UnitStore.write_at), the lookup scores the whole index masked by each block's
@@ -347,11 +347,11 @@ class StaticDecode:
         if prev is not None:
             prev.new_base = base
             return prev
-        plan.tensors(self.device)  # made now, outside any capture
+        tables = plan.tensors(self.device)  # made now (pinned, asynchronous), outside any capture
         return CutShape(
             key=key,
             plan=plan,
-            rel=torch.tensor(rel, dtype=torch.long, device=self.device),
+            rel=tables["mb_units"] - n_units,  # on the device: a tensor from a list would synchronise
             rebase=layer.base - base,
             angle=angle,
             first=first,

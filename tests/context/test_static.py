@@ -14,7 +14,7 @@ import torch
 
 from memllm.context import attach
 from memllm.context.graph import DecodeGraph
-from memllm.context.prefill import feed, step
+from memllm.context.prefill import feed, greedy, step
 from tests.context.helpers import small_memory, tiny_model
 
 PREFILL, DECODE = 120, 40
@@ -311,7 +311,8 @@ def test_static_cutting_chunks_equal_plain(kind, lookup, chunk):
     want, plain, _ = chunked_feed(model, mem, ids, static=False)
     got, cache, graph = chunked_feed(model, mem, ids, static=True)
     calls = len(want) - 10
-    assert graph.cut_steps >= calls - 3  # all but the first chunks (phase 1, the first cut)
+    assert graph.cut_steps >= calls - 4  # all but the first chunks (phase 1, the first cut, < topk units)
+    assert graph.steps - graph.cut_steps <= 10  # decode tokens: static unless they cut (plain path)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert_same_memory(cache, plain)
     if chunk == 256:
@@ -368,3 +369,12 @@ def test_replayed_cutting_chunks_make_no_host_synchronisation():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert graph.replays - before == 4
+        # Decode after it: the first tokens warm up and capture the token's graph (a capture
+        # synchronises once); then 20 tokens, two of which complete a unit (the plain path).
+        _, logits = greedy(model, cache, step(model, cache, ids[:, -1:]), 3)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            greedy(model, cache, logits, 20)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
