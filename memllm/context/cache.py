@@ -123,6 +123,11 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.max_position = 0
         self.is_initialized = True
 
+    @property
+    def kernels(self) -> bool:
+        """Whether this layer runs the CUDA kernels (impl "fast" on CUDA) or the PyTorch loops."""
+        return self.config.impl == "fast" and self.device.type == "cuda"
+
     # ---- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
@@ -182,7 +187,6 @@ class ContextMemoryLayer(CacheLayerMixin):
         """
         if query.shape[0] != 1:
             raise ValueError("ContextMemoryCache supports batch size 1 only")
-        cfg = self.config
         c = query.shape[2]
         model_start = self.reported_length()
         self.check_positions(c)
@@ -191,19 +195,18 @@ class ContextMemoryLayer(CacheLayerMixin):
         if self.seen + c - 1 - self.base >= self.spec.trained_len:
             self._rebase(self.seen - n_prev)
         q, k, v = query[0], key[0], value[0].to(self.dtype)
-        kernels = cfg.impl == "fast" and query.device.type == "cuda"
         # Model position -> window position: one angle for the whole call.
         angle = self.seen - self.base - model_start
         out, lse, k_all, v_all, score = self.local_pass(
             q, k, v, plan, angle, scale, self.local_k, self.local_v, self.local_score
         )
+        first = plan.seen - plan.window - self.base  # position of window key 0
         if plan.n_cut:
-            first = plan.seen - plan.window - self.base  # position of window key 0
             self.store.append_many(*self.cut_units(plan, k_all, v_all, score, first))
         if plan.sinks_from is not None:
-            self._set_sinks(plan, k_all, v_all)
+            self._set_sinks(plan, k_all, v_all, first)
         if plan.memory_blocks:
-            out = self._attend_memory(q, plan, model_start, scale, out, lse, kernels)
+            out = self._attend_memory(q, plan, model_start, scale, out, lse)
         self._account(plan, model_start)
         keep = plan.keep_from
         # Compact copies when cutting: a slice would pin the old storage.
@@ -238,10 +241,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         Returns out (heads, c, d) fp32, lse (heads, c), k_all / v_all (kv_heads, W + c, d) and score
         (kv_heads, W + c) fp32: what each key received, the window's earlier scores included."""
         rot = self.rotary
-        kernels = self.config.impl == "fast" and q.device.type == "cuda"
-        k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=kernels)], dim=1)
+        k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=self.kernels)], dim=1)
         v_all = torch.cat([local_v, v], dim=1)
-        if kernels:
+        if self.kernels:
             from memllm.context.flash import local_attention_cuda
 
             q_loc = rot.rotated(q, angle, 1, self.dtype, per_row=False, kernel=True)
@@ -262,25 +264,22 @@ class ContextMemoryLayer(CacheLayerMixin):
         Units keep keys rotated at position 0: rotated back by their window positions. Representatives:
         the repr_topk keys that received the most attention while in the window."""
         cfg, rot = self.config, self.rotary
-        kernels = cfg.impl == "fast" and k_all.device.type == "cuda"
         bs, n = cfg.block_size, plan.n_cut
         kvh, _, d = k_all.shape
         span = slice(plan.cut_start, plan.cut_start + n * bs)
-        k_blk = rot.rotated(k_all[:, span], first + plan.cut_start, -1, self.dtype, kernel=kernels)
+        k_blk = rot.rotated(k_all[:, span], first + plan.cut_start, -1, self.dtype, kernel=self.kernels)
         k_blk = k_blk.reshape(kvh, n, bs, d)
         v_blk = v_all[:, span].reshape(kvh, n, bs, d)
         top = torch.topk(score[:, span].reshape(kvh, n, bs), cfg.repr_topk, dim=2).indices
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
         return k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1)
 
-    def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
-        """The first cut (phase 1 -> 2): the sinks, keys rotated back to position 0."""
-        cfg = self.config
-        kernels = cfg.impl == "fast" and k_all.device.type == "cuda"
-        first = plan.seen - plan.window - self.base
-        sinks = slice(plan.sinks_from, plan.sinks_from + cfg.n_init)
+    def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, first: int) -> None:
+        """The first cut (phase 1 -> 2; window key 0 at position `first`): the sinks, keys rotated back
+        to position 0."""
+        sinks = slice(plan.sinks_from, plan.sinks_from + self.config.n_init)
         self.sink_k = self.rotary.rotated(
-            k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=kernels
+            k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=self.kernels
         )
         self.sink_v = v_all[:, sinks].clone()
         self.cut = True
@@ -293,7 +292,6 @@ class ContextMemoryLayer(CacheLayerMixin):
         scale: float,
         out: torch.Tensor,
         lse: torch.Tensor,
-        kernels: bool,
         whole_index: bool = False,
     ) -> torch.Tensor:
         """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`.
@@ -305,7 +303,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         dev = q.device
         kvh = self.spec.kv_heads
         # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
-        q_mem = rot.rotated(q, model_start - cfg.n_local, -1, torch.float32, kernel=kernels)
+        q_mem = rot.rotated(q, model_start - cfg.n_local, -1, torch.float32, kernel=self.kernels)
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
         mem_k = [self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)]
@@ -326,7 +324,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         k_mem = torch.cat(mem_k, dim=2) if len(mem_k) > 1 else mem_k[0]
         v_mem = torch.cat(mem_v, dim=2) if len(mem_v) > 1 else mem_v[0]
         n_sinks = self.sink_k.shape[1]
-        if kernels:
+        if self.kernels:
             from memllm.context.flash import memory_attention_merge_cuda
 
             # The memory pass merged into `out` in place (one kernel).

@@ -10,8 +10,8 @@ call of a given padded size identical, so the whole model call is captured once 
   * inputs baked into a graph: the buffers of static.py, each layer's sinks, unit index buffer and
     gather table; a change of any (a unit index that grew, sinks after a rollback) means a new capture;
   * a call too long for a rows step that cuts units in phase 2 (a steady prefill chunk;
-    static.cut_shape) is a static step of
-    its own shape: captured the second time that shape comes with the same inputs, replayed after
+    static.cut_shape) is a static step of its own shape: captured the second time that shape comes
+    with the same inputs, replayed after
     (at most MAX_CUT_SLOTS shapes kept). Before each, the host makes room in every store for the
     units it cuts (segments, index slots), since the graph writes them at the device unit count;
     at 1M tokens on the H100 a steady 3,584-token chunk took 31.7 ms of GPU time replayed, against

@@ -69,7 +69,6 @@ class CutShape:
     angle: int  # model position -> window position of the call's queries and keys
     first: int  # window position of window key 0 (after the re-base)
     model_start: int
-    new_base: int  # the layers' base from the call on (host side; changes from call to call)
     window_after: int
 
 
@@ -345,7 +344,6 @@ class StaticDecode:
                plan.n_cut, plan.keep_from, layer.base - base, angle, first, model_start)  # fmt: skip
         prev = (known or {}).get(key)
         if prev is not None:
-            prev.new_base = base
             return prev
         tables = plan.tensors(self.device)  # made now (pinned, asynchronous), outside any capture
         return CutShape(
@@ -356,7 +354,6 @@ class StaticDecode:
             angle=angle,
             first=first,
             model_start=model_start,
-            new_base=base,
             window_after=plan.window + plan.c - plan.keep_from,
         )
 
@@ -369,7 +366,7 @@ class StaticDecode:
         """The layers' host state after a static cutting call (what ContextMemoryLayer.attend changes)."""
         w = shape.window_after
         for sw, layer in zip(self.windows, self.cache.layers, strict=True):
-            layer.base = shape.new_base
+            layer.base -= shape.rebase  # as ContextMemoryLayer.attend re-bases
             sw.views = (sw.k[:, :w], sw.v[:, :w], sw.score[:, :w])
             layer.local_k, layer.local_v, layer.local_score = sw.views
             layer.static_views = True
@@ -388,7 +385,6 @@ class StaticDecode:
         -> (1, heads, c, d). Changes no host state (advance_host_cut does)."""
         sw = self.windows[layer.layer_idx]
         plan, w0, keep = shape.plan, shape.plan.window, shape.plan.keep_from
-        kernels = layer.config.impl == "fast" and query.device.type == "cuda"
         q, k, v = query[0], key[0], value[0].to(layer.dtype)
         local_k = sw.k[:, :w0]
         if shape.rebase:  # as ContextMemoryLayer._rebase
@@ -398,7 +394,7 @@ class StaticDecode:
         )
         layer.store.write_at(self.units, *layer.cut_units(plan, k_all, v_all, score, shape.first))
         torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
-        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, kernels, whole_index=True)
+        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True)
         w1 = shape.window_after
         sw.k[:, :w1].copy_(k_all[:, keep:])
         sw.v[:, :w1].copy_(v_all[:, keep:])
@@ -446,7 +442,7 @@ class StaticDecode:
         if t is None:
             args = (q_loc[:, :, 0], q_mem[:, :, 0], sw.k, sw.v, sw.score, self.window, layer.sink_k,
                     layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
-            if cfg.impl == "fast" and dev.type == "cuda":
+            if layer.kernels:
                 from memllm.context.decode_cuda import step_attention_cuda
 
                 merged = step_attention_cuda(*args)
