@@ -306,10 +306,14 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
     return res
 
 
-def kernel_sweep() -> list[dict]:
-    """The local, received and memory kernels on one steady-state call's shapes, per tile config."""
+def kernel_sweep(baseline: str | None = None) -> list[dict]:
+    """The local (with received) and memory passes on one steady-state call's shapes, per tile config
+    (flash.py's wrappers, the whole pass), against sdpa on the same number of query-key pairs (the
+    ceiling). baseline: the path of an older flash.py, timed in the same process at its own defaults,
+    with the largest difference of each output from the current default config's."""
+    import importlib.util
+
     import torch.nn.functional as F
-    import triton
     import triton.testing
 
     from memllm.config import MemoryConfig
@@ -319,53 +323,72 @@ def kernel_sweep() -> list[dict]:
     cfg = MemoryConfig().resolved(8192)
     c, W = cfg.chunk_size, cfg.n_local + cfg.block_size + 256
     plan = plan_call(200_000, W, True, 1500, c, cfg)
-    t = plan.tensors("cuda")
     heads, kvh, d = 9, 3, 64
-    q = torch.randn(heads, c, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(kvh, W + c, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    out = torch.empty(heads, c, d, device="cuda")
-    lse = torch.empty(heads, c, device="cuda")
-    rec = torch.empty(kvh, W + c, device="cuda")
-    n_mb = len(plan.memory_blocks)
-    m = cfg.n_init + cfg.topk * cfg.block_size
-    km = torch.randn(n_mb, kvh, m, d, device="cuda", dtype=torch.bfloat16)
-    vm = torch.randn_like(km)
+    gen = torch.Generator(device="cuda").manual_seed(0)
 
-    def time_kernels(bm: int, bn: int, kw: dict) -> dict:
-        local = flash._local_fwd[(triton.cdiv(c, bm), heads)]
-        received = flash._received[(triton.cdiv(W + c, bn), kvh)]
-        memory = flash._memory_fwd[(triton.cdiv(512, bm), heads, n_mb)]
-        common = {"G": 3, "D": d, "BM": bm, "BN": bn, "PREC": "tf32", **kw}
-        mem_args = (q, km, vm, out, lse, t["mb_q0"], t["mb_q1"], t["mb_units"], c, m, cfg.n_init, cfg.topk)
-        return {
-            "local_ms": triton.testing.do_bench(
-                lambda: local(q, k, v, out, lse, t["row_lo"], c, W, 0.125, **common)
-            ),
-            "received_ms": triton.testing.do_bench(
-                lambda: received(q, k, lse, t["row_lo"], rec, c, W, 0.125, **common)
-            ),
-            "memory_ms": triton.testing.do_bench(
-                lambda: memory(*mem_args, cfg.block_size, 0.125, KVH=kvh, **common)
-            ),
-        }
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
 
+    q, k, v = rand(heads, c, d), rand(kvh, W + c, d), rand(kvh, W + c, d)
+    n_mb, chosen = len(plan.memory_blocks), cfg.topk
+    sk, sv = rand(kvh, cfg.n_init, d), rand(kvh, cfg.n_init, d)
+    uk, uv = rand(n_mb, kvh, chosen * cfg.block_size, d), rand(n_mb, kvh, chosen * cfg.block_size, d)
+    out0, lse0, _ = flash.local_attention_cuda(q, k, v, plan, 0.125)
+
+    def memory(fl, **tiles):
+        out = out0.clone()
+        if fl is flash:
+            return fl.memory_attention_merge_cuda(q, sk, sv, uk, uv, plan, chosen, cfg.block_size, 0.125, out, lse0,
+                                                  **tiles)  # fmt: skip
+        km = torch.cat([sk.expand(n_mb, -1, -1, -1), uk], dim=2)
+        vm = torch.cat([sv.expand(n_mb, -1, -1, -1), uv], dim=2)
+        return fl.memory_attention_merge_cuda(q, km, vm, plan, cfg.n_init, chosen, cfg.block_size, 0.125, out, lse0)
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=50, rep=300)
+
+    want_local = flash.local_attention_cuda(q, k, v, plan, 0.125)
+    want_mem = memory(flash)
     res = []
-    for bm, bn, warps, stages in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                                  (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]:  # fmt: skip
-        row = {"BM": bm, "BN": bn, "warps": warps, "stages": stages}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("flash_baseline", baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        got = old.local_attention_cuda(q, k, v, plan, 0.125)
+        row = {"config": "baseline (" + baseline + ")",
+               "local_received_ms": bench(lambda: old.local_attention_cuda(q, k, v, plan, 0.125)),
+               "memory_ms": bench(lambda: memory(old)),
+               "max_diff": {"out": (got[0] - want_local[0]).abs().max().item(),
+                            "lse": (got[1] - want_local[1]).abs().max().item(),
+                            "received": ((got[2] - want_local[2]).abs().max() / want_local[2].abs().max()).item(),
+                            "merged": (memory(old) - want_mem).abs().max().item()}}  # fmt: skip
+        res.append(row)
+        print(row, flush=True)
+    # The local pass alone: the received pass at its defaults is timed once, below.
+    for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 64, 8, 2), (128, 128, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3)]:  # fmt: skip
+        tiles = {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+        row = {"config": tiles}
         try:
-            row.update(time_kernels(bm, bn, {"num_warps": warps, "num_stages": stages}))
+            row["local_received_ms"] = bench(lambda t=tiles: flash.local_attention_cuda(q, k, v, plan, 0.125, local=t))
+            row["memory_ms"] = bench(lambda t=tiles: memory(flash, **t))
         except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
             row["error"] = f"{type(e).__name__}: {e}"[:200]
         res.append(row)
         print(row, flush=True)
-    # Ceiling: sdpa (flash) with the same number of query-key pairs as the local pass.
+    for rb, rn, rows, warps, stages in [(64, 32, 1024, 8, 2), (64, 64, 1024, 8, 2), (64, 32, 512, 4, 2),
+                                        (128, 32, 1024, 8, 2), (64, 32, 2048, 8, 3), (32, 64, 1024, 4, 2)]:  # fmt: skip
+        rc = {"BM": rb, "BN": rn, "ROWS": rows, "num_warps": warps, "num_stages": stages}
+        row = {"received_config": rc}
+        try:
+            row["received_ms"] = bench(lambda r=rc: flash.received_attention_cuda(q, k, lse0, plan, 0.125, **r))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        res.append(row)
+        print(row, flush=True)
     keys = cfg.n_local + 512
-    qq = torch.randn(1, heads, c, d, device="cuda", dtype=torch.bfloat16)
-    kk = torch.randn(1, heads, keys, d, device="cuda", dtype=torch.bfloat16)
-    res.append({"sdpa_same_pairs_ms": triton.testing.do_bench(lambda: F.scaled_dot_product_attention(qq, kk, kk)),
-                "keys": keys})  # fmt: skip
+    qq, kk = rand(1, heads, c, d), rand(1, heads, keys, d)
+    res.append({"sdpa_same_pairs_ms": bench(lambda: F.scaled_dot_product_attention(qq, kk, kk)), "keys": keys})
     print(res[-1], flush=True)
     return res
 
@@ -383,10 +406,8 @@ def ab_prefill(model, n_tokens: int) -> list[dict]:
     def rope_torch(self, x, start, step, dtype, per_row=True, kernel=False):
         return rotated(self, x, start, step, dtype, per_row, False)
 
-    def merge_torch(q, k_mem, v_mem, plan, n_sinks, n_chosen, block_size, scale, out, lse):
-        out_m, lse_m = flash.memory_attention_cuda(
-            q, k_mem, v_mem, plan, n_sinks, n_chosen, block_size, scale
-        )
+    def merge_torch(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size, scale, out, lse):
+        out_m, lse_m = flash.memory_attention_cuda(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size, scale)
         return merge(out, lse, out_m, lse_m)
 
     variants = [("all", None), ("rope_torch", "rope"), ("merge_torch", "merge"), ("cudaHostAlloc", "alloc"),
@@ -460,6 +481,7 @@ def main() -> None:
     ap.add_argument("--memory", default="", help="lengths for the per-phase peak memory run, e.g. 32k,1m")
     ap.add_argument("--answers", default="", help="length for the read-once answering run, e.g. 128k")
     ap.add_argument("--alloc", default="", help="registered-memory probe: tensors,workers;... e.g. 480,4;480,16")
+    ap.add_argument("--baseline-flash", default=None, help="an older flash.py to time beside the kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -475,7 +497,7 @@ def main() -> None:
         res["alloc"] = [alloc_probe(*map(int, x.split(","))) | {"spec": x} for x in args.alloc.split(";")]
         print("alloc", res["alloc"], flush=True)
     if "kernels" not in skip:
-        res["kernels"] = kernel_sweep()
+        res["kernels"] = kernel_sweep(args.baseline_flash)
     if "ab" not in skip:
         res["launch"] = launch_overhead()
         res["ab"] = ab_prefill(model, 64 * 1024)

@@ -1,6 +1,10 @@
-"""Shared test fixtures: every test gets its own MEMLLM_HOME; `gpu` tests skip without CUDA."""
+"""Shared test fixtures: every test gets its own MEMLLM_HOME; `gpu` tests skip without CUDA (those also
+marked `triton` run under TRITON_INTERPRET=1 instead)."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import pytest
 
@@ -25,7 +29,9 @@ def pytest_collection_modifyitems(config, items):
         has_cuda = False
     if has_cuda:
         return
+    # Kernel tests marked `triton` run on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:
+        if item.get_closest_marker("gpu") is not None and not (interpret and item.get_closest_marker("triton")):
             item.add_marker(skip)

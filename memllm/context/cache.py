@@ -306,8 +306,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         q_mem = rot.rotated(q, model_start - cfg.n_local, -1, torch.float32, kernel=self.kernels)
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
-        mem_k = [self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)]
-        mem_v = [self.sink_v.unsqueeze(0).expand(n_mb, -1, -1, -1)]
+        uk = uv = None
         chosen = 0
         if self.store.n_units > 0 and cfg.topk > 0:
             q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
@@ -317,22 +316,21 @@ class ContextMemoryLayer(CacheLayerMixin):
             ids = select(scores, cfg.topk).expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
             uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
-            mem_k.append(uk)
-            mem_v.append(uv)
             if not whole_index:
                 self.count_lookups(plan, ids)
-        k_mem = torch.cat(mem_k, dim=2) if len(mem_k) > 1 else mem_k[0]
-        v_mem = torch.cat(mem_v, dim=2) if len(mem_v) > 1 else mem_v[0]
-        n_sinks = self.sink_k.shape[1]
         if self.kernels:
             from memllm.context.flash import memory_attention_merge_cuda
 
-            # The memory pass merged into `out` in place (one kernel).
+            # The memory pass merged into `out` in place (one kernel), sinks and units read where they are.
             return memory_attention_merge_cuda(
-                q_mem.to(self.dtype), k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, out, lse
+                q_mem.to(self.dtype), self.sink_k, self.sink_v, uk, uv, plan, chosen, cfg.block_size, scale, out, lse
             )
+        k_mem = self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)
+        v_mem = self.sink_v.unsqueeze(0).expand(n_mb, -1, -1, -1)
+        if uk is not None:
+            k_mem, v_mem = torch.cat([k_mem, uk], dim=2), torch.cat([v_mem, uv], dim=2)
         out_m, lse_m = memory_attention(
-            q_mem, k_mem, v_mem, plan, n_sinks, chosen, cfg.block_size, scale, torch.float32
+            q_mem, k_mem, v_mem, plan, self.sink_k.shape[1], chosen, cfg.block_size, scale, torch.float32
         )
         return merge(out, lse, out_m, lse_m)
 
