@@ -40,11 +40,12 @@ BM, BN = 64, 64  # default query rows and keys per tile (local and memory passes
 # kv heads x 4 splits = 3,024 programs, at most 16 row tiles each (counted on the host). Chosen by a
 # sweep on an H100 (triton 3.6, do_bench median, that call, bf16), whole pass with the .sum(0): 124 us;
 # BN 64: 131 us; BN 64, ROWS 512, 4 warps, 3 stages: 179 us; the one-split kernel this replaced: 344 us.
-LOCAL = {"BM": BM, "BN": BN, "num_warps": 4, "num_stages": 3}
+LOCAL = {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}
 MEMORY = {"BM": BM, "BN": BN, "num_warps": 4, "num_stages": 3}
-RECEIVED = {"BM": 64, "BN": 32, "ROWS": 1024, "num_warps": 8, "num_stages": 2}
+RECEIVED = {"BM": 64, "BN": 64, "ROWS": 1024, "num_warps": 8, "num_stages": 2}
 LOG2E = 1.4426950408889634  # softmax in base 2 (exp2): logits scaled by scale * LOG2E, lse returned in nats
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # the kernels' copies (a Triton kernel reads only constexpr globals)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _prec(x: torch.Tensor) -> str:
@@ -130,7 +131,7 @@ def _local_fwd(
                                     mid_hi, k_end, m_i, l_i, acc, True)  # fmt: skip
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     tl.store(OUT + (h * c + rows[:, None]) * D + dd[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
-    tl.store(LSE + h * c + rows, (m_i + tl.math.log2(l_safe)) * LN2, mask=row_ok)
+    tl.store(LSE + h * c + rows, (m_i + tl.math.log2(l_safe)) * _LN2, mask=row_ok)
 
 
 @triton.jit
@@ -161,10 +162,10 @@ def _received_rows(Q, LSE, ROW_LO, k, acc, r_start, r_end, s1, cols, c, W, qk_sc
             h = kvh * G + gi
             if MASKED:
                 q = tl.load(Q + (h * c + rows[:, None]) * D + dd[None, :], mask=row_ok[:, None], other=0.0)
-                lse = tl.load(LSE + h * c + rows, mask=row_ok, other=0.0) * LOG2E
+                lse = tl.load(LSE + h * c + rows, mask=row_ok, other=0.0) * _LOG2E
             else:
                 q = tl.load(Q + (h * c + rows[:, None]) * D + dd[None, :])
-                lse = tl.load(LSE + h * c + rows) * LOG2E
+                lse = tl.load(LSE + h * c + rows) * _LOG2E
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
             if MASKED:
                 acc += tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
@@ -270,7 +271,7 @@ def _memory_fwd(
         m_i, l_i, acc = _memory_keys_run(q, UK, UV, (b * KVH + kvh) * n_unit_keys, unit_keys, m_i, l_i, acc,
                                          qk_scale, D, BN, EVEN, PREC)  # fmt: skip
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
         res = acc / l_safe[:, None]
         out_ptr = OUT + (h * c + rows[:, None]) * D + dd[None, :]
         if MERGE:
