@@ -74,6 +74,21 @@ def test_selection_keys_order_like_floats(device):
             assert got.tolist() == select_units_reference(scores, k).tolist()
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n", [2 * 1024 + 1, 5000, 3 * 1024])
+def test_long_rows_select_by_pieces_like_the_reference(device, n):
+    """Rows longer than two segments (a top-k per piece first, the last piece padded): the same ids as
+    the reference, with many equal scores, -inf tails (later units) and winners inside one piece."""
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(3, 2, n, generator=gen).round(decimals=1)  # many ties
+    scores[0, :, n // 3 :] = float("-inf")
+    scores[1, 0, 1500:1530] = 9.0  # every winner in one piece, ties among them
+    scores[2, 1] = 0.0  # all tied: the lowest indices win
+    for k in (1, 16, 40):
+        got = select_units(scores.to(device), k)
+        assert got.tolist() == select_units_reference(scores, k).tolist()
+
+
 def test_distinct_pairs_cover_every_choice():
     """Each chosen (unit, head) maps to a slot holding it; the first `count` slots are distinct."""
     from memllm.context.gather import distinct_pairs
