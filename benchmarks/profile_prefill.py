@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--tokens", default="1m")
     ap.add_argument("--calls", type=int, default=12, help="steady calls timed after the feed")
-    ap.add_argument("--stacks", action="store_true", help="also: one eager step's ops by Python stack and shape")
+    ap.add_argument("--stacks", action="store_true", help="also: one eager step's ops by input shape")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     n = parse_length(args.tokens)
@@ -92,18 +92,17 @@ def main() -> None:
         res["eager_static"] = profile_table(lambda: step(model, cache, ids[:, at : at + chunk]), rows=40)
         at += chunk
         print(res["eager_static"]["cuda_table"], flush=True)
-        if args.stacks:  # where the small kernels come from: one more eager step, with stacks and shapes
+        if args.stacks:  # where the small kernels come from: one more eager step, ops by input shape
             from torch.profiler import ProfilerActivity, profile
 
             sync()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                         with_stack=True) as prof:  # fmt: skip
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 step(model, cache, ids[:, at : at + chunk])
                 sync()
             at += chunk
-            for key, kw in (("by_stack", {"group_by_stack_n": 6}), ("by_shape", {"group_by_input_shape": True})):
-                res[f"eager_{key}"] = prof.key_averages(**kw).table(sort_by="self_cuda_time_total", row_limit=60,
-                                                                    max_name_column_width=60)  # fmt: skip
+            res["eager_by_shape"] = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=60
+            )
         cache._decode_graph = graph
         with cache.record_lookups() as log:  # a lookup log makes the call take the plain path
             step(model, cache, ids[:, at : at + chunk])
