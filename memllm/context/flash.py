@@ -34,12 +34,13 @@ import triton.language as tl
 from memllm.context.plan import CallPlan
 
 BM, BN = 64, 64  # default query rows and keys per tile (local and memory passes)
-# Launch configurations, in one place for sweeps (benchmarks/tune_kernels.py). LOCAL and MEMORY: tile
-# sizes, warps and pipeline stages of the local and memory passes. RECEIVED's ROWS: rows per split (a
-# multiple of BM). At benchmarks/profile_gpu.py's call (W 4480, c 3584) RECEIVED makes 252 key tiles x 3
-# kv heads x 4 splits = 3,024 programs, at most 16 row tiles each (counted on the host). Chosen by a
-# sweep on an H100 (triton 3.6, do_bench median, that call, bf16), whole pass with the .sum(0): 124 us;
-# BN 64: 131 us; BN 64, ROWS 512, 4 warps, 3 stages: 179 us; the one-split kernel this replaced: 344 us.
+# Launch configurations, in one place for sweeps (benchmarks/profile_gpu.py's kernel_sweep). LOCAL and
+# MEMORY: tile sizes, warps and pipeline stages of the local and memory passes. RECEIVED's ROWS: rows
+# per split (a multiple of BM). Chosen by that sweep on an H100 (triton 3.6, do_bench medians, one
+# steady call: c 3584, W 4480, bf16; benchmarks/profiles/profile_gpu_kernels_run10.json): local +
+# received 227 us at LOCAL 64 x 128 (249 us at 64 x 64, 230 us at 128 x 64); received alone 97 us at
+# BN 64 (119 us at BN 32, 199 us at BM 128); memory 65 us at 64 x 64 (86 us at 64 x 128). The kernels
+# before the unmasked runs took 294 us for local + received at their best tiles.
 LOCAL = {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3}
 MEMORY = {"BM": BM, "BN": BN, "num_warps": 4, "num_stages": 3}
 RECEIVED = {"BM": 64, "BN": 64, "ROWS": 1024, "num_warps": 8, "num_stages": 2}
