@@ -21,6 +21,7 @@ from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids
 from memllm.config import MemoryConfig
 from memllm.context import attach, flash
 from memllm.context.prefill import step
+from memllm.context.window import joined_memory
 from memllm.session import Session
 
 
@@ -43,10 +44,7 @@ def old_kernels(path: str):
         return old.local_attention_cuda(q, k, v, plan, scale)
 
     def merge(q, sk, sv, uk, uv, plan, n_chosen, block_size, scale, out, lse):
-        n_mb = len(plan.memory_blocks)
-        km, vm = sk.unsqueeze(0).expand(n_mb, -1, -1, -1), sv.unsqueeze(0).expand(n_mb, -1, -1, -1)
-        if uk is not None:
-            km, vm = torch.cat([km, uk], 2), torch.cat([vm, uv], 2)
+        km, vm = joined_memory(sk, sv, uk, uv, len(plan.memory_blocks))
         chosen = n_chosen if uk is not None else 0
         return old.memory_attention_merge_cuda(q, km, vm, plan, sk.shape[1], chosen, block_size, scale, out, lse)
 

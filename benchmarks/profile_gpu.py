@@ -319,6 +319,7 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
     from memllm.config import MemoryConfig
     from memllm.context import flash
     from memllm.context.plan import plan_call
+    from memllm.context.window import joined_memory
 
     cfg = MemoryConfig().resolved(8192)
     c, W = cfg.chunk_size, cfg.n_local + cfg.block_size + 256
@@ -333,21 +334,20 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
     n_mb, chosen = len(plan.memory_blocks), cfg.topk
     sk, sv = rand(kvh, cfg.n_init, d), rand(kvh, cfg.n_init, d)
     uk, uv = rand(n_mb, kvh, chosen * cfg.block_size, d), rand(n_mb, kvh, chosen * cfg.block_size, d)
-    out0, lse0, _ = flash.local_attention_cuda(q, k, v, plan, 0.125)
+    want_local = flash.local_attention_cuda(q, k, v, plan, 0.125)
+    out0, lse0 = want_local[0], want_local[1]
 
     def memory(fl, **tiles):
         out = out0.clone()
         if fl is flash:
             return fl.memory_attention_merge_cuda(q, sk, sv, uk, uv, plan, chosen, cfg.block_size, 0.125, out, lse0,
                                                   **tiles)  # fmt: skip
-        km = torch.cat([sk.expand(n_mb, -1, -1, -1), uk], dim=2)
-        vm = torch.cat([sv.expand(n_mb, -1, -1, -1), uv], dim=2)
+        km, vm = joined_memory(sk, sv, uk, uv, n_mb)
         return fl.memory_attention_merge_cuda(q, km, vm, plan, cfg.n_init, chosen, cfg.block_size, 0.125, out, lse0)
 
     def bench(fn) -> float:
         return triton.testing.do_bench(fn, warmup=50, rep=300)
 
-    want_local = flash.local_attention_cuda(q, k, v, plan, 0.125)
     want_mem = memory(flash)
     res = []
     if baseline:

@@ -57,7 +57,7 @@ from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
-from memllm.context.window import local_attention, memory_attention, merge
+from memllm.context.window import joined_memory, local_attention, memory_attention, merge
 from memllm.errors import ConfigError
 
 
@@ -325,10 +325,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             return memory_attention_merge_cuda(
                 q_mem.to(self.dtype), self.sink_k, self.sink_v, uk, uv, plan, chosen, cfg.block_size, scale, out, lse
             )
-        k_mem = self.sink_k.unsqueeze(0).expand(n_mb, -1, -1, -1)
-        v_mem = self.sink_v.unsqueeze(0).expand(n_mb, -1, -1, -1)
-        if uk is not None:
-            k_mem, v_mem = torch.cat([k_mem, uk], dim=2), torch.cat([v_mem, uv], dim=2)
+        k_mem, v_mem = joined_memory(self.sink_k, self.sink_v, uk, uv, n_mb)
         out_m, lse_m = memory_attention(
             q_mem, k_mem, v_mem, plan, self.sink_k.shape[1], chosen, cfg.block_size, scale, torch.float32
         )

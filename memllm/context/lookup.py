@@ -65,8 +65,8 @@ def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
     call at 1M tokens (8,159 units, profile). A long row is cut into SEGMENT-key pieces, the top k of
     each taken first, then the top k of those (distinct keys: the same k win): one top-k over a whole
     row runs in one thread block, 49 us per layer for 7 rows of 10,233 (profile_prefill, H100)."""
-    k = min(k, scores.shape[-1])
     n = scores.shape[-1]
+    k = min(k, n)
     bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal as floats
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # int order = float order
     index = torch.arange(n, device=scores.device, dtype=torch.int64)

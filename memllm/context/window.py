@@ -47,6 +47,22 @@ def local_attention(
     return out, lse, received
 
 
+def joined_memory(
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor | None,
+    unit_v: torch.Tensor | None,
+    n_blocks: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory keys and values as memory_attention takes them, (n_blocks, kv_heads, M, d): the sinks
+    (kv_heads, n_sinks, d) for every block, then each block's units (n_blocks, kv_heads, t, d), if any."""
+    k = sink_k.unsqueeze(0).expand(n_blocks, -1, -1, -1)
+    v = sink_v.unsqueeze(0).expand(n_blocks, -1, -1, -1)
+    if unit_k is None:
+        return k, v
+    return torch.cat([k, unit_k], dim=2), torch.cat([v, unit_v], dim=2)
+
+
 def memory_attention(
     q: torch.Tensor,
     k_mem: torch.Tensor,

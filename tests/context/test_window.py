@@ -13,7 +13,7 @@ import torch
 
 from memllm.config import MemoryConfig
 from memllm.context.plan import plan_call
-from memllm.context.window import local_attention, memory_attention, merge
+from memllm.context.window import joined_memory, local_attention, memory_attention, merge
 
 MEM = MemoryConfig(n_init=4, n_local=48, block_size=8, repr_topk=2, topk=3, exc_block_size=64, chunk_size=200,
                    offload_dtype="fp32")  # fmt: skip
@@ -95,8 +95,7 @@ def call_inputs(state, device, dtype, d=16, cfg=MEM):
 def joined(mem):
     """The memory keys and values as window.memory_attention takes them: sinks then units, per block."""
     sk, sv, uk, uv = mem
-    n_mb = uk.shape[0]
-    return (torch.cat([sk.expand(n_mb, -1, -1, -1), uk], dim=2), torch.cat([sv.expand(n_mb, -1, -1, -1), uv], dim=2))
+    return joined_memory(sk, sv, uk, uv, uk.shape[0])
 
 
 def kernel_case(device, dtype) -> None:
