@@ -45,14 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.config import MemoryConfig
 from memllm.context.gather import gather_units
-from memllm.context.lookup import (
-    block_query_sums,
-    combine,
-    mask_later,
-    select_units,
-    select_units_reference,
-    unit_scores,
-)
+from memllm.context.lookup import block_query_sums, choose_units
 from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.support import ModelSpec
@@ -219,7 +212,9 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     def _rebase(self, new_base: int) -> None:
         """Re-rotate the window so that its positions count from `new_base` (keeps them < trained length)."""
-        self.local_k = self.rotary.rotate_const(self.local_k, self.base - new_base).to(self.dtype)
+        self.local_k = self.rotary.rotated(
+            self.local_k, self.base - new_base, 1, self.dtype, per_row=False, kernel=self.kernels
+        )
         self.base = new_base
 
     def local_pass(
@@ -233,15 +228,31 @@ class ContextMemoryLayer(CacheLayerMixin):
         local_k: torch.Tensor,
         local_v: torch.Tensor,
         local_score: torch.Tensor,
+        rebase: int = 0,
     ) -> tuple[torch.Tensor, ...]:
-        """The call's keys joined to the window (local_k/v/score: its keys, rotated at j - base, values and
-        received scores) and the local attention over them; q, k (model rotation, `angle` positions
-        short of the window frame), v in the model dtype.
+        """The call's keys joined to the window (local_k/v/score: its keys, rotated at j - base + rebase
+        (rebase: how far the window's frame moves first, as _rebase), values and received scores) and
+        the local attention over them; q, k (model rotation, `angle` positions short of the window
+        frame), v in the model dtype.
 
         Returns out (heads, c, d) fp32, lse (heads, c), k_all / v_all (kv_heads, W + c, d) and score
         (kv_heads, W + c) fp32: what each key received, the window's earlier scores included."""
         rot = self.rotary
-        k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False, kernel=self.kernels)], dim=1)
+        if self.kernels:  # rotated straight into k_all (rope_cuda.rotate's out)
+            from memllm.context.rope_cuda import rotate
+
+            kvh, w, d = local_k.shape
+            cos, sin, _ = rot.tables(k.device)
+            k_all = torch.empty(kvh, w + k.shape[1], d, dtype=self.dtype, device=k.device)
+            if rebase:
+                rotate(local_k, rot._row(rebase), 0, 1, cos, sin, self.dtype, out=k_all[:, :w])
+            else:
+                k_all[:, :w].copy_(local_k)
+            rotate(k, rot._row(angle), 0, 1, cos, sin, self.dtype, out=k_all[:, w:])
+        else:
+            if rebase:
+                local_k = rot.rotated(local_k, rebase, 1, self.dtype, per_row=False)
+            k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False)], dim=1)
         v_all = torch.cat([local_v, v], dim=1)
         if self.kernels:
             from memllm.context.flash import local_attention_cuda
@@ -274,6 +285,22 @@ class ContextMemoryLayer(CacheLayerMixin):
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
         return k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1)
 
+    def write_cut_units(
+        self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, first: int,
+        at: torch.Tensor,
+    ) -> None:
+        """cut_units, written at units at, at + 1, ... (a device scalar: UnitStore.write_at; static.py).
+        With the kernels and bf16/fp16/fp32 units, one launch (cut_cuda.cut_units_cuda) does both."""
+        if self.kernels and self.store.offload_dtype != "int8":
+            from memllm.context.cut_cuda import cut_units_cuda
+
+            row = self.rotary._row(first + plan.cut_start)
+            self.rotary._row(first + plan.cut_start + plan.n_cut * self.config.block_size - 1)
+            cos, sin, _ = self.rotary.tables(k_all.device)
+            cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin)
+        else:
+            self.store.write_at(at, *self.cut_units(plan, k_all, v_all, score, first))
+
     def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, first: int) -> None:
         """The first cut (phase 1 -> 2; window key 0 at position `first`): the sinks, keys rotated back
         to position 0."""
@@ -294,7 +321,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         lse: torch.Tensor,
         whole_index: bool = False,
     ) -> torch.Tensor:
-        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`.
+        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`
+        -> (heads, c, d): fp32, or with the kernels, when every row has memory, in the model dtype (a
+        view of a (c, heads, d) tensor: the attention function's layout).
 
         whole_index (a static call, static.py): score every slot of the unit index buffer, the blocks'
         candidate counts (plan.tensors' mb_units) already written on the device, and leave the
@@ -302,18 +331,28 @@ class ContextMemoryLayer(CacheLayerMixin):
         cfg, rot = self.config, self.rotary
         dev = q.device
         kvh = self.spec.kv_heads
-        # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
-        q_mem = rot.rotated(q, model_start - cfg.n_local, -1, torch.float32, kernel=self.kernels)
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
+        # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
+        start = model_start - cfg.n_local
+        if self.kernels:  # one launch: the queries in the model dtype and their per-block sums
+            from memllm.context.rope_cuda import memory_queries
+
+            row = rot._row(start)
+            rot._row(start + q.shape[1] - 1)
+            cos, sin, _ = rot.tables(dev)
+            q_mem, q_sum = memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, self.dtype)
+        else:
+            q_mem = rot.rotated(q, start, -1, torch.float32)
+            q_sum = None
         uk = uv = None
         chosen = 0
         if self.store.n_units > 0 and cfg.topk > 0:
-            q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
+            if q_sum is None:
+                q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
             reprs = self.store.repr_buffer() if whole_index else self.store.repr_keys()
-            scores = mask_later(combine(unit_scores(q_sum, reprs), cfg.lookup), t["mb_units"])
-            select = select_units_reference if cfg.impl == "reference" else select_units
-            ids = select(scores, cfg.topk).expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
+            ids = choose_units(q_sum, reprs, t["mb_units"], cfg.lookup, cfg.topk, cfg.impl)
+            ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
             uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
             if not whole_index:
@@ -321,9 +360,13 @@ class ContextMemoryLayer(CacheLayerMixin):
         if self.kernels:
             from memllm.context.flash import memory_attention_merge_cuda
 
-            # The memory pass merged into `out` in place (one kernel), sinks and units read where they are.
+            # The memory pass merged with `out` (one kernel), sinks and units read where they are; when it
+            # covers every row, the result goes straight to the attention function's layout and dtype.
+            final = None
+            if len(plan.memory_blocks) == len(plan.blocks) and self.sink_k.shape[1] > 0:
+                final = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=self.dtype, device=dev)
             return memory_attention_merge_cuda(
-                q_mem.to(self.dtype), self.sink_k, self.sink_v, uk, uv, plan, chosen, cfg.block_size, scale, out, lse
+                q_mem, self.sink_k, self.sink_v, uk, uv, plan, chosen, cfg.block_size, scale, out, lse, final
             )
         k_mem, v_mem = joined_memory(self.sink_k, self.sink_v, uk, uv, n_mb)
         out_m, lse_m = memory_attention(

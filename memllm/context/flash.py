@@ -239,10 +239,10 @@ def _memory_keys_run(Q_TILE, KP, VP, row0, n, m_i, l_i, acc, qk_scale,
 
 @triton.jit(do_not_specialize=["c", "n_unit_keys", "n_chosen"])
 def _memory_fwd(
-    Q, SK, SV, UK, UV, OUT, LSE, MB_Q0, MB_Q1, MB_UNITS,
+    Q, SK, SV, UK, UV, OUT, LSE, MB_Q0, MB_Q1, MB_UNITS, FINAL,
     c, n_sinks, n_unit_keys, n_chosen, block_size, qk_scale,
     KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-    MERGE: tl.constexpr = False, EVEN: tl.constexpr = False,
+    MERGE: tl.constexpr = False, EVEN: tl.constexpr = False, TO_FINAL: tl.constexpr = False,
 ):  # fmt: skip
     """Memory block b's queries over its keys: the sinks SK/SV (kv_heads, n_sinks, D), then the first
     min(n_chosen, its units) units of UK/UV (blocks, kv_heads, n_unit_keys, D). EVEN: n_sinks and
@@ -250,7 +250,8 @@ def _memory_fwd(
 
     MERGE False: OUT / LSE receive the memory pass's out and lse (rows without memory keys are left
     as they were: the caller fills 0 and -inf). MERGE True: OUT holds the local out and LSE the local
-    lse (read only); OUT's rows become window.merge of the two, rows without memory keys unchanged."""
+    lse (read only); OUT's rows become window.merge of the two, rows without memory keys unchanged;
+    TO_FINAL: the merged rows go to FINAL (c, heads, D) in its dtype instead (OUT is only read)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -283,7 +284,11 @@ def _memory_fwd(
             wa = tl.exp(lse_a - m)
             wb = tl.exp(lse - m)
             res = (out_a * wa[:, None] + res * wb[:, None]) / (wa + wb)[:, None]
-            tl.store(out_ptr, res, mask=row_ok[:, None])
+            if TO_FINAL:
+                final = FINAL + (rows[:, None] * (KVH * G) + h) * D + dd[None, :]
+                tl.store(final, res.to(FINAL.dtype.element_ty), mask=row_ok[:, None])
+            else:
+                tl.store(out_ptr, res, mask=row_ok[:, None])
         else:
             tl.store(out_ptr, res, mask=row_ok[:, None])
             tl.store(LSE + h * c + rows, lse, mask=row_ok)
@@ -337,7 +342,8 @@ def local_attention_cuda(
     return out, lse, received_attention_cuda(q, k, lse, plan, scale, **received)
 
 
-def _memory_launch(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size, scale, out, lse, merge, cfg):
+def _memory_launch(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size, scale, out, lse, merge, cfg,
+                   final=None):  # fmt: skip
     heads, c, d = q.shape
     n_mb, kvh, n_sinks = len(plan.memory_blocks), sink_k.shape[0], sink_k.shape[1]
     if unit_k is None or n_chosen == 0:
@@ -352,10 +358,11 @@ def _memory_launch(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size
     longest = max(plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks)
     _memory_fwd[(triton.cdiv(longest, bm), heads, n_mb)](
         q.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(), unit_v.contiguous(),
-        out, lse, t["mb_q0"], t["mb_q1"], t["mb_units"],
+        out, lse, t["mb_q0"], t["mb_q1"], t["mb_units"], out if final is None else final,
         c, n_sinks, n_unit_keys, n_chosen, block_size, scale * LOG2E,
         KVH=kvh, G=heads // kvh, D=d, BM=bm, BN=bn, PREC=_prec(q), MERGE=merge,
-        EVEN=n_sinks % bn == 0 and block_size % bn == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN=n_sinks % bn == 0 and block_size % bn == 0, TO_FINAL=final is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
 
 
@@ -394,18 +401,28 @@ def memory_attention_merge_cuda(
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
+    final: torch.Tensor | None = None,
     **config,
 ) -> torch.Tensor:
     """window.merge(out, lse, *memory_attention_cuda(...)), written into `out` in place; returns it.
 
     out (heads, c, d) and lse (heads, c): the local pass's, fp32 and contiguous; lse is only read. Rows
-    of blocks without memory, and rows whose block sees no memory key, keep their values."""
+    of blocks without memory, and rows whose block sees no memory key, keep their values.
+
+    final: a (c, heads, d) contiguous tensor (the model dtype, the layout the attention function
+    returns) that receives the merged rows instead of `out`; then every row must have memory keys
+    (every block a memory block, sinks set), and final.transpose(0, 1) is returned."""
     heads, c, d = q.shape
+    if final is not None:
+        if final.shape != (c, heads, d) or not final.is_contiguous():
+            raise ValueError(f"final must be a contiguous ({c}, {heads}, {d}) tensor")
+        if len(plan.memory_blocks) != len(plan.blocks) or sink_k.shape[1] == 0:
+            raise ValueError("final needs memory keys for every row: every block a memory block, sinks set")
     if (
         out.dtype != torch.float32 or lse.dtype != torch.float32 or out.shape != (heads, c, d)
         or lse.shape != (heads, c) or not out.is_contiguous() or not lse.is_contiguous()
     ):  # fmt: skip
         raise ValueError("out (heads, c, d) and lse (heads, c) must be contiguous fp32")
     _memory_launch(q, sink_k, sink_v, unit_k, unit_v, plan, n_chosen, block_size, scale, out, lse, True,
-                   MEMORY | config)  # fmt: skip
-    return out
+                   MEMORY | config, final)  # fmt: skip
+    return out if final is None else final.transpose(0, 1)

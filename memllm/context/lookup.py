@@ -55,29 +55,59 @@ def mask_later(scores: torch.Tensor, units_before: torch.Tensor) -> torch.Tensor
 SEGMENT = 1024  # select_units: rows longer than 2 segments take the top k per segment first
 
 
+def selection_keys(scores: torch.Tensor) -> torch.Tensor:
+    """scores (..., n_units) -> int64 keys (..., n_units) that order like (score, -index): the score's fp32
+    bits made order-preserving in the high 32 bits, the index reversed in the low 32. Every key is
+    distinct, so which ids a top-k of keys picks is exact (select_units)."""
+    n = scores.shape[-1]
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal as floats
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # int order = float order
+    index = torch.arange(n, device=scores.device, dtype=torch.int64)
+    return (ordered << 32) | (0xFFFFFFFF - index)
+
+
+def top_ids(keys: torch.Tensor, k: int, n_units: int) -> torch.Tensor:
+    """keys (..., n) from selection_keys, the first n_units real (any beyond lose to every real key)
+    -> the ids of the min(k, n_units) largest, (..., min(k, n_units)) long, ascending per row.
+
+    A long row is cut into SEGMENT-key pieces, the top k of each taken first, then the top k of
+    those (distinct keys: the same k win): one top-k over a whole row runs in one thread block,
+    49 us per layer for 7 rows of 10,233 (profile_prefill, H100)."""
+    n = keys.shape[-1]
+    k = min(k, n_units)
+    if n > 2 * SEGMENT and k <= SEGMENT:
+        pieces = -(-n // SEGMENT)
+        if pieces * SEGMENT != n:  # padding keys lose to every real key (their high half is >= -inf's)
+            keys = torch.nn.functional.pad(keys, (0, pieces * SEGMENT - n), value=torch.iinfo(torch.int64).min)
+        keys = keys.view(*keys.shape[:-1], pieces, SEGMENT).topk(k, dim=-1, sorted=False).values.flatten(-2)
+    best = torch.topk(keys, k, dim=-1, sorted=False).values
+    return torch.sort(0xFFFFFFFF - (best & 0xFFFFFFFF), dim=-1).values
+
+
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores (..., n_units) -> ids (..., min(k, n_units)) long, ascending per row, on scores' device.
 
     The k largest, ties broken by lower index, as a stable descending sort would give, but by top-k
-    over int64 keys (the score's fp32 bits made order-preserving, then the index reversed in the low
-    32 bits): every key is distinct, so which ids win is exact, and the ids are read back from the
-    winning keys. On the H100 the two stable sorts this replaced took ~2 ms of GPU time per prefill
-    call at 1M tokens (8,159 units, profile). A long row is cut into SEGMENT-key pieces, the top k of
-    each taken first, then the top k of those (distinct keys: the same k win): one top-k over a whole
-    row runs in one thread block, 49 us per layer for 7 rows of 10,233 (profile_prefill, H100)."""
-    n = scores.shape[-1]
-    k = min(k, n)
-    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, equal as floats
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64)  # int order = float order
-    index = torch.arange(n, device=scores.device, dtype=torch.int64)
-    keys = (ordered << 32) | (0xFFFFFFFF - index)
-    if n > 2 * SEGMENT and k <= SEGMENT:
-        pieces = -(-n // SEGMENT)
-        # Padding keys lose to every real key (whose high half is at least -inf's ordered bits).
-        keys = torch.nn.functional.pad(keys, (0, pieces * SEGMENT - n), value=torch.iinfo(torch.int64).min)
-        keys = keys.view(*keys.shape[:-1], pieces, SEGMENT).topk(k, dim=-1, sorted=False).values.flatten(-2)
-    best = torch.topk(keys, k, dim=-1, sorted=False).values
-    return torch.sort(0xFFFFFFFF - (best & 0xFFFFFFFF), dim=-1).values
+    over selection_keys (top_ids): on the H100 the two stable sorts this replaced took ~2 ms of GPU
+    time per prefill call at 1M tokens (8,159 units, profile)."""
+    return top_ids(selection_keys(scores), k, scores.shape[-1])
+
+
+def choose_units(
+    q_sum: torch.Tensor, reprs: torch.Tensor, units_before: torch.Tensor, mode: str, k: int, impl: str
+) -> torch.Tensor:
+    """The whole lookup: q_sum (blocks, kv_heads, d), representatives (kv_heads, n, d), all n scored;
+    units_before (blocks,) or (1,) long: block b chooses among units < units_before[b] -> ids
+    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: the scoring and the keys in one
+    launch (select_cuda.unit_keys_cuda), then top_ids; "reference": select_units_reference."""
+    n = reprs.shape[1]
+    if impl == "fast" and q_sum.is_cuda:
+        from memllm.context.select_cuda import unit_keys_cuda
+
+        return top_ids(unit_keys_cuda(q_sum, reprs, n, units_before, mode == "shared"), k, n)
+    blocks = q_sum.shape[0]
+    scores = mask_later(combine(unit_scores(q_sum, reprs), mode), units_before.expand(blocks))
+    return (select_units_reference if impl == "reference" else select_units)(scores, k)
 
 
 def select_units_reference(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -15,27 +15,46 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["n_rows", "n", "row0"])
+@triton.jit
+def rotate_rows(XP, CP, SP, j, ok, sign, HALF: tl.constexpr):
+    """Rows at XP (pointers to row starts, broadcast against j = arange(HALF)) rotated by the table rows
+    at CP / SP, sin times sign: the two halves, fp32. Every kernel that rotates keys uses this, so
+    they round alike."""
+    x1 = tl.load(XP + j, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(XP + HALF + j, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(CP + j, mask=ok, other=0.0)
+    c2 = tl.load(CP + HALF + j, mask=ok, other=0.0)
+    s1 = tl.load(SP + j, mask=ok, other=0.0) * sign
+    s2 = tl.load(SP + HALF + j, mask=ok, other=0.0) * sign
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit(do_not_specialize=["n_rows", "n", "row0", "x_batch", "out_batch"])
 def _rotate_kernel(
-    X, OUT, COS, SIN, n_rows, n, row0, per_row, sign,
+    X, OUT, COS, SIN, n_rows, n, row0, per_row, sign, x_batch, out_batch,
     HALF: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BR + tl.arange(0, BR)  # flat row over (..., n)
+    r = tl.program_id(0) * BR + tl.arange(0, BR)  # flat row over (batch, n)
     ok = r < n_rows
     t = r % n
     table = row0 + per_row * t
     j = tl.arange(0, HALF)
     d: tl.constexpr = 2 * HALF
-    x1 = tl.load(X + r[:, None] * d + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(X + r[:, None] * d + HALF + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    c1 = tl.load(COS + table[:, None] * d + j[None, :], mask=ok[:, None], other=0.0)
-    c2 = tl.load(COS + table[:, None] * d + HALF + j[None, :], mask=ok[:, None], other=0.0)
-    s1 = tl.load(SIN + table[:, None] * d + j[None, :], mask=ok[:, None], other=0.0) * sign
-    s2 = tl.load(SIN + table[:, None] * d + HALF + j[None, :], mask=ok[:, None], other=0.0) * sign
-    o1 = x1 * c1 - x2 * s1
-    o2 = x2 * c2 + x1 * s2
-    tl.store(OUT + r[:, None] * d + j[None, :], o1.to(OUT.dtype.element_ty), mask=ok[:, None])
-    tl.store(OUT + r[:, None] * d + HALF + j[None, :], o2.to(OUT.dtype.element_ty), mask=ok[:, None])
+    src = (r // n) * x_batch + t * d
+    dst = OUT + ((r // n) * out_batch + t * d)[:, None] + j[None, :]
+    o1, o2 = rotate_rows(X + src[:, None], COS + table[:, None] * d, SIN + table[:, None] * d, j[None, :],
+                         ok[:, None], sign, HALF)  # fmt: skip
+    tl.store(dst, o1.to(OUT.dtype.element_ty), mask=ok[:, None])
+    tl.store(dst + HALF, o2.to(OUT.dtype.element_ty), mask=ok[:, None])
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t (..., n, d) as (batch, n, d) with rows d apart (a view), or None where it is not one."""
+    if t.dim() != 3:
+        if not t.is_contiguous():
+            return None
+        t = t.reshape(-1, t.shape[-2], t.shape[-1])
+    return t if t.stride(2) == 1 and (t.stride(1) == t.shape[2] or t.shape[1] == 1) else None
 
 
 def rotate(
@@ -46,17 +65,82 @@ def rotate(
     cos: torch.Tensor,
     sin: torch.Tensor,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (..., n, head_dim) on CUDA -> rotated copy in `dtype` (see the module docstring)."""
-    x = x.contiguous()
-    d = x.shape[-1]
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    n = x.shape[-2]
-    n_rows = x.numel() // d
+    """x (..., n, head_dim) on CUDA -> rotated copy in `dtype` (see the module docstring). out: where to
+    write it instead of a new tensor, (batch, n, head_dim) with rows head_dim apart (a slice of a
+    longer buffer along n, say); x may be such a view too."""
+    d, n = x.shape[-1], x.shape[-2]
+    rows = _rows_view(x)
+    if rows is None:
+        rows = _rows_view(x.contiguous())
+    if out is None:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    target = _rows_view(out)
+    if target is None or target.shape != rows.shape or out.dtype != dtype:
+        raise ValueError(f"out must be {dtype} (batch, n, d) rows {d} apart, shaped like x {tuple(x.shape)}")
+    n_rows = rows.shape[0] * n
     if n_rows == 0:
         return out
     br = 32
     _rotate_kernel[(triton.cdiv(n_rows, br),)](
-        x, out, cos, sin, n_rows, n, table_row, per_row, float(sign), HALF=d // 2, BR=br
-    )
+        rows, target, cos, sin, n_rows, n, table_row, per_row, float(sign), rows.stride(0), target.stride(0),
+        HALF=d // 2, BR=br,
+    )  # fmt: skip
     return out
+
+
+@triton.jit(do_not_specialize=["c", "row0"])
+def _memory_queries_kernel(
+    Q, OUT, QSUM, COS, SIN, MB_Q0, MB_Q1, c, row0,
+    G: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """Program (memory block b, kv head h): rows [MB_Q0[b], MB_Q1[b]) of the group's heads rotated by
+    the angles of table rows row0 + t with sin negated, written to OUT; their fp32 sum to QSUM[b, h]."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q1 = tl.load(MB_Q1 + b)
+    j = tl.arange(0, HALF)
+    d: tl.constexpr = 2 * HALF
+    s1 = tl.zeros((HALF,), tl.float32)
+    s2 = tl.zeros((HALF,), tl.float32)
+    for r0 in range(tl.load(MB_Q0 + b), q1, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = rows < q1
+        table = (row0 + rows)[:, None] * d
+        for g in tl.static_range(G):
+            at = ((h * G + g) * c + rows)[:, None] * d
+            o1, o2 = rotate_rows(Q + at, COS + table, SIN + table, j[None, :], ok[:, None], -1.0, HALF)
+            tl.store(OUT + at + j[None, :], o1.to(OUT.dtype.element_ty), mask=ok[:, None])
+            tl.store(OUT + at + HALF + j[None, :], o2.to(OUT.dtype.element_ty), mask=ok[:, None])
+            s1 += tl.sum(o1, axis=0)  # masked rows rotate zeros
+            s2 += tl.sum(o2, axis=0)
+    tl.store(QSUM + (b * KVH + h) * d + j, s1)
+    tl.store(QSUM + (b * KVH + h) * d + HALF + j, s2)
+
+
+def memory_queries(
+    q: torch.Tensor,
+    table_row: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mb_q0: torch.Tensor,
+    mb_q1: torch.Tensor,
+    kv_heads: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory pass's queries and the lookup's sums in one launch: q (heads, c, d) on CUDA; row t
+    rotated by the angle of table row table_row + t with sin negated (Rotary.rotated(q, start, -1))
+    -> (q_mem (heads, c, d) in `dtype`, written for the memory blocks' rows only (mb_q0 / mb_q1 (blocks,)
+    int32 on the device); q_sum (blocks, kv_heads, d) fp32: lookup.block_query_sums of the fp32 rotation)."""
+    heads, c, d = q.shape
+    q = q.contiguous()
+    n_mb = mb_q0.shape[0]
+    out = torch.empty(heads, c, d, dtype=dtype, device=q.device)
+    q_sum = torch.empty(n_mb, kv_heads, d, dtype=torch.float32, device=q.device)
+    if n_mb and c:
+        _memory_queries_kernel[(n_mb, kv_heads)](
+            q, out, q_sum, cos, sin, mb_q0, mb_q1, c, table_row, G=heads // kv_heads, KVH=kv_heads, HALF=d // 2,
+            BR=32, num_warps=4,
+        )  # fmt: skip
+    return out, q_sum

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from memllm.context.gather import gather_units
-from memllm.context.lookup import block_query_sums, combine, select_units, unit_scores
+from memllm.context.lookup import block_query_sums, choose_units
 from memllm.context.plan import CallPlan, held_limit
 from memllm.context.window import merge
 
@@ -386,13 +386,10 @@ class StaticDecode:
         sw = self.windows[layer.layer_idx]
         plan, w0, keep = shape.plan, shape.plan.window, shape.plan.keep_from
         q, k, v = query[0], key[0], value[0].to(layer.dtype)
-        local_k = sw.k[:, :w0]
-        if shape.rebase:  # as ContextMemoryLayer._rebase
-            local_k = layer.rotary.rotate_const(local_k, shape.rebase).to(layer.dtype)
         out, lse, k_all, v_all, score = layer.local_pass(
-            q, k, v, plan, shape.angle, scale, local_k, sw.v[:, :w0], sw.score[:, :w0]
-        )
-        layer.store.write_at(self.units, *layer.cut_units(plan, k_all, v_all, score, shape.first))
+            q, k, v, plan, shape.angle, scale, sw.k[:, :w0], sw.v[:, :w0], sw.score[:, :w0], shape.rebase
+        )  # shape.rebase: as ContextMemoryLayer._rebase
+        layer.write_cut_units(plan, k_all, v_all, score, shape.first, self.units)
         torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
         out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True)
         w1 = shape.window_after
@@ -433,9 +430,7 @@ class StaticDecode:
             row_block = torch.where(t < self.n_valid, block, -1)
             q_sum = block_query_sums(q_mem.reshape(heads, rows, d), row_block, nb, kvh)
         reprs = store.repr_buffer()  # (kvh, capacity, d)
-        scores = combine(unit_scores(q_sum, reprs), cfg.lookup)
-        later = torch.arange(reprs.shape[1], device=dev) >= self.units
-        ids = select_units(scores.masked_fill(later, float("-inf")), cfg.topk)
+        ids = choose_units(q_sum, reprs, self.units, cfg.lookup, cfg.topk, cfg.impl)
         ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
         uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)

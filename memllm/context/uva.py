@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from memllm.context.gather import distinct_pairs
+from memllm.context.select_cuda import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.units import UnitStore
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
@@ -153,6 +154,13 @@ class _Tables:
         self.capacity_version += 1
 
 
+def segment_tables(store: UnitStore) -> dict[str, torch.Tensor]:
+    """The store's device tables of segment base addresses (name -> (capacity,) int64), every segment in."""
+    if not isinstance(store.kernel_state, _Tables):
+        store.kernel_state = _Tables()
+    return store.kernel_state.refresh(store)
+
+
 def gather_units_uva(
     store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, dedup: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,14 +176,13 @@ def gather_units_uva(
     out_v = torch.empty_like(out_k)
     if t == 0 or n_rows == 0:
         return out_k, out_v
-    if not isinstance(store.kernel_state, _Tables):
-        store.kernel_state = _Tables()
-    tables = store.kernel_state.refresh(store)
+    tables = segment_tables(store)
     quant = store.offload_dtype == "int8"
     chunk = 2048
     dedup = dedup and n_rows > 1
     if dedup:
-        keys, count, slot = distinct_pairs(ids.reshape(n_rows, h, t))
+        flat = ids.reshape(n_rows, h, t)
+        keys, count, slot = distinct_pairs_cuda(flat) if flat.numel() <= DISTINCT_MAX else distinct_pairs(flat)
         dst_k = torch.empty(keys.shape[0], bs, d, dtype=dtype, device=ids.device)
         dst_v = torch.empty_like(dst_k)
     else:
@@ -213,9 +220,7 @@ def write_units_uva(store: UnitStore, first: torch.Tensor, k: torch.Tensor, v: t
     n = k.shape[0]
     if n == 0:
         return
-    if not isinstance(store.kernel_state, _Tables):
-        store.kernel_state = _Tables()
-    tables = store.kernel_state.refresh(store)
+    tables = segment_tables(store)
     elems = store.block_size * store.head_dim
     chunk = 2048
     _write_kernel[(n * store.kv_heads, triton.cdiv(elems, chunk))](

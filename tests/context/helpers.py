@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,3 +89,10 @@ class FakeLLM:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+def kernel_devices() -> list[str]:
+    """Where Triton kernel tests run: CUDA, else the CPU under TRITON_INTERPRET=1, else nowhere."""
+    if torch.cuda.is_available():
+        return ["cuda"]
+    return ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []

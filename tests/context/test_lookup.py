@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memllm.context.lookup import combine, select_units, select_units_reference, unit_scores
+from memllm.context.lookup import (
+    choose_units,
+    combine,
+    mask_later,
+    select_units,
+    select_units_reference,
+    selection_keys,
+    unit_scores,
+)
+from tests.context.helpers import kernel_devices
 
 
 def brute_force(q_sum: torch.Tensor, repr_keys: torch.Tensor, k: int, mode: str) -> list[list[int]]:
@@ -123,3 +132,47 @@ def test_uva_gather_of_several_blocks_reads_each_unit_once_and_equals_reference(
         fast = gather_units_uva(store, ids, torch.bfloat16, dedup=dedup)
         for a, b in zip(fast, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
+@pytest.mark.parametrize("n,capacity", [(7, 7), (300, 340), (2 * 1024 + 5, 2 * 1024 + 40), (3 * 1024, 3 * 1024)])
+def test_unit_keys_kernel_equals_pytorch(device, mode, n, capacity):
+    """select_cuda.unit_keys_cuda: the keys of selection_keys(mask_later(combine(unit_scores))) exactly,
+    padding keys below every real one, and the same ids from choose_units. Small integers make every
+    product and sum exact in fp32, so the two paths must agree bit for bit, ties included."""
+    from memllm.context.select_cuda import unit_keys_cuda
+
+    gen = torch.Generator().manual_seed(n)
+    q_sum = torch.randint(-3, 4, (4, 3, 16), generator=gen).float()  # 4 blocks, 3 kv heads
+    reprs = torch.randint(-2, 3, (3, capacity, 16), generator=gen).to(torch.bfloat16)
+    for before in (torch.tensor([0, 1, n // 2, n]), torch.tensor([n - 3])):
+        before = before.clamp(min=0)
+        scores = mask_later(combine(unit_scores(q_sum, reprs), mode), before.expand(4))
+        want = selection_keys(scores)
+        got = unit_keys_cuda(q_sum.to(device), reprs.to(device), capacity, before.to(device), mode == "shared")
+        assert torch.equal(got[..., :capacity].cpu(), want)
+        assert bool((got[..., capacity:] == torch.iinfo(torch.int64).min).all())
+        assert got.shape[-1] == capacity or got.shape[-1] % 1024 == 0
+        for k in (1, 16):
+            fast = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+            assert fast.cpu().tolist() == select_units(scores, k).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("shape,units", [((1, 3, 1), 4), ((5, 3, 4), 9), ((7, 3, 16), 40), ((8, 8, 16), 3000)])
+def test_distinct_pairs_kernel_equals_pytorch(device, shape, units):
+    """select_cuda.distinct_pairs_cuda: the same keys, count and slots as gather.distinct_pairs."""
+    from memllm.context.gather import distinct_pairs
+    from memllm.context.select_cuda import distinct_pairs_cuda
+
+    gen = torch.Generator().manual_seed(units)
+    ids = torch.randint(0, units, shape, generator=gen)
+    ids[-1] = ids[0]  # repeats across rows
+    got = distinct_pairs_cuda(ids.to(device))
+    for a, b in zip(got, distinct_pairs(ids), strict=True):
+        assert torch.equal(a.cpu(), b)

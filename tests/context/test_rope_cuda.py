@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from memllm.context.positions import Rotary
-from tests.context.helpers import tiny_model
-
-
-def kernel_devices() -> list[str]:
-    return ["cuda"] if torch.cuda.is_available() else []
+from memllm.context.lookup import block_query_sums
+from memllm.context.plan import plan_call
+from tests.context.helpers import kernel_devices, small_memory, tiny_model
 
 
 def check_rotations(device: str, dtype: torch.dtype) -> None:
@@ -35,6 +33,7 @@ def check_rotations(device: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_kernel_equals_rotary(device, dtype):
@@ -42,6 +41,7 @@ def test_rope_kernel_equals_rotary(device, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
 def test_rotated_dispatches_to_the_kernel(device):
     model = tiny_model("llama")
@@ -51,3 +51,48 @@ def test_rotated_dispatches_to_the_kernel(device):
     torch.testing.assert_close(
         rot.rotated(x, 7, 1, torch.float32, per_row=False, kernel=True), rot.rotate_const(x, 7)
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+def test_rotate_reads_and_writes_row_views(device):
+    """rope_cuda.rotate from a slice of a longer buffer into a slice of another (the window keys joined
+    to the call's: cache.local_pass): the same values as from and to contiguous copies."""
+    from memllm.context.rope_cuda import rotate
+
+    model = tiny_model("llama")
+    rot = Rotary(model.model.rotary_emb, 512, 16)
+    cos, sin, _ = rot.tables(device)
+    buf = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    joined = torch.zeros(3, 50, 16, device=device)
+    rotate(buf[:, :25], rot._row(-30), 0, 1, cos, sin, torch.float32, out=joined[:, 10:35])
+    torch.testing.assert_close(joined[:, 10:35], rot.rotate_const(buf[:, :25].contiguous(), -30))
+    assert bool((joined[:, :10] == 0).all()) and bool((joined[:, 35:] == 0).all())
+    with pytest.raises(ValueError, match="out must be"):
+        rotate(buf[:, :25], rot._row(0), 0, 1, cos, sin, torch.float32, out=joined[:, :20])
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_queries_equal_rotation_and_block_sums(device, dtype):
+    """rope_cuda.memory_queries: the memory blocks' rows rotated as Rotary.rotated(q, start, -1) and
+    their per-block sums as lookup.block_query_sums, from one launch."""
+    from memllm.context.rope_cuda import memory_queries
+
+    model = tiny_model("llama3")
+    rot = Rotary(model.model.rotary_emb, 512, 16)
+    cos, sin, _ = rot.tables(device)
+    plan = plan_call(700, 53, True, 80, 137, small_memory().resolved(512))  # blocks with and without memory
+    t = plan.tensors(device)
+    q = torch.randn(6, 137, 16, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    q_mem, q_sum = memory_queries(q, rot._row(-100), cos, sin, t["mb_q0"], t["mb_q1"], 2, dtype)
+    want = rot.rotate(q, -100, -1)
+    rows = t["row_block"].cpu() >= 0
+    assert bool(rows.any())
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(q_mem[:, rows.to(device)], want[:, rows.to(device)].to(dtype), **tol)
+    sums = block_query_sums(want, t["row_block"], len(plan.memory_blocks), 2)
+    torch.testing.assert_close(q_sum, sums, rtol=1e-4, atol=1e-4)

@@ -6,14 +6,13 @@ The kernel tests (marked `gpu` and `triton`) also run on the CPU under Triton's 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from memllm.config import MemoryConfig
 from memllm.context.plan import plan_call
 from memllm.context.window import joined_memory, local_attention, memory_attention, merge
+from tests.context.helpers import kernel_devices
 
 MEM = MemoryConfig(n_init=4, n_local=48, block_size=8, repr_topk=2, topk=3, exc_block_size=64, chunk_size=200,
                    offload_dtype="fp32")  # fmt: skip
@@ -67,12 +66,6 @@ def test_merge_equals_one_softmax():
     want, _, _ = dense(q, k, v, every, 0.3)
     torch.testing.assert_close(merge(oa, la, ob, lb), want)
     torch.testing.assert_close(merge(oa, la, ob, torch.full_like(lb, float("-inf"))), oa)
-
-
-def kernel_devices() -> list[str]:
-    if torch.cuda.is_available():
-        return ["cuda"]
-    return ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
 
 
 def call_inputs(state, device, dtype, d=16, cfg=MEM):
@@ -185,3 +178,13 @@ def test_memory_merge_kernel_equals_merge(device, case, dtype):
     no_sinks = mem[0][:, :0], mem[1][:, :0]
     memory_attention_merge_cuda(q, *no_sinks, None, None, plan, 0, cfg.block_size, 0.25, untouched, lse)
     assert torch.equal(untouched, out)
+    heads, c, d = q.shape
+    final = torch.empty(c, heads, d, dtype=dtype, device=q.device)
+    if len(plan.memory_blocks) == len(plan.blocks):  # every row has memory: the merged rows go to `final`
+        kept = out.clone()
+        res = memory_attention_merge_cuda(q, *mem, plan, cfg.topk, cfg.block_size, 0.25, kept, lse, final, **tiles)
+        assert res.shape == (heads, c, d) and res.data_ptr() == final.data_ptr() and torch.equal(kept, out)
+        torch.testing.assert_close(res.float(), got.to(dtype).float(), rtol=0, atol=0)
+    else:
+        with pytest.raises(ValueError, match="every row"):
+            memory_attention_merge_cuda(q, *mem, plan, cfg.topk, cfg.block_size, 0.25, out.clone(), lse, final)
