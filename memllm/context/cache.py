@@ -341,7 +341,8 @@ class ContextMemoryLayer(CacheLayerMixin):
             row = rot._row(start)
             rot._row(start + q.shape[1] - 1)
             cos, sin, _ = rot.tables(dev)
-            q_mem, q_sum = memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, self.dtype)
+            longest = max((plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks), default=0)
+            q_mem, q_sum = memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, self.dtype, longest)
         else:
             q_mem = rot.rotated(q, start, -1, torch.float32)
             q_sum = None

@@ -66,31 +66,25 @@ def selection_keys(scores: torch.Tensor) -> torch.Tensor:
     return (ordered << 32) | (0xFFFFFFFF - index)
 
 
-def top_ids(keys: torch.Tensor, k: int, n_units: int) -> torch.Tensor:
-    """keys (..., n) from selection_keys, the first n_units real (any beyond lose to every real key)
-    -> the ids of the min(k, n_units) largest, (..., min(k, n_units)) long, ascending per row.
-
-    A long row is cut into SEGMENT-key pieces, the top k of each taken first, then the top k of
-    those (distinct keys: the same k win): one top-k over a whole row runs in one thread block,
-    49 us per layer for 7 rows of 10,233 (profile_prefill, H100)."""
-    n = keys.shape[-1]
-    k = min(k, n_units)
-    if n > 2 * SEGMENT and k <= SEGMENT:
-        pieces = -(-n // SEGMENT)
-        if pieces * SEGMENT != n:  # padding keys lose to every real key (their high half is >= -inf's)
-            keys = torch.nn.functional.pad(keys, (0, pieces * SEGMENT - n), value=torch.iinfo(torch.int64).min)
-        keys = keys.view(*keys.shape[:-1], pieces, SEGMENT).topk(k, dim=-1, sorted=False).values.flatten(-2)
-    best = torch.topk(keys, k, dim=-1, sorted=False).values
-    return torch.sort(0xFFFFFFFF - (best & 0xFFFFFFFF), dim=-1).values
-
-
 def select_units(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores (..., n_units) -> ids (..., min(k, n_units)) long, ascending per row, on scores' device.
 
     The k largest, ties broken by lower index, as a stable descending sort would give, but by top-k
-    over selection_keys (top_ids): on the H100 the two stable sorts this replaced took ~2 ms of GPU
-    time per prefill call at 1M tokens (8,159 units, profile)."""
-    return top_ids(selection_keys(scores), k, scores.shape[-1])
+    over selection_keys (distinct, so which ids win is exact; the ids are read back from the winning
+    keys): on the H100 the two stable sorts this replaced took ~2 ms of GPU time per prefill call at
+    1M tokens (8,159 units, profile). A long row is cut into SEGMENT-key pieces, the top k of each
+    taken first, then the top k of those (distinct keys: the same k win): one top-k over a whole row
+    runs in one thread block, 49 us per layer for 7 rows of 10,233 (profile_prefill, H100)."""
+    n = scores.shape[-1]
+    k = min(k, n)
+    keys = selection_keys(scores)
+    if n > 2 * SEGMENT and k <= SEGMENT:
+        pieces = -(-n // SEGMENT)
+        # Padding keys lose to every real key (whose high half is at least -inf's ordered bits).
+        keys = torch.nn.functional.pad(keys, (0, pieces * SEGMENT - n), value=torch.iinfo(torch.int64).min)
+        keys = keys.view(*keys.shape[:-1], pieces, SEGMENT).topk(k, dim=-1, sorted=False).values.flatten(-2)
+    best = torch.topk(keys, k, dim=-1, sorted=False).values
+    return torch.sort(0xFFFFFFFF - (best & 0xFFFFFFFF), dim=-1).values
 
 
 def choose_units(
@@ -98,13 +92,12 @@ def choose_units(
 ) -> torch.Tensor:
     """The whole lookup: q_sum (blocks, kv_heads, d), representatives (kv_heads, n, d), all n scored;
     units_before (blocks,) or (1,) long: block b chooses among units < units_before[b] -> ids
-    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: the scoring and the keys in one
-    launch (select_cuda.unit_keys_cuda), then top_ids; "reference": select_units_reference."""
-    n = reprs.shape[1]
+    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: two launches
+    (select_cuda.choose_units_cuda); "reference": select_units_reference."""
     if impl == "fast" and q_sum.is_cuda:
-        from memllm.context.select_cuda import unit_keys_cuda
+        from memllm.context.select_cuda import choose_units_cuda
 
-        return top_ids(unit_keys_cuda(q_sum, reprs, n, units_before, mode == "shared"), k, n)
+        return choose_units_cuda(q_sum, reprs, units_before, mode == "shared", k)
     blocks = q_sum.shape[0]
     scores = mask_later(combine(unit_scores(q_sum, reprs), mode), units_before.expand(blocks))
     return (select_units_reference if impl == "reference" else select_units)(scores, k)

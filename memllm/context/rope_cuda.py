@@ -29,9 +29,9 @@ def rotate_rows(XP, CP, SP, j, ok, sign, HALF: tl.constexpr):
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
-@triton.jit(do_not_specialize=["n_rows", "n", "row0", "x_batch", "out_batch"])
+@triton.jit(do_not_specialize=["n_rows", "n", "row0", "x_batch", "x_row", "out_batch"])
 def _rotate_kernel(
-    X, OUT, COS, SIN, n_rows, n, row0, per_row, sign, x_batch, out_batch,
+    X, OUT, COS, SIN, n_rows, n, row0, per_row, sign, x_batch, x_row, out_batch,
     HALF: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0) * BR + tl.arange(0, BR)  # flat row over (batch, n)
@@ -40,7 +40,7 @@ def _rotate_kernel(
     table = row0 + per_row * t
     j = tl.arange(0, HALF)
     d: tl.constexpr = 2 * HALF
-    src = (r // n) * x_batch + t * d
+    src = (r // n) * x_batch + t * x_row
     dst = OUT + ((r // n) * out_batch + t * d)[:, None] + j[None, :]
     o1, o2 = rotate_rows(X + src[:, None], COS + table[:, None] * d, SIN + table[:, None] * d, j[None, :],
                          ok[:, None], sign, HALF)  # fmt: skip
@@ -48,13 +48,15 @@ def _rotate_kernel(
     tl.store(dst + HALF, o2.to(OUT.dtype.element_ty), mask=ok[:, None])
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
-    """t (..., n, d) as (batch, n, d) with rows d apart (a view), or None where it is not one."""
+def _rows_view(t: torch.Tensor, packed: bool = True) -> torch.Tensor | None:
+    """t (..., n, d) as a (batch, n, d) view with a contiguous last dim (packed: rows d apart), or None."""
     if t.dim() != 3:
         if not t.is_contiguous():
             return None
         t = t.reshape(-1, t.shape[-2], t.shape[-1])
-    return t if t.stride(2) == 1 and (t.stride(1) == t.shape[2] or t.shape[1] == 1) else None
+    if t.stride(2) != 1 or (packed and t.stride(1) != t.shape[2] and t.shape[1] != 1):
+        return None
+    return t
 
 
 def rotate(
@@ -69,9 +71,10 @@ def rotate(
 ) -> torch.Tensor:
     """x (..., n, head_dim) on CUDA -> rotated copy in `dtype` (see the module docstring). out: where to
     write it instead of a new tensor, (batch, n, head_dim) with rows head_dim apart (a slice of a
-    longer buffer along n, say); x may be such a view too."""
+    longer buffer along n, say); x may be any (batch, n, head_dim) view with a contiguous last dim
+    (the model's queries are (heads, c, d) views of (c, heads, d))."""
     d, n = x.shape[-1], x.shape[-2]
-    rows = _rows_view(x)
+    rows = _rows_view(x, packed=False)
     if rows is None:
         rows = _rows_view(x.contiguous())
     if out is None:
@@ -84,39 +87,45 @@ def rotate(
         return out
     br = 32
     _rotate_kernel[(triton.cdiv(n_rows, br),)](
-        rows, target, cos, sin, n_rows, n, table_row, per_row, float(sign), rows.stride(0), target.stride(0),
+        rows, target, cos, sin, n_rows, n, table_row, per_row, float(sign), rows.stride(0), rows.stride(1),
+        target.stride(0),
         HALF=d // 2, BR=br,
     )  # fmt: skip
     return out
 
 
-@triton.jit(do_not_specialize=["c", "row0"])
+@triton.jit(do_not_specialize=["c", "row0", "splits"])
 def _memory_queries_kernel(
-    Q, OUT, QSUM, COS, SIN, MB_Q0, MB_Q1, c, row0,
+    Q, OUT, PART, COS, SIN, MB_Q0, MB_Q1, c, row0, splits, stride_h, stride_c,
     G: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """Program (memory block b, kv head h): rows [MB_Q0[b], MB_Q1[b]) of the group's heads rotated by
-    the angles of table rows row0 + t with sin negated, written to OUT; their fp32 sum to QSUM[b, h]."""
+    """Program (memory block b, kv head h, split s): rows [MB_Q0[b] + s * BR, ...) of block b, for the
+    group's heads, rotated by the angles of table rows row0 + t with sin negated, written to OUT
+    (heads, c, D); their fp32 sum to PART[b, s, h]."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    q1 = tl.load(MB_Q1 + b)
+    split = tl.program_id(2)
+    rows = tl.load(MB_Q0 + b) + split * BR + tl.arange(0, BR)
+    ok = rows < tl.load(MB_Q1 + b)
     j = tl.arange(0, HALF)
     d: tl.constexpr = 2 * HALF
+    table = (row0 + rows)[:, None] * d
     s1 = tl.zeros((HALF,), tl.float32)
     s2 = tl.zeros((HALF,), tl.float32)
-    for r0 in range(tl.load(MB_Q0 + b), q1, BR):
-        rows = r0 + tl.arange(0, BR)
-        ok = rows < q1
-        table = (row0 + rows)[:, None] * d
-        for g in tl.static_range(G):
-            at = ((h * G + g) * c + rows)[:, None] * d
-            o1, o2 = rotate_rows(Q + at, COS + table, SIN + table, j[None, :], ok[:, None], -1.0, HALF)
-            tl.store(OUT + at + j[None, :], o1.to(OUT.dtype.element_ty), mask=ok[:, None])
-            tl.store(OUT + at + HALF + j[None, :], o2.to(OUT.dtype.element_ty), mask=ok[:, None])
-            s1 += tl.sum(o1, axis=0)  # masked rows rotate zeros
-            s2 += tl.sum(o2, axis=0)
-    tl.store(QSUM + (b * KVH + h) * d + j, s1)
-    tl.store(QSUM + (b * KVH + h) * d + HALF + j, s2)
+    for g in tl.static_range(G):
+        src = Q + ((h * G + g) * stride_h + rows * stride_c)[:, None]
+        o1, o2 = rotate_rows(src, COS + table, SIN + table, j[None, :], ok[:, None], -1.0, HALF)
+        dst = OUT + ((h * G + g) * c + rows)[:, None] * d + j[None, :]
+        tl.store(dst, o1.to(OUT.dtype.element_ty), mask=ok[:, None])
+        tl.store(dst + HALF, o2.to(OUT.dtype.element_ty), mask=ok[:, None])
+        s1 += tl.sum(o1, axis=0)  # masked rows rotate zeros
+        s2 += tl.sum(o2, axis=0)
+    at = PART + ((b * splits + split) * KVH + h) * d + j
+    tl.store(at, s1)
+    tl.store(at + HALF, s2)
+
+
+ROWS = 64  # rows of one block per program of memory_queries
 
 
 def memory_queries(
@@ -128,19 +137,25 @@ def memory_queries(
     mb_q1: torch.Tensor,
     kv_heads: int,
     dtype: torch.dtype,
+    longest: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memory pass's queries and the lookup's sums in one launch: q (heads, c, d) on CUDA; row t
-    rotated by the angle of table row table_row + t with sin negated (Rotary.rotated(q, start, -1))
-    -> (q_mem (heads, c, d) in `dtype`, written for the memory blocks' rows only (mb_q0 / mb_q1 (blocks,)
-    int32 on the device); q_sum (blocks, kv_heads, d) fp32: lookup.block_query_sums of the fp32 rotation)."""
+    """The memory pass's queries and the lookup's sums in two launches: q (heads, c, d) on CUDA (rows d
+    apart); row t rotated by the angle of table row table_row + t with sin negated
+    (Rotary.rotated(q, start, -1)) -> (q_mem (heads, c, d) in `dtype`, written for the memory blocks'
+    rows only (mb_q0 / mb_q1 (blocks,) int32 on the device, the longest block `longest` rows); q_sum
+    (blocks, kv_heads, d) fp32: lookup.block_query_sums of the fp32 rotation, summed per ROWS rows,
+    then those partial sums in order)."""
     heads, c, d = q.shape
-    q = q.contiguous()
+    if q.stride(2) != 1:
+        q = q.contiguous()
     n_mb = mb_q0.shape[0]
+    splits = max(1, triton.cdiv(longest, ROWS))
     out = torch.empty(heads, c, d, dtype=dtype, device=q.device)
-    q_sum = torch.empty(n_mb, kv_heads, d, dtype=torch.float32, device=q.device)
-    if n_mb and c:
-        _memory_queries_kernel[(n_mb, kv_heads)](
-            q, out, q_sum, cos, sin, mb_q0, mb_q1, c, table_row, G=heads // kv_heads, KVH=kv_heads, HALF=d // 2,
-            BR=32, num_warps=4,
-        )  # fmt: skip
-    return out, q_sum
+    part = torch.empty(n_mb, splits, kv_heads, d, dtype=torch.float32, device=q.device)
+    if n_mb == 0 or c == 0:
+        return out, part.sum(1)
+    _memory_queries_kernel[(n_mb, kv_heads, splits)](
+        q, out, part, cos, sin, mb_q0, mb_q1, c, table_row, splits, q.stride(0), q.stride(1),
+        G=heads // kv_heads, KVH=kv_heads, HALF=d // 2, BR=ROWS, num_warps=4,
+    )  # fmt: skip
+    return out, part.sum(1)

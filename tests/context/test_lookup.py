@@ -11,7 +11,6 @@ from memllm.context.lookup import (
     mask_later,
     select_units,
     select_units_reference,
-    selection_keys,
     unit_scores,
 )
 from tests.context.helpers import kernel_devices
@@ -138,27 +137,21 @@ def test_uva_gather_of_several_blocks_reads_each_unit_once_and_equals_reference(
 @pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("mode", ["shared", "per_head"])
-@pytest.mark.parametrize("n,capacity", [(7, 7), (300, 340), (2 * 1024 + 5, 2 * 1024 + 40), (3 * 1024, 3 * 1024)])
-def test_unit_keys_kernel_equals_pytorch(device, mode, n, capacity):
-    """select_cuda.unit_keys_cuda: the keys of selection_keys(mask_later(combine(unit_scores))) exactly,
-    padding keys below every real one, and the same ids from choose_units. Small integers make every
-    product and sum exact in fp32, so the two paths must agree bit for bit, ties included."""
-    from memllm.context.select_cuda import unit_keys_cuda
-
+@pytest.mark.parametrize("n,blocks", [(7, 4), (300, 4), (2 * 1024 + 5, 7), (5000, 1), (600, 17)])
+def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
+    """select_cuda.choose_units_cuda (through choose_units): the ids select_units takes from
+    mask_later(combine(unit_scores)), for k below, at and above a power of two, with units hidden per
+    block or for all blocks at once. Small integers make every product and sum exact in fp32, so the
+    two paths must agree exactly, ties (broken by the lower index) included."""
     gen = torch.Generator().manual_seed(n)
-    q_sum = torch.randint(-3, 4, (4, 3, 16), generator=gen).float()  # 4 blocks, 3 kv heads
-    reprs = torch.randint(-2, 3, (3, capacity, 16), generator=gen).to(torch.bfloat16)
-    for before in (torch.tensor([0, 1, n // 2, n]), torch.tensor([n - 3])):
-        before = before.clamp(min=0)
-        scores = mask_later(combine(unit_scores(q_sum, reprs), mode), before.expand(4))
-        want = selection_keys(scores)
-        got = unit_keys_cuda(q_sum.to(device), reprs.to(device), capacity, before.to(device), mode == "shared")
-        assert torch.equal(got[..., :capacity].cpu(), want)
-        assert bool((got[..., capacity:] == torch.iinfo(torch.int64).min).all())
-        assert got.shape[-1] == capacity or got.shape[-1] % 1024 == 0
-        for k in (1, 16):
-            fast = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
-            assert fast.cpu().tolist() == select_units(scores, k).tolist()
+    q_sum = torch.randint(-3, 4, (blocks, 3, 16), generator=gen).float()  # 3 kv heads
+    reprs = torch.randint(-2, 3, (3, n, 16), generator=gen).to(torch.bfloat16)
+    spread = torch.linspace(0, n, blocks).long()
+    for before in (spread, torch.tensor([max(0, n - 3)])):
+        scores = mask_later(combine(unit_scores(q_sum, reprs), mode), before.expand(blocks))
+        for k in (1, 5, 16, 40):
+            got = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+            assert got.cpu().tolist() == select_units(scores, k).tolist()
 
 
 @pytest.mark.gpu

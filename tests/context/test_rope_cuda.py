@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memllm.context.positions import Rotary
 from memllm.context.lookup import block_query_sums
 from memllm.context.plan import plan_call
+from memllm.context.positions import Rotary
 from tests.context.helpers import kernel_devices, small_memory, tiny_model
 
 
@@ -68,6 +68,9 @@ def test_rotate_reads_and_writes_row_views(device):
     joined = torch.zeros(3, 50, 16, device=device)
     rotate(buf[:, :25], rot._row(-30), 0, 1, cos, sin, torch.float32, out=joined[:, 10:35])
     torch.testing.assert_close(joined[:, 10:35], rot.rotate_const(buf[:, :25].contiguous(), -30))
+    heads_first = buf.transpose(0, 1)  # (40, 3, 16) rows 3 * 16 apart
+    torch.testing.assert_close(rotate(heads_first, rot._row(5), 0, 1, cos, sin, torch.float32),
+                               rot.rotate_const(heads_first.contiguous(), 5))  # fmt: skip
     assert bool((joined[:, :10] == 0).all()) and bool((joined[:, 35:] == 0).all())
     with pytest.raises(ValueError, match="out must be"):
         rotate(buf[:, :25], rot._row(0), 0, 1, cos, sin, torch.float32, out=joined[:, :20])
@@ -85,13 +88,15 @@ def test_memory_queries_equal_rotation_and_block_sums(device, dtype):
     model = tiny_model("llama3")
     rot = Rotary(model.model.rotary_emb, 512, 16)
     cos, sin, _ = rot.tables(device)
-    plan = plan_call(700, 53, True, 80, 137, small_memory().resolved(512))  # blocks with and without memory
+    plan = plan_call(700, 53, True, 80, 137, small_memory(exc_block_size=128).resolved(512))
     t = plan.tensors(device)
-    q = torch.randn(6, 137, 16, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    q_mem, q_sum = memory_queries(q, rot._row(-100), cos, sin, t["mb_q0"], t["mb_q1"], 2, dtype)
+    # (heads, c, d) as a view of (c, heads, d), as the model hands queries over
+    q = torch.randn(137, 6, 16, generator=torch.Generator().manual_seed(2)).to(device, dtype).transpose(0, 1)
+    longest = max(plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks)
+    q_mem, q_sum = memory_queries(q, rot._row(-100), cos, sin, t["mb_q0"], t["mb_q1"], 2, dtype, longest)
     want = rot.rotate(q, -100, -1)
     rows = t["row_block"].cpu() >= 0
-    assert bool(rows.any())
+    assert bool(rows.any()) and max(b.q1 - b.q0 for b in plan.blocks) > 64  # several splits per block
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(q_mem[:, rows.to(device)], want[:, rows.to(device)].to(dtype), **tol)
     sums = block_query_sums(want, t["row_block"], len(plan.memory_blocks), 2)
