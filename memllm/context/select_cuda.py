@@ -2,9 +2,11 @@
 launch each where PyTorch took ~15 small ones.
 
 * `choose_units_cuda(q_sum, reprs, units_before, shared, k)`: lookup.choose_units (unit_scores,
-  combine, mask_later, selection_keys, top_ids) in two launches: pieces of PIECE units scored for
-  every block at once (tl.dot in fp32, "ieee"), each row's best keys per piece by a bitonic top-k;
-  then each row's best of those, turned back into ids and sorted. The scores are fp32 products
+  combine, mask_later, selection_keys, select_units) in two or three launches: the selection keys
+  of every block (each representative read once); for long rows the best keys of each 1,024 by a
+  bitonic top-k (tl.topk), in parallel; then each row's best, turned back into ids and sorted.
+  (A first version scored and took the top-k of (16 blocks, 256 units) tiles in one kernel: 390 us
+  per layer on the H100, profile_prefill run 4.) The scores are fp32 products
   summed in the kernel's order (the PyTorch path's einsum sums in cuBLAS's): they may differ in the
   last bit, so near-ties may break differently between the two paths.
 * `distinct_pairs_cuda(ids)`: gather.distinct_pairs (the same outputs: distinct keys sorted, their
@@ -35,50 +37,53 @@ def _selection_key(s, u, visible, real):
     return tl.where(real, key, tl.full(u.shape, -(2**63), tl.int64))
 
 
-@triton.jit(do_not_specialize=["n_units", "stride_h", "stride_u", "ub_stride", "n_pieces"])
-def _piece_top_kernel(
-    QS, R, UB, PART, n_units, stride_h, stride_u, ub_stride, n_pieces,
-    NB: tl.constexpr, NBP: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, P: tl.constexpr, KP: tl.constexpr,
-    SHARED: tl.constexpr,
+@triton.jit(do_not_specialize=["n_units", "stride_h", "stride_u", "ub_stride"])
+def _unit_keys_kernel(
+    QS, R, UB, KEYS, n_units, stride_h, stride_u, ub_stride,
+    NB: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, SHARED: tl.constexpr,
 ):  # fmt: skip
-    """Program (piece): the scores of units [piece * P, (piece + 1) * P) for every block at once (one
-    read of the representatives R (KVH, >= n_units, D), q_sum QS (NB, KVH, D) fp32), made selection
-    keys, and each row's KP best written to PART (NB, rows, n_pieces, KP)."""
-    piece = tl.program_id(0)
-    u = piece * P + tl.arange(0, P)
+    """Program (unit tile): the selection keys of units u for every block (the representatives R (KVH,
+    >= n_units, D) read once; q_sum QS (NB, KVH, D) fp32; units >= UB[b * ub_stride] hidden), written
+    to KEYS (NB, rows, n_units)."""
+    u = tl.program_id(0) * BU + tl.arange(0, BU)
     real = u < n_units
-    b = tl.arange(0, NBP)
-    b_ok = b < NB
-    visible = u[None, :] < tl.load(UB + b * ub_stride, mask=b_ok, other=0)[:, None]  # (NBP, P)
     dd = tl.arange(0, D)
-    kk = tl.arange(0, KP)
-    total = tl.zeros((NBP, P), tl.float32)
-    for h in tl.static_range(KVH):
-        q = tl.load(QS + (b[:, None] * KVH + h) * D + dd[None, :], mask=b_ok[:, None], other=0.0)
-        r = tl.load(R + h * stride_h + u[:, None] * stride_u + dd[None, :], mask=real[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(r.to(tl.float32)), input_precision="ieee")  # (NBP, P) fp32
-        if SHARED:
-            total += s
-        else:
-            top = tl.topk(_selection_key(s, u[None, :], visible, real[None, :]), KP)
-            tl.store(PART + (((b * KVH + h) * n_pieces + piece) * KP)[:, None] + kk[None, :], top,
-                     mask=b_ok[:, None])  # fmt: skip
     if SHARED:
-        top = tl.topk(_selection_key(total, u[None, :], visible, real[None, :]), KP)
-        tl.store(PART + ((b * n_pieces + piece) * KP)[:, None] + kk[None, :], top, mask=b_ok[:, None])
+        for b in tl.static_range(NB):
+            total = tl.zeros((BU,), tl.float32)
+            for h in tl.static_range(KVH):
+                r = tl.load(R + h * stride_h + u[:, None] * stride_u + dd[None, :], mask=real[:, None], other=0.0)
+                total += tl.sum(r.to(tl.float32) * tl.load(QS + (b * KVH + h) * D + dd)[None, :], axis=1)
+            visible = u < tl.load(UB + b * ub_stride)
+            tl.store(KEYS + b * n_units + u, _selection_key(total, u, visible, real), mask=real)
+    else:
+        for h in tl.static_range(KVH):
+            r = tl.load(R + h * stride_h + u[:, None] * stride_u + dd[None, :], mask=real[:, None], other=0.0)
+            for b in tl.static_range(NB):
+                s = tl.sum(r.to(tl.float32) * tl.load(QS + (b * KVH + h) * D + dd)[None, :], axis=1)
+                visible = u < tl.load(UB + b * ub_stride)
+                tl.store(KEYS + (b * KVH + h) * n_units + u, _selection_key(s, u, visible, real), mask=real)
+
+
+@triton.jit(do_not_specialize=["n", "n_seg"])
+def _segment_top_kernel(KEYS, PART, n, n_seg, KP: tl.constexpr, SEG: tl.constexpr):
+    """Program (row, segment): the KP best keys of SEG keys of the row (KEYS (rows, n)) to PART (rows, n_seg, KP)."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    c = seg * SEG + tl.arange(0, SEG)
+    x = tl.load(KEYS + row * n + c, mask=c < n, other=-(2**63))
+    tl.store(PART + (row * n_seg + seg) * KP + tl.arange(0, KP), tl.topk(x, KP))
 
 
 @triton.jit(do_not_specialize=["n_cands", "n_out"])
-def _final_top_kernel(PART, IDS, n_cands, n_out, KP: tl.constexpr, CH: tl.constexpr):
-    """Program (row): the KP best of the row's n_cands candidate keys, the first n_out of them turned
-    back into unit ids, written to IDS (rows, n_out) in ascending order."""
+def _final_top_kernel(CANDS, IDS, n_cands, n_out, KP: tl.constexpr, CH: tl.constexpr):
+    """Program (row): the KP best of the row's n_cands candidate keys (CANDS (rows, n_cands)), the first
+    n_out of them turned back into unit ids, written to IDS (rows, n_out) in ascending order."""
     row = tl.program_id(0)
-    worst = tl.full((KP,), -(2**63), tl.int64)
-    best = worst
+    best = tl.full((KP,), -(2**63), tl.int64)
     for c0 in range(0, n_cands, CH):
         c = c0 + tl.arange(0, CH)
-        x = tl.load(PART + row * n_cands + c, mask=c < n_cands, other=-(2**63))
-        top = tl.topk(x, KP)
+        top = tl.topk(tl.load(CANDS + row * n_cands + c, mask=c < n_cands, other=-(2**63)), KP)
         best = tl.topk(tl.reshape(tl.join(best, top), (2 * KP,)), KP)
     pos = tl.arange(0, KP)
     ids = tl.full((KP,), 0xFFFFFFFF, tl.int64) - (best & tl.full((KP,), 0xFFFFFFFF, tl.int64))
@@ -86,15 +91,16 @@ def _final_top_kernel(PART, IDS, n_cands, n_out, KP: tl.constexpr, CH: tl.conste
     tl.store(IDS + row * n_out + pos, ids, mask=pos < n_out)
 
 
-PIECE = 256  # units per program of choose_units_cuda's first pass
+SEGMENT_KEYS = 1024  # keys per program of choose_units_cuda's segment pass
+UNITS_PER_PROGRAM = 64  # units per program of its scoring pass
 
 
 def choose_units_cuda(
     q_sum: torch.Tensor, reprs: torch.Tensor, units_before: torch.Tensor, shared: bool, k: int
 ) -> torch.Tensor:
-    """lookup.choose_units on CUDA in two launches: q_sum (blocks, kv_heads, d) fp32; reprs (kv_heads, n, d)
-    (last dim contiguous), all n scored; units_before (blocks,) or (1,) (shared by all blocks) long on
-    the device -> ids (blocks, 1 if shared else kv_heads, min(k, n)) long, ascending per row."""
+    """lookup.choose_units on CUDA in two or three launches: q_sum (blocks, kv_heads, d) fp32; reprs
+    (kv_heads, n, d) (last dim contiguous), all n scored; units_before (blocks,) or (1,) (shared by all
+    blocks) long on the device -> ids (blocks, 1 if shared else kv_heads, min(k, n)) long, ascending."""
     nb, kvh, d = q_sum.shape
     n = reprs.shape[1]
     if units_before.numel() not in (1, nb):
@@ -103,19 +109,23 @@ def choose_units_cuda(
         raise ValueError(f"representatives {tuple(reprs.shape)} do not match q_sum {tuple(q_sum.shape)}")
     rows = 1 if shared else kvh
     kk = min(k, n)
-    ids = torch.empty(nb, rows, kk, dtype=torch.int64, device=q_sum.device)
+    dev = q_sum.device
+    ids = torch.empty(nb, rows, kk, dtype=torch.int64, device=dev)
     if kk == 0 or nb == 0:
         return ids
     kp = max(16, triton.next_power_of_2(kk))
-    piece = max(PIECE, kp)
-    pieces = triton.cdiv(n, piece)
-    part = torch.empty(nb, rows, pieces, kp, dtype=torch.int64, device=q_sum.device)
-    _piece_top_kernel[(pieces,)](
-        q_sum.float().contiguous(), reprs, units_before, part, n, reprs.stride(0), reprs.stride(1),
-        0 if units_before.numel() == 1 else units_before.stride(0), pieces,
-        NB=nb, NBP=max(16, triton.next_power_of_2(nb)), KVH=kvh, D=d, P=piece, KP=kp, SHARED=shared, num_warps=4,
+    keys = torch.empty(nb, rows, n, dtype=torch.int64, device=dev)
+    _unit_keys_kernel[(triton.cdiv(n, UNITS_PER_PROGRAM),)](
+        q_sum.float().contiguous(), reprs, units_before, keys, n, reprs.stride(0), reprs.stride(1),
+        0 if units_before.numel() == 1 else units_before.stride(0),
+        NB=nb, KVH=kvh, D=d, BU=UNITS_PER_PROGRAM, SHARED=shared, num_warps=4,
     )  # fmt: skip
-    _final_top_kernel[(nb * rows,)](part, ids, pieces * kp, kk, KP=kp, CH=max(kp, 1024), num_warps=4)
+    cands, n_cands = keys, n
+    if n > 2 * SEGMENT_KEYS and kp <= SEGMENT_KEYS:  # the best kp of each segment first, in parallel
+        n_seg = triton.cdiv(n, SEGMENT_KEYS)
+        cands, n_cands = torch.empty(nb, rows, n_seg, kp, dtype=torch.int64, device=dev), n_seg * kp
+        _segment_top_kernel[(nb * rows, n_seg)](keys, cands, n, n_seg, KP=kp, SEG=SEGMENT_KEYS, num_warps=4)
+    _final_top_kernel[(nb * rows,)](cands, ids, n_cands, kk, KP=kp, CH=max(kp, 1024), num_warps=4)
     return ids
 
 

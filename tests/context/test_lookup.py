@@ -143,6 +143,8 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
     mask_later(combine(unit_scores)), for k below, at and above a power of two, with units hidden per
     block or for all blocks at once. Small integers make every product and sum exact in fp32, so the
     two paths must agree exactly, ties (broken by the lower index) included."""
+    from memllm.context.select_cuda import choose_units_cuda
+
     gen = torch.Generator().manual_seed(n)
     q_sum = torch.randint(-3, 4, (blocks, 3, 16), generator=gen).float()  # 3 kv heads
     reprs = torch.randint(-2, 3, (3, n, 16), generator=gen).to(torch.bfloat16)
@@ -150,8 +152,11 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
     for before in (spread, torch.tensor([max(0, n - 3)])):
         scores = mask_later(combine(unit_scores(q_sum, reprs), mode), before.expand(blocks))
         for k in (1, 5, 16, 40):
-            got = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+            got = choose_units_cuda(q_sum.to(device), reprs.to(device), before.to(device), mode == "shared", k)
             assert got.cpu().tolist() == select_units(scores, k).tolist()
+            if device == "cuda":  # choose_units takes the kernels on CUDA
+                got = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+                assert got.cpu().tolist() == select_units(scores, k).tolist()
 
 
 @pytest.mark.gpu
