@@ -14,7 +14,8 @@ one call to the next:
   * one merge. The step itself changes no host state: `advance_host` does that afterwards.
 Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
 reference) or, on CUDA with impl "fast", decode_cuda.step_attention_cuda (two Triton launches, the
-same contract, tested against it); the lookup is PyTorch either way.
+same contract, tested against it); the lookup is lookup.choose_units (select_cuda's kernels on CUDA
+with impl "fast").
 
 Calls of more than one token ("rows"): padded to a fixed number of rows T (`rows_bucket`), the first
 n (a device scalar) real. Row t is key W + t (causal); padded rows write keys past W + n that no
