@@ -294,8 +294,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         if self.kernels and self.store.offload_dtype != "int8":
             from memllm.context.cut_cuda import cut_units_cuda
 
-            row = self.rotary._row(first + plan.cut_start)
-            self.rotary._row(first + plan.cut_start + plan.n_cut * self.config.block_size - 1)
+            row = self.rotary.rows(first + plan.cut_start, plan.n_cut * self.config.block_size)
             cos, sin, _ = self.rotary.tables(k_all.device)
             cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin)
         else:
@@ -338,8 +337,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         if self.kernels:  # one launch: the queries in the model dtype and their per-block sums
             from memllm.context.rope_cuda import memory_queries
 
-            row = rot._row(start)
-            rot._row(start + q.shape[1] - 1)
+            row = rot.rows(start, q.shape[1])
             cos, sin, _ = rot.tables(dev)
             longest = max((plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks), default=0)
             q_mem, q_sum = memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, self.dtype, longest)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from memllm.context.rope_cuda import rotate_rows
 from memllm.context.units import UnitStore
-from memllm.context.uva import _TL, segment_tables
+from memllm.context.uva import TL_DTYPES, segment_tables
 
 ROWS = 32  # key rows per program
 
@@ -109,5 +109,5 @@ def cut_units_cuda(
         k_all, v_all, score, cos, sin, first.reshape(1), tables["k"], tables["v"], reprs,
         n_keys, cut_start, table_row, reprs.stride(0),
         KVH=kvh, SEG_UNITS=store.segment_units, BS=bs, HALF=d // 2, R=store.repr_topk, BT=bt,
-        DST=_TL[store.host_dtype], num_warps=4,
+        DST=TL_DTYPES[store.host_dtype], num_warps=4,
     )  # fmt: skip

@@ -92,7 +92,7 @@ def choose_units(
 ) -> torch.Tensor:
     """The whole lookup: q_sum (blocks, kv_heads, d), representatives (kv_heads, n, d), all n scored;
     units_before (blocks,) or (1,) long: block b chooses among units < units_before[b] -> ids
-    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: two launches
+    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: two or three launches
     (select_cuda.choose_units_cuda); "reference": select_units_reference."""
     if impl == "fast" and q_sum.is_cuda:
         from memllm.context.select_cuda import choose_units_cuda

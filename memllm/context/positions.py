@@ -54,13 +54,18 @@ class Rotary:
             raise ValueError(f"rotation by {angle} positions is outside the model's trained length")
         return angle + self.max_positions - 1
 
+    def rows(self, start: int, n: int) -> int:
+        """The table row of angle `start`, once angles start .. start + n - 1 are checked to have rows."""
+        i = self._row(start)
+        self._row(start + n - 1)
+        return i
+
     def cos_sin(
         self, start: int, n: int, step: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Views (n, head_dim) for angles step * (start + t), t = 0..n-1 (step +1 or -1): no kernels."""
         cos, sin, nsin = self.tables(device)
-        i = self._row(start)
-        self._row(start + n - 1)
+        i = self.rows(start, n)
         return cos[i : i + n], (sin if step > 0 else nsin)[i : i + n]
 
     @staticmethod
@@ -88,9 +93,7 @@ class Rotary:
         if kernel and x.is_cuda and d >= 2 and d & (d - 1) == 0:
             from memllm.context.rope_cuda import rotate
 
-            row = self._row(start)
-            if per_row:
-                self._row(start + x.shape[-2] - 1)
+            row = self.rows(start, x.shape[-2]) if per_row else self._row(start)
             cos, sin, _ = self.tables(x.device)
             return rotate(x, row, 1 if per_row else 0, step if per_row else 1, cos, sin, dtype)
         out = self.rotate(x, start, step) if per_row else self.rotate_const(x, start)

@@ -4,8 +4,11 @@
 the angle of table row `table_row + per_row * t` (per_row 1: one angle per row, as Rotary.rotate;
 0: one angle for all rows, as Rotary.rotate_const), with sin negated when sign is -1; computed in
 fp32 as Rotary.apply (x * cos + rotate_half(x) * sin), written in `dtype`. The tables are Rotary's
-(normalised cos/sin over angles -(P-1)..(P-1)). Tests compare it with Rotary on CUDA. Imported only
-on CUDA (needs triton).
+(normalised cos/sin over angles -(P-1)..(P-1)); `out` lets it write into a slice of a longer buffer.
+`rotate_rows` is the rotation itself, shared by every kernel that rotates (here, cut_cuda.py), so
+they round alike. `memory_queries` rotates the memory blocks' queries and sums them per block (the
+lookup's q_sum) in one pass. Tests compare them with Rotary (and lookup.block_query_sums). Imported
+only on CUDA (needs triton).
 """
 
 from __future__ import annotations
@@ -139,8 +142,8 @@ def memory_queries(
     dtype: torch.dtype,
     longest: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memory pass's queries and the lookup's sums in two launches: q (heads, c, d) on CUDA (rows d
-    apart); row t rotated by the angle of table row table_row + t with sin negated
+    """The memory pass's queries and the lookup's sums in two launches: q (heads, c, d) on CUDA (any view
+    with a contiguous last dim); row t rotated by the angle of table row table_row + t with sin negated
     (Rotary.rotated(q, start, -1)) -> (q_mem (heads, c, d) in `dtype`, written for the memory blocks'
     rows only (mb_q0 / mb_q1 (blocks,) int32 on the device, the longest block `longest` rows); q_sum
     (blocks, kv_heads, d) fp32: lookup.block_query_sums of the fp32 rotation, summed per ROWS rows,

@@ -1,5 +1,5 @@
-"""CUDA fast paths of the lookup (lookup.py) and of the gather's de-duplication (gather.py): one Triton
-launch each where PyTorch took ~15 small ones.
+"""CUDA fast paths of the lookup (lookup.py) and of the gather's de-duplication (gather.py): a few Triton
+launches where PyTorch took ~30 small ones.
 
 * `choose_units_cuda(q_sum, reprs, units_before, shared, k)`: lookup.choose_units (unit_scores,
   combine, mask_later, selection_keys, select_units) in two or three launches: the selection keys

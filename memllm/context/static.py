@@ -29,7 +29,7 @@ Calls that cut units (`cut_shape`, `attend_cut`): in phase 2, once the index hol
 whose plan cuts units (a prefill chunk: graph.py sends no call short enough for a rows step) runs ContextMemoryLayer.
 attend's own pieces (local_pass, cut_units, _attend_memory) on the buffers: the window is read from
 them (re-based by a rotation fixed for the shape) and written back; the cut units go to the store at
-the device unit count (UnitStore.write_at), the lookup scores the whole index masked by each block's
+the device unit count (ContextMemoryLayer.write_cut_units: one kernel on CUDA, else UnitStore.write_at), the lookup scores the whole index masked by each block's
 candidate count (the plan's mb_units, rewritten on the device). Everything else about the call (its
 plan, angles, window lengths) is host integers fixed by the shape's key, so equal keys launch the
 same kernels. int8 units (quantized on the plain path only) and calls under a lookup log are not.

@@ -20,7 +20,7 @@ from memllm.context.gather import distinct_pairs
 from memllm.context.select_cuda import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.units import UnitStore
 
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -202,7 +202,7 @@ def gather_units_uva(
         SEG_UNITS=store.segment_units,
         BLOCK=bs,
         HEAD_DIM=d,
-        SRC_DTYPE=_TL[store.host_dtype],
+        SRC_DTYPE=TL_DTYPES[store.host_dtype],
         QUANT=quant,
         CHUNK=chunk,
         DEDUP=dedup,
@@ -232,6 +232,6 @@ def write_units_uva(store: UnitStore, first: torch.Tensor, k: torch.Tensor, v: t
         SEG_UNITS=store.segment_units,
         KV_HEADS=store.kv_heads,
         ELEMS=elems,
-        DST_DTYPE=_TL[store.host_dtype],
+        DST_DTYPE=TL_DTYPES[store.host_dtype],
         CHUNK=chunk,
     )
