@@ -5,7 +5,7 @@ Usage (on the device machine, model folder holding the SmolLM2 GGUF and its toke
       --full 4k,8k --lengths 8k,32k,128k --depths 10 --out $OUT/passkey.json
 Prints a table last (prefill and decode: medians over a length's trials); writes every trial to --out.
 `--sync-check 32k` reads that length once more with torch.cuda.set_sync_debug_mode("error") over 3
-steady prefill chunks (graph replays) and, after 3 tokens (which warm up and capture the decode graph),
+steady prefill chunks (graph replays; one feed_ids call of host ids, uploaded by prefill.upload) and, after 3 tokens (which warm up and capture the decode graph),
 over 10 decode steps: any host synchronisation in them raises.
 """
 
@@ -87,20 +87,20 @@ def main() -> None:
             # Prefill: all but the last 4 chunks, then 3 chunks under the check (by then the steady
             # chunk's graph is captured: these are replays), then the rest.
             chunk = s.cache.config.chunk_size
-            ids_dev = torch.tensor(ids, device=llm.device)
+            ids_host = torch.tensor(ids)  # host ids, as users feed them (prefill.upload moves them)
             m = (len(ids) // chunk - 4) * chunk
             s.cache.reserve(len(ids))  # the index's final size now: no growth (a new capture) later
-            s.feed_ids(ids_dev[:m])
+            s.feed_ids(ids_host[:m])
             torch.cuda.synchronize()
             before = s.cache.decode_graph().counters()
             t0 = time.perf_counter()
             torch.cuda.set_sync_debug_mode("error")
-            s.feed_ids(ids_dev[m : m + 3 * chunk])
+            s.feed_ids(ids_host[m : m + 3 * chunk])
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
             prefill_ms = (time.perf_counter() - t0) * 1000 / 3
             checked = s.cache.decode_graph().counters()
-            s.feed_ids(ids_dev[m + 3 * chunk :])
+            s.feed_ids(ids_host[m + 3 * chunk :])
             torch.cuda.synchronize()
             with attach(model, cache=s.cache):
                 # The first eligible tokens warm up and capture the decode graph (capture synchronises

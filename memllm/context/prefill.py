@@ -13,13 +13,23 @@ import torch
 from memllm.context.cache import ContextMemoryCache
 
 
+def upload(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """ids on `device`; from the host to CUDA through pinned memory, asynchronously (no host wait)."""
+    device = torch.device(device)
+    if ids.device == device:
+        return ids
+    if device.type == "cuda" and ids.device.type == "cpu":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
+
+
 @torch.no_grad()
 def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -> torch.Tensor:
     """Feed ids (1, n) in one model call (n <= chunk_size); returns the last position's logits (vocab,) fp32.
 
     The call goes through the cache's DecodeGraph when it has one and the call is static: a single
     token or a short call (static.MAX_ROWS) that cuts nothing, or a chunk that cuts units in phase 2."""
-    ids = ids.to(cache.layers[0].device)
+    ids = upload(ids, cache.layers[0].device)
     graph = cache.decode_graph()
     logits = graph.step(model, ids) if graph is not None else None
     if logits is not None:
@@ -41,8 +51,14 @@ def feed(
     ids: torch.Tensor,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor | None:
-    """Feed ids (1, n) in chunks; progress(done, total) after each. Returns the last logits (None if n == 0)."""
+    """Feed ids (1, n) in chunks; progress(done, total) after each. Returns the last logits (None if n == 0).
+
+    The ids go to the device once, without waiting (from pinned memory): a chunk's own upload from
+    pageable memory would wait for the GPU to finish the chunk before it, so the host's work for each
+    chunk (its plan, the stores' room, the graph's bookkeeping) would add to the GPU's instead of
+    running ahead of it."""
     total = ids.shape[1]
+    ids = upload(ids, cache.layers[0].device)
     chunk = cache.config.chunk_size
     cache.reserve(total)
     done = 0

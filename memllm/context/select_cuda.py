@@ -7,7 +7,9 @@ launches where PyTorch took ~30 small ones.
   bitonic top-k (tl.topk), in parallel; then each row's best, turned back into ids and sorted.
   (On the H100, profile_prefill: a first version that scored and took the top-k of (16 blocks, 256
   units) tiles in one kernel took 390 us per layer (run 4); a scoring pass that loaded each head's
-  tile once per block, 87 us (run 5).) The scores are fp32 products
+  tile once per block, 87 us (run 5); one that loaded every head's tile at once and reduced
+  (heads, units, d) products in registers, 68 us (run 6). Now one IEEE fp32 tl.dot per head scores
+  every block of a 64-unit tile.) The scores are fp32 products
   summed in the kernel's order (the PyTorch path's einsum sums in cuBLAS's): they may differ in the
   last bit, so near-ties may break differently between the two paths.
 * `distinct_pairs_cuda(ids)`: gather.distinct_pairs (the same outputs: distinct keys sorted, their
@@ -41,30 +43,35 @@ def _selection_key(s, u, visible, real):
 @triton.jit(do_not_specialize=["n_units", "stride_h", "stride_u", "ub_stride"])
 def _unit_keys_kernel(
     QS, R, UB, KEYS, n_units, stride_h, stride_u, ub_stride,
-    NB: tl.constexpr, KVH: tl.constexpr, KVHP: tl.constexpr, D: tl.constexpr, BU: tl.constexpr,
-    SHARED: tl.constexpr,
+    NB: tl.constexpr, NBP: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BU: tl.constexpr, SHARED: tl.constexpr,
 ):  # fmt: skip
     """Program (unit tile): the selection keys of units u for every block, written to KEYS (NB, rows,
-    n_units). The representatives R (KVH, >= n_units, D) of the tile are loaded once, every head at
-    once (KVHP: KVH rounded up to a power of two); q_sum QS (NB, KVH, D) fp32; units >= UB[b * ub_stride]
-    hidden from block b."""
+    n_units). Per head, one product of the blocks' q_sum (NB padded to NBP rows) by the tile's
+    representatives R (KVH, >= n_units, D) scores every block at once (fp32, IEEE); q_sum QS
+    (NB, KVH, D) fp32 (D padded to DP >= 16 with zeros); units >= UB[b * ub_stride] hidden from block b."""
     u = tl.program_id(0) * BU + tl.arange(0, BU)
     real = u < n_units
-    dd = tl.arange(0, D)
-    h = tl.arange(0, KVHP)
-    h_ok = h < KVH
-    r = tl.load(R + h[:, None, None] * stride_h + u[None, :, None] * stride_u + dd[None, None, :],
-                mask=h_ok[:, None, None] & real[None, :, None], other=0.0).to(tl.float32)  # fmt: skip
-    for b in tl.static_range(NB):
-        q = tl.load(QS + (b * KVH + h[:, None]) * D + dd[None, :], mask=h_ok[:, None], other=0.0)
-        per_head = tl.sum(r * q[:, None, :], axis=2)  # (KVHP, BU)
-        visible = u < tl.load(UB + b * ub_stride)
+    dd = tl.arange(0, DP)
+    d_ok = dd < D
+    b = tl.arange(0, NBP)
+    b_ok = b < NB
+    visible = u[None, :] < tl.load(UB + b * ub_stride, mask=b_ok, other=0)[:, None]  # (NBP, BU)
+    store_ok = b_ok[:, None] & real[None, :]
+    total = tl.zeros((NBP, BU), tl.float32)
+    for h in tl.static_range(KVH):
+        r = tl.load(R + h * stride_h + u[:, None] * stride_u + dd[None, :], mask=real[:, None] & d_ok[None, :],
+                    other=0.0)  # fmt: skip
+        q = tl.load(QS + (b[:, None] * KVH + h) * D + dd[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(r.to(tl.float32)), input_precision="ieee")  # (NBP, BU)
         if SHARED:
-            key = _selection_key(tl.sum(per_head, axis=0), u, visible, real)
-            tl.store(KEYS + b * n_units + u, key, mask=real)
+            total += s
         else:
-            key = _selection_key(per_head, u[None, :], visible[None, :], real[None, :])
-            tl.store(KEYS + (b * KVH + h[:, None]) * n_units + u[None, :], key, mask=h_ok[:, None] & real[None, :])
+            key = _selection_key(s, u[None, :], visible, real[None, :])
+            tl.store(KEYS + (b[:, None] * KVH + h) * n_units + u[None, :], key, mask=store_ok)
+    if SHARED:
+        key = _selection_key(total, u[None, :], visible, real[None, :])
+        tl.store(KEYS + b[:, None] * n_units + u[None, :], key, mask=store_ok)
 
 
 @triton.jit(do_not_specialize=["n", "n_seg"])
@@ -94,7 +101,7 @@ def _final_top_kernel(CANDS, IDS, n_cands, n_out, KP: tl.constexpr, CH: tl.const
 
 
 SEGMENT_KEYS = 1024  # keys per program of choose_units_cuda's segment pass
-UNITS_PER_PROGRAM = 32  # units per program of its scoring pass
+UNITS_PER_PROGRAM = 64  # units per program of its scoring pass
 
 
 def choose_units_cuda(
@@ -120,7 +127,8 @@ def choose_units_cuda(
     _unit_keys_kernel[(triton.cdiv(n, UNITS_PER_PROGRAM),)](
         q_sum.float().contiguous(), reprs, units_before, keys, n, reprs.stride(0), reprs.stride(1),
         0 if units_before.numel() == 1 else units_before.stride(0),
-        NB=nb, KVH=kvh, KVHP=triton.next_power_of_2(kvh), D=d, BU=UNITS_PER_PROGRAM, SHARED=shared, num_warps=4,
+        NB=nb, NBP=max(16, triton.next_power_of_2(nb)), KVH=kvh, D=d, DP=max(16, triton.next_power_of_2(d)), BU=UNITS_PER_PROGRAM, SHARED=shared,
+        num_warps=4,
     )  # fmt: skip
     cands, n_cands = keys, n
     if n > 2 * SEGMENT_KEYS and kp <= SEGMENT_KEYS:  # the best kp of each segment first, in parallel
