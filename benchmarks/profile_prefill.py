@@ -49,13 +49,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1m")
     ap.add_argument("--calls", type=int, default=12, help="steady calls timed after the feed")
     ap.add_argument("--stacks", action="store_true", help="also: one eager step's ops by input shape")
-    ap.add_argument("--no-stage", action="store_true", help="cut units straight to host memory (no CutStage)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.no_stage:
-        import memllm.context.static
-
-        memllm.context.static.STAGE_CUTS = False
     n = parse_length(args.tokens)
     model, tok = load(args.model_dir, args.gguf)
     cfg = MemoryConfig()
@@ -66,7 +61,7 @@ def main() -> None:
     else:
         ids = torch.randint(100, 40000, (n + extra,)).tolist()
     ids = torch.tensor([ids], device="cuda")
-    res: dict = {"tokens": n, "chunk": chunk, "real_model": tok is not None, "staged_cuts": not args.no_stage}
+    res: dict = {"tokens": n, "chunk": chunk, "real_model": tok is not None}
     with attach(model, cfg) as cache:
         t = time.perf_counter()
         feed(model, cache, ids[:, :n])

@@ -53,7 +53,6 @@ from memllm.context.plan import CallPlan, held_limit
 from memllm.context.window import merge
 
 MAX_ROWS = 128  # rows of the largest multi-token static call
-STAGE_CUTS = True  # cutting calls with the kernels stage their units (cut_cuda.CutStage); False: write directly
 
 
 @dataclass
@@ -367,7 +366,7 @@ class StaticDecode:
         for layer in layers:
             layer.store.ensure_room(layer.store.n_units + plan.n_cut, layer.dtype)
         layer, cfg = layers[0], self.cache.config
-        if self.stage is None and layer.kernels and STAGE_CUTS:
+        if self.stage is None and layer.kernels:
             from memllm.context.cut_cuda import CutStage
 
             # A call of chunk_size tokens cuts at most chunk_size / block_size + 1 units.
