@@ -291,9 +291,8 @@ class ContextMemoryLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """cut_units, written at units at, at + 1, ... (a device scalar: UnitStore.write_at; static.py).
         With the kernels and bf16/fp16/fp32 units, one launch (cut_cuda.cut_units_cuda) does both; with
-        a cut_cuda.CutStage that fits, the units go to the stage only: the caller queues their host
-        writes (CutStage.write) once the call's gathers, which read them from the stage, are queued.
-        Returns those `fresh` units, or None (written to host memory already)."""
+        a cut_cuda.CutStage that fits, the units go to the stage and their host writes are queued on
+        its stream. Returns the `fresh` units the call's gathers must read from the stage, or None."""
         if self.kernels and self.store.offload_dtype != "int8":
             from memllm.context.cut_cuda import cut_units_cuda
 
@@ -302,7 +301,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             if stage is not None and plan.n_cut <= stage.units:
                 stage.claim()
                 cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin, stage)
-                return at, stage.k, stage.v
+                return stage.write(self.store, at, plan.n_cut)
             cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin)
         else:
             self.store.write_at(at, *self.cut_units(plan, k_all, v_all, score, first))

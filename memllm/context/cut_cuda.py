@@ -141,12 +141,10 @@ class CutStage:
     """Device buffers for the units one call cuts in one layer, written to host memory on a side stream.
 
     A static cutting call (static.py) rotates each layer's cut units into the stage (cut_units_cuda);
-    the layer's gathers read them there (`fresh`); then `write` queues their copy to pinned host
-    memory (uva.write_units_uva) on `write_stream`, so the PCIe writes (~64 us per layer on the H100,
-    profile_prefill run 6) overlap the rest of the call. Queued right after the cut, they did not
-    shorten the call (19.5 ms per replayed 1M chunk, as unstaged), presumably because the gather's
-    host reads right after them share the PCIe link; after the memory pass, the next PCIe traffic is
-    the next layer's. One stage serves every layer: before a layer overwrites it, the current stream waits for the previous layer's copy; `join`
+    `write` then queues their copy to pinned host memory (uva.write_units_uva) on `write_stream`, so
+    the PCIe writes (~64 us per layer on the H100, profile_prefill run 6) overlap the rest of the call.
+    Meanwhile the call's gathers read those units from the stage (`fresh`). One stage serves every
+    layer: before a layer overwrites it, the current stream waits for the previous layer's copy; `join`
     (end of the call) makes the current stream wait for the last one, so a captured graph's side
     branch rejoins it, and the next call, a plain step or the host never reads a unit still in flight.
     """
@@ -164,13 +162,14 @@ class CutStage:
         if self.pending:
             torch.cuda.current_stream().wait_stream(self.stream)
 
-    def write(self, store: UnitStore, first: torch.Tensor, n: int) -> None:
-        """Queue the copy of rows [0, n) to the store's units first, first + 1, ... on the write stream,
-        after the work queued so far on the current stream."""
-        self.stream.wait_stream(torch.cuda.current_stream())
+    def write(self, store: UnitStore, first: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queue the copy of rows [0, n) to the store's units first, ...; -> `fresh` for the gathers."""
+        main = torch.cuda.current_stream()
+        self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             write_units_uva(store, first, self.k[:n], self.v[:n])
         self.pending = True
+        return first, self.k, self.v
 
     def join(self) -> None:
         """The current stream waits for every queued copy (the end of a call)."""

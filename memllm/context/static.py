@@ -410,8 +410,6 @@ class StaticDecode:
         fresh = layer.write_cut_units(plan, k_all, v_all, score, shape.first, self.units, self.stage)
         torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
         out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True, fresh=fresh)
-        if fresh is not None:  # after the gathers: host writes and host reads would share the PCIe link
-            self.stage.write(layer.store, self.units, plan.n_cut)
         w1 = shape.window_after
         sw.k[:, :w1].copy_(k_all[:, keep:])
         sw.v[:, :w1].copy_(v_all[:, keep:])

@@ -153,10 +153,8 @@ def test_uva_gather_reads_fresh_units_from_the_stage():
     fresh_units = [store.host_unit(u, torch.bfloat16) for u in range(8, 11)]
     stage_k = torch.stack([k for k, _ in fresh_units] + [torch.zeros_like(fresh_units[0][0])]).cuda()
     stage_v = torch.stack([v for _, v in fresh_units] + [torch.zeros_like(fresh_units[0][1])]).cuda()
-    from memllm.context.uva import write_units_uva
-
     zero = torch.zeros(3, 3, 8, 16, dtype=torch.bfloat16, device="cuda")
-    write_units_uva(store, first, zero, zero)
+    store.write_at(first, zero, zero)
     torch.cuda.synchronize()
     for dedup_rows in (ids, ids[:1]):  # several rows (deduplicated) and one
         want = gather_units(store, dedup_rows, torch.bfloat16, "reference")
