@@ -210,7 +210,7 @@ def gather_units_uva(
         keys, count, dst_k, dst_v = ids.contiguous().reshape(-1), ids, out_k, out_v
     if fresh is not None and quant:
         raise ValueError("fresh units are not quantized: int8 stores take the plain path")
-    f_first, f_k, f_v = (fresh[0].reshape(1), *fresh[1:]) if fresh is not None else (keys, dst_k, dst_v)
+    f_first, f_k, f_v = fresh if fresh is not None else (count, dst_k, dst_v)
     grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
     _gather_kernel[grid](
         keys,
@@ -221,7 +221,7 @@ def gather_units_uva(
         tables["v_scale"] if quant else tables["v"],
         dst_k,
         dst_v,
-        f_first,
+        f_first.reshape(1),
         f_k,
         f_v,
         t,
