@@ -287,25 +287,18 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     def write_cut_units(
         self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, first: int,
-        at: torch.Tensor, stage=None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        at: torch.Tensor,
+    ) -> None:
         """cut_units, written at units at, at + 1, ... (a device scalar: UnitStore.write_at; static.py).
-        With the kernels and bf16/fp16/fp32 units, one launch (cut_cuda.cut_units_cuda) does both; with
-        a cut_cuda.CutStage that fits, the units go to the stage and their host writes are queued on
-        its stream. Returns the `fresh` units the call's gathers must read from the stage, or None."""
+        With the kernels and bf16/fp16/fp32 units, one launch (cut_cuda.cut_units_cuda) does both."""
         if self.kernels and self.store.offload_dtype != "int8":
             from memllm.context.cut_cuda import cut_units_cuda
 
             row = self.rotary.rows(first + plan.cut_start, plan.n_cut * self.config.block_size)
             cos, sin, _ = self.rotary.tables(k_all.device)
-            if stage is not None and plan.n_cut <= stage.units:
-                stage.claim()
-                cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin, stage)
-                return stage.write(self.store, at, plan.n_cut)
             cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin)
         else:
             self.store.write_at(at, *self.cut_units(plan, k_all, v_all, score, first))
-        return None
 
     def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, first: int) -> None:
         """The first cut (phase 1 -> 2; window key 0 at position `first`): the sinks, keys rotated back
@@ -326,7 +319,6 @@ class ContextMemoryLayer(CacheLayerMixin):
         out: torch.Tensor,
         lse: torch.Tensor,
         whole_index: bool = False,
-        fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`
         -> (heads, c, d): fp32, or with the kernels, when every row has memory, in the model dtype (a
@@ -334,8 +326,7 @@ class ContextMemoryLayer(CacheLayerMixin):
 
         whole_index (a static call, static.py): score every slot of the unit index buffer, the blocks'
         candidate counts (plan.tensors' mb_units) already written on the device, and leave the
-        counters and the lookup log to the caller (it needs n_units >= topk). fresh: units the call cut
-        that the gather reads from write_cut_units' stage."""
+        counters and the lookup log to the caller (it needs n_units >= topk)."""
         cfg, rot = self.config, self.rotary
         dev = q.device
         kvh = self.spec.kv_heads
@@ -362,7 +353,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             ids = choose_units(q_sum, reprs, t["mb_units"], cfg.lookup, cfg.topk, cfg.impl)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
-            uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl, fresh)
+            uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
             if not whole_index:
                 self.count_lookups(plan, ids)
         if self.kernels:

@@ -21,17 +21,17 @@ import triton.language as tl
 
 from memllm.context.rope_cuda import rotate_rows
 from memllm.context.units import UnitStore
-from memllm.context.uva import TL_DTYPES, segment_tables, write_units_uva
+from memllm.context.uva import TL_DTYPES, segment_tables
 
 ROWS = 32  # key rows per program
 
 
 @triton.jit(do_not_specialize=["n_keys", "cut_start", "row0", "repr_stride"])
 def _cut_kernel(
-    K, V, SCORE, COS, SIN, FIRST, K_TABLE, V_TABLE, REPR, STAGE_K, STAGE_V,
+    K, V, SCORE, COS, SIN, FIRST, K_TABLE, V_TABLE, REPR,
     n_keys, cut_start, row0, repr_stride,
     KVH: tl.constexpr, SEG_UNITS: tl.constexpr, BS: tl.constexpr, HALF: tl.constexpr, R: tl.constexpr,
-    BT: tl.constexpr, DST: tl.constexpr, STAGE: tl.constexpr,
+    BT: tl.constexpr, DST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     part = tl.program_id(1)
@@ -47,14 +47,9 @@ def _cut_kernel(
     table = (row0 + i * BS + rows)[:, None] * d
     every = rows[:, None] < BS
     k1, k2 = rotate_rows(K + src, COS + table, SIN + table, j[None, :], every, -1.0, HALF)
-    if STAGE:  # to the device stage, unit i at row i (CutStage writes it to host memory after)
-        dst = ((i * KVH + h) * BS + rows)[:, None] * d + j[None, :]
-        k_dst = STAGE_K
-        v_dst = STAGE_V
-    else:
-        dst = (((u % SEG_UNITS) * KVH + h) * BS + rows)[:, None] * d + j[None, :]
-        k_dst = tl.load(K_TABLE + seg).to(tl.pointer_type(DST))
-        v_dst = tl.load(V_TABLE + seg).to(tl.pointer_type(DST))
+    dst = (((u % SEG_UNITS) * KVH + h) * BS + rows)[:, None] * d + j[None, :]
+    k_dst = tl.load(K_TABLE + seg).to(tl.pointer_type(DST))
+    v_dst = tl.load(V_TABLE + seg).to(tl.pointer_type(DST))
     tl.store(k_dst + dst, k1.to(K.dtype.element_ty).to(DST))
     tl.store(k_dst + dst + HALF, k2.to(K.dtype.element_ty).to(DST))
     tl.store(v_dst + dst, tl.load(V + src + j[None, :]).to(DST))
@@ -89,14 +84,11 @@ def cut_units_cuda(
     table_row: int,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    stage: CutStage | None = None,
 ) -> None:
     """Units [cut_start, cut_start + n * block_size) of the window (k_all / v_all (kv_heads, W, d) in the
     model dtype, score (kv_heads, W) fp32) written at units first, first + 1, ... (first (1,) long on
     the device): keys rotated back by the angles of Rotary table rows table_row + t (sin negated),
-    representatives from the scores. The room must exist (UnitStore.ensure_room). With a stage (n <=
-    stage.units), K/V go to its buffers (unit first + i at row i) instead of host memory: the caller
-    writes them there after (CutStage.write)."""
+    representatives from the scores. The room must exist (UnitStore.ensure_room)."""
     if n == 0:
         return
     kvh, n_keys, d = k_all.shape
@@ -112,67 +104,10 @@ def cut_units_cuda(
     reprs = store.repr_buffer()
     if reprs.stride(1) != d or reprs.stride(2) != 1:
         raise ValueError("the representatives' buffer must be (kv_heads, capacity, head_dim) contiguous")
-    if stage is not None and (n > stage.units or stage.k.shape[1:] != (kvh, bs, d)
-                              or stage.k.dtype != store.host_dtype):  # fmt: skip
-        raise ValueError(f"{n} units do not fit the stage {tuple(stage.k.shape)} {stage.k.dtype}")
     bt = min(ROWS, bs)
     _cut_kernel[(n * kvh, bs // bt)](
         k_all, v_all, score, cos, sin, first.reshape(1), tables["k"], tables["v"], reprs,
-        stage.k if stage is not None else k_all, stage.v if stage is not None else v_all,
         n_keys, cut_start, table_row, reprs.stride(0),
         KVH=kvh, SEG_UNITS=store.segment_units, BS=bs, HALF=d // 2, R=store.repr_topk, BT=bt,
-        DST=TL_DTYPES[store.host_dtype], STAGE=stage is not None, num_warps=4,
+        DST=TL_DTYPES[store.host_dtype], num_warps=4,
     )  # fmt: skip
-
-
-_WRITE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def write_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per device for the host writes of staged units, made at first use (not graph.py's
-    side stream, on which whole model calls are warmed up and captured)."""
-    device = torch.device(device)
-    if device not in _WRITE_STREAMS:
-        _WRITE_STREAMS[device] = torch.cuda.Stream(device=device)
-    return _WRITE_STREAMS[device]
-
-
-class CutStage:
-    """Device buffers for the units one call cuts in one layer, written to host memory on a side stream.
-
-    A static cutting call (static.py) rotates each layer's cut units into the stage (cut_units_cuda);
-    `write` then queues their copy to pinned host memory (uva.write_units_uva) on `write_stream`, so
-    the PCIe writes (~64 us per layer on the H100, profile_prefill run 6) overlap the rest of the call.
-    Meanwhile the call's gathers read those units from the stage (`fresh`). One stage serves every
-    layer: before a layer overwrites it, the current stream waits for the previous layer's copy; `join`
-    (end of the call) makes the current stream wait for the last one, so a captured graph's side
-    branch rejoins it, and the next call, a plain step or the host never reads a unit still in flight.
-    """
-
-    def __init__(self, units: int, kv_heads: int, block: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):  # fmt: skip
-        self.units = units
-        self.k = torch.empty(units, kv_heads, block, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.stream = write_stream(device)
-        self.pending = False  # a copy queued by this call that the current stream has not waited for
-
-    def claim(self) -> None:
-        """Before a layer's cut kernel writes the stage: wait for the copy of the layer before (if any)."""
-        if self.pending:
-            torch.cuda.current_stream().wait_stream(self.stream)
-
-    def write(self, store: UnitStore, first: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queue the copy of rows [0, n) to the store's units first, ...; -> `fresh` for the gathers."""
-        main = torch.cuda.current_stream()
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            write_units_uva(store, first, self.k[:n], self.v[:n])
-        self.pending = True
-        return first, self.k, self.v
-
-    def join(self) -> None:
-        """The current stream waits for every queued copy (the end of a call)."""
-        if self.pending:
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.pending = False

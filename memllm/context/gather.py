@@ -53,22 +53,9 @@ def gather_host(store: UnitStore, ids: torch.Tensor, dtype: torch.dtype) -> tupl
 
 
 def gather_units(
-    store: UnitStore,
-    ids: torch.Tensor,
-    dtype: torch.dtype,
-    impl: str = "fast",
-    fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, impl: str = "fast"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (..., kv_heads, t) long on the store's device -> K, V (..., kv_heads, t*block_size, head_dim) there.
-
-    fresh: units still on the device whose host copies may be in flight (uva.gather_units_uva; only
-    the CUDA fast path makes them)."""
-    if fresh is not None:
-        if impl == "reference" or store.device.type != "cuda":
-            raise ValueError("fresh units come from the CUDA fast path only")
-        from memllm.context.uva import gather_units_uva
-
-        return gather_units_uva(store, ids, dtype, fresh=fresh)
+    """ids (..., kv_heads, t) long on the store's device -> K, V (..., kv_heads, t*block_size, head_dim) there."""
     if impl == "reference":
         return store.gather_reference(ids, dtype)
     if store.device.type == "cpu":

@@ -161,8 +161,6 @@ class DecodeGraph:
             )
         finally:
             cache.static, st.cut = None, None
-            if slot.cut is not None:
-                st.finish_cut()  # the units' host writes rejoin the call (and a capture's stream)
         if slot.cut is None:
             slot.ids = [sw.ids for sw in st.windows]
             st.advance_device(slot.rows)

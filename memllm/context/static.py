@@ -224,7 +224,6 @@ class StaticDecode:
         self.n_valid = torch.zeros(1, dtype=torch.long, device=self.device)  # real rows of a rows step
         self.blocks = 1  # execution blocks of the rows step being run (a graph's shape: set by graph.py)
         self.cut: CutShape | None = None  # set by graph.py while a static cutting call runs
-        self.stage = None  # cut_cuda.CutStage of the cutting calls (with the kernels), made by prepare_cut
         self.synced_seen = -1
 
     @property
@@ -360,25 +359,9 @@ class StaticDecode:
         )
 
     def prepare_cut(self, plan: CallPlan) -> None:
-        """Host work before a static cutting call: room in every store for the units it cuts; with the
-        kernels, the stage their K/V pass through (made once: a graph keeps its address)."""
-        layers = self.cache.layers
-        for layer in layers:
+        """Host work before a static cutting call: room in every store for the units it cuts."""
+        for layer in self.cache.layers:
             layer.store.ensure_room(layer.store.n_units + plan.n_cut, layer.dtype)
-        layer, cfg = layers[0], self.cache.config
-        if self.stage is None and layer.kernels:
-            from memllm.context.cut_cuda import CutStage
-
-            # A call of chunk_size tokens cuts at most chunk_size / block_size + 1 units.
-            units = cfg.chunk_size // cfg.block_size + 2
-            spec = layer.spec
-            self.stage = CutStage(units, spec.kv_heads, cfg.block_size, spec.head_dim, layer.store.host_dtype,
-                                  self.device)  # fmt: skip
-
-    def finish_cut(self) -> None:
-        """The end of a static cutting call (inside a capture too): wait for the stage's host writes."""
-        if self.stage is not None:
-            self.stage.join()
 
     def advance_host_cut(self, plan: CallPlan, shape: CutShape) -> None:
         """The layers' host state after a static cutting call (what ContextMemoryLayer.attend changes)."""
@@ -407,9 +390,9 @@ class StaticDecode:
         out, lse, k_all, v_all, score = layer.local_pass(
             q, k, v, plan, shape.angle, scale, sw.k[:, :w0], sw.v[:, :w0], sw.score[:, :w0], shape.rebase
         )  # shape.rebase: as ContextMemoryLayer._rebase
-        fresh = layer.write_cut_units(plan, k_all, v_all, score, shape.first, self.units, self.stage)
+        layer.write_cut_units(plan, k_all, v_all, score, shape.first, self.units)
         torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
-        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True, fresh=fresh)
+        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True)
         w1 = shape.window_after
         sw.k[:, :w1].copy_(k_all[:, keep:])
         sw.v[:, :w1].copy_(v_all[:, keep:])

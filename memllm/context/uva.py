@@ -33,9 +33,6 @@ def _gather_kernel(
     vs_table,  # int8 only: value scales (segment_units, kv_heads, block, 1) fp32
     out_k,  # (rows, kv_heads, t, block, head_dim); DEDUP: (n, block, head_dim)
     out_v,
-    fresh_first,  # FRESH: (1,) int64, the first unit of the stage
-    fresh_k,  # FRESH: (units, kv_heads, block, head_dim) on the device, units fresh_first, fresh_first + 1, ...
-    fresh_v,
     t,
     KV_HEADS: tl.constexpr,
     SEG_UNITS: tl.constexpr,
@@ -45,7 +42,6 @@ def _gather_kernel(
     QUANT: tl.constexpr,
     CHUNK: tl.constexpr,
     DEDUP: tl.constexpr = False,
-    FRESH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)  # one (row, kv head, selected unit); DEDUP: one distinct (unit, head)
     part = tl.program_id(1)  # one CHUNK of the unit's block * head_dim elements
@@ -65,17 +61,8 @@ def _gather_kernel(
     src_off = (off * KV_HEADS + h) * elems
     k_src = tl.load(k_table + seg).to(tl.pointer_type(SRC_DTYPE))
     v_src = tl.load(v_table + seg).to(tl.pointer_type(SRC_DTYPE))
-    if FRESH:  # units cut by this call: still on their way to host memory, read from the stage
-        i = u - tl.load(fresh_first)
-        new = i >= 0
-        f_off = (i * KV_HEADS + h) * elems + offs
-        k = tl.where(new, tl.load(fresh_k + f_off, mask=mask & new), tl.load(k_src + src_off + offs, mask=mask & ~new))
-        v = tl.where(new, tl.load(fresh_v + f_off, mask=mask & new), tl.load(v_src + src_off + offs, mask=mask & ~new))
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    else:
-        k = tl.load(k_src + src_off + offs, mask=mask).to(tl.float32)
-        v = tl.load(v_src + src_off + offs, mask=mask).to(tl.float32)
+    k = tl.load(k_src + src_off + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_src + src_off + offs, mask=mask).to(tl.float32)
     if QUANT:
         ks = tl.load(ks_table + seg).to(tl.pointer_type(tl.float32))
         vs = tl.load(vs_table + seg).to(tl.pointer_type(tl.float32))
@@ -175,21 +162,13 @@ def segment_tables(store: UnitStore) -> dict[str, torch.Tensor]:
 
 
 def gather_units_uva(
-    store: UnitStore,
-    ids: torch.Tensor,
-    dtype: torch.dtype,
-    dedup: bool = True,
-    fresh: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, dedup: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (..., kv_heads, t) long on CUDA -> K, V (..., kv_heads, t*block_size, head_dim) in `dtype`, no host sync.
 
     With several rows of ids (the execution blocks of a call) and `dedup`, each distinct (unit, head)
     is read from host memory once, then copied on the device to every place that chose it:
-    consecutive blocks often choose the same units, and host reads are the slow part (PCIe).
-    fresh (first (1,) long, k, v (units, kv_heads, block, head_dim) in the store's dtype, on the
-    device): units >= first are read from k, v (unit first + i at row i) instead of host memory
-    (cut_cuda.CutStage: the units a call cut, whose host copies may still be in flight). bf16/fp16/fp32
-    units only."""
+    consecutive blocks often choose the same units, and host reads are the slow part (PCIe)."""
     lead, (h, t) = ids.shape[:-2], ids.shape[-2:]
     n_rows = ids.numel() // max(h * t, 1)
     bs, d = store.block_size, store.head_dim
@@ -208,9 +187,6 @@ def gather_units_uva(
         dst_v = torch.empty_like(dst_k)
     else:
         keys, count, dst_k, dst_v = ids.contiguous().reshape(-1), ids, out_k, out_v
-    if fresh is not None and quant:
-        raise ValueError("fresh units are not quantized: int8 stores take the plain path")
-    f_first, f_k, f_v = fresh if fresh is not None else (count, dst_k, dst_v)
     grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
     _gather_kernel[grid](
         keys,
@@ -221,9 +197,6 @@ def gather_units_uva(
         tables["v_scale"] if quant else tables["v"],
         dst_k,
         dst_v,
-        f_first.reshape(1),
-        f_k,
-        f_v,
         t,
         KV_HEADS=h,
         SEG_UNITS=store.segment_units,
@@ -233,7 +206,6 @@ def gather_units_uva(
         QUANT=quant,
         CHUNK=chunk,
         DEDUP=dedup,
-        FRESH=fresh is not None,
     )
     if dedup:
         torch.index_select(dst_k, 0, slot, out=out_k.view(-1, bs, d))

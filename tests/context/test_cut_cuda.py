@@ -19,15 +19,10 @@ from tests.context.helpers import tiny_model
 @pytest.mark.parametrize(
     "dtype,offload", [(torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.bfloat16, "fp32"), (torch.float32, "bf16")]
 )
-@pytest.mark.parametrize("staged", [False, True])
-def test_cut_kernel_equals_cut_units_and_write_at(dtype, offload, staged):
+def test_cut_kernel_equals_cut_units_and_write_at(dtype, offload):
     """Keys rotated back and values: the same bits; representatives (the top repr_topk keys by received
     score, averaged): equal up to the order of the sum; units written at a device-side index after
-    units already stored, across a segment boundary. Staged (cut_cuda.CutStage): the stage holds the
-    same bits, returned as `fresh` from the unit index on, and its copy on the write stream reaches
-    the host once the current stream has joined it."""
-    from memllm.context.cut_cuda import CutStage
-
+    units already stored, across a segment boundary."""
     dev = torch.device("cuda")
     model = tiny_model("llama3")
     spec = ModelSpec("tiny", 1, 4, 2, 16, 512, model.model.rotary_emb, dev, dtype)
@@ -49,18 +44,10 @@ def test_cut_kernel_equals_cut_units_and_write_at(dtype, offload, staged):
     at = torch.tensor([5], device=dev)
     ref, fused = layers
     ref.store.write_at(at, *ref.cut_units(plan, k_all, v_all, score, 37))
-    stage = CutStage(4, 2, 16, 16, fused.store.host_dtype, dev) if staged else None
-    fresh = fused.write_cut_units(plan, k_all, v_all, score, 37, at, stage)
-    assert (fresh is not None) == staged
-    if staged:
-        stage.join()
-        assert fresh[0] is at and not stage.pending
-        torch.cuda.current_stream().synchronize()
+    fused.write_cut_units(plan, k_all, v_all, score, 37, at)
     for layer in layers:
         layer.store.advance(3)
     want, got = ref.store.state(), fused.store.state()
     assert torch.equal(got["k"], want["k"]) and torch.equal(got["v"], want["v"])
-    if staged:
-        assert torch.equal(stage.k[:3].cpu(), want["k"][5:8]) and torch.equal(stage.v[:3].cpu(), want["v"][5:8])
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
     torch.testing.assert_close(got["repr"], want["repr"], **tol)

@@ -134,37 +134,6 @@ def test_uva_gather_of_several_blocks_reads_each_unit_once_and_equals_reference(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the UVA gather needs CUDA")
-def test_uva_gather_reads_fresh_units_from_the_stage():
-    """Units >= fresh's first come from the stage (row u - first), the others from host memory: with the
-    host copies of units 8-10 zeroed, the gather still equals the reference of the original units."""
-    from memllm.context.gather import gather_units
-    from memllm.context.units import UnitStore
-
-    store = UnitStore(3, 8, 16, 2, "bf16", torch.device("cuda"), segment_units=4)
-    for _ in range(11):
-        k = torch.randn(3, 8, 16, device="cuda", dtype=torch.bfloat16)
-        store.append(k, torch.randn_like(k), k[:, :2])
-    gen = torch.Generator().manual_seed(10)
-    ids = torch.randint(0, 11, (4, 3, 5), generator=gen).cuda()
-    ids[0, :, 0] = 9  # a fresh unit in every row
-    ref = gather_units(store, ids, torch.bfloat16, "reference")
-    first = torch.tensor([8], device="cuda")
-    fresh_units = [store.host_unit(u, torch.bfloat16) for u in range(8, 11)]
-    stage_k = torch.stack([k for k, _ in fresh_units] + [torch.zeros_like(fresh_units[0][0])]).cuda()
-    stage_v = torch.stack([v for _, v in fresh_units] + [torch.zeros_like(fresh_units[0][1])]).cuda()
-    zero = torch.zeros(3, 3, 8, 16, dtype=torch.bfloat16, device="cuda")
-    store.write_at(first, zero, zero)
-    torch.cuda.synchronize()
-    for dedup_rows in (ids, ids[:1]):  # several rows (deduplicated) and one
-        want = gather_units(store, dedup_rows, torch.bfloat16, "reference")
-        assert not torch.equal(want[0], ref[0][: dedup_rows.shape[0]])  # the host copies are gone
-        got = gather_units(store, dedup_rows, torch.bfloat16, "fast", (first, stage_k, stage_v))
-        for a, b in zip(got, ref, strict=True):
-            torch.testing.assert_close(a, b[: dedup_rows.shape[0]], rtol=0, atol=0)
-
-
-@pytest.mark.gpu
 @pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("mode", ["shared", "per_head"])
