@@ -18,7 +18,8 @@ PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_t
 stalled 50-160 ms, and a later call up to 63 ms.
 
 `registered_alloc` does that itself (anonymous mmap, transparent huge pages asked for, pages touched,
-then cudaHostRegister) and is the default for CUDA stores (`CUDA_HOST_ALLOC`; set it to `pinned_empty`
+then cudaHostRegister; regions whose tensors died are kept, up to POOL_BYTES, and reused: see
+`release_pool`) and is the default for CUDA stores (`CUDA_HOST_ALLOC`; set it to `pinned_empty`
 to switch back). Its stall in a model-like run is NOT measured yet: benchmarks/pinned_alloc_gpu.py
 compares the three ways on the GPU.
 
@@ -33,6 +34,7 @@ import functools
 import logging
 import math
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -117,14 +119,88 @@ class _Registered:
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
 
-def _release(cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
-    """Unregister, then unmap (the finalizer of a `_Registered`); a failed unregister is logged."""
+def _unregister(cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
+    """Unregister, then unmap; a failed unregister is logged."""
     err = cudart.cudaHostUnregister(ptr)
     if int(err) != 0:
         logger.warning(
             "cudaHostUnregister of %d bytes at %#x failed: %s", nbytes, ptr, _error_text(cudart, err)
         )
     mm.close()
+
+
+# ---- registered regions kept for reuse ----------------------------------------------------------
+# A session's segments die with it; the next session (the next document, the next passkey trial)
+# would touch and register as many again: at 1M tokens ~2,900 regions of 8 MiB, ~1.3 ms each in
+# cudaHostRegister holding the driver's lock (the module note), and ~0.3 s of a fresh session's
+# first cut on the H100 (benchmarks/feed_start_profile.py). So a dying region is kept, up to
+# POOL_BYTES in all, and handed to the next registered_alloc of the same size, as PyTorch keeps its
+# pinned blocks. A kept region is reused only once the GPU work queued when it died is done (a CUDA
+# event, queried, never waited on); its contents are the old ones (stores write before they read).
+POOL_BYTES: int | None = None  # bytes of registered regions kept after their tensors die; None: half the RAM
+_kept: dict[int, list[tuple[mmap.mmap, int, Any, Any]]] = {}  # region bytes -> [(mm, ptr, cudart, event)]
+_kept_bytes = 0
+_kept_lock = threading.Lock()
+
+
+def pool_limit() -> int:
+    """POOL_BYTES, or half the machine's physical memory when it is None."""
+    if POOL_BYTES is not None:
+        return POOL_BYTES
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def kept_bytes() -> int:
+    """Bytes of registered regions kept for reuse now."""
+    return _kept_bytes
+
+
+def _queued_work_event() -> Any:
+    """An event after the work queued so far on the current CUDA stream (None without CUDA in use)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
+
+
+def _release(cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
+    """The finalizer of a `_Registered`: keep the region for reuse while the pool has room, else
+    unregister and unmap it."""
+    global _kept_bytes
+    with _kept_lock:
+        if _kept_bytes + nbytes <= pool_limit():
+            _kept.setdefault(nbytes, []).append((mm, ptr, cudart, _queued_work_event()))
+            _kept_bytes += nbytes
+            return
+    _unregister(cudart, mm, ptr, nbytes)
+
+
+def _reuse(nbytes: int, cudart: Any) -> tuple[mmap.mmap, int] | None:
+    """A kept region of nbytes registered through `cudart` whose GPU work is done, taken from the pool."""
+    global _kept_bytes
+    with _kept_lock:
+        regions = _kept.get(nbytes, [])
+        for i, (mm, ptr, owner, ev) in enumerate(regions):
+            if owner is cudart and (ev is None or ev.query()):
+                del regions[i]
+                _kept_bytes -= nbytes
+                return mm, ptr
+    return None
+
+
+def release_pool() -> int:
+    """Unregister and unmap every kept region (after the GPU work queued when it died); returns the bytes."""
+    global _kept_bytes
+    with _kept_lock:
+        regions = [(n, r) for n, rs in _kept.items() for r in rs]
+        _kept.clear()
+        freed, _kept_bytes = _kept_bytes, 0
+    for nbytes, (mm, ptr, cudart, ev) in regions:
+        if ev is not None:
+            ev.synchronize()
+        _unregister(cudart, mm, ptr, nbytes)
+    return freed
 
 
 def _error_text(cudart: Any, err: Any) -> str:
@@ -148,7 +224,8 @@ def _advise_huge(mm: mmap.mmap, start: int, length: int) -> None:
 
 
 def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any = None) -> torch.Tensor:
-    """A zero-filled page-locked host tensor: anonymous mmap, touched, then cudaHostRegister.
+    """A page-locked host tensor: anonymous mmap, touched, then cudaHostRegister (zero-filled), or a kept
+    region of the same size (below).
 
     The registered range is `region_bytes` long: the tensor's bytes rounded up to 2 MiB (`HUGE_PAGE`)
     for tensors of 2 MiB and more (segment K/V), to 4 KiB below. A range of 2 MiB or more starts on a
@@ -168,10 +245,11 @@ def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any 
 
     torch reports the tensor pinned (`is_pinned()` asks the driver, cudaPointerGetAttributes), so
     non_blocking copies to and from it are asynchronous; tests/context/test_pinned.py checks that on
-    a GPU (not yet run). Memory is unregistered and unmapped when the last tensor or view on it is
-    freed, at once: unlike PyTorch's cached pinned blocks, nothing waits for GPU work still reading
-    it, so a segment must not be dropped while a kernel or copy on it is queued (UnitStore never drops
-    a segment while it is alive).
+    a GPU. When the last tensor or view on the memory is freed, the region is kept for reuse while
+    the kept regions stay within `pool_limit()` (see POOL_BYTES; `release_pool` frees them), else
+    unregistered and unmapped at once: then nothing waits for GPU work still reading it, so a segment
+    must not be dropped while a kernel or copy on it is queued (UnitStore never drops a segment while
+    it is alive). A reused region is not zeroed: it holds what its last tensor held.
 
     cudart: the object with cudaHostRegister / cudaHostUnregister (torch.cuda.cudart() when None; the
     tests pass a fake). With the real one, raises RuntimeError if a visible device cannot use host
@@ -196,6 +274,15 @@ def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any 
             )
     numel = math.prod(shape)
     nbytes = region_bytes(numel * dtype.itemsize)
+    kept = _reuse(nbytes, cudart)
+    if kept is not None:  # registered already; old contents
+        mm, ptr = kept
+        holder = _Registered(mm, ptr, nbytes)
+        raw = torch.from_numpy(np.asarray(holder))
+        fin = weakref.finalize(holder, _release, cudart, mm, ptr, nbytes)
+        fin.atexit = False
+        del holder
+        return raw.view(dtype)[:numel].view(shape)
     huge = nbytes >= HUGE_PAGE
     # MAP_PRIVATE: mmap's default MAP_SHARED is shmem, which madvise(MADV_HUGEPAGE) leaves at 4 KiB pages
     mm = mmap.mmap(-1, nbytes + HUGE_PAGE if huge else nbytes, flags=mmap.MAP_PRIVATE)

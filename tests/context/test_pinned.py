@@ -289,7 +289,16 @@ def test_registered_alloc_registers_an_aligned_zeroed_region(shape, dtype, regio
     torch.testing.assert_close(t, src, rtol=0, atol=0)
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_regions():
+    """Every test starts and ends with no registered region kept for reuse."""
+    pinned.release_pool()
+    yield
+    pinned.release_pool()
+
+
 def test_registered_memory_is_released_with_its_last_view(monkeypatch):
+    monkeypatch.setattr(pinned, "POOL_BYTES", 0)  # nothing kept for reuse
     released: list[mmap.mmap] = []
     real_release = pinned._release
 
@@ -311,6 +320,34 @@ def test_registered_memory_is_released_with_its_last_view(monkeypatch):
     gc.collect()
     assert cudart.unregistered == [ptr]
     assert len(released) == 1 and released[0].closed  # unregistered, then unmapped
+
+
+@linux_only
+def test_a_dead_region_is_kept_and_reused_without_registering_again(monkeypatch):
+    """Within POOL_BYTES a freed region stays registered and mapped; the next allocation of its size
+    gets it back (old contents, no new cudaHostRegister); past the limit regions are released;
+    release_pool unregisters and unmaps what is kept."""
+    region = 8 << 20
+    monkeypatch.setattr(pinned, "POOL_BYTES", region)
+    cudart = FakeCudart()
+    t = pinned.registered_alloc((4, 1 << 19), torch.float32, cudart=cudart)  # 8 MiB
+    u = pinned.registered_alloc((4, 1 << 19), torch.float32, cudart=cudart)
+    ptr, other = t.data_ptr(), u.data_ptr()
+    t.fill_(3.0)
+    del t
+    gc.collect()
+    assert cudart.unregistered == [] and pinned.kept_bytes() == region and mapped(ptr)
+    del u
+    gc.collect()
+    assert cudart.unregistered == [other] and not mapped(other)  # the pool was full
+    again = pinned.registered_alloc((2, 1 << 20), torch.float32, cudart=cudart)  # same region size
+    assert again.data_ptr() == ptr and len(cudart.registered) == 2 and pinned.kept_bytes() == 0
+    assert bool((again == 3.0).all())  # not zeroed
+    assert pinned.registered_alloc((4, 1 << 19), torch.float32, cudart=FakeCudart()).data_ptr() != ptr
+    del again
+    gc.collect()
+    assert pinned.release_pool() == region
+    assert cudart.unregistered == [other, ptr] and not mapped(ptr) and pinned.kept_bytes() == 0
 
 
 @linux_only
