@@ -18,14 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+from passkey_gpu import DeviceLLM
 from profile_gpu import smollm2_shaped
-
-
-class _LLM:
-    def __init__(self, model):
-        self.model = model
-        self.tokenizer = None
-        self.trained_len = model.config.max_position_embeddings
 
 
 def main() -> None:
@@ -37,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="32k")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    llm = _LLM(smollm2_shaped("cuda"))
+    llm = DeviceLLM(smollm2_shaped("cuda"), None, "SmolLM2 shapes, random weights")
     n = parse_length(args.tokens)
     ids = torch.randint(100, 40000, (n,)).tolist()
     Session(llm, MemoryConfig()).feed_ids(ids)  # warm-up: kernels compiled, host memory allocated

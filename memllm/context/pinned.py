@@ -276,13 +276,7 @@ def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any 
     nbytes = region_bytes(numel * dtype.itemsize)
     kept = _reuse(nbytes, cudart)
     if kept is not None:  # registered already; old contents
-        mm, ptr = kept
-        holder = _Registered(mm, ptr, nbytes)
-        raw = torch.from_numpy(np.asarray(holder))
-        fin = weakref.finalize(holder, _release, cudart, mm, ptr, nbytes)
-        fin.atexit = False
-        del holder
-        return raw.view(dtype)[:numel].view(shape)
+        return _registered_tensor(cudart, *kept, nbytes, shape, dtype)
     huge = nbytes >= HUGE_PAGE
     # MAP_PRIVATE: mmap's default MAP_SHARED is shmem, which madvise(MADV_HUGEPAGE) leaves at 4 KiB pages
     mm = mmap.mmap(-1, nbytes + HUGE_PAGE if huge else nbytes, flags=mmap.MAP_PRIVATE)
@@ -293,21 +287,29 @@ def registered_alloc(shape: tuple[int, ...], dtype: torch.dtype, *, cudart: Any 
     ptr = base + skip
     if huge:
         _advise_huge(mm, skip, nbytes)
-    holder = _Registered(mm, ptr, nbytes)
-    raw = torch.from_numpy(np.asarray(holder))
-    raw[::PAGE].fill_(0)  # fault every page in (anonymous pages read as zeros already)
+    touch = torch.from_numpy(np.asarray(_Registered(mm, ptr, nbytes)))
+    touch[::PAGE].fill_(0)  # fault every page in (anonymous pages read as zeros already)
+    del touch
     err = cudart.cudaHostRegister(ptr, nbytes, HOST_REGISTER_FLAGS)
     if int(err) != 0:
-        del raw, holder
         mm.close()
         raise RuntimeError(
             f"cudaHostRegister of {nbytes} bytes (for {tuple(shape)} {dtype}) failed: "
             f"{_error_text(cudart, err)}"
         )
+    return _registered_tensor(cudart, mm, ptr, nbytes, shape, dtype)
+
+
+def _registered_tensor(
+    cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A `shape` tensor at the start of a registered region, which goes to `_release` (kept or freed)
+    when the last tensor or view on it dies."""
+    holder = _Registered(mm, ptr, nbytes)
+    raw = torch.from_numpy(np.asarray(holder))
     fin = weakref.finalize(holder, _release, cudart, mm, ptr, nbytes)
     fin.atexit = False  # at exit the process's memory goes anyway; CUDA may already be torn down
-    del holder
-    return raw.view(dtype)[:numel].view(shape)
+    return raw.view(dtype)[: math.prod(shape)].view(shape)
 
 
 CUDA_HOST_ALLOC: HostAlloc = registered_alloc  # what CUDA stores use; pinned_empty switches back

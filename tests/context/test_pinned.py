@@ -343,6 +343,8 @@ def test_a_dead_region_is_kept_and_reused_without_registering_again(monkeypatch)
     again = pinned.registered_alloc((2, 1 << 20), torch.float32, cudart=cudart)  # same region size
     assert again.data_ptr() == ptr and len(cudart.registered) == 2 and pinned.kept_bytes() == 0
     assert bool((again == 3.0).all())  # not zeroed
+    # Another cudart's allocation does not get it; dying at once, that region fills the pool, so
+    # `again`'s region is released when it dies, and release_pool frees the other one.
     assert pinned.registered_alloc((4, 1 << 19), torch.float32, cudart=FakeCudart()).data_ptr() != ptr
     del again
     gc.collect()
