@@ -14,6 +14,7 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
+SELECTORS = ("question", "infllm")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class MemoryConfig:
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
+    selector: which units a question and its answer read. "question" (the default): the question is
+    probed first, every layer scoring all its units by the attention mass the question gives them,
+    and the best units (fused over layers, with neighbours) are read by every layer
+    (context/select.py); "infllm": each layer's own lookup per execution block, as during prefill.
+    select_neighbours: units read on either side of each unit the question selector picks.
     decode_graphs: on CUDA with impl "fast", run static calls by replaying captured CUDA graphs
     (context/graph.py): single tokens and short calls (up to 128 tokens, e.g. a question) that cut
     nothing, and prefill chunks that cut units once the memory holds topk units (int8 units excepted).
@@ -46,6 +52,8 @@ class MemoryConfig:
     impl: str = "fast"
     lookup: str = "shared"
     decode_graphs: bool = True
+    selector: str = "question"
+    select_neighbours: int = 1
 
     def __post_init__(self) -> None:
         def positive(
@@ -78,6 +86,11 @@ class MemoryConfig:
             raise ConfigError(
                 f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
             )
+        if self.selector not in SELECTORS:
+            raise ConfigError(
+                f"MemoryConfig.selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}"
+            )
+        positive("select_neighbours", self.select_neighbours, allow_zero=True)
         if not isinstance(self.decode_graphs, bool):
             raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")
         if self.max_cached_blocks is not None and self.topk > 0 and self.max_cached_blocks < self.topk:

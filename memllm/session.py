@@ -10,7 +10,7 @@ manifest, no pickle). `llm` is any object with .model, .tokenizer, .device, .dty
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memllm.config import MemoryConfig
-from memllm.context import prefill
+from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
@@ -49,6 +49,7 @@ class Session:
         self.config = self.cache.config
         self.last_logits: torch.Tensor | None = None  # (vocab,) fp32: next-token logits after the stream
         self.asks = 0
+        self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
 
     # ---- reading ---------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -81,23 +82,66 @@ class Session:
 
     # ---- generating ------------------------------------------------------------------------------
     def generate_ids(
-        self, prompt: str | list[int] | None = None, max_new_tokens: int = 32, stop: set[int] | None = None
+        self,
+        prompt: str | list[int] | None = None,
+        max_new_tokens: int = 32,
+        stop: set[int] | None = None,
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
     ) -> Iterator[int]:
-        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory."""
+        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
+
+        With a prompt and the "question" selector, the prompt is probed first and the units it needs
+        are read by every layer for the prompt and the continuation (select_prompt).
+        oracle_spans (a diagnostic): token spans of the stream whose units are read first."""
         stop = _stop_ids(self.llm) if stop is None else stop
+        forced = False
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+            forced = self.select_prompt(ids, oracle_spans)
             self.feed_ids(ids)
-        if self.last_logits is None:
-            raise InputError("nothing to continue from: feed text or give a prompt first")
-        model = self.llm.model
-        with attach(model, cache=self.cache):
-            for _ in range(max_new_tokens):
-                tok = int(self.last_logits.argmax())
-                if tok in stop:
-                    return
-                self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
-                yield tok
+        try:
+            if self.last_logits is None:
+                raise InputError("nothing to continue from: feed text or give a prompt first")
+            model = self.llm.model
+            with attach(model, cache=self.cache):
+                for _ in range(max_new_tokens):
+                    tok = int(self.last_logits.argmax())
+                    if tok in stop:
+                        return
+                    self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
+                    yield tok
+        finally:
+            if forced:
+                self.cache.forced.clear()
+
+    def select_prompt(self, ids: list[int], oracle_spans: Sequence[tuple[int, int]] | None = None) -> bool:
+        """Before `ids` (a question, a chat turn) are fed: with the "question" selector, probe them (fed
+        and rolled back, every layer scoring all its units, select.py) and force the chosen units into
+        every layer's lookups until `cache.forced.clear()`. Returns whether units were forced; records
+        what was chosen in `last_selection`."""
+        cache, cfg = self.cache, self.config
+        self.last_selection = None
+        n_units = cache.layers[0].store.n_units
+        if cache.forced is None or n_units <= cfg.topk or not ids:
+            return False
+        if cfg.selector != "question" and oracle_spans is None:
+            return False
+        gold = (
+            select.units_of_spans(oracle_spans, cfg.n_init, cfg.block_size, n_units) if oracle_spans else []
+        )
+        checkpoint, logits = cache.checkpoint(), self.last_logits
+        with cache.probing() as probe:
+            self.feed_ids(ids)
+        cache.rollback(checkpoint)
+        self.last_logits = logits
+        masses = probe.per_layer()
+        if masses is None:
+            return False
+        score = select.fuse(masses)
+        chosen = select.choose(score, cfg.topk, cfg.select_neighbours, first=gold)
+        cache.forced.set(chosen)
+        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score}
+        return True
 
     def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
@@ -114,14 +158,20 @@ class Session:
             with self.cache.hold_cuts():
                 yield
         finally:
+            if self.cache.forced is not None:
+                self.cache.forced.clear()
             self.cache.rollback(checkpoint)
             self.last_logits = logits
             self.asks += 1
 
-    def ask(self, question: str, max_new_tokens: int = 32) -> str:
-        """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
+    def ask(
+        self, question: str, max_new_tokens: int = 32, oracle_spans: Sequence[tuple[int, int]] | None = None
+    ) -> str:
+        """Answer from memory; the question and answer are rolled back out of the memory afterwards.
+        oracle_spans: see generate_ids."""
         with self.answering():
-            return "".join(self.generate(question, max_new_tokens)).strip()
+            ids = self.generate_ids(question, max_new_tokens, oracle_spans=oracle_spans)
+            return "".join(decode_stream(self.llm.tokenizer, ids)).strip()
 
     # ---- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from memllm.context.gather import gather_units
 from memllm.context.lookup import block_query_sums, choose_units
 from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
+from memllm.context.select import ForcedUnits, Probe, unit_mass
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
 from memllm.context.window import joined_memory, local_attention, memory_attention, merge
@@ -109,6 +110,8 @@ class ContextMemoryLayer(CacheLayerMixin):
             plans if plans is not None else PlanMemo(config)
         )  # shared by all layers: one schedule per call
         self.lookup_log: list[tuple[int, torch.Tensor]] | None = None  # see ContextMemoryCache.record_lookups
+        self.probe: Probe | None = None  # see ContextMemoryCache.probing
+        self.forced: ForcedUnits | None = None  # shared by the cache's layers (select.py)
         self.static_views = False  # local_k/v/score are views of static.py's buffers (written in place)
         self.lookups = 0
         self.units_fetched = 0
@@ -346,11 +349,19 @@ class ContextMemoryLayer(CacheLayerMixin):
             q_sum = None
         uk = uv = None
         chosen = 0
+        if self.probe is not None and self.store.n_units > 0:  # select.py: the question's unit masses
+            q_probe = rot.rotated(q, start, -1, torch.float32)
+            self.probe.add(
+                self.layer_idx,
+                unit_mass(q_probe, lse, self.sink_k, self.store, scale, self.dtype, cfg.impl),
+            )
         if self.store.n_units > 0 and cfg.topk > 0:
             if q_sum is None:
                 q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
             reprs = self.store.repr_buffer() if whole_index else self.store.repr_keys()
             ids = choose_units(q_sum, reprs, t["mb_units"], cfg.lookup, cfg.topk, cfg.impl)
+            if self.forced is not None:
+                ids = self.forced.apply(self.layer_idx, ids, static=whole_index)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
             uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
@@ -374,7 +385,10 @@ class ContextMemoryLayer(CacheLayerMixin):
         return merge(out, lse, out_m, lse_m)
 
     def count_lookups(self, plan: CallPlan, ids: torch.Tensor | None) -> None:
-        """Counters (and the lookup log, from ids (memory blocks, kv_heads, chosen)) of a call's lookups."""
+        """Counters (and the lookup log, from ids (memory blocks, kv_heads, chosen)) of a call's lookups;
+        a probe's (ContextMemoryCache.probing) are not counted: it is rolled back, its scan is not a lookup."""
+        if self.probe is not None:
+            return
         valid = [min(self.config.topk, plan.blocks[i].units_before) for i in plan.memory_blocks]
         self.lookups += len(valid)
         self.units_fetched += self.spec.kv_heads * sum(valid)
@@ -457,6 +471,10 @@ class ContextMemoryCache(Cache):
         self.spec, self.config, self.rotary = spec, resolved, rotary
         self.static = None  # the StaticDecode whose step the attention function runs (set by graph.py)
         self._decode_graph = None
+        self.forced = ForcedUnits(len(layers), resolved.topk, spec.device) if resolved.topk > 0 else None
+        for layer in layers:
+            layer.forced = self.forced
+        self.is_probing = False  # prefill.step runs no decode graph while probing
 
     def decode_graph(self):
         """The DecodeGraph single tokens go through (CUDA, impl "fast", config.decode_graphs), else None."""
@@ -514,6 +532,23 @@ class ContextMemoryCache(Cache):
         finally:
             for layer in self.layers:
                 layer.lookup_log = None
+
+    @contextmanager
+    def probing(self) -> Iterator[Probe]:
+        """Within the block, every layer's memory pass also scores all its units by the attention mass
+        the call's queries give them (select.unit_mass), into the Probe yielded; calls run eagerly (no
+        decode graph) and their lookups are not logged (record_lookups)."""
+        probe = Probe(len(self.layers), self.layers[0].store.n_units)
+        logs = [layer.lookup_log for layer in self.layers]
+        self.is_probing = True
+        for layer in self.layers:
+            layer.probe, layer.lookup_log = probe, None
+        try:
+            yield probe
+        finally:
+            self.is_probing = False
+            for layer, log in zip(self.layers, logs, strict=True):
+                layer.probe, layer.lookup_log = None, log
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ContextMemoryCache cannot crop: use checkpoint()/rollback()")

@@ -432,6 +432,8 @@ class StaticDecode:
             q_sum = block_query_sums(q_mem.reshape(heads, rows, d), row_block, nb, kvh)
         reprs = store.repr_buffer()  # (kvh, capacity, d)
         ids = choose_units(q_sum, reprs, self.units, cfg.lookup, cfg.topk, cfg.impl)
+        if layer.forced is not None:  # a device select: graphs obey later forcing (select.ForcedUnits)
+            ids = layer.forced.apply(layer.layer_idx, ids, static=True)
         ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
         uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
