@@ -87,17 +87,19 @@ class Session:
         max_new_tokens: int = 32,
         stop: set[int] | None = None,
         oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
     ) -> Iterator[int]:
         """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
 
         With a prompt and the "question" selector, the prompt is probed first and the units it needs
         are read by every layer for the prompt and the continuation (select_prompt).
-        oracle_spans (a diagnostic): token spans of the stream whose units are read first."""
+        oracle_spans (a diagnostic): token spans of the stream whose units are read first; selector:
+        this call's instead of the config's ("question" or "infllm")."""
         stop = _stop_ids(self.llm) if stop is None else stop
         forced = False
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
-            forced = self.select_prompt(ids, oracle_spans)
+            forced = self.select_prompt(ids, oracle_spans, selector)
             self.feed_ids(ids)
         try:
             if self.last_logits is None:
@@ -114,7 +116,12 @@ class Session:
             if forced:
                 self.cache.forced.clear()
 
-    def select_prompt(self, ids: list[int], oracle_spans: Sequence[tuple[int, int]] | None = None) -> bool:
+    def select_prompt(
+        self,
+        ids: list[int],
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
+    ) -> bool:
         """Before `ids` (a question, a chat turn) are fed: with the "question" selector, probe them (fed
         and rolled back, every layer scoring all its units, select.py) and force the chosen units into
         every layer's lookups until `cache.forced.clear()`. Returns whether units were forced; records
@@ -124,7 +131,7 @@ class Session:
         n_units = cache.layers[0].store.n_units
         if cache.forced is None or n_units <= cfg.topk or not ids:
             return False
-        if cfg.selector != "question" and oracle_spans is None:
+        if (selector or cfg.selector) != "question" and oracle_spans is None:
             return False
         gold = (
             select.units_of_spans(oracle_spans, cfg.n_init, cfg.block_size, n_units) if oracle_spans else []
@@ -140,7 +147,7 @@ class Session:
         score = select.fuse(masses)
         chosen = select.choose(score, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
-        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score}
+        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score, "probe": probe}
         return True
 
     def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
@@ -165,12 +172,16 @@ class Session:
             self.asks += 1
 
     def ask(
-        self, question: str, max_new_tokens: int = 32, oracle_spans: Sequence[tuple[int, int]] | None = None
+        self,
+        question: str,
+        max_new_tokens: int = 32,
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
     ) -> str:
         """Answer from memory; the question and answer are rolled back out of the memory afterwards.
-        oracle_spans: see generate_ids."""
+        oracle_spans, selector: see generate_ids."""
         with self.answering():
-            ids = self.generate_ids(question, max_new_tokens, oracle_spans=oracle_spans)
+            ids = self.generate_ids(question, max_new_tokens, oracle_spans=oracle_spans, selector=selector)
             return "".join(decode_stream(self.llm.tokenizer, ids)).strip()
 
     # ---- accounting ------------------------------------------------------------------------------
