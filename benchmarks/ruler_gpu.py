@@ -87,12 +87,16 @@ def run(args: argparse.Namespace) -> None:
                     for h in hays]  # fmt: skip
             hays = [h for h in hays if h.questions]
         hays = subsample(hays, args.questions)
-        sys_n = [s for s in systems if s != "full" or n + 256 <= llm.trained_len]
+        sys_n = [s for s in systems if s != "full" or n <= llm.trained_len]
         t = time.time()
-        rows += ruler_run.run(llm, hays, sys_n, memory, progress=lambda m: print(m, flush=True))
-        print(f"length {n}: {time.time() - t:.1f}s", flush=True)
-        if out_path:  # after every length: a later failure keeps what was measured
-            out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
+        torch.cuda.reset_peak_memory_stats()
+        for h in hays:  # one haystack at a time, written after each: a timeout keeps what was measured
+            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True))
+            if out_path:
+                out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
+            print(ruler_run.table(ruler_run.summary([r for r in rows if r["length"] == h.length])), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"length {n}: {time.time() - t:.1f}s, peak GPU memory {peak:.3f} GiB (reads and questions)", flush=True)
     items = ruler_run.summary(rows)
     if out_path:
         out_path.write_text(json.dumps({"env": env(args, memory, llm), "summary": items, "rows": rows}, default=str))

@@ -93,7 +93,7 @@ class FullAttention:
     def __init__(self, llm: Any, ids: list[int], chunk: int = 8192):
         from transformers import DynamicCache
 
-        if len(ids) + 256 > llm.trained_len:
+        if len(ids) + 128 > llm.trained_len:
             raise ConfigError(f"full attention: {len(ids)} tokens exceed the trained length {llm.trained_len}")
         self.llm = llm
         self.cache = DynamicCache(config=llm.model.config)
