@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from memllm.compat import cache_kwargs
+
 
 def smollm2_shaped(device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,18 +95,18 @@ def full_attention(model, n: int) -> dict:
 
     def prefill():
         model(
-            input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+            input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True, logits_to_keep=1
         )
 
     pre = timed(prefill, 6)[1:]
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     steps = []
     for _ in range(24):
         sync()
         t = time.perf_counter()
         tok = logits.argmax().view(1, 1)
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
         sync()
         steps.append(time.perf_counter() - t)
     return {"prefill_s": statistics.median(pre), "tok_s": n / statistics.median(pre),
