@@ -32,7 +32,11 @@ def test_memllm_generation_does_not_warn():
     model = tiny_model()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        ids = list(generate_ids(model, torch.tensor([[1, 2, 3]]), cache=DynamicCache(config=model.config), max_new_tokens=3))
+        ids = list(
+            generate_ids(
+                model, torch.tensor([[1, 2, 3]]), cache=DynamicCache(config=model.config), max_new_tokens=3
+            )
+        )
     assert len(ids) == 3
 
 
