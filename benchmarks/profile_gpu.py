@@ -281,7 +281,7 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
     graph = s.cache.decode_graph()
     res["graph"] = graph.counters() if graph is not None else None
     # The same static steps run eagerly, so the profiler times each kernel (a replay is one graph).
-    from memllm.context.graph import DecodeGraph
+    from memllm.context.cuda.graph import DecodeGraph
 
     s.cache._decode_graph = DecodeGraph(s.cache, capture=False)
     with s.answering():
@@ -319,7 +319,7 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
     import triton.testing
 
     from memllm.config import MemoryConfig
-    from memllm.context import flash
+    from memllm.context.cuda import window as flash
     from memllm.context.plan import plan_call
     from memllm.context.window import joined_memory
 
@@ -399,7 +399,8 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
 def ab_prefill(model, n_tokens: int) -> list[dict]:
     """Prefill speed with each recent fast-path change undone in turn (patched here, in one process)."""
     from memllm.config import MemoryConfig
-    from memllm.context import flash, pinned
+    from memllm.context import pinned
+    from memllm.context.cuda import window as flash
     from memllm.context.positions import Rotary
     from memllm.context.window import merge
 
@@ -434,7 +435,7 @@ def ab_prefill(model, n_tokens: int) -> list[dict]:
 
 def launch_overhead() -> dict:
     """Host microseconds per launch: a Triton kernel (the rotation) and a PyTorch op, 2000 each."""
-    from memllm.context.rope_cuda import rotate
+    from memllm.context.cuda.positions import rotate
 
     x = torch.randn(9, 16, 64, device="cuda", dtype=torch.bfloat16)
     cos = torch.randn(100, 64, device="cuda")

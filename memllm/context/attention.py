@@ -55,7 +55,7 @@ def context_memory_attention(
                 "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
             )
     with torch.no_grad():
-        static = cache.static  # a static call (graph.py): one token, a few rows, or a steady chunk
+        static = cache.static  # a static call (cuda/graph.py): one token, a few rows, or a steady chunk
         if static is not None and static.cut is not None:
             out = static.attend_cut(layer, static.cut, query, key, value, scale)
         elif static is not None:
