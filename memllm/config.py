@@ -6,6 +6,7 @@ model's trained context by `MemoryConfig.resolved(trained_len)`. Knows nothing o
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -15,6 +16,14 @@ OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
 SELECTORS = ("question", "infllm")
+_DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"MemoryConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -82,14 +91,15 @@ class MemoryConfig:
             raise ConfigError(
                 f"MemoryConfig.n_local ({self.n_local}) must be at least block_size ({self.block_size})"
             )
-        if self.offload_dtype not in OFFLOAD_DTYPES:
+        _one_of("offload_dtype", self.offload_dtype, OFFLOAD_DTYPES)
+        _one_of("impl", self.impl, IMPLS)
+        _one_of("lookup", self.lookup, LOOKUPS)
+        if self.device is not None and not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
             raise ConfigError(
-                f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
+                f"MemoryConfig.device must be None (the model's device) or a device name such as 'cpu', 'cuda' "
+                f"or 'cuda:0', got {self.device!r}"
             )
-        if self.selector not in SELECTORS:
-            raise ConfigError(
-                f"MemoryConfig.selector must be one of {', '.join(SELECTORS)}, got {self.selector!r}"
-            )
+        _one_of("selector", self.selector, SELECTORS)
         positive("select_neighbours", self.select_neighbours, allow_zero=True)
         if not isinstance(self.decode_graphs, bool):
             raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from memllm.compat import cache_kwargs
+
 
 def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (batch,) from last-position logits (batch, vocab): greedy at temperature 0."""
@@ -45,7 +47,7 @@ def generate_ids(
         n = ids.shape[1]
         positions = torch.arange(pos, pos + n, device=ids.device).unsqueeze(0)
         out = model(
-            input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1
+            input_ids=ids, **cache_kwargs(model, cache), use_cache=True, position_ids=positions, logits_to_keep=1
         )
         pos += n
         nxt = sample_next(out.logits[:, -1, :], temperature, generator)

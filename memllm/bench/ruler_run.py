@@ -104,9 +104,11 @@ class FullAttention:
                 self.logits = self._call(t[:, lo : lo + chunk], lo)
 
     def _call(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        from memllm.compat import cache_kwargs
+
         pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
         out = self.llm.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             past_key_values=self.cache)  # fmt: skip
+                             **cache_kwargs(self.llm.model, self.cache))  # fmt: skip
         return out.logits[0, -1].float()
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from memllm.compat import cache_kwargs
 from memllm.context.cache import ContextMemoryCache
 
 
@@ -36,7 +37,7 @@ def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -
         return logits
     out = model(
         input_ids=ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         position_ids=cache.next_position_ids(ids.shape[1]),
         use_cache=True,
         logits_to_keep=1,

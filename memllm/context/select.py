@@ -23,12 +23,13 @@ with the gold evidence's units first (`units_of_spans`); `recall_by_layer` reads
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from memllm.context.gather import gather_units
 from memllm.context.units import UnitStore
+
+Gather = Callable[[UnitStore, torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 # The probe's scan reads units in chunks whose logits ((heads, rows, units * block_size) fp32) stay under
 # SCAN_BYTES, and never more than SCAN_UNITS units. With 1,024-unit chunks and no byte cap, the H200 run
@@ -44,7 +45,7 @@ def unit_mass(
     store: UnitStore,
     scale: float,
     dtype: torch.dtype,
-    impl: str,
+    gather: Gather,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """q_mem (heads, m, d) the question's queries at the memory frame (keys at position 0, queries at
@@ -52,9 +53,9 @@ def unit_mass(
     attention mass (summed over heads) that every unit would receive in one softmax over window,
     sinks and all units.
 
-    The units' keys are read `chunk` units at a time (default: SCAN_BYTES of logits) through
-    gather_units (impl "reference": the plain loop; otherwise the device gather), so device memory
-    stays bounded by the chunk."""
+    The units' keys are read `chunk` units at a time (default: SCAN_BYTES of logits) through `gather`
+    (the cache's kernels.gather_units: on CUDA from pinned host memory by device-side ids), so device
+    memory stays bounded by the chunk."""
     heads, m, d = q_mem.shape
     kvh = store.kv_heads
     g = heads // kvh
@@ -71,7 +72,7 @@ def unit_mass(
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         ids = torch.arange(lo, hi, device=dev).expand(1, kvh, -1)
-        k, _ = gather_units(store, ids, dtype, impl)  # (1, kvh, (hi - lo) * bs, d)
+        k, _ = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
         logits = torch.matmul(q, k[0].float().transpose(1, 2)) * scale  # (kvh, g*m, (hi - lo) * bs)
         unit_lse[:, :, lo:hi] = torch.logsumexp(logits.view(kvh, g * m, hi - lo, bs), dim=-1)
     if n:

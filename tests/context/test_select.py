@@ -10,7 +10,8 @@ import torch
 
 from memllm.config import MemoryConfig
 from memllm.context import select
-from memllm.context.graph import DecodeGraph
+from memllm.context.cuda.graph import DecodeGraph
+from memllm.context.kernels import kernels_for
 from memllm.context.units import UnitStore
 from memllm.errors import ConfigError
 from memllm.session import Session
@@ -46,7 +47,8 @@ def test_unit_mass_is_the_dense_softmax_over_all_keys(impl):
     scale = d**-0.5
     qg = q.reshape(kvh, heads // kvh, m, d)
     lse_window = torch.logsumexp(torch.einsum("hgmd,hkd->hgmk", qg, window_k) * scale, -1).reshape(heads, m)
-    got = select.unit_mass(q, lse_window, sinks, store, scale, torch.float32, impl, chunk=4)
+    gather = kernels_for(impl, torch.device("cpu")).gather_units
+    got = select.unit_mass(q, lse_window, sinks, store, scale, torch.float32, gather, chunk=4)
     units_k, _ = store.gather_reference(torch.arange(n).expand(1, kvh, -1), torch.float32)  # (1, kvh, n*bs, d)
     keys = torch.cat([window_k, sinks, units_k[0]], dim=1)
     p = torch.softmax(torch.einsum("hgmd,hkd->hgmk", qg, keys) * scale, dim=-1)
@@ -160,8 +162,9 @@ def test_cuda_scan_and_selection_equal_the_reference():
     q = torch.randn(heads, m, d, generator=g).cuda()
     sinks = torch.randn(kvh, 4, d, generator=g).cuda()
     lse = torch.randn(heads, m, generator=g).cuda()
-    fast = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, "fast", chunk=64)
-    ref = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, "reference", chunk=64)
+    cuda = torch.device("cuda")
+    fast = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("fast", cuda).gather_units, 64)
+    ref = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("reference", cuda).gather_units, 64)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)
     # A whole session on CUDA (fast path, decode graphs) chooses the units the CPU reference chooses.
     cuda = make_session("cuda", impl="fast")

@@ -54,7 +54,7 @@ def test_ask_rolls_back_memory():
 
 def answer_ids(s: Session, static: bool) -> tuple[list[int], int, object]:
     """Tokens of an answer (rolled back), units during it; static: through a DecodeGraph run eagerly."""
-    from memllm.context.graph import DecodeGraph
+    from memllm.context.cuda.graph import DecodeGraph
 
     graph = DecodeGraph(s.cache, capture=False) if static else None
     if static:
