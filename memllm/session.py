@@ -147,7 +147,7 @@ class Session:
         score = select.fuse(masses)
         chosen = select.choose(score, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
-        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score, "probe": probe}
+        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score, "per_layer": masses}
         return True
 
     def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
