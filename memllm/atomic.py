@@ -21,7 +21,9 @@ from typing import IO, Any
 
 def refuse_symlink(path: Path) -> None:
     if path.is_symlink():
-        raise OSError(errno.ELOOP, f"{path} is a symbolic link (memllm never writes through links)", str(path))
+        raise OSError(
+            errno.ELOOP, f"{path} is a symbolic link (memllm never writes through links)", str(path)
+        )
 
 
 def fsync_dir(folder: Path) -> None:
@@ -77,3 +79,31 @@ def write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
 def write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
     with atomic_file(path, "w", encoding="utf-8", durable=durable) as fh:
         fh.write(text)
+
+
+@contextmanager
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """Like atomic_file, for writers that want a file name (safetensors' save_file): yields the path
+    of a new empty temporary file beside `path`, renamed over `path` when the block succeeds."""
+    target = Path(path)
+    refuse_symlink(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:80]}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    done = False
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        done = True
+        if durable:
+            fsync_dir(folder)
+    finally:
+        if not done:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass

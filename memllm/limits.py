@@ -154,7 +154,9 @@ def _cgroup_budgets(root: Path = _CGROUP_ROOT) -> list[MemoryBudget]:
                 continue
             usage = _read_int(folder / files[1]) or 0
             usage -= _inactive_file(folder / "memory.stat", files[2])  # page cache the kernel can drop
-            out.append(MemoryBudget(limit - max(0, usage), limit, f"container memory limit (cgroup {version})"))
+            out.append(
+                MemoryBudget(limit - max(0, usage), limit, f"container memory limit (cgroup {version})")
+            )
     return out
 
 
