@@ -25,7 +25,7 @@ from memllm.errors import ConfigError, MemoryLimitError
 GIB = 1024**3
 READ_BYTES_PER_BYTE = 200  # host bytes to decode + tokenise one byte of document text (measured ~170)
 MAX_DOCUMENT_BYTES = 512 * 1024**2  # one document, whatever the memory: split bigger ones
-MAX_LINE_CHARS = 1 << 20  # one chat message read from stdin
+MAX_LINE_CHARS = 65536  # one chat message read from a pipe (at most 256 KiB of UTF-8: one record)
 RESERVE_BYTES = 256 * 1024**2  # kept free for the interpreter, the model's activations and the OS
 _UNLIMITED = 1 << 60
 _CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -73,6 +73,11 @@ class Session:
         )
 
     # ---- reading ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as feed() would append them (BOS first on an empty stream, if the
+        tokenizer adds one)."""
+        return self._encode(text)
+
     def _encode(self, text: str) -> list[int]:
         tok = self.llm.tokenizer
         ids = list(tok(text, add_special_tokens=False)["input_ids"])

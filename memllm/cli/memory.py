@@ -136,7 +136,15 @@ def forget(
     else:
         print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
         raise typer.Exit(2)
-    typer.echo(json.dumps({"forgotten": removed}) if as_json else f"forgot {removed} record(s) of {user}")
+    held = removed > 0 and not s.wal_clean
+    note = (
+        f"their text stays in {s.path}/memory.db-wal until the other process reading this store "
+        "(a running chat?) ends its read or closes the store"
+    )
+    if as_json:
+        typer.echo(json.dumps({"forgotten": removed, **({"pending": note} if held else {})}))
+    else:
+        typer.echo(f"forgot {removed} record(s) of {user}" + (f"; {note}" if held else ""))
 
 
 @memory_app.command("export")

@@ -16,7 +16,6 @@ Knows nothing of prompts, controllers or LLMs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -35,7 +34,8 @@ from memllm.memory_stores.embeddings import Embedder, normalize_rows
 from memllm.memory_stores.jsonl import import_records, read_jsonl, write_jsonl
 from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches, text_hash
 from memllm.memory_stores.schema import migrate
-from memllm.memory_stores.vector_index import IndexConfig, VectorIndex
+from memllm.memory_stores.vector_index import IndexConfig, VectorIndex, remove_stale_temps
+from memllm.paths import disk_key
 
 _COLUMNS = (
     "seq, id, namespace, kind, text, summary, importance, created_at, updated_at, content_hash, "
@@ -144,6 +144,7 @@ class FaissStore:
         self._flock = FileLock(str(self.path / "store.lock"), timeout=lock_timeout)
         self._indexes: dict[str, _NsIndex] = {}
         self._closed = False
+        self.wal_clean = True  # False after a delete whose text another reader kept in the WAL
         try:
             self._conn = sqlite3.connect(
                 str(self.path / self.DB_NAME),
@@ -179,6 +180,7 @@ class FaissStore:
                 f"memory store {self.path} cannot use SQLite WAL mode (got {mode}): use a local disk"
             )
         self._check_embedder()
+        self.stale_removed = remove_stale_temps(self.path / "index")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -258,8 +260,7 @@ class FaissStore:
         return self.embedder
 
     def _index_path(self, namespace: str) -> Path:
-        key = hashlib.sha256(namespace.encode()).hexdigest()[:32]
-        return self.path / "index" / f"{key}.faiss"
+        return self.path / "index" / f"{disk_key(namespace)}.faiss"
 
     def _generation(self, namespace: str) -> int:
         row = self._conn.execute(
@@ -610,7 +611,25 @@ class FaissStore:
                 self._after_write(ns, *gens[ns], added=[], removed=seqs)
                 if ns in self._indexes:
                     self._persist(ns, self._indexes[ns], force=True)
+            if found:
+                self.purge_wal()
         return sum(len(s) for s in found.values())
+
+    def purge_wal(self, wait: float = 2.0) -> bool:
+        """Copy the write-ahead log into the database and truncate it to zero bytes, so that text just
+        deleted (kept in old page versions in memory.db-wal) is gone from disk. False when another
+        connection still reads an older snapshot (a process in the middle of a read): the WAL then
+        keeps the text until that process's connection moves on or closes (SQLite checkpoints at the
+        last close). `self.wal_clean` keeps the latest answer."""
+        self._check_open()
+        with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                busy, log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
+        self.wal_clean = busy == 0 and log <= 0
+        return self.wal_clean
 
     def delete_namespace(self, namespace: str) -> int:
         """Forget every record of a namespace; returns how many there were."""
