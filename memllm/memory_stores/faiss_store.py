@@ -31,8 +31,15 @@ from filelock import FileLock, Timeout
 
 from memllm.errors import StoreError
 from memllm.memory_stores.embeddings import Embedder, normalize_rows
-from memllm.memory_stores.jsonl import import_records, read_jsonl, write_jsonl
-from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches, text_hash
+from memllm.memory_stores.jsonl import read_jsonl, write_jsonl
+from memllm.memory_stores.records import (
+    MemoryRecord,
+    SearchResult,
+    check_filters,
+    matches,
+    new_id,
+    text_hash,
+)
 from memllm.memory_stores.schema import migrate
 from memllm.memory_stores.vector_index import IndexConfig, VectorIndex, remove_stale_temps
 from memllm.paths import disk_key
@@ -85,6 +92,15 @@ class _NsIndex:
     generation: int
     max_seq: int
     unpersisted: int = 0
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """ids: the id here of each imported line; stored: records added; present: already there."""
+
+    ids: list[str]
+    stored: int
+    present: int
 
 
 @dataclass
@@ -410,10 +426,17 @@ class FaissStore:
         again: the existing id is returned and its updated_at refreshed. A text already embedded in
         the namespace, or twice in the batch, is embedded once.
         embeddings: optional precomputed (len(records), dim) vectors (normalised here)."""
+        return self._add(records, embeddings=embeddings)[0]
+
+    def _add(
+        self, records: Sequence[MemoryRecord], *, embeddings: np.ndarray | None = None, fresh_ids: bool = False
+    ) -> tuple[list[str], int]:
+        """add_many, also returning how many records were stored new. fresh_ids: a record whose id is
+        held by another record (checked inside the write transaction) gets a fresh id."""
         self._check_open()
         records = list(records)
         if not records:
-            return []
+            return [], 0
         if self.dim is None:
             self._require_embedder()
         if embeddings is not None:
@@ -440,6 +463,8 @@ class FaissStore:
                     key = (rec.namespace, rec.content_hash)
                     if key in known:  # another process stored it meanwhile
                         continue
+                    if fresh_ids and conn.execute("SELECT 1 FROM records WHERE id = ?", (rec.id,)).fetchone():
+                        rec = MemoryRecord(**{**rec.to_dict(), "id": new_id(), "span": rec.span})
                     seq = self._insert(conn, rec, vectors[row])
                     known[key] = rec.id
                     added.setdefault(rec.namespace, []).append((seq, vectors[row]))
@@ -463,7 +488,8 @@ class FaissStore:
                         )
                     else:
                         self._persist(ns, state)
-        return [known[(rec.namespace, rec.content_hash)] for rec in records]
+        stored = sum(len(rows) for rows in added.values())
+        return [known[(rec.namespace, rec.content_hash)] for rec in records], stored
 
     def _vectors_for(self, records: list[MemoryRecord]) -> np.ndarray:
         """(len(records), dim) vectors: reused from stored records of equal text in the same
@@ -821,8 +847,18 @@ class FaissStore:
         self, src: str | Path | IO[str], namespace: str | None = None, *, batch: int = 256
     ) -> list[str]:
         """Add the records of a JSONL export (into `namespace` if given); returns their ids here.
-        Records already present are not added twice; an id taken by another record gets a fresh one."""
-        return import_records(self, read_jsonl(src, namespace), batch)
+        Records already present are not added twice; an id taken by another record gets a fresh one.
+        All or nothing: see `import_file`. (`batch` is accepted for compatibility and unused.)"""
+        return self.import_file(src, namespace).ids
+
+    def import_file(self, src: str | Path | IO[str], namespace: str | None = None) -> ImportResult:
+        """Import a JSONL export in one transaction: every line is checked first (the first bad one
+        is named and nothing is stored), ids are checked inside the write transaction (an id held by
+        another record, also by a concurrent import, gets a fresh one), and the result counts the
+        records stored and those already present."""
+        records = read_jsonl(src, namespace)
+        ids, stored = self._add(records, fresh_ids=True)
+        return ImportResult(ids, stored, len(set(ids)) - stored)
 
     # ------------------------------------------------------------------ lifecycle
 
