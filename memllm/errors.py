@@ -52,3 +52,16 @@ class InputError(MemllmError):
     """Input text/documents cannot be read (empty, binary, too large)."""
 
     exit_code = 7
+
+
+class MemoryLimitError(MemllmError):
+    """Work would need more memory than the process may use (host RAM, the container's cgroup limit
+    or RLIMIT_AS): refused before the memory is spent, with what to do instead."""
+
+    exit_code = 8
+
+
+class BusyError(MemllmError):
+    """Another process holds what this one needs (a user's kv memory) and did not let go in time."""
+
+    exit_code = 9

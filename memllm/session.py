@@ -9,7 +9,6 @@ manifest, no pickle). `llm` is any object with .model, .tokenizer, .device, .dty
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,16 +17,21 @@ from typing import Any
 
 import torch
 
+from memllm import limits, snapshot
 from memllm.config import MemoryConfig
 from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
-from memllm.errors import InputError, SnapshotError
+from memllm.errors import InputError
 from memllm.generation import decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+SAMPLE_CHARS = 65536
+LIMIT_HINT = (
+    "feed less text, use int8 units (MemoryConfig(offload_dtype='int8')), or give the process more memory"
+)
 
 
 def _stop_ids(llm: Any) -> set[int]:
@@ -50,8 +54,31 @@ class Session:
         self.last_logits: torch.Tensor | None = None  # (vocab,) fp32: next-token logits after the stream
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
+        self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
+
+    def bytes_per_token(self) -> int:
+        """Host bytes one more token of the stream takes in context memory (its K/V in every layer)."""
+        s = self.spec
+        return limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+
+    def check_room(self, n_tokens: int, extra_bytes: int = 0) -> None:
+        """MemoryLimitError, before anything is computed, when `n_tokens` more tokens (and
+        `extra_bytes` of work) would not fit the memory this process may use (host, the container's
+        limit, RLIMIT_AS, MEMLLM_MEMORY_LIMIT)."""
+        per = self.bytes_per_token()
+        limits.require(
+            n_tokens * per + extra_bytes,
+            f"{n_tokens:,} more tokens of context memory (it holds {self.cache.seen_tokens:,}, "
+            f"{per:,} bytes per token)",
+            self.limit_hint,
+        )
 
     # ---- reading ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as feed() would append them (BOS first on an empty stream, if the
+        tokenizer adds one)."""
+        return self._encode(text)
+
     def _encode(self, text: str) -> list[int]:
         tok = self.llm.tokenizer
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -68,6 +95,7 @@ class Session:
         t = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         if t.shape[1] == 0:
             return
+        self.check_room(int(t.shape[1]))
         with attach(self.llm.model, cache=self.cache):
             logits = prefill.feed(self.llm.model, self.cache, t, progress)
         self.last_logits = logits
@@ -76,6 +104,9 @@ class Session:
         """Read `text` into memory; returns the number of tokens added."""
         if not isinstance(text, str):
             raise InputError(f"feed() takes text (str), got {type(text).__name__}")
+        if len(text) > SAMPLE_CHARS:  # long text: refuse before tokenising it, from a sample's rate
+            sample = len(self.llm.tokenizer(text[:SAMPLE_CHARS], add_special_tokens=False)["input_ids"])
+            self.check_room(len(text) * sample // SAMPLE_CHARS, len(text) * limits.READ_BYTES_PER_BYTE)
         ids = self._encode(text)
         self.feed_ids(ids, progress)
         return len(ids)
@@ -104,6 +135,7 @@ class Session:
         try:
             if self.last_logits is None:
                 raise InputError("nothing to continue from: feed text or give a prompt first")
+            self.check_room(max_new_tokens)
             model = self.llm.model
             with attach(model, cache=self.cache):
                 for _ in range(max_new_tokens):
@@ -192,71 +224,22 @@ class Session:
         return s
 
     # ---- snapshots -------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the memory to folder `path`: manifest.json + state.safetensors."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        layers = []
-        for i, layer in enumerate(self.cache.layers):
-            for name, t in layer.state().items():
-                tensors[f"layer{i}.{name}"] = t
-            layers.append(
-                {"seen": layer.seen, "cut": layer.cut, "base": layer.base, "units": layer.store.n_units}
-            )
-        if self.last_logits is not None:
-            tensors["last_logits"] = self.last_logits.to("cpu").contiguous()
-        manifest = {
-            "format": SNAPSHOT_FORMAT,
-            "version": SNAPSHOT_VERSION,
-            "model": getattr(self.llm, "name", self.spec.name),
-            "spec": {
-                k: getattr(self.spec, k)
-                for k in ("num_layers", "num_heads", "kv_heads", "head_dim", "trained_len")
-            },
-            "dtype": str(self.spec.dtype).removeprefix("torch."),
-            "memory": self.config.to_dict(),
-            "layers": layers,
-        }
-        save_file(tensors, str(folder / "state.safetensors"))
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return folder
+    def save(self, path: str | Path, namespace: str | None = None) -> Path:
+        """Write the memory to folder `path` (memllm.snapshot: files with checksums, manifest last).
+        `path` must be new, empty, or a snapshot saved before; `namespace` is recorded and required
+        again by restore when given."""
+        return snapshot.save_session(self, path, namespace)
 
     @classmethod
-    def restore(cls, llm: Any, path: str | Path) -> Session:
-        """A session equal to the saved one (same next-token logits) on `llm`."""
-        from safetensors.torch import load_file
+    def restore(cls, llm: Any, path: str | Path, namespace: str | None = None) -> Session:
+        """A session equal to the saved one (same next-token logits) on `llm`; SnapshotError when the
+        snapshot is torn, altered, or was written with other weights (or for another namespace)."""
+        return cls.restore_checked(llm, path, namespace)[0]
 
-        folder = Path(path)
-        mpath, spath = folder / "manifest.json", folder / "state.safetensors"
-        if not mpath.is_file() or not spath.is_file():
-            raise SnapshotError(
-                f"no memory snapshot at {folder}: expected manifest.json and state.safetensors"
-            )
-        try:
-            manifest = json.loads(mpath.read_text())
-        except ValueError as exc:
-            raise SnapshotError(f"snapshot manifest {mpath} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotError(f"{mpath} is not a memllm context snapshot")
-        if manifest.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                f"snapshot version {manifest.get('version')} is not supported (this memllm reads {SNAPSHOT_VERSION})"
-            )
+    @classmethod
+    def restore_checked(cls, llm: Any, path: str | Path, namespace: str | None = None) -> tuple[Session, dict]:
+        """(session, manifest): restore() that also returns the snapshot's manifest."""
+        manifest = snapshot.read_checked(llm, path, namespace)
         session = cls(llm, MemoryConfig.from_dict(manifest["memory"]))
-        want = {k: getattr(session.spec, k) for k in manifest["spec"]}
-        if want != manifest["spec"]:
-            raise SnapshotError(
-                f"snapshot was written for a model shaped {manifest['spec']}, this model is {want}: "
-                f"restore it with model '{manifest.get('model')}'"
-            )
-        tensors = load_file(str(spath))
-        for i, (layer, meta) in enumerate(zip(session.cache.layers, manifest["layers"], strict=True)):
-            prefix = f"layer{i}."
-            state = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-            layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
-        if "last_logits" in tensors:
-            session.last_logits = tensors["last_logits"].to(session.cache.layers[0].device)
-        return session
+        snapshot.restore_into(session, path, manifest)
+        return session, manifest

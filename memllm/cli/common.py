@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
@@ -60,3 +63,29 @@ def open_store(path: str | None, *, with_embedder: bool) -> Any:
     from memllm.models import default_store_path
 
     return FaissStore(path or default_store_path(), load_embedder() if with_embedder else None)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives inside `exit_on_sigterm` (exit status 143)."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (docker stop, systemd) unwinds like an exception, so `finally`
+    blocks run: temporary document stores are removed, stores closed. Restored afterwards. Only for
+    the CLI's own process (importing memllm never installs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -136,7 +136,15 @@ def forget(
     else:
         print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
         raise typer.Exit(2)
-    typer.echo(json.dumps({"forgotten": removed}) if as_json else f"forgot {removed} record(s) of {user}")
+    held = removed > 0 and not s.wal_clean
+    note = (
+        f"their text stays in {s.path}/memory.db-wal until the other process reading this store "
+        "(a running chat?) ends its read or closes the store"
+    )
+    if as_json:
+        typer.echo(json.dumps({"forgotten": removed, **({"pending": note} if held else {})}))
+    else:
+        typer.echo(f"forgot {removed} record(s) of {user}" + (f"; {note}" if held else ""))
 
 
 @memory_app.command("export")
@@ -161,7 +169,15 @@ def import_(
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Import records (into this user's memory); records already present are not added twice."""
+    """Import records (into this user's memory), all or none; records already present are not added twice."""
     s = common.open_store(store, with_embedder=True)
-    ids = s.import_jsonl(sys.stdin if src == "-" else src, namespace=_ns(user))
-    typer.echo(json.dumps({"imported": len(ids)}) if as_json else f"imported {len(ids)} record(s) for {user}")
+    result = s.import_file(sys.stdin if src == "-" else src, namespace=_ns(user))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"imported": result.stored, **({"already_present": result.present} if result.present else {})}
+            )
+        )
+    else:
+        there = f" ({result.present} already there)" if result.present else ""
+        typer.echo(f"imported {result.stored} record(s) for {user}{there}")

@@ -21,6 +21,8 @@ from memllm.errors import StoreError
 KINDS = ("turn", "chunk", "summary", "fact")
 Kind = Literal["turn", "chunk", "summary", "fact"]
 FILTER_KEYS = ("kind", "source", "created_after", "created_before", "metadata")
+MAX_RECORD_BYTES = 256 * 1024  # text (and summary) of one record, UTF-8: long text goes in as chunks
+MAX_TIMESTAMP = 32503680000.0  # 3000-01-01: timestamps are UNIX seconds within [0, this]
 
 
 def new_id() -> str:
@@ -42,6 +44,18 @@ def content_hash(kind: str, text: str, created_at: float | None = None) -> str:
     """
     stamp = f"\x00{float(created_at)!r}" if kind == "turn" else ""
     return hashlib.sha256(f"{kind}\x00{text_hash(text)}{stamp}".encode()).hexdigest()
+
+
+def _timestamp(name: str, value: Any) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise StoreError(f"record {name} must be a number of UNIX seconds, got {value!r}") from None
+    if not math.isfinite(t) or not 0.0 <= t <= MAX_TIMESTAMP:
+        raise StoreError(
+            f"record {name} must be UNIX seconds between 0 and {MAX_TIMESTAMP:.0f} (year 3000), got {value!r}"
+        )
+    return t
 
 
 @dataclass
@@ -77,8 +91,19 @@ class MemoryRecord:
         if not math.isfinite(imp) or not 0.0 <= imp <= 1.0:
             raise StoreError(f"record importance must be within [0, 1], got {self.importance!r}")
         self.importance = imp
-        self.created_at = float(self.created_at)
-        self.updated_at = self.created_at if self.updated_at is None else float(self.updated_at)
+        for name in ("text", "summary"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_RECORD_BYTES // 4:
+                size = len(value.encode("utf-8", "surrogatepass"))
+                if size > MAX_RECORD_BYTES:
+                    raise StoreError(
+                        f"record {name} is {size:,} bytes, over the limit of {MAX_RECORD_BYTES:,}: split it "
+                        "into several records (`memllm ask` reads long documents as chunks)"
+                    )
+        self.created_at = _timestamp("created_at", self.created_at)
+        self.updated_at = (
+            self.created_at if self.updated_at is None else _timestamp("updated_at", self.updated_at)
+        )
         if self.span is not None:
             start, end = (int(v) for v in self.span)
             if start < 0 or end < start:
