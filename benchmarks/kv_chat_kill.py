@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
@@ -33,14 +32,12 @@ from pathlib import Path
 STATUS = re.compile(r"kv memory of \S+: (\d+) tokens, (\d+) turns")
 
 
-def start(store: Path, model: str | None, home: Path) -> subprocess.Popen:
+def start(store: Path, model: str | None) -> subprocess.Popen:
     args = [sys.executable, "-m", "memllm.cli.app", "chat", "--user", "U", "--store", str(store),
             "--memory", "kv", "--max-new-tokens", "8", "--json"]  # fmt: skip
     if model:
         args += ["--model", model]
-    env = dict(os.environ, MEMLLM_HOME=str(home)) if home else dict(os.environ)
-    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def restored(stderr: str) -> tuple[int, int, bool]:
@@ -73,12 +70,12 @@ _LLM = None
 
 
 def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Path, rng: random.Random) -> dict:
-    store, home = root / f"{sig.name}-{mode}", Path(os.environ.get("MEMLLM_HOME", root / "home"))
+    store = root / f"{sig.name}-{mode}"
     answered = 0  # turns whose answer line arrived before the kill
     rows = []
     for i in range(trials):
         t0 = time.perf_counter()
-        proc = start(store, model, home)
+        proc = start(store, model)
         proc.stdin.write(f"Note {i}: the code word for locker {i} is {rng.choice(['amber', 'cobalt', 'ivory'])}.\n")
         proc.stdin.flush()
         got_answer = False
@@ -100,7 +97,7 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
             raise SystemExit(f"trial {i}: no answer line before the kill:\n{err}")
         kept = snap.get("turns", 0)
         answered = answered + 1 if got_answer else kept  # random kills: what the snapshot holds now
-    final = start(store, model, home)
+    final = start(store, model)
     _, err = final.communicate("", timeout=120)
     tokens, turns, warned = restored(err)
     after_rows = rows[1:] + [{"restored_turns": turns, "warned": warned}]
