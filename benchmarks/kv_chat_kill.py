@@ -4,6 +4,8 @@ For each signal, N trials on one user's store, each a fresh `memllm chat --user 
 process: send one message, and
   after  - kill it the moment its answer line arrives (the turn is answered: it must be in the next
            run's kv memory), or
+  save   - (without --json: the answer streams, then the turn is saved) kill it 0-300 ms after the
+           first piece of the answer appears: mostly while the snapshot is being written;
   random - kill it at a random time while it answers (the turn may be lost, but what the next run
            restores must be a whole snapshot: one that passes its checksums, or a one-line warning
            and a rebuild from the user's text records; never a torn manifest/state pair).
@@ -32,9 +34,9 @@ from pathlib import Path
 STATUS = re.compile(r"kv memory of \S+: (\d+) tokens, (\d+) turns")
 
 
-def start(store: Path, model: str | None) -> subprocess.Popen:
+def start(store: Path, model: str | None, as_json: bool = True) -> subprocess.Popen:
     args = [sys.executable, "-m", "memllm.cli.app", "chat", "--user", "U", "--store", str(store),
-            "--memory", "kv", "--max-new-tokens", "8", "--json"]  # fmt: skip
+            "--memory", "kv", "--max-new-tokens", "8", *(["--json"] if as_json else [])]  # fmt: skip
     if model:
         args += ["--model", model]
     return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,13 +77,17 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
     rows = []
     for i in range(trials):
         t0 = time.perf_counter()
-        proc = start(store, model)
+        proc = start(store, model, as_json=mode != "save")
         proc.stdin.write(f"Note {i}: the code word for locker {i} is {rng.choice(['amber', 'cobalt', 'ivory'])}.\n")
         proc.stdin.flush()
         got_answer = False
         if mode == "after":
             line = proc.stdout.readline()
             got_answer = bool(line.strip()) and "answer" in json.loads(line)
+            proc.send_signal(sig)
+        elif mode == "save":
+            proc.stdout.read(1)  # the answer's first piece: the save follows the last one
+            time.sleep(rng.uniform(0.0, 0.3))
             proc.send_signal(sig)
         else:
             time.sleep(rng.uniform(0.0, 6.0))  # startup + answer of the default model on 2 CPU cores
@@ -91,7 +97,8 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
         tokens, turns, warned = restored(err)
         snap = check_snapshot(store, model) if (store / "kv").exists() else {"ok": True, "turns": 0}
         rows.append({"trial": i, "restored_turns": turns, "restored_tokens": tokens, "warned": warned,
-                     "answered_before_kill": got_answer, "returncode": proc.returncode, "snapshot": snap,
+                     "answered_before_kill": got_answer, "returncode": proc.returncode,
+                     "failed": proc.returncode > 0 or "error:" in err, "snapshot": snap,
                      "expected_turns_at_least": answered, "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
         if mode == "after" and not got_answer:
             raise SystemExit(f"trial {i}: no answer line before the kill:\n{err}")
@@ -109,6 +116,7 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
         "answered_turns_lost": lost,
         "restores_with_warning": sum(r["warned"] for r in after_rows),
         "snapshots_failing_checks": sum(not r["snapshot"]["ok"] for r in rows),
+        "runs_that_failed": sum(r["failed"] for r in rows) + int(final.returncode != 0),
         "final_turns": turns, "rows": rows,
     }  # fmt: skip
 
@@ -117,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--modes", default="after,random")
+    ap.add_argument("--modes", default="after,save,random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -131,7 +139,8 @@ def main() -> None:
                 results.append(res)
                 print(f"{sig.name:8} {mode:7} trials {res['trials']:3}  answered {res['answered_before_kill']:3}  "
                       f"answered lost {res['answered_turns_lost']}  warned {res['restores_with_warning']}  "
-                      f"snapshots failing checks {res['snapshots_failing_checks']}  final turns {res['final_turns']}",
+                      f"snapshots failing checks {res['snapshots_failing_checks']}  runs failed {res['runs_that_failed']}  "
+                      f"final turns {res['final_turns']}",
                       flush=True)  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)

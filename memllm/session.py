@@ -23,7 +23,7 @@ from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
-from memllm.errors import InputError
+from memllm.errors import ConfigError, InputError, SnapshotError
 from memllm.generation import decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
@@ -240,6 +240,10 @@ class Session:
     def restore_checked(cls, llm: Any, path: str | Path, namespace: str | None = None) -> tuple[Session, dict]:
         """(session, manifest): restore() that also returns the snapshot's manifest."""
         manifest = snapshot.read_checked(llm, path, namespace)
-        session = cls(llm, MemoryConfig.from_dict(manifest["memory"]))
+        try:
+            config = MemoryConfig.from_dict(manifest["memory"])
+        except ConfigError as exc:
+            raise SnapshotError(f"snapshot at {path} is altered: its memory config: {exc}") from exc
+        session = cls(llm, config)
         snapshot.restore_into(session, path, manifest)
         return session, manifest

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from memllm import validate
 from memllm.atomic import atomic_path, write_text
-from memllm.errors import SnapshotError
+from memllm.errors import SnapshotError, write_error
 from memllm.savedir import check_target
 
 FORMAT = "memllm-context-snapshot"
@@ -77,10 +79,21 @@ def _write_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor], **
     from safetensors.torch import save_file
 
     path = folder / name
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-        digest, size = file_sha256(tmp), tmp.stat().st_size
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+            digest, size = file_sha256(tmp), tmp.stat().st_size
+    except SafetensorError as exc:  # safetensors reports the OSError of a failed write as its own
+        raise write_error(OSError(_errno_of(str(exc)), str(exc)), f"the memory snapshot file {path}") from exc
+    except OSError as exc:
+        raise write_error(exc, f"the memory snapshot file {path}") from exc
     return {"name": name, "sha256": digest, "bytes": size, **info}
+
+
+def _errno_of(message: str) -> int:
+    """The errno in safetensors' "I/O error: ... (os error N)", else EIO."""
+    m = re.search(r"os error (\d+)", message)
+    return int(m.group(1)) if m else 5
 
 
 def _unit_range(store: Any, start: int, end: int) -> dict[str, torch.Tensor]:
@@ -226,7 +239,41 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise SnapshotError(
             f"snapshot version {manifest.get('version')} is not supported (this memllm reads 1 and {VERSION})"
         )
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """SnapshotError unless every field restore reads has its type and range (a hand-edited manifest
+    is refused here, not by a traceback while the tensors are loaded)."""
+
+    def err(msg: str) -> SnapshotError:
+        return SnapshotError(f"snapshot manifest {path} is altered: {msg}")
+
+    spec = validate.obj(manifest.get("spec"), "spec", err)
+    for key, value in spec.items():
+        validate.integer(value, f"spec.{key}", err, 1 if key != "trained_len" else 0)
+    validate.obj(manifest.get("memory"), "memory", err)
+    validate.obj(manifest.get("extra", {}), "extra", err)
+    validate.text(manifest.get("model"), "model", err, 4096, optional=True)
+    validate.text(manifest.get("namespace"), "namespace", err, 1 << 16, optional=True)
+    layers = validate.seq(manifest.get("layers"), "layers", err, 4096)
+    for i, meta in enumerate(layers):
+        meta = validate.obj(meta, f"layers[{i}]", err)
+        seen = validate.integer(meta.get("seen"), f"layers[{i}].seen", err)
+        validate.integer(meta.get("base"), f"layers[{i}].base", err, 0, seen)
+        validate.boolean(meta.get("cut"), f"layers[{i}].cut", err)
+        validate.integer(meta.get("units", 0), f"layers[{i}].units", err, 0, seen)
+    if manifest["version"] != VERSION:
+        return
+    validate.text(manifest.get("fingerprint"), "fingerprint", err, 256)
+    validate.integer(manifest.get("tokens"), "tokens", err)
+    for i, entry in enumerate(validate.seq(manifest.get("files"), "files", err, 4 * MAX_PARTS)):
+        entry = validate.obj(entry, f"files[{i}]", err)
+        validate.text(entry.get("name"), f"files[{i}].name", err, 255)
+        validate.one_of(entry.get("kind"), ("head", "units"), f"files[{i}].kind", err)
+        validate.integer(entry.get("bytes"), f"files[{i}].bytes", err)
+        validate.text(entry.get("sha256"), f"files[{i}].sha256", err, 64)
 
 
 def verify(
@@ -305,6 +352,18 @@ def _load_v1(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[lis
     return states, tensors.get("last_logits")
 
 
+def _check_shapes(layer: Any, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every head tensor has the layer's kv heads first and head_dim last (or is a score row)."""
+    spec = layer.spec
+    for key in ("sink_k", "sink_v", "local_k", "local_v", "units.repr"):
+        t = state[key]
+        if t.dim() != 3 or t.shape[0] != spec.kv_heads or t.shape[-1] != spec.head_dim:
+            raise SnapshotError(
+                f"snapshot at {folder} is altered: {key} has shape {tuple(t.shape)}, this model needs "
+                f"({spec.kv_heads}, n, {spec.head_dim})"
+            )
+
+
 def read_checked(llm: Any, path: str | Path, namespace: str | None = None) -> dict[str, Any]:
     """The manifest of the snapshot at `path`, checked first (see `verify`) against `llm`."""
     folder = Path(path)
@@ -328,10 +387,15 @@ def restore_into(session: Any, path: str | Path, manifest: dict[str, Any]) -> No
             f"snapshot at {folder} has {len(manifest['layers'])} layers, the model {len(session.cache.layers)}"
         )
     load = _load_v2 if manifest["version"] == VERSION else _load_v1
-    states, logits = load(folder, manifest, len(session.cache.layers))
-    for layer, state, meta in zip(session.cache.layers, states, manifest["layers"], strict=True):
-        if "units.repr" not in state:  # no units yet
-            state["units.repr"] = torch.empty(layer.spec.kv_heads, 0, layer.spec.head_dim)
-        layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
+    try:
+        states, logits = load(folder, manifest, len(session.cache.layers))
+        for layer, state, meta in zip(session.cache.layers, states, manifest["layers"], strict=True):
+            if "units.repr" not in state:  # no units yet
+                state["units.repr"] = torch.empty(layer.spec.kv_heads, 0, layer.spec.head_dim)
+            _check_shapes(layer, state, folder)
+            layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
+    except (KeyError, IndexError, ValueError, RuntimeError, SafetensorError) as exc:
+        # what the checksums cannot catch: a version 1 snapshot, or tensors that never fit this model
+        raise SnapshotError(f"snapshot at {folder} does not fit this model's memory: {exc!r:.200}") from exc
     if logits is not None:
         session.last_logits = logits.to(session.cache.layers[0].device)

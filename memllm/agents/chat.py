@@ -201,6 +201,22 @@ class ChatAgent:
                 self.kv_turns += 1
                 pending = None
 
+    def repair(self) -> dict[str, Any]:
+        """Rebuild this user's kv memory from their text records, whatever its snapshot holds, and save
+        it (`memllm memory repair`). Returns kv_status() of the rebuilt memory."""
+        from memllm.snapshot import SnapshotWriter
+
+        path = self.snapshot_path()
+        if self.session is None or path is None:
+            raise ConfigError("repair rebuilds kv memory: open the chat with memory kv or hybrid and a store")
+        self.session = self.llm.session(self.context_memory)
+        self.session.limit_hint = KV_LIMIT_HINT
+        self.kv_turns = 0
+        self._writer = SnapshotWriter(path, self.controller.namespace)
+        self._rebuild_from_text()
+        self.save()
+        return self.kv_status() or {}
+
     def save(self) -> None:
         """Commit the kv session (the new units and the window) to its snapshot folder."""
         if self._writer is not None and self.session is not None and self.session.cache.seen_tokens > 0:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from memllm import limits
+from memllm import limits, validate
 from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
 from memllm.config import MemoryConfig
 from memllm.documents import Document, read_document, read_text
@@ -225,6 +225,41 @@ class _LookupRecorder:
 
 
 # ---------------------------------------------------------------------------------------- the agent
+def _check_saved(manifest: dict[str, Any], docs: Any, folder: Path) -> None:
+    """SnapshotError unless docqa.json and documents.json have what load() reads, typed and in range."""
+
+    def err(msg: str) -> SnapshotError:
+        return SnapshotError(f"document memory at {folder} is altered or torn: {msg}")
+
+    validate.one_of(manifest.get("mode"), MODES, "docqa.json mode", err)
+    validate.text(manifest.get("namespace"), "docqa.json namespace", err, 1 << 16)
+    validate.integer(manifest.get("chunk_tokens"), "docqa.json chunk_tokens", err, 1)
+    stream = validate.integer(manifest.get("stream_tokens"), "docqa.json stream_tokens", err)
+    validate.integer(manifest.get("chunks", 0), "docqa.json chunks", err)
+    docs = validate.seq(docs, "documents.json", err, 1 << 20)
+    for i, seg in enumerate(validate.seq(manifest.get("segments"), "docqa.json segments", err, len(docs))):
+        seg = validate.seq(seg, f"docqa.json segments[{i}]", err, 2)
+        if len(seg) != 2:
+            raise err(f"docqa.json segments[{i}] must be [stream start, document index]")
+        validate.integer(seg[0], f"docqa.json segments[{i}][0]", err, 0, stream)
+        validate.integer(seg[1], f"docqa.json segments[{i}][1]", err, 0, max(0, len(docs) - 1))
+    for i, d in enumerate(docs):
+        d = validate.obj(d, f"documents.json[{i}]", err)
+        doc = validate.obj(d.get("doc"), f"documents.json[{i}].doc", err)
+        validate.text(doc.get("name"), f"documents.json[{i}].doc.name", err, 4096)
+        body = validate.text(doc.get("text"), f"documents.json[{i}].doc.text", err, 1 << 40)
+        for key in ("kind", "encoding"):
+            validate.text(doc.get(key, ""), f"documents.json[{i}].doc.{key}", err, 64)
+        for note in validate.seq(doc.get("notes", []), f"documents.json[{i}].doc.notes", err, 1000):
+            validate.text(note, f"documents.json[{i}].doc.notes", err, 4096)
+        lists = [validate.seq(d.get(k), f"documents.json[{i}].{k}", err) for k in ("ids", "starts", "ends")]
+        if len({len(x) for x in lists}) != 1:
+            raise err(f"documents.json[{i}]: ids, starts and ends differ in length")
+        for key, values in zip(("ids", "starts", "ends"), lists, strict=True):
+            if not all(type(v) is int and 0 <= v <= len(body) + (1 << 31) for v in values):
+                raise err(f"documents.json[{i}].{key} must hold non-negative integers")
+
+
 class DocumentQA:
     """Read documents once, ask many questions. `llm` is a memllm.MemLLM (model + fast tokenizer).
 
@@ -638,11 +673,10 @@ class DocumentQA:
             (folder / "docqa.json").write_text(json.dumps(manifest, indent=2))
         return target
 
-    @classmethod
-    def load(
-        cls, llm: Any, path: str | Path, *, store: Any = None, embedder: Any = None, **kwargs: Any
-    ) -> DocumentQA:
-        """A DocumentQA restored from `save(path)`: answers without reading the documents again."""
+    @staticmethod
+    def saved_manifest(path: str | Path) -> dict[str, Any]:
+        """docqa.json of a memory saved with `save(path)`, format and version checked
+        (SnapshotError when it is missing, torn or of another kind)."""
         folder = Path(path)
         mpath = folder / "docqa.json"
         if not mpath.is_file():
@@ -651,11 +685,30 @@ class DocumentQA:
             )
         try:
             manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"document memory at {folder} is unreadable ({exc}): save it again") from exc
+        if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
+            DOCQA_FORMAT,
+            DOCQA_VERSION,
+        ):
+            raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
+        validate.one_of(
+            manifest.get("mode"), MODES, "docqa.json mode", lambda m: SnapshotError(f"{folder}: {m}")
+        )
+        return manifest
+
+    @classmethod
+    def load(
+        cls, llm: Any, path: str | Path, *, store: Any = None, embedder: Any = None, **kwargs: Any
+    ) -> DocumentQA:
+        """A DocumentQA restored from `save(path)`: answers without reading the documents again."""
+        folder = Path(path)
+        manifest = cls.saved_manifest(folder)
+        try:
             docs = json.loads((folder / "documents.json").read_text())
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"document memory at {folder} is unreadable ({exc}): save it again") from exc
-        if manifest.get("format") != DOCQA_FORMAT or manifest.get("version") != DOCQA_VERSION:
-            raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
+        _check_saved(manifest, docs, folder)
         mode = manifest["mode"]
         saved_store = folder / "store"
         if store is None and mode in ("text", "hybrid") and not saved_store.is_dir():

@@ -158,7 +158,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
     llm = common.load_llm(model, device)
     if memory is not None:
         start = time.perf_counter()
-        saved = json.loads((Path(memory) / "docqa.json").read_text())["mode"]
+        saved = DocumentQA.saved_manifest(memory)["mode"]
         if mode is not None and mode != saved:
             raise ConfigError(
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from memllm.errors import MemllmError
+from memllm.errors import MemllmError, is_disk_failure, write_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,6 +37,12 @@ def fail_on_error(fn: F) -> F:
         except MemllmError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
+        except (OSError, sqlite3.Error) as exc:  # a write the library did not name: disk full, size limit
+            if not is_disk_failure(exc):
+                raise
+            err = write_error(exc, getattr(exc, "filename", None) or "memllm's files")
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

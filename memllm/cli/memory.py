@@ -1,4 +1,4 @@
-"""`memllm memory list|search|show|forget|export|import --user NAME`: inspect and edit text memory.
+"""`memllm memory list|search|show|forget|export|import|repair --user NAME`: inspect and edit memory.
 
 Parse, call the store, render. Commands that need no embeddings open the store without loading the
 embedding model (list, show, forget, export).
@@ -181,3 +181,30 @@ def import_(
     else:
         there = f" ({result.present} already there)" if result.present else ""
         typer.echo(f"imported {result.stored} record(s) for {user}{there}")
+
+
+@memory_app.command("repair")
+@common.fail_on_error
+def repair(
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    model: str = typer.Option(None, "--model", "-m", help="The model the kv memory is for (default: chat's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda..."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Rebuild a user's kv chat memory from their text records (after a torn snapshot, or a model change)."""
+    from memllm.agents.chat import ChatAgent
+    from memllm.models import DEFAULT_MODEL
+
+    llm = common.load_llm(model or DEFAULT_MODEL, device)
+    agent = ChatAgent(
+        llm, common.open_store(store, with_embedder=True), user=user, memory="kv", notify=common.status_printer()
+    )
+    try:
+        kv = agent.repair()
+    finally:
+        agent.close()
+    if as_json:
+        typer.echo(json.dumps({"user": user, **kv}))
+    else:
+        typer.echo(f"rebuilt the kv memory of {user}: {kv['turns']} turns, {kv['tokens']} tokens")

@@ -29,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from memllm.errors import StoreError
+from memllm.errors import StoreError, is_disk_failure, write_error
 from memllm.memory_stores.embeddings import Embedder, normalize_rows
 from memllm.memory_stores.jsonl import read_jsonl, write_jsonl
 from memllm.memory_stores.records import (
@@ -188,6 +188,8 @@ class FaissStore:
             self._conn.execute("PRAGMA secure_delete=ON")
             self.schema_version = migrate(self._conn)
         except sqlite3.DatabaseError as exc:
+            if is_disk_failure(exc):
+                raise write_error(exc, f"the memory store {self.path / self.DB_NAME}") from exc
             raise StoreError(
                 f"{self.path / self.DB_NAME} is not a memllm memory store ({exc}): pass another --store path"
             ) from exc
