@@ -75,6 +75,19 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
     store = root / f"{sig.name}-{mode}"
     answered = 0  # turns whose answer line arrived before the kill
     rows = []
+    startup_s = answer_s = 0.0
+    if mode != "after":  # one whole turn first: a good snapshot to fall back on, and the timings
+        t0 = time.perf_counter()
+        proc = start(store, model, as_json=False)
+        proc.stdin.write("Note: the code word for the gate is amber.\n")
+        proc.stdin.flush()
+        proc.stdout.read(1)
+        t1 = time.perf_counter()
+        proc.stdout.readline()
+        startup_s, answer_s = t1 - t0, time.perf_counter() - t1
+        proc.stdin.close()
+        proc.communicate(timeout=120)
+        answered = 1
     for i in range(trials):
         t0 = time.perf_counter()
         proc = start(store, model, as_json=mode != "save")
@@ -86,19 +99,19 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
             got_answer = bool(line.strip()) and "answer" in json.loads(line)
             proc.send_signal(sig)
         elif mode == "save":
-            proc.stdout.read(1)  # the answer's first piece: the save follows the last one
-            time.sleep(rng.uniform(0.0, 0.3))
+            proc.stdout.read(1)  # the answer's first piece; the save follows its last one
+            time.sleep(rng.uniform(0.0, 1.2 * answer_s))
             proc.send_signal(sig)
         else:
-            time.sleep(rng.uniform(0.0, 6.0))  # startup + answer of the default model on 2 CPU cores
+            time.sleep(rng.uniform(0.0, startup_s + answer_s))
             if proc.poll() is None:
                 proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         tokens, turns, warned = restored(err)
-        snap = check_snapshot(store, model) if (store / "kv").exists() else {"ok": True, "turns": 0}
+        snap = check_snapshot(store, model) if list(store.glob("kv/*/manifest.json")) else {"ok": True, "turns": 0}
         rows.append({"trial": i, "restored_turns": turns, "restored_tokens": tokens, "warned": warned,
                      "answered_before_kill": got_answer, "returncode": proc.returncode,
-                     "failed": proc.returncode > 0 or "error:" in err, "snapshot": snap,
+                     "failed": "error:" in err or "Traceback" in err, "snapshot": snap,
                      "expected_turns_at_least": answered, "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
         if mode == "after" and not got_answer:
             raise SystemExit(f"trial {i}: no answer line before the kill:\n{err}")
@@ -117,6 +130,8 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
         "restores_with_warning": sum(r["warned"] for r in after_rows),
         "snapshots_failing_checks": sum(not r["snapshot"]["ok"] for r in rows),
         "runs_that_failed": sum(r["failed"] for r in rows) + int(final.returncode != 0),
+        "kills_after_the_save": sum(r["snapshot"].get("turns", 0) > r["expected_turns_at_least"] for r in rows),
+        "timings_s": {"startup": round(startup_s, 2), "answer_and_save": round(answer_s, 2)},
         "final_turns": turns, "rows": rows,
     }  # fmt: skip
 
@@ -140,6 +155,7 @@ def main() -> None:
                 print(f"{sig.name:8} {mode:7} trials {res['trials']:3}  answered {res['answered_before_kill']:3}  "
                       f"answered lost {res['answered_turns_lost']}  warned {res['restores_with_warning']}  "
                       f"snapshots failing checks {res['snapshots_failing_checks']}  runs failed {res['runs_that_failed']}  "
+                      f"kills after the save {res['kills_after_the_save']}  "
                       f"final turns {res['final_turns']}",
                       flush=True)  # fmt: skip
     finally:

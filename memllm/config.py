@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from memllm import validate
 from memllm.errors import ConfigError
 
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
@@ -149,5 +150,5 @@ class MemoryConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown MemoryConfig fields: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown MemoryConfig fields: {validate.names(unknown)}")
         return cls(**data)

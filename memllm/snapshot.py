@@ -37,6 +37,7 @@ VERSION = 2
 MANIFEST = "manifest.json"
 MAX_PARTS = 32  # unit files before a save rewrites them as one
 MAX_MANIFEST_BYTES = 16 << 20
+SPEC_KEYS = ("num_layers", "num_heads", "kv_heads", "head_dim", "trained_len")
 _OWN_FILE = re.compile(r"(units|head|state)-[0-9]+\.safetensors|state\.safetensors")
 _OWN_TEMP = re.compile(
     r"\.(manifest\.json|(units|head|state)-[0-9]+\.safetensors|state\.safetensors)\..+\.tmp"
@@ -122,7 +123,7 @@ def _describe(session: Any, namespace: str | None, extra: dict[str, Any] | None)
         "fingerprint": weights_fingerprint(llm.model),
         "namespace": namespace,
         "spec": {
-            k: getattr(spec, k) for k in ("num_layers", "num_heads", "kv_heads", "head_dim", "trained_len")
+            k: getattr(spec, k) for k in SPEC_KEYS
         },
         "dtype": str(spec.dtype).removeprefix("torch."),
         "memory": session.config.to_dict(),
@@ -251,8 +252,10 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         return SnapshotError(f"snapshot manifest {path} is altered: {msg}")
 
     spec = validate.obj(manifest.get("spec"), "spec", err)
-    for key, value in spec.items():
-        validate.integer(value, f"spec.{key}", err, 1 if key != "trained_len" else 0)
+    if set(spec) != set(SPEC_KEYS):
+        raise err(f"spec must hold exactly {', '.join(SPEC_KEYS)}")
+    for key in SPEC_KEYS:
+        validate.integer(spec[key], f"spec.{key}", err, 1 if key != "trained_len" else 0)
     validate.obj(manifest.get("memory"), "memory", err)
     validate.obj(manifest.get("extra", {}), "extra", err)
     validate.text(manifest.get("model"), "model", err, 4096, optional=True)

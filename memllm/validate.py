@@ -22,6 +22,12 @@ def _name(value: Any) -> str:
     return "a bool" if isinstance(value, bool) else type(value).__name__
 
 
+def names(keys: Any) -> str:
+    """Field names for a message: identifiers as they are, anything else quoted and escaped (a key
+    from a hostile file never breaks the one-line message)."""
+    return ", ".join(k if isinstance(k, str) and k.isidentifier() else repr(k)[:40] for k in sorted(map(str, keys)))
+
+
 def obj(value: Any, where: str, err: Raise) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise err(f"{where} must be a JSON object, got {_name(value)}")

@@ -301,6 +301,9 @@ class ChatAgent:
 
         Both turns are stored when the stream ends, also when the caller stops reading early (the
         answer as far as it was streamed); in kv/hybrid mode the turn is closed in the stream too.
+        When generation itself is interrupted by an exception (SIGTERM, Ctrl-C, an error inside the
+        model), the kv stream is rolled back to before the turn (a forward pass cut half-way leaves
+        the layers disagreeing) and the half answer is neither kept nor saved.
         """
         text = message.strip()
         if not text:
@@ -321,6 +324,8 @@ class ChatAgent:
             )
         scanner = StopScanner(stop)
         shown = ""
+        before = (self.session.cache.checkpoint(), self.session.last_logits) if self.session is not None else None
+        interrupted = False
         try:
             for piece in source:
                 out, stopped = scanner.push(piece)
@@ -333,15 +338,23 @@ class ChatAgent:
             if tail:
                 shown += tail
                 yield tail
+        except GeneratorExit:  # the caller stopped reading: the stream is whole, close the turn
+            raise
+        except BaseException:
+            interrupted = True
+            raise
         finally:
-            if self.session is not None:
+            if self.session is not None and before is not None and interrupted:
+                self.session.cache.rollback(before[0])
+                self.session.last_logits = before[1]
+            elif self.session is not None:
                 self._close_turn(turn, shown)
                 self.kv_turns += 1
                 self._unsaved = True
             self.controller.remember(text, kind="turn", role="user")
-            if shown.strip():
+            if shown.strip() and not interrupted:
                 self.controller.remember(shown.strip(), kind="turn", role="assistant")
-            if self.session is not None:
+            if self.session is not None and not interrupted:
                 self.save()  # after every answer: a killed process loses no answered turn
 
     def chat(self, message: str) -> str:

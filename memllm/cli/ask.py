@@ -122,7 +122,7 @@ def ask(
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, max=common.MAX_NEW_TOKENS, help="Longest answer, in tokens."),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show what each answer used."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
 ) -> None:

@@ -96,7 +96,7 @@ def _answer(conv: Any, text: str, interactive: bool) -> None:
 @common.fail_on_error
 def chat(
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=common.MAX_NEW_TOKENS, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy (deterministic)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     system: str | None = typer.Option(None, "--system", help="A system prompt for the conversation."),
@@ -109,10 +109,10 @@ def chat(
     ),
     memory: str = typer.Option("text", "--memory", help="Memory mode with --user: text, kv or hybrid."),
     memory_tokens: int | None = typer.Option(
-        None, "--memory-tokens", min=0, help="Budget for recalled memory (default: a quarter of the window)."
+        None, "--memory-tokens", min=0, max=common.MAX_BUDGET_TOKENS, help="Budget for recalled memory (default: a quarter of the window)."
     ),
     flash_tokens: int | None = typer.Option(
-        None, "--flash-tokens", min=0, help="Budget for recent turns (default: half of the window)."
+        None, "--flash-tokens", min=0, max=common.MAX_BUDGET_TOKENS, help="Budget for recent turns (default: half of the window)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Piped mode: one JSON object per answer."),
     interactive: bool | None = typer.Option(

@@ -15,6 +15,9 @@ import typer
 
 from memllm.errors import MemllmError, is_disk_failure, write_error
 
+MAX_NEW_TOKENS = 1 << 20  # CLI bounds; the model's own context is checked where it is known
+MAX_BUDGET_TOKENS = 1 << 24
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -64,7 +64,7 @@ def list_records(
     user: str = UserOpt,
     store: str | None = StoreOpt,
     kind: str | None = typer.Option(None, "--kind", help="Only this kind: turn, chunk, summary or fact."),
-    limit: int = typer.Option(50, "--limit", min=1, help="Newest N records."),
+    limit: int = typer.Option(50, "--limit", min=1, max=1_000_000, help="Newest N records."),
     as_json: bool = JsonOpt,
 ) -> None:
     """List a user's records, oldest first (the newest --limit)."""
@@ -85,7 +85,7 @@ def search(
     query: str = typer.Argument(..., help="What to look for."),
     user: str = UserOpt,
     store: str | None = StoreOpt,
-    k: int = typer.Option(5, "--k", "-k", min=1, help="How many results."),
+    k: int = typer.Option(5, "--k", "-k", min=1, max=10_000, help="How many results."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Search a user's records by meaning."""

@@ -149,7 +149,7 @@ class MemoryRecord:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise StoreError(f"unknown memory record fields: {', '.join(sorted(unknown))}")
+            raise StoreError(f"unknown memory record fields: {validate.names(unknown)}")
         values = dict(data)
         if values.get("metadata") is None:
             values["metadata"] = {}

@@ -189,11 +189,17 @@ def test_import_rows_of_the_wrong_type_are_refused_in_one_line(cli, tmp_path, ca
     assert listed.exit_code == 0 and json.loads(listed.stdout)["records"] == []  # all or nothing
 
 
-ROW = st.dictionaries(
-    st.sampled_from(["id", "namespace", "kind", "text", "summary", "importance", "created_at", "updated_at",
-                     "source", "span", "metadata", "content_hash"]),
-    JSON | st.text(min_size=1, max_size=30),
-    max_size=6,
+FIELDS = ["id", "namespace", "kind", "text", "summary", "importance", "created_at", "updated_at", "source",
+          "span", "metadata", "content_hash"]  # fmt: skip
+ROW = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS), JSON | st.text(min_size=1, max_size=30), max_size=6),
+    st.fixed_dictionaries(  # a row with text, most of whose other fields are plausible
+        {"text": st.text(min_size=1, max_size=40)},
+        optional={"kind": st.sampled_from(["turn", "fact", "chunk", "summary", "note"]),
+                  "importance": st.floats(-1, 2) | JSON, "created_at": st.floats(-10, 4e10) | JSON,
+                  "span": st.lists(st.integers(-5, 50), max_size=3), "summary": st.text(max_size=10) | JSON,
+                  "metadata": st.dictionaries(st.text(max_size=5), JSON, max_size=3)},
+    ),
 )  # fmt: skip
 
 
@@ -313,3 +319,38 @@ def test_memory_repair_rebuilds_a_torn_kv_memory_from_text(cli, tiny_gguf, tmp_p
     assert res.exit_code == 0 and "warning" not in res.stderr and "2 turns" in res.stderr
     bad = runner.invoke(app, ["memory", "repair", "--user", "x" * 70_000, "--store", store])
     no_traceback(bad)
+
+
+# ---------------------------------------------------------------------------------------- interrupted answers
+def test_an_answer_interrupted_mid_forward_rolls_the_kv_stream_back(cli, tiny_gguf, tmp_path):
+    """SIGTERM/Ctrl-C arrive inside a forward pass: the layers disagree until the turn is rolled back,
+    and the half answer is neither kept in the kv stream, nor saved, nor stored as text."""
+    from memllm.agents.chat import ChatAgent
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+
+    llm = cli[str(tiny_gguf)]
+    store = FaissStore(tmp_path / "mem", FakeEmbedder(dim=64))
+    agent = ChatAgent(llm, store, user="ann", memory="kv", max_new_tokens=4)
+    agent.chat("first turn")
+    seen, turns = agent.session.cache.seen_tokens, agent.kv_turns
+    manifest = (agent.snapshot_path() / "manifest.json").read_text()
+    real = agent.session.generate
+
+    def cut_short(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        next(gen)  # one more step, then it is interrupted (as a signal would be)
+        raise KeyboardInterrupt
+
+    agent.session.generate = cut_short
+    with pytest.raises(KeyboardInterrupt):
+        agent.chat("second turn")
+    del agent.session.generate
+    assert agent.session.cache.seen_tokens == seen and agent.kv_turns == turns
+    assert (agent.snapshot_path() / "manifest.json").read_text() == manifest
+    roles = [r.metadata.get("role") for r in store.list("user:ann", filters={"kind": "turn"})]
+    assert roles == ["user", "assistant", "user"]  # the question is kept, the half answer is not
+    agent.chat("third turn")
+    assert agent.kv_turns == turns + 1
+    agent.close()
