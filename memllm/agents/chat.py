@@ -313,7 +313,10 @@ class ChatAgent:
         if self.session is not None:
             turn = self._kv_turn(text, recall)
             ids = self.session.encode(self._segment(turn))
-            self.session.check_room(len(ids) + limit + 8)  # before the turn starts, not half-way
+            # before the turn starts, not half-way: its tokens, the prompt's model call, the save's copy
+            self.session.check_room(
+                len(ids) + limit + 8, 2 * self.session.window_bytes(), call_tokens=len(ids)
+            )
             source = self.session.generate(ids, max_new_tokens=limit)
         else:
             turn = []
@@ -324,7 +327,9 @@ class ChatAgent:
             )
         scanner = StopScanner(stop)
         shown = ""
-        before = (self.session.cache.checkpoint(), self.session.last_logits) if self.session is not None else None
+        before = (
+            (self.session.cache.checkpoint(), self.session.last_logits) if self.session is not None else None
+        )
         interrupted = False
         try:
             for piece in source:
