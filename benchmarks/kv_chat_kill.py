@@ -86,7 +86,7 @@ def run(sig: signal.Signals, mode: str, trials: int, model: str | None, root: Pa
         proc.stdout.readline()
         startup_s, answer_s = t1 - t0, time.perf_counter() - t1
         proc.stdin.close()
-        proc.communicate(timeout=120)
+        proc.wait(timeout=120)
         answered = 1
     for i in range(trials):
         t0 = time.perf_counter()
@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--model", default=None)
     ap.add_argument("--modes", default="after,save,random")
+    ap.add_argument("--signals", default="SIGKILL,SIGTERM")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
     results = []
     try:
         for mode in args.modes.split(","):
-            for sig in (signal.SIGKILL, signal.SIGTERM):
+            for sig in (signal.Signals[name] for name in args.signals.split(",")):
                 res = run(sig, mode, args.trials, args.model, root, rng)
                 results.append(res)
                 print(f"{sig.name:8} {mode:7} trials {res['trials']:3}  answered {res['answered_before_kill']:3}  "
