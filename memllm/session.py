@@ -63,7 +63,7 @@ class Session:
 
     def work_bytes(self, call_tokens: int) -> int:
         """Host bytes one model call over `call_tokens` new tokens needs while it runs (prefill calls
-        are cut at chunk_size): the attention scores and their softmax in fp32 for every head, each
+        are cut at chunk_size): the attention scores in fp32 for every head, each
         query against the sinks, the window, the units read and the call's own keys, and the MLP's
         activations (the layers run one after another, so one layer's worth). On a CPU the scores
         dominate: measured 1.3 GB of peak over the resting size for a 3,863-token SmolLM2 turn."""
@@ -74,7 +74,7 @@ class Session:
             getattr(getattr(self.llm.model, "config", None), "intermediate_size", None)
             or 4 * s.num_heads * s.head_dim
         )
-        return s.num_heads * c * keys * 4 * 2 + c * int(inter) * 4 * 3
+        return s.num_heads * c * keys * 4 + c * int(inter) * 4 * 3
 
     def window_bytes(self) -> int:
         """Host bytes of the sinks and the local window of every layer (what a snapshot's head holds)."""
