@@ -24,7 +24,7 @@ from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import InputError, SnapshotError
-from memllm.generation import decode_stream
+from memllm.generation import RepetitionGuard, decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
 SNAPSHOT_VERSION = 1
@@ -81,9 +81,14 @@ class Session:
 
     # ---- generating ------------------------------------------------------------------------------
     def generate_ids(
-        self, prompt: str | list[int] | None = None, max_new_tokens: int = 32, stop: set[int] | None = None
+        self,
+        prompt: str | list[int] | None = None,
+        max_new_tokens: int = 32,
+        stop: set[int] | None = None,
+        guard: RepetitionGuard | None = None,
     ) -> Iterator[int]:
-        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory."""
+        """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
+        `guard` (memllm.generation.RepetitionGuard) adjusts each step's logits for the tokens generated."""
         stop = _stop_ids(self.llm) if stop is None else stop
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -92,16 +97,26 @@ class Session:
             raise InputError("nothing to continue from: feed text or give a prompt first")
         model = self.llm.model
         with attach(model, cache=self.cache):
+            generated: list[int] = []
             for _ in range(max_new_tokens):
-                tok = int(self.last_logits.argmax())
+                logits = self.last_logits
+                if guard is not None and generated:
+                    logits = guard.apply(logits.reshape(1, -1), generated)
+                tok = int(logits.argmax())
                 if tok in stop:
                     return
+                generated.append(tok)
                 self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
                 yield tok
 
-    def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
+    def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        max_new_tokens: int = 32,
+        guard: RepetitionGuard | None = None,
+    ) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens))
+        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens, guard=guard))
 
     @contextmanager
     def answering(self) -> Iterator[None]:

@@ -30,13 +30,12 @@ _TAILS = re.compile(
 )
 _HEDGES = re.compile(r"\b(maybe|might|perhaps|if|would|could|should|wish|hope|not sure|probably)\b", re.I)
 # Subjects of "my X is Y" that describe a moment, not a fact about the person.
-_MOMENT = {
-    "day", "week", "weekend", "morning", "night", "evening", "afternoon", "life", "mind", "point",
-    "guess", "bad", "pleasure", "fault", "turn", "question", "answer", "problem", "issue", "head",
-    "opinion", "advice", "plan", "plans", "time", "summer", "winter", "break", "vacation", "holiday",
-    "schedule", "goal", "dream", "heart", "mood", "luck", "situation", "experience", "thought",
-    "thoughts", "favorite part", "favourite part", "bet", "concern", "worry", "hope",
-}
+_MOMENT = set(
+    "day week weekend morning night evening afternoon life mind point guess bad pleasure fault turn "
+    "question answer problem issue head opinion advice plan plans time summer winter break vacation "
+    "holiday schedule goal dream heart mood luck situation experience thought thoughts part bet concern "
+    "worry hope".split()
+)
 _STOP_VALUES = {"it", "that", "this", "there", "here", "so", "too", "fine", "ok", "okay", "good", "great"}
 _WORD = r"[A-Za-z][\w'-]*"
 _VALUE = r"(?P<value>[^,;!?]+?)"
@@ -48,12 +47,16 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(rf"^(?:i'?m|i am) called {_VALUE}{_END}", re.I), "name", "My name is {value}."),
     (re.compile(rf"^call me {_VALUE}{_END}", re.I), "name", "My name is {value}."),
     (
-        re.compile(rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:is|are) (?:called|named) {_VALUE}{_END}", re.I),
+        re.compile(
+            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:is|are) (?:called|named) {_VALUE}{_END}", re.I
+        ),
         "{subj} name",
         "My {subj} is called {value}.",
     ),
     (
-        re.compile(rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:lives|works|is based) in {_VALUE}{_END}", re.I),
+        re.compile(
+            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:lives|works|is based) in {_VALUE}{_END}", re.I
+        ),
         "{subj} city",
         "My {subj} lives in {value}.",
     ),
@@ -70,14 +73,26 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(rf"^i (?:now )?live in {_VALUE}{_END}", re.I), "home city", "I live in {value}."),
     (re.compile(rf"^i was born on {_VALUE}{_END}", re.I), "birthday", "I was born on {value}."),
     (re.compile(rf"^i was born in {_VALUE}{_END}", re.I), "birthplace", "I was born in {value}."),
-    (re.compile(rf"^i(?:'m| am)? (?:from|grew up in) {_VALUE}{_END}", re.I), "hometown", "I am from {value}."),
+    (
+        re.compile(rf"^i(?:'m| am)? (?:from|grew up in) {_VALUE}{_END}", re.I),
+        "hometown",
+        "I am from {value}.",
+    ),
     (
         re.compile(rf"^i (?:work|am working) (?:as|at|for) {_VALUE}{_END}", re.I),
         "job",
         "I work as {value}.",
     ),
-    (re.compile(rf"^i(?:'m| am) a (?P<value>{_WORD}(?:\s+{_WORD})?) by (?:profession|trade){_END}", re.I), "job", "I work as a {value}."),
-    (re.compile(r"^i(?:'m| am) (?P<value>\d{1,3}) years? old" + _END, re.I), "age", "I am {value} years old."),
+    (
+        re.compile(rf"^i(?:'m| am) a (?P<value>{_WORD}(?:\s+{_WORD})?) by (?:profession|trade){_END}", re.I),
+        "job",
+        "I work as a {value}.",
+    ),
+    (
+        re.compile(r"^i(?:'m| am) (?P<value>\d{1,3}) years? old" + _END, re.I),
+        "age",
+        "I am {value} years old.",
+    ),
     (re.compile(rf"^i (?:prefer|love|like|enjoy) {_VALUE}{_END}", re.I), "preference", "I prefer {value}."),
     (re.compile(rf"^i(?:'m| am) allergic to {_VALUE}{_END}", re.I), "allergy", "I am allergic to {value}."),
     (re.compile(rf"^i drive an? {_VALUE}{_END}", re.I), "car", "I drive a {value}."),
