@@ -42,7 +42,10 @@ class ControllerConfig:
     was last updated. min_relevance: candidates less similar than this are dropped.
     gate: "heuristic" (cue words, else similarity >= gate_similarity), "always" or "never".
     summarize_min_tokens: records longer than this get a summary when stored (if a hook is given).
-    kinds: record kinds eligible for archived recall."""
+    kinds: record kinds eligible for archived recall.
+    w_fact: added to the score of fact records (short, extracted statements: what a small model uses
+    best). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
+    and `memory history`), "keep" lets them compete like any record."""
 
     memory_tokens: int = 768
     flash_tokens: int = 512
@@ -58,6 +61,8 @@ class ControllerConfig:
     cues: str = DEFAULT_CUES
     summarize_min_tokens: int = 96
     kinds: tuple[str, ...] = KINDS
+    w_fact: float = 0.2
+    superseded: Literal["drop", "keep"] = "drop"
 
     def __post_init__(self) -> None:
         for name in (
@@ -70,7 +75,9 @@ class ControllerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
-        for name in ("w_relevance", "w_recency", "w_importance"):
+        if self.superseded not in ("drop", "keep"):
+            raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
+        for name in ("w_relevance", "w_recency", "w_importance", "w_fact"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -219,7 +226,15 @@ class Recall:
 
 
 def render_record(record: MemoryRecord, mode: Mode) -> str:
-    """Default line for a record in the memory section: date, role or kind, then text or summary."""
+    """Default line for a record in the memory section. A fact: `- text (told on YYYY-MM-DD)`, and
+    `(true until YYYY-MM-DD)` once superseded; another record: date, role or kind, then text or summary."""
+    if record.kind == "fact":
+        since = record.metadata.get("valid_from", record.created_at)
+        line = f"- {record.text} (told on {time.strftime('%Y-%m-%d', time.gmtime(float(since)))}"
+        until = record.metadata.get("valid_to")
+        if until is not None:
+            line += f", true until {time.strftime('%Y-%m-%d', time.gmtime(float(until)))}"
+        return line + ")"
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
     who = record.metadata.get("role") or record.kind
     body = record.summary if mode == "summary" and record.summary else record.text
@@ -464,8 +479,11 @@ class MemoryController:
             age = max(0.0, now - float(rec.updated_at or rec.created_at))
             recency = 0.5 ** (age / cfg.recency_half_life_s)
             score = cfg.w_relevance * relevance + cfg.w_recency * recency + cfg.w_importance * rec.importance
+            score += cfg.w_fact if rec.kind == "fact" else 0.0
             item = RecallItem(rec, "raw", score, relevance, recency, rec.importance, 0, "")
-            if relevance < cfg.min_relevance:
+            if cfg.superseded == "drop" and rec.kind == "fact" and rec.metadata.get("valid_to") is not None:
+                item.mode, item.why = "dropped", "superseded by a newer fact"
+            elif relevance < cfg.min_relevance:
                 item.mode, item.why = (
                     "dropped",
                     f"relevance {relevance:.3f} < min_relevance {cfg.min_relevance}",
