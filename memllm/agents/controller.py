@@ -43,6 +43,7 @@ class ControllerConfig:
     gate: "heuristic" (cue words, else similarity >= gate_similarity), "always" or "never".
     summarize_min_tokens: records longer than this get a summary when stored (if a hook is given).
     kinds: record kinds eligible for archived recall.
+    gate_kinds: the similarity gate compares the turn with records of these kinds only (None: all).
     w_fact: added to the score of fact records (short, extracted statements: what a small model uses
     best). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
     and `memory history`), "keep" lets them compete like any record."""
@@ -63,6 +64,7 @@ class ControllerConfig:
     kinds: tuple[str, ...] = KINDS
     w_fact: float = 0.2
     superseded: Literal["drop", "keep"] = "drop"
+    gate_kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,7 +89,7 @@ class ControllerConfig:
             )
         if self.gate not in ("heuristic", "always", "never"):
             raise ConfigError(f"ControllerConfig.gate must be heuristic, always or never, got {self.gate!r}")
-        bad = [k for k in self.kinds if k not in KINDS]
+        bad = [k for k in (*self.kinds, *(self.gate_kinds or ())) if k not in KINDS]
         if bad:
             raise ConfigError(
                 f"ControllerConfig.kinds must be among {', '.join(KINDS)}, got {', '.join(bad)}"
@@ -400,6 +402,19 @@ class MemoryController:
             fire, reason = False, "nothing archived beyond the recent turns"
         elif cue := self._cues.search(query):
             fire, reason, by = True, f"cue {cue.group(0)!r}", "cue"
+        elif self.config.gate_kinds is not None:
+            found = self.store.search(
+                query, 1 + len(exclude), namespace=self.namespace, filters={"kind": self.config.gate_kinds}
+            )
+            top = max((h.score for h in found if h.record.id not in exclude), default=None)
+            fire = top is not None and top >= self.config.gate_similarity
+            reason = (
+                f"top {'/'.join(self.config.gate_kinds)} similarity {top:.3f} "
+                f"{'>=' if fire else '<'} {self.config.gate_similarity}"
+                if top is not None
+                else f"no archived {'/'.join(self.config.gate_kinds)} record"
+            )
+            by = "similarity" if fire else ""
         else:
             hits = self._search(query, exclude)
             top = max((h.score for h in hits), default=None)
