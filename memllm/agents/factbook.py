@@ -139,7 +139,7 @@ class FactBook:
                         ch.get("by"),
                     )
                 )
-        return sorted(out, key=lambda c: (c.at, c.event != "superseded"))
+        return sorted(out, key=lambda c: (c.at, c.event == "superseded"))
 
 
 __all__ = ["FactBook", "FactChange", "is_current"]

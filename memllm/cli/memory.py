@@ -175,14 +175,11 @@ def history(
     if as_json:
         typer.echo(json.dumps({"user": user, "changes": [c.to_dict() for c in changes]}))
         return
-    table = Table(title=f"fact history of {user}: {len(changes)} change(s)")
-    for col in ("when", "event", "subject", "value", "fact", "turn", "by"):
-        table.add_column(col, no_wrap=col in ("when", "fact", "turn", "by"))
+    typer.echo(f"fact history of {user}: {len(changes)} change(s)")
     for c in changes:
-        table.add_row(
-            _when(c.at), c.event, c.subject, c.value, c.record_id[:8], (c.turn or "-")[:8], (c.by or "-")[:8]
-        )
-    Console().print(table)
+        where = f"fact {c.record_id[:8]}" + (f", from turn {c.turn[:8]}" if c.turn else "")
+        where += f", by fact {c.by[:8]}" if c.by else ""
+        typer.echo(f"{_when(c.at)}  {c.event:<10}  {c.subject}: {c.value}  ({where})")
 
 
 @memory_app.command("forget")

@@ -288,3 +288,66 @@ def test_degenerate_answers_are_not_stored(store):
     agent.chat("tell me about paint")
     assert [r.metadata["role"] for r in agent.history()] == ["user"]
     assert agent.skipped[0].startswith("repeats itself")
+
+
+def _bytes_under(root) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_forget_all_leaves_nothing_of_the_user_on_disk(cli_fakes, tmp_path):
+    from memllm.agents.forget import kv_snapshot_path
+    from memllm.memory_stores.faiss_store import FaissStore
+
+    root = tmp_path / "mem"
+    st = str(root)
+    for user, said in (("alice", "my locker code is 4417"), ("bob", "my locker code is 9253")):
+        res = runner.invoke(app, ["chat", "--user", user, "--store", st], input=f"{said}\nhello there\n")
+        assert res.exit_code == 0, res.output
+    with FaissStore(root) as s:  # KV snapshots where the chat agent keeps them (stand-ins: any files)
+        for user in ("alice", "bob"):
+            snap = kv_snapshot_path(s, user)
+            snap.mkdir(parents=True)
+            (snap / "manifest.json").write_text(f'{{"user": "{user}"}}')
+            (snap / "state.safetensors").write_bytes(f"kv of {user}".encode())
+    assert b"4417" in _bytes_under(root) and b"alice" in _bytes_under(root)
+
+    res = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["records"] == 5  # 4 turns + 1 fact (index files: those written so far)
+    assert report["kv_files"] == ["manifest.json", "state.safetensors"]
+    on_disk = _bytes_under(root)
+    assert b"alice" not in on_disk and b"4417" not in on_disk  # no record, name, index or snapshot left
+    assert b"9253" in on_disk and b"kv of bob" in on_disk  # bob's memory is untouched
+    listed = runner.invoke(app, ["memory", "list", "--user", "bob", "--store", st, "--json"])
+    assert json.loads(listed.stdout)["count"] == 5
+    found = runner.invoke(app, ["memory", "search", "locker code", "--user", "bob", "--store", st, "--json"])
+    assert any("9253" in r["text"] for r in json.loads(found.stdout)["results"])
+    plain = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st])
+    assert plain.stdout.startswith("forgot everything of alice: 0 record(s), 0 index file(s)")
+
+
+def test_memory_add_supersedes_and_history_shows_both(cli_fakes, tmp_path):
+    st = str(tmp_path / "mem")
+    first = runner.invoke(app, ["memory", "add", "I live in Lyon.", "--user", "ann", "--store", st, "--json"])
+    old = json.loads(first.stdout)["added"][0]
+    assert (old["subject"], old["value"], old["superseded"]) == ("home city", "Lyon", [])
+    moved = runner.invoke(app, ["chat", "--user", "ann", "--store", st], input="I moved to Oslo.\n")
+    assert moved.exit_code == 0, moved.output
+    hist = json.loads(
+        runner.invoke(app, ["memory", "history", "--user", "ann", "--store", st, "--json"]).stdout
+    )
+    events = [(c["event"], c["subject"], c["value"]) for c in hist["changes"]]
+    assert events == [
+        ("added", "home city", "Lyon"),
+        ("told", "home city", "Oslo"),
+        ("superseded", "home city", "Lyon"),
+    ]
+    told, ended = hist["changes"][1], hist["changes"][2]
+    assert ended["by"] == told["record"] and told["turn"] is not None  # by which fact, from which turn
+    answer = runner.invoke(app, ["chat", "--user", "ann", "--store", st], input="where do i live?\n")
+    assert "I live in Oslo." in answer.stdout and "Lyon" not in answer.stdout  # only the current fact
+    shown = runner.invoke(app, ["memory", "show", old["id"][:8], "--user", "ann", "--store", st])
+    assert "created_at: 20" in shown.stdout and "'valid_to': '20" in shown.stdout  # readable times
+    table = runner.invoke(app, ["memory", "history", "--user", "ann", "--store", st])
+    assert "superseded" in table.stdout and "Oslo" in table.stdout
