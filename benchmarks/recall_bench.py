@@ -35,6 +35,11 @@ def main() -> None:
     ap.add_argument("--gate-kinds", default=None, help="ControllerConfig.gate_kinds, e.g. fact")
     ap.add_argument("--no-extract", action="store_true", help="store turns only (no fact records)")
     ap.add_argument("--no-full", action="store_true", help="skip the full-history baseline")
+    ap.add_argument(
+        "--gate-variants",
+        default=None,
+        help='JSON: name -> ControllerConfig changes, e.g. \'{"sim0.6": {"gate_similarity": 0.6}}\'',
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -65,6 +70,10 @@ def main() -> None:
             controller=controller,
             extract=not args.no_extract,
             full_history=not args.no_full,
+            gate_variants={
+                k: {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
+                for k, v in json.loads(args.gate_variants or "{}").items()
+            },
         )
         store.close()
     print(file=sys.stderr)

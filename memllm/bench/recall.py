@@ -157,13 +157,14 @@ def build_cases(
             j = rng.choice(idx)
             mid.insert(j + 1, ("user", later_stmt.format(v=new), mid[j][2] + 0.5))
             meta = {"old_answer": value, "update": later_stmt.format(v=new)}
-        first.insert(at + 1, ("user", stmt.format(v=value), stamp + 0.5))
+        told = stmt.format(v=value)
+        first.insert(at + 1, ("user", told, stamp + 0.5))
         if updates:
             value = new
         cases.append(
             RecallCase(
                 user=f"chitchat-{user[:8]}",
-                fact=stmt.format(v=value),
+                fact=told,
                 question=question,
                 answer=value,
                 sessions=sessions,
@@ -210,10 +211,13 @@ def run_cases(
     controller: dict[str, Any] | None = None,
     extract: bool = True,
     full_history: bool = True,
+    gate_variants: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Ingest each case into its own namespace of `store`, recall for its question, optionally answer.
     controller: ControllerConfig fields to change (e.g. gate_similarity). extract: the person's messages
-    go through fact extraction as they are stored. full_history: also answer with the whole window."""
+    go through fact extraction as they are stored. full_history: also answer with the whole window.
+    gate_variants: name -> ControllerConfig changes; each is measured on the same ordinary turns and
+    question (firing rate, recall@budget), on the same ingested store."""
     from memllm.agents.chat import DEFAULT_SYSTEM, build_messages
     from memllm.agents.controller import ControllerConfig, MemoryController
     from memllm.agents.factbook import FactBook
@@ -248,7 +252,10 @@ def run_cases(
         ingest_s = time.perf_counter() - t0
         # The gate on ordinary turns: the person's messages of their last conversation, decided against
         # all their earlier conversations (before that conversation is stored: no message meets itself).
-        ordinary = [ctl.decide(text)[0] for role, text, _ in case.sessions[-1] if role == "user"]
+        mine = [text for role, text, _ in case.sessions[-1] if role == "user"]
+        ordinary = [ctl.decide(text)[0] for text in mine]
+        variants = {name: ctl.with_config(**changes) for name, changes in (gate_variants or {}).items()}
+        variant_fired = {name: sum(v.decide(text)[0].fire for text in mine) for name, v in variants.items()}
         t0 = time.perf_counter()
         ingest(records[-last:])
         ingest_s += time.perf_counter() - t0
@@ -259,6 +266,13 @@ def run_cases(
             for it in recall.used
         )
         in_flash = any(r.text == gold for r in recall.flash)
+
+        def found(r: Any, gold: str = gold, answer: str = case.answer) -> bool:
+            return any(
+                it.record.text == gold or (it.record.kind == "fact" and answer in it.record.text)
+                for it in r.used
+            ) or any(x.text == gold for x in r.flash)
+
         baseline = last_turns(list(case.turns()), memory_tokens + flash_tokens, count_tokens)
         row: dict[str, Any] = {
             "user": case.user,
@@ -278,6 +292,11 @@ def run_cases(
             "ordinary_fired": sum(d.fire for d in ordinary),
             "ordinary_gate_ms": sum(d.cost_ms for d in ordinary),
         }
+        for name, v in variants.items():
+            r = v.recall(case.question)
+            row[f"variant_{name}_fired"] = variant_fired[name]
+            row[f"variant_{name}_question_fired"] = r.gate.fire
+            row[f"variant_{name}_recall"] = found(r)
         if llm is not None:
 
             def plain(turns: list[Turn], question: str = case.question) -> list[dict[str, str]]:
@@ -313,8 +332,26 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in rows if key in r]
         return sum(bool(v) for v in vals) / len(vals) if vals else None
 
+    names = sorted(
+        {
+            k[len("variant_") : -len("_recall")]
+            for r in rows
+            for k in r
+            if k.startswith("variant_") and k.endswith("_recall")
+        }
+    )
+    ordinary_n = max(1, sum(r["ordinary_turns"] for r in rows))
+    variants = {
+        name: {
+            "ordinary_fire_rate": sum(r[f"variant_{name}_fired"] for r in rows) / ordinary_n,
+            "question_fire_rate": rate(f"variant_{name}_question_fired"),
+            "recall_at_budget": rate(f"variant_{name}_recall"),
+        }
+        for name in names
+    }
     summary = {
         "cases": n,
+        "gate_variants": variants,
         "memllm_recall_at_budget": rate("memllm_recall"),
         "memllm_in_flash": rate("memllm_in_flash"),
         "baseline_recall_at_budget": rate("baseline_recall"),
