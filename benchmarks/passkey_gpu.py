@@ -61,7 +61,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t = time.time()
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    tok = AutoTokenizer.from_pretrained(args.model_dir, **({"gguf_file": args.gguf} if args.gguf else {}))
     kw = {"gguf_file": args.gguf} if args.gguf else {}
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, **kw).cuda().eval()
     model.set_attn_implementation("sdpa")

@@ -19,7 +19,8 @@ from passkey_gpu import DeviceLLM
 
 from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids
 from memllm.config import MemoryConfig
-from memllm.context import attach, flash
+from memllm.context import attach
+from memllm.context.cuda import window as flash
 from memllm.context.prefill import step
 from memllm.context.window import joined_memory
 from memllm.session import Session

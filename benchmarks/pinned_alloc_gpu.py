@@ -162,7 +162,7 @@ def run(kind: str, args, data, work) -> tuple[dict, list[UnitStore]]:
 
 
 def gather_units(store: UnitStore, ids: torch.Tensor, dtype: torch.dtype):
-    from memllm.context.uva import gather_units_uva
+    from memllm.context.cuda.gather import gather_units_uva
 
     return gather_units_uva(store, ids, dtype)
 

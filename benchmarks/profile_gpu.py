@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from memllm.compat import cache_kwargs
+
 
 def smollm2_shaped(device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -93,18 +95,18 @@ def full_attention(model, n: int) -> dict:
 
     def prefill():
         model(
-            input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1
+            input_ids=ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True, logits_to_keep=1
         )
 
     pre = timed(prefill, 6)[1:]
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     steps = []
     for _ in range(24):
         sync()
         t = time.perf_counter()
         tok = logits.argmax().view(1, 1)
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
         sync()
         steps.append(time.perf_counter() - t)
     return {"prefill_s": statistics.median(pre), "tok_s": n / statistics.median(pre),
@@ -279,7 +281,7 @@ def answer_run(model, n_tokens: int, config, question: int = 40, answer: int = 8
     graph = s.cache.decode_graph()
     res["graph"] = graph.counters() if graph is not None else None
     # The same static steps run eagerly, so the profiler times each kernel (a replay is one graph).
-    from memllm.context.graph import DecodeGraph
+    from memllm.context.cuda.graph import DecodeGraph
 
     s.cache._decode_graph = DecodeGraph(s.cache, capture=False)
     with s.answering():
@@ -317,7 +319,7 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
     import triton.testing
 
     from memllm.config import MemoryConfig
-    from memllm.context import flash
+    from memllm.context.cuda import window as flash
     from memllm.context.plan import plan_call
     from memllm.context.window import joined_memory
 
@@ -397,7 +399,8 @@ def kernel_sweep(baseline: str | None = None) -> list[dict]:
 def ab_prefill(model, n_tokens: int) -> list[dict]:
     """Prefill speed with each recent fast-path change undone in turn (patched here, in one process)."""
     from memllm.config import MemoryConfig
-    from memllm.context import flash, pinned
+    from memllm.context import pinned
+    from memllm.context.cuda import window as flash
     from memllm.context.positions import Rotary
     from memllm.context.window import merge
 
@@ -432,7 +435,7 @@ def ab_prefill(model, n_tokens: int) -> list[dict]:
 
 def launch_overhead() -> dict:
     """Host microseconds per launch: a Triton kernel (the rotation) and a PyTorch op, 2000 each."""
-    from memllm.context.rope_cuda import rotate
+    from memllm.context.cuda.positions import rotate
 
     x = torch.randn(9, 16, 64, device="cuda", dtype=torch.bfloat16)
     cos = torch.randn(100, 64, device="cuda")

@@ -40,7 +40,7 @@ def main() -> None:
     from memllm.bench.passkey import keys_for, parse_length, prompt_ids
     from memllm.config import MemoryConfig
     from memllm.context import attach
-    from memllm.context.graph import DecodeGraph
+    from memllm.context.cuda.graph import DecodeGraph
     from memllm.context.prefill import feed, step
 
     ap = argparse.ArgumentParser()

@@ -6,6 +6,7 @@ model's trained context by `MemoryConfig.resolved(trained_len)`. Knows nothing o
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -14,6 +15,15 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
+SELECTORS = ("question", "infllm")
+_DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"MemoryConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,11 @@ class MemoryConfig:
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
+    selector: which units a question and its answer read. "question" (the default): the question is
+    probed first, every layer scoring all its units by the attention mass the question gives them,
+    and the best units (fused over layers, with neighbours) are read by every layer
+    (context/select.py); "infllm": each layer's own lookup per execution block, as during prefill.
+    select_neighbours: units read on either side of each unit the question selector picks.
     decode_graphs: on CUDA with impl "fast", run static calls by replaying captured CUDA graphs
     (context/graph.py): single tokens and short calls (up to 128 tokens, e.g. a question) that cut
     nothing, and prefill chunks that cut units once the memory holds topk units (int8 units excepted).
@@ -46,6 +61,8 @@ class MemoryConfig:
     impl: str = "fast"
     lookup: str = "shared"
     decode_graphs: bool = True
+    selector: str = "question"
+    select_neighbours: int = 1
 
     def __post_init__(self) -> None:
         def positive(
@@ -74,10 +91,16 @@ class MemoryConfig:
             raise ConfigError(
                 f"MemoryConfig.n_local ({self.n_local}) must be at least block_size ({self.block_size})"
             )
-        if self.offload_dtype not in OFFLOAD_DTYPES:
+        _one_of("offload_dtype", self.offload_dtype, OFFLOAD_DTYPES)
+        _one_of("impl", self.impl, IMPLS)
+        _one_of("lookup", self.lookup, LOOKUPS)
+        if self.device is not None and not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
             raise ConfigError(
-                f"MemoryConfig.offload_dtype must be one of {', '.join(OFFLOAD_DTYPES)}, got {self.offload_dtype!r}"
+                f"MemoryConfig.device must be None (the model's device) or a device name such as 'cpu', 'cuda' "
+                f"or 'cuda:0', got {self.device!r}"
             )
+        _one_of("selector", self.selector, SELECTORS)
+        positive("select_neighbours", self.select_neighbours, allow_zero=True)
         if not isinstance(self.decode_graphs, bool):
             raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")
         if self.max_cached_blocks is not None and self.topk > 0 and self.max_cached_blocks < self.topk:

@@ -3,8 +3,10 @@
 `read_document(path)` returns a `Document` (name, text, kind, encoding, notes). Text files are UTF-8
 (a BOM is honoured, UTF-16 with a BOM too); other bytes are decoded with a reported fallback
 (cp1252, else latin-1) and the fallback is written in `notes`, never hidden. Empty input, binary data
-(NUL bytes, or text that decodes to control characters) and files larger than the host memory
-available are refused with an `InputError` that says what was found and what to do. PDF goes through
+(NUL bytes, or text that decodes to control characters) is refused with an `InputError` that says
+what was found and what to do. Reading is bounded before it starts: a file, device, pipe or stdin
+larger than what can be read and tokenised within the memory budget (memllm.limits: host memory, the
+container's cgroup limit, RLIMIT_AS) is refused with a `MemoryLimitError`, without reading it whole. PDF goes through
 pypdf, HTML through the standard library's parser. Knows nothing of models, memory or the CLI.
 """
 
@@ -12,46 +14,31 @@ from __future__ import annotations
 
 import bisect
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO
 
-from memllm.errors import InputError
+from memllm.errors import InputError, MemoryLimitError
+from memllm.limits import (
+    MAX_DOCUMENT_BYTES,
+    READ_BYTES_PER_BYTE,
+    MemoryBudget,
+    available_memory,
+    human_bytes,
+    memory_budget,
+    read_limited,
+)
+
+__all__ = ["Document", "available_memory", "human_bytes", "read_document", "read_text", "document_from_bytes"]
 
 STDIN = "-"
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".log", ".csv", ".json", ".text")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")
 MAX_CONTROL_SHARE = 0.05  # more control characters than this after decoding: not text
-GIB = 1024**3
-
-
-def human_bytes(n: float) -> str:
-    """Bytes for messages: '1.50 GiB', '12.0 MiB', '3.2 KiB', '100 bytes'."""
-    if n >= GIB:
-        return f"{n / GIB:.2f} GiB"
-    if n >= 1024**2:
-        return f"{n / 1024**2:.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{int(n)} bytes"
-
-
-def available_memory() -> int:
-    """Host memory available to this process now, in bytes (MemAvailable; sysconf as a fallback)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 1 << 62
 
 
 @dataclass
@@ -236,12 +223,7 @@ def _kind_of(name: str, data: bytes) -> str:
 
 def document_from_bytes(data: bytes, name: str, available: int | None = None) -> Document:
     """A Document from raw bytes (kind from the name's suffix and the content)."""
-    avail = available_memory() if available is None else available
-    if len(data) > avail:
-        raise InputError(
-            f"{name} is {human_bytes(len(data))} but only {human_bytes(avail)} of host memory is available: "
-            "split the document or free memory"
-        )
+    _check_size(len(data), name, _budget(available))
     if not data.strip():
         raise InputError(f"{name} is empty: nothing to read")
     kind = _kind_of(name, data)
@@ -259,31 +241,72 @@ def document_from_bytes(data: bytes, name: str, available: int | None = None) ->
     return Document(name, text, kind, encoding, notes)
 
 
+def _budget(available: int | None) -> MemoryBudget:
+    return memory_budget() if available is None else MemoryBudget(available, None, "host memory")
+
+
+def _allowed(budget: MemoryBudget) -> int:
+    return max(0, min(MAX_DOCUMENT_BYTES, budget.available // READ_BYTES_PER_BYTE))
+
+
+def _check_size(size: int, name: str, budget: MemoryBudget, at_least: bool = False) -> None:
+    allowed = _allowed(budget)
+    if size <= allowed:
+        return
+    if allowed >= MAX_DOCUMENT_BYTES:
+        why = f"the most memllm reads as one document is {human_bytes(MAX_DOCUMENT_BYTES)}"
+    else:
+        why = (f"reading and tokenising takes about {READ_BYTES_PER_BYTE} bytes of memory per byte of text "
+               f"and {budget.describe()}, so the most it can read is {human_bytes(allowed)}")  # fmt: skip
+    size_text = f"more than {human_bytes(allowed)}" if at_least else human_bytes(size)
+    raise MemoryLimitError(f"{name} is {size_text}: {why}: split the document or give it more memory")
+
+
+def _read_stream(stream: IO[bytes], name: str, available: int | None) -> bytes:
+    """Read a stream of unknown size (stdin, a pipe, a device) without holding more than allowed; a
+    binary start (NUL bytes) is refused after the first chunk, not after the whole stream."""
+    budget = _budget(available)
+    allowed = _allowed(budget)
+    head, more = read_limited(stream, min(allowed, 1 << 20))
+    if not head.startswith(b"%PDF-"):
+        nul = head.find(b"\x00")
+        if nul >= 0:
+            raise InputError(
+                f"{name} looks binary (a NUL byte at offset {nul}), not text: give a .txt, .md, .html or .pdf file"
+            )
+    if not more:
+        return head
+    rest, more = read_limited(stream, allowed - len(head))
+    if more:
+        _check_size(allowed + 1, name, budget, at_least=True)
+    return head + rest
+
+
 def read_document(path: str | os.PathLike[str], stdin: IO[bytes] | None = None,
                   available: int | None = None) -> Document:  # fmt: skip
-    """Read a file (or stdin for '-') into a Document; InputError with the reason when it cannot."""
+    """Read a file (or stdin for '-') into a Document; InputError with the reason when it cannot,
+    MemoryLimitError (before reading it) when it is too large for the memory this process may use."""
     name = str(path)
-    avail = available_memory() if available is None else available
     if name == STDIN:
-        stream = stdin if stdin is not None else sys.stdin.buffer
-        data = stream.read(avail + 1)
-        return document_from_bytes(data, "<stdin>", avail)
+        data = _read_stream(stdin if stdin is not None else sys.stdin.buffer, "<stdin>", available)
+        return document_from_bytes(data, "<stdin>", available)
     p = Path(name).expanduser()
     if not p.exists():
         raise InputError(f"{name}: no such file")
     if p.is_dir():
         raise InputError(f"{name} is a directory: give the files in it (e.g. {name}/*.txt)")
-    size = p.stat().st_size
-    if size > avail:
-        raise InputError(
-            f"{name} is {human_bytes(size)} but only {human_bytes(avail)} of host memory is available: "
-            "split the document or free memory"
-        )
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if stat.S_ISREG(st.st_mode):
+                budget = _budget(available)
+                _check_size(st.st_size, name, budget)
+                data, _ = read_limited(fh, _allowed(budget))
+            else:  # a device (/dev/zero), a FIFO, a socket: no size to trust
+                data = _read_stream(fh, name, available)
     except OSError as exc:
         raise InputError(f"cannot read {name}: {exc.strerror or exc}") from exc
-    return document_from_bytes(data, name, avail)
+    return document_from_bytes(data, name, available)
 
 
 def read_text(text: str, name: str = "text") -> Document:

@@ -52,3 +52,45 @@ class InputError(MemllmError):
     """Input text/documents cannot be read (empty, binary, too large)."""
 
     exit_code = 7
+
+
+class MemoryLimitError(MemllmError):
+    """Work would need more memory than the process may use (host RAM, the container's cgroup limit
+    or RLIMIT_AS): refused before the memory is spent, with what to do instead."""
+
+    exit_code = 8
+
+
+class BusyError(MemllmError):
+    """Another process holds what this one needs (a user's kv memory) and did not let go in time."""
+
+    exit_code = 9
+
+
+class WriteError(MemllmError):
+    """A file could not be written (disk full, a file-size or quota limit, a read-only folder). What
+    was being written is left out whole (atomic writes): the previous version stays."""
+
+    exit_code = 10
+
+
+DISK_ERRNOS = frozenset({5, 27, 28, 30, 122})  # EIO, EFBIG, ENOSPC, EROFS, EDQUOT
+SQLITE_DISK_CODES = frozenset({8, 10, 13})  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL (primary codes)
+
+
+def is_disk_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a failed write of the disk's making (full, size limit, read-only, I/O), as an
+    OSError or an sqlite3 error."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_ERRNOS
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in SQLITE_DISK_CODES
+
+
+def write_error(exc: BaseException, what: str) -> WriteError:
+    """The WriteError for a failed write of `what` (an OSError, or an sqlite3 error of the disk)."""
+    reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    return WriteError(
+        f"could not write {what}: {reason}; the previous version is kept: free disk "
+        "space (or raise the quota / file size limit) and run it again"
+    )

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from memllm.compat import cache_kwargs
 from memllm.errors import ConfigError
 
 
@@ -90,7 +91,7 @@ def generate_ids(
         n = ids.shape[1]
         positions = torch.arange(pos, pos + n, device=ids.device).unsqueeze(0)
         out = model(
-            input_ids=ids, past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1
+            input_ids=ids, **cache_kwargs(model, cache), use_cache=True, position_ids=positions, logits_to_keep=1
         )
         pos += n
         logits = out.logits[:, -1, :]

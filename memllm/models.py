@@ -235,6 +235,9 @@ def _write_cache(resolved: ResolvedModel, folder: Path, progress: Callable[[str]
             progress(f"converting {resolved.name} weights once (dequantizing GGUF, ~20 s)")
         kw = {"gguf_file": gguf_path.name}
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+        # transformers 5.17's GGUF conversion sets clean_up_tokenization_spaces=True, which that version then
+        # ignores for BPE tokenizers with a warning at every load; later versions leave it False.
+        tok.clean_up_tokenization_spaces = False
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
         # The dequantized model is an ordinary checkpoint now: drop the GGUF quantization marker.
         if hasattr(model.config, "quantization_config"):

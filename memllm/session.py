@@ -9,8 +9,7 @@ manifest, no pickle). `llm` is any object with .model, .tokenizer, .device, .dty
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -18,16 +17,21 @@ from typing import Any
 
 import torch
 
+from memllm import limits, snapshot
 from memllm.config import MemoryConfig
-from memllm.context import prefill
+from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
-from memllm.errors import InputError, SnapshotError
+from memllm.errors import ConfigError, InputError, SnapshotError
 from memllm.generation import RepetitionGuard, decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+SAMPLE_CHARS = 65536
+LIMIT_HINT = (
+    "feed less text, use int8 units (MemoryConfig(offload_dtype='int8')), or give the process more memory"
+)
 
 
 def _stop_ids(llm: Any) -> set[int]:
@@ -49,8 +53,32 @@ class Session:
         self.config = self.cache.config
         self.last_logits: torch.Tensor | None = None  # (vocab,) fp32: next-token logits after the stream
         self.asks = 0
+        self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
+        self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
+
+    def bytes_per_token(self) -> int:
+        """Host bytes one more token of the stream takes in context memory (its K/V in every layer)."""
+        s = self.spec
+        return limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+
+    def check_room(self, n_tokens: int, extra_bytes: int = 0) -> None:
+        """MemoryLimitError, before anything is computed, when `n_tokens` more tokens (and
+        `extra_bytes` of work) would not fit the memory this process may use (host, the container's
+        limit, RLIMIT_AS, MEMLLM_MEMORY_LIMIT)."""
+        per = self.bytes_per_token()
+        limits.require(
+            n_tokens * per + extra_bytes,
+            f"{n_tokens:,} more tokens of context memory (it holds {self.cache.seen_tokens:,}, "
+            f"{per:,} bytes per token)",
+            self.limit_hint,
+        )
 
     # ---- reading ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as feed() would append them (BOS first on an empty stream, if the
+        tokenizer adds one)."""
+        return self._encode(text)
+
     def _encode(self, text: str) -> list[int]:
         tok = self.llm.tokenizer
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
@@ -67,6 +95,7 @@ class Session:
         t = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
         if t.shape[1] == 0:
             return
+        self.check_room(int(t.shape[1]))
         with attach(self.llm.model, cache=self.cache):
             logits = prefill.feed(self.llm.model, self.cache, t, progress)
         self.last_logits = logits
@@ -75,6 +104,9 @@ class Session:
         """Read `text` into memory; returns the number of tokens added."""
         if not isinstance(text, str):
             raise InputError(f"feed() takes text (str), got {type(text).__name__}")
+        if len(text) > SAMPLE_CHARS:  # long text: refuse before tokenising it, from a sample's rate
+            sample = len(self.llm.tokenizer(text[:SAMPLE_CHARS], add_special_tokens=False)["input_ids"])
+            self.check_room(len(text) * sample // SAMPLE_CHARS, len(text) * limits.READ_BYTES_PER_BYTE)
         ids = self._encode(text)
         self.feed_ids(ids, progress)
         return len(ids)
@@ -85,29 +117,77 @@ class Session:
         prompt: str | list[int] | None = None,
         max_new_tokens: int = 32,
         stop: set[int] | None = None,
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
         guard: RepetitionGuard | None = None,
     ) -> Iterator[int]:
         """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
-        `guard` (memllm.generation.RepetitionGuard) adjusts each step's logits for the tokens generated."""
+
+        With a prompt and the "question" selector, the prompt is probed first and the units it needs
+        are read by every layer for the prompt and the continuation (select_prompt).
+        oracle_spans (a diagnostic): token spans of the stream whose units are read first; selector:
+        this call's instead of the config's ("question" or "infllm"); guard (memllm.generation.RepetitionGuard)
+        adjusts each step's logits for the tokens generated."""
         stop = _stop_ids(self.llm) if stop is None else stop
+        forced = False
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+            forced = self.select_prompt(ids, oracle_spans, selector)
             self.feed_ids(ids)
-        if self.last_logits is None:
-            raise InputError("nothing to continue from: feed text or give a prompt first")
-        model = self.llm.model
-        with attach(model, cache=self.cache):
-            generated: list[int] = []
-            for _ in range(max_new_tokens):
-                logits = self.last_logits
-                if guard is not None and generated:
-                    logits = guard.apply(logits.reshape(1, -1), generated)
-                tok = int(logits.argmax())
-                if tok in stop:
-                    return
-                generated.append(tok)
-                self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
-                yield tok
+        try:
+            if self.last_logits is None:
+                raise InputError("nothing to continue from: feed text or give a prompt first")
+            self.check_room(max_new_tokens)
+            model = self.llm.model
+            with attach(model, cache=self.cache):
+                generated: list[int] = []
+                for _ in range(max_new_tokens):
+                    logits = self.last_logits
+                    if guard is not None and generated:
+                        logits = guard.apply(logits.reshape(1, -1), generated)
+                    tok = int(logits.argmax())
+                    if tok in stop:
+                        return
+                    generated.append(tok)
+                    self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
+                    yield tok
+        finally:
+            if forced:
+                self.cache.forced.clear()
+
+    def select_prompt(
+        self,
+        ids: list[int],
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
+    ) -> bool:
+        """Before `ids` (a question, a chat turn) are fed: with the "question" selector, probe them (fed
+        and rolled back, every layer scoring all its units, select.py) and force the chosen units into
+        every layer's lookups until `cache.forced.clear()`. Returns whether units were forced; records
+        what was chosen in `last_selection`."""
+        cache, cfg = self.cache, self.config
+        self.last_selection = None
+        n_units = cache.layers[0].store.n_units
+        if cache.forced is None or n_units <= cfg.topk or not ids:
+            return False
+        if (selector or cfg.selector) != "question" and oracle_spans is None:
+            return False
+        gold = (
+            select.units_of_spans(oracle_spans, cfg.n_init, cfg.block_size, n_units) if oracle_spans else []
+        )
+        checkpoint, logits = cache.checkpoint(), self.last_logits
+        with cache.probing() as probe:
+            self.feed_ids(ids)
+        cache.rollback(checkpoint)
+        self.last_logits = logits
+        masses = probe.per_layer()
+        if masses is None:
+            return False
+        score = select.fuse(masses)
+        chosen = select.choose(score, cfg.topk, cfg.select_neighbours, first=gold)
+        cache.forced.set(chosen)
+        self.last_selection = {"units": chosen.tolist(), "gold_units": gold, "score": score, "per_layer": masses}
+        return True
 
     def generate(
         self,
@@ -129,14 +209,24 @@ class Session:
             with self.cache.hold_cuts():
                 yield
         finally:
+            if self.cache.forced is not None:
+                self.cache.forced.clear()
             self.cache.rollback(checkpoint)
             self.last_logits = logits
             self.asks += 1
 
-    def ask(self, question: str, max_new_tokens: int = 32) -> str:
-        """Answer from memory; the question and answer are rolled back out of the memory afterwards."""
+    def ask(
+        self,
+        question: str,
+        max_new_tokens: int = 32,
+        oracle_spans: Sequence[tuple[int, int]] | None = None,
+        selector: str | None = None,
+    ) -> str:
+        """Answer from memory; the question and answer are rolled back out of the memory afterwards.
+        oracle_spans, selector: see generate_ids."""
         with self.answering():
-            return "".join(self.generate(question, max_new_tokens)).strip()
+            ids = self.generate_ids(question, max_new_tokens, oracle_spans=oracle_spans, selector=selector)
+            return "".join(decode_stream(self.llm.tokenizer, ids)).strip()
 
     # ---- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -146,71 +236,26 @@ class Session:
         return s
 
     # ---- snapshots -------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the memory to folder `path`: manifest.json + state.safetensors."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        layers = []
-        for i, layer in enumerate(self.cache.layers):
-            for name, t in layer.state().items():
-                tensors[f"layer{i}.{name}"] = t
-            layers.append(
-                {"seen": layer.seen, "cut": layer.cut, "base": layer.base, "units": layer.store.n_units}
-            )
-        if self.last_logits is not None:
-            tensors["last_logits"] = self.last_logits.to("cpu").contiguous()
-        manifest = {
-            "format": SNAPSHOT_FORMAT,
-            "version": SNAPSHOT_VERSION,
-            "model": getattr(self.llm, "name", self.spec.name),
-            "spec": {
-                k: getattr(self.spec, k)
-                for k in ("num_layers", "num_heads", "kv_heads", "head_dim", "trained_len")
-            },
-            "dtype": str(self.spec.dtype).removeprefix("torch."),
-            "memory": self.config.to_dict(),
-            "layers": layers,
-        }
-        save_file(tensors, str(folder / "state.safetensors"))
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        return folder
+    def save(self, path: str | Path, namespace: str | None = None) -> Path:
+        """Write the memory to folder `path` (memllm.snapshot: files with checksums, manifest last).
+        `path` must be new, empty, or a snapshot saved before; `namespace` is recorded and required
+        again by restore when given."""
+        return snapshot.save_session(self, path, namespace)
 
     @classmethod
-    def restore(cls, llm: Any, path: str | Path) -> Session:
-        """A session equal to the saved one (same next-token logits) on `llm`."""
-        from safetensors.torch import load_file
+    def restore(cls, llm: Any, path: str | Path, namespace: str | None = None) -> Session:
+        """A session equal to the saved one (same next-token logits) on `llm`; SnapshotError when the
+        snapshot is torn, altered, or was written with other weights (or for another namespace)."""
+        return cls.restore_checked(llm, path, namespace)[0]
 
-        folder = Path(path)
-        mpath, spath = folder / "manifest.json", folder / "state.safetensors"
-        if not mpath.is_file() or not spath.is_file():
-            raise SnapshotError(
-                f"no memory snapshot at {folder}: expected manifest.json and state.safetensors"
-            )
+    @classmethod
+    def restore_checked(cls, llm: Any, path: str | Path, namespace: str | None = None) -> tuple[Session, dict]:
+        """(session, manifest): restore() that also returns the snapshot's manifest."""
+        manifest = snapshot.read_checked(llm, path, namespace)
         try:
-            manifest = json.loads(mpath.read_text())
-        except ValueError as exc:
-            raise SnapshotError(f"snapshot manifest {mpath} is not valid JSON: {exc}") from exc
-        if manifest.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotError(f"{mpath} is not a memllm context snapshot")
-        if manifest.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                f"snapshot version {manifest.get('version')} is not supported (this memllm reads {SNAPSHOT_VERSION})"
-            )
-        session = cls(llm, MemoryConfig.from_dict(manifest["memory"]))
-        want = {k: getattr(session.spec, k) for k in manifest["spec"]}
-        if want != manifest["spec"]:
-            raise SnapshotError(
-                f"snapshot was written for a model shaped {manifest['spec']}, this model is {want}: "
-                f"restore it with model '{manifest.get('model')}'"
-            )
-        tensors = load_file(str(spath))
-        for i, (layer, meta) in enumerate(zip(session.cache.layers, manifest["layers"], strict=True)):
-            prefix = f"layer{i}."
-            state = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-            layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
-        if "last_logits" in tensors:
-            session.last_logits = tensors["last_logits"].to(session.cache.layers[0].device)
-        return session
+            config = MemoryConfig.from_dict(manifest["memory"])
+        except ConfigError as exc:
+            raise SnapshotError(f"snapshot at {path} is altered: its memory config: {exc}") from exc
+        session = cls(llm, config)
+        snapshot.restore_into(session, path, manifest)
+        return session, manifest

@@ -6,8 +6,13 @@ message, always within the model's window; the answer streams; both turns are st
 an LLM-written summary when stored (after the answer, not on its path).
 
 Modes: "text" (above). "kv": the dialogue itself is streamed into a context-memory session (InfLLM-
-style KV memory, memllm.session), turn by turn, and every answer continues that stream; the session is
-saved next to the store at `close()` and restored by the next agent of the same user. "hybrid": kv,
+style KV memory, memllm.session), turn by turn, and every answer continues that stream. The session is
+saved after every answer (the units cut since the last save are appended, memllm.snapshot) in
+`<store>/kv/<hash of the exact namespace>/` (memllm.paths: two users never share it), under a lock
+per user that a second process of the same user waits for (and says so), and restored by the next
+agent of the same user; a torn or foreign snapshot (other weights) gives a one-line warning and is
+rebuilt from the user's turns in the text memory. Before each turn the memory the turn needs is
+checked against the process's limit (MemoryLimitError, saying what to do). "hybrid": kv,
 plus the text memory's recalled records placed in the turn, for recall across sessions and beyond
 what KV retrieval finds. Turns are stored in the text memory in every mode. kv/hybrid decode greedily.
 
@@ -22,7 +27,7 @@ Knows nothing of the CLI; the store and controller come from memllm.memory_store
 
 from __future__ import annotations
 
-import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,7 @@ from memllm.agents.factbook import FactBook
 from memllm.agents.facts import Fact, extract_facts
 from memllm.agents.quality import degenerate
 from memllm.config import MemoryConfig
-from memllm.errors import ConfigError, UnsupportedModelError
+from memllm.errors import BusyError, ConfigError, SnapshotError, UnsupportedModelError
 from memllm.generation import RepetitionGuard, StopScanner
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
 
@@ -40,6 +45,10 @@ MEMORY_MODES = ("text", "kv", "hybrid")
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
+KV_LIMIT_HINT = (
+    "continue this user's chat with --memory text (its text memory keeps every turn), lower "
+    "--memory-tokens (hybrid), or give the process more memory"
+)
 
 
 def build_messages(system: str | None, message: str, recall: Recall | None) -> list[dict[str, str]]:
@@ -81,7 +90,12 @@ class ChatAgent:
         repetition_penalty: float = 1.0,
         no_repeat_ngram: int = 0,
         facts: Callable[[str], list[Fact]] | None = extract_facts,
+        notify: Callable[[str], None] | None = None,
+        lock_timeout: float | None = None,
     ) -> None:
+        """notify(message): where one-line notices go (waiting for another process, a snapshot
+        rebuilt); default: warnings.warn. lock_timeout: how long to wait for another process holding
+        this user's kv memory (None: as long as it takes; then BusyError)."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         self.llm = llm
@@ -104,29 +118,140 @@ class ChatAgent:
         self.facts = FactBook(store, self.controller.namespace)
         self.skipped: list[str] = []  # why answers were not stored (latest last)
         self.context_memory = context_memory
+        self.notify = notify or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
+        self.lock_timeout = lock_timeout
         self.session: Any = None
+        self.kv_turns = 0  # answered turns in the kv stream
+        self._lock: Any = None
+        self._writer: Any = None
+        self._unsaved = False
         if memory != "text":
-            self.session = self._open_session()
+            try:
+                self.session = self._open_session()
+            except BaseException:
+                self._release()
+                raise
 
     # ------------------------------------------------------------------ kv session
     def snapshot_path(self) -> Path | None:
+        """`<store>/kv/<disk key of the exact namespace>`: one folder per user, never shared."""
+        from memllm.paths import keyed
+
         root = getattr(self.store, "path", None)
         if root is None:
             return None
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.controller.namespace)
-        return Path(root) / "kv" / safe
+        return keyed(Path(root) / "kv", self.controller.namespace)
+
+    def _acquire(self, path: Path) -> None:
+        from filelock import FileLock, Timeout
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(path) + ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+            return
+        except Timeout:
+            self.notify(
+                f"the kv memory of {self.user} is in use by another memllm process: waiting for it to finish"
+            )
+        try:
+            self._lock.acquire(timeout=-1 if self.lock_timeout is None else self.lock_timeout)
+        except Timeout as exc:
+            raise BusyError(
+                f"the kv memory of {self.user} stayed in use by another memllm process for "
+                f"{self.lock_timeout:.0f} s: end that chat, or use --memory text"
+            ) from exc
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _open_session(self) -> Any:
+        from memllm.paths import label_folder
+        from memllm.session import Session
+        from memllm.snapshot import SnapshotWriter
+
         path = self.snapshot_path()
-        if path is not None and (path / "manifest.json").is_file():
-            return self.llm.restore(str(path))
-        return self.llm.session(self.context_memory)
+        if path is None:
+            session = self.llm.session(self.context_memory)
+            session.limit_hint = KV_LIMIT_HINT
+            return session
+        self._acquire(path)
+        namespace = self.controller.namespace
+        label_folder(path, namespace, "kv memory")
+        SnapshotWriter(path, namespace).remove_stale_temps()
+        if (path / "manifest.json").exists():
+            try:
+                session, manifest = Session.restore_checked(self.llm, path, namespace)
+            except SnapshotError as exc:
+                self.notify(f"warning: {exc}; rebuilding the kv memory of {self.user} from its text records")
+            else:
+                session.limit_hint = KV_LIMIT_HINT
+                self._writer = SnapshotWriter(path, namespace, manifest)
+                self.kv_turns = int(manifest.get("extra", {}).get("turns", 0))
+                return session
+            self.session = self.llm.session(self.context_memory)
+            self.session.limit_hint = KV_LIMIT_HINT
+            self._writer = SnapshotWriter(path, namespace)
+            self._rebuild_from_text()
+            self.save()
+            return self.session
+        session = self.llm.session(self.context_memory)
+        session.limit_hint = KV_LIMIT_HINT
+        self._writer = SnapshotWriter(path, namespace)
+        return session
+
+    def _rebuild_from_text(self) -> None:
+        """Stream the user's stored turns (text memory, oldest first) into the kv session."""
+        pending: str | None = None
+        for rec in self.store.list(self.controller.namespace, filters={"kind": "turn"}):
+            role = rec.metadata.get("role")
+            if role == "user":
+                pending = rec.text
+            elif role == "assistant" and pending is not None:
+                turn = [{"role": "user", "content": pending}]
+                self.session.feed(self._segment(turn))
+                self.session.feed(rec.text)
+                self._close_turn(turn, rec.text)
+                self.kv_turns += 1
+                pending = None
+
+    def repair(self) -> dict[str, Any]:
+        """Rebuild this user's kv memory from their text records, whatever its snapshot holds, and save
+        it (`memllm memory repair`). Returns kv_status() of the rebuilt memory."""
+        from memllm.snapshot import SnapshotWriter
+
+        path = self.snapshot_path()
+        if self.session is None or path is None:
+            raise ConfigError("repair rebuilds kv memory: open the chat with memory kv or hybrid and a store")
+        self.session = self.llm.session(self.context_memory)
+        self.session.limit_hint = KV_LIMIT_HINT
+        self.kv_turns = 0
+        self._writer = SnapshotWriter(path, self.controller.namespace)
+        self._rebuild_from_text()
+        self.save()
+        return self.kv_status() or {}
+
+    def save(self) -> None:
+        """Commit the kv session (the new units and the window) to its snapshot folder."""
+        if self._writer is not None and self.session is not None and self.session.cache.seen_tokens > 0:
+            self._writer.save(self.session, {"turns": self.kv_turns, "user": self.user})
+            self._unsaved = False
+
+    def kv_status(self) -> dict[str, Any] | None:
+        """Tokens and answered turns in the kv stream (None in text mode)."""
+        if self.session is None:
+            return None
+        return {"tokens": self.session.cache.seen_tokens, "turns": self.kv_turns}
 
     def close(self) -> None:
-        """Save the kv session (kv/hybrid) so the next agent of this user continues the same stream."""
-        path = self.snapshot_path()
-        if self.session is not None and path is not None and self.session.cache.seen_tokens > 0:
-            self.session.save(str(path))
+        """Save what is not saved yet and let another process have this user's kv memory."""
+        try:
+            if self._unsaved:
+                self.save()
+        finally:
+            self._release()
 
     def _render(self, messages: list[dict[str, str]], generation: bool) -> str:
         return self.llm.tokenizer.apply_chat_template(
@@ -206,7 +331,9 @@ class ChatAgent:
         guard = self.guard if self.guard.active else None
         if self.session is not None:
             turn = self._kv_turn(text, recall)
-            source = self.session.generate(self._segment(turn), max_new_tokens=limit, guard=guard)
+            ids = self.session.encode(self._segment(turn))
+            self.session.check_room(len(ids) + limit + 8)  # before the turn starts, not half-way
+            source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
         else:
             turn = []
             opts = (
@@ -238,7 +365,11 @@ class ChatAgent:
         finally:
             if self.session is not None:
                 self._close_turn(turn, shown)
+                self.kv_turns += 1
+                self._unsaved = True
             self._store_turn(text, shown.strip(), finished)
+            if self.session is not None:
+                self.save()  # after every answer: a killed process loses no answered turn
 
     def _store_turn(self, text: str, answer: str, finished: bool) -> None:
         """The user's turn and its facts; the answer only when it finished and is not degenerate."""

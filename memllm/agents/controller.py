@@ -232,7 +232,8 @@ def render_record(record: MemoryRecord, mode: Mode) -> str:
     `(true until YYYY-MM-DD)` once superseded; another record: date, role or kind, then text or summary."""
     if record.kind == "fact":
         since = record.metadata.get("valid_from", record.created_at)
-        line = f"- {record.text} (told on {time.strftime('%Y-%m-%d', time.gmtime(float(since)))}"
+        body = record.summary if mode == "summary" and record.summary else record.text
+        line = f"- {body} (told on {time.strftime('%Y-%m-%d', time.gmtime(float(since)))}"
         until = record.metadata.get("valid_to")
         if until is not None:
             line += f", true until {time.strftime('%Y-%m-%d', time.gmtime(float(until)))}"

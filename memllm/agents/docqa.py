@@ -25,8 +25,8 @@ Knows nothing of the CLI. Uses memllm.session (kv), agents.controller + memory_s
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,10 +34,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from memllm import limits, validate
 from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
 from memllm.config import MemoryConfig
-from memllm.documents import Document, available_memory, human_bytes, read_document, read_text
+from memllm.documents import Document, read_document, read_text
 from memllm.errors import ConfigError, InputError, SnapshotError
+from memllm.savedir import check_target, private_tempdir, replace_folder
 
 MODES = ("kv", "text", "hybrid", "full")
 DOCQA_FORMAT = "memllm-docqa"
@@ -132,8 +134,19 @@ def kv_bytes_per_token(llm: Any, memory: MemoryConfig) -> int:
     layers = int(cfg.num_hidden_layers)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    per = {"int8": 1.0 + 4.0 / head_dim, "fp32": 4.0}.get(memory.offload_dtype, 2.0)
-    return int(layers * 2 * kv_heads * head_dim * per)
+    return limits.kv_bytes_per_token(layers, kv_heads, head_dim, memory.offload_dtype)
+
+
+SAMPLE_CHARS = 65536  # text tokenised to estimate a document's tokens before tokenising it whole
+
+
+def estimate_tokens(text: str, tokenizer: Any) -> int:
+    """About how many tokens `text` has, from a sample of its start (no whole tokenisation)."""
+    if len(text) <= SAMPLE_CHARS:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    sample = text[:SAMPLE_CHARS]
+    n = max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
+    return int(len(text) * n / len(sample))
 
 
 _NEWLINE_IDS: dict[int, frozenset[int]] = {}
@@ -152,6 +165,19 @@ def newline_ids(tokenizer: Any) -> frozenset[int]:
 
 def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
+
+
+_SAVED_FILES = re.compile(
+    r"(docqa\.json|documents\.json"
+    r"|kv/(manifest\.json|name\.json|state\.safetensors|(units|head|state)-[0-9]+\.safetensors|\..+\.tmp)"
+    r"|store/(memory\.db(-wal|-shm|-journal)?|store\.lock|index/[0-9a-f]{32}\.faiss|index/\..+\.tmp))"
+)
+
+
+def check_save_target(path: str | Path) -> Path:
+    """SnapshotError unless `save(path)` may write there: a new or empty folder, or a document memory
+    saved earlier that holds only what memllm writes (see memllm.savedir.check_target)."""
+    return check_target(path, DOCQA_FORMAT, lambda rel: _SAVED_FILES.fullmatch(rel) is not None)
 
 
 def _copy_store(src: Path, dst: Path) -> None:
@@ -199,6 +225,41 @@ class _LookupRecorder:
 
 
 # ---------------------------------------------------------------------------------------- the agent
+def _check_saved(manifest: dict[str, Any], docs: Any, folder: Path) -> None:
+    """SnapshotError unless docqa.json and documents.json have what load() reads, typed and in range."""
+
+    def err(msg: str) -> SnapshotError:
+        return SnapshotError(f"document memory at {folder} is altered or torn: {msg}")
+
+    validate.one_of(manifest.get("mode"), MODES, "docqa.json mode", err)
+    validate.text(manifest.get("namespace"), "docqa.json namespace", err, 1 << 16)
+    validate.integer(manifest.get("chunk_tokens"), "docqa.json chunk_tokens", err, 1)
+    stream = validate.integer(manifest.get("stream_tokens"), "docqa.json stream_tokens", err)
+    validate.integer(manifest.get("chunks", 0), "docqa.json chunks", err)
+    docs = validate.seq(docs, "documents.json", err, 1 << 20)
+    for i, seg in enumerate(validate.seq(manifest.get("segments"), "docqa.json segments", err, len(docs))):
+        seg = validate.seq(seg, f"docqa.json segments[{i}]", err, 2)
+        if len(seg) != 2:
+            raise err(f"docqa.json segments[{i}] must be [stream start, document index]")
+        validate.integer(seg[0], f"docqa.json segments[{i}][0]", err, 0, stream)
+        validate.integer(seg[1], f"docqa.json segments[{i}][1]", err, 0, max(0, len(docs) - 1))
+    for i, d in enumerate(docs):
+        d = validate.obj(d, f"documents.json[{i}]", err)
+        doc = validate.obj(d.get("doc"), f"documents.json[{i}].doc", err)
+        validate.text(doc.get("name"), f"documents.json[{i}].doc.name", err, 4096)
+        body = validate.text(doc.get("text"), f"documents.json[{i}].doc.text", err, 1 << 40)
+        for key in ("kind", "encoding"):
+            validate.text(doc.get(key, ""), f"documents.json[{i}].doc.{key}", err, 64)
+        for note in validate.seq(doc.get("notes", []), f"documents.json[{i}].doc.notes", err, 1000):
+            validate.text(note, f"documents.json[{i}].doc.notes", err, 4096)
+        lists = [validate.seq(d.get(k), f"documents.json[{i}].{k}", err) for k in ("ids", "starts", "ends")]
+        if len({len(x) for x in lists}) != 1:
+            raise err(f"documents.json[{i}]: ids, starts and ends differ in length")
+        for key, values in zip(("ids", "starts", "ends"), lists, strict=True):
+            if not all(type(v) is int and 0 <= v <= len(body) + (1 << 31) for v in values):
+                raise err(f"documents.json[{i}].{key} must hold non-negative integers")
+
+
 class DocumentQA:
     """Read documents once, ask many questions. `llm` is a memllm.MemLLM (model + fast tokenizer).
 
@@ -273,7 +334,7 @@ class DocumentQA:
                 from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
 
                 self._embedder = SentenceTransformerEmbedder()
-            self._tmp = Path(tempfile.mkdtemp(prefix="memllm-docqa-"))
+            self._tmp = private_tempdir("docqa")  # 0700, removed at close (and on SIGTERM by the CLI)
             if copy_of is not None:
                 _copy_store(copy_of, self._tmp / "store")
             self.store = FaissStore(self._tmp / "store", self._embedder)
@@ -323,6 +384,8 @@ class DocumentQA:
             doc = read_document(source)
         else:
             doc = read_text(str(source))
+        if not isinstance(source, TokenizedDocument):
+            self.check_memory([doc])
         td = (
             source
             if isinstance(source, TokenizedDocument)
@@ -334,7 +397,6 @@ class DocumentQA:
         chunks = 0
         kv_s = text_s = 0.0
         if self.session is not None:
-            self._check_host_memory(doc.name, len(td.ids))
             t0 = _clock()
             self._feed(index, td, progress)
             kv_s = _clock() - t0
@@ -354,6 +416,7 @@ class DocumentQA:
     ) -> ReadReport:
         """Read several documents; progress(done, total) over all of them."""
         docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
+        self.check_memory(docs)
         tds = [TokenizedDocument.build(d, self.llm.tokenizer) for d in docs]
         total = sum(len(td) for td in tds)
         done = 0
@@ -369,16 +432,28 @@ class DocumentQA:
             sum(r.kv_seconds for r in reports), sum(r.text_seconds for r in reports),
         )  # fmt: skip
 
-    def _check_host_memory(self, name: str, n_tokens: int) -> None:
+    def check_memory(self, docs: Sequence[Document]) -> None:
+        """MemoryLimitError, before tokenising, when reading `docs` would not fit the memory this
+        process may use: tokenising costs about limits.READ_BYTES_PER_BYTE per byte of the largest
+        document, and in kv/hybrid every token stays in context memory (tokens estimated from a
+        sample of each document)."""
+        if not docs:
+            return
+        budget = limits.memory_budget()
+        names = docs[0].name if len(docs) == 1 else f"{len(docs)} documents"
+        read = max(len(d.text) for d in docs) * limits.READ_BYTES_PER_BYTE
+        if self.session is None:
+            limits.require(read, f"reading {names} ({limits.human_bytes(max(len(d.text) for d in docs))} "
+                           "of text)", "split the document or give it more memory", budget)  # fmt: skip
+            return
         per = kv_bytes_per_token(self.llm, self.memory)
-        need = n_tokens * per
-        avail = available_memory()
-        if need > avail:
-            raise InputError(
-                f"{name}: {n_tokens} tokens need about {human_bytes(need)} of host memory in context memory "
-                f"({per} bytes per token), but only {human_bytes(avail)} is available: use --mode text, "
-                "a smaller document, or int8 offload"
-            )
+        tokens = sum(estimate_tokens(d.text, self.llm.tokenizer) for d in docs)
+        limits.require(
+            read + tokens * per,
+            f"reading {names} into context memory (about {tokens:,} tokens at {per:,} bytes per token)",
+            "use --mode text, a smaller document, or int8 offload",
+            budget,
+        )
 
     def _feed(self, index: int, td: TokenizedDocument, progress: Progress | None) -> None:
         s = self.session
@@ -576,32 +651,32 @@ class DocumentQA:
     def save(self, path: str | Path) -> Path:
         """Write what answering needs: docqa.json, documents, kv/ (context snapshot), store/ (chunks).
         The chunk store is copied only when this DocumentQA owns it (made it, or loaded it from a
-        snapshot); a store passed in by the caller stays theirs: pass it again to `load`."""
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.session is not None:
-            self.session.save(folder / "kv")
-        if self.store is not None and self.mode in ("text", "hybrid"):
-            target = folder / "store"
-            if self._owns_store:
+        snapshot); a store passed in by the caller stays theirs: pass it again to `load`.
+        `path` must be new, empty, or a document memory saved before (check_save_target): the new
+        content is written beside it and swapped in whole, nothing memllm did not write is removed."""
+        target = check_save_target(path)
+        with replace_folder(target) as folder:
+            if self.session is not None:
+                self.session.save(folder / "kv")
+            if self.store is not None and self.mode in ("text", "hybrid") and self._owns_store:
                 self.store.flush()
-                _copy_store(self._tmp / "store", target)
-        docs = [
-            {"doc": td.doc.to_dict(), "ids": td.ids, "starts": td.starts, "ends": td.ends} for td in self.docs
-        ]
-        (folder / "documents.json").write_text(json.dumps(docs))
-        manifest = {"format": DOCQA_FORMAT, "version": DOCQA_VERSION, "mode": self.mode,
-                    "namespace": self.namespace, "segments": self.segments, "stream_tokens": self.stream_tokens,
-                    "chunk_tokens": self.chunk_tokens, "chunks": self.chunk_count,
-                    "model": getattr(self.llm, "name", None)}  # fmt: skip
-        (folder / "docqa.json").write_text(json.dumps(manifest, indent=2))
-        return folder
+                _copy_store(self._tmp / "store", folder / "store")
+            docs = [
+                {"doc": td.doc.to_dict(), "ids": td.ids, "starts": td.starts, "ends": td.ends}
+                for td in self.docs
+            ]
+            (folder / "documents.json").write_text(json.dumps(docs))
+            manifest = {"format": DOCQA_FORMAT, "version": DOCQA_VERSION, "mode": self.mode,
+                        "namespace": self.namespace, "segments": self.segments,
+                        "stream_tokens": self.stream_tokens, "chunk_tokens": self.chunk_tokens,
+                        "chunks": self.chunk_count, "model": getattr(self.llm, "name", None)}  # fmt: skip
+            (folder / "docqa.json").write_text(json.dumps(manifest, indent=2))
+        return target
 
-    @classmethod
-    def load(
-        cls, llm: Any, path: str | Path, *, store: Any = None, embedder: Any = None, **kwargs: Any
-    ) -> DocumentQA:
-        """A DocumentQA restored from `save(path)`: answers without reading the documents again."""
+    @staticmethod
+    def saved_manifest(path: str | Path) -> dict[str, Any]:
+        """docqa.json of a memory saved with `save(path)`, format and version checked
+        (SnapshotError when it is missing, torn or of another kind)."""
         folder = Path(path)
         mpath = folder / "docqa.json"
         if not mpath.is_file():
@@ -610,11 +685,30 @@ class DocumentQA:
             )
         try:
             manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"document memory at {folder} is unreadable ({exc}): save it again") from exc
+        if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (
+            DOCQA_FORMAT,
+            DOCQA_VERSION,
+        ):
+            raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
+        validate.one_of(
+            manifest.get("mode"), MODES, "docqa.json mode", lambda m: SnapshotError(f"{folder}: {m}")
+        )
+        return manifest
+
+    @classmethod
+    def load(
+        cls, llm: Any, path: str | Path, *, store: Any = None, embedder: Any = None, **kwargs: Any
+    ) -> DocumentQA:
+        """A DocumentQA restored from `save(path)`: answers without reading the documents again."""
+        folder = Path(path)
+        manifest = cls.saved_manifest(folder)
+        try:
             docs = json.loads((folder / "documents.json").read_text())
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"document memory at {folder} is unreadable ({exc}): save it again") from exc
-        if manifest.get("format") != DOCQA_FORMAT or manifest.get("version") != DOCQA_VERSION:
-            raise SnapshotError(f"{mpath} is not a memllm document memory of version {DOCQA_VERSION}")
+        _check_saved(manifest, docs, folder)
         mode = manifest["mode"]
         saved_store = folder / "store"
         if store is None and mode in ("text", "hybrid") and not saved_store.is_dir():

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.errors import BusyError
 
 
 @dataclass
@@ -52,9 +53,34 @@ def kv_snapshot_path(store: Any, user: str) -> Path | None:
 
 
 def forget_user(store: Any, user: str) -> ForgetReport:
-    """Remove every trace of `user` from `store` (a FaissStore or any store with delete_namespace)."""
+    """Remove every trace of `user` from `store` (a FaissStore or any store with delete_namespace).
+
+    The user's kv memory is removed under its lock (the one a kv chat holds): while a chat of that user
+    runs, BusyError, and nothing is removed."""
+    from filelock import FileLock, Timeout
+
     ns = user_namespace(user)
     report = ForgetReport(user)
+    path = kv_snapshot_path(store, user)
+    lock = None
+    if path is not None and path.parent.is_dir():
+        lock = FileLock(str(path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout as exc:
+            raise BusyError(
+                f"a memllm chat of {user} is running (it holds their kv memory): end it, then forget"
+            ) from exc
+    try:
+        _forget(store, ns, path, report)
+    finally:
+        if lock is not None:
+            lock.release()
+            Path(str(path) + ".lock").unlink(missing_ok=True)
+    return report
+
+
+def _forget(store: Any, ns: str, path: Path | None, report: ForgetReport) -> None:
     if hasattr(store, "purge_namespace"):
         done = store.purge_namespace(ns)
         report.records = done["records"]
@@ -62,12 +88,10 @@ def forget_user(store: Any, user: str) -> ForgetReport:
         report.bookkeeping_rows = done["bookkeeping_rows"]
     else:
         report.records = store.delete_namespace(ns)
-    path = kv_snapshot_path(store, user)
     if path is not None and path.exists():
         report.kv_files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
         shutil.rmtree(path)
         report.kv_snapshot = str(path)
-    return report
 
 
 __all__ = ["ForgetReport", "forget_user", "kv_snapshot_path"]

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from memllm.compat import cache_kwargs
+
 HEADER = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there.\n\n"
@@ -180,14 +182,14 @@ def run_full_attention(llm: Any, ids: list[int]) -> tuple[list[int], float, floa
     x = torch.tensor([ids], device=device)
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    logits = model(input_ids=x, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     _sync(device)
     t1 = time.perf_counter()
     toks = []
     for _ in range(ANSWER_TOKENS):
         tok = logits.argmax().view(1, 1)
         toks.append(tok)
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
     _sync(device)
     t2 = time.perf_counter()
     out = torch.cat(toks).view(-1).tolist()

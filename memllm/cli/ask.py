@@ -127,7 +127,7 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
 ) -> None:
     """Read documents once and answer questions about them, with the evidence of each answer."""
-    from memllm.agents.docqa import MODES, DocumentQA
+    from memllm.agents.docqa import MODES
 
     files = list(files or [])
     questions = read_questions(question, questions_file)
@@ -139,10 +139,26 @@ def ask(
         raise ConfigError("give questions with -q/--questions (or --save-memory PATH to only read)")
     if memory is not None and not (Path(memory) / "docqa.json").is_file():
         raise InputError(f"no document memory at {memory}: expected docqa.json (written by --save-memory)")
+    if save_memory is not None:
+        from memllm.agents.docqa import check_save_target
+
+        check_save_target(save_memory)  # refused before anything is read, not after
+    from memllm.documents import read_document
+
+    docs = [read_document(f) for f in files]  # bounded reads, refused before the model loads
+    with common.exit_on_sigterm():
+        _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json)
+
+
+def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
+         memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
+         as_json: bool) -> None:  # fmt: skip
+    from memllm.agents.docqa import DocumentQA
+
     llm = common.load_llm(model, device)
     if memory is not None:
         start = time.perf_counter()
-        saved = json.loads((Path(memory) / "docqa.json").read_text())["mode"]
+        saved = DocumentQA.saved_manifest(memory)["mode"]
         if mode is not None and mode != saved:
             raise ConfigError(
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"

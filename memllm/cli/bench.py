@@ -81,3 +81,57 @@ def passkey(
             _gib(s["host_bytes"]),
         )
     Console().print(table)
+
+
+@bench_app.command("ruler")
+@fail_on_error
+def ruler(
+    lengths: str = typer.Option("4k", "--lengths", help="Comma-separated lengths (k = 1024, m = 1024^2)."),
+    families: str = typer.Option(
+        "single,multikey,multivalue,multiquery,squad,hotpotqa", "--families", help="Task families to ask."
+    ),
+    questions: int = typer.Option(8, "--questions", min=1, help="Questions per family and length."),
+    systems: str = typer.Option(
+        "full,infllm,question,oracle", "--systems",
+        help="full (the model's own attention, lengths within its context), infllm (each layer's own "
+        "lookup), question (the question selector, the default), oracle (gold units read first).",
+    ),
+    model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: bf16 on GPU, fp32 on CPU)."),
+    n_local: int | None = typer.Option(None, "--n-local", help="Local window (default: from the model)."),
+    topk: int = typer.Option(16, "--topk", help="Memory units read per lookup."),
+    block_size: int = typer.Option(128, "--block-size", help="Tokens per memory unit."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the haystacks and questions."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (every answer) instead of a table."),
+) -> None:
+    """RULER-style tasks on real text (essays with needles, Wikipedia paragraphs with SQuAD/HotpotQA
+    questions), read once and asked many questions: score per family and system, and which layers
+    read the gold evidence."""
+    from memllm.bench import ruler as suite
+    from memllm.bench import ruler_run
+    from memllm.bench.passkey import parse_length
+    from memllm.bench.qa import parse_list
+    from memllm.config import MemoryConfig
+
+    try:
+        wanted = [parse_length(x) for x in lengths.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    fams = parse_list(families, suite.FAMILIES, "task")
+    chosen = parse_list(systems, ruler_run.SYSTEMS, "system")
+    memory = MemoryConfig(n_local=n_local, topk=topk, block_size=block_size)
+    llm = load_llm(model, device, dtype)
+    say = status_printer()
+    rows = []
+    for n in wanted:
+        hays = suite.build_suite(llm.tokenizer, n, fams, questions, seed=seed)
+        use = [s for s in chosen if s != "full" or n <= llm.trained_len]
+        rows += ruler_run.run(llm, hays, use, memory, progress=say)
+    items = ruler_run.summary(rows)
+    if as_json:
+        json.dump({"model": model, "device": str(llm.device), "summary": items, "rows": rows}, sys.stdout,
+                  default=str)  # fmt: skip
+        sys.stdout.write("\n")
+        return
+    sys.stdout.write(ruler_run.table(items) + "\n")

@@ -17,6 +17,8 @@ import typer
 
 from memllm import models
 from memllm.cli import common
+from memllm.errors import InputError
+from memllm.limits import MAX_LINE_CHARS
 
 HELP_TEXT = (
     "commands: /exit or /quit (or Ctrl-D) to leave, /reset to forget the conversation, "
@@ -154,21 +156,42 @@ def chat(
             controller=budgets,
             repetition_penalty=repetition_penalty,
             no_repeat_ngram=no_repeat_ngram,
+            notify=common.status_printer(),
         )
         conv = MemoryConversation(agent)
+        kv = agent.kv_status()
+        if kv is not None and kv["tokens"]:
+            common.status_printer()(f"kv memory of {user}: {kv['tokens']} tokens, {kv['turns']} turns")
     if interactive:
         _write(f"memllm chat with {model}{f' (memory of {user})' if user else ''}. {HELP_TEXT}\n")
     try:
-        _loop(conv, model, interactive, as_json)
+        with common.exit_on_sigterm():  # SIGTERM unwinds: the store and the kv lock are closed
+            _loop(conv, model, interactive, as_json)
     finally:
         conv.close()
+
+
+def _read_line(interactive: bool) -> str:
+    """One message: input() on a terminal; from a pipe at most MAX_LINE_CHARS characters (an
+    endless line is refused, not read whole). EOFError at the end of input."""
+    if interactive:
+        return input("you> ")
+    line = sys.stdin.readline(MAX_LINE_CHARS + 1)
+    if not line:
+        raise EOFError
+    if len(line) > MAX_LINE_CHARS:
+        raise InputError(
+            f"a chat message is longer than {MAX_LINE_CHARS:,} characters: send long text with "
+            "`memllm ask FILE` or split it into several messages"
+        )
+    return line
 
 
 def _loop(conv: Any, model: str, interactive: bool, as_json: bool) -> None:
     """Read lines until /exit or end of input; answer each one."""
     while True:
         try:
-            line = input("you> " if interactive else "")
+            line = _read_line(interactive)
         except EOFError:
             if interactive:
                 _write("\n")

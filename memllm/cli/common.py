@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import sqlite3
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
 
-from memllm.errors import MemllmError
+from memllm.errors import MemllmError, is_disk_failure, write_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,6 +37,12 @@ def fail_on_error(fn: F) -> F:
         except MemllmError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
+        except (OSError, sqlite3.Error) as exc:  # a write the library did not name: disk full, size limit
+            if not is_disk_failure(exc):
+                raise
+            err = write_error(exc, getattr(exc, "filename", None) or "memllm's files")
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -60,3 +70,29 @@ def open_store(path: str | None, *, with_embedder: bool) -> Any:
     from memllm.models import default_store_path
 
     return FaissStore(path or default_store_path(), load_embedder() if with_embedder else None)
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives inside `exit_on_sigterm` (exit status 143)."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (docker stop, systemd) unwinds like an exception, so `finally`
+    blocks run: temporary document stores are removed, stores closed. Restored afterwards. Only for
+    the CLI's own process (importing memllm never installs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,4 @@
-"""`memllm memory list|search|show|add|history|forget|export|import --user NAME`: inspect and edit text memory.
+"""`memllm memory list|search|show|add|history|forget|export|import|repair --user NAME`: inspect and edit memory.
 
 Parse, call the store, render. Commands that need no embeddings open the store without loading the
 embedding model (list, show, forget, export).
@@ -198,16 +198,22 @@ def forget(
         from memllm.agents.forget import forget_user
 
         report = forget_user(s, user)
-        typer.echo(
-            json.dumps({"forgotten": report.records, **report.to_dict()}) if as_json else report.describe()
-        )
-        return
-    if record_ids:
+        removed, said, extra = report.records, report.describe(), report.to_dict()
+    elif record_ids:
         removed = s.delete([s.resolve_id(r, _ns(user)) for r in record_ids])
+        said, extra = f"forgot {removed} record(s) of {user}", {}
     else:
         print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
         raise typer.Exit(2)
-    typer.echo(json.dumps({"forgotten": removed}) if as_json else f"forgot {removed} record(s) of {user}")
+    held = removed > 0 and not s.wal_clean
+    note = (
+        f"their text stays in {s.path}/memory.db-wal until the other process reading this store "
+        "(a running chat?) ends its read or closes the store"
+    )
+    if as_json:
+        typer.echo(json.dumps({"forgotten": removed, **extra, **({"pending": note} if held else {})}))
+    else:
+        typer.echo(said + (f"; {note}" if held else ""))
 
 
 @memory_app.command("export")
@@ -232,13 +238,42 @@ def import_(
     store: str | None = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Import records (into this user's memory); records already present are not added twice."""
+    """Import records (into this user's memory), all or none; records already present are not added twice."""
     s = common.open_store(store, with_embedder=True)
-    before = s.count(_ns(user))
-    ids = s.import_jsonl(sys.stdin if src == "-" else src, namespace=_ns(user))
-    new = s.count(_ns(user)) - before
-    present = len(ids) - new
+    result = s.import_file(sys.stdin if src == "-" else src, namespace=_ns(user))
     if as_json:
-        typer.echo(json.dumps({"imported": new, "already_present": present, "read": len(ids)}))
-        return
-    typer.echo(f"imported {new} new record(s) for {user}; {present} already present")
+        typer.echo(
+            json.dumps(
+                {"imported": result.stored, **({"already_present": result.present} if result.present else {})}
+            )
+        )
+    else:
+        there = f" ({result.present} already there)" if result.present else ""
+        typer.echo(f"imported {result.stored} record(s) for {user}{there}")
+
+
+@memory_app.command("repair")
+@common.fail_on_error
+def repair(
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    model: str = typer.Option(None, "--model", "-m", help="The model the kv memory is for (default: chat's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda..."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Rebuild a user's kv chat memory from their text records (after a torn snapshot, or a model change)."""
+    from memllm.agents.chat import ChatAgent
+    from memllm.models import DEFAULT_MODEL
+
+    llm = common.load_llm(model or DEFAULT_MODEL, device)
+    agent = ChatAgent(
+        llm, common.open_store(store, with_embedder=True), user=user, memory="kv", notify=common.status_printer()
+    )
+    try:
+        kv = agent.repair()
+    finally:
+        agent.close()
+    if as_json:
+        typer.echo(json.dumps({"user": user, **kv}))
+    else:
+        typer.echo(f"rebuilt the kv memory of {user}: {kv['turns']} turns, {kv['tokens']} tokens")

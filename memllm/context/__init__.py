@@ -1,7 +1,7 @@
 """Token-level context memory (InfLLM-style) for transformers RoPE decoders.
 
 `attach(model, config)` scopes the memllm attention function and yields a ContextMemoryCache to pass
-as past_key_values; `prefill.feed` streams long inputs in bounded chunks. Importing this package
+as the model's cache (see memllm.compat.cache_kwargs); `prefill.feed` streams long inputs in bounded chunks. Importing this package
 registers nothing and changes no global state.
 """
 

@@ -50,7 +50,7 @@ def new_cache(model: torch.nn.Module, config: MemoryConfig | None = None) -> Con
 def attach(
     model: torch.nn.Module, config: MemoryConfig | None = None, cache: ContextMemoryCache | None = None
 ) -> Iterator[ContextMemoryCache]:
-    """`with attach(model, MemoryConfig(...)) as cache: model(ids, past_key_values=cache)`."""
+    """`with attach(model, MemoryConfig(...)) as cache: model(ids, cache=cache)` (`past_key_values=` before transformers 5.24; `memllm.compat.cache_kwargs` picks)."""
     if cache is None:
         cache = new_cache(model, config)
     else:

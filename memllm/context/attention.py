@@ -32,7 +32,7 @@ def context_memory_attention(
     if cache is None:
         raise RuntimeError(
             f"attention '{ATTN_NAME}' was called outside memllm.context.attach(): use `with attach(model, config) "
-            "as cache:` and pass that cache as past_key_values"
+            "as cache:` and pass that cache to the model (memllm.compat.cache_kwargs(model, cache))"
         )
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
@@ -40,8 +40,8 @@ def context_memory_attention(
     layer = cache.layers[module.layer_idx]
     if layer.pending is None or layer.pending[0] is not key:
         raise RuntimeError(
-            "the model's keys did not come from the active ContextMemoryCache: pass the cache from attach() as "
-            "past_key_values (and use_cache=True)"
+            "the model's keys did not come from the active ContextMemoryCache: pass the cache from attach() to the "
+            "model (memllm.compat.cache_kwargs(model, cache)) and use_cache=True"
         )
     layer.pending = None
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -55,7 +55,7 @@ def context_memory_attention(
                 "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
             )
     with torch.no_grad():
-        static = cache.static  # a static call (graph.py): one token, a few rows, or a steady chunk
+        static = cache.static  # a static call (cuda/graph.py): one token, a few rows, or a steady chunk
         if static is not None and static.cut is not None:
             out = static.attend_cut(layer, static.cut, query, key, value, scale)
         elif static is not None:

@@ -22,7 +22,8 @@ How a call is computed (all execution blocks of a call at once, a fixed number o
 the call's keys join the window; one local pass gives every query's window output, its log-sum-exp
 and each window key's received attention; the units the call cuts are written; one batched lookup
 and gather give each block its units; one memory pass; one merge. On CUDA the passes are Triton
-kernels (flash.py), elsewhere and with impl="reference" the loops of window.py.
+kernels (cuda/window.py), elsewhere and with impl="reference" the loops of window.py; the choice is
+made once per cache (kernels.kernels_for) and the layer calls it through `self.kernels`.
 
 `update` only records the new K/V; the attention function (attention.py) calls `layer.attend`,
 which computes the outputs and advances the state. get_seq_length() reports
@@ -31,7 +32,7 @@ Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), 
 (its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
 device-side LRU of units: the CUDA gather reads the selected units from pinned host memory on
 every lookup, each distinct unit once per call (MemoryConfig.max_cached_blocks is accepted and
-unused). static.py runs the same pieces (local_pass, cut_units, _attend_memory) on fixed buffers. Knows nothing of the model
+unused). static.py runs the same pieces (local_pass, cut_units, attend_memory) on fixed buffers. Knows nothing of the model
 beyond ModelSpec.
 """
 
@@ -44,13 +45,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.config import MemoryConfig
-from memllm.context.gather import gather_units
-from memllm.context.lookup import block_query_sums, choose_units
+from memllm.context.kernels import TorchKernels, kernels_for, unit_writer
+from memllm.context.lookup import block_query_sums
 from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
+from memllm.context.select import ForcedUnits, Probe, unit_mass
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
-from memllm.context.window import joined_memory, local_attention, memory_attention, merge
 from memllm.errors import ConfigError
 
 
@@ -83,11 +84,14 @@ class ContextMemoryLayer(CacheLayerMixin):
         rotary: Rotary,
         layer_idx: int,
         plans: PlanMemo | None = None,
+        kernels: TorchKernels | None = None,
     ):
         super().__init__()
         self.spec, self.config, self.rotary, self.layer_idx = spec, config, rotary, layer_idx
         self.device = spec.device
         self.dtype = spec.dtype
+        # The CUDA kernels (impl "fast" on CUDA) or the PyTorch paths: chosen here, once (kernels.py).
+        self.kernels = kernels if kernels is not None else kernels_for(config.impl, self.device)
         self.store = UnitStore(
             spec.kv_heads,
             config.block_size,
@@ -95,6 +99,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             config.repr_topk,
             config.offload_dtype,
             self.device,
+            device_writer=unit_writer(self.device),
         )
         h, d = spec.kv_heads, spec.head_dim
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
@@ -109,17 +114,14 @@ class ContextMemoryLayer(CacheLayerMixin):
             plans if plans is not None else PlanMemo(config)
         )  # shared by all layers: one schedule per call
         self.lookup_log: list[tuple[int, torch.Tensor]] | None = None  # see ContextMemoryCache.record_lookups
+        self.probe: Probe | None = None  # see ContextMemoryCache.probing
+        self.forced: ForcedUnits | None = None  # shared by the cache's layers (select.py)
         self.static_views = False  # local_k/v/score are views of static.py's buffers (written in place)
         self.lookups = 0
         self.units_fetched = 0
         self.max_keys_per_query = 0
         self.max_position = 0
         self.is_initialized = True
-
-    @property
-    def kernels(self) -> bool:
-        """Whether this layer runs the CUDA kernels (impl "fast" on CUDA) or the PyTorch loops."""
-        return self.config.impl == "fast" and self.device.type == "cuda"
 
     # ---- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -199,8 +201,8 @@ class ContextMemoryLayer(CacheLayerMixin):
         if plan.sinks_from is not None:
             self._set_sinks(plan, k_all, v_all, first)
         if plan.memory_blocks:
-            out = self._attend_memory(q, plan, model_start, scale, out, lse)
-        self._account(plan, model_start)
+            out = self.attend_memory(q, plan, model_start, scale, out, lse)
+        self.account(plan, model_start)
         keep = plan.keep_from
         # Compact copies when cutting: a slice would pin the old storage.
         self.local_k = k_all[:, keep:].contiguous() if keep else k_all
@@ -212,8 +214,8 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     def _rebase(self, new_base: int) -> None:
         """Re-rotate the window so that its positions count from `new_base` (keeps them < trained length)."""
-        self.local_k = self.rotary.rotated(
-            self.local_k, self.base - new_base, 1, self.dtype, per_row=False, kernel=self.kernels
+        self.local_k = self.kernels.rotated(
+            self.rotary, self.local_k, self.base - new_base, 1, self.dtype, per_row=False
         )
         self.base = new_base
 
@@ -238,30 +240,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         Returns out (heads, c, d) fp32, lse (heads, c), k_all / v_all (kv_heads, W + c, d) and score
         (kv_heads, W + c) fp32: what each key received, the window's earlier scores included."""
         rot = self.rotary
-        if self.kernels:  # rotated straight into k_all (rope_cuda.rotate's out)
-            from memllm.context.rope_cuda import rotate
-
-            kvh, w, d = local_k.shape
-            cos, sin, _ = rot.tables(k.device)
-            k_all = torch.empty(kvh, w + k.shape[1], d, dtype=self.dtype, device=k.device)
-            if rebase:
-                rotate(local_k, rot._row(rebase), 0, 1, cos, sin, self.dtype, out=k_all[:, :w])
-            else:
-                k_all[:, :w].copy_(local_k)
-            rotate(k, rot._row(angle), 0, 1, cos, sin, self.dtype, out=k_all[:, w:])
-        else:
-            if rebase:
-                local_k = rot.rotated(local_k, rebase, 1, self.dtype, per_row=False)
-            k_all = torch.cat([local_k, rot.rotated(k, angle, 1, self.dtype, per_row=False)], dim=1)
+        k_all = self.kernels.join_keys(rot, local_k, k, rebase, angle, self.dtype)
         v_all = torch.cat([local_v, v], dim=1)
-        if self.kernels:
-            from memllm.context.flash import local_attention_cuda
-
-            q_loc = rot.rotated(q, angle, 1, self.dtype, per_row=False, kernel=True)
-            out, lse, received = local_attention_cuda(q_loc, k_all, v_all, plan, scale)
-        else:
-            q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
-            out, lse, received = local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
+        out, lse, received = self.kernels.local_attention(rot, q, angle, k_all, v_all, plan, scale, self.dtype)
         score = received  # a fresh tensor: the window's earlier scores are added in place
         score[:, : local_score.shape[1]] += local_score
         return out, lse, k_all, v_all, score
@@ -278,7 +259,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         bs, n = cfg.block_size, plan.n_cut
         kvh, _, d = k_all.shape
         span = slice(plan.cut_start, plan.cut_start + n * bs)
-        k_blk = rot.rotated(k_all[:, span], first + plan.cut_start, -1, self.dtype, kernel=self.kernels)
+        k_blk = self.kernels.rotated(rot, k_all[:, span], first + plan.cut_start, -1, self.dtype)
         k_blk = k_blk.reshape(kvh, n, bs, d)
         v_blk = v_all[:, span].reshape(kvh, n, bs, d)
         top = torch.topk(score[:, span].reshape(kvh, n, bs), cfg.repr_topk, dim=2).indices
@@ -290,27 +271,20 @@ class ContextMemoryLayer(CacheLayerMixin):
         at: torch.Tensor,
     ) -> None:
         """cut_units, written at units at, at + 1, ... (a device scalar: UnitStore.write_at; static.py).
-        With the kernels and bf16/fp16/fp32 units, one launch (cut_cuda.cut_units_cuda) does both."""
-        if self.kernels and self.store.offload_dtype != "int8":
-            from memllm.context.cut_cuda import cut_units_cuda
-
-            row = self.rotary.rows(first + plan.cut_start, plan.n_cut * self.config.block_size)
-            cos, sin, _ = self.rotary.tables(k_all.device)
-            cut_units_cuda(self.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin)
-        else:
-            self.store.write_at(at, *self.cut_units(plan, k_all, v_all, score, first))
+        With the kernels and bf16/fp16/fp32 units, one launch (cuda/cut.cut_units_cuda) does both."""
+        self.kernels.write_cut(self, plan, k_all, v_all, score, first, at)
 
     def _set_sinks(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, first: int) -> None:
         """The first cut (phase 1 -> 2; window key 0 at position `first`): the sinks, keys rotated back
         to position 0."""
         sinks = slice(plan.sinks_from, plan.sinks_from + self.config.n_init)
-        self.sink_k = self.rotary.rotated(
-            k_all[:, sinks], first + plan.sinks_from, -1, self.dtype, kernel=self.kernels
+        self.sink_k = self.kernels.rotated(
+            self.rotary, k_all[:, sinks], first + plan.sinks_from, -1, self.dtype
         )
         self.sink_v = v_all[:, sinks].clone()
         self.cut = True
 
-    def _attend_memory(
+    def attend_memory(
         self,
         q: torch.Tensor,
         plan: CallPlan,
@@ -334,54 +308,42 @@ class ContextMemoryLayer(CacheLayerMixin):
         n_mb = len(plan.memory_blocks)
         # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
         start = model_start - cfg.n_local
-        if self.kernels:  # one launch: the queries in the model dtype and their per-block sums
-            from memllm.context.rope_cuda import memory_queries
-
-            row = rot.rows(start, q.shape[1])
-            cos, sin, _ = rot.tables(dev)
-            longest = max((plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks), default=0)
-            q_mem, q_sum = memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, self.dtype, longest)
-        else:
-            q_mem = rot.rotated(q, start, -1, torch.float32)
-            q_sum = None
+        # With the kernels one launch: the queries in the model dtype and their per-block sums.
+        q_mem, q_sum = self.kernels.memory_queries(rot, q, start, plan, t, kvh, self.dtype)
         uk = uv = None
         chosen = 0
+        if self.probe is not None and self.store.n_units > 0:  # select.py: the question's unit masses
+            q_probe = rot.rotated(q, start, -1, torch.float32)
+            self.probe.add(
+                self.layer_idx,
+                unit_mass(q_probe, lse, self.sink_k, self.store, scale, self.dtype, self.kernels.gather_units),
+            )
         if self.store.n_units > 0 and cfg.topk > 0:
             if q_sum is None:
                 q_sum = block_query_sums(q_mem, t["row_block"], n_mb, kvh)
             reprs = self.store.repr_buffer() if whole_index else self.store.repr_keys()
-            ids = choose_units(q_sum, reprs, t["mb_units"], cfg.lookup, cfg.topk, cfg.impl)
+            ids = self.kernels.choose_units(q_sum, reprs, t["mb_units"], cfg.lookup, cfg.topk)
+            if self.forced is not None:
+                ids = self.forced.apply(self.layer_idx, ids, static=whole_index)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
-            uk, uv = gather_units(self.store, ids, self.dtype, cfg.impl)
+            uk, uv = self.kernels.gather_units(self.store, ids, self.dtype)
             if not whole_index:
                 self.count_lookups(plan, ids)
-        if self.kernels:
-            from memllm.context.flash import memory_attention_merge_cuda
-
-            # The memory pass merged with `out` (one kernel), sinks and units read where they are; when it
-            # covers every row, the result goes straight to the attention function's layout and dtype.
-            final = None
-            if len(plan.memory_blocks) == len(plan.blocks) and self.sink_k.shape[1] > 0:
-                final = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=self.dtype, device=dev)
-            return memory_attention_merge_cuda(
-                q_mem, self.sink_k, self.sink_v, uk, uv, plan, chosen, cfg.block_size, scale, out, lse, final
-            )
-        k_mem, v_mem = joined_memory(self.sink_k, self.sink_v, uk, uv, n_mb)
-        out_m, lse_m = memory_attention(
-            q_mem, k_mem, v_mem, plan, self.sink_k.shape[1], chosen, cfg.block_size, scale, torch.float32
-        )
-        return merge(out, lse, out_m, lse_m)
+        return self.kernels.memory_attention(self, q, q_mem, uk, uv, plan, chosen, scale, out, lse)
 
     def count_lookups(self, plan: CallPlan, ids: torch.Tensor | None) -> None:
-        """Counters (and the lookup log, from ids (memory blocks, kv_heads, chosen)) of a call's lookups."""
+        """Counters (and the lookup log, from ids (memory blocks, kv_heads, chosen)) of a call's lookups;
+        a probe's (ContextMemoryCache.probing) are not counted: it is rolled back, its scan is not a lookup."""
+        if self.probe is not None:
+            return
         valid = [min(self.config.topk, plan.blocks[i].units_before) for i in plan.memory_blocks]
         self.lookups += len(valid)
         self.units_fetched += self.spec.kv_heads * sum(valid)
         if self.lookup_log is not None and ids is not None:  # one entry per block's lookup
             self.lookup_log += [(self.layer_idx, ids[i, :, :n].reshape(-1)) for i, n in enumerate(valid)]
 
-    def _account(self, plan: CallPlan, model_start: int) -> None:
+    def account(self, plan: CallPlan, model_start: int) -> None:
         """Bounds the tests check: keys per query, positions (host integers only)."""
         cfg = self.config
         n_sinks = cfg.n_init
@@ -452,21 +414,25 @@ class ContextMemoryCache(Cache):
             )
         rotary = Rotary(spec.rotary, spec.trained_len, spec.head_dim)
         plans = PlanMemo(resolved)
-        layers = [ContextMemoryLayer(spec, resolved, rotary, i, plans) for i in range(spec.num_layers)]
+        kernels = kernels_for(resolved.impl, spec.device)  # one choice for every layer
+        layers = [
+            ContextMemoryLayer(spec, resolved, rotary, i, plans, kernels) for i in range(spec.num_layers)
+        ]
         super().__init__(layers=layers)
         self.spec, self.config, self.rotary = spec, resolved, rotary
-        self.static = None  # the StaticDecode whose step the attention function runs (set by graph.py)
+        self.static = None  # the StaticDecode whose step the attention function runs (set by cuda/graph.py)
         self._decode_graph = None
+        self.forced = ForcedUnits(len(layers), resolved.topk, spec.device) if resolved.topk > 0 else None
+        for layer in layers:
+            layer.forced = self.forced
+        self.is_probing = False  # prefill.step runs no decode graph while probing
 
     def decode_graph(self):
         """The DecodeGraph single tokens go through (CUDA, impl "fast", config.decode_graphs), else None."""
-        cfg = self.config
-        if not (cfg.decode_graphs and cfg.impl == "fast" and self.layers[0].device.type == "cuda"):
+        if not self.config.decode_graphs:
             return None
         if self._decode_graph is None:
-            from memllm.context.graph import DecodeGraph
-
-            self._decode_graph = DecodeGraph(self)
+            self._decode_graph = self.layers[0].kernels.decode_graph(self)
         return self._decode_graph
 
     def reserve(self, n_tokens: int) -> None:
@@ -514,6 +480,23 @@ class ContextMemoryCache(Cache):
         finally:
             for layer in self.layers:
                 layer.lookup_log = None
+
+    @contextmanager
+    def probing(self) -> Iterator[Probe]:
+        """Within the block, every layer's memory pass also scores all its units by the attention mass
+        the call's queries give them (select.unit_mass), into the Probe yielded; calls run eagerly (no
+        decode graph) and their lookups are not logged (record_lookups)."""
+        probe = Probe(len(self.layers), self.layers[0].store.n_units)
+        logs = [layer.lookup_log for layer in self.layers]
+        self.is_probing = True
+        for layer in self.layers:
+            layer.probe, layer.lookup_log = probe, None
+        try:
+            yield probe
+        finally:
+            self.is_probing = False
+            for layer, log in zip(self.layers, logs, strict=True):
+                layer.probe, layer.lookup_log = None, log
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ContextMemoryCache cannot crop: use checkpoint()/rollback()")

@@ -2,9 +2,10 @@
 
 ids (..., kv_heads, t): any leading dims (one row of ids per execution block, say); row h reads head h.
 
-Paths: "reference" (plain PyTorch; reads ids on the host), CPU (ids index host tensors directly) and
-CUDA fast (a Triton kernel reads the selected units straight from pinned host memory by device-side
-ids, through unified addressing: no host synchronisation; see uva.py). Knows nothing of lookup.
+Paths: "reference" (plain PyTorch; reads ids on the host), CPU (ids index host tensors directly), other
+devices (ids read on the host). The CUDA fast path (a Triton kernel reads the selected units straight
+from pinned host memory by device-side ids, through unified addressing: no host synchronisation) is
+cuda/gather.py, chosen by kernels.py. Knows nothing of lookup.
 """
 
 from __future__ import annotations
@@ -55,14 +56,11 @@ def gather_host(store: UnitStore, ids: torch.Tensor, dtype: torch.dtype) -> tupl
 def gather_units(
     store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, impl: str = "fast"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (..., kv_heads, t) long on the store's device -> K, V (..., kv_heads, t*block_size, head_dim) there."""
+    """ids (..., kv_heads, t) long on the store's device -> K, V (..., kv_heads, t*block_size, head_dim) there.
+    The PyTorch paths; on CUDA with impl "fast" use kernels.gather_units (or a layer's kernels)."""
     if impl == "reference":
         return store.gather_reference(ids, dtype)
     if store.device.type == "cpu":
         return gather_host(store, ids, dtype)
-    if store.device.type == "cuda":
-        from memllm.context.uva import gather_units_uva
-
-        return gather_units_uva(store, ids, dtype)
     k, v = gather_host(store, ids.to("cpu"), dtype)
     return k.to(store.device), v.to(store.device)

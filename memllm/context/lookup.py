@@ -92,12 +92,8 @@ def choose_units(
 ) -> torch.Tensor:
     """The whole lookup: q_sum (blocks, kv_heads, d), representatives (kv_heads, n, d), all n scored;
     units_before (blocks,) or (1,) long: block b chooses among units < units_before[b] -> ids
-    (blocks, 1 or kv_heads, min(k, n)) long. impl "fast" on CUDA: two or three launches
-    (select_cuda.choose_units_cuda); "reference": select_units_reference."""
-    if impl == "fast" and q_sum.is_cuda:
-        from memllm.context.select_cuda import choose_units_cuda
-
-        return choose_units_cuda(q_sum, reprs, units_before, mode == "shared", k)
+    (blocks, 1 or kv_heads, min(k, n)) long. The PyTorch paths ("reference": select_units_reference); impl
+    "fast" on CUDA is cuda/lookup.choose_units_cuda (two or three launches), chosen by kernels.py."""
     blocks = q_sum.shape[0]
     scores = mask_later(combine(unit_scores(q_sum, reprs), mode), units_before.expand(blocks))
     return (select_units_reference if impl == "reference" else select_units)(scores, k)

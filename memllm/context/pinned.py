@@ -84,7 +84,7 @@ def region_bytes(nbytes: int) -> int:
 def host_pointers_usable() -> bool | None:
     """Whether every visible CUDA device reads registered host memory at its host address.
 
-    The UVA gather (uva.py) hands the kernel host addresses; for memory from cudaHostRegister that is
+    The UVA gather (cuda/gather.py) hands the kernel host addresses; for memory from cudaHostRegister that is
     valid only where CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM is 1 (it is not
     needed for cudaHostAlloc memory). Queried once through the driver library (libcuda.so.1, with
     ctypes: PyTorch does not expose the attribute). None where it cannot be queried (no CUDA, no

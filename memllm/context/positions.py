@@ -49,15 +49,16 @@ class Rotary:
             self._tables[device] = (cos_all, sin_all, (-sin_all).contiguous())
         return self._tables[device]
 
-    def _row(self, angle: int) -> int:
+    def row(self, angle: int) -> int:
+        """The table row of a rotation by `angle` positions (checked to be inside the trained length)."""
         if not -self.max_positions < angle < self.max_positions:
             raise ValueError(f"rotation by {angle} positions is outside the model's trained length")
         return angle + self.max_positions - 1
 
     def rows(self, start: int, n: int) -> int:
         """The table row of angle `start`, once angles start .. start + n - 1 are checked to have rows."""
-        i = self._row(start)
-        self._row(start + n - 1)
+        i = self.row(start)
+        self.row(start + n - 1)
         return i
 
     def cos_sin(
@@ -85,22 +86,14 @@ class Rotary:
         step: int,
         dtype: torch.dtype,
         per_row: bool = True,
-        kernel: bool = False,
     ) -> torch.Tensor:
-        """`rotate(x, start, step)` (per_row) or `rotate_const(x, start)`, in `dtype`; with kernel=True on
-        CUDA (head_dim a power of two) one Triton launch (rope_cuda.py) instead of the PyTorch ops."""
-        d = x.shape[-1]
-        if kernel and x.is_cuda and d >= 2 and d & (d - 1) == 0:
-            from memllm.context.rope_cuda import rotate
-
-            row = self.rows(start, x.shape[-2]) if per_row else self._row(start)
-            cos, sin, _ = self.tables(x.device)
-            return rotate(x, row, 1 if per_row else 0, step if per_row else 1, cos, sin, dtype)
+        """`rotate(x, start, step)` (per_row) or `rotate_const(x, start)`, in `dtype`, with PyTorch ops
+        (the one-launch CUDA version is kernels.CudaKernels.rotated, cuda/positions.py)."""
         out = self.rotate(x, start, step) if per_row else self.rotate_const(x, start)
         return out.to(dtype)
 
     def rotate_const(self, x: torch.Tensor, angle: int) -> torch.Tensor:
         """x rotated by one angle (all rows) -> fp32."""
         cos, sin, _ = self.tables(x.device)
-        i = self._row(angle)
+        i = self.row(angle)
         return self.apply(x, cos[i], sin[i])

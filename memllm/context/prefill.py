@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from memllm.compat import cache_kwargs
 from memllm.context.cache import ContextMemoryCache
 
 
@@ -30,13 +31,13 @@ def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -
     The call goes through the cache's DecodeGraph when it has one and the call is static: a single
     token or a short call (static.MAX_ROWS) that cuts nothing, or a chunk that cuts units in phase 2."""
     ids = upload(ids, cache.layers[0].device)
-    graph = cache.decode_graph()
+    graph = None if cache.is_probing else cache.decode_graph()
     logits = graph.step(model, ids) if graph is not None else None
     if logits is not None:
         return logits
     out = model(
         input_ids=ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         position_ids=cache.next_position_ids(ids.shape[1]),
         use_cache=True,
         logits_to_keep=1,

@@ -13,8 +13,8 @@ one call to the next:
   * memory attention over sinks + the chosen units, masked beyond sinks + min(topk, units) * block_size;
   * one merge. The step itself changes no host state: `advance_host` does that afterwards.
 Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
-reference) or, on CUDA with impl "fast", decode_cuda.step_attention_cuda (two Triton launches, the
-same contract, tested against it); the lookup is lookup.choose_units (select_cuda's kernels on CUDA
+reference) or, on CUDA with impl "fast", cuda/static.step_attention_cuda (two Triton launches, the
+same contract, tested against it); the lookup is lookup.choose_units (cuda/lookup.py on CUDA
 with impl "fast").
 
 Calls of more than one token ("rows"): padded to a fixed number of rows T (`rows_bucket`), the first
@@ -26,8 +26,8 @@ falls is a device scalar (tokens seen modulo exc_block_size). `rows_attention`
 (PyTorch) is their window pass, memory pass and merge, on every device.
 
 Calls that cut units (`cut_shape`, `attend_cut`): in phase 2, once the index holds topk units, a call
-whose plan cuts units (a prefill chunk: graph.py sends no call short enough for a rows step) runs ContextMemoryLayer.
-attend's own pieces (local_pass, cut_units, _attend_memory) on the buffers: the window is read from
+whose plan cuts units (a prefill chunk: cuda/graph.py sends no call short enough for a rows step) runs ContextMemoryLayer.
+attend's own pieces (local_pass, cut_units, attend_memory) on the buffers: the window is read from
 them (re-based by a rotation fixed for the shape) and written back; the cut units go to the store at
 the device unit count (ContextMemoryLayer.write_cut_units: one kernel on CUDA, else UnitStore.write_at), the lookup scores the whole index masked by each block's
 candidate count (the plan's mb_units, rewritten on the device). Everything else about the call (its
@@ -37,7 +37,7 @@ same kernels. int8 units (quantized on the plain path only) and calls under a lo
 When a rows or decode step would re-base positions or outgrow the buffer, or a call fits neither kind,
 the caller takes the plain path instead (`eligible`, `cut_shape`); the next static step copies the
 plain path's state back in (`sync`).
-Knows nothing of CUDA graphs (graph.py) or of models.
+Knows nothing of CUDA graphs (cuda/graph.py) or of models.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memllm.context.gather import gather_units
-from memllm.context.lookup import block_query_sums, choose_units
+from memllm.context.lookup import block_query_sums
 from memllm.context.plan import CallPlan, held_limit
 from memllm.context.window import merge
 
@@ -122,7 +121,7 @@ def step_attention(
     scale: float,
 ) -> torch.Tensor:
     """One token's attention over its window buffer and its memory, merged: rows_attention for one row
-    (the reference path; the CUDA kernels of decode_cuda.step_attention_cuda follow the same contract).
+    (the reference path; the CUDA kernels of cuda/static.step_attention_cuda follow the same contract).
 
     q_loc / q_mem (kvh, g, d): the queries at the window position and at the fixed distance;
     win_k / win_v (kvh, cap, d), keys [0, window] visible; score (kvh, cap) fp32 gets the attention
@@ -222,8 +221,8 @@ class StaticDecode:
         self.units = torch.zeros(1, dtype=torch.long, device=self.device)  # units the lookup chooses among
         self.seen = torch.zeros(1, dtype=torch.long, device=self.device)  # tokens seen before the step
         self.n_valid = torch.zeros(1, dtype=torch.long, device=self.device)  # real rows of a rows step
-        self.blocks = 1  # execution blocks of the rows step being run (a graph's shape: set by graph.py)
-        self.cut: CutShape | None = None  # set by graph.py while a static cutting call runs
+        self.blocks = 1  # execution blocks of the rows step being run (a graph's shape: set by cuda/graph.py)
+        self.cut: CutShape | None = None  # set by cuda/graph.py while a static cutting call runs
         self.synced_seen = -1
 
     @property
@@ -280,7 +279,7 @@ class StaticDecode:
         layer = self.cache.layers[0]
         w = layer.local_k.shape[1]
         self.window.fill_(w)
-        self.row.fill_(layer.rotary._row(layer.seen - layer.base - layer.reported_length()))
+        self.row.fill_(layer.rotary.row(layer.seen - layer.base - layer.reported_length()))
         self.units.fill_(layer.store.n_units)
         self.seen.fill_(layer.seen)
         self.synced_seen = layer.seen
@@ -309,7 +308,7 @@ class StaticDecode:
                 layer.lookup_log += [
                     (layer.layer_idx, sw.ids[b, :, :valid].reshape(-1).clone()) for b in range(blocks)
                 ]
-            layer._account(plan, model_start)
+            layer.account(plan, model_start)
             layer.max_position = max(layer.max_position, model_start + rows - 1)  # padded rows too
             layer.seen += plan.c
         self.synced_seen = self.cache.layers[0].seen
@@ -373,7 +372,7 @@ class StaticDecode:
             layer.static_views = True
             layer.store.advance(plan.n_cut)
             layer.count_lookups(plan, None)
-            layer._account(plan, shape.model_start)
+            layer.account(plan, shape.model_start)
             layer.seen += plan.c
         self.set_scalars()
 
@@ -392,7 +391,7 @@ class StaticDecode:
         )  # shape.rebase: as ContextMemoryLayer._rebase
         layer.write_cut_units(plan, k_all, v_all, score, shape.first, self.units)
         torch.add(shape.rel, self.units, out=plan.tensors(query.device)["mb_units"])
-        out = layer._attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True)
+        out = layer.attend_memory(q, plan, shape.model_start, scale, out, lse, whole_index=True)
         w1 = shape.window_after
         sw.k[:, :w1].copy_(k_all[:, keep:])
         sw.v[:, :w1].copy_(v_all[:, keep:])
@@ -431,19 +430,16 @@ class StaticDecode:
             row_block = torch.where(t < self.n_valid, block, -1)
             q_sum = block_query_sums(q_mem.reshape(heads, rows, d), row_block, nb, kvh)
         reprs = store.repr_buffer()  # (kvh, capacity, d)
-        ids = choose_units(q_sum, reprs, self.units, cfg.lookup, cfg.topk, cfg.impl)
+        ids = layer.kernels.choose_units(q_sum, reprs, self.units, cfg.lookup, cfg.topk)
+        if layer.forced is not None:  # a device select: graphs obey later forcing (select.ForcedUnits)
+            ids = layer.forced.apply(layer.layer_idx, ids, static=True)
         ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
-        uk, uv = gather_units(store, ids, layer.dtype, cfg.impl)
+        uk, uv = layer.kernels.gather_units(store, ids, layer.dtype)
         if t is None:
             args = (q_loc[:, :, 0], q_mem[:, :, 0], sw.k, sw.v, sw.score, self.window, layer.sink_k,
                     layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
-            if layer.kernels:
-                from memllm.context.decode_cuda import step_attention_cuda
-
-                merged = step_attention_cuda(*args)
-            else:
-                merged = step_attention(*args)
+            merged = layer.kernels.step_attention(*args)  # step_attention, or cuda/static.py's kernel
         else:
             merged = rows_attention(
                 q_loc, q_mem, sw.k, sw.v, sw.score, self.window, self.n_valid, row_block, layer.sink_k,

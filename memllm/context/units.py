@@ -21,6 +21,8 @@ Knows nothing of positions, attention or which units get selected (see lookup.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from memllm.context.pinned import HostAlloc, SegmentPrefetch, SegmentSpec, default_host_alloc
@@ -48,11 +50,14 @@ class UnitStore:
         device: torch.device,
         segment_units: int | None = None,
         host_alloc: HostAlloc | None = None,
+        device_writer: Callable[..., None] | None = None,
     ):
         """host_alloc(shape, dtype) -> host tensor: when given, segments come from it, one segment ahead in
         background threads (as page-locked ones do on CUDA, where the default is
         pinned.default_host_alloc(): registered_alloc, or pinned_empty where the device cannot read
-        registered memory at its host address)."""
+        registered memory at its host address). device_writer(store, first, k, v): how `write_at` writes
+        at a device index (kernels.unit_writer: on CUDA a kernel, no host synchronisation); None: a host
+        copy at int(first)."""
         self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
             kv_heads,
             block_size,
@@ -60,6 +65,7 @@ class UnitStore:
             repr_topk,
         )
         self.offload_dtype = offload_dtype
+        self.device_writer = device_writer
         self.host_dtype = HOST_DTYPES[offload_dtype]
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
@@ -70,7 +76,7 @@ class UnitStore:
             )
             segment_units = max(1, (8 << 20) // unit_bytes) if self.pin else 64
         self.segment_units = segment_units
-        self.kernel_state: object | None = None  # owned by the gather kernel (uva.py)
+        self.kernel_state: object | None = None  # owned by the gather kernel (cuda/gather.py)
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
@@ -166,10 +172,8 @@ class UnitStore:
         n = k.shape[0]
         slots = first + torch.arange(n, device=first.device)
         self._repr.index_copy_(1, slots, self._mean(repr_k))
-        if self.device.type == "cuda":
-            from memllm.context.uva import write_units_uva
-
-            write_units_uva(self, first, k, v)
+        if self.device_writer is not None:
+            self.device_writer(self, first, k, v)
         else:
             self._write_host(int(first), {"k": k, "v": v})
 
@@ -221,7 +225,7 @@ class UnitStore:
         """Plain-PyTorch gather. ids (..., kv_heads, t) long -> K, V (..., kv_heads, t*block_size, head_dim)
         on the device (row h of ids reads head h).
 
-        Reads the ids on the host (a synchronisation on CUDA); the fast path is gather.gather_units.
+        Reads the ids on the host (a synchronisation on CUDA); the fast path is kernels.CudaKernels.gather_units.
         """
         lead, (h, t) = ids.shape[:-2], ids.shape[-2:]
         rows = ids.reshape(-1, h, t).to("cpu").tolist()

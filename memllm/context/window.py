@@ -7,7 +7,7 @@ memory_attention: the queries of each memory block over that block's sinks + cho
 merge: one softmax over both key sets, from the two (output, lse) pairs: exactly what dense
 attention over the union gives.
 
-These loops over execution blocks are the reference and the CPU path; flash.py holds the CUDA
+These loops over execution blocks are the reference and the CPU path; cuda/window.py holds the CUDA
 kernels with the same contracts, which tests compare with these. Knows nothing of rotations or units.
 """
 

@@ -16,7 +16,6 @@ Knows nothing of prompts, controllers or LLMs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -30,12 +29,20 @@ from typing import IO, Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from memllm.errors import StoreError
+from memllm.errors import StoreError, is_disk_failure, write_error
 from memllm.memory_stores.embeddings import Embedder, normalize_rows
-from memllm.memory_stores.jsonl import import_records, read_jsonl, write_jsonl
-from memllm.memory_stores.records import MemoryRecord, SearchResult, check_filters, matches, text_hash
+from memllm.memory_stores.jsonl import read_jsonl, write_jsonl
+from memllm.memory_stores.records import (
+    MemoryRecord,
+    SearchResult,
+    check_filters,
+    matches,
+    new_id,
+    text_hash,
+)
 from memllm.memory_stores.schema import migrate
-from memllm.memory_stores.vector_index import IndexConfig, VectorIndex
+from memllm.memory_stores.vector_index import IndexConfig, VectorIndex, remove_stale_temps
+from memllm.paths import disk_key
 
 _COLUMNS = (
     "seq, id, namespace, kind, text, summary, importance, created_at, updated_at, content_hash, "
@@ -85,6 +92,15 @@ class _NsIndex:
     generation: int
     max_seq: int
     unpersisted: int = 0
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """ids: the id here of each imported line; stored: records added; present: already there."""
+
+    ids: list[str]
+    stored: int
+    present: int
 
 
 @dataclass
@@ -144,6 +160,7 @@ class FaissStore:
         self._flock = FileLock(str(self.path / "store.lock"), timeout=lock_timeout)
         self._indexes: dict[str, _NsIndex] = {}
         self._closed = False
+        self.wal_clean = True  # False after a delete whose text another reader kept in the WAL
         try:
             self._conn = sqlite3.connect(
                 str(self.path / self.DB_NAME),
@@ -171,6 +188,8 @@ class FaissStore:
             self._conn.execute("PRAGMA secure_delete=ON")
             self.schema_version = migrate(self._conn)
         except sqlite3.DatabaseError as exc:
+            if is_disk_failure(exc):
+                raise write_error(exc, f"the memory store {self.path / self.DB_NAME}") from exc
             raise StoreError(
                 f"{self.path / self.DB_NAME} is not a memllm memory store ({exc}): pass another --store path"
             ) from exc
@@ -179,6 +198,7 @@ class FaissStore:
                 f"memory store {self.path} cannot use SQLite WAL mode (got {mode}): use a local disk"
             )
         self._check_embedder()
+        self.stale_removed = remove_stale_temps(self.path / "index")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -258,8 +278,7 @@ class FaissStore:
         return self.embedder
 
     def _index_path(self, namespace: str) -> Path:
-        key = hashlib.sha256(namespace.encode()).hexdigest()[:32]
-        return self.path / "index" / f"{key}.faiss"
+        return self.path / "index" / f"{disk_key(namespace)}.faiss"
 
     def _generation(self, namespace: str) -> int:
         row = self._conn.execute(
@@ -409,10 +428,17 @@ class FaissStore:
         again: the existing id is returned and its updated_at refreshed. A text already embedded in
         the namespace, or twice in the batch, is embedded once.
         embeddings: optional precomputed (len(records), dim) vectors (normalised here)."""
+        return self._add(records, embeddings=embeddings)[0]
+
+    def _add(
+        self, records: Sequence[MemoryRecord], *, embeddings: np.ndarray | None = None, fresh_ids: bool = False
+    ) -> tuple[list[str], int]:
+        """add_many, also returning how many records were stored new. fresh_ids: a record whose id is
+        held by another record (checked inside the write transaction) gets a fresh id."""
         self._check_open()
         records = list(records)
         if not records:
-            return []
+            return [], 0
         if self.dim is None:
             self._require_embedder()
         if embeddings is not None:
@@ -439,6 +465,8 @@ class FaissStore:
                     key = (rec.namespace, rec.content_hash)
                     if key in known:  # another process stored it meanwhile
                         continue
+                    if fresh_ids and conn.execute("SELECT 1 FROM records WHERE id = ?", (rec.id,)).fetchone():
+                        rec = MemoryRecord(**{**rec.to_dict(), "id": new_id(), "span": rec.span})
                     seq = self._insert(conn, rec, vectors[row])
                     known[key] = rec.id
                     added.setdefault(rec.namespace, []).append((seq, vectors[row]))
@@ -462,7 +490,8 @@ class FaissStore:
                         )
                     else:
                         self._persist(ns, state)
-        return [known[(rec.namespace, rec.content_hash)] for rec in records]
+        stored = sum(len(rows) for rows in added.values())
+        return [known[(rec.namespace, rec.content_hash)] for rec in records], stored
 
     def _vectors_for(self, records: list[MemoryRecord]) -> np.ndarray:
         """(len(records), dim) vectors: reused from stored records of equal text in the same
@@ -610,7 +639,25 @@ class FaissStore:
                 self._after_write(ns, *gens[ns], added=[], removed=seqs)
                 if ns in self._indexes:
                     self._persist(ns, self._indexes[ns], force=True)
+            if found:
+                self.purge_wal()
         return sum(len(s) for s in found.values())
+
+    def purge_wal(self, wait: float = 2.0) -> bool:
+        """Copy the write-ahead log into the database and truncate it to zero bytes, so that text just
+        deleted (kept in old page versions in memory.db-wal) is gone from disk. False when another
+        connection still reads an older snapshot (a process in the middle of a read): the WAL then
+        keeps the text until that process's connection moves on or closes (SQLite checkpoints at the
+        last close). `self.wal_clean` keeps the latest answer."""
+        self._check_open()
+        with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            try:
+                busy, log, _done = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={int(self.lock_timeout * 1000)}")
+        self.wal_clean = busy == 0 and log <= 0
+        return self.wal_clean
 
     def delete_namespace(self, namespace: str) -> int:
         """Forget every record of a namespace; returns how many there were."""
@@ -620,7 +667,8 @@ class FaissStore:
     def purge_namespace(self, namespace: str) -> dict[str, int]:
         """Remove every trace of a namespace: its records, its index file, and the rows that name it
         (generation, tombstones, index state); then checkpoint the WAL into the database and truncate
-        it, so no copy of a removed page stays in the log (deleted pages are overwritten: secure_delete).
+        it (purge_wal; `wal_clean` says whether another reader kept it), so no copy of a removed page
+        stays in the log (deleted pages are overwritten: secure_delete).
         Returns what was removed: records, index_files, bookkeeping rows."""
         self._check_open()
         with self._lock:
@@ -635,7 +683,7 @@ class FaissStore:
                     path.unlink()
                     files += 1
             self._indexes.pop(namespace, None)
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.purge_wal()
         return {"records": records, "index_files": files, "bookkeeping_rows": rows}
 
     # ------------------------------------------------------------------ reads
@@ -823,8 +871,18 @@ class FaissStore:
         self, src: str | Path | IO[str], namespace: str | None = None, *, batch: int = 256
     ) -> list[str]:
         """Add the records of a JSONL export (into `namespace` if given); returns their ids here.
-        Records already present are not added twice; an id taken by another record gets a fresh one."""
-        return import_records(self, read_jsonl(src, namespace), batch)
+        Records already present are not added twice; an id taken by another record gets a fresh one.
+        All or nothing: see `import_file`. (`batch` is accepted for compatibility and unused.)"""
+        return self.import_file(src, namespace).ids
+
+    def import_file(self, src: str | Path | IO[str], namespace: str | None = None) -> ImportResult:
+        """Import a JSONL export in one transaction: every line is checked first (the first bad one
+        is named and nothing is stored), ids are checked inside the write transaction (an id held by
+        another record, also by a concurrent import, gets a fresh one), and the result counts the
+        records stored and those already present."""
+        records = read_jsonl(src, namespace)
+        ids, stored = self._add(records, fresh_ids=True)
+        return ImportResult(ids, stored, len(set(ids)) - stored)
 
     # ------------------------------------------------------------------ lifecycle
 

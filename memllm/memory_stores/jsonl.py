@@ -7,19 +7,22 @@ re-embeds with the importing store's embedder). Knows nothing of SQLite or FAISS
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from memllm.atomic import atomic_file
 from memllm.errors import StoreError
-from memllm.memory_stores.records import MemoryRecord, MemoryStore, new_id
+from memllm.memory_stores.records import MAX_RECORD_BYTES, MemoryRecord, MemoryStore, new_id
 
 _HINT = "use a file written by `memllm memory export`"
+MAX_LINE_CHARS = 4 * MAX_RECORD_BYTES  # one exported record: text, summary and metadata, JSON-escaped
 
 
 def write_jsonl(records: Iterable[MemoryRecord], dest: str | Path | IO[str]) -> int:
-    """Write records as JSON lines to a path (atomically: temp file, then rename) or an open text
-    stream; returns how many."""
+    """Write records as JSON lines to a path or an open text stream; returns how many. A path is
+    written atomically (memllm.atomic: a temp file from `tempfile` beside it, then a rename): no
+    other file is touched (`X.tmp` is never used nor removed), and a symlink is never followed."""
 
     def write(out: IO[str]) -> int:
         n = 0
@@ -30,31 +33,48 @@ def write_jsonl(records: Iterable[MemoryRecord], dest: str | Path | IO[str]) -> 
 
     if not isinstance(dest, (str, Path)):
         return write(dest)
-    tmp = Path(f"{dest}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            n = write(f)
-        tmp.replace(dest)
+        with atomic_file(dest, "w", encoding="utf-8") as f:
+            return write(f)
     except OSError as exc:
-        raise StoreError(f"cannot write {dest} ({exc}): choose a writable path") from exc
+        raise StoreError(f"cannot write {dest} ({exc.strerror or exc}): choose another path") from exc
+
+
+def _lines(src: str | Path | IO[str]) -> Iterator[str]:
+    """Lines of an export, each at most MAX_LINE_CHARS long (an endless line is refused, not read)."""
+    if isinstance(src, (str, Path)):
+        try:
+            fh: IO[str] = open(src, encoding="utf-8")
+        except OSError as exc:
+            raise StoreError(f"cannot read {src} ({exc.strerror or exc}): {_HINT}") from exc
+    else:
+        fh = src
+    try:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline(MAX_LINE_CHARS + 1)
+            except UnicodeDecodeError as exc:
+                raise StoreError(f"cannot read {src} as UTF-8 ({exc.reason}): {_HINT}") from exc
+            if not line:
+                return
+            lineno += 1
+            if len(line) > MAX_LINE_CHARS:
+                raise StoreError(
+                    f"line {lineno} of the import is longer than {MAX_LINE_CHARS:,} characters: records are "
+                    f"at most {MAX_RECORD_BYTES:,} bytes of text; {_HINT}"
+                )
+            yield line
     finally:
-        tmp.unlink(missing_ok=True)
-    return n
+        if fh is not src:
+            fh.close()
 
 
 def read_jsonl(src: str | Path | IO[str], namespace: str | None = None) -> list[MemoryRecord]:
-    """Parse an export (into `namespace` if given). Content hashes are recomputed, so an edited text
-    is accepted as a new content."""
-    if isinstance(src, (str, Path)):
-        try:
-            with open(src, encoding="utf-8") as f:
-                lines = f.readlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StoreError(f"cannot read {src} ({exc}): {_HINT}") from exc
-    else:
-        lines = src.readlines()
+    """Parse an export (into `namespace` if given), every line checked (StoreError naming the
+    first bad line). Content hashes are recomputed, so an edited text is accepted as a new content."""
     records = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(_lines(src), 1):
         if not line.strip():
             continue
         try:

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol, runtime_checkable
 
+from memllm import validate
 from memllm.errors import StoreError
 
 KINDS = ("turn", "chunk", "summary", "fact")
 Kind = Literal["turn", "chunk", "summary", "fact"]
 FILTER_KEYS = ("kind", "source", "created_after", "created_before", "metadata")
+MAX_RECORD_BYTES = 256 * 1024  # text (and summary) of one record, UTF-8: long text goes in as chunks
+MAX_NAME_CHARS = 4096  # id, content_hash, source
+MAX_TIMESTAMP = 32503680000.0  # 3000-01-01: timestamps are UNIX seconds within [0, this]
 
 
 def new_id() -> str:
@@ -42,6 +46,18 @@ def content_hash(kind: str, text: str, created_at: float | None = None) -> str:
     """
     stamp = f"\x00{float(created_at)!r}" if kind == "turn" else ""
     return hashlib.sha256(f"{kind}\x00{text_hash(text)}{stamp}".encode()).hexdigest()
+
+
+def _timestamp(name: str, value: Any) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise StoreError(f"record {name} must be a number of UNIX seconds, got {value!r}") from None
+    if not math.isfinite(t) or not 0.0 <= t <= MAX_TIMESTAMP:
+        raise StoreError(
+            f"record {name} must be UNIX seconds between 0 and {MAX_TIMESTAMP:.0f} (year 3000), got {value!r}"
+        )
+    return t
 
 
 @dataclass
@@ -67,27 +83,45 @@ class MemoryRecord:
     content_hash: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("id", "content_hash", "source"):  # strings, or None where optional
+            validate.text(getattr(self, name), f"record {name}", StoreError, MAX_NAME_CHARS, name == "source")
+        if self.summary is not None and not isinstance(self.summary, str):
+            raise StoreError(f"record summary must be a string or null, got {type(self.summary).__name__}")
+        if not self.id:
+            raise StoreError("record id must be non-empty")
         if not isinstance(self.text, str) or not self.text.strip():
             raise StoreError("a memory record needs non-empty text: skip empty turns/chunks before adding")
         if not isinstance(self.namespace, str) or not self.namespace:
             raise StoreError("a memory record needs a namespace (a user or document name), got an empty one")
         if self.kind not in KINDS:
             raise StoreError(f"record kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        imp = float(self.importance)
-        if not math.isfinite(imp) or not 0.0 <= imp <= 1.0:
-            raise StoreError(f"record importance must be within [0, 1], got {self.importance!r}")
-        self.importance = imp
-        self.created_at = float(self.created_at)
-        self.updated_at = self.created_at if self.updated_at is None else float(self.updated_at)
+        self.importance = validate.number(self.importance, "record importance", StoreError, 0.0, 1.0)
+        for name in ("text", "summary"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_RECORD_BYTES // 4:
+                size = len(value.encode("utf-8", "surrogatepass"))
+                if size > MAX_RECORD_BYTES:
+                    raise StoreError(
+                        f"record {name} is {size:,} bytes, over the limit of {MAX_RECORD_BYTES:,}: split it "
+                        "into several records (`memllm ask` reads long documents as chunks)"
+                    )
+        self.created_at = _timestamp("created_at", self.created_at)
+        self.updated_at = (
+            self.created_at if self.updated_at is None else _timestamp("updated_at", self.updated_at)
+        )
         if self.span is not None:
-            start, end = (int(v) for v in self.span)
-            if start < 0 or end < start:
+            span = list(self.span) if isinstance(self.span, list | tuple) else None
+            if span is None or len(span) != 2:
+                raise StoreError(f"record span must be (start, end), got {self.span!r}")
+            start, end = (validate.integer(v, "record span", StoreError) for v in span)
+            if end < start:
                 raise StoreError(
                     f"record span must be (start, end) with 0 <= start <= end, got {self.span!r}"
                 )
             self.span = (start, end)
         if not isinstance(self.metadata, dict):
             raise StoreError(f"record metadata must be a dict, got {type(self.metadata).__name__}")
+        validate.plain_json(self.metadata, "record metadata", StoreError, MAX_RECORD_BYTES)
         expected = content_hash(self.kind, self.text, self.created_at)
         if self.content_hash and self.content_hash != expected:
             raise StoreError(f"record {self.id}: content_hash does not match its text (edited export file?)")
@@ -117,8 +151,6 @@ class MemoryRecord:
         if unknown:
             raise StoreError(f"unknown memory record fields: {', '.join(sorted(unknown))}")
         values = dict(data)
-        if values.get("span") is not None:
-            values["span"] = tuple(values["span"])
         if values.get("metadata") is None:
             values["metadata"] = {}
         return cls(**values)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,37 @@ class IndexConfig:
             raise StoreError(f"search_threads must be >= 1 or None, got {self.search_threads}")
         if self.retrain_growth <= 1.0:
             raise StoreError(f"retrain_growth must be > 1, got {self.retrain_growth}")
+
+
+_TEMP = re.compile(r"\.[0-9a-f]+\.faiss\.(?P<pid>[0-9]+)\..*tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove index temp files of writers that died (killed mid-write): they hold the vectors of
+    records that may have been forgotten since. Files of live processes are left alone."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or int(m.group("pid")) == os.getpid() or _alive(int(m.group("pid"))):
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def file_checksum(path: Path) -> str:
@@ -158,9 +191,12 @@ class VectorIndex:
         return scores[0][keep], ids[0][keep]
 
     def write(self, path: Path) -> str:
-        """Write atomically (temp file + rename); returns the file's checksum."""
+        """Write atomically (a temp file from `tempfile` beside it, named with this process's id so
+        that `remove_stale_temps` can tell a dead writer's; then rename); returns the checksum."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         try:
             faiss.write_index(self.index, str(tmp))
             checksum = file_checksum(tmp)
@@ -168,8 +204,7 @@ class VectorIndex:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
         return checksum
 
     @classmethod

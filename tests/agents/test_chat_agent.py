@@ -153,9 +153,9 @@ def test_cli_remembers_across_runs_and_memory_commands(cli_fakes, tmp_path):
     imported = runner.invoke(
         app, ["memory", "import", str(exp_file), "--user", "erin", "--store", st, "--json"]
     )
-    assert json.loads(imported.stdout) == {"imported": 4, "already_present": 0, "read": 4}
+    assert json.loads(imported.stdout) == {"imported": 4}
     again = runner.invoke(app, ["memory", "import", str(exp_file), "--user", "erin", "--store", st])
-    assert again.stdout == "imported 0 new record(s) for erin; 4 already present\n"  # honest counts
+    assert again.stdout == "imported 0 record(s) for erin (4 already there)\n"  # honest counts
     wiped = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st, "--json"])
     assert json.loads(wiped.stdout)["forgotten"] == 4
 

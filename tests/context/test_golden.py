@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from memllm.compat import cache_kwargs
 from memllm.context import attach, step
 from memllm.context.attention import ATTN_NAME
 from tests.context.helpers import rel_err, small_memory, tiny_model
@@ -17,7 +18,7 @@ N = 56  # <= n_init + n_local (+ less than a block): nothing is cut
 def full_attention_logits(model: torch.nn.Module, ids: torch.Tensor, impl: str) -> torch.Tensor:
     model.set_attn_implementation(impl)
     with torch.no_grad():
-        return model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0]
+        return model(ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True).logits[0]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -33,7 +34,7 @@ def run_chunks(model, ids, cuts, **mem):
     outs = []
     with attach(model, small_memory(**mem)) as cache, torch.no_grad():
         for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            outs.append(model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True).logits[0])
+            outs.append(model(input_ids=ids[:, a:b], **cache_kwargs(model, cache), use_cache=True).logits[0])
     assert cache.stats()["units"] == 0
     return torch.cat(outs)
 

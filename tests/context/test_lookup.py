@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from memllm.context.lookup import (
-    choose_units,
     combine,
     mask_later,
     select_units,
@@ -54,7 +53,7 @@ def test_ties_prefer_lower_index():
 
 @pytest.mark.gpu
 def test_uva_gather_equals_reference():
-    from memllm.context.gather import gather_units
+    from memllm.context.kernels import gather_units
     from memllm.context.units import UnitStore
 
     for dtype_name in ("bf16", "int8"):
@@ -115,9 +114,9 @@ def test_distinct_pairs_cover_every_choice():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the UVA gather needs CUDA")
 @pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
 def test_uva_gather_of_several_blocks_reads_each_unit_once_and_equals_reference(dtype_name):
-    from memllm.context.gather import gather_units
+    from memllm.context.cuda.gather import gather_units_uva
+    from memllm.context.kernels import gather_units
     from memllm.context.units import UnitStore
-    from memllm.context.uva import gather_units_uva
 
     store = UnitStore(3, 8, 16, 2, dtype_name, torch.device("cuda"), segment_units=4)
     for _ in range(11):
@@ -143,7 +142,8 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
     mask_later(combine(unit_scores)), for k below, at and above a power of two, with units hidden per
     block or for all blocks at once. Small integers make every product and sum exact in fp32, so the
     two paths must agree exactly, ties (broken by the lower index) included."""
-    from memllm.context.select_cuda import choose_units_cuda
+    from memllm.context import kernels
+    from memllm.context.cuda.lookup import choose_units_cuda
 
     gen = torch.Generator().manual_seed(n)
     q_sum = torch.randint(-3, 4, (blocks, 3, 16), generator=gen).float()  # 3 kv heads
@@ -154,8 +154,8 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
         for k in (1, 5, 16, 40):
             got = choose_units_cuda(q_sum.to(device), reprs.to(device), before.to(device), mode == "shared", k)
             assert got.cpu().tolist() == select_units(scores, k).tolist()
-            if device == "cuda":  # choose_units takes the kernels on CUDA
-                got = choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+            if device == "cuda":  # kernels.choose_units takes the kernels on CUDA
+                got = kernels.choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
                 assert got.cpu().tolist() == select_units(scores, k).tolist()
 
 
@@ -165,8 +165,8 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
 @pytest.mark.parametrize("shape,units", [((1, 3, 1), 4), ((5, 3, 4), 9), ((7, 3, 16), 40), ((8, 8, 16), 3000)])
 def test_distinct_pairs_kernel_equals_pytorch(device, shape, units):
     """select_cuda.distinct_pairs_cuda: the same keys, count and slots as gather.distinct_pairs."""
+    from memllm.context.cuda.lookup import distinct_pairs_cuda
     from memllm.context.gather import distinct_pairs
-    from memllm.context.select_cuda import distinct_pairs_cuda
 
     gen = torch.Generator().manual_seed(units)
     ids = torch.randint(0, units, shape, generator=gen)

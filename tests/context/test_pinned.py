@@ -198,8 +198,8 @@ def test_cuda_store_segments_are_pinned_and_prefetched(dtype):
 
 @pytest.mark.gpu
 def test_gather_tables_keep_their_address_until_capacity_is_exceeded():
-    from memllm.context.gather import gather_units
-    from memllm.context.uva import TABLE_CAPACITY, _Tables
+    from memllm.context.cuda.gather import TABLE_CAPACITY, _Tables
+    from memllm.context.kernels import gather_units
 
     store = UnitStore(H, B, D, R, "bf16", torch.device("cuda"), segment_units=1)
     k, v, r = (t.cuda() for t in units(TABLE_CAPACITY + 3))
@@ -432,7 +432,7 @@ def test_registered_memory_is_pinned_and_takes_async_copies(caplog):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_registered_smollm2_segments_gather_as_the_reference(dtype):
-    from memllm.context.uva import gather_units_uva
+    from memllm.context.cuda.gather import gather_units_uva
 
     h, b, d = 3, 128, 64  # SmolLM2: default segments of 8 MiB (bf16) take the 2 MiB-page path
     store = UnitStore(h, b, d, 4, dtype, torch.device("cuda"))

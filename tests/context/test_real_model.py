@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from memllm.compat import cache_kwargs
 from memllm.config import MemoryConfig
 from memllm.context import attach, feed
 
@@ -27,7 +28,7 @@ def test_golden_rule_on_the_real_model(llm):
     ids = torch.tensor([llm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:300]])
     model = llm.model
     with torch.no_grad():
-        want = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).logits[0, -1]
+        want = model(ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True).logits[0, -1]
     mem = MemoryConfig(n_init=16, n_local=512, block_size=32, topk=4, exc_block_size=64, chunk_size=96)
     with attach(model, mem) as cache:
         got = feed(model, cache, ids)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
+from memllm.compat import cache_kwargs
 from memllm.context import attach
 from tests.context.helpers import rel_err, small_memory, tiny_model
 from tests.context.reference_rule import RuleReference
@@ -39,13 +40,13 @@ def memllm_logits(model, ids, mem):
             b = min(PREFILL, a + mem.chunk_size)
             pos = cache.next_position_ids(b - a)
             outs.append(
-                model(input_ids=ids[:, a:b], past_key_values=cache, position_ids=pos, use_cache=True).logits[
+                model(input_ids=ids[:, a:b], **cache_kwargs(model, cache), position_ids=pos, use_cache=True).logits[
                     0
                 ]
             )
         for i in range(PREFILL, PREFILL + DECODE):
             pos = cache.next_position_ids(1)
-            outs.append(model(input_ids=ids[:, i : i + 1], past_key_values=cache, position_ids=pos).logits[0])
+            outs.append(model(input_ids=ids[:, i : i + 1], **cache_kwargs(model, cache), position_ids=pos).logits[0])
     return torch.cat(outs), cache
 
 

@@ -54,7 +54,7 @@ def test_ask_rolls_back_memory():
 
 def answer_ids(s: Session, static: bool) -> tuple[list[int], int, object]:
     """Tokens of an answer (rolled back), units during it; static: through a DecodeGraph run eagerly."""
-    from memllm.context.graph import DecodeGraph
+    from memllm.context.cuda.graph import DecodeGraph
 
     graph = DecodeGraph(s.cache, capture=False) if static else None
     if static:
@@ -123,7 +123,7 @@ def test_snapshot_restores_in_new_process(tmp_path: Path, offload: str):
     s.feed(TEXT)
     snap = s.save(tmp_path / "snap")
     manifest = json.loads((snap / "manifest.json").read_text())
-    assert manifest["version"] == 1 and manifest["memory"]["offload_dtype"] == offload
+    assert manifest["version"] == 2 and manifest["memory"]["offload_dtype"] == offload
     s.feed("?!")
     out = tmp_path / "out.pt"
     root = str(Path(__file__).resolve().parents[2])

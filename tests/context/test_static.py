@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from memllm.context import attach
-from memllm.context.graph import DecodeGraph
+from memllm.context.cuda.graph import DecodeGraph
 from memllm.context.prefill import feed, greedy, step
 from tests.context.helpers import small_memory, tiny_model
 
@@ -137,7 +137,7 @@ def test_step_attention_kernel_equals_reference(dtype, window, units):
 
 
 def check_step_attention(device, dtype, window, units):
-    from memllm.context.decode_cuda import step_attention_cuda
+    from memllm.context.cuda.static import step_attention_cuda
     from memllm.context.static import step_attention
 
     want_args = step_inputs(device, dtype, window, units)

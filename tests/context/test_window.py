@@ -117,7 +117,7 @@ CASES = [(s, MEM, {}) for s in STATES] + [(BIG_STATE, BIG, SMALL_TILES), (BIG_ST
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_equal_loops(device, case, dtype):
     kernel_case(device, dtype)
-    from memllm.context.flash import local_attention_cuda, memory_attention_cuda
+    from memllm.context.cuda.window import local_attention_cuda, memory_attention_cuda
 
     state, cfg, tiles = case
     plan, q, k, v, mem = call_inputs(state, device, dtype, cfg=cfg)
@@ -142,7 +142,7 @@ def test_received_row_splits_equal_loop(device, state, dtype):
     """Small row splits (several per call, one row tile or several per split) give the loop's received
     attention, and the same bits on a second run."""
     kernel_case(device, dtype)
-    from memllm.context.flash import received_attention_cuda
+    from memllm.context.cuda.window import received_attention_cuda
 
     plan, q, k, v, _ = call_inputs(state, device, dtype)
     _, lse, want = local_attention(q, k, v, plan, 0.25, torch.float32)
@@ -161,7 +161,7 @@ def test_memory_merge_kernel_equals_merge(device, case, dtype):
     """The memory pass merged in place equals window.merge of the local and memory loops' results; lse is
     only read, and with no memory key (no sinks, nothing chosen) out keeps its values."""
     kernel_case(device, dtype)
-    from memllm.context.flash import memory_attention_merge_cuda
+    from memllm.context.cuda.window import memory_attention_merge_cuda
 
     state, cfg, tiles = case
     plan, q, k, v, mem = call_inputs(state, device, dtype, cfg=cfg)

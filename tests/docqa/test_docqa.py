@@ -11,7 +11,7 @@ from memllm.agents import docqa as docqa_mod
 from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
 from memllm.agents.docqa import DocumentQA, default_memory
 from memllm.documents import read_text
-from memllm.errors import ConfigError, InputError, SnapshotError
+from memllm.errors import ConfigError, InputError, MemoryLimitError, SnapshotError
 from memllm.memory_stores.embeddings import FakeEmbedder
 from tests.docqa.conftest import boxes_text
 
@@ -198,18 +198,23 @@ def test_chunk_spans_cover_the_text_within_budget(tiny_llm):
 
 
 def test_host_memory_refusal(tiny_llm, monkeypatch):
-    monkeypatch.setattr(docqa_mod, "available_memory", lambda: 1024)
+    from memllm import limits
+
+    budget = limits.MemoryBudget(1024, 8 * 1024**3, "container memory limit (cgroup v1)")
+    monkeypatch.setattr(limits, "memory_budget", lambda: budget)
     qa = make(tiny_llm, "kv")
     text = boxes_text()
     n = len(tiny_llm.tokenizer(text, add_special_tokens=False)["input_ids"])
     per = 2 * 2 * 2 * 16 * 2  # layers * (K, V) * kv_heads * head_dim * bf16 bytes
-    with pytest.raises(InputError) as info:
+    with pytest.raises(MemoryLimitError) as info:
         qa.read(text, name="boxes.txt")
+    need = len(text) * limits.READ_BYTES_PER_BYTE + n * per
     assert str(info.value) == (
-        f"boxes.txt: {n} tokens need about {n * per / 1024:.1f} KiB of host memory in context memory "
-        f"({per} bytes per token), but only 1.0 KiB is available: use --mode text, a smaller document, "
-        "or int8 offload"
+        f"reading boxes.txt into context memory (about {n:,} tokens at {per:,} bytes per token) needs about "
+        f"{limits.human_bytes(need)}, but only 1.0 KiB is free under the container memory limit (cgroup v1) "
+        "of 8.00 GiB: use --mode text, a smaller document, or int8 offload"
     )
+    assert info.value.exit_code == 8
 
 
 def test_errors(tiny_llm, tmp_path):

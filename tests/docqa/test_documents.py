@@ -7,7 +7,7 @@ import io
 import pytest
 
 from memllm.documents import Document, html_to_text, human_bytes, read_document
-from memllm.errors import InputError
+from memllm.errors import InputError, MemoryLimitError
 from tests.docqa.pdfgen import make_pdf
 
 
@@ -18,9 +18,9 @@ def write(tmp_path, name: str, data: bytes) -> str:
 
 
 def refused(path, **kw) -> str:
-    with pytest.raises(InputError) as info:
+    with pytest.raises((InputError, MemoryLimitError)) as info:
         read_document(path, **kw)
-    assert info.value.exit_code == 7
+    assert info.value.exit_code == (8 if isinstance(info.value, MemoryLimitError) else 7)
     return str(info.value)
 
 
@@ -147,11 +147,14 @@ def test_missing_file_and_directory(tmp_path):
 
 def test_larger_than_host_memory(tmp_path):
     p = write(tmp_path, "big.txt", b"x" * 5000)
-    assert refused(p, available=4096) == (
-        f"{p} is 4.9 KiB but only 4.0 KiB of host memory is available: split the document or free memory"
+    why = "reading and tokenising takes about 200 bytes of memory per byte of text and only"
+    assert refused(p, available=409600) == (
+        f"{p} is 4.9 KiB: {why} 400.0 KiB of host memory is available, so the most it can read is "
+        "2.0 KiB: split the document or give it more memory"
     )
-    assert refused("-", stdin=io.BytesIO(b"y" * 3000), available=2048) == (
-        "<stdin> is 2.0 KiB but only 2.0 KiB of host memory is available: split the document or free memory"
+    assert refused("-", stdin=io.BytesIO(b"y" * 3000), available=204800) == (
+        f"<stdin> is more than 1.0 KiB: {why} 200.0 KiB of host memory is available, so the most it can "
+        "read is 1.0 KiB: split the document or give it more memory"
     )
 
 

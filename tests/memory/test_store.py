@@ -37,7 +37,7 @@ def test_record_validation_names_the_fix():
         MemoryRecord("   ")
     with pytest.raises(StoreError, match="kind must be one of"):
         MemoryRecord("x", kind="note")  # type: ignore[arg-type]
-    with pytest.raises(StoreError, match=r"within \[0, 1\]"):
+    with pytest.raises(StoreError, match="importance must be between 0 and 1"):
         MemoryRecord("x", importance=2)
     with pytest.raises(StoreError, match="content_hash does not match"):
         MemoryRecord("x", content_hash="0" * 64)

@@ -2,9 +2,9 @@
 UnitStore.write_at, in one Triton launch instead of about a dozen.
 
 Program (unit i, kv head h, part p) of `cut_units_cuda`:
-  * rotates its rows of the unit's keys back to position 0 (rope_cuda.rotate_rows, as cut_units'
+  * rotates its rows of the unit's keys back to position 0 (cuda/positions.rotate_rows, as cut_units'
     rotation does, rounded to the model dtype) and writes them and the values into the store's
-    segment at unit first + i (through the segment tables, as uva.write_units_uva);
+    segment at unit first + i (through the segment tables, as cuda/gather.write_units_uva);
   * part 0 also picks the unit's repr_topk keys that received the most attention (the lower index
     first among equal scores) and writes the mean of their rotated keys (in fp32, rounded to the
     model dtype as UnitStore._mean) into the representatives' buffer at unit first + i.
@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from memllm.context.rope_cuda import rotate_rows
+from memllm.context.cuda.gather import TL_DTYPES, segment_tables
+from memllm.context.cuda.positions import rotate_rows
 from memllm.context.units import UnitStore
-from memllm.context.uva import TL_DTYPES, segment_tables
 
 ROWS = 32  # key rows per program
 

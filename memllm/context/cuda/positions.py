@@ -5,7 +5,7 @@ the angle of table row `table_row + per_row * t` (per_row 1: one angle per row, 
 0: one angle for all rows, as Rotary.rotate_const), with sin negated when sign is -1; computed in
 fp32 as Rotary.apply (x * cos + rotate_half(x) * sin), written in `dtype`. The tables are Rotary's
 (normalised cos/sin over angles -(P-1)..(P-1)); `out` lets it write into a slice of a longer buffer.
-`rotate_rows` is the rotation itself, shared by every kernel that rotates (here, cut_cuda.py), so
+`rotate_rows` is the rotation itself, shared by every kernel that rotates (here, cuda/cut.py), so
 they round alike. `memory_queries` rotates the memory blocks' queries and sums them per block (the
 lookup's q_sum) in one pass. Tests compare them with Rotary (and lookup.block_query_sums). Imported
 only on CUDA (needs triton).

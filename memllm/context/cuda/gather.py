@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from memllm.context.cuda.lookup import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.gather import distinct_pairs
-from memllm.context.select_cuda import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.units import UnitStore
 
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}

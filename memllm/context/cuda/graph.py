@@ -29,6 +29,7 @@ import weakref
 
 import torch
 
+from memllm.compat import cache_kwargs
 from memllm.context.static import CutShape, StaticDecode, rows_bucket
 
 MAX_CUT_SLOTS = 2  # cutting-call shapes kept (a steady prefill chunk has one; a feed's last chunk another)
@@ -154,7 +155,7 @@ class DecodeGraph:
         try:
             out = model(
                 input_ids=slot.tok,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 position_ids=slot.pos.view(1, -1),
                 use_cache=True,
                 logits_to_keep=slot.keep if slot.rows > 1 and slot.cut is None else 1,

@@ -1,0 +1,147 @@
+"""The RULER-style suite (memllm.bench.ruler) on a GPU: full attention, InfLLM's rule, the question
+selector and the oracle, on haystacks built beforehand (issue 25).
+
+Haystacks are built on the CPU machine (the data packages live there) and travel as gzipped JSON:
+  python benchmarks/ruler_gpu.py build --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights \
+      --lengths 32k,128k,1m --questions 50 --out .gpu/suite_qwen.json.gz
+On the device machine (model folder holding the GGUF):
+  PYTHONPATH=/tmp/site:. python benchmarks/ruler_gpu.py run --model-dir /root/m --gguf qwen.gguf \
+      --suite .gpu/suite_qwen.json.gz --lengths 32k,128k --systems full,infllm,question,oracle \
+      --questions 24 --out $OUT/ruler.json
+Prints a table last (per length, family and system: score, questions from memory, the share of them
+whose gold units every layer read, mean per-layer gold recall); writes every answer to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memllm.bench import ruler, ruler_run
+from memllm.bench.passkey import parse_length
+from memllm.config import MemoryConfig
+
+
+def build(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    fams = args.families.split(",")
+    suite = {}
+    for n in (parse_length(x) for x in args.lengths.split(",")):
+        t = time.time()
+        hays = ruler.build_suite(tok, n, fams, args.questions, seed=args.seed)
+        suite[str(n)] = [h.to_dict() for h in hays]
+        print(f"{n}: {len(hays)} haystacks, {sum(len(h.questions) for h in hays)} questions, {time.time() - t:.1f}s")
+    with gzip.open(args.out, "wt") as fh:
+        json.dump(suite, fh)
+
+
+def subsample(hays: list[ruler.Haystack], per_family: int) -> list[ruler.Haystack]:
+    """At most per_family questions of each family, taken haystack by haystack (whole reads first)."""
+    taken: dict[str, int] = {}
+    out = []
+    for h in hays:
+        qs = []
+        for q in h.questions:
+            if taken.get(q.family, 0) < per_family:
+                taken[q.family] = taken.get(q.family, 0) + 1
+                qs.append(q)
+        if qs:
+            out.append(ruler.Haystack(h.kind, h.length, h.seed, h.ids, qs))
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from passkey_gpu import DeviceLLM
+
+    t = time.time()
+    tok = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=args.gguf)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=args.gguf, dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    model.set_attn_implementation("sdpa")
+    llm = DeviceLLM(model, tok, args.gguf)
+    print(f"model loaded in {time.time() - t:.1f}s", flush=True)
+    with gzip.open(args.suite, "rt") as fh:
+        suite = json.load(fh)
+    memory = MemoryConfig(n_local=args.n_local, topk=args.topk, block_size=args.block_size,
+                          decode_graphs=not args.no_graphs)  # fmt: skip
+    systems = args.systems.split(",")
+    families = set(args.families.split(",")) if args.families else None
+    rows = []
+    out_path = Path(args.out) if args.out else None
+    for n in (parse_length(x) for x in args.lengths.split(",")):
+        hays = [ruler.Haystack.from_dict(h) for h in suite[str(n)]]
+        if families:
+            hays = [ruler.Haystack(h.kind, h.length, h.seed, h.ids, [q for q in h.questions if q.family in families])
+                    for h in hays]  # fmt: skip
+            hays = [h for h in hays if h.questions]
+        hays = subsample(hays, args.questions)
+        sys_n = [s for s in systems if s != "full" or n <= llm.trained_len]
+        t = time.time()
+        torch.cuda.reset_peak_memory_stats()
+        for h in hays:  # one haystack at a time, written after each: a timeout keeps what was measured
+            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True))
+            if out_path:
+                out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
+            print(ruler_run.table(ruler_run.summary([r for r in rows if r["length"] == h.length])), flush=True)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"length {n}: {time.time() - t:.1f}s, peak GPU memory {peak:.3f} GiB (reads and questions)", flush=True)
+    items = ruler_run.summary(rows)
+    if out_path:
+        out_path.write_text(json.dumps({"env": env(args, memory, llm), "summary": items, "rows": rows}, default=str))
+    print(json.dumps(env(args, memory, llm)))
+    print(ruler_run.table(items))
+
+
+def env(args: argparse.Namespace, memory: MemoryConfig, llm) -> dict:
+    import transformers
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "triton": triton.__version__,
+        "python": platform.python_version(), "command": " ".join(sys.argv),
+        "memory": memory.resolved(llm.trained_len).to_dict(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--tokenizer", required=True)
+    b.add_argument("--lengths", default="32k,128k,1m")
+    b.add_argument("--questions", type=int, default=50)
+    b.add_argument("--families", default=",".join(ruler.FAMILIES))
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model-dir", required=True)
+    r.add_argument("--gguf", required=True)
+    r.add_argument("--suite", required=True)
+    r.add_argument("--lengths", default="32k")
+    r.add_argument("--systems", default="full,infllm,question,oracle")
+    r.add_argument("--families", default=None)
+    r.add_argument("--questions", type=int, default=24, help="per family and length")
+    r.add_argument("--n-local", type=int, default=4096)
+    r.add_argument("--topk", type=int, default=16)
+    r.add_argument("--block-size", type=int, default=128)
+    r.add_argument("--no-graphs", action="store_true")
+    r.add_argument("--out", default=None)
+    args = ap.parse_args()
+    build(args) if args.cmd == "build" else run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The kernels a ContextMemoryLayer runs, chosen once per layer: `kernels_for(impl, device)`.
+
+TorchKernels: the plain-PyTorch paths (impl "reference" anywhere; impl "fast" off CUDA). CudaKernels:
+impl "fast" on CUDA, the Triton kernels of memllm.context.cuda with the same contracts (each cuda/ module
+is tested against the reference module of the same name). Both have the same methods; the cache, the
+static step (static.py) and the unit store call them instead of branching on the device. This is the one
+module that imports memllm.context.cuda (lazily: Triton is needed only where CUDA is used). Knows
+nothing of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from memllm.context import gather, lookup
+from memllm.context.plan import CallPlan
+from memllm.context.positions import Rotary
+from memllm.context.units import UnitStore
+from memllm.context.window import joined_memory, local_attention, memory_attention, merge
+
+
+def unit_writer(device: torch.device) -> Callable[..., None] | None:
+    """How UnitStore.write_at writes units at a device index on `device`: on CUDA the device-side write
+    of cuda/gather.py (whatever the impl: no host synchronisation), elsewhere None (the host copy)."""
+    if torch.device(device).type == "cuda":
+        from memllm.context.cuda.gather import write_units_uva
+
+        return write_units_uva
+    return None
+
+
+class TorchKernels:
+    """The plain-PyTorch paths (the reference the CUDA kernels are tested against, and the CPU path)."""
+
+    fast = False
+
+    def __init__(self, impl: str = "reference"):
+        self.impl = impl
+
+    def rotated(
+        self, rot: Rotary, x: torch.Tensor, start: int, step: int, dtype: torch.dtype, per_row: bool = True
+    ) -> torch.Tensor:
+        """Rotary.rotated(x, start, step, dtype, per_row)."""
+        return rot.rotated(x, start, step, dtype, per_row=per_row)
+
+    def join_keys(
+        self, rot: Rotary, local_k: torch.Tensor, k: torch.Tensor, rebase: int, angle: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The window's keys (moved by `rebase`) joined to the call's keys (rotated by `angle`): k_all."""
+        if rebase:
+            local_k = rot.rotated(local_k, rebase, 1, dtype, per_row=False)
+        return torch.cat([local_k, rot.rotated(k, angle, 1, dtype, per_row=False)], dim=1)
+
+    def local_attention(
+        self, rot: Rotary, q: torch.Tensor, angle: int, k_all: torch.Tensor, v_all: torch.Tensor,
+        plan: CallPlan, scale: float, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The local pass: out (heads, c, d) fp32, lse (heads, c), received (kv_heads, W + c)."""
+        q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
+        return local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
+
+    def write_cut(
+        self, layer: Any, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor,
+        first: int, at: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """layer.cut_units, written at units at, at + 1, ... (UnitStore.write_at)."""
+        layer.store.write_at(at, *layer.cut_units(plan, k_all, v_all, score, first))
+
+    def memory_queries(
+        self, rot: Rotary, q: torch.Tensor, start: int, plan: CallPlan, t: dict[str, torch.Tensor], kvh: int,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """The memory queries (at distance n_local) in fp32, and no per-block sums (computed by the caller)."""
+        return rot.rotated(q, start, -1, torch.float32), None
+
+    def choose_units(
+        self, q_sum: torch.Tensor, reprs: torch.Tensor, units_before: torch.Tensor, mode: str, k: int
+    ) -> torch.Tensor:
+        """lookup.choose_units."""
+        return lookup.choose_units(q_sum, reprs, units_before, mode, k, self.impl)
+
+    def gather_units(
+        self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather.gather_units."""
+        return gather.gather_units(store, ids, dtype, self.impl)
+
+    def memory_attention(
+        self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,
+        plan: CallPlan, chosen: int, scale: float, out: torch.Tensor, lse: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The memory pass over sinks + units, merged with the local pass (out, lse) -> (heads, c, d) fp32."""
+        cfg = layer.config
+        n_mb = len(plan.memory_blocks)
+        k_mem, v_mem = joined_memory(layer.sink_k, layer.sink_v, uk, uv, n_mb)
+        out_m, lse_m = memory_attention(
+            q_mem, k_mem, v_mem, plan, layer.sink_k.shape[1], chosen, cfg.block_size, scale, torch.float32
+        )
+        return merge(out, lse, out_m, lse_m)
+
+    def step_attention(self, *args: Any) -> torch.Tensor:
+        """static.step_attention (one token of a static call)."""
+        from memllm.context.static import step_attention
+
+        return step_attention(*args)
+
+    def decode_graph(self, cache: Any) -> Any:
+        """No CUDA graphs off the CUDA path."""
+        return None
+
+
+class CudaKernels(TorchKernels):
+    """impl "fast" on CUDA: the Triton kernels of memllm.context.cuda (imported here, once)."""
+
+    fast = True
+
+    def __init__(self):
+        super().__init__("fast")
+        from memllm.context.cuda import cut as cut_cuda
+        from memllm.context.cuda import lookup as lookup_cuda
+        from memllm.context.cuda import positions as positions_cuda
+        from memllm.context.cuda import static as static_cuda
+        from memllm.context.cuda import window as window_cuda
+
+        self._cut, self._lookup, self._positions = cut_cuda, lookup_cuda, positions_cuda
+        self._static, self._window = static_cuda, window_cuda
+
+    def rotated(
+        self, rot: Rotary, x: torch.Tensor, start: int, step: int, dtype: torch.dtype, per_row: bool = True
+    ) -> torch.Tensor:
+        """One Triton launch (cuda/positions.py) where head_dim is a power of two, else Rotary.rotated."""
+        d = x.shape[-1]
+        if x.is_cuda and d >= 2 and d & (d - 1) == 0:
+            row = rot.rows(start, x.shape[-2]) if per_row else rot.row(start)
+            cos, sin, _ = rot.tables(x.device)
+            return self._positions.rotate(
+                x, row, 1 if per_row else 0, step if per_row else 1, cos, sin, dtype
+            )
+        return rot.rotated(x, start, step, dtype, per_row=per_row)
+
+    def join_keys(
+        self, rot: Rotary, local_k: torch.Tensor, k: torch.Tensor, rebase: int, angle: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Rotated straight into k_all (cuda/positions.rotate's out)."""
+        rotate = self._positions.rotate
+        kvh, w, d = local_k.shape
+        cos, sin, _ = rot.tables(k.device)
+        k_all = torch.empty(kvh, w + k.shape[1], d, dtype=dtype, device=k.device)
+        if rebase:
+            rotate(local_k, rot.row(rebase), 0, 1, cos, sin, dtype, out=k_all[:, :w])
+        else:
+            k_all[:, :w].copy_(local_k)
+        rotate(k, rot.row(angle), 0, 1, cos, sin, dtype, out=k_all[:, w:])
+        return k_all
+
+    def local_attention(
+        self, rot: Rotary, q: torch.Tensor, angle: int, k_all: torch.Tensor, v_all: torch.Tensor,
+        plan: CallPlan, scale: float, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        q_loc = self.rotated(rot, q, angle, 1, dtype, per_row=False)
+        return self._window.local_attention_cuda(q_loc, k_all, v_all, plan, scale)
+
+    def write_cut(
+        self, layer: Any, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor,
+        first: int, at: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """With bf16/fp16/fp32 units, one launch (cuda/cut.cut_units_cuda) cuts and writes them."""
+        if layer.store.offload_dtype == "int8":
+            return super().write_cut(layer, plan, k_all, v_all, score, first, at)
+        row = layer.rotary.rows(first + plan.cut_start, plan.n_cut * layer.config.block_size)
+        cos, sin, _ = layer.rotary.tables(k_all.device)
+        self._cut.cut_units_cuda(
+            layer.store, at, k_all, v_all, score, plan.cut_start, plan.n_cut, row, cos, sin
+        )
+
+    def memory_queries(
+        self, rot: Rotary, q: torch.Tensor, start: int, plan: CallPlan, t: dict[str, torch.Tensor], kvh: int,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """One launch: the queries in the model dtype and their per-block sums."""
+        row = rot.rows(start, q.shape[1])
+        cos, sin, _ = rot.tables(q.device)
+        longest = max((plan.blocks[i].q1 - plan.blocks[i].q0 for i in plan.memory_blocks), default=0)
+        return self._positions.memory_queries(q, row, cos, sin, t["mb_q0"], t["mb_q1"], kvh, dtype, longest)
+
+    def choose_units(
+        self, q_sum: torch.Tensor, reprs: torch.Tensor, units_before: torch.Tensor, mode: str, k: int
+    ) -> torch.Tensor:
+        """Two or three launches (cuda/lookup.choose_units_cuda) on CUDA tensors."""
+        if q_sum.is_cuda:
+            return self._lookup.choose_units_cuda(q_sum, reprs, units_before, mode == "shared", k)
+        return super().choose_units(q_sum, reprs, units_before, mode, k)
+
+    def gather_units(
+        self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From pinned host memory by device-side ids (cuda/gather.gather_units_uva) for a CUDA store."""
+        if store.device.type == "cuda":
+            from memllm.context.cuda.gather import gather_units_uva
+
+            return gather_units_uva(store, ids, dtype)
+        return super().gather_units(store, ids, dtype)
+
+    def memory_attention(
+        self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,
+        plan: CallPlan, chosen: int, scale: float, out: torch.Tensor, lse: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The memory pass merged with `out` (one kernel), sinks and units read where they are; when it covers
+        every row, the result goes straight to the attention function's layout and dtype."""
+        final = None
+        if len(plan.memory_blocks) == len(plan.blocks) and layer.sink_k.shape[1] > 0:
+            final = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=layer.dtype, device=q.device)
+        return self._window.memory_attention_merge_cuda(
+            q_mem,
+            layer.sink_k,
+            layer.sink_v,
+            uk,
+            uv,
+            plan,
+            chosen,
+            layer.config.block_size,
+            scale,
+            out,
+            lse,
+            final,
+        )
+
+    def step_attention(self, *args: Any) -> torch.Tensor:
+        return self._static.step_attention_cuda(*args)
+
+    def decode_graph(self, cache: Any) -> Any:
+        """The DecodeGraph single tokens and static calls go through (cuda/graph.py)."""
+        from memllm.context.cuda.graph import DecodeGraph
+
+        return DecodeGraph(cache)
+
+
+def kernels_for(impl: str, device: torch.device | str) -> TorchKernels:
+    """CudaKernels for impl "fast" on a CUDA device, else TorchKernels(impl)."""
+    if impl == "fast" and torch.device(device).type == "cuda":
+        return CudaKernels()
+    return TorchKernels(impl)
+
+
+def choose_units(
+    q_sum: torch.Tensor, reprs: torch.Tensor, units_before: torch.Tensor, mode: str, k: int, impl: str
+) -> torch.Tensor:
+    """lookup.choose_units through the kernels of (impl, q_sum's device)."""
+    return kernels_for(impl, q_sum.device).choose_units(q_sum, reprs, units_before, mode, k)
+
+
+def gather_units(
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, impl: str = "fast"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gather.gather_units through the kernels of (impl, the store's device)."""
+    return kernels_for(impl, store.device).gather_units(store, ids, dtype)

@@ -1,0 +1,198 @@
+"""Question-driven selection: the units a question needs, found once and read by every layer.
+
+InfLLM's rule (lookup.py) scores each unit by one summed query of an execution block against the
+mean of a few representative keys, in each layer on its own. On real prose with similar needles it
+picks the needle's unit in only a few layers, and a needle some layers miss is not answered; with
+the needle's units forced into every layer (the oracle) answers match or beat full attention. So a
+question is read twice (both readings rolled back, Session.answering):
+
+1. the probe: the question is fed as usual, and every layer scores every unit of its memory by the
+   attention mass the question's queries give it: for each query row and head, the softmax over the
+   window (the local pass's log-sum-exp), the sinks and every key of every unit (all keys, read in
+   chunks through the gather: token level, not representatives), summed over the unit's keys, then
+   over heads and rows (`unit_mass`);
+2. the masses are fused over layers (`fuse`: each layer's share of its own mass, summed), the best
+   units and their neighbours are taken (`choose`), and these `topk` units are forced into every
+   layer's lookup (`ForcedUnits`) while the question is fed again and the answer is generated.
+
+`ForcedUnits` replaces a lookup's ids with the forced ones by a device-side select on a device flag,
+so captured decode graphs (graph.py) obey it without a new capture. The oracle is the same forcing
+with the gold evidence's units first (`units_of_spans`); `recall_by_layer` reads a lookup log
+(cache.record_lookups) against them. Knows nothing of text or models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from memllm.context.units import UnitStore
+
+Gather = Callable[[UnitStore, torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+
+# The probe's scan reads units in chunks whose logits ((heads, rows, units * block_size) fp32) stay under
+# SCAN_BYTES, and never more than SCAN_UNITS units. With 1,024-unit chunks and no byte cap, the H200 run
+# of Qwen2.5-Coder-0.5B at 512K peaked at 3.06 GiB against 1.60 GiB for passkey at 1M (run 24).
+SCAN_UNITS = 1024
+SCAN_BYTES = 64 << 20
+
+
+def unit_mass(
+    q_mem: torch.Tensor,
+    lse_window: torch.Tensor,
+    sink_k: torch.Tensor,
+    store: UnitStore,
+    scale: float,
+    dtype: torch.dtype,
+    gather: Gather,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """q_mem (heads, m, d) the question's queries at the memory frame (keys at position 0, queries at
+    n_local); lse_window (heads, m) their log-sum-exp over the window -> (m, n_units) fp32: per row, the
+    attention mass (summed over heads) that every unit would receive in one softmax over window,
+    sinks and all units.
+
+    The units' keys are read `chunk` units at a time (default: SCAN_BYTES of logits) through `gather`
+    (the cache's kernels.gather_units: on CUDA from pinned host memory by device-side ids), so device
+    memory stays bounded by the chunk."""
+    heads, m, d = q_mem.shape
+    kvh = store.kv_heads
+    g = heads // kvh
+    n = store.n_units
+    q = q_mem.float().reshape(kvh, g * m, d)
+    dev = q.device
+    if chunk is None:
+        chunk = max(1, min(SCAN_UNITS, SCAN_BYTES // (heads * m * store.block_size * 4)))
+    parts = [lse_window.float().reshape(kvh, g * m)]
+    if sink_k.shape[1]:
+        parts.append(torch.logsumexp(torch.matmul(q, sink_k.float().transpose(1, 2)) * scale, dim=-1))
+    unit_lse = torch.empty(kvh, g * m, n, dtype=torch.float32, device=dev)
+    bs = store.block_size
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        ids = torch.arange(lo, hi, device=dev).expand(1, kvh, -1)
+        k, _ = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
+        logits = torch.matmul(q, k[0].float().transpose(1, 2)) * scale  # (kvh, g*m, (hi - lo) * bs)
+        unit_lse[:, :, lo:hi] = torch.logsumexp(logits.view(kvh, g * m, hi - lo, bs), dim=-1)
+    if n:
+        parts.append(torch.logsumexp(unit_lse, dim=-1))
+    total = torch.logsumexp(torch.stack(parts), dim=0)  # (kvh, g*m)
+    mass = torch.exp(unit_lse - total.unsqueeze(-1))  # (kvh, g*m, n)
+    return mass.reshape(heads, m, n).sum(dim=0)
+
+
+class Probe:
+    """Per-layer unit masses of the question fed while it is active (ContextMemoryCache.probing)."""
+
+    def __init__(self, num_layers: int, n_units: int):
+        self.n_units = n_units  # units before the probe: those it may choose (later ones are rolled back)
+        self.masses: list[torch.Tensor | None] = [None] * num_layers  # (rows, n_units) per layer
+
+    def add(self, layer_idx: int, mass: torch.Tensor) -> None:
+        mass = mass[:, : self.n_units]
+        prev = self.masses[layer_idx]
+        self.masses[layer_idx] = mass if prev is None else torch.cat([prev, mass], dim=0)
+
+    def per_layer(self, rows: int | None = None) -> torch.Tensor | None:
+        """(layers, n_units): each layer's mass over its last `rows` question rows (all by default);
+        None when no layer had a memory pass (nothing cut yet)."""
+        got = [m for m in self.masses if m is not None]
+        if not got:
+            return None
+        return torch.stack([(m if rows is None else m[-rows:]).sum(dim=0) for m in got])
+
+
+def fuse(per_layer: torch.Tensor) -> torch.Tensor:
+    """(layers, n_units) masses -> (n_units,): each layer's share of its own mass, summed over layers
+    (a layer whose heads look at the window does not drown one that retrieves)."""
+    return (per_layer / per_layer.sum(dim=1, keepdim=True).clamp_min(1e-30)).sum(dim=0)
+
+
+def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:
+    """The k units to read: `first` (the oracle's gold units), then units by descending score, each
+    followed by its `neighbours` on either side (evidence cut across a unit border), then by score
+    alone -> (k,) long ascending, on score's device. Needs k <= score.numel()."""
+    n = score.numel()
+    order = torch.argsort(score.detach().float().cpu(), descending=True, stable=True).tolist()
+    picked: list[int] = []
+    seen: set[int] = set()
+
+    def take(u: int) -> None:
+        if 0 <= u < n and u not in seen and len(picked) < k:
+            seen.add(u)
+            picked.append(u)
+
+    for u in first:
+        take(int(u))
+    for u in order:
+        if len(picked) >= k:
+            break
+        take(u)
+        for j in range(1, neighbours + 1):
+            take(u - j)
+            take(u + j)
+    for u in order:
+        take(u)
+    return torch.tensor(sorted(picked), dtype=torch.long, device=score.device)
+
+
+class ForcedUnits:
+    """The unit ids every layer's lookup reads while forcing is on, in fixed device buffers.
+
+    `apply` is a device-side select on a device flag, so a captured graph that ran it obeys later
+    changes of the flag and ids without a new capture (graph.py)."""
+
+    def __init__(self, num_layers: int, topk: int, device: torch.device):
+        self.topk = topk
+        self.ids = torch.zeros(num_layers, topk, dtype=torch.long, device=device)
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.active = False  # the host's view of flag
+
+    def set(self, ids: torch.Tensor) -> None:
+        """ids (topk,) for every layer, or (layers, topk)."""
+        if ids.shape[-1] != self.topk:
+            raise ValueError(f"forcing needs exactly topk={self.topk} ids, got {ids.shape[-1]}")
+        self.ids.copy_(ids.to(self.ids.device).expand_as(self.ids))
+        self.flag.fill_(True)
+        self.active = True
+
+    def clear(self) -> None:
+        self.flag.fill_(False)
+        self.active = False
+
+    def apply(self, layer_idx: int, ids: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """A lookup's ids (blocks, rows, t) -> the forced ids where forcing is on (t == topk), else ids.
+        static (inside a graph): always the device select; eager: only while active."""
+        if ids.shape[-1] != self.topk or not (static or self.active):
+            return ids
+        return torch.where(self.flag, self.ids[layer_idx].view(1, 1, -1), ids)
+
+
+def units_of_spans(spans: Sequence[tuple[int, int]], n_init: int, block_size: int, n_units: int) -> list[int]:
+    """Token spans [start, end) of the stream -> the ids of the units holding them (sinks and the
+    window excluded), in order. Unit u holds tokens n_init + u*block_size ... + block_size - 1."""
+    out: list[int] = []
+    for start, end in spans:
+        lo = max(start, n_init)
+        if end <= lo:
+            continue
+        for u in range((lo - n_init) // block_size, (end - 1 - n_init) // block_size + 1):
+            if u < n_units and u not in out:
+                out.append(u)
+    return out
+
+
+def recall_by_layer(
+    log: Sequence[tuple[int, torch.Tensor]], gold: Sequence[int], num_layers: int
+) -> list[float | None]:
+    """A lookup log (layer, ids) and gold unit ids -> per layer, the share of gold units that the
+    layer's lookups read (any of them), None for a layer without lookups (or when gold is empty)."""
+    read: list[set[int] | None] = [None] * num_layers
+    for layer, ids in log:
+        got = read[layer] if read[layer] is not None else set()
+        got.update(int(u) for u in ids.reshape(-1).tolist())
+        read[layer] = got
+    if not gold:
+        return [None] * num_layers
+    return [None if r is None else sum(u in r for u in gold) / len(gold) for r in read]

@@ -1,0 +1,179 @@
+"""The question selector (context/select.py), the oracle and the selection diagnostics, on tiny models:
+the probe's unit masses equal a dense softmax over all keys, the fast scan equals the reference, the
+chosen units are read by every layer (also through the static decode path), the oracle reads the gold
+units everywhere, and the memory is rolled back afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memllm.config import MemoryConfig
+from memllm.context import select
+from memllm.context.cuda.graph import DecodeGraph
+from memllm.context.kernels import kernels_for
+from memllm.context.units import UnitStore
+from memllm.errors import ConfigError
+from memllm.session import Session
+from tests.context.helpers import CharTokenizer, FakeLLM, small_memory, tiny_model
+
+TEXT = "".join(chr(33 + (i * 7919) % 90) for i in range(700))
+QUESTION = "What was said near the start?"
+
+
+def make_session(device: str = "cpu", **mem) -> Session:
+    model = tiny_model("llama").to(device)
+    return Session(FakeLLM(model, CharTokenizer()), small_memory(**mem))
+
+
+def filled_store(n_units: int, kvh: int = 2, bs: int = 8, d: int = 16, device: str = "cpu") -> UnitStore:
+    store = UnitStore(kvh, bs, d, 2, "fp32", torch.device(device), segment_units=7)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(n_units, kvh, bs, d, generator=g)
+    v = torch.randn(n_units, kvh, bs, d, generator=g)
+    r = torch.randn(n_units, kvh, 2, d, generator=g)
+    store.append_many(k.to(device), v.to(device), r.to(device))
+    return store
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_unit_mass_is_the_dense_softmax_over_all_keys(impl):
+    heads, kvh, m, d, n, bs = 4, 2, 3, 16, 11, 8
+    store = filled_store(n, kvh, bs, d)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(heads, m, d, generator=g)
+    sinks = torch.randn(kvh, 4, d, generator=g)
+    window_k = torch.randn(kvh, 5, d, generator=g)
+    scale = d**-0.5
+    qg = q.reshape(kvh, heads // kvh, m, d)
+    lse_window = torch.logsumexp(torch.einsum("hgmd,hkd->hgmk", qg, window_k) * scale, -1).reshape(heads, m)
+    gather = kernels_for(impl, torch.device("cpu")).gather_units
+    got = select.unit_mass(q, lse_window, sinks, store, scale, torch.float32, gather, chunk=4)
+    units_k, _ = store.gather_reference(torch.arange(n).expand(1, kvh, -1), torch.float32)  # (1, kvh, n*bs, d)
+    keys = torch.cat([window_k, sinks, units_k[0]], dim=1)
+    p = torch.softmax(torch.einsum("hgmd,hkd->hgmk", qg, keys) * scale, dim=-1)
+    unit_p = p[..., window_k.shape[1] + sinks.shape[1] :].reshape(kvh, heads // kvh, m, n, bs).sum(-1)
+    want = unit_p.reshape(heads, m, n).sum(0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_choose_takes_gold_first_then_best_with_neighbours():
+    score = torch.tensor([0.0, 0.1, 5.0, 0.2, 0.0, 0.0, 3.0, 0.0, 0.0, 0.3])
+    assert select.choose(score, 4, neighbours=0).tolist() == [2, 3, 6, 9]
+    assert select.choose(score, 4, neighbours=1).tolist() == [1, 2, 3, 6]
+    assert select.choose(score, 4, neighbours=1, first=[8]).tolist() == [1, 2, 3, 8]
+    assert select.choose(score, 3, neighbours=2).tolist() == [1, 2, 3]  # nearest neighbours first
+
+
+def test_units_of_spans_and_recall_by_layer():
+    assert select.units_of_spans([(0, 4)], n_init=4, block_size=8, n_units=10) == []  # sinks only
+    assert select.units_of_spans([(10, 22), (30, 31)], 4, 8, 10) == [0, 1, 2, 3]
+    assert select.units_of_spans([(90, 100)], 4, 8, 10) == []  # still in the window
+    log = [(0, torch.tensor([1, 2, 3])), (1, torch.tensor([5])), (1, torch.tensor([2]))]
+    assert select.recall_by_layer(log, [2, 5], 3) == [0.5, 1.0, None]
+
+
+def test_selector_is_validated():
+    with pytest.raises(ConfigError, match="selector"):
+        MemoryConfig(selector="bm25")
+    with pytest.raises(ConfigError, match="select_neighbours"):
+        MemoryConfig(select_neighbours=-1)
+
+
+def ask_logged(s: Session, static: bool = False, **kw) -> tuple[list[int], list, dict]:
+    if static:
+        graph = DecodeGraph(s.cache, capture=False)
+        s.cache.decode_graph = lambda: graph  # what CUDA gets; eager on the CPU
+    with s.answering(), s.cache.record_lookups() as log:
+        toks = list(s.generate_ids(QUESTION, max_new_tokens=6, stop=set(), **kw))
+        log = [(layer, ids.cpu()) for layer, ids in log]
+    return toks, log, s.last_selection
+
+
+def test_question_selector_forces_its_units_into_every_layer_and_rolls_back():
+    s = make_session()
+    s.feed(TEXT)
+    n_units, before = s.stats()["units_per_layer"], s.last_logits.clone()
+    assert n_units > s.config.topk
+    toks, log, sel = ask_logged(s)
+    chosen = sel["units"]
+    assert len(chosen) == s.config.topk and chosen == sorted(set(chosen))
+    assert {layer for layer, _ in log} == {0, 1}
+    for _, ids in log:  # question and answer: every lookup of every layer read exactly the chosen units
+        assert sorted(set(ids.tolist())) == chosen
+    # Everything is rolled back and forcing is off: the next ask with InfLLM's rule equals a fresh session's.
+    assert s.stats()["units_per_layer"] == n_units and torch.equal(s.last_logits, before)
+    assert not s.cache.forced.active and not bool(s.cache.forced.flag)
+    fresh = make_session()
+    fresh.feed(TEXT)
+    a = ask_logged(s, selector="infllm")
+    b = ask_logged(fresh, selector="infllm")
+    assert a[0] == b[0] and [x.tolist() for _, x in a[1]] == [x.tolist() for _, x in b[1]]
+
+
+def test_static_path_obeys_forcing_and_answers_alike():
+    plain = make_session(exc_block_size=64, chunk_size=192)
+    plain.feed(TEXT)
+    want, log_plain, sel = ask_logged(plain)
+    static = make_session(exc_block_size=64, chunk_size=192)
+    static.feed(TEXT)
+    got, log_static, sel_static = ask_logged(static, static=True)
+    assert sel_static["units"] == sel["units"]
+    assert got == want
+    for _, ids in log_static:
+        assert sorted(set(ids.tolist())) == sel["units"]
+
+
+def test_oracle_reads_the_gold_units_in_every_layer():
+    s = make_session()
+    s.feed(TEXT)
+    cfg = s.config
+    gold_span = (cfg.n_init + 3 * cfg.block_size + 2, cfg.n_init + 4 * cfg.block_size + 1)  # units 3 and 4
+    _, log, sel = ask_logged(s, oracle_spans=[gold_span])
+    assert sel["gold_units"] == [3, 4] and {3, 4} <= set(sel["units"])
+    assert select.recall_by_layer(log, [3, 4], 2) == [1.0, 1.0]
+    # InfLLM's rule on the same question, for comparison: the diagnostic reports whatever it read.
+    _, log_rule, _ = ask_logged(s, selector="infllm")
+    assert all(r is not None for r in select.recall_by_layer(log_rule, [3, 4], 2))
+
+
+def test_probe_is_not_counted_or_logged():
+    s = make_session()
+    s.feed(TEXT)
+    lookups = s.stats()["lookups"]
+    _, log, _ = ask_logged(s)
+    assert s.stats()["lookups"] - lookups == len(log)
+
+
+def test_nothing_is_forced_while_the_stream_fits():
+    s = make_session()
+    s.feed(TEXT[:10])  # with the question, 39 tokens: within n_init + n_local
+    _, log, sel = ask_logged(s)
+    assert sel is None and log == []
+
+
+@pytest.mark.gpu
+def test_cuda_scan_and_selection_equal_the_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    heads, kvh, m, d, n = 4, 2, 3, 16, 300
+    store = filled_store(n, kvh, 8, d, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(heads, m, d, generator=g).cuda()
+    sinks = torch.randn(kvh, 4, d, generator=g).cuda()
+    lse = torch.randn(heads, m, generator=g).cuda()
+    cuda = torch.device("cuda")
+    fast = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("fast", cuda).gather_units, 64)
+    ref = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("reference", cuda).gather_units, 64)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)
+    # A whole session on CUDA (fast path, decode graphs) chooses the units the CPU reference chooses.
+    cuda = make_session("cuda", impl="fast")
+    cuda.feed(TEXT)
+    cpu = make_session("cpu", impl="reference")
+    cpu.feed(TEXT)
+    got, log_cuda, sel_cuda = ask_logged(cuda)
+    want, _, sel_cpu = ask_logged(cpu)
+    assert sel_cuda["units"] == sel_cpu["units"]
+    for _, ids in log_cuda:
+        assert sorted(set(ids.tolist())) == sel_cuda["units"]
+    assert got == want
