@@ -52,6 +52,8 @@ def render(style: str, said: str, fact: str) -> str:
         return f"- {fact}"
     if style == "second":
         return f"- {second_person(fact)}"
+    if style == "second-dated":
+        return f"- {second_person(fact)} (told on {DAY})"
     if style == "turns":
         return f"[{DAY} 10:00] user: {said}"
     raise ValueError(style)
@@ -95,6 +97,10 @@ LAYOUTS = [
     ("with 2 recent turns before the question", {"flash": True}),
     ("header 'What you know about me:'", {"header": "What you know about me:"}),
     ("before issue 18: custom system, raw turns, 2 recent turns", {"system": OLD_SYSTEM, "style": "turns", "flash": True}),
+    ("k=1, second person", {"k": 1, "style": "second"}),
+    ("k=1, second person, dated", {"k": 1, "style": "second-dated"}),
+    ("k=2, second person", {"k": 2, "style": "second"}),
+    ("k=1, second person, dated, 2 recent turns before", {"k": 1, "style": "second-dated", "flash": True}),
 ]
 
 

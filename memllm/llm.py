@@ -154,8 +154,10 @@ class MemLLM:
 
         from memllm.generation import RepetitionGuard, decode_stream, generate_ids
 
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 1 <= max_new_tokens <= self.trained_len:
+            raise ConfigError(
+                f"max_new_tokens must be between 1 and the model's context ({self.trained_len:,}), got {max_new_tokens:,}"
+            )
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
