@@ -45,6 +45,7 @@ MEMORY_MODES = ("text", "kv", "hybrid")
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
+CHAT_MAX_RECORDS = 1  # recalled records per turn: one short fact (chat_prompt_probe: 9/10 vs 4/10 at k=3)
 KV_LIMIT_HINT = (
     "continue this user's chat with --memory text (its text memory keeps every turn), lower "
     "--memory-tokens (hybrid), or give the process more memory"
@@ -115,6 +116,7 @@ class ChatAgent:
             summarize=self._summarize if summarize else None,
             config=cfg,
         )
+        self.controller.since = self.controller.clock()  # a new conversation: earlier turns come by recall
         self.facts = FactBook(store, self.controller.namespace)
         self.skipped: list[str] = []  # why answers were not stored (latest last)
         self.context_memory = context_memory
@@ -296,9 +298,10 @@ class ChatAgent:
 
     @staticmethod
     def default_controller_config(window: int, max_new_tokens: int) -> ControllerConfig:
-        """Budgets as shares of the window left after the answer: memory 1/4, recent turns 1/2."""
+        """Budgets as shares of the window left after the answer: memory 1/4, recent turns 1/2; at most
+        CHAT_MAX_RECORDS recalled records (the layout the 135M model answers from: RESULTS.md)."""
         room = max(window - max_new_tokens - 128, 64)
-        return ControllerConfig(memory_tokens=room // 4, flash_tokens=room // 2)
+        return ControllerConfig(memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS)
 
     def _summarize(self, text: str) -> str:
         return self.llm.chat(

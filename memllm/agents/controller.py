@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from memllm.agents.facts import second_person
 from memllm.errors import ConfigError
 from memllm.memory_stores.records import KINDS, MemoryRecord, MemoryStore, SearchResult
 
@@ -45,7 +46,9 @@ class ControllerConfig:
     kinds: record kinds eligible for archived recall.
     gate_kinds: the similarity gate compares the turn with records of these kinds only (None: all).
     w_fact: added to the score of fact records (short, extracted statements: what a small model uses
-    best). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
+    best). max_records: the memory section holds at most this many records (0: as many as fit the
+    budget); the 135M model answers from one recalled fact far better than from several (RESULTS.md,
+    issue 18). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
     and `memory history`), "keep" lets them compete like any record."""
 
     memory_tokens: int = 768
@@ -63,6 +66,7 @@ class ControllerConfig:
     summarize_min_tokens: int = 96
     kinds: tuple[str, ...] = KINDS
     w_fact: float = 0.2
+    max_records: int = 0
     superseded: Literal["drop", "keep"] = "drop"
     gate_kinds: tuple[str, ...] | None = None
 
@@ -71,6 +75,7 @@ class ControllerConfig:
             "memory_tokens",
             "flash_tokens",
             "flash_max_turns",
+            "max_records",
             "candidates",
             "summarize_min_tokens",
         ):
@@ -228,11 +233,12 @@ class Recall:
 
 
 def render_record(record: MemoryRecord, mode: Mode) -> str:
-    """Default line for a record in the memory section. A fact: `- text (told on YYYY-MM-DD)`, and
+    """Default line for a record in the memory section. A fact, told back in the second person:
+    `- Your locker code is 4417. (told on YYYY-MM-DD)`, and
     `(true until YYYY-MM-DD)` once superseded; another record: date, role or kind, then text or summary."""
     if record.kind == "fact":
         since = record.metadata.get("valid_from", record.created_at)
-        body = record.summary if mode == "summary" and record.summary else record.text
+        body = second_person(record.summary if mode == "summary" and record.summary else record.text)
         line = f"- {body} (told on {time.strftime('%Y-%m-%d', time.gmtime(float(since)))}"
         until = record.metadata.get("valid_to")
         if until is not None:
@@ -287,6 +293,7 @@ class MemoryController:
         self.render = render
         self.render_flash = render_flash
         self.clock = clock
+        self.since: float | None = None  # flash holds turns stored at or after this (None: any)
         self.gate_stats = GateStats()
         self._cues = re.compile(self.config.cues, re.IGNORECASE)
         self._last: Recall | None = None
@@ -357,11 +364,16 @@ class MemoryController:
     # ------------------------------------------------------------------ reading
 
     def flash(self, budget: int | None = None) -> list[MemoryRecord]:
-        """The most recent turns whose rendered lines fit `budget` tokens together, oldest first."""
+        """The most recent turns whose rendered lines fit `budget` tokens together, oldest first; with
+        `since` set (a chat sets it when a conversation starts), only turns of this conversation:
+        earlier ones reach the prompt through recall only (as short facts, which the small model
+        uses; a wall of old turns in front of the question it does not: RESULTS.md, issue 18)."""
         budget = self.config.flash_tokens if budget is None else budget
         recent = self.store.list(
             self.namespace, filters={"kind": "turn"}, limit=self.config.flash_max_turns, newest_first=True
         )
+        if self.since is not None:
+            recent = [r for r in recent if r.created_at >= self.since]
         chosen: list[MemoryRecord] = []
         used = 0
         for rec in recent:
@@ -546,6 +558,10 @@ class MemoryController:
             elif it.why == "summary first":
                 it.why = f"summary: raw needs {raw - it.tokens} more tokens, {left} were left"
         chosen = [it for it in ranked if it.mode != "dropped"]
+        if self.config.max_records:
+            for it in chosen[self.config.max_records :]:
+                it.mode, it.tokens, it.why = "dropped", 0, f"beyond max_records ({self.config.max_records})"
+            chosen = chosen[: self.config.max_records]
         while chosen and self.count_tokens(self._memory_text(chosen)) > budget:
             worst = chosen.pop()
             worst.mode, worst.tokens, worst.why = "dropped", 0, "over budget once joined with the others"

@@ -170,4 +170,30 @@ def extract_facts(text: str) -> list[Fact]:
     return facts
 
 
-__all__ = ["Fact", "extract_facts"]
+
+
+_PERSON = [
+    (r"\bI am\b", "you are"),
+    (r"\bI'm\b", "you're"),
+    (r"\bI was\b", "you were"),
+    (r"\bI've\b", "you've"),
+    (r"\bI'll\b", "you'll"),
+    (r"\bI'd\b", "you'd"),
+    (r"\bI\b", "you"),
+    (r"\bmyself\b", "yourself"),
+    (r"\bmine\b", "yours"),
+    (r"\bmy\b", "your"),
+    (r"\bme\b", "you"),
+]
+
+
+def second_person(text: str) -> str:
+    """A user's first-person statement told back to them ("My locker code is 4417." -> "Your locker
+    code is 4417."): how the 135M model best uses a recalled fact (benchmarks/RESULTS.md, issue 18)."""
+    out = text
+    for pattern, repl in _PERSON:
+        out = re.sub(pattern, repl, out, flags=re.IGNORECASE)
+    return out[:1].upper() + out[1:]
+
+
+__all__ = ["Fact", "extract_facts", "second_person"]

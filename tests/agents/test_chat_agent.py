@@ -40,7 +40,7 @@ def test_fact_recalled_after_filler_and_across_agents(store):
     answer = agent.chat("what is my dog called?")
     assert answer.startswith("echo: what is my dog called? (")
     assert "[memory: " in answer
-    assert "- My dog is called Rex. (told on " in answer  # the extracted fact, dated
+    assert "- Your dog is called Rex. (told on " in answer  # the extracted fact, dated, told back to the user
     recall = agent.last_recall()
     assert recall.gate.fire and recall.memory_tokens <= 40 and recall.flash_tokens <= 30
     assert any(it.record.text == "My dog is called Rex." and it.mode == "raw" for it in recall.used)
@@ -49,7 +49,7 @@ def test_fact_recalled_after_filler_and_across_agents(store):
     assert store.get(fact.metadata["evidence"]).text == "my dog is called Rex"  # the turn it came from
     # A new agent over the same store (a restart) remembers too; another user does not.
     again = ChatAgent(llm, store, user="alice", controller=small_budgets(), summarize=False)
-    assert "My dog is called Rex" in again.chat("remember my dog?")
+    assert "Your dog is called Rex" in again.chat("remember my dog?")
     bob = ChatAgent(llm, store, user="bob", controller=small_budgets(), summarize=False)
     assert "Rex" not in bob.chat("what is my dog called?")
 
@@ -115,9 +115,10 @@ def test_cli_remembers_across_runs_and_memory_commands(cli_fakes, tmp_path):
     assert second.exit_code == 0, second.output
     lines = second.stdout.splitlines()
     answer = json.loads(lines[0])["answer"]
-    # The previous run's turns come back as recent turns (flash memory), and the fact "my cat is Tom"
-    # (a fact record, beyond the recent turns) is recalled: 3 messages, no system message.
-    assert answer.startswith("echo: what is my cat called? (3 msgs) [memory: - My cat is Tom. (told on ")
+    # A new run is a new conversation: the previous run's turns are not put in front as recent turns;
+    # the fact "my cat is Tom" is recalled, alone, in the second person: 1 message, no system message.
+    assert answer.startswith("echo: what is my cat called? (1 msgs) [memory: - Your cat is Tom. (told on ")
+    assert answer.count("(told on ") == 1 and "] user:" not in answer
     report = json.loads(lines[1])
     assert report["query"] == "what is my cat called?" and report["gate"]["fire"] is True
 
@@ -346,7 +347,7 @@ def test_memory_add_supersedes_and_history_shows_both(cli_fakes, tmp_path):
     told, ended = hist["changes"][1], hist["changes"][2]
     assert ended["by"] == told["record"] and told["turn"] is not None  # by which fact, from which turn
     answer = runner.invoke(app, ["chat", "--user", "ann", "--store", st], input="where do i live?\n")
-    assert "I live in Oslo." in answer.stdout and "Lyon" not in answer.stdout  # only the current fact
+    assert "You live in Oslo." in answer.stdout and "Lyon" not in answer.stdout  # only the current fact
     shown = runner.invoke(app, ["memory", "show", old["id"][:8], "--user", "ann", "--store", st])
     assert "created_at: 20" in shown.stdout and "'valid_to': '20" in shown.stdout  # readable times
     table = runner.invoke(app, ["memory", "history", "--user", "ann", "--store", st])

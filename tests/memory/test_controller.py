@@ -269,3 +269,31 @@ def test_recall_only_the_configured_kinds(store):
     c.remember("wifi password chunk of a manual", kind="chunk")
     r = c.recall("wifi password")
     assert [it.record.kind for it in r.items] == ["fact"]
+
+
+def test_max_records_keeps_only_the_best_ranked(store):
+    c = controller(store, w_recency=0.0, w_importance=0.0, max_records=1)
+    hits = [hit(words(3, "a"), 0.5, created=1 * DAY), hit(words(3, "b"), 0.9, created=2 * DAY)]
+    items = c.assemble(c.rank(hits, now=10 * DAY), budget=100)  # both would fit the budget
+    assert [(it.record.text[0], it.mode) for it in items] == [("b", "raw"), ("a", "dropped")]
+    assert items[1].why == "beyond max_records (1)"
+
+
+def test_flash_since_holds_only_turns_of_this_conversation(store):
+    c = controller(store)
+    store.add(MemoryRecord("earlier run", namespace="u", kind="turn", created_at=1 * DAY))
+    store.add(MemoryRecord("this run", namespace="u", kind="turn", created_at=5 * DAY))
+    assert [r.text for r in c.flash()] == ["earlier run", "this run"]
+    c.since = 5 * DAY
+    assert [r.text for r in c.flash()] == ["this run"]
+
+
+def test_fact_lines_are_told_back_in_the_second_person():
+    from memllm.agents.facts import second_person
+
+    fact = MemoryRecord("My locker code is 4417.", namespace="u", kind="fact", created_at=0.0)
+    assert render_record(fact, "raw") == "- Your locker code is 4417. (told on 1970-01-01)"
+    assert second_person("I am allergic to peanuts and my mum knows me.") == (
+        "You are allergic to peanuts and your mum knows you."
+    )
+    assert second_person("I'm vegan; I live in Lisbon.") == "You're vegan; you live in Lisbon."
