@@ -40,6 +40,7 @@ def main() -> None:
         default=None,
         help='JSON: name -> ControllerConfig changes, e.g. \'{"sim0.6": {"gate_similarity": 0.6}}\'',
     )
+    ap.add_argument("--old-layout", action="store_true", help="recent turns in front, no record limit (before)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -52,6 +53,8 @@ def main() -> None:
         controller["gate_similarity"] = args.gate_similarity
     if args.gate_kinds is not None:
         controller["gate_kinds"] = tuple(args.gate_kinds.split(","))
+    if args.old_layout:
+        controller["max_records"] = 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store = FaissStore(tmp, SentenceTransformerEmbedder())
@@ -70,6 +73,7 @@ def main() -> None:
             controller=controller,
             extract=not args.no_extract,
             full_history=not args.no_full,
+            conversation=not args.old_layout,
             gate_variants={
                 k: {kk: tuple(vv) if isinstance(vv, list) else vv for kk, vv in v.items()}
                 for k, v in json.loads(args.gate_variants or "{}").items()

@@ -212,19 +212,28 @@ def run_cases(
     extract: bool = True,
     full_history: bool = True,
     gate_variants: dict[str, dict[str, Any]] | None = None,
+    conversation: bool = True,
 ) -> dict[str, Any]:
     """Ingest each case into its own namespace of `store`, recall for its question, optionally answer.
     controller: ControllerConfig fields to change (e.g. gate_similarity). extract: the person's messages
     go through fact extraction as they are stored. full_history: also answer with the whole window.
     gate_variants: name -> ControllerConfig changes; each is measured on the same ordinary turns and
-    question (firing rate, recall@budget), on the same ingested store."""
-    from memllm.agents.chat import DEFAULT_SYSTEM, build_messages
+    question (firing rate, recall@budget), on the same ingested store. conversation: the question starts
+    a new conversation (no earlier turns as recent turns, as the chat does); False: the last turns that
+    fit flash_tokens go in front (the layout before issue 18's measurement)."""
+    from memllm.agents.chat import CHAT_MAX_RECORDS, DEFAULT_SYSTEM, build_messages
     from memllm.agents.controller import ControllerConfig, MemoryController
     from memllm.agents.factbook import FactBook
     from memllm.agents.facts import extract_facts
     from memllm.memory_stores.records import MemoryRecord
 
-    cfg = ControllerConfig(memory_tokens=memory_tokens, flash_tokens=flash_tokens, **(controller or {}))
+    # The chat's own prompt settings (one recalled record; the question starts a new conversation, so
+    # no earlier turns in front of it), unless `controller` changes them.
+    cfg = ControllerConfig(
+        memory_tokens=memory_tokens,
+        flash_tokens=flash_tokens,
+        **{"max_records": CHAT_MAX_RECORDS, **(controller or {})},
+    )
     rows = []
     for n, case in enumerate(cases):
         ns = f"user:{case.user}"
@@ -236,6 +245,8 @@ def run_cases(
         ctl = MemoryController(
             store, ns, count_tokens=count_tokens, config=cfg, clock=lambda c=case: c.ask_time
         )
+        if conversation:
+            ctl.since = case.ask_time  # as ChatAgent: the question opens a new conversation
         book = FactBook(store, ns)
 
         def ingest(part: list[MemoryRecord], book: FactBook = book) -> None:
