@@ -299,9 +299,12 @@ class ChatAgent:
     @staticmethod
     def default_controller_config(window: int, max_new_tokens: int) -> ControllerConfig:
         """Budgets as shares of the window left after the answer: memory 1/4, recent turns 1/2; at most
-        CHAT_MAX_RECORDS recalled records (the layout the 135M model answers from: RESULTS.md)."""
+        CHAT_MAX_RECORDS recalled records, and no recent turns on a turn that recalls memory (the layout
+        the 135M model answers from: RESULTS.md)."""
         room = max(window - max_new_tokens - 128, 64)
-        return ControllerConfig(memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS)
+        return ControllerConfig(
+            memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS, flash_with_memory=False
+        )
 
     def _summarize(self, text: str) -> str:
         return self.llm.chat(

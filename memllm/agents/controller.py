@@ -48,7 +48,9 @@ class ControllerConfig:
     w_fact: added to the score of fact records (short, extracted statements: what a small model uses
     best). max_records: the memory section holds at most this many records (0: as many as fit the
     budget); the 135M model answers from one recalled fact far better than from several (RESULTS.md,
-    issue 18). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
+    issue 18). flash_with_memory: False leaves the recent turns out of a turn whose memory section is
+    not empty (the 135M model copies its previous answer from them instead of using the recalled fact:
+    1/10 in the slow ten-facts CLI test). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
     and `memory history`), "keep" lets them compete like any record."""
 
     memory_tokens: int = 768
@@ -67,6 +69,7 @@ class ControllerConfig:
     kinds: tuple[str, ...] = KINDS
     w_fact: float = 0.2
     max_records: int = 0
+    flash_with_memory: bool = True
     superseded: Literal["drop", "keep"] = "drop"
     gate_kinds: tuple[str, ...] | None = None
 
@@ -82,6 +85,8 @@ class ControllerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.flash_with_memory, bool):
+            raise ConfigError(f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}")
         if self.superseded not in ("drop", "keep"):
             raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
         for name in ("w_relevance", "w_recency", "w_importance", "w_fact"):
@@ -474,6 +479,8 @@ class MemoryController:
                 hits = self._search(query, {r.id for r in flash})
             items = self.assemble(self.rank(hits, now), memory_budget)
         memory_text = self._memory_text(items)
+        if memory_text and not cfg.flash_with_memory:
+            flash, flash_text = [], ""
         recall = Recall(
             query=query,
             gate=decision,

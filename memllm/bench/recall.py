@@ -232,7 +232,7 @@ def run_cases(
     cfg = ControllerConfig(
         memory_tokens=memory_tokens,
         flash_tokens=flash_tokens,
-        **{"max_records": CHAT_MAX_RECORDS, **(controller or {})},
+        **{"max_records": CHAT_MAX_RECORDS, "flash_with_memory": not conversation, **(controller or {})},
     )
     rows = []
     for n, case in enumerate(cases):

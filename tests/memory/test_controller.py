@@ -297,3 +297,18 @@ def test_fact_lines_are_told_back_in_the_second_person():
         "You are allergic to peanuts and your mum knows you."
     )
     assert second_person("I'm vegan; I live in Lisbon.") == "You're vegan; you live in Lisbon."
+
+
+def test_flash_left_out_when_memory_is_recalled_if_configured(store):
+    clock = itertools.count(1000.0, 60.0)
+    cfg = ControllerConfig(flash_tokens=20, memory_tokens=40, min_relevance=0.1, flash_with_memory=False)
+    c = MemoryController(store, "u", count_tokens=whitespace_tokens, clock=lambda: next(clock), config=cfg)
+    c.remember("my cat is named Mochi", role="user")
+    for i in range(6):
+        c.remember(f"filler message {i} about football scores", role="user")
+    r = c.recall("what is my cat named?")
+    assert "Mochi" in r.memory_text and r.flash == [] and r.flash_text == ""
+    quiet = c.recall("hello there")  # the gate stays shut: the recent turns are kept
+    assert quiet.memory_text == "" and quiet.flash
+    with pytest.raises(ConfigError, match="flash_with_memory"):
+        ControllerConfig(flash_with_memory="no")
