@@ -12,6 +12,48 @@ from typing import Any
 import torch
 
 from memllm.compat import cache_kwargs
+from memllm.errors import ConfigError
+
+
+class RepetitionGuard:
+    """Keeps a decode loop from looping: `penalty` > 1 divides the positive logits (multiplies the
+    negative ones) of tokens already generated in this answer (CTRL's rule, as transformers'
+    repetition_penalty, but over the answer only: copying a fact from the prompt is not penalised);
+    `no_repeat_ngram` > 0 forbids a token that would repeat an n-gram of the answer. Both off by default
+    (penalty 1.0, n-gram 0)."""
+
+    def __init__(self, penalty: float = 1.0, no_repeat_ngram: int = 0) -> None:
+        if not penalty >= 1.0:
+            raise ConfigError(f"repetition_penalty must be >= 1.0 (1.0 is off), got {penalty}")
+        if not isinstance(no_repeat_ngram, int) or no_repeat_ngram < 0:
+            raise ConfigError(f"no_repeat_ngram must be an integer >= 0 (0 is off), got {no_repeat_ngram!r}")
+        self.penalty = float(penalty)
+        self.n = no_repeat_ngram
+
+    @property
+    def active(self) -> bool:
+        return self.penalty > 1.0 or self.n > 0
+
+    def apply(self, logits: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+        """Logits (batch, vocab) adjusted for the tokens `generated` so far in this answer."""
+        if not generated or not self.active:
+            return logits
+        logits = logits.clone()
+        if self.penalty > 1.0:
+            idx = torch.tensor(sorted(set(generated)), device=logits.device)
+            vals = logits[:, idx]
+            logits[:, idx] = torch.where(vals > 0, vals / self.penalty, vals * self.penalty)
+        n = self.n
+        if n > 0 and len(generated) >= n:
+            prefix = tuple(generated[len(generated) - n + 1 :]) if n > 1 else ()
+            banned = {
+                generated[i + n - 1]
+                for i in range(len(generated) - n + 1)
+                if tuple(generated[i : i + n - 1]) == prefix
+            }
+            if banned:
+                logits[:, sorted(banned)] = float("-inf")
+        return logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -33,6 +75,7 @@ def generate_ids(
     stop_ids: Iterable[int] = (),
     generator: torch.Generator | None = None,
     start_position: int = 0,
+    guard: RepetitionGuard | None = None,
 ) -> Iterator[int]:
     """Yield up to max_new_tokens ids after `input_ids` (1, seq); stops before yielding a stop id.
 
@@ -43,6 +86,7 @@ def generate_ids(
     stops = set(stop_ids)
     pos = start_position
     ids = input_ids
+    generated: list[int] = []
     for _ in range(max_new_tokens):
         n = ids.shape[1]
         positions = torch.arange(pos, pos + n, device=ids.device).unsqueeze(0)
@@ -50,10 +94,14 @@ def generate_ids(
             input_ids=ids, **cache_kwargs(model, cache), use_cache=True, position_ids=positions, logits_to_keep=1
         )
         pos += n
-        nxt = sample_next(out.logits[:, -1, :], temperature, generator)
+        logits = out.logits[:, -1, :]
+        if guard is not None:
+            logits = guard.apply(logits, generated)
+        nxt = sample_next(logits, temperature, generator)
         token = int(nxt.item())
         if token in stops:
             return
+        generated.append(token)
         yield token
         ids = nxt.view(1, 1)
 

@@ -142,12 +142,17 @@ class MemLLM:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram: int = 0,
     ) -> Iterator[str]:
-        """Stream the assistant's reply to a chat (list of {'role', 'content'}) as text pieces."""
+        """Stream the assistant's reply to a chat (list of {'role', 'content'}) as text pieces.
+
+        repetition_penalty (> 1) and no_repeat_ngram (> 0) guard against loops (see
+        memllm.generation.RepetitionGuard); both apply to the answer's own tokens only."""
         import torch
         from transformers import DynamicCache
 
-        from memllm.generation import decode_stream, generate_ids
+        from memllm.generation import RepetitionGuard, decode_stream, generate_ids
 
         if not 1 <= max_new_tokens <= self.trained_len:
             raise ConfigError(
@@ -155,6 +160,7 @@ class MemLLM:
             )
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
         ids = self.chat_ids(messages, max_new_tokens)
         input_ids = torch.tensor([ids], device=self.device)
         gen = None
@@ -168,6 +174,7 @@ class MemLLM:
             temperature=temperature,
             stop_ids=self.stop_ids(),
             generator=gen,
+            guard=guard if guard.active else None,
         )
         yield from decode_stream(self.tokenizer, tokens)
 

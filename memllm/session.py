@@ -24,7 +24,7 @@ from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import ConfigError, InputError, SnapshotError
-from memllm.generation import decode_stream
+from memllm.generation import RepetitionGuard, decode_stream
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
 SNAPSHOT_VERSION = 2
@@ -142,13 +142,15 @@ class Session:
         stop: set[int] | None = None,
         oracle_spans: Sequence[tuple[int, int]] | None = None,
         selector: str | None = None,
+        guard: RepetitionGuard | None = None,
     ) -> Iterator[int]:
         """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
 
         With a prompt and the "question" selector, the prompt is probed first and the units it needs
         are read by every layer for the prompt and the continuation (select_prompt).
         oracle_spans (a diagnostic): token spans of the stream whose units are read first; selector:
-        this call's instead of the config's ("question" or "infllm")."""
+        this call's instead of the config's ("question" or "infllm"); guard (memllm.generation.RepetitionGuard)
+        adjusts each step's logits for the tokens generated."""
         stop = _stop_ids(self.llm) if stop is None else stop
         forced = False
         if prompt is not None:
@@ -161,10 +163,15 @@ class Session:
             self.check_room(max_new_tokens, call_tokens=1)
             model = self.llm.model
             with attach(model, cache=self.cache):
+                generated: list[int] = []
                 for _ in range(max_new_tokens):
-                    tok = int(self.last_logits.argmax())
+                    logits = self.last_logits
+                    if guard is not None and generated:
+                        logits = guard.apply(logits.reshape(1, -1), generated)
+                    tok = int(logits.argmax())
                     if tok in stop:
                         return
+                    generated.append(tok)
                     self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
                     yield tok
         finally:
@@ -210,9 +217,14 @@ class Session:
         }
         return True
 
-    def generate(self, prompt: str | list[int] | None = None, max_new_tokens: int = 32) -> Iterator[str]:
+    def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        max_new_tokens: int = 32,
+        guard: RepetitionGuard | None = None,
+    ) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens))
+        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens, guard=guard))
 
     @contextmanager
     def answering(self) -> Iterator[None]:

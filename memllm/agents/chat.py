@@ -16,6 +16,12 @@ checked against the process's limit (MemoryLimitError, saying what to do). "hybr
 plus the text memory's recalled records placed in the turn, for recall across sessions and beyond
 what KV retrieval finds. Turns are stored in the text memory in every mode. kv/hybrid decode greedily.
 
+Prompt (issue 18, measured in benchmarks/RESULTS.md): the model's own default system prompt unless
+one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message.
+What is stored: the user's turn always; user statements of fact also as fact records (agents.facts,
+rules), with the turn as evidence and supersession by subject (agents.factbook); the answer only when
+it ran to its end and is not degenerate (agents.quality), so a failed reply is never recalled.
+
 Knows nothing of the CLI; the store and controller come from memllm.memory_stores / agents.controller.
 """
 
@@ -27,26 +33,30 @@ from pathlib import Path
 from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
+from memllm.agents.factbook import FactBook
+from memllm.agents.facts import Fact, extract_facts
+from memllm.agents.quality import degenerate
 from memllm.config import MemoryConfig
 from memllm.errors import BusyError, ConfigError, SnapshotError, UnsupportedModelError
-from memllm.generation import StopScanner
+from memllm.generation import RepetitionGuard, StopScanner
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
 
 MEMORY_MODES = ("text", "kv", "hybrid")
-DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
-MEMORY_HEADER = "From our earlier conversations:"
+DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
+MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
+CHAT_MAX_RECORDS = 1  # recalled records per turn: one short fact (chat_prompt_probe: 9/10 vs 4/10 at k=3)
 KV_LIMIT_HINT = (
     "continue this user's chat with --memory text (its text memory keeps every turn), lower "
     "--memory-tokens (hybrid), or give the process more memory"
 )
 
 
-def build_messages(system: str, message: str, recall: Recall | None) -> list[dict[str, str]]:
-    """The chat for one turn: system prompt, recent turns, then the message with the recalled memory
-    placed right before it (small models use memory near the question far better than in the system
-    prompt: measured in benchmarks/RESULTS.md)."""
-    msgs = [{"role": "system", "content": system}]
+def build_messages(system: str | None, message: str, recall: Recall | None) -> list[dict[str, str]]:
+    """The chat for one turn: the system prompt (none given: the template's default), recent turns,
+    then the message with the recalled memory placed right before it (what the 135M model uses best:
+    measured in benchmarks/RESULTS.md)."""
+    msgs = [{"role": "system", "content": system}] if system else []
     for rec in recall.flash if recall is not None else []:
         role = rec.metadata.get("role", "user")
         msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
@@ -78,6 +88,9 @@ class ChatAgent:
         controller: ControllerConfig | None = None,
         summarize: bool = True,
         context_memory: MemoryConfig | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram: int = 0,
+        facts: Callable[[str], list[Fact]] | None = extract_facts,
         notify: Callable[[str], None] | None = None,
         lock_timeout: float | None = None,
     ) -> None:
@@ -91,6 +104,8 @@ class ChatAgent:
         self.user = user
         self.memory = memory
         self.system = system or DEFAULT_SYSTEM
+        self.guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
+        self.extract = facts
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         cfg = controller or self.default_controller_config(llm.trained_len, max_new_tokens)
@@ -101,6 +116,9 @@ class ChatAgent:
             summarize=self._summarize if summarize else None,
             config=cfg,
         )
+        self.controller.since = self.controller.clock()  # a new conversation: earlier turns come by recall
+        self.facts = FactBook(store, self.controller.namespace)
+        self.skipped: list[str] = []  # why answers were not stored (latest last)
         self.context_memory = context_memory
         self.notify = notify or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
         self.lock_timeout = lock_timeout
@@ -242,13 +260,18 @@ class ChatAgent:
             messages, add_generation_prompt=generation, tokenize=False
         )
 
+    def _system_msgs(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
     def _segment(self, turn: list[dict[str, str]]) -> str:
-        """The chat-template text of `turn` as a continuation of the stream (system prompt only once)."""
-        system = [{"role": "system", "content": self.system}]
-        full = self._render(system + turn, True)
+        """The chat-template text of `turn` as a continuation of the stream (system prompt only once:
+        what follows an earlier exchange, whatever system prompt the template writes by default)."""
+        system = self._system_msgs()
         if self.session.cache.seen_tokens == 0:
-            return full
-        prefix = self._render(system, False)
+            return self._render(system + turn, True)
+        before = [*system, {"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
+        prefix = self._render(before, False)
+        full = self._render(before + turn, True)
         if not full.startswith(prefix):
             raise UnsupportedModelError(
                 f"the chat template of {getattr(self.llm, 'name', 'this model')} does not render turns "
@@ -264,7 +287,7 @@ class ChatAgent:
 
     def _close_turn(self, turn: list[dict[str, str]], answer: str) -> None:
         """Feed what the template writes after an answer (e.g. `<|im_end|>\\n`): the stream stays well-formed."""
-        system = [{"role": "system", "content": self.system}]
+        system = self._system_msgs()
         opened = self._render(system + turn, True)
         closed = self._render([*system, *turn, {"role": "assistant", "content": answer}], False)
         tail = closed[len(opened) :] if closed.startswith(opened) else ""
@@ -275,9 +298,13 @@ class ChatAgent:
 
     @staticmethod
     def default_controller_config(window: int, max_new_tokens: int) -> ControllerConfig:
-        """Budgets as shares of the window left after the answer: memory 1/4, recent turns 1/2."""
+        """Budgets as shares of the window left after the answer: memory 1/4, recent turns 1/2; at most
+        CHAT_MAX_RECORDS recalled records, and no recent turns on a turn that recalls memory (the layout
+        the 135M model answers from: RESULTS.md)."""
         room = max(window - max_new_tokens - 128, 64)
-        return ControllerConfig(memory_tokens=room // 4, flash_tokens=room // 2)
+        return ControllerConfig(
+            memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS, flash_with_memory=False
+        )
 
     def _summarize(self, text: str) -> str:
         return self.llm.chat(
@@ -310,6 +337,7 @@ class ChatAgent:
             raise ConfigError("a chat message must be non-empty")
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         recall = self.controller.recall(text) if self.memory != "kv" else None
+        guard = self.guard if self.guard.active else None
         if self.session is not None:
             turn = self._kv_turn(text, recall)
             ids = self.session.encode(self._segment(turn))
@@ -317,13 +345,17 @@ class ChatAgent:
             self.session.check_room(
                 len(ids) + limit + 8, 2 * self.session.window_bytes(), call_tokens=len(ids)
             )
-            source = self.session.generate(ids, max_new_tokens=limit)
+            source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
         else:
             turn = []
+            opts = (
+                {"repetition_penalty": self.guard.penalty, "no_repeat_ngram": self.guard.n} if guard else {}
+            )
             source = self.llm.chat_stream(
                 self.build_messages(text, recall),
                 max_new_tokens=limit,
                 temperature=self.temperature if temperature is None else temperature,
+                **opts,
             )
         scanner = StopScanner(stop)
         shown = ""
@@ -331,6 +363,7 @@ class ChatAgent:
             (self.session.cache.checkpoint(), self.session.last_logits) if self.session is not None else None
         )
         interrupted = False
+        finished = False
         try:
             for piece in source:
                 out, stopped = scanner.push(piece)
@@ -338,11 +371,13 @@ class ChatAgent:
                     shown += out
                     yield out
                 if stopped:
+                    finished = True
                     return
             tail = scanner.flush()
             if tail:
                 shown += tail
                 yield tail
+            finished = True
         except GeneratorExit:  # the caller stopped reading: the stream is whole, close the turn
             raise
         except BaseException:
@@ -356,11 +391,23 @@ class ChatAgent:
                 self._close_turn(turn, shown)
                 self.kv_turns += 1
                 self._unsaved = True
-            self.controller.remember(text, kind="turn", role="user")
-            if shown.strip() and not interrupted:
-                self.controller.remember(shown.strip(), kind="turn", role="assistant")
+            self._store_turn(text, shown.strip(), finished and not interrupted)
             if self.session is not None and not interrupted:
                 self.save()  # after every answer: a killed process loses no answered turn
+
+    def _store_turn(self, text: str, answer: str, finished: bool) -> None:
+        """The user's turn and its facts; the answer only when it finished and is not degenerate."""
+        turn_id = self.controller.remember(text, kind="turn", role="user")
+        if self.extract is not None:
+            turn = self.store.get(turn_id)
+            at = turn.created_at if turn is not None else None
+            for fact in self.extract(text):
+                self.facts.add(fact, at=at, evidence=turn_id)
+        why = "interrupted" if not finished else degenerate(answer) if answer else "empty"
+        if why is None:
+            self.controller.remember(answer, kind="turn", role="assistant")
+        else:
+            self.skipped.append(why)
 
     def chat(self, message: str) -> str:
         return "".join(self.stream(message))

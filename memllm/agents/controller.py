@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from memllm.agents.facts import second_person
 from memllm.errors import ConfigError
 from memllm.memory_stores.records import KINDS, MemoryRecord, MemoryStore, SearchResult
 
@@ -42,7 +43,15 @@ class ControllerConfig:
     was last updated. min_relevance: candidates less similar than this are dropped.
     gate: "heuristic" (cue words, else similarity >= gate_similarity), "always" or "never".
     summarize_min_tokens: records longer than this get a summary when stored (if a hook is given).
-    kinds: record kinds eligible for archived recall."""
+    kinds: record kinds eligible for archived recall.
+    gate_kinds: the similarity gate compares the turn with records of these kinds only (None: all).
+    w_fact: added to the score of fact records (short, extracted statements: what a small model uses
+    best). max_records: the memory section holds at most this many records (0: as many as fit the
+    budget); the 135M model answers from one recalled fact far better than from several (RESULTS.md,
+    issue 18). flash_with_memory: False leaves the recent turns out of a turn whose memory section is
+    not empty (the 135M model copies its previous answer from them instead of using the recalled fact:
+    1/10 in the slow ten-facts CLI test). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
+    and `memory history`), "keep" lets them compete like any record."""
 
     memory_tokens: int = 768
     flash_tokens: int = 512
@@ -58,19 +67,29 @@ class ControllerConfig:
     cues: str = DEFAULT_CUES
     summarize_min_tokens: int = 96
     kinds: tuple[str, ...] = KINDS
+    w_fact: float = 0.2
+    max_records: int = 0
+    flash_with_memory: bool = True
+    superseded: Literal["drop", "keep"] = "drop"
+    gate_kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in (
             "memory_tokens",
             "flash_tokens",
             "flash_max_turns",
+            "max_records",
             "candidates",
             "summarize_min_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
-        for name in ("w_relevance", "w_recency", "w_importance"):
+        if not isinstance(self.flash_with_memory, bool):
+            raise ConfigError(f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}")
+        if self.superseded not in ("drop", "keep"):
+            raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
+        for name in ("w_relevance", "w_recency", "w_importance", "w_fact"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -80,7 +99,7 @@ class ControllerConfig:
             )
         if self.gate not in ("heuristic", "always", "never"):
             raise ConfigError(f"ControllerConfig.gate must be heuristic, always or never, got {self.gate!r}")
-        bad = [k for k in self.kinds if k not in KINDS]
+        bad = [k for k in (*self.kinds, *(self.gate_kinds or ())) if k not in KINDS]
         if bad:
             raise ConfigError(
                 f"ControllerConfig.kinds must be among {', '.join(KINDS)}, got {', '.join(bad)}"
@@ -219,7 +238,17 @@ class Recall:
 
 
 def render_record(record: MemoryRecord, mode: Mode) -> str:
-    """Default line for a record in the memory section: date, role or kind, then text or summary."""
+    """Default line for a record in the memory section. A fact, told back in the second person:
+    `- Your locker code is 4417. (told on YYYY-MM-DD)`, and
+    `(true until YYYY-MM-DD)` once superseded; another record: date, role or kind, then text or summary."""
+    if record.kind == "fact":
+        since = record.metadata.get("valid_from", record.created_at)
+        body = second_person(record.summary if mode == "summary" and record.summary else record.text)
+        line = f"- {body} (told on {time.strftime('%Y-%m-%d', time.gmtime(float(since)))}"
+        until = record.metadata.get("valid_to")
+        if until is not None:
+            line += f", true until {time.strftime('%Y-%m-%d', time.gmtime(float(until)))}"
+        return line + ")"
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created_at))
     who = record.metadata.get("role") or record.kind
     body = record.summary if mode == "summary" and record.summary else record.text
@@ -269,6 +298,7 @@ class MemoryController:
         self.render = render
         self.render_flash = render_flash
         self.clock = clock
+        self.since: float | None = None  # flash holds turns stored at or after this (None: any)
         self.gate_stats = GateStats()
         self._cues = re.compile(self.config.cues, re.IGNORECASE)
         self._last: Recall | None = None
@@ -339,11 +369,16 @@ class MemoryController:
     # ------------------------------------------------------------------ reading
 
     def flash(self, budget: int | None = None) -> list[MemoryRecord]:
-        """The most recent turns whose rendered lines fit `budget` tokens together, oldest first."""
+        """The most recent turns whose rendered lines fit `budget` tokens together, oldest first; with
+        `since` set (a chat sets it when a conversation starts), only turns of this conversation:
+        earlier ones reach the prompt through recall only (as short facts, which the small model
+        uses; a wall of old turns in front of the question it does not: RESULTS.md, issue 18)."""
         budget = self.config.flash_tokens if budget is None else budget
         recent = self.store.list(
             self.namespace, filters={"kind": "turn"}, limit=self.config.flash_max_turns, newest_first=True
         )
+        if self.since is not None:
+            recent = [r for r in recent if r.created_at >= self.since]
         chosen: list[MemoryRecord] = []
         used = 0
         for rec in recent:
@@ -385,6 +420,19 @@ class MemoryController:
             fire, reason = False, "nothing archived beyond the recent turns"
         elif cue := self._cues.search(query):
             fire, reason, by = True, f"cue {cue.group(0)!r}", "cue"
+        elif self.config.gate_kinds is not None:
+            found = self.store.search(
+                query, 1 + len(exclude), namespace=self.namespace, filters={"kind": self.config.gate_kinds}
+            )
+            top = max((h.score for h in found if h.record.id not in exclude), default=None)
+            fire = top is not None and top >= self.config.gate_similarity
+            reason = (
+                f"top {'/'.join(self.config.gate_kinds)} similarity {top:.3f} "
+                f"{'>=' if fire else '<'} {self.config.gate_similarity}"
+                if top is not None
+                else f"no archived {'/'.join(self.config.gate_kinds)} record"
+            )
+            by = "similarity" if fire else ""
         else:
             hits = self._search(query, exclude)
             top = max((h.score for h in hits), default=None)
@@ -431,6 +479,8 @@ class MemoryController:
                 hits = self._search(query, {r.id for r in flash})
             items = self.assemble(self.rank(hits, now), memory_budget)
         memory_text = self._memory_text(items)
+        if memory_text and not cfg.flash_with_memory:
+            flash, flash_text = [], ""
         recall = Recall(
             query=query,
             gate=decision,
@@ -464,8 +514,11 @@ class MemoryController:
             age = max(0.0, now - float(rec.updated_at or rec.created_at))
             recency = 0.5 ** (age / cfg.recency_half_life_s)
             score = cfg.w_relevance * relevance + cfg.w_recency * recency + cfg.w_importance * rec.importance
+            score += cfg.w_fact if rec.kind == "fact" else 0.0
             item = RecallItem(rec, "raw", score, relevance, recency, rec.importance, 0, "")
-            if relevance < cfg.min_relevance:
+            if cfg.superseded == "drop" and rec.kind == "fact" and rec.metadata.get("valid_to") is not None:
+                item.mode, item.why = "dropped", "superseded by a newer fact"
+            elif relevance < cfg.min_relevance:
                 item.mode, item.why = (
                     "dropped",
                     f"relevance {relevance:.3f} < min_relevance {cfg.min_relevance}",
@@ -512,6 +565,10 @@ class MemoryController:
             elif it.why == "summary first":
                 it.why = f"summary: raw needs {raw - it.tokens} more tokens, {left} were left"
         chosen = [it for it in ranked if it.mode != "dropped"]
+        if self.config.max_records:
+            for it in chosen[self.config.max_records :]:
+                it.mode, it.tokens, it.why = "dropped", 0, f"beyond max_records ({self.config.max_records})"
+            chosen = chosen[: self.config.max_records]
         while chosen and self.count_tokens(self._memory_text(chosen)) > budget:
             worst = chosen.pop()
             worst.mode, worst.tokens, worst.why = "dropped", 0, "over budget once joined with the others"

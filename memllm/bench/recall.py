@@ -6,7 +6,11 @@ then N later conversations of the same person as filler, then the question ("Wha
 name?"). The person's messages are `user` turns, their partners' `assistant` turns, with the data's
 own timestamps. Two systems see the same turns within the same total token budget:
   - memllm: the text memory controller (flash memory + gated, ranked, budgeted archived recall);
-  - last-turns: the most recent turns that fit the budget (what a plain chat keeps).
+  - last-turns: the most recent turns that fit the budget (what a plain chat keeps);
+  - full history: the most recent turns that fit the model's whole window (less the answer).
+The person's messages go through the chat agent's fact extraction (agents.facts, rules) as they are
+stored, as `memllm chat --user` does. With `updates=True` the fact changes in a later conversation
+(a new city, a new code) and the newest value is the gold answer.
 recall@budget: the fact's turn is in the prompt. With an LLM, its answer is checked too (the value
 appears in it, case-insensitive: "exact"; or a fuzzy match of its longest word, ratio >= 0.8).
 
@@ -45,6 +49,26 @@ FACTS: list[tuple[str, str, list[str]]] = [
     ("My dog is called {v}.", "What is my dog called?", NAMES),
     ("I work as a {v} these days.", "What is my job?", JOBS),
     ("My locker code is {v}.", "What is my locker code?", [str(n) for n in range(1000, 10000, 917)]),
+]
+
+
+# (first statement, later statement, question, values): the fact changes in a later conversation.
+UPDATES: list[tuple[str, str, str, list[str]]] = [
+    ("I live in {v}.", "I just moved to {v}!", "Which city do I live in?", PLACES),
+    (
+        "My locker code is {v}.",
+        "My new locker code is {v}.",
+        "What is my locker code?",
+        [str(n) for n in range(1000, 10000, 917)],
+    ),
+    ("I work as a {v}.", "I now work as a {v}.", "What is my job?", JOBS),
+    (
+        "My favourite colour is {v}.",
+        "My favourite colour is {v} now.",
+        "What is my favourite colour?",
+        COLORS,
+    ),
+    ("My dog is called {v}.", "We renamed our dog, my dog is called {v}.", "What is my dog called?", NAMES),
 ]
 
 
@@ -97,9 +121,10 @@ def _sessions_by_user(data: dict[str, Any]) -> dict[str, list[list[tuple[str, st
 
 
 def build_cases(
-    later_sessions: int, n_cases: int, seed: int = 0, path: Path | None = None
+    later_sessions: int, n_cases: int, seed: int = 0, path: Path | None = None, updates: bool = False
 ) -> list[RecallCase]:
-    """n_cases cases, each from a different person with at least later_sessions + 1 conversations."""
+    """n_cases cases, each from a different person with at least later_sessions + 1 conversations.
+    updates: the fact is told again with a new value in the middle later conversation."""
     if later_sessions < 1 or n_cases < 1:
         raise InputError("later_sessions and n_cases must be >= 1")
     data = json.loads((path or dataset_path()).read_text())
@@ -123,16 +148,28 @@ def build_cases(
         user_idx = [j for j, turn in enumerate(first) if turn[0] == "user"] or [0]
         at = rng.choice(user_idx)
         stamp = first[at][2]
-        first.insert(at + 1, ("user", stmt.format(v=value), stamp + 0.5))
+        meta: dict[str, Any] = {}
+        if updates:
+            stmt, later_stmt, question, values = UPDATES[i % len(UPDATES)]
+            value, new = rng.sample(values, 2)
+            mid = sessions[len(sessions) // 2]
+            idx = [j for j, turn in enumerate(mid) if turn[0] == "user"] or [0]
+            j = rng.choice(idx)
+            mid.insert(j + 1, ("user", later_stmt.format(v=new), mid[j][2] + 0.5))
+            meta = {"old_answer": value, "update": later_stmt.format(v=new)}
+        told = stmt.format(v=value)
+        first.insert(at + 1, ("user", told, stamp + 0.5))
+        if updates:
+            value = new
         cases.append(
             RecallCase(
                 user=f"chitchat-{user[:8]}",
-                fact=stmt.format(v=value),
+                fact=told,
                 question=question,
                 answer=value,
                 sessions=sessions,
                 ask_time=sessions[-1][-1][2] + 86400.0,
-                meta={"fact_position": at + 1, "turns": sum(len(s) for s in sessions)},
+                meta={"fact_position": at + 1, "turns": sum(len(s) for s in sessions), **meta},
             )
         )
     return cases
@@ -171,13 +208,32 @@ def run_cases(
     llm: Any = None,
     max_new_tokens: int = 24,
     progress: Callable[[int, int], None] | None = None,
+    controller: dict[str, Any] | None = None,
+    extract: bool = True,
+    full_history: bool = True,
+    gate_variants: dict[str, dict[str, Any]] | None = None,
+    conversation: bool = True,
 ) -> dict[str, Any]:
-    """Ingest each case into its own namespace of `store`, recall for its question, optionally answer."""
-    from memllm.agents.chat import DEFAULT_SYSTEM, build_messages
+    """Ingest each case into its own namespace of `store`, recall for its question, optionally answer.
+    controller: ControllerConfig fields to change (e.g. gate_similarity). extract: the person's messages
+    go through fact extraction as they are stored. full_history: also answer with the whole window.
+    gate_variants: name -> ControllerConfig changes; each is measured on the same ordinary turns and
+    question (firing rate, recall@budget), on the same ingested store. conversation: the question starts
+    a new conversation (no earlier turns as recent turns, as the chat does); False: the last turns that
+    fit flash_tokens go in front (the layout before issue 18's measurement)."""
+    from memllm.agents.chat import CHAT_MAX_RECORDS, DEFAULT_SYSTEM, build_messages
     from memllm.agents.controller import ControllerConfig, MemoryController
+    from memllm.agents.factbook import FactBook
+    from memllm.agents.facts import extract_facts
     from memllm.memory_stores.records import MemoryRecord
 
-    cfg = ControllerConfig(memory_tokens=memory_tokens, flash_tokens=flash_tokens)
+    # The chat's own prompt settings (one recalled record; the question starts a new conversation, so
+    # no earlier turns in front of it), unless `controller` changes them.
+    cfg = ControllerConfig(
+        memory_tokens=memory_tokens,
+        flash_tokens=flash_tokens,
+        **{"max_records": CHAT_MAX_RECORDS, "flash_with_memory": not conversation, **(controller or {})},
+    )
     rows = []
     for n, case in enumerate(cases):
         ns = f"user:{case.user}"
@@ -189,18 +245,45 @@ def run_cases(
         ctl = MemoryController(
             store, ns, count_tokens=count_tokens, config=cfg, clock=lambda c=case: c.ask_time
         )
+        if conversation:
+            ctl.since = case.ask_time  # as ChatAgent: the question opens a new conversation
+        book = FactBook(store, ns)
+
+        def ingest(part: list[MemoryRecord], book: FactBook = book) -> None:
+            ids = store.add_many(part)
+            if not extract:
+                return
+            for rec, rid in zip(part, ids, strict=True):
+                if rec.metadata.get("role") == "user":
+                    for fact in extract_facts(rec.text):
+                        book.add(fact, at=rec.created_at, evidence=rid)
+
         t0 = time.perf_counter()
-        store.add_many(records[:-last])
+        ingest(records[:-last])
         ingest_s = time.perf_counter() - t0
         # The gate on ordinary turns: the person's messages of their last conversation, decided against
         # all their earlier conversations (before that conversation is stored: no message meets itself).
-        ordinary = [ctl.decide(text)[0] for role, text, _ in case.sessions[-1] if role == "user"]
+        mine = [text for role, text, _ in case.sessions[-1] if role == "user"]
+        ordinary = [ctl.decide(text)[0] for text in mine]
+        variants = {name: ctl.with_config(**changes) for name, changes in (gate_variants or {}).items()}
+        variant_fired = {name: sum(v.decide(text)[0].fire for text in mine) for name, v in variants.items()}
         t0 = time.perf_counter()
-        store.add_many(records[-last:])
+        ingest(records[-last:])
         ingest_s += time.perf_counter() - t0
         recall = ctl.recall(case.question)
-        in_memory = any(it.record.text == case.fact for it in recall.used)
-        in_flash = any(r.text == case.fact for r in recall.flash)
+        gold = case.meta.get("update", case.fact)
+        in_memory = any(
+            it.record.text == gold or (it.record.kind == "fact" and case.answer in it.record.text)
+            for it in recall.used
+        )
+        in_flash = any(r.text == gold for r in recall.flash)
+
+        def found(r: Any, gold: str = gold, answer: str = case.answer) -> bool:
+            return any(
+                it.record.text == gold or (it.record.kind == "fact" and answer in it.record.text)
+                for it in r.used
+            ) or any(x.text == gold for x in r.flash)
+
         baseline = last_turns(list(case.turns()), memory_tokens + flash_tokens, count_tokens)
         row: dict[str, Any] = {
             "user": case.user,
@@ -215,21 +298,38 @@ def run_cases(
             "gate_ms": recall.gate.cost_ms,
             "recall_ms": recall.elapsed_ms,
             "ingest_s": ingest_s,
-            "baseline_recall": any(t[1] == case.fact for t in baseline),
+            "baseline_recall": any(t[1] == gold for t in baseline),
             "ordinary_turns": len(ordinary),
             "ordinary_fired": sum(d.fire for d in ordinary),
             "ordinary_gate_ms": sum(d.cost_ms for d in ordinary),
         }
+        for name, v in variants.items():
+            r = v.recall(case.question)
+            row[f"variant_{name}_fired"] = variant_fired[name]
+            row[f"variant_{name}_question_fired"] = r.gate.fire
+            row[f"variant_{name}_recall"] = found(r)
         if llm is not None:
-            msgs = build_messages(DEFAULT_SYSTEM, case.question, recall)
-            mem_answer = llm.chat(msgs, max_new_tokens=max_new_tokens)
-            base_msgs = [{"role": "system", "content": DEFAULT_SYSTEM}]
-            base_msgs += [{"role": r, "content": t} for r, t, _ in baseline]
-            base_msgs.append({"role": "user", "content": case.question})
-            base_answer = llm.chat(base_msgs, max_new_tokens=max_new_tokens)
-            row["memllm_answer"], row["baseline_answer"] = mem_answer, base_answer
-            row["memllm_exact"], row["memllm_fuzzy"] = answer_matches(mem_answer, case.answer)
-            row["baseline_exact"], row["baseline_fuzzy"] = answer_matches(base_answer, case.answer)
+
+            def plain(turns: list[Turn], question: str = case.question) -> list[dict[str, str]]:
+                msgs = [{"role": "system", "content": DEFAULT_SYSTEM}] if DEFAULT_SYSTEM else []
+                msgs += [{"role": r, "content": t} for r, t, _ in turns]
+                return [*msgs, {"role": "user", "content": question}]
+
+            systems = {
+                "memllm": build_messages(DEFAULT_SYSTEM, case.question, recall),
+                "baseline": plain(baseline),
+            }
+            if full_history:
+                window = llm.trained_len - max_new_tokens - count_tokens(case.question) - 64
+                whole = last_turns(list(case.turns()), window, count_tokens)
+                row["full_recall"] = any(t[1] == gold for t in whole)
+                systems["full"] = plain(whole)
+            for name, msgs in systems.items():
+                answer = llm.chat(msgs, max_new_tokens=max_new_tokens)
+                row[f"{name}_answer"] = answer
+                row[f"{name}_exact"], row[f"{name}_fuzzy"] = answer_matches(answer, case.answer)
+                if "old_answer" in case.meta:
+                    row[f"{name}_old"] = case.meta["old_answer"].lower() in answer.lower()
         rows.append(row)
         if progress:
             progress(n + 1, len(cases))
@@ -243,8 +343,26 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[key] for r in rows if key in r]
         return sum(bool(v) for v in vals) / len(vals) if vals else None
 
+    names = sorted(
+        {
+            k[len("variant_") : -len("_recall")]
+            for r in rows
+            for k in r
+            if k.startswith("variant_") and k.endswith("_recall")
+        }
+    )
+    ordinary_n = max(1, sum(r["ordinary_turns"] for r in rows))
+    variants = {
+        name: {
+            "ordinary_fire_rate": sum(r[f"variant_{name}_fired"] for r in rows) / ordinary_n,
+            "question_fire_rate": rate(f"variant_{name}_question_fired"),
+            "recall_at_budget": rate(f"variant_{name}_recall"),
+        }
+        for name in names
+    }
     summary = {
         "cases": n,
+        "gate_variants": variants,
         "memllm_recall_at_budget": rate("memllm_recall"),
         "memllm_in_flash": rate("memllm_in_flash"),
         "baseline_recall_at_budget": rate("baseline_recall"),
@@ -261,5 +379,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "memllm_fuzzy": rate("memllm_fuzzy"),
         "baseline_exact": rate("baseline_exact"),
         "baseline_fuzzy": rate("baseline_fuzzy"),
+        "full_recall_at_window": rate("full_recall"),
+        "full_exact": rate("full_exact"),
+        "full_fuzzy": rate("full_fuzzy"),
+        "memllm_old_value": rate("memllm_old"),
+        "baseline_old_value": rate("baseline_old"),
+        "full_old_value": rate("full_old"),
     }
     return {"summary": summary, "rows": rows}

@@ -99,7 +99,15 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=common.MAX_NEW_TOKENS, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy (deterministic)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    system: str | None = typer.Option(None, "--system", help="A system prompt for the conversation."),
+    system: str | None = typer.Option(
+        None, "--system", help="A system prompt (default: the model's own, on every path, --user too)."
+    ),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", min=1.0, help="> 1 penalises tokens the answer already used (1 is off)."
+    ),
+    no_repeat_ngram: int = typer.Option(
+        0, "--no-repeat-ngram", min=0, help="Forbid repeating any n-gram of the answer (0 is off)."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling (temperature > 0)."),
     user: str | None = typer.Option(
         None, "--user", "-u", help="Remember this user's conversations across runs (text memory)."
@@ -123,6 +131,8 @@ def chat(
     interactive = sys.stdin.isatty() if interactive is None else interactive
     llm = common.load_llm(model, device)
     opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    if repetition_penalty > 1.0 or no_repeat_ngram > 0:
+        opts.update(repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
     if user is None:
         conv: Any = PlainConversation(llm, system, opts)
     else:
@@ -144,6 +154,8 @@ def chat(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             controller=budgets,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram=no_repeat_ngram,
             notify=common.status_printer(),
         )
         conv = MemoryConversation(agent)

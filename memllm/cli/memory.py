@@ -1,4 +1,4 @@
-"""`memllm memory list|search|show|forget|export|import|repair --user NAME`: inspect and edit memory.
+"""`memllm memory list|search|show|add|history|forget|export|import|repair --user NAME`: inspect and edit memory.
 
 Parse, call the store, render. Commands that need no embeddings open the store without loading the
 embedding model (list, show, forget, export).
@@ -30,8 +30,12 @@ def _ns(user: str) -> str:
     return user_namespace(user)
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+READABLE_TIMES = ("created_at", "updated_at")
+READABLE_META_TIMES = ("valid_from", "valid_to")
 
 
 def _short(text: str, n: int = 70) -> str:
@@ -115,7 +119,67 @@ def show(
         typer.echo(json.dumps(data))
         return
     for key, value in data.items():
+        if key in READABLE_TIMES:
+            value = _when(value)
+        elif key == "metadata":
+            value = {
+                k: _when(v) if k in READABLE_META_TIMES else v for k, v in value.items() if k != "changes"
+            }
         typer.echo(f"{key}: {value}")
+
+
+@memory_app.command("add")
+@common.fail_on_error
+def add(
+    text: str = typer.Argument(..., help="A fact in the user's words, e.g. 'My locker code is 4417.'"),
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Add a fact to a user's memory (a newer fact on the same subject supersedes the older one)."""
+    from memllm.agents.factbook import FactBook
+    from memllm.agents.facts import Fact, extract_facts
+
+    s = common.open_store(store, with_embedder=True)
+    book = FactBook(s, _ns(user))
+    facts = extract_facts(text) or [Fact(" ".join(text.lower().split()), text.strip(), text.strip())]
+    out = []
+    for fact in facts:
+        rid, ended = book.add(fact)
+        out.append(
+            {"id": rid, "subject": fact.subject, "value": fact.value, "text": fact.text, "superseded": ended}
+        )
+    if as_json:
+        typer.echo(json.dumps({"user": user, "added": out}))
+        return
+    for row in out:
+        line = f"added {row['id'][:8]} ({row['subject']}: {row['value']})"
+        if row["superseded"]:
+            line += f"; it supersedes {', '.join(r[:8] for r in row['superseded'])}"
+        typer.echo(line)
+
+
+@memory_app.command("history")
+@common.fail_on_error
+def history(
+    user: str = UserOpt,
+    store: str | None = StoreOpt,
+    subject: str | None = typer.Option(None, "--subject", help="Only this subject (e.g. 'home city')."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """What changed in a user's facts: when each was told, superseded or told again, and by which turn."""
+    from memllm.agents.factbook import FactBook
+
+    s = common.open_store(store, with_embedder=False)
+    changes = FactBook(s, _ns(user)).history(subject)
+    if as_json:
+        typer.echo(json.dumps({"user": user, "changes": [c.to_dict() for c in changes]}))
+        return
+    typer.echo(f"fact history of {user}: {len(changes)} change(s)")
+    for c in changes:
+        where = f"fact {c.record_id[:8]}" + (f", from turn {c.turn[:8]}" if c.turn else "")
+        where += f", by fact {c.by[:8]}" if c.by else ""
+        typer.echo(f"{_when(c.at)}  {c.event:<10}  {c.subject}: {c.value}  ({where})")
 
 
 @memory_app.command("forget")
@@ -127,12 +191,17 @@ def forget(
     everything: bool = typer.Option(False, "--all", help="Forget every record of this user."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Remove records from the store and its index (or all of a user's with --all)."""
+    """Remove records from the store and its index; --all removes every trace of the user (records,
+    index file, the KV memory snapshot) and says what it removed."""
     s = common.open_store(store, with_embedder=False)
     if everything:
-        removed = s.delete_namespace(_ns(user))
+        from memllm.agents.forget import forget_user
+
+        report = forget_user(s, user)
+        removed, said, extra = report.records, report.describe(), report.to_dict()
     elif record_ids:
         removed = s.delete([s.resolve_id(r, _ns(user)) for r in record_ids])
+        said, extra = f"forgot {removed} record(s) of {user}", {}
     else:
         print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
         raise typer.Exit(2)
@@ -142,9 +211,9 @@ def forget(
         "(a running chat?) ends its read or closes the store"
     )
     if as_json:
-        typer.echo(json.dumps({"forgotten": removed, **({"pending": note} if held else {})}))
+        typer.echo(json.dumps({"forgotten": removed, **extra, **({"pending": note} if held else {})}))
     else:
-        typer.echo(f"forgot {removed} record(s) of {user}" + (f"; {note}" if held else ""))
+        typer.echo(said + (f"; {note}" if held else ""))
 
 
 @memory_app.command("export")

@@ -664,6 +664,28 @@ class FaissStore:
         ids = [r[0] for r in self._conn.execute("SELECT id FROM records WHERE namespace = ?", (namespace,))]
         return self.delete(ids)
 
+    def purge_namespace(self, namespace: str) -> dict[str, int]:
+        """Remove every trace of a namespace: its records, its index file, and the rows that name it
+        (generation, tombstones, index state); then checkpoint the WAL into the database and truncate
+        it (purge_wal; `wal_clean` says whether another reader kept it), so no copy of a removed page
+        stays in the log (deleted pages are overwritten: secure_delete).
+        Returns what was removed: records, index_files, bookkeeping rows."""
+        self._check_open()
+        with self._lock:
+            records = self.delete_namespace(namespace)
+            files = 0
+            with self._write() as conn:
+                rows = 0
+                for table in ("tombstones", "index_state", "namespaces"):
+                    rows += conn.execute(f"DELETE FROM {table} WHERE namespace = ?", (namespace,)).rowcount
+                path = self._index_path(namespace)
+                if path.exists():
+                    path.unlink()
+                    files += 1
+            self._indexes.pop(namespace, None)
+            self.purge_wal()
+        return {"records": records, "index_files": files, "bookkeeping_rows": rows}
+
     # ------------------------------------------------------------------ reads
 
     def get(self, record_id: str) -> MemoryRecord | None:

@@ -33,20 +33,23 @@ def small_budgets() -> ControllerConfig:
 def test_fact_recalled_after_filler_and_across_agents(store):
     llm = FakeLLM(trained_len=200)
     agent = ChatAgent(llm, store, user="alice", controller=small_budgets(), summarize=False)
-    assert agent.chat("my dog is called Rex") == "echo: my dog is called Rex (2 msgs)"
+    assert agent.chat("my dog is called Rex") == "echo: my dog is called Rex (1 msgs)"  # no system message
     for i in range(30):
         agent.chat(f"filler number {i} about the weather today")
     # The fact left the recent turns long ago; the cue "my dog" opens the gate and recall finds it.
     answer = agent.chat("what is my dog called?")
     assert answer.startswith("echo: what is my dog called? (")
     assert "[memory: " in answer
-    assert "] user: my dog is called Rex" in answer  # rendered as "[date time] role: text"
+    assert "- Your dog is called Rex. (told on " in answer  # the extracted fact, dated, told back to the user
     recall = agent.last_recall()
     assert recall.gate.fire and recall.memory_tokens <= 40 and recall.flash_tokens <= 30
-    assert any(it.record.text == "my dog is called Rex" and it.mode == "raw" for it in recall.used)
+    assert any(it.record.text == "My dog is called Rex." and it.mode == "raw" for it in recall.used)
+    fact = next(it.record for it in recall.used if it.record.kind == "fact")
+    assert fact.metadata["subject"] == "dog name" and fact.metadata["value"] == "Rex"
+    assert store.get(fact.metadata["evidence"]).text == "my dog is called Rex"  # the turn it came from
     # A new agent over the same store (a restart) remembers too; another user does not.
     again = ChatAgent(llm, store, user="alice", controller=small_budgets(), summarize=False)
-    assert "my dog is called Rex" in again.chat("remember my dog?")
+    assert "Your dog is called Rex" in again.chat("remember my dog?")
     bob = ChatAgent(llm, store, user="bob", controller=small_budgets(), summarize=False)
     assert "Rex" not in bob.chat("what is my dog called?")
 
@@ -58,9 +61,9 @@ def test_every_turn_is_stored_in_the_users_namespace(store):
     turns = agent.history()
     assert [(r.metadata["role"], r.text) for r in turns] == [
         ("user", "hello"),
-        ("assistant", "echo: hello (2 msgs)"),
+        ("assistant", "echo: hello (1 msgs)"),
         ("user", "second"),
-        ("assistant", "echo: second (4 msgs)"),
+        ("assistant", "echo: second (3 msgs)"),
     ]
     assert all(r.namespace == user_namespace("carol") for r in turns)
 
@@ -105,35 +108,40 @@ def test_cli_remembers_across_runs_and_memory_commands(cli_fakes, tmp_path):
     st = str(tmp_path / "mem")
     first = runner.invoke(app, ["chat", "--user", "alice", "--store", st], input="my cat is Tom\n")
     assert first.exit_code == 0, first.output
-    assert first.stdout == "echo: my cat is Tom (2 msgs)\n"
+    assert first.stdout == "echo: my cat is Tom (1 msgs)\n"
     second = runner.invoke(
         app, ["chat", "--user", "alice", "--store", st, "--json"], input="what is my cat called?\n/memory\n"
     )
     assert second.exit_code == 0, second.output
     lines = second.stdout.splitlines()
     answer = json.loads(lines[0])["answer"]
-    # The previous run's turns come back as recent turns (flash memory): 4 messages incl. system.
-    assert answer == "echo: what is my cat called? (4 msgs)"
+    # A new run is a new conversation: the previous run's turns are not put in front as recent turns;
+    # the fact "my cat is Tom" is recalled, alone, in the second person: 1 message, no system message.
+    assert answer.startswith("echo: what is my cat called? (1 msgs) [memory: - Your cat is Tom. (told on ")
+    assert answer.count("(told on ") == 1 and "] user:" not in answer
     report = json.loads(lines[1])
-    assert report["query"] == "what is my cat called?" and report["gate"]["fire"] is False
-    assert report["gate"]["reason"] == "nothing archived beyond the recent turns"
+    assert report["query"] == "what is my cat called?" and report["gate"]["fire"] is True
 
     listed = json.loads(
         runner.invoke(app, ["memory", "list", "--user", "alice", "--store", st, "--json"]).stdout
     )
-    assert listed["count"] == 4
-    assert [r["text"] for r in listed["records"]][:2] == ["my cat is Tom", "echo: my cat is Tom (2 msgs)"]
+    assert listed["count"] == 5  # 4 turns and 1 fact
+    assert [r["text"] for r in listed["records"]][:3] == [
+        "my cat is Tom",
+        "My cat is Tom.",
+        "echo: my cat is Tom (1 msgs)",
+    ]
     found = json.loads(
         runner.invoke(app, ["memory", "search", "cat Tom", "--user", "alice", "--store", st, "--json"]).stdout
     )
-    assert found["results"][0]["text"] == "my cat is Tom"
+    assert {r["text"] for r in found["results"][:2]} == {"my cat is Tom", "My cat is Tom."}
     rid = listed["records"][0]["id"]
     shown = json.loads(
         runner.invoke(app, ["memory", "show", rid[:8], "--user", "alice", "--store", st, "--json"]).stdout
     )
     assert shown["id"] == rid
     exported = runner.invoke(app, ["memory", "export", "-", "--user", "alice", "--store", st])
-    assert len(exported.stdout.splitlines()) == 4
+    assert len(exported.stdout.splitlines()) == 5
     other = runner.invoke(app, ["memory", "list", "--user", "bob", "--store", st, "--json"])
     assert json.loads(other.stdout)["count"] == 0
     gone = runner.invoke(app, ["memory", "forget", rid[:8], "--user", "alice", "--store", st])
@@ -142,13 +150,15 @@ def test_cli_remembers_across_runs_and_memory_commands(cli_fakes, tmp_path):
     assert all(r["id"] != rid for r in json.loads(after.stdout)["results"])
     exp_file = tmp_path / "alice.jsonl"
     exported = runner.invoke(app, ["memory", "export", str(exp_file), "--user", "alice", "--store", st])
-    assert exported.stdout == f"exported 3 record(s) of alice to {exp_file}\n"
+    assert exported.stdout == f"exported 4 record(s) of alice to {exp_file}\n"
     imported = runner.invoke(
         app, ["memory", "import", str(exp_file), "--user", "erin", "--store", st, "--json"]
     )
-    assert json.loads(imported.stdout) == {"imported": 3}
+    assert json.loads(imported.stdout) == {"imported": 4}
+    again = runner.invoke(app, ["memory", "import", str(exp_file), "--user", "erin", "--store", st])
+    assert again.stdout == "imported 0 record(s) for erin (4 already there)\n"  # honest counts
     wiped = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st, "--json"])
-    assert json.loads(wiped.stdout) == {"forgotten": 3}
+    assert json.loads(wiped.stdout)["forgotten"] == 4
 
 
 def test_cli_memory_errors_are_one_line(cli_fakes, tmp_path):
@@ -230,25 +240,115 @@ def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
 
 
 def test_kv_segment_renders_system_once(tiny_llm, store):
+    # No system prompt given: the template's own (this tiny one writes none) and nothing else.
     agent = kv_agent(tiny_llm, store, "sam", "kv", max_new_tokens=2)
     first = agent._segment([{"role": "user", "content": "a"}])
-    assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
+    assert first == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"
     agent.chat("a")
     later = agent._segment([{"role": "user", "content": "b"}])
     assert later == "<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n"
+    # A system prompt given: in the first segment only.
+    custom = ChatAgent(
+        tiny_llm,
+        store,
+        user="sue",
+        memory="kv",
+        system="Be brief.",
+        max_new_tokens=2,
+        summarize=False,
+        context_memory=tiny_context(),
+    )
+    first = custom._segment([{"role": "user", "content": "a"}])
+    assert first.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    custom.chat("a")
+    assert custom._segment([{"role": "user", "content": "b"}]) == later
 
 
-def test_stop_strings_cut_the_answer_and_partial_turns_are_stored(store):
+def test_stop_strings_cut_the_answer_and_interrupted_answers_are_not_stored(store):
     agent = ChatAgent(FakeLLM(), store, user="uma", summarize=False)
     pieces = list(agent.stream("one two three", stop=[" three"]))
     assert "".join(pieces) == "echo: one two"
     stream = agent.stream("alpha beta gamma")
     assert next(stream) == "echo:"
-    stream.close()  # the caller stops reading: the turn is stored as far as it went
+    stream.close()  # the caller stops reading: the user's turn is stored, the cut answer is not
     turns = [(r.metadata["role"], r.text) for r in agent.history()]
     assert turns == [
         ("user", "one two three"),
         ("assistant", "echo: one two"),
         ("user", "alpha beta gamma"),
-        ("assistant", "echo:"),
     ]
+    assert agent.skipped == ["interrupted"]
+
+
+def test_degenerate_answers_are_not_stored(store):
+    class Looping(FakeLLM):
+        def chat_stream(self, messages, **kwargs):
+            yield from ["a mix of"] + [" a mix of"] * 20
+
+    agent = ChatAgent(Looping(), store, user="vic", summarize=False)
+    agent.chat("tell me about paint")
+    assert [r.metadata["role"] for r in agent.history()] == ["user"]
+    assert agent.skipped[0].startswith("repeats itself")
+
+
+def _bytes_under(root) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_forget_all_leaves_nothing_of_the_user_on_disk(cli_fakes, tmp_path):
+    from memllm.agents.forget import kv_snapshot_path
+    from memllm.memory_stores.faiss_store import FaissStore
+
+    root = tmp_path / "mem"
+    st = str(root)
+    for user, said in (("alice", "my locker code is 4417"), ("bob", "my locker code is 9253")):
+        res = runner.invoke(app, ["chat", "--user", user, "--store", st], input=f"{said}\nhello there\n")
+        assert res.exit_code == 0, res.output
+    with FaissStore(root) as s:  # KV snapshots where the chat agent keeps them (stand-ins: any files)
+        for user in ("alice", "bob"):
+            snap = kv_snapshot_path(s, user)
+            snap.mkdir(parents=True)
+            (snap / "manifest.json").write_text(f'{{"user": "{user}"}}')
+            (snap / "state.safetensors").write_bytes(f"kv of {user}".encode())
+    assert b"4417" in _bytes_under(root) and b"alice" in _bytes_under(root)
+
+    res = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["records"] == 5  # 4 turns + 1 fact (index files: those written so far)
+    assert report["kv_files"] == ["manifest.json", "state.safetensors"]
+    on_disk = _bytes_under(root)
+    assert b"alice" not in on_disk and b"4417" not in on_disk  # no record, name, index or snapshot left
+    assert b"9253" in on_disk and b"kv of bob" in on_disk  # bob's memory is untouched
+    listed = runner.invoke(app, ["memory", "list", "--user", "bob", "--store", st, "--json"])
+    assert json.loads(listed.stdout)["count"] == 5
+    found = runner.invoke(app, ["memory", "search", "locker code", "--user", "bob", "--store", st, "--json"])
+    assert any("9253" in r["text"] for r in json.loads(found.stdout)["results"])
+    plain = runner.invoke(app, ["memory", "forget", "--all", "--user", "alice", "--store", st])
+    assert plain.stdout.startswith("forgot everything of alice: 0 record(s), 0 index file(s)")
+
+
+def test_memory_add_supersedes_and_history_shows_both(cli_fakes, tmp_path):
+    st = str(tmp_path / "mem")
+    first = runner.invoke(app, ["memory", "add", "I live in Lyon.", "--user", "ann", "--store", st, "--json"])
+    old = json.loads(first.stdout)["added"][0]
+    assert (old["subject"], old["value"], old["superseded"]) == ("home city", "Lyon", [])
+    moved = runner.invoke(app, ["chat", "--user", "ann", "--store", st], input="I moved to Oslo.\n")
+    assert moved.exit_code == 0, moved.output
+    hist = json.loads(
+        runner.invoke(app, ["memory", "history", "--user", "ann", "--store", st, "--json"]).stdout
+    )
+    events = [(c["event"], c["subject"], c["value"]) for c in hist["changes"]]
+    assert events == [
+        ("added", "home city", "Lyon"),
+        ("told", "home city", "Oslo"),
+        ("superseded", "home city", "Lyon"),
+    ]
+    told, ended = hist["changes"][1], hist["changes"][2]
+    assert ended["by"] == told["record"] and told["turn"] is not None  # by which fact, from which turn
+    answer = runner.invoke(app, ["chat", "--user", "ann", "--store", st], input="where do i live?\n")
+    assert "You live in Oslo." in answer.stdout and "Lyon" not in answer.stdout  # only the current fact
+    shown = runner.invoke(app, ["memory", "show", old["id"][:8], "--user", "ann", "--store", st])
+    assert "created_at: 20" in shown.stdout and "'valid_to': '20" in shown.stdout  # readable times
+    table = runner.invoke(app, ["memory", "history", "--user", "ann", "--store", st])
+    assert "superseded" in table.stdout and "Oslo" in table.stdout

@@ -269,3 +269,46 @@ def test_recall_only_the_configured_kinds(store):
     c.remember("wifi password chunk of a manual", kind="chunk")
     r = c.recall("wifi password")
     assert [it.record.kind for it in r.items] == ["fact"]
+
+
+def test_max_records_keeps_only_the_best_ranked(store):
+    c = controller(store, w_recency=0.0, w_importance=0.0, max_records=1)
+    hits = [hit(words(3, "a"), 0.5, created=1 * DAY), hit(words(3, "b"), 0.9, created=2 * DAY)]
+    items = c.assemble(c.rank(hits, now=10 * DAY), budget=100)  # both would fit the budget
+    assert [(it.record.text[0], it.mode) for it in items] == [("b", "raw"), ("a", "dropped")]
+    assert items[1].why == "beyond max_records (1)"
+
+
+def test_flash_since_holds_only_turns_of_this_conversation(store):
+    c = controller(store)
+    store.add(MemoryRecord("earlier run", namespace="u", kind="turn", created_at=1 * DAY))
+    store.add(MemoryRecord("this run", namespace="u", kind="turn", created_at=5 * DAY))
+    assert [r.text for r in c.flash()] == ["earlier run", "this run"]
+    c.since = 5 * DAY
+    assert [r.text for r in c.flash()] == ["this run"]
+
+
+def test_fact_lines_are_told_back_in_the_second_person():
+    from memllm.agents.facts import second_person
+
+    fact = MemoryRecord("My locker code is 4417.", namespace="u", kind="fact", created_at=0.0)
+    assert render_record(fact, "raw") == "- Your locker code is 4417. (told on 1970-01-01)"
+    assert second_person("I am allergic to peanuts and my mum knows me.") == (
+        "You are allergic to peanuts and your mum knows you."
+    )
+    assert second_person("I'm vegan; I live in Lisbon.") == "You're vegan; you live in Lisbon."
+
+
+def test_flash_left_out_when_memory_is_recalled_if_configured(store):
+    clock = itertools.count(1000.0, 60.0)
+    cfg = ControllerConfig(flash_tokens=20, memory_tokens=40, min_relevance=0.1, flash_with_memory=False)
+    c = MemoryController(store, "u", count_tokens=whitespace_tokens, clock=lambda: next(clock), config=cfg)
+    c.remember("my cat is named Mochi", role="user")
+    for i in range(6):
+        c.remember(f"filler message {i} about football scores", role="user")
+    r = c.recall("what is my cat named?")
+    assert "Mochi" in r.memory_text and r.flash == [] and r.flash_text == ""
+    quiet = c.recall("hello there")  # the gate stays shut: the recent turns are kept
+    assert quiet.memory_text == "" and quiet.flash
+    with pytest.raises(ConfigError, match="flash_with_memory"):
+        ControllerConfig(flash_with_memory="no")

@@ -1,0 +1,199 @@
+"""Rule-based extraction of the user's statements of fact, and how a fact is written for a small model.
+
+`extract_facts("Please remember this: my locker code is 4417.")` returns
+`[Fact(subject="locker code", value="4417", text="My locker code is 4417.")]`. A fact's subject is
+the key under which a later fact supersedes it ("I moved to Oslo" supersedes "I live in Lyon": both
+are `home city`). Rules only: no model call; questions, hedges ("maybe", "if") and chit-chat about
+the day are not facts. An LLM extractor for stronger models can replace `extract_facts` (the agent
+takes any `str -> list[Fact]`).
+
+Knows nothing of stores, prompts or models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Openers that carry no fact ("Please remember this:", "By the way,", "Oh and").
+_OPENERS = re.compile(
+    r"^(?:(?:please\s+)?(?:remember|note|keep in mind|don't forget|do not forget)(?:\s+(?:this|that))?\s*[:,-]?\s*"
+    r"|(?:by the way|btw|oh|and|also|so|well|fyi|ok(?:ay)?|hey|hi|actually|just so you know)\s*[,:!-]?\s*"
+    r"|(?:i\s+(?:want|need)\s+you\s+to\s+(?:remember|know)(?:\s+that)?)\s*[:,-]?\s*)+",
+    re.IGNORECASE,
+)
+# Tails that carry no fact ("..., did I tell you?", "..., always has been", "... these days").
+_TAILS = re.compile(
+    r"\s*(?:,?\s*(?:did i (?:tell|mention)[^.!?]*|always has been|these days|now|by the way|btw|"
+    r"just so you know|for what it'?s worth|if you (?:must|want to) know))+\s*[.!]*$",
+    re.IGNORECASE,
+)
+_HEDGES = re.compile(r"\b(maybe|might|perhaps|if|would|could|should|wish|hope|not sure|probably)\b", re.I)
+# Subjects of "my X is Y" that describe a moment, not a fact about the person.
+_MOMENT = set(
+    "day week weekend morning night evening afternoon life mind point guess bad pleasure fault turn "
+    "question answer problem issue head opinion advice plan plans time summer winter break vacation "
+    "holiday schedule goal dream heart mood luck situation experience thought thoughts part bet concern "
+    "worry hope".split()
+)
+_STOP_VALUES = {"it", "that", "this", "there", "here", "so", "too", "fine", "ok", "okay", "good", "great"}
+_WORD = r"[A-Za-z][\w'-]*"
+_VALUE = r"(?P<value>[^,;!?]+?)"
+_END = r"\s*(?:[,;].*)?[.!]*$"
+
+# (pattern, subject template, text template). Groups: subj (the X of "my X"), value.
+_RULES: list[tuple[re.Pattern[str], str, str]] = [
+    (re.compile(rf"^my name is {_VALUE}{_END}", re.I), "name", "My name is {value}."),
+    (re.compile(rf"^(?:i'?m|i am) called {_VALUE}{_END}", re.I), "name", "My name is {value}."),
+    (re.compile(rf"^call me {_VALUE}{_END}", re.I), "name", "My name is {value}."),
+    (
+        re.compile(
+            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:is|are) (?:called|named) {_VALUE}{_END}", re.I
+        ),
+        "{subj} name",
+        "My {subj} is called {value}.",
+    ),
+    (
+        re.compile(
+            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:lives|works|is based) in {_VALUE}{_END}", re.I
+        ),
+        "{subj} city",
+        "My {subj} lives in {value}.",
+    ),
+    (
+        re.compile(rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:is|are|was) {_VALUE}{_END}", re.I),
+        "{subj}",
+        "My {subj} is {value}.",
+    ),
+    (
+        re.compile(rf"^i(?:'ve| have)? (?:just )?(?:live|moved|relocated) (?:in|to) {_VALUE}{_END}", re.I),
+        "home city",
+        "I live in {value}.",
+    ),
+    (re.compile(rf"^i (?:now )?live in {_VALUE}{_END}", re.I), "home city", "I live in {value}."),
+    (re.compile(rf"^i was born on {_VALUE}{_END}", re.I), "birthday", "I was born on {value}."),
+    (re.compile(rf"^i was born in {_VALUE}{_END}", re.I), "birthplace", "I was born in {value}."),
+    (
+        re.compile(rf"^i(?:'m| am)? (?:from|grew up in) {_VALUE}{_END}", re.I),
+        "hometown",
+        "I am from {value}.",
+    ),
+    (
+        re.compile(rf"^i (?:work|am working) (?:as|at|for) {_VALUE}{_END}", re.I),
+        "job",
+        "I work as {value}.",
+    ),
+    (
+        re.compile(rf"^i(?:'m| am) a (?P<value>{_WORD}(?:\s+{_WORD})?) by (?:profession|trade){_END}", re.I),
+        "job",
+        "I work as a {value}.",
+    ),
+    (
+        re.compile(r"^i(?:'m| am) (?P<value>\d{1,3}) years? old" + _END, re.I),
+        "age",
+        "I am {value} years old.",
+    ),
+    (re.compile(rf"^i (?:prefer|love|like|enjoy) {_VALUE}{_END}", re.I), "preference", "I prefer {value}."),
+    (re.compile(rf"^i(?:'m| am) allergic to {_VALUE}{_END}", re.I), "allergy", "I am allergic to {value}."),
+    (re.compile(rf"^i drive an? {_VALUE}{_END}", re.I), "car", "I drive a {value}."),
+    (
+        re.compile(
+            rf"^i (?:always |usually )?(?:keep|hide|put|leave|store) my (?P<subj>(?:{_WORD}\s+){{0,2}}?{_WORD}) "
+            rf"(?P<value>(?:under|in|at|behind|on|inside|next to|beside) [^,;!?]+?){_END}",
+            re.I,
+        ),
+        "{subj} location",
+        "I keep my {subj} {value}.",
+    ),
+]
+_QUESTION = re.compile(
+    r"^(?:what|where|who|whom|whose|when|why|how|which|do|does|did|is|are|was|were|can|could|will|would|"
+    r"shall|should|have|has|may)\b",
+    re.I,
+)
+_JOINERS = re.compile(r"\s+(?:and|but|because|so|since|though|although|while|which|who)\s+", re.I)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A statement of fact about the user: `subject` (the supersession key), `value`, `text` (a short
+    first-person sentence, what is stored and embedded)."""
+
+    subject: str
+    value: str
+    text: str
+
+
+def _sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def _clean(sentence: str) -> str:
+    s = _OPENERS.sub("", sentence.strip())
+    s = re.sub(r"\b(\d{1,2}(?:st|nd|rd|th)?),\s+(\d{4})\b", r"\1 \2", s)  # "March 3, 1990": one value
+    s = _TAILS.sub("", s.rstrip("?").rstrip() if _TAILS.search(s) else s)
+    return s.strip().rstrip(".!").strip()
+
+
+def _norm_subject(subject: str) -> str:
+    s = subject.lower().strip()
+    s = re.sub(r"\bfavorite\b", "favourite", s)
+    s = re.sub(r"\bcolor\b", "colour", s)
+    s = re.sub(r"^(?:current|new|old|actual)\s+", "", s)
+    s = re.sub(r"'s name$", " name", s)
+    return re.sub(r"\s+", " ", s)
+
+
+def extract_facts(text: str) -> list[Fact]:
+    """The facts the user states about themselves in `text` (rules; at most one per sentence)."""
+    facts: list[Fact] = []
+    for sentence in _sentences(text):
+        s = _clean(sentence)
+        if not s or _QUESTION.match(s) or _HEDGES.search(s):
+            continue
+        for pattern, subject_t, text_t in _RULES:
+            m = pattern.match(s)
+            if m is None:
+                continue
+            groups = m.groupdict()
+            value = _JOINERS.split(groups["value"])[0].strip().strip("\"'").rstrip(".")
+            subj = (groups.get("subj") or "").strip()
+            if not value or value.lower() in _STOP_VALUES or len(value.split()) > 8:
+                break
+            if subj and (subj.lower() in _MOMENT or subj.lower().split()[-1] in _MOMENT):
+                break
+            if re.match(r"^(?:going|doing|getting|not|so|very|really|pretty|kind of|kinda)\b", value, re.I):
+                break
+            subject = _norm_subject(subject_t.format(subj=subj))
+            facts.append(Fact(subject, value, text_t.format(subj=subj.lower(), value=value)))
+            break
+    return facts
+
+
+
+
+_PERSON = [
+    (r"\bI am\b", "you are"),
+    (r"\bI'm\b", "you're"),
+    (r"\bI was\b", "you were"),
+    (r"\bI've\b", "you've"),
+    (r"\bI'll\b", "you'll"),
+    (r"\bI'd\b", "you'd"),
+    (r"\bI\b", "you"),
+    (r"\bmyself\b", "yourself"),
+    (r"\bmine\b", "yours"),
+    (r"\bmy\b", "your"),
+    (r"\bme\b", "you"),
+]
+
+
+def second_person(text: str) -> str:
+    """A user's first-person statement told back to them ("My locker code is 4417." -> "Your locker
+    code is 4417."): how the 135M model best uses a recalled fact (benchmarks/RESULTS.md, issue 18)."""
+    out = text
+    for pattern, repl in _PERSON:
+        out = re.sub(pattern, repl, out, flags=re.IGNORECASE)
+    return out[:1].upper() + out[1:]
+
+
+__all__ = ["Fact", "extract_facts", "second_person"]
