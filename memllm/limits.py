@@ -194,7 +194,10 @@ def require(need: int, what: str, fix: str, budget: MemoryBudget | None = None) 
     but only M is free under the ... limit of L: {fix}'."""
     budget = budget or memory_budget()
     if need + RESERVE_BYTES > budget.available:
-        raise MemoryLimitError(f"{what} needs about {human_bytes(need)}, but {budget.describe()}: {fix}")
+        raise MemoryLimitError(
+            f"{what} needs about {human_bytes(need)} (and {human_bytes(RESERVE_BYTES)} kept free for the "
+            f"interpreter and the system), but {budget.describe()}: {fix}"
+        )
 
 
 def document_bytes_allowed(budget: MemoryBudget | None = None) -> int:

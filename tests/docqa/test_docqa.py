@@ -211,7 +211,7 @@ def test_host_memory_refusal(tiny_llm, monkeypatch):
     need = len(text) * limits.READ_BYTES_PER_BYTE + n * per
     assert str(info.value) == (
         f"reading boxes.txt into context memory (about {n:,} tokens at {per:,} bytes per token) needs about "
-        f"{limits.human_bytes(need)}, but only 1.0 KiB is free under the container memory limit (cgroup v1) "
+        f"{limits.human_bytes(need)} (and 256.0 MiB kept free for the interpreter and the system), but only 1.0 KiB is free under the container memory limit (cgroup v1) "
         "of 8.00 GiB: use --mode text, a smaller document, or int8 offload"
     )
     assert info.value.exit_code == 8
