@@ -77,6 +77,11 @@ def run(args: argparse.Namespace) -> None:
     memory = MemoryConfig(n_local=args.n_local, topk=args.topk, block_size=args.block_size,
                           decode_graphs=not args.no_graphs)  # fmt: skip
     systems = args.systems.split(",")
+    embedder = None
+    if {"hybrid", "text"} & set(systems):
+        from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+        embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=256, precision="fp32")
     families = set(args.families.split(",")) if args.families else None
     rows = []
     out_path = Path(args.out) if args.out else None
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
         t = time.time()
         torch.cuda.reset_peak_memory_stats()
         for h in hays:  # one haystack at a time, written after each: a timeout keeps what was measured
-            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True))
+            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True), embedder=embedder)
             if out_path:
                 out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
             print(ruler_run.table(ruler_run.summary([r for r in rows if r["length"] == h.length])), flush=True)
@@ -138,6 +143,7 @@ def main() -> None:
     r.add_argument("--topk", type=int, default=16)
     r.add_argument("--block-size", type=int, default=128)
     r.add_argument("--no-graphs", action="store_true")
+    r.add_argument("--embedder", default=None, help="sentence-transformers dir (default: the packaged MiniLM)")
     r.add_argument("--out", default=None)
     args = ap.parse_args()
     build(args) if args.cmd == "build" else run(args)

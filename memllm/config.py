@@ -16,7 +16,7 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
-SELECTORS = ("question", "infllm")
+SELECTORS = ("question", "hybrid", "text", "infllm")
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
 
 
@@ -42,7 +42,11 @@ class MemoryConfig:
     selector: which units a question and its answer read. "question" (the default): the question is
     probed first, every layer scoring all its units by the attention mass the question gives them,
     and the best units (fused over layers, with neighbours) are read by every layer
-    (context/select.py); "infllm": each layer's own lookup per execution block, as during prefill.
+    (context/select.py); "hybrid": as "question", with the units a text index over the units' text
+    nominates for the question's text (memllm/unit_text.py) taken in turn with the question's own
+    (needs a Session with a text index; without one it is "question"); "text": the text index's
+    units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
+    during prefill.
     select_neighbours: units read on either side of each unit the question selector picks.
     decode_graphs: on CUDA with impl "fast", run static calls by replaying captured CUDA graphs
     (context/graph.py): single tokens and short calls (up to 128 tokens, e.g. a question) that cut

@@ -25,6 +25,7 @@ from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import ConfigError, InputError, SnapshotError
 from memllm.generation import RepetitionGuard, decode_stream
+from memllm.unit_text import UnitTextIndex
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
 SNAPSHOT_VERSION = 2
@@ -44,7 +45,7 @@ def _stop_ids(llm: Any) -> set[int]:
 class Session:
     """One context memory over one model. Batch size 1; not thread-safe."""
 
-    def __init__(self, llm: Any, memory: MemoryConfig | None = None):
+    def __init__(self, llm: Any, memory: MemoryConfig | None = None, embedder: Any = None):
         self.llm = llm
         spec = inspect_model(llm.model)
         trained = min(spec.trained_len, int(getattr(llm, "trained_len", spec.trained_len)))
@@ -55,11 +56,18 @@ class Session:
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
+        # embedder (a memllm Embedder): a text index over the units' text, for the "hybrid" selector
+        self.text_index = (
+            None
+            if embedder is None
+            else UnitTextIndex(embedder, llm.tokenizer, self.config.n_init, self.config.block_size)
+        )
 
     def bytes_per_token(self) -> int:
         """Host bytes one more token of the stream takes in context memory (its K/V in every layer)."""
         s = self.spec
-        return limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+        per = limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+        return per + (0 if self.text_index is None else int(self.text_index.bytes_per_token() + 0.999))
 
     def work_bytes(self, call_tokens: int) -> int:
         """Host bytes one model call over `call_tokens` new tokens needs while it runs (prefill calls
@@ -119,6 +127,7 @@ class Session:
         if t.shape[1] == 0:
             return
         self.check_room(int(t.shape[1]))
+        self._record(t[0].tolist())
         with attach(self.llm.model, cache=self.cache):
             logits = prefill.feed(self.llm.model, self.cache, t, progress)
         self.last_logits = logits
@@ -172,11 +181,17 @@ class Session:
                     if tok in stop:
                         return
                     generated.append(tok)
+                    self._record([tok])
                     self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
                     yield tok
         finally:
             if forced:
                 self.cache.forced.clear()
+
+    def _record(self, ids: list[int]) -> None:
+        """The text index sees every token the cache is about to take, where the cache takes it."""
+        if self.text_index is not None:
+            self.text_index.write(self.cache.seen_tokens, ids)
 
     def select_prompt(
         self,
@@ -193,7 +208,8 @@ class Session:
         n_units = cache.layers[0].store.n_units
         if cache.forced is None or n_units <= cfg.topk or not ids:
             return False
-        if (selector or cfg.selector) != "question" and oracle_spans is None:
+        selector = selector or cfg.selector
+        if selector == "infllm" and oracle_spans is None:
             return False
         gold = (
             select.units_of_spans(oracle_spans, cfg.n_init, cfg.block_size, n_units) if oracle_spans else []
@@ -207,12 +223,18 @@ class Session:
         if masses is None:
             return False
         score = select.fuse(masses)
-        chosen = select.choose(score, cfg.topk, cfg.select_neighbours, first=gold)
+        scores = [score]
+        if selector in ("hybrid", "text") and self.text_index is not None:
+            question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            text = self.text_index.scores(question, n_units).to(score.device)
+            scores = [score, text] if selector == "hybrid" else [text]
+        chosen = select.choose(scores, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
         self.last_selection = {
             "units": chosen.tolist(),
             "gold_units": gold,
             "score": score,
+            "text_score": scores[-1] if len(scores) > 1 or scores[0] is not score else None,
             "per_layer": masses,
         }
         return True

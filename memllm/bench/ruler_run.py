@@ -3,11 +3,12 @@ system, score, and report per family and system with the selection diagnostics (
 
 Systems: "full" (the model's own attention over the same ids, one cache per haystack cropped back
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
-question selector, context/select.py); "oracle" (the question selector with the gold evidence's units
-read first). The memllm systems share one read of each haystack (the selector acts at question time
+question selector, context/select.py); "hybrid" (the question selector with the units a text index
+over the units' text nominates, memllm/unit_text.py, taken in turn); "text" (the text index's units
+alone); "oracle" (the question selector with the gold evidence's units read first). The memllm systems share one read of each haystack (the selector acts at question time
 only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
-of each gold unit in the fused score. Knows nothing of the CLI.
+of each gold unit in the fused score (and in the text index's, `text_rank`). Knows nothing of the CLI.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "oracle")
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle")
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -61,7 +62,7 @@ def ask_memllm(session: Session, q: Question, system: str, newlines: set[int], s
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    selector = "infllm" if system == "infllm" else "question"
+    selector = system if system in ("infllm", "hybrid", "text") else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
     with session.answering(), session.cache.record_lookups() as log:
@@ -83,6 +84,10 @@ def ask_memllm(session: Session, q: Question, system: str, newlines: set[int], s
         rank = {u: i for i, u in enumerate(order)}
         row["gold_rank"] = [rank.get(u) for u in gold]
         row["chosen"] = sel["units"]
+        if sel.get("text_score") is not None:
+            order = torch.argsort(sel["text_score"].float().cpu(), descending=True).tolist()
+            rank = {u: i for i, u in enumerate(order)}
+            row["text_rank"] = [rank.get(u) for u in gold]
     return row
 
 
@@ -144,6 +149,7 @@ def run(
     systems: Sequence[str],
     memory: MemoryConfig,
     progress: Callable[[str], None] | None = None,
+    embedder: Any = None,
 ) -> list[dict[str, Any]]:
     """Every question of every haystack under every system -> one row per (question, system)."""
     bad = [s for s in systems if s not in SYSTEMS]
@@ -166,7 +172,9 @@ def run(
         mem = [s for s in systems if s != "full"]
         if not mem:
             continue
-        session = Session(llm, memory)
+        if embedder is None and {"hybrid", "text"} & set(mem):
+            raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
+        session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()
         session.feed_ids(hay.ids)
         if llm.device.type == "cuda":

@@ -94,7 +94,8 @@ def ruler(
     systems: str = typer.Option(
         "full,infllm,question,oracle", "--systems",
         help="full (the model's own attention, lengths within its context), infllm (each layer's own "
-        "lookup), question (the question selector, the default), oracle (gold units read first).",
+        "lookup), question (the question selector, the default), hybrid (the question selector with a "
+        "text index over the units), text (the text index alone), oracle (gold units read first).",
     ),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -122,12 +123,17 @@ def ruler(
     chosen = parse_list(systems, ruler_run.SYSTEMS, "system")
     memory = MemoryConfig(n_local=n_local, topk=topk, block_size=block_size)
     llm = load_llm(model, device, dtype)
+    embedder = None
+    if {"hybrid", "text"} & set(chosen):
+        from memllm.cli.common import load_embedder
+
+        embedder = load_embedder()
     say = status_printer()
     rows = []
     for n in wanted:
         hays = suite.build_suite(llm.tokenizer, n, fams, questions, seed=seed)
         use = [s for s in chosen if s != "full" or n <= llm.trained_len]
-        rows += ruler_run.run(llm, hays, use, memory, progress=say)
+        rows += ruler_run.run(llm, hays, use, memory, progress=say, embedder=embedder)
     items = ruler_run.summary(rows)
     if as_json:
         json.dump({"model": model, "device": str(llm.device), "summary": items, "rows": rows}, sys.stdout,

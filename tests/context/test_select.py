@@ -80,12 +80,12 @@ def test_selector_is_validated():
         MemoryConfig(select_neighbours=-1)
 
 
-def ask_logged(s: Session, static: bool = False, **kw) -> tuple[list[int], list, dict]:
+def ask_logged(s: Session, static: bool = False, question: str = QUESTION, **kw) -> tuple[list[int], list, dict]:
     if static:
         graph = DecodeGraph(s.cache, capture=False)
         s.cache.decode_graph = lambda: graph  # what CUDA gets; eager on the CPU
     with s.answering(), s.cache.record_lookups() as log:
-        toks = list(s.generate_ids(QUESTION, max_new_tokens=6, stop=set(), **kw))
+        toks = list(s.generate_ids(question, max_new_tokens=6, stop=set(), **kw))
         log = [(layer, ids.cpu()) for layer, ids in log]
     return toks, log, s.last_selection
 
@@ -177,3 +177,64 @@ def test_cuda_scan_and_selection_equal_the_reference():
     for _, ids in log_cuda:
         assert sorted(set(ids.tolist())) == sel_cuda["units"]
     assert got == want
+
+
+# ---- the text index over units (memllm/unit_text.py) and the hybrid selector ----------------------
+WORDS = "apple river stone cloud maple tiger lemon piano rocket garden candle silver"
+PROSE = " ".join(WORDS.split()[i % 12] for i in range(220))  # units of 8 characters: word soup
+NEEDLE = " zebra violet "
+
+
+def text_session(**mem) -> Session:
+    from memllm.memory_stores.embeddings import FakeEmbedder
+
+    model = tiny_model("llama")
+    return Session(FakeLLM(model, CharTokenizer()), small_memory(**mem), embedder=FakeEmbedder())
+
+
+def test_interleave_and_choose_from_several_rankings():
+    assert select.interleave([[3, 1, 2], [1, 4], []]) == [3, 1, 4, 2]
+    att = torch.tensor([0.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    text = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0])
+    assert select.choose([att, text], 3, neighbours=0).tolist() == [1, 2, 6]
+    assert select.choose([att, text], 2, neighbours=0).tolist() == [1, 6]  # one from each, in turn
+    with pytest.raises(ValueError, match="lengths"):
+        select.choose([att, text[:3]], 2)
+
+
+def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():
+    s = text_session()
+    s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
+    idx, cfg = s.text_index, s.config
+    n_units = s.stats()["units_per_layer"]
+    assert len(idx.ids) == s.cache.seen_tokens and idx.embedded == 0  # reading embeds nothing
+    where = (cfg.n_init + 300 + 2 - cfg.n_init) // cfg.block_size  # the unit holding "zebra"
+    score = idx.scores("zebra violet", n_units)
+    assert idx.embedded == n_units and int(score.argmax()) in (where - 1, where, where + 1)
+    calls = idx.embedder.calls
+    with s.answering():  # a question and its answer come and go: no unit is embedded again
+        list(s.generate_ids("where is the zebra?", max_new_tokens=3, stop=set(), selector="hybrid"))
+    assert idx.embedder.calls - calls == 1  # only the question
+    assert len(idx.ids) >= s.cache.seen_tokens
+    s.feed("more")  # written where the rollback left the stream
+    assert idx.ids[-4:].tolist() == [ord(c) for c in "more"] and len(idx.ids) == s.cache.seen_tokens
+
+
+def test_text_selector_reads_the_unit_whose_text_matches_in_every_layer():
+    s = text_session(topk=6)  # hybrid: the question's best unit and the text's, each with its neighbours
+    s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
+    cfg = s.config
+    gold = select.units_of_spans([(300, 300 + len(NEEDLE))], cfg.n_init, cfg.block_size, s.stats()["units_per_layer"])
+    for selector in ("text", "hybrid"):
+        _, log, sel = ask_logged(s, question="Where is the zebra violet?", selector=selector)
+        assert len(sel["units"]) == cfg.topk and sel["text_score"] is not None
+        hit = set(gold) & set(sel["units"])
+        assert hit, (selector, gold, sel["units"])
+        for _, ids in log:  # every layer's lookups read the chosen units
+            assert sorted(set(ids.tolist())) == sel["units"]
+    # Without a text index, hybrid is the question selector.
+    plain = make_session(topk=6)
+    plain.feed(PROSE[:300] + NEEDLE + PROSE[:400])
+    a = ask_logged(plain, selector="hybrid")
+    b = ask_logged(plain, selector="question")
+    assert a[2]["units"] == b[2]["units"] and a[2]["text_score"] is None
