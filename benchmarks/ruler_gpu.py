@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
         t = time.time()
         torch.cuda.reset_peak_memory_stats()
         for h in hays:  # one haystack at a time, written after each: a timeout keeps what was measured
-            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True), embedder=embedder)
+            rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True), embedder=embedder,
+                                  log_scores=args.log_scores)
             if out_path:
                 out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
             print(ruler_run.table(ruler_run.summary([r for r in rows if r["length"] == h.length])), flush=True)
@@ -143,6 +144,7 @@ def main() -> None:
     r.add_argument("--topk", type=int, default=16)
     r.add_argument("--block-size", type=int, default=128)
     r.add_argument("--no-graphs", action="store_true")
+    r.add_argument("--log-scores", action="store_true", help="hybrid rows keep both unit scores in full")
     r.add_argument("--embedder", default=None, help="sentence-transformers dir (default: the packaged MiniLM)")
     r.add_argument("--out", default=None)
     args = ap.parse_args()

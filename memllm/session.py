@@ -227,14 +227,20 @@ class Session:
         if selector in ("hybrid", "text") and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            scores = [score, text] if selector == "hybrid" else [text]
-        chosen = select.choose(scores, cfg.topk, cfg.select_neighbours, first=gold)
+            scores = [score, text]
+        if selector == "text" and len(scores) > 1:
+            ranked = scores[1]
+        elif len(scores) > 1:
+            ranked = select.standardized_sum(scores)
+        else:
+            ranked = score
+        chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
         self.last_selection = {
             "units": chosen.tolist(),
             "gold_units": gold,
             "score": score,
-            "text_score": scores[-1] if len(scores) > 1 or scores[0] is not score else None,
+            "text_score": scores[1] if len(scores) > 1 else None,
             "per_layer": masses,
         }
         return True

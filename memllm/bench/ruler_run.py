@@ -55,7 +55,9 @@ def _until_line(tokens: Any, tokenizer: Any, newlines: set[int]) -> list[int]:
     return out
 
 
-def ask_memllm(session: Session, q: Question, system: str, newlines: set[int], stops: set[int]) -> dict[str, Any]:
+def ask_memllm(
+    session: Session, q: Question, system: str, newlines: set[int], stops: set[int], log_scores: bool = False
+) -> dict[str, Any]:
     """One question under one memllm system: the answer, its score and the diagnostics."""
     tok = session.llm.tokenizer
     cfg = session.config
@@ -88,6 +90,11 @@ def ask_memllm(session: Session, q: Question, system: str, newlines: set[int], s
             order = torch.argsort(sel["text_score"].float().cpu(), descending=True).tolist()
             rank = {u: i for i, u in enumerate(order)}
             row["text_rank"] = [rank.get(u) for u in gold]
+            if log_scores:  # both rankings in full, to compare fusions offline (benchmarks)
+                row["scores"] = {
+                    "attention": [float(f"{x:.4g}") for x in sel["score"].float().cpu().tolist()],
+                    "text": [round(x, 4) for x in sel["text_score"].float().cpu().tolist()],
+                }
     return row
 
 
@@ -150,6 +157,7 @@ def run(
     memory: MemoryConfig,
     progress: Callable[[str], None] | None = None,
     embedder: Any = None,
+    log_scores: bool = False,
 ) -> list[dict[str, Any]]:
     """Every question of every haystack under every system -> one row per (question, system)."""
     bad = [s for s in systems if s not in SYSTEMS]
@@ -182,7 +190,8 @@ def run(
         say(f"{tag}: memllm read in {time.perf_counter() - t0:.1f}s, {session.stats()['units_per_layer']} units/layer")
         for q in hay.questions:
             for system in mem:
-                rows.append({**ask_memllm(session, q, system, newlines, stops), "length": hay.length})
+                row = ask_memllm(session, q, system, newlines, stops, log_scores and system == "hybrid")
+                rows.append({**row, "length": hay.length})
         del session
     return rows
 

@@ -109,6 +109,18 @@ def fuse(per_layer: torch.Tensor) -> torch.Tensor:
     return (per_layer / per_layer.sum(dim=1, keepdim=True).clamp_min(1e-30)).sum(dim=0)
 
 
+def standardized_sum(scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Several (n_units,) scores -> one: each standardised (minus its mean, over its standard
+    deviation), then summed. A score that singles out a few units (the question's attention on a
+    needle) keeps them on top; where it is flat (a paragraph the question paraphrases), the other
+    (the text index's cosine) decides."""
+    out = torch.zeros_like(scores[0], dtype=torch.float32)
+    for s in scores:
+        s = s.float()
+        out += (s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0
+    return out
+
+
 def interleave(orders: Sequence[Sequence[int]]) -> list[int]:
     """Several rankings -> one: the first of each in turn, then the second of each, ... (each unit
     once, where it first comes)."""

@@ -202,6 +202,19 @@ def test_interleave_and_choose_from_several_rankings():
         select.choose([att, text[:3]], 2)
 
 
+def test_standardized_sum_keeps_a_peaked_score_on_top_and_lets_the_other_decide_where_it_is_flat():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(64, generator=g) * 0.1
+    peaked = noise.clone()
+    peaked[2] = 10.0  # the question's attention on a needle
+    flat = 1.0 + noise  # attention that tells little
+    text = 0.2 + torch.rand(64, generator=g) * 0.1
+    text[6] = 0.6  # the unit whose text the question paraphrases
+    assert int(select.standardized_sum([peaked, text]).argmax()) == 2
+    assert int(select.standardized_sum([flat, text]).argmax()) == 6
+    assert select.standardized_sum([torch.ones(4), text[:4]]).isfinite().all()
+
+
 def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():
     s = text_session()
     s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
