@@ -182,11 +182,12 @@ class MemLLM:
         return "".join(self.chat_stream(messages, **kwargs))
 
     # ------------------------------------------------------------------ memory sessions
-    def session(self, memory: MemoryConfig | None = None) -> Session:
-        """A streaming session with its own context memory (see memllm.session)."""
+    def session(self, memory: MemoryConfig | None = None, embedder: Any = None) -> Session:
+        """A streaming session with its own context memory (see memllm.session). embedder (a memllm
+        Embedder): a text index over the memory's units, which the "hybrid" selector reads."""
         from memllm.session import Session
 
-        return Session(self, memory or self.memory)
+        return Session(self, memory or self.memory, embedder=embedder)
 
     def restore(self, path: str) -> Session:
         """A session restored from a snapshot written by `Session.save(path)`."""

@@ -315,7 +315,12 @@ class DocumentQA:
         self.store = store
         self._embedder = embedder
         if mode in ("kv", "hybrid"):
-            self.session = llm.session(self.memory)
+            units_text = None  # the "hybrid" selector reads a text index over the units
+            if self.memory.selector == "hybrid":
+                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+                units_text = embedder if embedder is not None else SentenceTransformerEmbedder()
+            self.session = llm.session(self.memory, embedder=units_text)
             self.memory = self.session.config
         n_local = self.memory.n_local or 0
         self.hybrid_tokens = hybrid_tokens if hybrid_tokens is not None else max(64, n_local // 2)

@@ -117,37 +117,18 @@ def standardized_sum(scores: Sequence[torch.Tensor]) -> torch.Tensor:
     out = torch.zeros_like(scores[0], dtype=torch.float32)
     for s in scores:
         s = s.float()
+        if s.numel() != out.numel():
+            raise ValueError(f"scores of different lengths: {[x.numel() for x in scores]}")
         out += (s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0
     return out
 
 
-def interleave(orders: Sequence[Sequence[int]]) -> list[int]:
-    """Several rankings -> one: the first of each in turn, then the second of each, ... (each unit
-    once, where it first comes)."""
-    out: list[int] = []
-    seen: set[int] = set()
-    for rank in range(max((len(o) for o in orders), default=0)):
-        for order in orders:
-            if rank < len(order) and order[rank] not in seen:
-                seen.add(order[rank])
-                out.append(order[rank])
-    return out
-
-
-def choose(
-    score: torch.Tensor | Sequence[torch.Tensor], k: int, neighbours: int = 1, first: Sequence[int] = ()
-) -> torch.Tensor:
+def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:
     """The k units to read: `first` (the oracle's gold units), then units by descending score, each
     followed by its `neighbours` on either side (evidence cut across a unit border), then by score
-    alone -> (k,) long ascending, on score's device. Several scores (the question's attention mass,
-    the text index's cosine): their rankings taken in turn (`interleave`). Needs k <= units."""
-    scores = [score] if isinstance(score, torch.Tensor) else list(score)
-    n = scores[0].numel()
-    if any(s.numel() != n for s in scores):
-        raise ValueError(f"scores of different lengths: {[s.numel() for s in scores]}")
-    order = interleave(
-        [torch.argsort(s.detach().float().cpu(), descending=True, stable=True).tolist() for s in scores]
-    )
+    alone -> (k,) long ascending, on score's device. Needs k <= score.numel()."""
+    n = score.numel()
+    order = torch.argsort(score.detach().float().cpu(), descending=True, stable=True).tolist()
     picked: list[int] = []
     seen: set[int] = set()
 
@@ -167,7 +148,7 @@ def choose(
             take(u + j)
     for u in order:
         take(u)
-    return torch.tensor(sorted(picked), dtype=torch.long, device=scores[0].device)
+    return torch.tensor(sorted(picked), dtype=torch.long, device=score.device)
 
 
 class ForcedUnits:

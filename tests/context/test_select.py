@@ -192,16 +192,6 @@ def text_session(**mem) -> Session:
     return Session(FakeLLM(model, CharTokenizer()), small_memory(**mem), embedder=FakeEmbedder())
 
 
-def test_interleave_and_choose_from_several_rankings():
-    assert select.interleave([[3, 1, 2], [1, 4], []]) == [3, 1, 4, 2]
-    att = torch.tensor([0.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0])
-    text = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0])
-    assert select.choose([att, text], 3, neighbours=0).tolist() == [1, 2, 6]
-    assert select.choose([att, text], 2, neighbours=0).tolist() == [1, 6]  # one from each, in turn
-    with pytest.raises(ValueError, match="lengths"):
-        select.choose([att, text[:3]], 2)
-
-
 def test_standardized_sum_keeps_a_peaked_score_on_top_and_lets_the_other_decide_where_it_is_flat():
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(64, generator=g) * 0.1
@@ -213,6 +203,8 @@ def test_standardized_sum_keeps_a_peaked_score_on_top_and_lets_the_other_decide_
     assert int(select.standardized_sum([peaked, text]).argmax()) == 2
     assert int(select.standardized_sum([flat, text]).argmax()) == 6
     assert select.standardized_sum([torch.ones(4), text[:4]]).isfinite().all()
+    with pytest.raises(ValueError, match="lengths"):
+        select.standardized_sum([peaked, text[:3]])
 
 
 def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():

@@ -267,3 +267,23 @@ def test_text_memory_without_its_chunk_store_is_refused(tiny_llm, tmp_path):
     assert str(info.value) == (
         f"document memory at {tmp_path / 'a'} has no chunk store (store/): save it again with --save-memory"
     )
+
+
+def test_kv_with_the_hybrid_selector_reads_a_text_index_over_the_units(tiny_llm):
+    from dataclasses import replace
+
+    from memllm.agents.docqa import default_memory
+
+    memory = replace(default_memory(tiny_llm.trained_len), selector="hybrid")
+    qa = make(tiny_llm, "kv", memory=memory)
+    qa.read(boxes_text(), name="boxes.txt")
+    index = qa.session.text_index
+    assert index is not None and len(index.ids) == qa.session.stats()["tokens_seen"]
+    before = memory_state(qa)
+    first = qa.ask(QUESTIONS[0])
+    sel = qa.session.last_selection
+    assert sel is not None and sel["text_score"] is not None and index.embedded == len(sel["text_score"])
+    assert len(sel["units"]) == qa.memory.topk
+    again = qa.ask(QUESTIONS[0])
+    after = memory_state(qa)
+    assert before[:2] == after[:2] and torch.equal(before[2], after[2]) and first.text == again.text

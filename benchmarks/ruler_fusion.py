@@ -1,0 +1,87 @@
+"""Compare ways of fusing the question selector's two unit scores offline (issue 25).
+
+Reads a `ruler_gpu.py run --systems ...hybrid... --log-scores` file (or its *_scores.json.gz) whose
+hybrid rows hold, per question, the fused attention mass of every unit and the text index's cosine,
+and prints, per family, the share of questions whose every gold unit a fusion would read (topk units,
+one neighbour each side: what `select.choose` does). The cheap signal for choosing a fusion before a
+GPU run answers with it.
+
+    python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_128k_hybrid_scores.json.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+from collections.abc import Callable
+
+import torch
+
+from memllm.context import select
+
+
+def _z(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12)
+
+
+def _rrf(a: torch.Tensor, t: torch.Tensor, k: int = 60) -> torch.Tensor:
+    def rank(x: torch.Tensor) -> torch.Tensor:
+        r = torch.empty_like(x)
+        r[torch.argsort(x, descending=True)] = torch.arange(len(x), dtype=x.dtype)
+        return r
+
+    return 1 / (k + rank(a)) + 1 / (k + rank(t))
+
+
+def _interleave(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The two rankings taken in turn, as a score (earlier = higher)."""
+    order: list[int] = []
+    ranks = (torch.argsort(a, descending=True).tolist(), torch.argsort(t, descending=True).tolist())
+    for u_a, u_t in zip(*ranks, strict=True):
+        order += [u for u in (u_a, u_t) if u not in order]
+    score = torch.zeros_like(a)
+    score[torch.tensor(order)] = -torch.arange(len(order), dtype=a.dtype)
+    return score
+
+
+FUSIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "attention (question)": lambda a, t: a,
+    "text": lambda a, t: t,
+    "z(a) + z(t) (hybrid)": lambda a, t: select.standardized_sum([a, t]),
+    "z(log a) + z(t)": lambda a, t: _z(torch.log(a.clamp_min(1e-9))) + _z(t),
+    "z(a) + 0.5 z(t)": lambda a, t: _z(a) + 0.5 * _z(t),
+    "interleave": _interleave,
+    "reciprocal rank (60)": _rrf,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path")
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--neighbours", type=int, default=1)
+    args = ap.parse_args()
+    opener = gzip.open if args.path.endswith(".gz") else open
+    with opener(args.path, "rt") as fh:
+        rows = [r for r in json.load(fh)["rows"] if "scores" in r and r["gold_units"]]
+    hits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    n: collections.Counter = collections.Counter()
+    for r in rows:
+        a = torch.tensor(r["scores"]["attention"])
+        t = torch.tensor(r["scores"]["text"])
+        n[r["family"]] += 1
+        for name, fuse in FUSIONS.items():
+            got = set(select.choose(fuse(a, t), args.topk, args.neighbours).tolist())
+            hits[name][r["family"]] += all(g in got for g in r["gold_units"])
+    fams = sorted(n)
+    print("| fusion | " + " | ".join(f"{f} ({n[f]})" for f in fams) + " | mean |")
+    print("|---" * (len(fams) + 2) + "|")
+    for name in FUSIONS:
+        vals = [hits[name][f] / n[f] for f in fams]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
