@@ -24,7 +24,7 @@ BAD = {
     "impl": ("fsat", "'fast', 'reference'"),
     "lookup": ("perhead", "'shared', 'per_head'"),
     "decode_graphs": ("yes", "True or False"),
-    "selector": ("bm25", "'question', 'infllm'"),
+    "selector": ("bm25", "'question', 'hybrid', 'text', 'infllm'"),
     "select_neighbours": (-1, "must be > 0"),
 }
 
