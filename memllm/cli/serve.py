@@ -1,0 +1,95 @@
+"""`memllm serve` and `memllm serve keys add|list|remove`: parse options, build the app, run uvicorn.
+
+No logic of its own: the app is memllm.serve.app, keys memllm.serve.auth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from memllm.cli import common
+
+serve_app = typer.Typer(help="Serve an OpenAI-compatible HTTP API with per-user memory.", invoke_without_command=True)
+keys_app = typer.Typer(help="API keys of the server (stored hashed).", no_args_is_help=True)
+serve_app.add_typer(keys_app, name="keys")
+
+KeysOpt = typer.Option(None, "--keys", help="Keys file (default: $MEMLLM_HOME/serve/keys.json).")
+
+
+def _keys_path(path: str | None) -> Path:
+    from memllm.models import memllm_home
+
+    return Path(path) if path else memllm_home() / "serve" / "keys.json"
+
+
+@serve_app.callback()
+@common.fail_on_error
+def serve(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    model: str = typer.Option("smollm2-135m", "--model", help="Alias, HF id or path."),
+    device: str = typer.Option("cpu", "--device"),
+    memory: str = typer.Option("text", "--memory", help="text, kv or hybrid."),
+    store: str | None = typer.Option(None, "--store", help="Memory store folder."),
+    keys: str | None = KeysOpt,
+    max_body: int = typer.Option(1_000_000, "--max-body", help="Largest request body in bytes (413 over)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Largest max_tokens a request may ask."),
+    max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests at once before 429."),
+    max_sessions: int = typer.Option(64, "--max-sessions", help="User sessions kept in memory (LRU)."),
+) -> None:
+    """Run the server (no keys configured: loopback clients only)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from memllm.serve.app import Limits, create_app
+    from memllm.serve.auth import KeyStore
+
+    key_store = KeyStore(_keys_path(keys))
+    if len(key_store) == 0 and host not in ("127.0.0.1", "::1", "localhost"):
+        typer.echo("no API keys configured: only loopback clients will be served "
+                   "(add one with `memllm serve keys add NAME --user U`)", err=True)
+    llm = common.load_llm(model, device)
+    s = common.open_store(store, with_embedder=True)
+    limits = Limits(max_body_bytes=max_body, max_tokens=max_tokens, max_concurrent=max_concurrent,
+                    max_sessions=max_sessions)
+    app = create_app(llm, s, model_name=model, keys=key_store, limits=limits, memory=memory)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        s.close()
+
+
+@keys_app.command("add")
+@common.fail_on_error
+def keys_add(name: str, user: list[str] = typer.Option(..., "--user", "-u"), keys: str | None = KeysOpt,
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Create a key for USER(s); the token is printed once and only its hash is stored."""
+    from memllm.serve.auth import KeyStore
+
+    token = KeyStore(_keys_path(keys)).add(name, user)
+    typer.echo(json.dumps({"name": name, "users": user, "key": token}) if as_json else token)
+
+
+@keys_app.command("list")
+@common.fail_on_error
+def keys_list(keys: str | None = KeysOpt) -> None:
+    """Key names and their users (never the tokens)."""
+    from memllm.serve.auth import KeyStore
+
+    for name, entry in KeyStore(_keys_path(keys)).keys.items():
+        typer.echo(f"{name}\t{','.join(entry['users'])}")
+
+
+@keys_app.command("remove")
+@common.fail_on_error
+def keys_remove(name: str, keys: str | None = KeysOpt) -> None:
+    """Remove a key."""
+    from memllm.serve.auth import KeyStore
+
+    if not KeyStore(_keys_path(keys)).remove(name):
+        raise typer.Exit(1)

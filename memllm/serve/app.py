@@ -1,0 +1,297 @@
+"""The FastAPI app of `memllm serve`: OpenAI-compatible chat, models, a per-user memory API, health, metrics.
+
+One generation at a time on the model (a lock; requests queue behind it); a ChatAgent per user kept in
+an LRU (its memory lives in the store, so evicting loses nothing). Store writes are committed (SQLite)
+before the response is sent. Knows nothing of the command line; the model and store are given to it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.errors import BusyError, MemllmError, MemoryLimitError, StoreError
+from memllm.memory_stores.records import MemoryRecord
+from memllm.serve.auth import KeyStore
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000
+    max_tokens: int = 512
+    max_concurrent: int = 64
+    max_sessions: int = 64
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    user: str | None = None
+
+
+class AddRequest(BaseModel):
+    text: str = Field(min_length=1, max_length=100_000)
+    kind: str = "fact"
+    importance: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class ImportRequest(BaseModel):
+    records: list[dict[str, Any]]
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.tokens = 0
+        self.in_flight = 0
+
+    def count(self, path: str, status: int) -> None:
+        with self.lock:
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+
+    def text(self) -> str:
+        lines = ["# TYPE memllm_requests_total counter"]
+        with self.lock:
+            for (path, status), n in sorted(self.requests.items()):
+                lines.append(f'memllm_requests_total{{path="{path}",status="{status}"}} {n}')
+            lines += ["# TYPE memllm_completion_tokens_total counter", f"memllm_completion_tokens_total {self.tokens}",
+                      "# TYPE memllm_in_flight gauge", f"memllm_in_flight {self.in_flight}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeyStore | None = None,
+               limits: Limits | None = None, memory: str = "text") -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="memllm", version="1")
+    model_lock = threading.Lock()  # one generation at a time on the model
+    agents: OrderedDict[str, ChatAgent] = OrderedDict()
+    agents_lock = threading.Lock()
+    metrics = Metrics()
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            resp = _error(413, f"request body over {limits.max_body_bytes} bytes (--max-body)", "too_large")
+        elif metrics.in_flight >= limits.max_concurrent:
+            resp = _error(429, f"more than {limits.max_concurrent} requests at once: retry", "rate_limited")
+        else:
+            metrics.in_flight += 1
+            try:
+                resp = await call_next(request)
+            finally:
+                metrics.in_flight -= 1
+        metrics.count(path if path.startswith(("/v1/models", "/v1/chat")) else path.split("/v1/memory")[0] + (
+            "/v1/memory" if "/v1/memory" in path else ""), resp.status_code)
+        return resp
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, json.dumps(exc.errors(), default=str)[:2000], "invalid_request_error")
+
+    @app.exception_handler(MemllmError)
+    async def memllm_error(_: Request, exc: MemllmError) -> JSONResponse:
+        status = 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
+        return _error(status, str(exc), type(exc).__name__)
+
+    def caller(request: Request) -> list[str] | None:
+        """The users this caller may act for; None means any (no keys configured, loopback only)."""
+        if keys is None or len(keys) == 0:
+            host = request.client.host if request.client else ""
+            if host not in LOOPBACK:
+                raise HTTPException(401, "no API keys configured: only loopback clients are served")
+            return None
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer "):
+            raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'")
+        users = keys.users_for(auth[7:].strip())
+        if users is None:
+            raise HTTPException(401, "invalid API key")
+        return users
+
+    def pick_user(allowed: list[str] | None, user: str | None) -> str:
+        if user is not None and not user.strip():
+            raise HTTPException(400, "user must be non-empty")
+        if allowed is None:
+            return (user or "default").strip()
+        if user is None:
+            return allowed[0]
+        if user.strip() not in allowed:
+            raise HTTPException(404, f"user {user!r} not found for this key")
+        return user.strip()
+
+    def agent_for(user: str) -> ChatAgent:
+        with agents_lock:
+            if user in agents:
+                agents.move_to_end(user)
+                return agents[user]
+            agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens)
+            agents[user] = agent
+            while len(agents) > limits.max_sessions:
+                _, old = agents.popitem(last=False)
+                old.close()
+            return agent
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def get_metrics() -> str:
+        return metrics.text()
+
+    @app.get("/v1/models")
+    def models(request: Request) -> dict[str, Any]:
+        caller(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "memllm"}]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat(body: ChatRequest, request: Request) -> Any:
+        user = pick_user(caller(request), body.user)
+        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+            raise HTTPException(400, f"max_tokens over the server's limit {limits.max_tokens} (--max-tokens)")
+        message = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
+        if not message.strip():
+            raise HTTPException(400, "the last user message must be non-empty")
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        agent = agent_for(user)
+        cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+        kwargs = {"stop": stop, "max_new_tokens": body.max_tokens, "temperature": body.temperature}
+        prompt_tokens = llm.count_tokens(message)
+
+        if not body.stream:
+            with model_lock:
+                text = "".join(agent.stream(message, **kwargs))
+            n = llm.count_tokens(text) if text else 0
+            metrics.tokens += n
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                              "total_tokens": prompt_tokens + n}}
+
+        def events() -> Iterator[str]:
+            def chunk(delta: dict, finish: str | None) -> str:
+                return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                              "model": model_name, "choices": [
+                                                  {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+            with model_lock:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                for piece in agent.stream(message, **kwargs):
+                    yield chunk({"content": piece}, None)
+            yield chunk({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---------------------------------------------------------------- memory API
+    def ns(request: Request, user: str) -> str:
+        return user_namespace(pick_user(caller(request), user))
+
+    def own(record_id: str, namespace: str) -> MemoryRecord:
+        rec = store.get(record_id)
+        if rec is None or rec.namespace != namespace:
+            raise HTTPException(404, f"record {record_id!r} not found")
+        return rec
+
+    @app.post("/v1/memory/{user}/records", status_code=201)
+    def add(user: str, body: AddRequest, request: Request) -> dict[str, Any]:
+        namespace = ns(request, user)
+        if not body.text.strip():
+            raise HTTPException(400, "text must be non-empty")
+        rec = MemoryRecord(text=body.text, namespace=namespace, kind=body.kind, importance=body.importance)
+        rid = store.add(rec)  # committed before we answer
+        return {"id": rid}
+
+    @app.get("/v1/memory/{user}/records")
+    def list_records(user: str, request: Request, limit: int = 50, kind: str | None = None) -> dict[str, Any]:
+        namespace = ns(request, user)
+        if limit < 1 or limit > 10_000:
+            raise HTTPException(400, "limit must be in 1..10000")
+        recs = store.list(namespace, filters={"kind": kind} if kind else None, limit=limit, newest_first=True)
+        return {"count": store.count(namespace), "records": [r.to_dict() for r in recs[::-1]]}
+
+    @app.get("/v1/memory/{user}/search")
+    def search(user: str, q: str, request: Request, k: int = 5) -> dict[str, Any]:
+        namespace = ns(request, user)
+        if not q.strip() or k < 1 or k > 100:
+            raise HTTPException(400, "q must be non-empty and k in 1..100")
+        hits = store.search(q, k, namespace=namespace)
+        return {"results": [{"record": r.to_dict(), "score": float(s)} for r, s in hits]}
+
+    @app.get("/v1/memory/{user}/records/{record_id}")
+    def get(user: str, record_id: str, request: Request) -> dict[str, Any]:
+        return own(record_id, ns(request, user)).to_dict()
+
+    @app.get("/v1/memory/{user}/history")
+    def history(user: str, request: Request, limit: int = 50) -> dict[str, Any]:
+        namespace = ns(request, user)
+        recs = store.list(namespace, filters={"kind": "turn"}, limit=max(1, min(limit, 10_000)), newest_first=True)
+        return {"turns": [r.to_dict() for r in recs[::-1]]}
+
+    @app.delete("/v1/memory/{user}/records/{record_id}")
+    def forget(user: str, record_id: str, request: Request) -> dict[str, Any]:
+        own(record_id, ns(request, user))
+        return {"deleted": store.delete([record_id])}
+
+    @app.delete("/v1/memory/{user}")
+    def forget_all(user: str, request: Request) -> dict[str, Any]:
+        namespace = ns(request, user)
+        with agents_lock:
+            agent = agents.pop(user, None)
+        if agent is not None:
+            agent.close()
+        return {"deleted": store.delete_namespace(namespace)}
+
+    @app.get("/v1/memory/{user}/export")
+    def export(user: str, request: Request) -> dict[str, Any]:
+        namespace = ns(request, user)
+        recs = store.list(namespace, limit=1_000_000)
+        return {"records": [r.to_dict() for r in recs]}
+
+    @app.post("/v1/memory/{user}/import")
+    def import_records(user: str, body: ImportRequest, request: Request) -> dict[str, Any]:
+        namespace = ns(request, user)
+        try:
+            recs = [MemoryRecord.from_dict({k: v for k, v in r.items() if k != "id"} | {"namespace": namespace}) for r in body.records]
+        except (TypeError, ValueError, KeyError, StoreError) as exc:
+            raise HTTPException(422, f"bad record: {exc}") from exc
+        ids = store.add_many(recs) if recs else []
+        return {"stored": len(ids)}
+
+    return app

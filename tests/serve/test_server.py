@@ -1,0 +1,148 @@
+"""`memllm serve` (fast tier): the real openai client against a server started here; isolation by key;
+JSON errors with the right statuses. Fake LLM and embedder; the server runs in its own process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEMLLM_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tests.serve.serve_fake", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    keys = {}
+    for name, users in (("ka", ["alice"]), ("kb", ["bob", "carol"]), ("kc", ["dave"])):
+        out = _run(["keys", "add", name, *sum((["--user", u] for u in users), [])], home)
+        assert out.returncode == 0, out.stderr
+        keys[name] = (out.stdout.strip(), users)
+    stored = (home / "serve" / "keys.json").read_text()
+    assert all(tok not in stored for tok, _ in keys.values())  # only hashes on disk
+    port = _free_port()
+    env = {**os.environ, "MEMLLM_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.serve.serve_fake", "--port", str(port),
+                             "--max-body", "20000", "--max-tokens", "64"], env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+        pytest.fail("server did not start")
+    yield base, keys
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+
+
+def test_openai_client_chat_stream_models(server):
+    openai = pytest.importorskip("openai")
+    base, keys = server
+    client = openai.OpenAI(base_url=base + "/v1", api_key=keys["ka"][0], timeout=30)
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi there"}],
+                                       max_tokens=16, temperature=0.5, top_p=0.9)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "stream please"}], stream=True, max_tokens=16)]
+    assert "".join(pieces)
+    h = httpx.get(base + "/v1/memory/alice/history", headers={"Authorization": f"Bearer {keys['ka'][0]}"})
+    texts = [t["text"] for t in h.json()["turns"]]
+    assert "hi there" in texts and "stream please" in texts
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base + "/v1", api_key="wrong", timeout=10).models.list()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "x"}], max_tokens=10_000)
+
+
+def test_errors_are_json_with_statuses(server):
+    base, keys = server
+    auth = {"Authorization": f"Bearer {keys['ka'][0]}"}
+    cases = [
+        (httpx.post(base + "/v1/chat/completions", json={"messages": []}, headers=auth), 422),
+        (httpx.post(base + "/v1/chat/completions", content=b"{", headers={**auth, "content-type": "application/json"}), 422),
+        (httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 30000}]}, headers=auth), 413),
+        (httpx.get(base + "/v1/memory/alice/records/nope", headers=auth), 404),
+        (httpx.get(base + "/v1/memory/bob/records", headers=auth), 404),
+        (httpx.get(base + "/v1/models"), 401),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, resp.text
+        assert resp.json()["error"]["code"] == status
+    assert "memllm_requests_total" in httpx.get(base + "/metrics").text
+
+
+ops = st.lists(st.tuples(st.sampled_from(["add", "list", "search", "get", "forget", "export"]),
+                         st.sampled_from(["ka", "kb", "kc", "bad", "none"]),
+                         st.sampled_from(["alice", "bob", "carol", "dave"]),
+                         st.text("abcxyz ", min_size=1, max_size=12)), min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops)
+def test_isolation_property(server, seq):
+    base, keys = server
+    owner: dict[str, str] = {}  # record id -> user
+    with httpx.Client(base_url=base, timeout=30) as c:
+        for op, key, user, text in seq:
+            headers = {} if key == "none" else {"Authorization": f"Bearer {keys[key][0] if key in keys else 'mk-bad'}"}
+            allowed = key in keys and user in keys[key][1]
+            u = f"/v1/memory/{user}"
+            if op == "add":
+                r = c.post(u + "/records", json={"text": text + "!"}, headers=headers)
+            elif op in ("list", "export"):
+                r = c.get(u + ("/records?limit=1000" if op == "list" else "/export"), headers=headers)
+            elif op == "search":
+                r = c.get(u + "/search", params={"q": text, "k": 50}, headers=headers)
+            else:
+                rid = next(iter(owner), "none")
+                r = (c.get if op == "get" else c.delete)(f"{u}/records/{rid}", headers=headers)
+            if key not in keys:
+                assert r.status_code == 401
+                continue
+            if not allowed:
+                assert r.status_code == 404
+                continue
+            assert r.status_code in (200, 201, 404), r.text
+            body = r.json()
+            if op == "add":
+                owner[body["id"]] = user
+            recs = body.get("records") or [x["record"] for x in body.get("results", [])] or (
+                [body] if op == "get" and r.status_code == 200 else [])
+            for rec in recs:
+                assert rec["namespace"] == f"user:{user}"
+            if op in ("get", "forget") and next(iter(owner), None) is not None:
+                rid = next(iter(owner))
+                assert (r.status_code == 200) == (owner[rid] == user) or r.status_code == 404
+                if op == "forget" and r.status_code == 200:
+                    assert owner.pop(rid) == user
