@@ -93,3 +93,37 @@ def keys_remove(name: str, keys: str | None = KeysOpt) -> None:
 
     if not KeyStore(_keys_path(keys)).remove(name):
         raise typer.Exit(1)
+
+
+@serve_app.command("mcp")
+@common.fail_on_error
+def serve_mcp(
+    transport: str = typer.Option("stdio", "--transport", help="stdio or http (streamable HTTP at /mcp)."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8001, "--port"),
+    user: list[str] = typer.Option(["default"], "--user", "-u",
+                                   help="Users a caller without a key acts for (stdio; loopback HTTP)."),
+    store: str | None = typer.Option(None, "--store", help="Memory store folder."),
+    keys: str | None = KeysOpt,
+) -> None:
+    """Serve the memory tools (search, add, forget) over MCP, for agent hosts."""
+    from memllm.errors import ConfigError
+    from memllm.serve.auth import KeyStore
+    from memllm.serve.mcp_server import create_mcp
+
+    if transport not in ("stdio", "http"):
+        raise ConfigError(f"--transport {transport!r}: use stdio or http")
+    key_store = KeyStore(_keys_path(keys)) if transport == "http" else None
+    if transport == "http" and len(key_store) == 0 and host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(f"no API keys configured: serve MCP on a loopback --host, or add a key with "
+                          f"`memllm serve keys add NAME --user U` to serve on {host}")
+    s = common.open_store(store, with_embedder=True)
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    server = create_mcp(s, users=user, keys=key_store, base_url=base)
+    try:
+        if transport == "stdio":
+            server.run("stdio")
+        else:
+            server.run("streamable-http", host=host, port=port)
+    finally:
+        s.close()

@@ -8,6 +8,7 @@ before the response is sent. Knows nothing of the command line; the model and st
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from memllm.errors import BusyError, MemllmError, MemoryLimitError, StoreError
 from memllm.memory_stores.records import MemoryRecord
 from memllm.serve.auth import KeyStore
 
+log = logging.getLogger("memllm.serve")
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
 
 
@@ -128,6 +130,12 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     async def memllm_error(_: Request, exc: MemllmError) -> JSONResponse:
         status = 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
         return _error(status, str(exc), type(exc).__name__)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        # a bug: logged here with its traceback, never sent to the client
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
 
     def caller(request: Request) -> list[str] | None:
         """The users this caller may act for; None means any (no keys configured, loopback only)."""
@@ -252,7 +260,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         if not q.strip() or k < 1 or k > 100:
             raise HTTPException(400, "q must be non-empty and k in 1..100")
         hits = store.search(q, k, namespace=namespace)
-        return {"results": [{"record": r.to_dict(), "score": float(s)} for r, s in hits]}
+        return {"results": [{"record": h.record.to_dict(), "score": float(h.score)} for h in hits]}
 
     @app.get("/v1/memory/{user}/records/{record_id}")
     def get(user: str, record_id: str, request: Request) -> dict[str, Any]:
