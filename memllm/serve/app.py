@@ -39,9 +39,20 @@ class Limits:
     max_sessions: int = 64
 
 
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
 class Message(BaseModel):
     role: str
-    content: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        """The message's text (the text parts of a list content joined; other parts ignored)."""
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
 
 
 class ChatRequest(BaseModel):
@@ -49,6 +60,8 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name of max_tokens
+    n: int = Field(default=1, ge=1, le=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -175,6 +188,14 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 old.close()
             return agent
 
+    def recalled(agent: ChatAgent) -> list[dict[str, str]]:
+        """The memory records placed in the prompt of the agent's latest answer (recent turns first)."""
+        recall = agent.last_recall()
+        if recall is None:
+            return []
+        recs = [(r, "recent") for r in recall.flash] + [(it.record, it.mode) for it in recall.used]
+        return [{"id": r.id, "kind": r.kind, "text": r.text, "as": mode} for r, mode in recs]
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -191,27 +212,30 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     @app.post("/v1/chat/completions", response_model=None)
     def chat(body: ChatRequest, request: Request) -> Any:
         user = pick_user(caller(request), body.user)
-        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
+        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        if max_tokens is not None and max_tokens > limits.max_tokens:
             raise HTTPException(400, f"max_tokens over the server's limit {limits.max_tokens} (--max-tokens)")
-        message = next((m.content for m in reversed(body.messages) if m.role == "user"), "")
+        message = next((m.text() for m in reversed(body.messages) if m.role == "user"), "")
         if not message.strip():
             raise HTTPException(400, "the last user message must be non-empty")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         agent = agent_for(user)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-        kwargs = {"stop": stop, "max_new_tokens": body.max_tokens, "temperature": body.temperature}
+        kwargs = {"stop": stop, "max_new_tokens": max_tokens, "temperature": body.temperature}
         prompt_tokens = llm.count_tokens(message)
 
         if not body.stream:
             with model_lock:
                 text = "".join(agent.stream(message, **kwargs))
+                used = recalled(agent)
             n = llm.count_tokens(text) if text else 0
             metrics.tokens += n
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                              "total_tokens": prompt_tokens + n}}
+                              "total_tokens": prompt_tokens + n},
+                    "memllm": {"user": user, "recalled": used}}
 
         def events() -> Iterator[str]:
             def chunk(delta: dict, finish: str | None) -> str:

@@ -146,3 +146,38 @@ def test_isolation_property(server, seq):
                 assert (r.status_code == 200) == (owner[rid] == user) or r.status_code == 404
                 if op == "forget" and r.status_code == 200:
                     assert owner.pop(rid) == user
+
+
+def test_openai_message_forms_and_recall_field(server):
+    base, keys = server
+    auth = {"Authorization": f"Bearer {keys['kc'][0]}"}
+    body = {"messages": [{"role": "system", "content": None},
+                         {"role": "user", "content": [{"type": "text", "text": "dave likes "},
+                                                      {"type": "text", "text": "tea"}]}],
+            "max_completion_tokens": 8}
+    r = httpx.post(base + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].startswith("echo: dave likes tea")
+    r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
+                   json={"messages": [{"role": "user", "content": "what do I like?"}], "max_tokens": 8})
+    assert "dave likes tea" in [x["text"] for x in r.json()["memllm"]["recalled"]]
+    assert r.json()["memllm"]["user"] == "dave"
+    r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
+                   json={"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
+
+
+def test_a_crash_is_a_json_500_without_traceback():
+    from fastapi.testclient import TestClient
+
+    from memllm.serve.app import create_app
+    from tests.fakes import FakeLLM
+
+    class BrokenStore:
+        def search(self, *args, **kwargs):
+            raise RuntimeError("disk on fire at /secret/path")
+
+    client = TestClient(create_app(FakeLLM(), BrokenStore()), raise_server_exceptions=False)
+    r = client.get("/v1/memory/alice/search", params={"q": "x"})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == 500 and "secret" not in r.text and "Traceback" not in r.text
