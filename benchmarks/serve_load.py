@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+MIX = ["chat", "stream", "add", "add", "add", "search", "search"]  # --mix changes it
 
 
 def free_port() -> int:
@@ -62,7 +63,7 @@ async def client(i: int, base: str, until: float, max_tokens: int, out: dict, ta
         n = 0
         while time.monotonic() < until:
             n += 1
-            kind = random.choice(["chat", "stream", "add", "add", "add", "search", "search"])
+            kind = random.choice(MIX)
             t0 = time.monotonic()
             try:
                 if kind == "chat":
@@ -129,13 +130,15 @@ def main() -> None:
     ap.add_argument("--fake", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", default="chat=1,stream=1,add=3,search=2", help="kind=weight,...")
     a = ap.parse_args()
+    MIX[:] = [k for part in a.mix.split(",") for k in [part.split("=")[0]] * int(part.split("=")[1])]
     random.seed(a.seed)
     home = Path(tempfile.mkdtemp(prefix="serve_load_"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     result: dict = {"command": "python " + " ".join(sys.argv), "fake": a.fake, "clients": a.clients,
-                    "max_tokens": a.max_tokens, "seed": a.seed, "cpus": os.cpu_count()}
+                    "max_tokens": a.max_tokens, "seed": a.seed, "mix": a.mix, "cpus": os.cpu_count()}
     t0 = time.monotonic()
     proc = start(home, port, a.fake, a.max_tokens)
     result["start_s"] = round(time.monotonic() - t0, 1)

@@ -25,6 +25,13 @@ def _keys_path(path: str | None) -> Path:
     return Path(path) if path else memllm_home() / "serve" / "keys.json"
 
 
+def _warm_up(store: object) -> None:
+    """Load the embedder before serving, so the first requests do not wait for it (and time out)."""
+    embedder = getattr(store, "embedder", None)
+    if embedder is not None:
+        embedder.embed(["warm up"])
+
+
 @serve_app.callback()
 @common.fail_on_error
 def serve(
@@ -55,6 +62,7 @@ def serve(
                    "(add one with `memllm serve keys add NAME --user U`)", err=True)
     llm = common.load_llm(model, device)
     s = common.open_store(store, with_embedder=True)
+    _warm_up(s)
     limits = Limits(max_body_bytes=max_body, max_tokens=max_tokens, max_concurrent=max_concurrent,
                     max_sessions=max_sessions)
     app = create_app(llm, s, model_name=model, keys=key_store, limits=limits, memory=memory)
@@ -118,6 +126,7 @@ def serve_mcp(
         raise ConfigError(f"no API keys configured: serve MCP on a loopback --host, or add a key with "
                           f"`memllm serve keys add NAME --user U` to serve on {host}")
     s = common.open_store(store, with_embedder=True)
+    _warm_up(s)
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     server = create_mcp(s, users=user, keys=key_store, base_url=base)
     try:

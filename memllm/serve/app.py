@@ -15,12 +15,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memllm.agents.chat import ChatAgent, user_namespace
 from memllm.errors import BusyError, MemllmError, MemoryLimitError, StoreError
@@ -45,7 +46,7 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -131,8 +132,8 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             "/v1/memory" if "/v1/memory" in path else ""), resp.status_code)
         return resp
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (bad body, unknown path, method)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
