@@ -39,12 +39,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_ARGS: list[str] = []  # --server-args: more options for `memllm serve`
+
+
 def start(home: Path, port: int, fake: bool, max_tokens: int) -> subprocess.Popen:
     """The server on `home`/memory (the real model keeps the user's weight cache, $MEMLLM_HOME)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)} | ({"MEMLLM_HOME": str(home)} if fake else {})
     mod = ["-m", "tests.serve.serve_fake"] if fake else ["-m", "memllm.cli.app", "serve"]
     args = [sys.executable, *mod, "--port", str(port), "--max-tokens", str(max_tokens), "--max-concurrent", "256",
-            "--store", str(home / "memory")]
+            "--store", str(home / "memory"), *SERVER_ARGS]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -130,15 +133,18 @@ def main() -> None:
     ap.add_argument("--fake", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--server-args", default="", help="more options for memllm serve, e.g. '--flash-tokens 512'")
     ap.add_argument("--mix", default="chat=1,stream=1,add=3,search=2", help="kind=weight,...")
     a = ap.parse_args()
+    SERVER_ARGS[:] = a.server_args.split()
     MIX[:] = [k for part in a.mix.split(",") for k in [part.split("=")[0]] * int(part.split("=")[1])]
     random.seed(a.seed)
     home = Path(tempfile.mkdtemp(prefix="serve_load_"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     result: dict = {"command": "python " + " ".join(sys.argv), "fake": a.fake, "clients": a.clients,
-                    "max_tokens": a.max_tokens, "seed": a.seed, "mix": a.mix, "cpus": os.cpu_count()}
+                    "max_tokens": a.max_tokens, "seed": a.seed, "mix": a.mix, "server_args": a.server_args, "cpus": os.cpu_count(),
+                    "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     t0 = time.monotonic()
     proc = start(home, port, a.fake, a.max_tokens)
     result["start_s"] = round(time.monotonic() - t0, 1)
@@ -187,6 +193,7 @@ def main() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

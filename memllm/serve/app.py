@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
@@ -38,6 +38,8 @@ class Limits:
     max_tokens: int = 512
     max_concurrent: int = 64
     max_sessions: int = 64
+    memory_tokens: int | None = None  # budget for recalled memory in a prompt (None: a quarter of the window)
+    flash_tokens: int | None = None  # budget for recent turns in a prompt (None: half of the window)
 
 
 class TextPart(BaseModel):
@@ -182,7 +184,13 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             if user in agents:
                 agents.move_to_end(user)
                 return agents[user]
-            agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens)
+            budgets = ChatAgent.default_controller_config(llm.trained_len, limits.max_tokens)
+            if limits.memory_tokens is not None:
+                budgets = replace(budgets, memory_tokens=limits.memory_tokens)
+            if limits.flash_tokens is not None:
+                budgets = replace(budgets, flash_tokens=limits.flash_tokens)
+            agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens,
+                              controller=budgets)
             agents[user] = agent
             while len(agents) > limits.max_sessions:
                 _, old = agents.popitem(last=False)
