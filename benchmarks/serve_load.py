@@ -97,8 +97,10 @@ async def client(i: int, base: str, until: float, max_tokens: int, out: dict, ta
 async def load(base: str, clients: int, seconds: float, max_tokens: int, tag: str) -> dict:
     """`clients` clients for `seconds`; `tag` makes this run's fact texts unique (the store merges equal facts)."""
     out: dict = {"acked": [], "lat": {}, "status": {}, "conn_errors": 0, "torn_streams": 0}
-    until = time.monotonic() + seconds
+    t0 = time.monotonic()
+    until = t0 + seconds
     await asyncio.gather(*(client(i, base, until, max_tokens, out, tag) for i in range(clients)))
+    out["wall_s"] = time.monotonic() - t0  # past `seconds`: requests in flight at the end are finished
     return out
 
 
@@ -153,7 +155,10 @@ def main() -> None:
         out = asyncio.run(load(base, a.clients, a.seconds, a.max_tokens, "load"))
         acked += out["acked"]
         total = sum(out["status"].values())
-        result["load"] = {"seconds": a.seconds, "requests": total, "per_s": round(total / a.seconds, 1),
+        result["load"] = {"seconds": a.seconds, "wall_s": round(out["wall_s"], 1), "requests": total,
+                          "per_s": round(total / out["wall_s"], 2),
+                          "chats_per_s": round(sum(len(out["lat"].get(k, [])) for k in ("chat", "stream"))
+                                               / out["wall_s"], 3),
                           "status": {str(k): v for k, v in sorted(out["status"].items())},
                           "five_xx": sum(n for s, n in out["status"].items() if s >= 500),
                           "conn_errors": out["conn_errors"], "torn_streams": out["torn_streams"],

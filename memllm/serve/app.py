@@ -81,6 +81,15 @@ class ImportRequest(BaseModel):
     records: list[dict[str, Any]]
 
 
+ROUTE_LABELS = ("/v1/chat/completions", "/v1/models", "/v1/memory/", "/healthz", "/metrics")
+
+
+def _route_label(path: str) -> str:
+    """A bounded set of metric labels: the API's routes, every other path counted as "other"."""
+    label = next((r for r in ROUTE_LABELS if path == r or (r.endswith("/") and path.startswith(r))), "other")
+    return label.rstrip("/")
+
+
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -130,8 +139,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 resp = await call_next(request)
             finally:
                 metrics.in_flight -= 1
-        metrics.count(path if path.startswith(("/v1/models", "/v1/chat")) else path.split("/v1/memory")[0] + (
-            "/v1/memory" if "/v1/memory" in path else ""), resp.status_code)
+        metrics.count(_route_label(path), resp.status_code)
         return resp
 
     @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (bad body, unknown path, method)

@@ -95,11 +95,14 @@ def test_errors_are_json_with_statuses(server):
         (httpx.get(base + "/v1/memory/alice/records/nope", headers=auth), 404),
         (httpx.get(base + "/v1/memory/bob/records", headers=auth), 404),
         (httpx.get(base + "/v1/models"), 401),
+        (httpx.get(base + "/no/such/path-123"), 404),
+        (httpx.put(base + "/v1/models"), 405),
     ]
     for resp, status in cases:
         assert resp.status_code == status, resp.text
         assert resp.json()["error"]["code"] == status
-    assert "memllm_requests_total" in httpx.get(base + "/metrics").text
+    text = httpx.get(base + "/metrics").text
+    assert 'path="other",status="404"' in text and "path-123" not in text  # labels stay bounded
 
 
 ops = st.lists(st.tuples(st.sampled_from(["add", "list", "search", "get", "forget", "export"]),
