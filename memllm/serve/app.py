@@ -240,6 +240,10 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         kwargs = {"stop": stop, "max_new_tokens": max_tokens, "temperature": body.temperature}
         prompt_tokens = llm.count_tokens(message)
+        budget = max_tokens if max_tokens is not None else limits.max_tokens
+
+        def finish(n: int) -> str:
+            return "length" if n >= budget else "stop"
 
         if not body.stream:
             with model_lock:
@@ -249,7 +253,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             metrics.tokens += n
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "stop"}],
+                                 "finish_reason": finish(n)}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                               "total_tokens": prompt_tokens + n},
                     "memllm": {"user": user, "recalled": used}}
@@ -259,11 +263,15 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                               "model": model_name, "choices": [
                                                   {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+            pieces = []
             with model_lock:
                 yield chunk({"role": "assistant", "content": ""}, None)
                 for piece in agent.stream(message, **kwargs):
+                    pieces.append(piece)
                     yield chunk({"content": piece}, None)
-            yield chunk({}, "stop")
+            n = llm.count_tokens("".join(pieces)) if pieces else 0
+            metrics.tokens += n
+            yield chunk({}, finish(n))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

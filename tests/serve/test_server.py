@@ -72,6 +72,9 @@ def test_openai_client_chat_stream_models(server):
     r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi there"}],
                                        max_tokens=16, temperature=0.5, top_p=0.9)
     assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    assert r.choices[0].finish_reason == "stop"
+    cut = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "a b c d e f"}], max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="x", messages=[{"role": "user", "content": "stream please"}], stream=True, max_tokens=16)]
