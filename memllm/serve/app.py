@@ -129,7 +129,11 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     async def guard(request: Request, call_next: Any) -> Any:
         path = request.url.path
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+        if size is None and request.method in ("POST", "PUT", "PATCH"):
+            # a chunked body would slip past the size limit: ask for its length up front
+            resp = _error(411, "send the body with a content-length header (chunked bodies are refused)",
+                          "length_required")
+        elif size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
             resp = _error(413, f"request body over {limits.max_body_bytes} bytes (--max-body)", "too_large")
         elif metrics.in_flight >= limits.max_concurrent:
             resp = _error(429, f"more than {limits.max_concurrent} requests at once: retry", "rate_limited")
@@ -213,6 +217,14 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         recs = [(r, "recent") for r in recall.flash] + [(it.record, it.mode) for it in recall.used]
         return [{"id": r.id, "kind": r.kind, "text": r.text, "as": mode} for r, mode in recs]
 
+    def prompt_size(agent: ChatAgent, message: str) -> int:
+        """Tokens of the messages the model read for the latest answer (system, memory, recent turns,
+        the message), without the chat template's own; the message alone where no recall was made."""
+        recall = agent.last_recall()
+        if recall is None or agent.session is not None:
+            return llm.count_tokens(message)
+        return sum(llm.count_tokens(m["content"]) for m in agent.build_messages(message, recall))
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -249,6 +261,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             with model_lock:
                 text = "".join(agent.stream(message, **kwargs))
                 used = recalled(agent)
+                prompt_tokens = prompt_size(agent, message)
             n = llm.count_tokens(text) if text else 0
             metrics.tokens += n
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,

@@ -99,6 +99,7 @@ def test_errors_are_json_with_statuses(server):
         (httpx.get(base + "/v1/memory/bob/records", headers=auth), 404),
         (httpx.get(base + "/v1/models"), 401),
         (httpx.get(base + "/no/such/path-123"), 404),
+        (httpx.post(base + "/v1/chat/completions", content=iter([b'{"messages": []}']), headers=auth), 411),
         (httpx.put(base + "/v1/models"), 405),
     ]
     for resp, status in cases:
@@ -167,6 +168,8 @@ def test_openai_message_forms_and_recall_field(server):
     r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
                    json={"messages": [{"role": "user", "content": "what do I like?"}], "max_tokens": 8})
     assert "dave likes tea" in [x["text"] for x in r.json()["memllm"]["recalled"]]
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] > len("what do I like?".split()) + len("dave likes tea".split())  # memory counted
     assert r.json()["memllm"]["user"] == "dave"
     r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
                    json={"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000})
