@@ -2,7 +2,8 @@
 
 One generation at a time on the model (a lock; requests queue behind it); a ChatAgent per user kept in
 an LRU (its memory lives in the store, so evicting loses nothing). Store writes are committed (SQLite)
-before the response is sent. Knows nothing of the command line; the model and store are given to it.
+before the response is sent. Keys, errors and chat are here; the memory routes are memory_api's, the
+counters metrics'. Knows nothing of the command line; the model and store are given to it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memllm.agents.chat import ChatAgent, user_namespace
-from memllm.errors import BusyError, MemllmError, MemoryLimitError, StoreError
-from memllm.memory_stores.records import MemoryRecord
+from memllm.errors import BusyError, MemllmError, MemoryLimitError
 from memllm.serve.auth import KeyStore
+from memllm.serve.memory_api import memory_router
+from memllm.serve.metrics import Metrics, route_label
 
 log = logging.getLogger("memllm.serve")
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
@@ -71,48 +73,8 @@ class ChatRequest(BaseModel):
     user: str | None = None
 
 
-class AddRequest(BaseModel):
-    text: str = Field(min_length=1, max_length=100_000)
-    kind: str = "fact"
-    importance: float = Field(default=0.5, ge=0.0, le=1.0)
-
-
-class ImportRequest(BaseModel):
-    records: list[dict[str, Any]]
-
-
-ROUTE_LABELS = ("/v1/chat/completions", "/v1/models", "/v1/memory/", "/healthz", "/metrics")
-
-
-def _route_label(path: str) -> str:
-    """A bounded set of metric labels: the API's routes, every other path counted as "other"."""
-    label = next((r for r in ROUTE_LABELS if path == r or (r.endswith("/") and path.startswith(r))), "other")
-    return label.rstrip("/")
-
-
 def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.tokens = 0
-        self.in_flight = 0
-
-    def count(self, path: str, status: int) -> None:
-        with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-
-    def text(self) -> str:
-        lines = ["# TYPE memllm_requests_total counter"]
-        with self.lock:
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'memllm_requests_total{{path="{path}",status="{status}"}} {n}')
-            lines += ["# TYPE memllm_completion_tokens_total counter", f"memllm_completion_tokens_total {self.tokens}",
-                      "# TYPE memllm_in_flight gauge", f"memllm_in_flight {self.in_flight}"]
-        return "\n".join(lines) + "\n"
 
 
 def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeyStore | None = None,
@@ -143,7 +105,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 resp = await call_next(request)
             finally:
                 metrics.in_flight -= 1
-        metrics.count(_route_label(path), resp.status_code)
+        metrics.count(route_label(path), resp.status_code)
         return resp
 
     @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (bad body, unknown path, method)
@@ -290,78 +252,14 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # ---------------------------------------------------------------- memory API
-    def ns(request: Request, user: str) -> str:
+    def namespace_for(request: Request, user: str) -> str:
         return user_namespace(pick_user(caller(request), user))
 
-    def own(record_id: str, namespace: str) -> MemoryRecord:
-        rec = store.get(record_id)
-        if rec is None or rec.namespace != namespace:
-            raise HTTPException(404, f"record {record_id!r} not found")
-        return rec
-
-    @app.post("/v1/memory/{user}/records", status_code=201)
-    def add(user: str, body: AddRequest, request: Request) -> dict[str, Any]:
-        namespace = ns(request, user)
-        if not body.text.strip():
-            raise HTTPException(400, "text must be non-empty")
-        rec = MemoryRecord(text=body.text, namespace=namespace, kind=body.kind, importance=body.importance)
-        rid = store.add(rec)  # committed before we answer
-        return {"id": rid}
-
-    @app.get("/v1/memory/{user}/records")
-    def list_records(user: str, request: Request, limit: int = 50, kind: str | None = None) -> dict[str, Any]:
-        namespace = ns(request, user)
-        if limit < 1 or limit > 10_000:
-            raise HTTPException(400, "limit must be in 1..10000")
-        recs = store.list(namespace, filters={"kind": kind} if kind else None, limit=limit, newest_first=True)
-        return {"count": store.count(namespace), "records": [r.to_dict() for r in recs[::-1]]}
-
-    @app.get("/v1/memory/{user}/search")
-    def search(user: str, q: str, request: Request, k: int = 5) -> dict[str, Any]:
-        namespace = ns(request, user)
-        if not q.strip() or k < 1 or k > 100:
-            raise HTTPException(400, "q must be non-empty and k in 1..100")
-        hits = store.search(q, k, namespace=namespace)
-        return {"results": [{"record": h.record.to_dict(), "score": float(h.score)} for h in hits]}
-
-    @app.get("/v1/memory/{user}/records/{record_id}")
-    def get(user: str, record_id: str, request: Request) -> dict[str, Any]:
-        return own(record_id, ns(request, user)).to_dict()
-
-    @app.get("/v1/memory/{user}/history")
-    def history(user: str, request: Request, limit: int = 50) -> dict[str, Any]:
-        namespace = ns(request, user)
-        recs = store.list(namespace, filters={"kind": "turn"}, limit=max(1, min(limit, 10_000)), newest_first=True)
-        return {"turns": [r.to_dict() for r in recs[::-1]]}
-
-    @app.delete("/v1/memory/{user}/records/{record_id}")
-    def forget(user: str, record_id: str, request: Request) -> dict[str, Any]:
-        own(record_id, ns(request, user))
-        return {"deleted": store.delete([record_id])}
-
-    @app.delete("/v1/memory/{user}")
-    def forget_all(user: str, request: Request) -> dict[str, Any]:
-        namespace = ns(request, user)
+    def drop_session(user: str) -> None:
         with agents_lock:
-            agent = agents.pop(user, None)
+            agent = agents.pop(user.strip(), None)
         if agent is not None:
             agent.close()
-        return {"deleted": store.delete_namespace(namespace)}
 
-    @app.get("/v1/memory/{user}/export")
-    def export(user: str, request: Request) -> dict[str, Any]:
-        namespace = ns(request, user)
-        recs = store.list(namespace, limit=1_000_000)
-        return {"records": [r.to_dict() for r in recs]}
-
-    @app.post("/v1/memory/{user}/import")
-    def import_records(user: str, body: ImportRequest, request: Request) -> dict[str, Any]:
-        namespace = ns(request, user)
-        try:
-            recs = [MemoryRecord.from_dict({k: v for k, v in r.items() if k != "id"} | {"namespace": namespace}) for r in body.records]
-        except (TypeError, ValueError, KeyError, StoreError) as exc:
-            raise HTTPException(422, f"bad record: {exc}") from exc
-        ids = store.add_many(recs) if recs else []
-        return {"stored": len(ids)}
-
+    app.include_router(memory_router(store, namespace_for, drop_session))
     return app
