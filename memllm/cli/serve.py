@@ -47,6 +47,7 @@ def serve(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Largest max_tokens a request may ask."),
     max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests at once before 429."),
     max_sessions: int = typer.Option(64, "--max-sessions", help="User sessions kept in memory (LRU)."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Chats waiting for the model before 429."),
     memory_tokens: int | None = typer.Option(
         None, "--memory-tokens", min=0, help="Budget for recalled memory per prompt (default: a quarter of the window)."),
     flash_tokens: int | None = typer.Option(
@@ -68,7 +69,7 @@ def serve(
     s = common.open_store(store, with_embedder=True)
     _warm_up(s)
     limits = Limits(max_body_bytes=max_body, max_tokens=max_tokens, max_concurrent=max_concurrent,
-                    max_sessions=max_sessions, memory_tokens=memory_tokens, flash_tokens=flash_tokens)
+                    max_sessions=max_sessions, max_queue=max_queue, memory_tokens=memory_tokens, flash_tokens=flash_tokens)
     app = create_app(llm, s, model_name=model, keys=key_store, limits=limits, memory=memory)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -40,6 +40,7 @@ class Limits:
     max_tokens: int = 512
     max_concurrent: int = 64
     max_sessions: int = 64
+    max_queue: int = 64  # chats waiting for or holding the model before a 429
     memory_tokens: int | None = None  # budget for recalled memory in a prompt (None: a quarter of the window)
     flash_tokens: int | None = None  # budget for recent turns in a prompt (None: half of the window)
 
@@ -77,11 +78,33 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+class Queue:
+    """How many chats wait for or hold the model; over `size`, a new one is refused (429, retry later)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.n, self.lock = size, 0, threading.Lock()
+
+    def check(self) -> None:
+        if self.n >= self.size:
+            raise HTTPException(429, f"{self.n} chats queued for the model (--max-queue {self.size}): retry later",
+                                headers={"Retry-After": "5"})
+
+    def __enter__(self) -> Queue:
+        with self.lock:
+            self.n += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.n -= 1
+
+
 def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeyStore | None = None,
                limits: Limits | None = None, memory: str = "text") -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="memllm", version="1")
     model_lock = threading.Lock()  # one generation at a time on the model
+    queue = Queue(limits.max_queue)
     agents: OrderedDict[str, ChatAgent] = OrderedDict()
     agents_lock = threading.Lock()
     metrics = Metrics()
@@ -110,7 +133,10 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
 
     @app.exception_handler(StarletteHTTPException)  # also FastAPI's own (bad body, unknown path, method)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+        resp = _error(exc.status_code, str(exc.detail), "rate_limited" if exc.status_code == 429 else
+                      "invalid_request_error")
+        resp.headers.update(exc.headers or {})
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -210,6 +236,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         if not message.strip():
             raise HTTPException(400, "the last user message must be non-empty")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        queue.check()
         agent = agent_for(user)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         kwargs = {"stop": stop, "max_new_tokens": max_tokens, "temperature": body.temperature}
@@ -220,7 +247,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             return "length" if n >= budget else "stop"
 
         if not body.stream:
-            with model_lock:
+            with queue, model_lock:
                 text = "".join(agent.stream(message, **kwargs))
                 used = recalled(agent)
                 prompt_tokens = prompt_size(agent, message)
@@ -239,7 +266,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                                               "model": model_name, "choices": [
                                                   {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
             pieces = []
-            with model_lock:
+            with queue, model_lock:  # counted from the first read: a stream never read holds nothing
                 yield chunk({"role": "assistant", "content": ""}, None)
                 for piece in agent.stream(message, **kwargs):
                     pieces.append(piece)

@@ -190,3 +190,41 @@ def test_a_crash_is_a_json_500_without_traceback():
     r = client.get("/v1/memory/alice/search", params={"q": "x"})
     assert r.status_code == 500
     assert r.json()["error"]["code"] == 500 and "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_chats_over_the_queue_bound_get_429_with_retry_after():
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+    from memllm.serve.app import Limits, create_app
+    from tests.fakes import FakeLLM
+
+    release, started = threading.Event(), threading.Event()
+
+    class SlowLLM(FakeLLM):
+        def chat_stream(self, messages, **kwargs):
+            started.set()
+            release.wait(30)
+            yield from super().chat_stream(messages, **kwargs)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FaissStore(tmp + "/memory", FakeEmbedder(dim=16))
+        client = TestClient(create_app(SlowLLM(), store, limits=Limits(max_queue=1)))
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(client.post("/v1/chat/completions", json=body)))
+        t.start()
+        assert started.wait(30)
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "5" and r.json()["error"]["code"] == 429
+        assert client.post("/v1/memory/default/records", json={"text": "not queued"}).status_code == 201
+        release.set()
+        t.join(30)
+        assert first[0].status_code == 200
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # the slot is free again
+        store.close()
