@@ -29,6 +29,7 @@ from memllm.errors import BusyError, MemllmError, MemoryLimitError
 from memllm.serve.auth import KeyStore
 from memllm.serve.memory_api import memory_router
 from memllm.serve.metrics import Metrics, route_label
+from memllm.serve.streaming import GenerationFailed, pieces_from_thread
 
 log = logging.getLogger("memllm.serve")
 LOOPBACK = {"127.0.0.1", "::1", "localhost", "testclient"}
@@ -265,12 +266,20 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                               "model": model_name, "choices": [
                                                   {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+            def produce() -> Iterator[str]:
+                with queue, model_lock:  # counted from the first read: a stream never read holds nothing
+                    yield from agent.stream(message, **kwargs)
+
             pieces = []
-            with queue, model_lock:  # counted from the first read: a stream never read holds nothing
-                yield chunk({"role": "assistant", "content": ""}, None)
-                for piece in agent.stream(message, **kwargs):
+            yield chunk({"role": "assistant", "content": ""}, None)
+            try:
+                for piece in pieces_from_thread(produce):  # one thread for the whole generation
                     pieces.append(piece)
                     yield chunk({"content": piece}, None)
+            except GenerationFailed:
+                yield "data: " + json.dumps({"error": {"message": "generation failed: see the server log",
+                                                       "type": "server_error", "code": 500}}) + "\n\n"
+                return
             n = llm.count_tokens("".join(pieces)) if pieces else 0
             metrics.tokens += n
             yield chunk({}, finish(n))

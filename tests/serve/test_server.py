@@ -228,3 +228,37 @@ def test_chats_over_the_queue_bound_get_429_with_retry_after():
         assert first[0].status_code == 200
         assert client.post("/v1/chat/completions", json=body).status_code == 200  # the slot is free again
         store.close()
+
+
+def test_a_stream_runs_its_generation_in_one_context():
+    """Context memory sets a context variable when a generation starts and resets it at the end; the
+    response's pieces are read from several worker threads, so the generation must run in one of its own."""
+    import contextvars
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+    from memllm.serve.app import create_app
+    from tests.fakes import FakeLLM
+
+    active = contextvars.ContextVar("active", default=None)
+
+    class ContextLLM(FakeLLM):
+        def chat_stream(self, messages, **kwargs):
+            token = active.set(object())
+            try:
+                yield from super().chat_stream(messages, **kwargs)
+            finally:
+                active.reset(token)  # ValueError when another context resumes the generator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FaissStore(tmp + "/memory", FakeEmbedder(dim=16))
+        client = TestClient(create_app(ContextLLM(), store), raise_server_exceptions=False)
+        body = {"messages": [{"role": "user", "content": "one two three four"}], "max_tokens": 16, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            text = "".join(r.iter_text())
+        assert r.status_code == 200 and text.rstrip().endswith("data: [DONE]") and '"error"' not in text
+        assert "four" in text
+        store.close()
