@@ -15,6 +15,7 @@ from memllm.cli.bench import bench_app
 from memllm.cli.chat import chat
 from memllm.cli.memory import memory_app
 from memllm.cli.models import models_app
+from memllm.cli.serve import serve_app
 from memllm.errors import MemllmError
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ app.command(help="Answer questions about documents: read once, ask many, show th
 app.add_typer(models_app, name="models")
 app.add_typer(memory_app, name="memory")
 app.add_typer(bench_app, name="bench")
+app.add_typer(serve_app, name="serve")
 bench_app.command("qa", help="Long-document QA: SQuAD/HotpotQA hidden in distractors; EM/F1 per mode.")(qa_command)
 
 

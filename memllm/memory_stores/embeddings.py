@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -194,9 +195,16 @@ class SentenceTransformerEmbedder:
         self.batch_size = batch_size
         self.precision = precision
         self._model: Any = None
+        self._load_lock = threading.Lock()
         self._dim = _MINILM_DIM if self._path is None else None
 
     def _load(self) -> Any:
+        if self._model is not None:
+            return self._model
+        with self._load_lock:  # threads of a server embedding at once load the model once
+            return self._load_locked()
+
+    def _load_locked(self) -> Any:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
