@@ -9,6 +9,7 @@ manifest, no pickle). `llm` is any object with .model, .tokenizer, .device, .dty
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -67,7 +68,7 @@ class Session:
         """Host bytes one more token of the stream takes in context memory (its K/V in every layer)."""
         s = self.spec
         per = limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
-        return per + (0 if self.text_index is None else int(self.text_index.bytes_per_token() + 0.999))
+        return per + (0 if self.text_index is None else math.ceil(self.text_index.bytes_per_token()))
 
     def work_bytes(self, call_tokens: int) -> int:
         """Host bytes one model call over `call_tokens` new tokens needs while it runs (prefill calls
@@ -127,7 +128,7 @@ class Session:
         if t.shape[1] == 0:
             return
         self.check_room(int(t.shape[1]))
-        self._record(t[0].tolist())
+        self._record(t[0])
         with attach(self.llm.model, cache=self.cache):
             logits = prefill.feed(self.llm.model, self.cache, t, progress)
         self.last_logits = logits
@@ -188,10 +189,11 @@ class Session:
             if forced:
                 self.cache.forced.clear()
 
-    def _record(self, ids: list[int]) -> None:
-        """The text index sees every token the cache is about to take, where the cache takes it."""
+    def _record(self, ids: torch.Tensor | list[int]) -> None:
+        """The text index sees every token the cache is about to take, where the cache takes it
+        (nothing is converted without an index: feed_ids may carry a million ids)."""
         if self.text_index is not None:
-            self.text_index.write(self.cache.seen_tokens, ids)
+            self.text_index.write(self.cache.seen_tokens, ids.tolist() if isinstance(ids, torch.Tensor) else ids)
 
     def select_prompt(
         self,
@@ -223,24 +225,23 @@ class Session:
         if masses is None:
             return False
         score = select.fuse(masses)
-        scores = [score]
+        text = None  # the text index's cosine of each unit with the question ("hybrid", "text")
         if selector in ("hybrid", "text") and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            scores = [score, text]
-        if selector == "text" and len(scores) > 1:
-            ranked = scores[1]
-        elif len(scores) > 1:
-            ranked = select.standardized_sum(scores)
-        else:
+        if text is None:
             ranked = score
+        elif selector == "text":
+            ranked = text
+        else:
+            ranked = select.standardized_sum([score, text])
         chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
         self.last_selection = {
             "units": chosen.tolist(),
             "gold_units": gold,
             "score": score,
-            "text_score": scores[1] if len(scores) > 1 else None,
+            "text_score": text,
             "per_layer": masses,
         }
         return True

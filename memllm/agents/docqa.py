@@ -315,11 +315,8 @@ class DocumentQA:
         self.store = store
         self._embedder = embedder
         if mode in ("kv", "hybrid"):
-            units_text = None  # the "hybrid" selector reads a text index over the units
-            if self.memory.selector == "hybrid":
-                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
-
-                units_text = embedder if embedder is not None else SentenceTransformerEmbedder()
+            # the "hybrid" selector reads a text index over the units (the chunk store's embedder)
+            units_text = self._embedder_or_default() if self.memory.selector == "hybrid" else None
             self.session = llm.session(self.memory, embedder=units_text)
             self.memory = self.session.config
         n_local = self.memory.n_local or 0
@@ -328,6 +325,15 @@ class DocumentQA:
         self.chunk_count = 0
 
     # ------------------------------------------------------------------ text store
+    def _embedder_or_default(self) -> Any:
+        """The embedder given, else the packaged MiniLM (loaded once, shared by the chunk store and
+        the units' text index)."""
+        if self._embedder is None:
+            from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+            self._embedder = SentenceTransformerEmbedder()
+        return self._embedder
+
     def _ensure_store(self, copy_of: Path | None = None) -> Any:
         """The chunk store; without one given, a private FaissStore in a temporary folder, started as
         a copy of the saved store `copy_of` (so that reading more never changes a saved memory, and
@@ -335,14 +341,11 @@ class DocumentQA:
         if self.store is None:
             from memllm.memory_stores.faiss_store import FaissStore
 
-            if self._embedder is None:
-                from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
-
-                self._embedder = SentenceTransformerEmbedder()
+            embedder = self._embedder_or_default()
             self._tmp = private_tempdir("docqa")  # 0700, removed at close (and on SIGTERM by the CLI)
             if copy_of is not None:
                 _copy_store(copy_of, self._tmp / "store")
-            self.store = FaissStore(self._tmp / "store", self._embedder)
+            self.store = FaissStore(self._tmp / "store", embedder)
             self._owns_store = True
         if self.controller is None:
             from memllm.agents.controller import ControllerConfig, MemoryController

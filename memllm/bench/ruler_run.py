@@ -3,10 +3,10 @@ system, score, and report per family and system with the selection diagnostics (
 
 Systems: "full" (the model's own attention over the same ids, one cache per haystack cropped back
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
-question selector, context/select.py); "hybrid" (the question selector with the units a text index
-over the units' text nominates, memllm/unit_text.py, taken in turn); "text" (the text index's units
-alone); "oracle" (the question selector with the gold evidence's units read first). The memllm systems share one read of each haystack (the selector acts at question time
-only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
+question selector, context/select.py); "hybrid" (the question selector's attention mass and the
+cosine of a text index over the units' text, memllm/unit_text.py, standardised and summed); "text"
+(the text index alone); "oracle" (the question selector with the gold evidence's units read first).
+The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
 of each gold unit in the fused score (and in the text index's, `text_rank`). Knows nothing of the CLI.
 """
@@ -55,6 +55,13 @@ def _until_line(tokens: Any, tokenizer: Any, newlines: set[int]) -> list[int]:
     return out
 
 
+def _ranks(score: torch.Tensor, units: Sequence[int]) -> list[int | None]:
+    """Each unit's place (0 = best) when all units are sorted by `score`."""
+    order = torch.argsort(score.float().cpu(), descending=True).tolist()
+    rank = {u: i for i, u in enumerate(order)}
+    return [rank.get(u) for u in units]
+
+
 def ask_memllm(
     session: Session, q: Question, system: str, newlines: set[int], stops: set[int], log_scores: bool = False
 ) -> dict[str, Any]:
@@ -82,14 +89,10 @@ def ask_memllm(
     }  # fmt: skip
     sel = session.last_selection if system != "infllm" else None
     if sel is not None and gold:
-        order = torch.argsort(sel["score"].float().cpu(), descending=True).tolist()
-        rank = {u: i for i, u in enumerate(order)}
-        row["gold_rank"] = [rank.get(u) for u in gold]
+        row["gold_rank"] = _ranks(sel["score"], gold)
         row["chosen"] = sel["units"]
         if sel.get("text_score") is not None:
-            order = torch.argsort(sel["text_score"].float().cpu(), descending=True).tolist()
-            rank = {u: i for i, u in enumerate(order)}
-            row["text_rank"] = [rank.get(u) for u in gold]
+            row["text_rank"] = _ranks(sel["text_score"], gold)
             if log_scores:  # both rankings in full, to compare fusions offline (benchmarks)
                 row["scores"] = {
                     "attention": [float(f"{x:.4g}") for x in sel["score"].float().cpu().tolist()],
