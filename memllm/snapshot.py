@@ -298,8 +298,8 @@ def verify(
         if manifest.get("fingerprint") != mine:
             raise SnapshotError(
                 f"snapshot at {folder} was written with model {manifest.get('model')!r} (weights "
-                f"{str(manifest.get('fingerprint'))[:8]}), not this {getattr(llm, 'name', 'model')!r} "
-                f"(weights {mine[:8]}): restore it with that model"
+                f"{str(manifest.get('fingerprint'))[:8]!r}), not this {getattr(llm, 'name', 'model')!r} "
+                f"(weights {mine[:8]!r}): restore it with that model"
             )
     for entry in manifest.get("files", []):
         path = folder / str(entry.get("name"))
