@@ -7,6 +7,14 @@ one neighbour each side: what `select.choose` does). The cheap signal for choosi
 GPU run answers with it.
 
     python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_128k_hybrid_scores.json.gz
+
+With --suite (the suite file the run read) and --tokenizer (the model's tokenizer directory), the text
+score is recomputed on this machine by a UnitTextIndex with --window tokens per window (MiniLM on
+the CPU, ~30 s per 128K haystack) in place of the logged one: how the text index's granularity was
+chosen.
+
+    python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_128k_hybrid_scores.json.gz \
+        --suite .gpu/suite_qwen_a.json.gz --length 131072 --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights --window 48
 """
 
 from __future__ import annotations
@@ -49,12 +57,38 @@ def _interleave(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 FUSIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "attention (question)": lambda a, t: a,
     "text": lambda a, t: t,
-    "z(a) + z(t) (hybrid)": lambda a, t: select.standardized_sum([a, t]),
-    "z(log a) + z(t)": lambda a, t: _z(torch.log(a.clamp_min(1e-9))) + _z(t),
+    "z(a) + z(t)": lambda a, t: select.standardized_sum([a, t]),
+    "z(log a) + z(t) (hybrid)": lambda a, t: select.standardized_sum([torch.log(a.clamp_min(1e-9)), t]),
     "z(a) + 0.5 z(t)": lambda a, t: _z(a) + 0.5 * _z(t),
     "interleave": _interleave,
     "reciprocal rank (60)": _rrf,
 }
+
+
+def _rescore(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The rows of the suite's haystacks, their text score recomputed by a fresh UnitTextIndex."""
+    from transformers import AutoTokenizer
+
+    from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+    from memllm.unit_text import UnitTextIndex
+
+    with gzip.open(args.suite, "rt") as fh:
+        haystacks = json.load(fh)[args.length]
+    where = {q["id"]: (h, q) for h in haystacks for q in h["questions"]}
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    embedder = SentenceTransformerEmbedder(batch_size=128)
+    indexes: dict[int, UnitTextIndex] = {}
+    out = []
+    for r in rows:
+        if r["id"] not in where:
+            continue
+        hay, q = where[r["id"]]
+        if id(hay) not in indexes:
+            indexes[id(hay)] = UnitTextIndex(embedder, tok, args.n_init, args.block_size, args.window)
+            indexes[id(hay)].write(0, hay["ids"])
+        text = indexes[id(hay)].scores(q["prompt"].strip(), len(r["scores"]["attention"]))
+        out.append({**r, "scores": {**r["scores"], "text": text.tolist()}})
+    return out
 
 
 def main() -> None:
@@ -62,10 +96,18 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--neighbours", type=int, default=1)
+    ap.add_argument("--suite", help="recompute the text score from this suite's haystacks")
+    ap.add_argument("--length", help="the suite's length key (e.g. 131072)")
+    ap.add_argument("--tokenizer", help="the model's tokenizer directory")
+    ap.add_argument("--window", type=int, default=None, help="tokens per window (UnitTextIndex)")
+    ap.add_argument("--n-init", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
     args = ap.parse_args()
     opener = gzip.open if args.path.endswith(".gz") else open
     with opener(args.path, "rt") as fh:
         rows = [r for r in json.load(fh)["rows"] if "scores" in r and r["gold_units"]]
+    if args.suite:
+        rows = _rescore(rows, args)
     hits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     n: collections.Counter = collections.Counter()
     for r in rows:

@@ -207,6 +207,30 @@ def test_standardized_sum_keeps_a_peaked_score_on_top_and_lets_the_other_decide_
         select.standardized_sum([peaked, text[:3]])
 
 
+@pytest.mark.parametrize("block_size,window", [(8, 8), (8, 3), (16, 6), (128, 48), (64, 64)])
+def test_text_index_scores_each_unit_by_its_best_window_as_a_brute_force_scan_does(block_size, window):
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.unit_text import UnitTextIndex
+
+    n_init, n_units = 5, 9
+    idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
+    words = (WORDS.split() * 400)[: (n_init + (n_units + 1) * block_size) // 2]
+    idx.write(0, [ord(c) for c in " ".join(words)][: n_init + (n_units + 1) * block_size])
+    got = idx.scores("tiger lemon", n_units)
+    q = idx.embedder.embed(["tiger lemon"])[0]
+    n_windows = idx.windows_for(n_units)
+    cos = [float(idx._vectors[j].astype("float32") @ q) for j in range(n_windows)]
+    for u in range(n_units):  # every window lying at least half inside the unit, found by scanning
+        lo, hi = n_init + u * block_size, n_init + (u + 1) * block_size
+        inside = [j for j in range(n_windows)
+                  if min(hi, n_init + j * idx.stride + window) - max(lo, n_init + j * idx.stride) >= window // 2]  # fmt: skip
+        assert inside and got[u].item() == pytest.approx(max(cos[j] for j in inside), abs=1e-6)
+    # Every window that a unit's score can use was embedded, and none past the last unit's end.
+    assert n_init + (n_windows - 1) * idx.stride < n_init + n_units * block_size
+    with pytest.raises(ConfigError, match="window"):
+        UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=block_size + 1)
+
+
 def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():
     s = text_session()
     s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
@@ -215,7 +239,7 @@ def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites(
     assert len(idx.ids) == s.cache.seen_tokens and idx.embedded == 0  # reading embeds nothing
     where = (cfg.n_init + 300 + 2 - cfg.n_init) // cfg.block_size  # the unit holding "zebra"
     score = idx.scores("zebra violet", n_units)
-    assert idx.embedded == n_units and int(score.argmax()) in (where - 1, where, where + 1)
+    assert idx.embedded == idx.windows_for(n_units) and int(score.argmax()) in (where - 1, where, where + 1)
     calls = idx.embedder.calls
     with s.answering():  # a question and its answer come and go: no unit is embedded again
         list(s.generate_ids("where is the zebra?", max_new_tokens=3, stop=set(), selector="hybrid"))
