@@ -99,15 +99,25 @@ def run(args: argparse.Namespace) -> None:
             rows += ruler_run.run(llm, [h], sys_n, memory, progress=lambda m: print(m, flush=True), embedder=embedder,
                                   log_scores=args.log_scores)
             if out_path:
-                out_path.write_text(json.dumps({"env": env(args, memory, llm), "rows": rows}, default=str))
+                _write(out_path, {"env": env(args, memory, llm), "rows": rows})
             print(ruler_run.table(ruler_run.summary([r for r in rows if r["length"] == h.length])), flush=True)
         peak = torch.cuda.max_memory_allocated() / 2**30
         print(f"length {n}: {time.time() - t:.1f}s, peak GPU memory {peak:.3f} GiB (reads and questions)", flush=True)
     items = ruler_run.summary(rows)
     if out_path:
-        out_path.write_text(json.dumps({"env": env(args, memory, llm), "summary": items, "rows": rows}, default=str))
+        _write(out_path, {"env": env(args, memory, llm), "summary": items, "rows": rows})
     print(json.dumps(env(args, memory, llm)))
     print(ruler_run.table(items))
+
+
+def _write(path: Path, obj: dict) -> None:
+    """JSON, gzipped when the name ends in .gz (--log-scores at 512K makes files the device cannot return)."""
+    text = json.dumps(obj, default=str)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text)
 
 
 def env(args: argparse.Namespace, memory: MemoryConfig, llm) -> dict:

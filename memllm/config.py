@@ -42,9 +42,9 @@ class MemoryConfig:
     selector: which units a question and its answer read. "question" (the default): the question is
     probed first, every layer scoring all its units by the attention mass the question gives them,
     and the best units (fused over layers, with neighbours) are read by every layer
-    (context/select.py); "hybrid": as "question", with the log of the question's attention mass and
-    the cosine of a text index over short windows of the units' text (memllm/unit_text.py), each
-    standardised, summed
+    (context/select.py); "hybrid": as "question", with the cosine of a text index over short windows
+    of the units' text (memllm/unit_text.py): where the two disagree on the best unit, the log of the
+    attention mass and the cosine, each standardised, summed (select.hybrid)
     (needs a Session with a text index; without one it is "question"); "text": the text index's
     units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
     during prefill.

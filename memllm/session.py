@@ -234,9 +234,7 @@ class Session:
         elif selector == "text":
             ranked = text
         else:
-            # The log of the mass: its heavy tail (a needle's unit holds most of it) would otherwise
-            # set the scale and flatten the text's ranking (measured: RESULTS "Hybrid selection").
-            ranked = select.standardized_sum([score.clamp_min(1e-9).log(), text])
+            ranked = select.hybrid(score, text)
         chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
         self.last_selection = {

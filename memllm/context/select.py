@@ -123,6 +123,23 @@ def standardized_sum(scores: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def hybrid(mass: torch.Tensor, text: torch.Tensor, agree: int = 2) -> torch.Tensor:
+    """The question's fused attention mass and the text index's cosine (n_units,) -> one ranking.
+
+    Where the attention's best unit (or a neighbour of it) is among the text's `agree` best units,
+    both point at the same evidence (a needle found): the attention ranking alone, since the text
+    would add the evidence's near-duplicates (distractor needles), which the model then copies.
+    Elsewhere (a paragraph the question paraphrases, which the attention ranks low) the log of the
+    mass and the cosine, standardised and summed: the log because the mass's heavy tail would
+    otherwise set the scale and flatten the text's ranking. Measured: benchmarks/RESULTS.md,
+    "Hybrid selection"."""
+    best = int(mass.argmax())
+    top_text = torch.argsort(text.float(), descending=True)[:agree].tolist()
+    if any(abs(best - int(u)) <= 1 for u in top_text):
+        return mass
+    return standardized_sum([mass.clamp_min(1e-9).log(), text])
+
+
 def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:
     """The k units to read: `first` (the oracle's gold units), then units by descending score, each
     followed by its `neighbours` on either side (evidence cut across a unit border), then by score
