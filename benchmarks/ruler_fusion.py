@@ -15,6 +15,11 @@ chosen.
 
     python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_128k_hybrid_scores.json.gz \
         --suite .gpu/suite_qwen_a.json.gz --length 131072 --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights --window 48
+
+With --replay-switch: each system's points, and the agreement switch's replayed on the logged answers
+(see replay_switch).
+
+    python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_32k_windows.json.gz --replay-switch
 """
 
 from __future__ import annotations
@@ -92,6 +97,37 @@ def _rescore(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def replay_switch(all_rows: list[dict]) -> None:
+    """Per family, the points of each system of a run whose hybrid rows were the standardised sum
+    alone (commit 8ae7112) with --log-scores, and of the agreement switch (select.hybrid) replayed on
+    them: per question, the question selector's logged answer where attention and text agree
+    (select.agrees: the switch reads exactly the question selector's units), else the hybrid's."""
+    by: dict[str, dict[str, dict]] = collections.defaultdict(dict)
+    for r in all_rows:
+        by[r["id"]][r["system"]] = r
+    points: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    n: collections.Counter = collections.Counter()
+    agreed: collections.Counter = collections.Counter()
+    for systems in by.values():
+        fam = systems["question"]["family"]
+        n[fam] += 1
+        for name, r in systems.items():
+            points[name][fam] += r["score"]
+        h = systems["hybrid"]
+        if "scores" in h:  # the evidence is in memory: the selectors differ
+            ok = select.agrees(torch.tensor(h["scores"]["attention"]), torch.tensor(h["scores"]["text"]))
+            agreed[fam] += ok
+            points["switch (replayed)"][fam] += systems["question"]["score"] if ok else h["score"]
+        else:
+            points["switch (replayed)"][fam] += systems["question"]["score"]
+    fams = sorted(n)
+    print("| system | " + " | ".join(f"{f} ({n[f]})" for f in fams) + " | sum |")
+    print("|---" * (len(fams) + 2) + "|")
+    for name, pts in points.items():
+        print(f"| {name} | " + " | ".join(f"{pts[f]:.1f}" for f in fams) + f" | {sum(pts.values()):.1f} |")
+    print("| questions where attention and text agree | " + " | ".join(str(agreed[f]) for f in fams) + " | |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("path")
@@ -103,10 +139,15 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="tokens per window (UnitTextIndex)")
     ap.add_argument("--n-init", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--replay-switch", action="store_true", help="points of the agreement switch, replayed")
     args = ap.parse_args()
     opener = gzip.open if args.path.endswith(".gz") else open
     with opener(args.path, "rt") as fh:
-        rows = [r for r in json.load(fh)["rows"] if "scores" in r and r["gold_units"]]
+        all_rows = json.load(fh)["rows"]
+    if args.replay_switch:
+        replay_switch(all_rows)
+        return
+    rows = [r for r in all_rows if "scores" in r and r["gold_units"]]
     if args.suite:
         rows = _rescore(rows, args)
     hits: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

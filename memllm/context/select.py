@@ -133,11 +133,15 @@ def hybrid(mass: torch.Tensor, text: torch.Tensor, agree: int = 2) -> torch.Tens
     mass and the cosine, standardised and summed: the log because the mass's heavy tail would
     otherwise set the scale and flatten the text's ranking. Measured: benchmarks/RESULTS.md,
     "Hybrid selection"."""
-    best = int(mass.argmax())
-    top_text = torch.argsort(text.float(), descending=True)[:agree].tolist()
-    if any(abs(best - int(u)) <= 1 for u in top_text):
+    if agrees(mass, text, agree):
         return mass
     return standardized_sum([mass.clamp_min(1e-9).log(), text])
+
+
+def agrees(mass: torch.Tensor, text: torch.Tensor, agree: int = 2) -> bool:
+    """Whether the attention's best unit, or a neighbour of it, is among the text's `agree` best."""
+    best = int(mass.argmax())
+    return any(abs(best - int(u)) <= 1 for u in torch.argsort(text.float(), descending=True)[:agree].tolist())
 
 
 def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:

@@ -231,6 +231,21 @@ def test_text_index_scores_each_unit_by_its_best_window_as_a_brute_force_scan_do
         UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=block_size + 1)
 
 
+def test_hybrid_keeps_the_attention_ranking_where_text_agrees_and_fuses_where_it_does_not():
+    g = torch.Generator().manual_seed(0)
+    mass = torch.rand(64, generator=g) * 0.01
+    mass[20] = 1.0  # the question's attention on a needle
+    text = torch.rand(64, generator=g) * 0.2
+    text[[21, 40, 41]] = torch.tensor([0.9, 0.85, 0.8])  # the needle (a neighbour of 20) and its near-duplicates
+    assert select.agrees(mass, text)
+    assert torch.equal(select.hybrid(mass, text), mass)  # the near-duplicates are not added
+    text[21] = 0.3  # the text's best units are elsewhere: a paragraph the attention ranks low
+    assert not select.agrees(mass, text)
+    fused = select.hybrid(mass, text)
+    torch.testing.assert_close(fused, select.standardized_sum([mass.log(), text]))
+    assert set(select.choose(fused, 6, 1).tolist()) >= {20, 40, 41}
+
+
 def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():
     s = text_session()
     s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
