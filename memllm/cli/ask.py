@@ -108,8 +108,9 @@ class _Progress:
             self.bar = None
 
 
-def _embedder_for(mode: str) -> Any:
-    return common.load_embedder() if mode in ("text", "hybrid") else None
+def _embedder_for(mode: str, selector: str | None = None) -> Any:
+    """The chunk store's embedder (text, hybrid modes), also the units' text index (hybrid selector)."""
+    return common.load_embedder() if mode in ("text", "hybrid") or selector == "hybrid" else None
 
 
 @common.fail_on_error
@@ -118,6 +119,11 @@ def ask(
     question: list[str] = typer.Option([], "--question", "-q", help="A question (repeat for more)."),
     questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
     mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
+    selector: str | None = typer.Option(
+        None, "--selector", metavar="question|hybrid",
+        help="Which units a question reads (kv, hybrid modes): question (its attention, the default) or hybrid "
+        "(also a text index over the units: more QA answers on long text, see the README).",
+    ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
@@ -133,6 +139,13 @@ def ask(
     questions = read_questions(question, questions_file)
     if mode is not None and mode not in MODES[:3]:
         raise ConfigError(f"--mode must be kv, text or hybrid, got {mode!r}")
+    if selector is not None:
+        if selector not in ("question", "hybrid"):
+            raise ConfigError(f"--selector must be question or hybrid, got {selector!r}")
+        if memory is not None:
+            raise ConfigError("--selector applies when documents are read: a saved --memory keeps its own")
+        if mode == "text":
+            raise ConfigError("--selector applies to --mode kv or hybrid (text mode reads no memory units)")
     if not files and memory is None:
         raise ConfigError("give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier")
     if not questions and save_memory is None:
@@ -147,13 +160,15 @@ def ask(
 
     docs = [read_document(f) for f in files]  # bounded reads, refused before the model loads
     with common.exit_on_sigterm():
-        _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json)
+        _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json, selector)
 
 
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
-         as_json: bool) -> None:  # fmt: skip
-    from memllm.agents.docqa import DocumentQA
+         as_json: bool, selector: str | None = None) -> None:  # fmt: skip
+    from dataclasses import replace
+
+    from memllm.agents.docqa import DocumentQA, default_memory
 
     llm = common.load_llm(model, device)
     if memory is not None:
@@ -167,7 +182,10 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
-        qa = DocumentQA(llm, mode, embedder=_embedder_for(mode), max_new_tokens=max_new_tokens)
+        config = None
+        if selector is not None:
+            config = replace(getattr(llm, "memory", None) or default_memory(llm.trained_len), selector=selector)
+        qa = DocumentQA(llm, mode, memory=config, embedder=_embedder_for(mode, selector), max_new_tokens=max_new_tokens)
     try:
         if files:
             bar = _Progress("reading")

@@ -128,6 +128,26 @@ def test_save_memory_then_answer_without_the_document(cli, tiny_llm, tmp_path):
     )
 
 
+def test_selector_option_reads_a_text_index_and_answers_as_the_library_does(cli, tiny_llm, tmp_path):
+    from dataclasses import replace
+
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 7?", "--selector", "hybrid", "--json"])
+    assert result.exit_code == 0, result.output
+    memory = replace(docqa_mod.default_memory(tiny_llm.trained_len), selector="hybrid")
+    qa = DocumentQA(tiny_llm, "kv", memory=memory, embedder=FakeEmbedder())
+    qa.read(str(doc))
+    try:
+        assert qa.session.text_index is not None
+        want = qa.ask("What color is box 7?").to_dict()
+    finally:
+        qa.close()
+    got = json.loads(result.stdout)
+    got.pop("seconds"), want.pop("seconds")
+    assert got == want
+
+
 def test_stdin_document(cli, tiny_llm):
     result = runner.invoke(app, ["ask", "-", "-q", "What color is box 1?", "--mode", "text", "--no-evidence"],
                            input=boxes_text(6))  # fmt: skip
@@ -143,6 +163,11 @@ def test_stdin_document(cli, tiny_llm):
         (["ask", "-q", "why?"], 2, "give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier"),
         (["ask", "DOC"], 2, "give questions with -q/--questions (or --save-memory PATH to only read)"),
         (["ask", "DOC", "-q", "why?", "--mode", "full"], 2, "--mode must be kv, text or hybrid, got 'full'"),
+        (["ask", "DOC", "-q", "why?", "--selector", "best"], 2, "--selector must be question or hybrid, got 'best'"),
+        (["ask", "DOC", "-q", "why?", "--mode", "text", "--selector", "hybrid"], 2,
+         "--selector applies to --mode kv or hybrid (text mode reads no memory units)"),
+        (["ask", "--memory", "NOWHERE", "-q", "why?", "--selector", "hybrid"], 2,
+         "--selector applies when documents are read: a saved --memory keeps its own"),
         (["ask", "--memory", "NOWHERE", "-q", "why?"], 7,
          "no document memory at NOWHERE: expected docqa.json (written by --save-memory)"),
         (["ask", "EMPTY", "-q", "why?"], 7, "EMPTY is empty: nothing to read"),

@@ -282,7 +282,7 @@ def test_kv_with_the_hybrid_selector_reads_a_text_index_over_the_units(tiny_llm)
     before = memory_state(qa)
     first = qa.ask(QUESTIONS[0])
     sel = qa.session.last_selection
-    assert sel is not None and sel["text_score"] is not None and index.embedded == len(sel["text_score"])
+    assert sel is not None and sel["text_score"] is not None and index.embedded == index.windows_for(len(sel["text_score"]))
     assert len(sel["units"]) == qa.memory.topk
     again = qa.ask(QUESTIONS[0])
     after = memory_state(qa)
