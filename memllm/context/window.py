@@ -47,6 +47,43 @@ def local_attention(
     return out, lse, received
 
 
+def local_attention_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, scale: float, compute: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """local_attention's contract through PyTorch's fused CPU attention (flash attention for the CPU,
+    which returns the log-sum-exp). Per execution block, two fused calls without a mask tensor: the
+    keys before the block's own (seen by every row) and the block's own keys (causal, a square), merged
+    by their log-sum-exps; `received` from the logits less the merged lse, in place (no PV product, no
+    separate log-sum-exp pass). The CPU path of impl "fast" (kernels.TorchKernels); the same numbers
+    as the loop within fp32 rounding (tests/context/test_window.py)."""
+    heads, c, d = q.shape
+    kvh, n_keys = k.shape[0], k.shape[1]
+    g = heads // kvh
+    W = plan.window
+    out = torch.empty(heads, c, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(heads, c, dtype=torch.float32, device=q.device)
+    received = torch.zeros(kvh, n_keys, dtype=torch.float32, device=q.device)
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    k_h = k.to(compute).repeat_interleave(g, 0)[None]  # (1, heads, keys, d): the fused call has no GQA
+    v_h = v.to(compute).repeat_interleave(g, 0)[None]
+    for b in plan.blocks:
+        n, own = b.q1 - b.q0, W + b.q0  # the block's own keys: [own, own + n)
+        qb = q[:, b.q0 : b.q1].to(compute)[None]
+        o_b, lse_b = fused(qb, k_h[:, :, own : own + n], v_h[:, :, own : own + n], is_causal=True, scale=scale)[:2]
+        o_b, lse_b = o_b[0].float(), lse_b[0].float()
+        if own > b.lo:  # the earlier keys its queries see, all of them
+            o_p, lse_p = fused(qb, k_h[:, :, b.lo : own], v_h[:, :, b.lo : own], scale=scale)[:2]
+            o_b = merge(o_b, lse_b, o_p[0].float(), lse_p[0].float())
+            lse_b = torch.logaddexp(lse_b, lse_p[0].float())
+        out[:, b.q0 : b.q1] = o_b
+        lse[:, b.q0 : b.q1] = lse_b
+        p = torch.baddbmm(-lse_b.reshape(kvh, g * n, 1), qb[0].float().reshape(kvh, g * n, d),
+                          k[:, b.lo : own + n].float().transpose(1, 2), alpha=scale).exp_()  # fmt: skip
+        p[:, :, own - b.lo :].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(g, 1), 0.0)
+        received[:, b.lo : own + n] += p.sum(dim=1)
+    return out, lse, received
+
+
 def joined_memory(
     sink_k: torch.Tensor,
     sink_v: torch.Tensor,

@@ -55,6 +55,20 @@ def test_local_loop_equals_dense(state):
     torch.testing.assert_close(recv.double(), want_recv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("state", STATES)
+def test_fused_cpu_local_pass_equals_the_loop(state):
+    from memllm.context.window import local_attention_fused
+
+    gen = torch.Generator().manual_seed(state[0] + 1)
+    plan = plan_call(*state, MEM.resolved(512))
+    W, c = plan.window, plan.c
+    q, k, v = rand(gen, 6, c, 16), rand(gen, 2, W + c, 16), rand(gen, 2, W + c, 16)
+    got = local_attention_fused(q, k, v, plan, 0.25, torch.float32)
+    want = local_attention(q, k, v, plan, 0.25, torch.float32)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_equals_one_softmax():
     gen = torch.Generator().manual_seed(0)
     q, k, v = rand(gen, 4, 5, 8), rand(gen, 2, 30, 8), rand(gen, 2, 30, 8)
