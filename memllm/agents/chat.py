@@ -210,6 +210,9 @@ class ChatAgent:
         for rec in self.store.list(self.controller.namespace, filters={"kind": "turn"}):
             role = rec.metadata.get("role")
             if role == "user":
+                if pending is not None:  # its answer was not kept: the turn stays, without one
+                    self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+                    self.kv_turns += 1
                 pending = rec.text
             elif role == "assistant" and pending is not None:
                 turn = [{"role": "user", "content": pending}]
@@ -218,6 +221,9 @@ class ChatAgent:
                 self._close_turn(turn, rec.text)
                 self.kv_turns += 1
                 pending = None
+        if pending is not None:
+            self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+            self.kv_turns += 1
 
     def repair(self) -> dict[str, Any]:
         """Rebuild this user's kv memory from their text records, whatever its snapshot holds, and save
@@ -263,15 +269,15 @@ class ChatAgent:
     def _system_msgs(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
 
-    def _segment(self, turn: list[dict[str, str]]) -> str:
+    def _segment(self, turn: list[dict[str, str]], generation: bool = True) -> str:
         """The chat-template text of `turn` as a continuation of the stream (system prompt only once:
         what follows an earlier exchange, whatever system prompt the template writes by default)."""
         system = self._system_msgs()
         if self.session.cache.seen_tokens == 0:
-            return self._render(system + turn, True)
+            return self._render(system + turn, generation)
         before = [*system, {"role": "user", "content": "."}, {"role": "assistant", "content": "."}]
         prefix = self._render(before, False)
-        full = self._render(before + turn, True)
+        full = self._render(before + turn, generation)
         if not full.startswith(prefix):
             raise UnsupportedModelError(
                 f"the chat template of {getattr(self.llm, 'name', 'this model')} does not render turns "
@@ -295,6 +301,23 @@ class ChatAgent:
             self.session.feed(tail[len(answer) :])
         else:
             self.session.feed_ids([self.llm.tokenizer.eos_token_id])
+
+    def _close_kv_turn(self, turn: list[dict[str, str]], answer: str, why: str | None, before: tuple) -> None:
+        """Close the turn in the kv stream. An answer unfit to be remembered (`why`: the text memory's
+        rule, _unfit) is rolled out of the stream and the user's turn stays, closed without an answer:
+        a degenerate answer left in the stream is what the model copies in every later turn (issue 18:
+        'I'm so sorry to hear that.' repeated, 0/10 recalled)."""
+        if why is None:
+            self._close_turn(turn, answer)
+            return
+        self.session.cache.rollback(before[0])
+        self.session.last_logits = before[1]
+        self.session.feed(self._segment(turn, generation=False))
+
+    @staticmethod
+    def _unfit(answer: str, finished: bool) -> str | None:
+        """Why an answer is not remembered (in the text memory, nor in the kv stream), or None."""
+        return "interrupted" if not finished else degenerate(answer) if answer else "empty"
 
     @staticmethod
     def default_controller_config(window: int, max_new_tokens: int) -> ControllerConfig:
@@ -388,7 +411,8 @@ class ChatAgent:
                 self.session.cache.rollback(before[0])
                 self.session.last_logits = before[1]
             elif self.session is not None:
-                self._close_turn(turn, shown)
+                why = self._unfit(shown.strip(), finished)
+                self._close_kv_turn(turn, shown, why, before)
                 self.kv_turns += 1
                 self._unsaved = True
             self._store_turn(text, shown.strip(), finished and not interrupted)
@@ -403,7 +427,7 @@ class ChatAgent:
             at = turn.created_at if turn is not None else None
             for fact in self.extract(text):
                 self.facts.add(fact, at=at, evidence=turn_id)
-        why = "interrupted" if not finished else degenerate(answer) if answer else "empty"
+        why = self._unfit(answer, finished)
         if why is None:
             self.controller.remember(answer, kind="turn", role="assistant")
         else:

@@ -264,6 +264,44 @@ def test_kv_segment_renders_system_once(tiny_llm, store):
     assert custom._segment([{"role": "user", "content": "b"}]) == later
 
 
+def _answering_with(agent, answer):
+    """The session answers `answer` whatever the model would: the turn's tokens and the answer's go
+    into the stream as generate() puts them there."""
+
+    def generate(ids, max_new_tokens=32, guard=None):
+        agent.session.feed_ids(ids)
+        agent.session.feed(answer)
+        yield answer
+
+    agent.session.generate = generate
+
+
+def test_kv_stream_keeps_no_degenerate_answer(tiny_llm, store):
+    # Issue 18: a looping answer left in the kv stream is copied by the model in every later turn
+    # (the default model answered "I'm so sorry to hear that." repeated to all ten questions).
+    agent = kv_agent(tiny_llm, store, "dot", "kv")
+    _answering_with(agent, "I'm so sorry to hear that. " * 4)
+    agent.chat("I live in Lisbon.")
+    assert agent.skipped[0].startswith("repeats itself")
+    # The stream holds the user's turn, closed, and nothing of the answer: as if fed alone.
+    closed = "<|im_start|>user\nI live in Lisbon.<|im_end|>\n"
+    ref = tiny_llm.session(tiny_context())
+    ref.feed(closed)
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
+    # A fit answer stays, closed as the template closes it.
+    _answering_with(agent, "Lisbon is lovely.")
+    agent.chat("I drive a Volvo.")
+    ref.feed("<|im_start|>user\nI drive a Volvo.<|im_end|>\n<|im_start|>assistant\nLisbon is lovely.<|im_end|>\n")
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
+    # Rebuilt from the text memory (repair), the stream is the same.
+    agent.repair()
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-4)
+    agent.close()
+
+
 def test_stop_strings_cut_the_answer_and_interrupted_answers_are_not_stored(store):
     agent = ChatAgent(FakeLLM(), store, user="uma", summarize=False)
     pieces = list(agent.stream("one two three", stop=[" three"]))

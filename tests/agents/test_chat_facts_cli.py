@@ -51,8 +51,11 @@ def correct(answers: list[dict]) -> list[bool]:
 
 
 KV_FAILS = pytest.mark.xfail(
-    reason="measured 0/10 on main (2ab501a, CPU): with the dialogue streamed into context memory the default "
-    "model answers 'I'm so sorry to hear that.' repeated; issue 18 stays open on it",
+    reason="measured 0/10 on main (2ab501a, CPU): 'I'm so sorry to hear that.' repeated, copied from a looping "
+    "answer kept in the kv stream. With degenerate answers rolled out of the stream (a6d0a69) still 0/10 "
+    "(hybrid through this test; kv in-process, same code path): every answer now copies the first, fluent "
+    "but unhelpful one ('I'm sorry for any confusion. I'm here to assist you...'); the same ids through "
+    "plain transformers generate give the same answers, so the model, not the KV path; issue 18 stays open",
     strict=False,
 )
 
