@@ -7,7 +7,7 @@ custom one), where the memory goes (before the question in the user's turn / aft
 message), how each fact is written (a short dated fact / plain / the user's raw turn with a time
 stamp, as before issue 18 / second person), k, and recent turns placed before the question.
 
-    python benchmarks/chat_prompt_probe.py [--out benchmarks/chat_prompt_probe.json]
+    python benchmarks/chat_prompt_probe.py [--out benchmarks/results/chat_prompt_probe.json]
 
 Prints one line per layout: correct answers out of 10 (the value appears in the answer).
 """

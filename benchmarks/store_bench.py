@@ -16,7 +16,7 @@ What it does, exactly:
    text (MiniLM query embedding included), recall@10 of the store against exact brute force over all
    N vectors, and the time to reopen the store and answer a first search (index file read + checksum).
 
-    python benchmarks/store_bench.py --sizes 10000,100000,1000000 --out benchmarks/store_bench.json
+    python benchmarks/store_bench.py --sizes 10000,100000,1000000 --out benchmarks/results/store_bench.json
 """
 
 from __future__ import annotations

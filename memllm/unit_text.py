@@ -7,7 +7,7 @@ n_init on). A question's text is embedded, scored against every window (cosine),
 is the best of the windows that lie at least half inside it: a needle sentence or the sentence that
 answers a question is scored on its own, not diluted by the rest of its unit's text (embedding whole
 units found the gold units of 0.45 of the 128K suite's questions, windows of 48 tokens 0.83:
-benchmarks/RESULTS.md, "Hybrid selection"). The question selector (context/select.py) reads the
+benchmarks/RESULTS.md, "The text index by windows"). The question selector (context/select.py) reads the
 units this nominates beside those the question's attention finds. Windows are embedded lazily, when
 a question needs their scores, so reading a document costs nothing here; a rollback
 (Session.answering) that rewrites the stream drops the vectors of the windows it touched.

@@ -132,7 +132,7 @@ def hybrid(mass: torch.Tensor, text: torch.Tensor, agree: int = 2) -> torch.Tens
     Elsewhere (a paragraph the question paraphrases, which the attention ranks low) the log of the
     mass and the cosine, standardised and summed: the log because the mass's heavy tail would
     otherwise set the scale and flatten the text's ranking. Measured: benchmarks/RESULTS.md,
-    "Hybrid selection"."""
+    "The text index by windows"."""
     if agrees(mass, text, agree):
         return mass
     return standardized_sum([mass.clamp_min(1e-9).log(), text])

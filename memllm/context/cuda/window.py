@@ -37,7 +37,7 @@ BM, BN = 64, 64  # default query rows and keys per tile (local and memory passes
 # Launch configurations, in one place for sweeps (benchmarks/profile_gpu.py's kernel_sweep). LOCAL and
 # MEMORY: tile sizes, warps and pipeline stages of the local and memory passes. RECEIVED's ROWS: rows
 # per split (a multiple of BM). Chosen by that sweep on an H100 (triton 3.6, do_bench medians, one
-# steady call: c 3584, W 4480, bf16; benchmarks/profiles/profile_gpu_kernels_run10.json): local +
+# steady call: c 3584, W 4480, bf16; benchmarks/results/profiles/profile_gpu_kernels_run10.json): local +
 # received 227 us at LOCAL 64 x 128 (249 us at 64 x 64, 230 us at 128 x 64); received alone 97 us at
 # BN 64 (119 us at BN 32, 199 us at BM 128); memory 65 us at 64 x 64 (86 us at 64 x 128). The kernels
 # before the unmasked runs took 294 us for local + received at their best tiles.
