@@ -37,7 +37,9 @@ class MemoryConfig:
     chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer;
     reserved: the context memory has no device LRU yet and reads units from pinned host memory).
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
-    impl: "fast" (device-side lookup and gathers) or "reference" (plain PyTorch, what tests compare with).
+    impl: "fast" (device-side lookup and gathers; on the CPU, PyTorch's fused attention for the window and
+    the window keys' received scores deferred until a cut needs them) or "reference" (plain PyTorch, what
+    tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
     selector: which units a question and its answer read. "question" (the default): the question is
     probed first, every layer scoring all its units by the attention mass the question gives them,

@@ -45,13 +45,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.config import MemoryConfig
-from memllm.context.kernels import TorchKernels, kernels_for, unit_writer
+from memllm.context.kernels import FUSED_CPU_MIN, TorchKernels, kernels_for, unit_writer
 from memllm.context.lookup import block_query_sums
 from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.select import ForcedUnits, Probe, unit_mass
 from memllm.context.support import ModelSpec
 from memllm.context.units import UnitStore
+from memllm.context.window import received_scores
 from memllm.errors import ConfigError
 
 
@@ -110,6 +111,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.base = 0  # absolute index of window position 0: local key j is kept rotated at j - base
         self.cut = False  # phase 2 once a unit has been cut
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Calls whose received scores are not yet in local_score (kernels.defers_scores, before the first
+        # cut): per call, q (heads, c, d) fp32 at window positions first.., lse (heads, c), first, scale.
+        self.deferred: tuple[tuple[torch.Tensor, torch.Tensor, int, float], ...] | None = None
         self.plans = (
             plans if plans is not None else PlanMemo(config)
         )  # shared by all layers: one schedule per call
@@ -187,14 +191,28 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.check_positions(c)
         n_prev = self.local_k.shape[1]
         plan = self.plans.get(self.seen, n_prev, self.cut, self.store.n_units, c)
-        if self.seen + c - 1 - self.base >= self.spec.trained_len:
+        rebase = self.seen + c - 1 - self.base >= self.spec.trained_len
+        # Received scores may stay deferred while nothing reads them and no window key moves or leaves;
+        # a short call (a decoded token) adds its own at once, beside the deferred ones (a sum).
+        can_defer = (
+            getattr(self.kernels, "defers_scores", False) and not self.cut and not rebase and plan.n_cut == 0
+            and plan.sinks_from is None and not plan.memory_blocks and plan.keep_from == 0
+            and all(b.lo == 0 for b in plan.blocks)
+        )  # fmt: skip
+        if not can_defer:
+            self.flush_scores()
+        defer = can_defer and c >= FUSED_CPU_MIN
+        if rebase:
             self._rebase(self.seen - n_prev)
         q, k, v = query[0], key[0], value[0].to(self.dtype)
         # Model position -> window position: one angle for the whole call.
         angle = self.seen - self.base - model_start
-        out, lse, k_all, v_all, score = self.local_pass(
-            q, k, v, plan, angle, scale, self.local_k, self.local_v, self.local_score
-        )
+        if defer:
+            out, lse, k_all, v_all, score = self.local_pass_deferred(q, k, v, plan, angle, scale)
+        else:
+            out, lse, k_all, v_all, score = self.local_pass(
+                q, k, v, plan, angle, scale, self.local_k, self.local_v, self.local_score
+            )
         first = plan.seen - plan.window - self.base  # position of window key 0
         if plan.n_cut:
             self.store.append_many(*self.cut_units(plan, k_all, v_all, score, first))
@@ -246,6 +264,31 @@ class ContextMemoryLayer(CacheLayerMixin):
         score = received  # a fresh tensor: the window's earlier scores are added in place
         score[:, : local_score.shape[1]] += local_score
         return out, lse, k_all, v_all, score
+
+    def local_pass_deferred(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, angle: int, scale: float
+    ) -> tuple[torch.Tensor, ...]:
+        """local_pass without the received scores: the call's queries join `deferred` (their scores are
+        added by flush_scores, before anything reads them: a cut, a rebase, a snapshot). Exact: the keys
+        a deferred query saw are all still in the window, unmoved, until that flush."""
+        rot = self.rotary
+        k_all = self.kernels.join_keys(rot, self.local_k, k, 0, angle, self.dtype)
+        v_all = torch.cat([self.local_v, v], dim=1)
+        out, lse, q_loc = self.kernels.local_attention_deferred(rot, q, angle, k_all, v_all, plan, scale, self.dtype)
+        pad = torch.zeros(self.local_score.shape[0], plan.c, dtype=torch.float32, device=self.local_score.device)
+        score = torch.cat([self.local_score, pad], dim=1)
+        self.deferred = (*(self.deferred or ()), (q_loc, lse, plan.window, scale))  # a new tuple: checkpoints
+        return out, lse, k_all, v_all, score
+
+    def flush_scores(self) -> None:
+        """Add the deferred queries' received scores to local_score (a new tensor: checkpoints hold the old)."""
+        if self.deferred is None:
+            return
+        score = self.local_score.clone()
+        for q, lse, first, scale in self.deferred:
+            score += received_scores(q, lse, self.local_k, first, scale)
+        self.local_score = score
+        self.deferred = None
 
     def cut_units(
         self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, first: int
@@ -362,7 +405,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         return {
             "sink_k": self.sink_k, "sink_v": self.sink_v, "local_k": local[0], "local_v": local[1],
             "local_score": local[2], "seen": self.seen, "cut": self.cut, "n_units": self.store.n_units,
-            "base": self.base,
+            "base": self.base, "deferred": self.deferred,
         }  # fmt: skip
 
     def empty_checkpoint(self) -> dict:
@@ -377,6 +420,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = cp["sink_k"], cp["sink_v"]
         self.local_k, self.local_v, self.local_score = cp["local_k"], cp["local_v"], cp["local_score"]
         self.seen, self.cut, self.base = cp["seen"], cp["cut"], cp["base"]
+        self.deferred = cp.get("deferred")
         self.static_views = False
         self.store.truncate(cp["n_units"])
 
@@ -385,9 +429,12 @@ class ContextMemoryLayer(CacheLayerMixin):
             t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.local_k, self.local_v)
         )
         window += self.local_score.numel() * 4
+        for q, lse, _, _ in self.deferred or ():
+            window += q.numel() * q.element_size() + lse.numel() * lse.element_size()
         return {"window": window, "index": self.store.device_bytes()}
 
     def state(self) -> dict[str, torch.Tensor]:
+        self.flush_scores()
         out = {name: t.to("cpu").contiguous() for name, t in self.checkpoint().items() if torch.is_tensor(t)}
         out.update({f"units.{name}": t for name, t in self.store.state().items()})
         return out
@@ -397,6 +444,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = state["sink_k"].to(dev), state["sink_v"].to(dev)
         self.local_k, self.local_v = state["local_k"].to(dev), state["local_v"].to(dev)
         self.local_score = state["local_score"].to(dev)
+        self.deferred = None
         self.seen, self.cut, self.base = seen, cut, base
         self.static_views = False
         self.store.load_state({k[len("units.") :]: t for k, t in state.items() if k.startswith("units.")})

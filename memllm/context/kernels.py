@@ -39,8 +39,9 @@ def unit_writer(device: torch.device) -> Callable[..., None] | None:
 
 
 # Calls of at least this many tokens take the fused CPU local pass (window.local_attention_fused); shorter
-# ones (a decoded token: 49.5 vs 32.0 ms for the loop at a 3,584-key window) the loop.
-FUSED_CPU_MIN = 16
+# ones the loop. At a 3,584-key window, per layer (SmolLM2's heads): 1 token 1.3 vs 0.8 ms for the loop,
+# 30 tokens 7.2 vs 6.4, 64 tokens 12.8 vs 12.6, 512 tokens 94 vs 226 (benchmarks/results/cpu_local_pass.md).
+FUSED_CPU_MIN = 64
 
 
 class TorchKernels:
@@ -48,8 +49,11 @@ class TorchKernels:
 
     fast = False
 
-    def __init__(self, impl: str = "reference"):
+    def __init__(self, impl: str = "reference", device: torch.device | str = "cpu"):
         self.impl = impl
+        # CPU "fast": the window keys' received scores may be deferred (cache.flush_scores), as plain
+        # attention never computes them: a stream within the window costs what plain attention costs.
+        self.defers_scores = impl == "fast" and torch.device(device).type == "cpu"
 
     def rotated(
         self, rot: Rotary, x: torch.Tensor, start: int, step: int, dtype: torch.dtype, per_row: bool = True
@@ -74,6 +78,16 @@ class TorchKernels:
         if self.impl == "fast" and q.device.type == "cpu" and plan.c >= FUSED_CPU_MIN:  # PyTorch's fused CPU attention
             return local_attention_fused(q_loc, k_all, v_all, plan, scale, torch.float32)
         return local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
+
+    def local_attention_deferred(
+        self, rot: Rotary, q: torch.Tensor, angle: int, k_all: torch.Tensor, v_all: torch.Tensor,
+        plan: CallPlan, scale: float, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The local pass without the received scores: out, lse and the queries at window positions
+        (fp32), from which window.received_scores gives the scores later."""
+        q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
+        out, lse, _ = local_attention_fused(q_loc, k_all, v_all, plan, scale, torch.float32, with_received=False)
+        return out, lse, q_loc
 
     def write_cut(
         self, layer: Any, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor,
@@ -255,7 +269,7 @@ def kernels_for(impl: str, device: torch.device | str) -> TorchKernels:
     """CudaKernels for impl "fast" on a CUDA device, else TorchKernels(impl)."""
     if impl == "fast" and torch.device(device).type == "cuda":
         return CudaKernels()
-    return TorchKernels(impl)
+    return TorchKernels(impl, device)
 
 
 def choose_units(

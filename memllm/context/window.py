@@ -47,9 +47,35 @@ def local_attention(
     return out, lse, received
 
 
+def received_scores(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, first: int, scale: float) -> torch.Tensor:
+    """The attention that keys k (kv_heads, n, d) received from queries q (heads, m, d) at window
+    positions first, first + 1, ... that saw every key up to their own (no key had left the window),
+    given the queries' log-sum-exp (heads, m) -> (kv_heads, n) fp32, summed over queries and the heads
+    sharing a KV head. What local_attention's `received` adds up, computed later (deferred scores)."""
+    heads, m, d = q.shape
+    kvh, n = k.shape[0], k.shape[1]
+    g = heads // kvh
+    out = torch.zeros(kvh, n, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for lo in range(0, m, 512):
+        hi = min(m, lo + 512)
+        rows = hi - lo
+        top = min(n, first + hi)  # keys the block's queries saw
+        qb = q[:, lo:hi].float().reshape(kvh, g * rows, d)
+        p = torch.baddbmm(-lse[:, lo:hi].float().reshape(kvh, g * rows, 1), qb, kf[:, :top].transpose(1, 2),
+                          alpha=scale).exp_()  # fmt: skip
+        own = first + lo  # the block's first query's own key
+        if own < top:
+            hidden = torch.ones(rows, top - own, dtype=torch.bool, device=q.device).triu_(1)
+            p[:, :, own:].masked_fill_(hidden.repeat(g, 1)[None], 0.0)
+        out[:, :top] += p.sum(dim=1)
+    return out
+
+
 def local_attention_fused(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, scale: float, compute: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CallPlan, scale: float, compute: torch.dtype,
+    with_received: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """local_attention's contract through PyTorch's fused CPU attention (flash attention for the CPU,
     which returns the log-sum-exp). Per execution block, two fused calls without a mask tensor: the
     keys before the block's own (seen by every row) and the block's own keys (causal, a square), merged
@@ -62,7 +88,7 @@ def local_attention_fused(
     W = plan.window
     out = torch.empty(heads, c, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(heads, c, dtype=torch.float32, device=q.device)
-    received = torch.zeros(kvh, n_keys, dtype=torch.float32, device=q.device)
+    received = torch.zeros(kvh, n_keys, dtype=torch.float32, device=q.device) if with_received else None
     fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     k_h = k.to(compute).repeat_interleave(g, 0)[None]  # (1, heads, keys, d): the fused call has no GQA
     v_h = v.to(compute).repeat_interleave(g, 0)[None]
@@ -77,11 +103,13 @@ def local_attention_fused(
             lse_b = torch.logaddexp(lse_b, lse_p[0].float())
         out[:, b.q0 : b.q1] = o_b
         lse[:, b.q0 : b.q1] = lse_b
+        if not with_received:
+            continue
         p = torch.baddbmm(-lse_b.reshape(kvh, g * n, 1), qb[0].float().reshape(kvh, g * n, d),
                           k[:, b.lo : own + n].float().transpose(1, 2), alpha=scale).exp_()  # fmt: skip
         p[:, :, own - b.lo :].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(g, 1), 0.0)
         received[:, b.lo : own + n] += p.sum(dim=1)
-    return out, lse, received
+    return out, lse, received if with_received else None
 
 
 def joined_memory(

@@ -88,3 +88,36 @@ def test_cuda_fast_path_equals_reference_path(offload):
     want, _ = reference_logits(model.cpu(), ids.cpu(), small_memory(offload_dtype=offload))
     if offload == "fp32":
         assert rel_err(fast.cpu(), want.float()) < 1e-4
+
+
+def test_deferred_received_scores_equal_the_reference_through_cuts_and_rollbacks():
+    """CPU impl "fast" defers the window keys' received scores until a cut, a rebase or a snapshot needs
+    them (cache.flush_scores); the logits, the units' representatives and the window's scores equal the
+    reference path, which adds them every call, also across a rollback taken while scores are deferred."""
+    from memllm.session import Session
+    from tests.context.helpers import CharTokenizer, FakeLLM
+
+    text = "".join(chr(33 + (i * 7919) % 90) for i in range(700))
+    pieces = [70, 100, 1, 1, 64, 300, 1]  # calls of 64+ tokens defer; 236 tokens fit the 260-token window
+    mem = {"n_local": 256, "chunk_size": 128, "exc_block_size": 32}
+    sessions = {impl: Session(FakeLLM(tiny_model("llama"), CharTokenizer()), small_memory(impl=impl, **mem))
+                for impl in ("fast", "reference")}  # fmt: skip
+    fast = sessions["fast"].cache.layers[0]
+    pos = 0
+    for i, n in enumerate(pieces):
+        for s in sessions.values():
+            s.feed(text[pos : pos + n])
+        pos += n
+        if i == 1:  # deferred, then rolled back: the same state as before
+            assert fast.deferred is not None
+            cps = {impl: s.cache.checkpoint() for impl, s in sessions.items()}
+            for impl, s in sessions.items():
+                s.feed(text[600:680])
+                s.cache.rollback(cps[impl])
+        torch.testing.assert_close(sessions["fast"].last_logits, sessions["reference"].last_logits, rtol=1e-4, atol=1e-5)
+    assert sessions["fast"].stats()["units_per_layer"] > 0 and fast.deferred is None  # cut: flushed
+    for a, b in zip(sessions["fast"].cache.layers, sessions["reference"].cache.layers, strict=True):
+        sa, sb = a.state(), b.state()
+        for name in ("local_score", "units.repr", "local_k"):
+            if name in sb:
+                torch.testing.assert_close(sa[name], sb[name], rtol=1e-4, atol=1e-5)
