@@ -91,6 +91,14 @@ class Session:
         item = torch.empty(0, dtype=s.dtype).element_size()
         return (cfg.n_init + cfg.n_local) * s.num_layers * s.kv_heads * s.head_dim * 2 * item
 
+    def deferred_bytes(self) -> int:
+        """Host bytes the window's deferred received scores may hold at most (impl "fast" on the CPU,
+        before the first cut: the fp32 queries and log-sum-exps of a full window, every layer)."""
+        layer, s, cfg = self.cache.layers[0], self.spec, self.config
+        if not getattr(layer.kernels, "defers_scores", False) or layer.cut:
+            return 0
+        return (cfg.n_init + cfg.n_local) * s.num_layers * s.num_heads * (s.head_dim + 1) * 4
+
     def check_room(self, n_tokens: int, extra_bytes: int = 0, call_tokens: int | None = None) -> None:
         """MemoryLimitError, before anything is computed, when `n_tokens` more tokens (and
         `extra_bytes` of other work, and the working memory of its largest model call, `call_tokens`
@@ -99,7 +107,7 @@ class Session:
         per = self.bytes_per_token()
         work = self.work_bytes(n_tokens if call_tokens is None else call_tokens)
         limits.require(
-            n_tokens * per + extra_bytes + work,
+            n_tokens * per + extra_bytes + work + self.deferred_bytes(),
             f"{n_tokens:,} more tokens of context memory (it holds {self.cache.seen_tokens:,}, "
             f"{per:,} bytes per token) and {limits.human_bytes(work)} of working memory for the model",
             self.limit_hint,
