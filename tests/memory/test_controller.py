@@ -312,3 +312,18 @@ def test_flash_left_out_when_memory_is_recalled_if_configured(store):
     assert quiet.memory_text == "" and quiet.flash
     with pytest.raises(ConfigError, match="flash_with_memory"):
         ControllerConfig(flash_with_memory="no")
+
+
+def test_gate_on_fact_records_ignores_chitchat_like_old_turns_and_falls_back_without_facts(store):
+    c = controller(store, flash_tokens=4, gate_similarity=0.5, min_relevance=0.0, gate_kinds=("fact",))
+    for i, t in enumerate(["the weather in lyon is mild", "i play the piano on sundays", "ok"]):
+        c.remember(t, role="user", created_at=float(i))
+    flash_ids = {r.id for r in c.flash()}
+    # No fact archived yet: the gate compares with every record, as without gate_kinds.
+    d, _ = c.decide("weather lyon mild", flash_ids)
+    assert d.fire and d.reason.startswith("top similarity")
+    c.remember("your dog is called rex", kind="fact", created_at=3.0)
+    d, _ = c.decide("weather lyon mild", flash_ids)  # like an old turn, unlike any fact: ordinary chat
+    assert not d.fire and d.reason.startswith("top fact similarity")
+    d, _ = c.decide("dog called rex", flash_ids)
+    assert d.fire and d.reason.startswith("top fact similarity")
