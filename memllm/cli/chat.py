@@ -95,6 +95,9 @@ def _answer(conv: Any, text: str, interactive: bool) -> None:
 
 @common.fail_on_error
 def chat(
+    prompt: str | None = typer.Argument(
+        None, metavar="PROMPT", help="Answer this one message and exit (as `llm \"...\"`); without it, a chat."
+    ),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, max=common.MAX_NEW_TOKENS, help="Longest answer, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy (deterministic)."),
@@ -127,8 +130,13 @@ def chat(
         None, "--interactive/--no-interactive", hidden=True, help="Force prompt mode on or off."
     ),
 ) -> None:
-    """Chat with a model. On a terminal: prompts and streamed answers. Piped: one answer per input line."""
-    interactive = sys.stdin.isatty() if interactive is None else interactive
+    """Chat with a model. On a terminal: prompts and streamed answers. Piped: one answer per input line.
+    With a PROMPT: that one message is answered (with the user's memory, given --user) and the command exits."""
+    if prompt is not None and not prompt.strip():
+        raise InputError("the prompt is empty: give a message, or no PROMPT for a chat")
+    if prompt is not None and len(prompt) > MAX_LINE_CHARS:
+        raise _too_long()
+    interactive = (sys.stdin.isatty() if interactive is None else interactive) and prompt is None
     llm = common.load_llm(model, device)
     opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     if repetition_penalty > 1.0 or no_repeat_ngram > 0:
@@ -166,9 +174,19 @@ def chat(
         _write(f"memllm chat with {model}{f' (memory of {user})' if user else ''}. {HELP_TEXT}\n")
     try:
         with common.exit_on_sigterm():  # SIGTERM unwinds: the store and the kv lock are closed
-            _loop(conv, model, interactive, as_json)
+            if prompt is not None:
+                _reply(conv, prompt.strip(), False, as_json)
+            else:
+                _loop(conv, model, interactive, as_json)
     finally:
         conv.close()
+
+
+def _too_long() -> InputError:
+    return InputError(
+        f"a chat message is longer than {MAX_LINE_CHARS:,} characters: send long text with "
+        "`memllm ask FILE` or split it into several messages"
+    )
 
 
 def _read_line(interactive: bool) -> str:
@@ -180,10 +198,7 @@ def _read_line(interactive: bool) -> str:
     if not line:
         raise EOFError
     if len(line) > MAX_LINE_CHARS:
-        raise InputError(
-            f"a chat message is longer than {MAX_LINE_CHARS:,} characters: send long text with "
-            "`memllm ask FILE` or split it into several messages"
-        )
+        raise _too_long()
     return line
 
 
@@ -219,11 +234,16 @@ def _loop(conv: Any, model: str, interactive: bool, as_json: bool) -> None:
             continue
         if interactive:
             _write(f"{model}> ")
-        start = time.perf_counter()
-        if as_json and not interactive:
-            answer = "".join(conv.send(text))
-            record = {"user": text, "answer": answer, "seconds": round(time.perf_counter() - start, 3)}
-            _write(json.dumps(record) + "\n")
-        else:
-            _answer(conv, text, interactive)
-            _write("\n")
+        _reply(conv, text, interactive, as_json)
+
+
+def _reply(conv: Any, text: str, interactive: bool, as_json: bool) -> None:
+    """Answer one message: streamed, or one JSON object (--json, not on a terminal)."""
+    start = time.perf_counter()
+    if as_json and not interactive:
+        answer = "".join(conv.send(text))
+        record = {"user": text, "answer": answer, "seconds": round(time.perf_counter() - start, 3)}
+        _write(json.dumps(record) + "\n")
+    else:
+        _answer(conv, text, interactive)
+        _write("\n")

@@ -56,6 +56,16 @@ def test_interactive_prompts_and_ctrl_d(fake_llm):
     assert fake_llm.calls[0][0] == {"role": "system", "content": "be brief"}
 
 
+def test_one_prompt_is_answered_and_the_command_exits(fake_llm):
+    result = runner.invoke(app, ["chat", "what is up?"], input="never read\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "echo: what is up? (1 msgs)\n" and len(fake_llm.calls) == 1
+    result = runner.invoke(app, ["chat", "a b", "--json"])
+    assert json.loads(result.stdout)["answer"] == "echo: a b (1 msgs)"
+    result = runner.invoke(app, ["chat", "  "])
+    assert result.exit_code != 0 and "the prompt is empty" in result.stderr and result.stdout == ""
+
+
 def test_json_mode(fake_llm):
     result = runner.invoke(app, ["chat", "--json"], input="a b\n")
     record = json.loads(result.stdout)
