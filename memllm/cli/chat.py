@@ -189,11 +189,24 @@ def _too_long() -> InputError:
     )
 
 
-def _read_line(interactive: bool) -> str:
-    """One message: input() on a terminal; from a pipe at most MAX_LINE_CHARS characters (an
-    endless line is refused, not read whole). EOFError at the end of input."""
+def prompter() -> Any | None:
+    """Line editing and a history kept across chats (prompt_toolkit, as `llm chat` and ollama give) where
+    stdin and stdout are a terminal; None elsewhere (piped, or --interactive under a test): input()."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return None
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    home = models.memllm_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return PromptSession(history=FileHistory(str(home / "chat_history")))
+
+
+def _read_line(interactive: bool, session: Any | None = None) -> str:
+    """One message: on a terminal, the prompt_toolkit session (else input()); from a pipe at most
+    MAX_LINE_CHARS characters (an endless line is refused, not read whole). EOFError at the end of input."""
     if interactive:
-        return input("you> ")
+        return session.prompt("you> ") if session is not None else input("you> ")
     line = sys.stdin.readline(MAX_LINE_CHARS + 1)
     if not line:
         raise EOFError
@@ -204,9 +217,10 @@ def _read_line(interactive: bool) -> str:
 
 def _loop(conv: Any, model: str, interactive: bool, as_json: bool) -> None:
     """Read lines until /exit or end of input; answer each one."""
+    session = prompter() if interactive else None
     while True:
         try:
-            line = _read_line(interactive)
+            line = _read_line(interactive, session)
         except EOFError:
             if interactive:
                 _write("\n")

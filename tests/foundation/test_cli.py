@@ -105,3 +105,15 @@ def test_models_prepare_unknown_name():
     result = runner.invoke(app, ["models", "prepare", "nope"])
     assert result.exit_code == 3
     assert "model 'nope' not found" in result.stderr
+
+
+def test_terminal_chat_gets_line_editing_and_a_history_file(monkeypatch, tmp_path):
+    from memllm.cli import chat as chat_cli
+
+    monkeypatch.setenv("MEMLLM_HOME", str(tmp_path))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
+    assert chat_cli.prompter() is None  # piped: input()
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    session = chat_cli.prompter()
+    assert session is not None and session.history.filename == str(tmp_path / "chat_history")
