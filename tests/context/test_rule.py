@@ -124,3 +124,17 @@ def test_deferred_received_scores_equal_the_reference_through_cuts_and_rollbacks
         for name in ("local_score", "units.repr", "local_k"):
             if name in sb:
                 torch.testing.assert_close(sa[name], sb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_cpu_fast_path_defers_received_scores():
+    from memllm.context.kernels import CudaKernels, TorchKernels
+
+    assert TorchKernels("fast", "cpu").defers_scores
+    assert not TorchKernels("reference", "cpu").defers_scores
+    assert not TorchKernels("fast", "cuda").defers_scores
+    if torch.cuda.is_available():
+        assert not CudaKernels().defers_scores
+    else:  # CudaKernels imports Triton kernels; its base is initialised for CUDA all the same
+        import inspect
+
+        assert 'super().__init__("fast", "cuda")' in inspect.getsource(CudaKernels.__init__)
