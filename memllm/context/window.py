@@ -49,9 +49,10 @@ def local_attention(
 
 def received_scores(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, first: int, scale: float) -> torch.Tensor:
     """The attention that keys k (kv_heads, n, d) received from queries q (heads, m, d) at window
-    positions first, first + 1, ... that saw every key up to their own (no key had left the window),
+    positions first, first + 1, ... of k that saw every key of k up to their own,
     given the queries' log-sum-exp (heads, m) -> (kv_heads, n) fp32, summed over queries and the heads
-    sharing a KV head. What local_attention's `received` adds up, computed later (deferred scores)."""
+    sharing a KV head: what local_attention's `received` adds up for one block's band (k from its first
+    key), also computed later for deferred calls (cache.flush_scores)."""
     heads, m, d = q.shape
     kvh, n = k.shape[0], k.shape[1]
     g = heads // kvh
@@ -79,7 +80,7 @@ def local_attention_fused(
     """local_attention's contract through PyTorch's fused CPU attention (flash attention for the CPU,
     which returns the log-sum-exp). Per execution block, two fused calls without a mask tensor: the
     keys before the block's own (seen by every row) and the block's own keys (causal, a square), merged
-    by their log-sum-exps; `received` from the logits less the merged lse, in place (no PV product, no
+    by their log-sum-exps; `received` from the merged lse by received_scores (no PV product, no
     separate log-sum-exp pass). The CPU path of impl "fast" (kernels.TorchKernels); the same numbers
     as the loop within fp32 rounding (tests/context/test_window.py)."""
     heads, c, d = q.shape
@@ -105,10 +106,7 @@ def local_attention_fused(
         lse[:, b.q0 : b.q1] = lse_b
         if not with_received:
             continue
-        p = torch.baddbmm(-lse_b.reshape(kvh, g * n, 1), qb[0].float().reshape(kvh, g * n, d),
-                          k[:, b.lo : own + n].float().transpose(1, 2), alpha=scale).exp_()  # fmt: skip
-        p[:, :, own - b.lo :].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1).repeat(g, 1), 0.0)
-        received[:, b.lo : own + n] += p.sum(dim=1)
+        received[:, b.lo : own + n] += received_scores(qb[0], lse_b, k[:, b.lo : own + n], own - b.lo, scale)
     return out, lse, received if with_received else None
 
 
