@@ -141,6 +141,15 @@ class Session:
             logits = prefill.feed(self.llm.model, self.cache, t, progress)
         self.last_logits = logits
 
+    def mark(self) -> tuple[dict, torch.Tensor | None]:
+        """Where the stream stands now (the cache's checkpoint and the last logits), for `rewind`."""
+        return self.cache.checkpoint(), self.last_logits
+
+    def rewind(self, mark: tuple[dict, torch.Tensor | None]) -> None:
+        """Roll the stream back to a `mark` taken earlier."""
+        self.cache.rollback(mark[0])
+        self.last_logits = mark[1]
+
     def feed(self, text: str, progress: Callable[[int, int], None] | None = None) -> int:
         """Read `text` into memory; returns the number of tokens added."""
         if not isinstance(text, str):
@@ -224,11 +233,10 @@ class Session:
         gold = (
             select.units_of_spans(oracle_spans, cfg.n_init, cfg.block_size, n_units) if oracle_spans else []
         )
-        checkpoint, logits = cache.checkpoint(), self.last_logits
+        mark = self.mark()
         with cache.probing() as probe:
             self.feed_ids(ids)
-        cache.rollback(checkpoint)
-        self.last_logits = logits
+        self.rewind(mark)
         masses = probe.per_layer()
         if masses is None:
             return False
@@ -268,16 +276,14 @@ class Session:
         """Within the block, what is fed and generated is rolled back afterwards (also on error), and
         while it lasts its tokens cut no units where they fit the held limit (cache.hold_cuts): they stay
         in the window at exact positions, and short calls stay eligible for the static step."""
-        checkpoint = self.cache.checkpoint()
-        logits = self.last_logits
+        mark = self.mark()
         try:
             with self.cache.hold_cuts():
                 yield
         finally:
             if self.cache.forced is not None:
                 self.cache.forced.clear()
-            self.cache.rollback(checkpoint)
-            self.last_logits = logits
+            self.rewind(mark)
             self.asks += 1
 
     def ask(

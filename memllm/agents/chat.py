@@ -310,8 +310,7 @@ class ChatAgent:
         if why is None:
             self._close_turn(turn, answer)
             return
-        self.session.cache.rollback(before[0])
-        self.session.last_logits = before[1]
+        self.session.rewind(before)
         self.session.feed(self._segment(turn, generation=False))
 
     @staticmethod
@@ -382,9 +381,7 @@ class ChatAgent:
             )
         scanner = StopScanner(stop)
         shown = ""
-        before = (
-            (self.session.cache.checkpoint(), self.session.last_logits) if self.session is not None else None
-        )
+        before = self.session.mark() if self.session is not None else None
         interrupted = False
         finished = False
         try:
@@ -408,8 +405,7 @@ class ChatAgent:
             raise
         finally:
             if self.session is not None and before is not None and interrupted:
-                self.session.cache.rollback(before[0])
-                self.session.last_logits = before[1]
+                self.session.rewind(before)
             elif self.session is not None:
                 why = self._unfit(shown.strip(), finished)
                 self._close_kv_turn(turn, shown, why, before)
