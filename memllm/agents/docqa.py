@@ -128,6 +128,11 @@ def default_memory(trained_len: int) -> MemoryConfig:
                         topk=4, exc_block_size=block)  # fmt: skip
 
 
+def memory_for(llm: Any, memory: MemoryConfig | None = None) -> MemoryConfig:
+    """The context-memory settings document QA uses: `memory`, else the model's own, else default_memory."""
+    return memory or getattr(llm, "memory", None) or default_memory(llm.trained_len)
+
+
 def kv_bytes_per_token(llm: Any, memory: MemoryConfig) -> int:
     """Host bytes one token takes in context memory (keys + values of every layer)."""
     cfg = llm.model.config
@@ -305,7 +310,7 @@ class DocumentQA:
         self.max_new_tokens = max_new_tokens
         self.evidence_units = evidence_units
         self.layer_groups = layer_groups
-        self.memory = memory or getattr(llm, "memory", None) or default_memory(llm.trained_len)
+        self.memory = memory_for(llm, memory)
         self.docs: list[TokenizedDocument] = []
         self.segments: list[tuple[int, int]] = []  # (stream token start, doc index) for kv
         self.session: Any = None

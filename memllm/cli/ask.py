@@ -168,7 +168,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
          as_json: bool, selector: str | None = None) -> None:  # fmt: skip
     from dataclasses import replace
 
-    from memllm.agents.docqa import DocumentQA, default_memory
+    from memllm.agents.docqa import DocumentQA, memory_for
 
     llm = common.load_llm(model, device)
     if memory is not None:
@@ -184,7 +184,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         mode = mode or "kv"
         config = None
         if selector is not None:
-            config = replace(getattr(llm, "memory", None) or default_memory(llm.trained_len), selector=selector)
+            config = replace(memory_for(llm), selector=selector)
         qa = DocumentQA(llm, mode, memory=config, embedder=_embedder_for(mode, selector), max_new_tokens=max_new_tokens)
     try:
         if files:
