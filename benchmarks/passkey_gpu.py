@@ -40,6 +40,28 @@ class DeviceLLM:
         return sorted(i for i in ids if i is not None)
 
 
+def load_llm(model_dir: str, gguf: str | None, name: str, cache: str | None = None) -> DeviceLLM:
+    """The model on the GPU in bf16 with sdpa attention. A GGUF is dequantized on the CPU (~45 s for
+    the 0.5B model on the device machine): with `cache`, the first call saves the loaded model there
+    as safetensors and later calls on the same (warm) machine load it from there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, kw = model_dir, ({"gguf_file": gguf} if gguf else {})
+    if cache and (Path(cache) / "config.json").exists():
+        src, kw = cache, {}
+    tok = AutoTokenizer.from_pretrained(src, **kw)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, **kw)
+    if cache and src != cache:
+        try:  # transformers versions that keep GGUF weights packed cannot save them: no cache then
+            model.save_pretrained(cache)
+            tok.save_pretrained(cache)
+        except ValueError as exc:
+            print(f"weights not cached: {exc}", flush=True)
+    model = model.cuda().eval()
+    model.set_attn_implementation("sdpa")
+    return DeviceLLM(model, tok, name)
+
+
 def lengths(text: str) -> list[int]:
     return [parse_length(x) for x in text.split(",") if x.strip()]
 
@@ -56,16 +78,15 @@ def main() -> None:
     ap.add_argument("--sync-check", default=None)
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--selector", default=None, help="also ask after the read through this selector (question, hybrid)")
+    ap.add_argument("--selector-lengths", default=None, help="lengths for --selector (default: --lengths)")
+    ap.add_argument("--embedder", default=None, help="sentence-transformers dir for --selector hybrid")
+    ap.add_argument("--weights-cache", default=None, help="a folder: the loaded model saved there, loaded from there")
     args = ap.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t = time.time()
-    tok = AutoTokenizer.from_pretrained(args.model_dir, **({"gguf_file": args.gguf} if args.gguf else {}))
-    kw = {"gguf_file": args.gguf} if args.gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, **kw).cuda().eval()
-    model.set_attn_implementation("sdpa")
-    llm = DeviceLLM(model, tok, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, bf16)")
+    llm = load_llm(args.model_dir, args.gguf, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, bf16)", args.weights_cache)
+    model, tok = llm.model, llm.tokenizer
     print(f"model loaded in {time.time() - t:.1f}s", flush=True)
     memory = MemoryConfig(offload_dtype=args.offload_dtype)
     say = lambda m: print(m, flush=True)  # noqa: E731
@@ -141,6 +162,16 @@ def main() -> None:
     results += run_passkey(
         llm, lengths(args.lengths), args.depths, memory=memory, system="memllm", progress=say, only=only
     )
+    if args.selector:  # the question asked after the read, as `ask` asks it (peak memory includes the index)
+        embedder = None
+        if args.selector == "hybrid":
+            from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+
+            embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=256, precision="fp32")
+        results += run_passkey(
+            llm, lengths(args.selector_lengths or args.lengths), args.depths, memory=memory,
+            system=f"ask:{args.selector}", progress=say, selector=args.selector, embedder=embedder,
+        )  # fmt: skip
     if args.int8:
         int8 = MemoryConfig(offload_dtype="int8")
         results += run_passkey(llm, lengths(args.int8), args.depths, memory=int8, system="int8", progress=say)
@@ -162,7 +193,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
     print(json.dumps(env))
     print(
-        f"{'system':8} {'length':>8} {'acc':>6} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'host B/tok':>11}"
+        f"{'system':12} {'length':>8} {'acc':>6} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'host B/tok':>11}"
     )
     for r in rows:
         tps = r["prefill_tokens_per_s"] or 0
@@ -170,7 +201,7 @@ def main() -> None:
         gpu = (r["peak_gpu_bytes"] or 0) / 2**30
         host = (r["host_bytes"] or 0) / max(r["length"] - 10, 1)
         print(
-            f"{r['system']:8} {r['length']:>8} {r['correct']:>3}/{r['trials']:<2} {tps:>14,.0f} {dec:>14.2f} {gpu:>13.3f} {host:>11,.0f}"
+            f"{r['system']:12} {r['length']:>8} {r['correct']:>3}/{r['trials']:<2} {tps:>14,.0f} {dec:>14.2f} {gpu:>13.3f} {host:>11,.0f}"
         )
 
 

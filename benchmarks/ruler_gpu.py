@@ -60,20 +60,16 @@ def subsample(hays: list[ruler.Haystack], per_family: int) -> list[ruler.Haystac
 
 
 def run(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     sys.path.insert(0, str(Path(__file__).parent))
-    from passkey_gpu import DeviceLLM
+    from passkey_gpu import load_llm
 
     t = time.time()
-    tok = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=args.gguf)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file=args.gguf, dtype=torch.bfloat16)
-    model = model.cuda().eval()
-    model.set_attn_implementation("sdpa")
-    llm = DeviceLLM(model, tok, args.gguf)
+    llm = load_llm(args.model_dir, args.gguf, args.gguf, args.weights_cache)
     print(f"model loaded in {time.time() - t:.1f}s", flush=True)
-    with gzip.open(args.suite, "rt") as fh:
-        suite = json.load(fh)
+    suite: dict[str, list] = {}
+    for path in args.suite.split(","):  # several files: lengths built separately
+        with gzip.open(path, "rt") as fh:
+            suite.update(json.load(fh))
     memory = MemoryConfig(n_local=args.n_local, topk=args.topk, block_size=args.block_size,
                           decode_graphs=not args.no_graphs)  # fmt: skip
     systems = args.systems.split(",")
@@ -145,7 +141,7 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--model-dir", required=True)
     r.add_argument("--gguf", required=True)
-    r.add_argument("--suite", required=True)
+    r.add_argument("--suite", required=True, help="one or more gzipped suites, comma-separated")
     r.add_argument("--lengths", default="32k")
     r.add_argument("--systems", default="full,infllm,question,oracle")
     r.add_argument("--families", default=None)
@@ -157,6 +153,7 @@ def main() -> None:
     r.add_argument("--log-scores", action="store_true", help="hybrid rows keep both unit scores in full")
     r.add_argument("--embedder", default=None, help="sentence-transformers dir (default: the packaged MiniLM)")
     r.add_argument("--out", default=None)
+    r.add_argument("--weights-cache", default=None, help="a folder: the loaded model saved there, loaded from there")
     args = ap.parse_args()
     build(args) if args.cmd == "build" else run(args)
 

@@ -162,13 +162,43 @@ def feed_and_decode(llm: Any, ids: list[int], memory: Any) -> tuple[Any, list[in
     return session, _cut_at_stop(llm, out.tolist()), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
 
 
-def run_memllm(llm: Any, ids: list[int], memory: Any) -> tuple[list[int], float, float, int, dict | None]:
-    """`feed_and_decode`, keeping the unit store's host bytes and the graph counters (None without
-    graphs): (answer ids, prefill s, decode ms/token, host bytes, counters)."""
-    session, out, prefill_s, decode_ms = feed_and_decode(llm, ids, memory)
+def ask_after_feed(
+    llm: Any, ids: list[int], memory: Any, selector: str, embedder: Any = None
+) -> tuple[Any, list[int], float, float]:
+    """The haystack (the prompt less its question) fed, then the question asked as `ask` asks it
+    (Session.generate_ids with `selector`: the question is probed, the chosen units read by every
+    layer); (session, answer ids, prefill s, ms per answer token including the question's probe)."""
+    from memllm.session import Session
+
+    session = Session(llm, memory, embedder=embedder)
+    q = len(llm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    device = session.cache.layers[0].device
+    _sync(device)
+    t0 = time.perf_counter()
+    session.feed_ids(ids[:-q])
+    _sync(device)
+    t1 = time.perf_counter()
+    out = list(session.generate_ids(ids[-q:], ANSWER_TOKENS, selector=selector))
+    _sync(device)
+    return session, out, t1 - t0, (time.perf_counter() - t1) * 1000 / max(1, len(out))
+
+
+def run_memllm(
+    llm: Any, ids: list[int], memory: Any, selector: str | None = None, embedder: Any = None
+) -> tuple[list[int], float, float, int, dict | None]:
+    """`feed_and_decode` (or, with a selector, `ask_after_feed`), keeping the unit store's host bytes
+    (and the text index's) and the graph counters (None without graphs): (answer ids, prefill s,
+    decode ms/token, host bytes, counters)."""
+    if selector is None:
+        session, out, prefill_s, decode_ms = feed_and_decode(llm, ids, memory)
+    else:
+        session, out, prefill_s, decode_ms = ask_after_feed(llm, ids, memory, selector, embedder)
     graph = session.cache.decode_graph()
     counters = graph.counters() if graph is not None else None
-    return out, prefill_s, decode_ms, session.stats()["host_bytes_stored"], counters
+    host = session.stats()["host_bytes_stored"]
+    if session.text_index is not None:
+        host += session.text_index.nbytes()
+    return out, prefill_s, decode_ms, host, counters
 
 
 @torch.no_grad()
@@ -204,10 +234,14 @@ def run_passkey(
     system: str = "memllm",
     progress: Callable[[str], None] | None = None,
     only: list[int] | None = None,
+    selector: str | None = None,
+    embedder: Any = None,
 ) -> list[LengthResult]:
     """Run the passkey benchmark; system is "memllm" (context memory) or "full" (plain attention).
 
-    `only`: indices of the depths to run (keys stay those of the full depth list)."""
+    `only`: indices of the depths to run (keys stay those of the full depth list); selector (memllm):
+    the question is asked after the haystack is read, through that selector (ask_after_feed), with
+    `embedder` for the "hybrid" selector's text index."""
     device = next(llm.model.parameters()).device
     results = []
     for length in lengths:
@@ -223,7 +257,7 @@ def run_passkey(
             if system == "full":
                 out, prefill_s, decode_ms = run_full_attention(llm, ids)
             else:
-                out, prefill_s, decode_ms, res.host_bytes, counters = run_memllm(llm, ids, memory)
+                out, prefill_s, decode_ms, res.host_bytes, counters = run_memllm(llm, ids, memory, selector, embedder)
             answer = _answer(llm, out)
             trial = Trial(length, depth, key, answer, str(key) in answer, prefill_s, decode_ms, counters)
             res.trials.append(trial)

@@ -45,3 +45,25 @@ def test_prompt_with_the_default_tokenizer():
         ids = prompt_ids(tok, 8192, depth, key)
         assert len(ids) == 8182
         assert str(key) in tok.decode(ids)
+
+
+def test_ask_after_feed_reads_as_ask_does():
+    """The passkey asked after the read (the selector's path): while the stream fits the window it is
+    the single-pass run's answer (no units to choose); with units cut, the question selector chose
+    exactly topk units and the host bytes count the store."""
+    from memllm.bench.passkey import ask_after_feed, feed_and_decode, run_passkey
+    from tests.context.helpers import FakeLLM, small_memory, tiny_model
+
+    llm = FakeLLM(tiny_model(trained=4096), CharTokenizer())
+    ids = prompt_ids(llm.tokenizer, 300, 0.5, 12345)
+    wide = small_memory(n_local=512)
+    _, whole, _, _ = feed_and_decode(llm, ids, wide)
+    _, asked, _, _ = ask_after_feed(llm, ids, wide, "question")
+    assert asked == whole
+
+    mem = small_memory()
+    session, _, prefill_s, _ = ask_after_feed(llm, ids, mem, "question")
+    assert prefill_s > 0 and session.cache.layers[0].store.n_units > mem.topk
+    assert len(session.last_selection["units"]) == mem.topk
+    (res,) = run_passkey(llm, [300], 2, memory=mem, system="ask:question", selector="question")
+    assert len(res.trials) == 2 and res.host_bytes > 0
