@@ -97,35 +97,46 @@ def _rescore(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def _top2_agrees(mass: torch.Tensor, text: torch.Tensor) -> bool:
+    """The switch's first agreement test (commit 94b4720, replaced by select.agrees' z test): the
+    attention's best unit, or a neighbour, among the text's two best units."""
+    best = int(mass.argmax())
+    return any(abs(best - int(u)) <= 1 for u in torch.argsort(text.float(), descending=True)[:2].tolist())
+
+
 def replay_switch(all_rows: list[dict]) -> None:
     """Per family, the points of each system of a run whose hybrid rows were the standardised sum
-    alone (commit 8ae7112) with --log-scores, and of the agreement switch (select.hybrid) replayed on
-    them: per question, the question selector's logged answer where attention and text agree
-    (select.agrees: the switch reads exactly the question selector's units), else the hybrid's."""
+    alone (commit 8ae7112) with --log-scores, and of the agreement switch replayed on them, with its
+    first test (two best) and the current one (select.agrees): per question, the question selector's
+    logged answer where attention and text agree (the switch reads exactly the question selector's
+    units), else the hybrid's."""
     by: dict[str, dict[str, dict]] = collections.defaultdict(dict)
     for r in all_rows:
         by[r["id"]][r["system"]] = r
     points: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     n: collections.Counter = collections.Counter()
-    agreed: collections.Counter = collections.Counter()
+    agreed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    rules = {"switch, two best (replayed)": _top2_agrees, "switch, best or z >= 3 (replayed)": select.agrees}
     for systems in by.values():
         fam = systems["question"]["family"]
         n[fam] += 1
         for name, r in systems.items():
             points[name][fam] += r["score"]
         h = systems["hybrid"]
-        if "scores" in h:  # the evidence is in memory: the selectors differ
-            ok = select.agrees(torch.tensor(h["scores"]["attention"]), torch.tensor(h["scores"]["text"]))
-            agreed[fam] += ok
-            points["switch (replayed)"][fam] += systems["question"]["score"] if ok else h["score"]
-        else:
-            points["switch (replayed)"][fam] += systems["question"]["score"]
+        for name, rule in rules.items():
+            if "scores" in h:  # the evidence is in memory: the selectors differ
+                ok = rule(torch.tensor(h["scores"]["attention"]), torch.tensor(h["scores"]["text"]))
+                agreed[name][fam] += ok
+                points[name][fam] += systems["question"]["score"] if ok else h["score"]
+            else:
+                points[name][fam] += systems["question"]["score"]
     fams = sorted(n)
     print("| system | " + " | ".join(f"{f} ({n[f]})" for f in fams) + " | sum |")
     print("|---" * (len(fams) + 2) + "|")
     for name, pts in points.items():
         print(f"| {name} | " + " | ".join(f"{pts[f]:.1f}" for f in fams) + f" | {sum(pts.values()):.1f} |")
-    print("| questions where attention and text agree | " + " | ".join(str(agreed[f]) for f in fams) + " | |")
+    for name in rules:
+        print(f"| agree, {name} | " + " | ".join(str(agreed[name][f]) for f in fams) + " | |")
 
 
 def main() -> None:

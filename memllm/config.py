@@ -41,13 +41,13 @@ class MemoryConfig:
     the window keys' received scores deferred until a cut needs them) or "reference" (plain PyTorch, what
     tests compare with).
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
-    selector: which units a question and its answer read. "question" (the default): the question is
-    probed first, every layer scoring all its units by the attention mass the question gives them,
-    and the best units (fused over layers, with neighbours) are read by every layer
-    (context/select.py); "hybrid": as "question", with the cosine of a text index over short windows
-    of the units' text (memllm/unit_text.py): where the two disagree on the best unit, the log of the
-    attention mass and the cosine, each standardised, summed (select.hybrid)
-    (needs a Session with a text index; without one it is "question"); "text": the text index's
+    selector: which units a question and its answer read. "question": the question is probed first,
+    every layer scoring all its units by the attention mass the question gives them, and the best
+    units (fused over layers, with neighbours) are read by every layer (context/select.py); "hybrid"
+    (the default): as "question", with the cosine of a text index over short windows of the units'
+    text (memllm/unit_text.py): where the text does not support the attention's best unit, the log
+    of the attention mass and the cosine, each standardised, summed (select.hybrid); a Session keeps
+    the index with the packaged MiniLM unless given another embedder; "text": the text index's
     units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
     during prefill.
     select_neighbours: units read on either side of each unit the question selector picks.
@@ -69,7 +69,7 @@ class MemoryConfig:
     impl: str = "fast"
     lookup: str = "shared"
     decode_graphs: bool = True
-    selector: str = "question"
+    selector: str = "hybrid"
     select_neighbours: int = 1
 
     def __post_init__(self) -> None:

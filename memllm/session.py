@@ -57,7 +57,13 @@ class Session:
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
-        # embedder (a memllm Embedder): a text index over the units' text, for the "hybrid" selector
+        # embedder (a memllm Embedder): a text index over the units' text, which the "hybrid" selector
+        # (the default) reads; without one, the packaged MiniLM shared by the process (loaded when a
+        # question first needs the index); other selectors keep no index unless given an embedder
+        if embedder is None and self.config.selector == "hybrid":
+            from memllm.memory_stores.embeddings import shared_embedder
+
+            embedder = shared_embedder("cuda" if self.cache.layers[0].device.type == "cuda" else "cpu")
         self.text_index = (
             None
             if embedder is None

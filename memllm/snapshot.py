@@ -24,6 +24,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
@@ -186,6 +187,10 @@ class SnapshotWriter:
                 head[f"layer{i}.{key}"] = cp[key].to("cpu").contiguous()
         if session.last_logits is not None:
             head["last_logits"] = session.last_logits.to("cpu").contiguous()
+        stream = getattr(session, "text_index", None)
+        if stream is not None and len(stream.ids) == session.cache.seen_tokens:
+            # the stream's token ids (4 bytes a token), so a restored session's text index reads its text
+            head["stream_ids"] = torch.from_numpy(np.frombuffer(stream.ids, dtype=np.int32).copy())
         head_file = _write_tensors(folder, f"head-{gen:06d}.safetensors", head, kind="head")
         manifest = _describe(session, self.namespace, extra)
         manifest.update(
@@ -311,16 +316,19 @@ def verify(
             )
 
 
-def _load_v2(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[list[dict], torch.Tensor | None]:
+_SESSION_KEYS = ("last_logits", "stream_ids")  # the head file's tensors that are not a layer's
+
+
+def _load_v2(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     states: list[dict[str, Any]] = [{} for _ in range(n_layers)]
     units: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(n_layers)]
-    logits = None
+    extra: dict[str, torch.Tensor] = {}
     for entry in manifest["files"]:
         tensors = load_file(str(folder / entry["name"]))
         if entry["kind"] == "head":
-            logits = tensors.pop("last_logits", None)
+            extra = {k: tensors.pop(k) for k in _SESSION_KEYS if k in tensors}
             for key, t in tensors.items():
                 layer, name = key.split(".", 1)
                 states[int(layer.removeprefix("layer"))][name] = t
@@ -334,10 +342,10 @@ def _load_v2(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[lis
         got = state["units.repr"].shape[1] if "units.repr" in state else 0
         if got != meta["units"]:
             raise SnapshotError(f"snapshot at {folder} is torn: {got} units stored, {meta['units']} recorded")
-    return states, logits
+    return states, extra
 
 
-def _load_v1(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[list[dict], torch.Tensor | None]:
+def _load_v1(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     spath = folder / "state.safetensors"
@@ -352,7 +360,7 @@ def _load_v1(folder: Path, manifest: dict[str, Any], n_layers: int) -> tuple[lis
         if got != meta["units"]:
             raise SnapshotError(f"snapshot at {folder} is torn: {got} units stored, {meta['units']} recorded")
         states.append(state)
-    return states, tensors.get("last_logits")
+    return states, {k: tensors[k] for k in _SESSION_KEYS if k in tensors}
 
 
 def _check_shapes(layer: Any, state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -391,7 +399,7 @@ def restore_into(session: Any, path: str | Path, manifest: dict[str, Any]) -> No
         )
     load = _load_v2 if manifest["version"] == VERSION else _load_v1
     try:
-        states, logits = load(folder, manifest, len(session.cache.layers))
+        states, extra = load(folder, manifest, len(session.cache.layers))
         for layer, state, meta in zip(session.cache.layers, states, manifest["layers"], strict=True):
             if "units.repr" not in state:  # no units yet
                 state["units.repr"] = torch.empty(layer.spec.kv_heads, 0, layer.spec.head_dim)
@@ -400,5 +408,12 @@ def restore_into(session: Any, path: str | Path, manifest: dict[str, Any]) -> No
     except (KeyError, IndexError, ValueError, RuntimeError, SafetensorError) as exc:
         # what the checksums cannot catch: a version 1 snapshot, or tensors that never fit this model
         raise SnapshotError(f"snapshot at {folder} does not fit this model's memory: {exc!r:.200}") from exc
-    if logits is not None:
-        session.last_logits = logits.to(session.cache.layers[0].device)
+    if "last_logits" in extra:
+        session.last_logits = extra["last_logits"].to(session.cache.layers[0].device)
+    index = getattr(session, "text_index", None)
+    if index is not None:
+        stream = extra.get("stream_ids")
+        if stream is not None and stream.numel() == session.cache.seen_tokens:
+            index.write(0, stream.tolist())
+        else:  # a snapshot without the stream's ids (older, or saved without an index): no text to index
+            session.text_index = None

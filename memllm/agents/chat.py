@@ -176,9 +176,7 @@ class ChatAgent:
 
         path = self.snapshot_path()
         if path is None:
-            session = self.llm.session(self.context_memory)
-            session.limit_hint = KV_LIMIT_HINT
-            return session
+            return self._new_session()
         self._acquire(path)
         namespace = self.controller.namespace
         label_folder(path, namespace, "kv memory")
@@ -193,15 +191,22 @@ class ChatAgent:
                 self._writer = SnapshotWriter(path, namespace, manifest)
                 self.kv_turns = int(manifest.get("extra", {}).get("turns", 0))
                 return session
-            self.session = self.llm.session(self.context_memory)
-            self.session.limit_hint = KV_LIMIT_HINT
+            self.session = self._new_session()
             self._writer = SnapshotWriter(path, namespace)
             self._rebuild_from_text()
             self.save()
             return self.session
-        session = self.llm.session(self.context_memory)
-        session.limit_hint = KV_LIMIT_HINT
         self._writer = SnapshotWriter(path, namespace)
+        return self._new_session()
+
+    def _new_session(self) -> Any:
+        """An empty kv session; its text index over the units (the "hybrid" selector) shares the text
+        store's embedder."""
+        memory = self.context_memory or getattr(self.llm, "memory", None)
+        hybrid = memory is None or memory.selector == "hybrid"
+        embedder = getattr(self.store, "embedder", None) if hybrid else None
+        session = self.llm.session(self.context_memory, embedder=embedder)
+        session.limit_hint = KV_LIMIT_HINT
         return session
 
     def _rebuild_from_text(self) -> None:
@@ -233,8 +238,7 @@ class ChatAgent:
         path = self.snapshot_path()
         if self.session is None or path is None:
             raise ConfigError("repair rebuilds kv memory: open the chat with memory kv or hybrid and a store")
-        self.session = self.llm.session(self.context_memory)
-        self.session.limit_hint = KV_LIMIT_HINT
+        self.session = self._new_session()
         self.kv_turns = 0
         self._writer = SnapshotWriter(path, self.controller.namespace)
         self._rebuild_from_text()

@@ -243,3 +243,17 @@ class SentenceTransformerEmbedder:
                 show_progress_bar=False,
             )
         return normalize_rows(np.asarray(vectors, dtype=np.float32))
+
+
+_SHARED: dict[str, SentenceTransformerEmbedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_embedder(device: str = "cpu") -> SentenceTransformerEmbedder:
+    """The packaged MiniLM on `device`, one per process and device, loaded on its first `embed`:
+    what a session's text index over its units uses unless it is given an embedder (the "hybrid"
+    selector, the default)."""
+    with _SHARED_LOCK:
+        if device not in _SHARED:
+            _SHARED[device] = SentenceTransformerEmbedder(device=device, batch_size=256 if device != "cpu" else 64)
+        return _SHARED[device]

@@ -233,17 +233,20 @@ def test_text_index_scores_each_unit_by_its_best_window_as_a_brute_force_scan_do
 
 def test_hybrid_keeps_the_attention_ranking_where_text_agrees_and_fuses_where_it_does_not():
     g = torch.Generator().manual_seed(0)
-    mass = torch.rand(64, generator=g) * 0.01
+    mass = torch.rand(256, generator=g) * 0.01
     mass[20] = 1.0  # the question's attention on a needle
-    text = torch.rand(64, generator=g) * 0.2
-    text[[21, 40, 41]] = torch.tensor([0.9, 0.85, 0.8])  # the needle (a neighbour of 20) and its near-duplicates
-    assert select.agrees(mass, text)
+    text = torch.rand(256, generator=g) * 0.2
+    text[[21, 40, 41]] = torch.tensor([0.9, 0.95, 0.92])  # the needle (a neighbour of 20) and near-duplicates
+    assert select.agrees(mass, text)  # supported, though not the text's best: many near-duplicates
     assert torch.equal(select.hybrid(mass, text), mass)  # the near-duplicates are not added
-    text[21] = 0.3  # the text's best units are elsewhere: a paragraph the attention ranks low
+    text[21] = 0.25  # the text does not support the attention's pick: a paragraph the attention ranks low
     assert not select.agrees(mass, text)
     fused = select.hybrid(mass, text)
     torch.testing.assert_close(fused, select.standardized_sum([mass.log(), text]))
     assert set(select.choose(fused, 6, 1).tolist()) >= {20, 40, 41}
+    # Few units: the text's best next to the attention's is support (z cannot reach 3 below 11 units).
+    assert select.agrees(mass[:2], torch.tensor([0.1, 0.9])) and select.agrees(mass[:1], torch.tensor([0.3]))
+    assert not select.agrees(mass[15:25], torch.tensor([0.0] * 9 + [0.9]))
 
 
 def test_text_index_embeds_units_lazily_once_and_drops_what_a_rollback_rewrites():
@@ -282,3 +285,39 @@ def test_text_selector_reads_the_unit_whose_text_matches_in_every_layer():
     a = ask_logged(plain, selector="hybrid")
     b = ask_logged(plain, selector="question")
     assert a[2]["units"] == b[2]["units"] and a[2]["text_score"] is None
+
+
+def test_the_default_selector_is_hybrid_with_the_shared_packaged_embedder():
+    """MemoryConfig() selects by "hybrid": a Session keeps a text index with the process's packaged
+    MiniLM (not loaded until a question needs it); "question" keeps none; an embedder given is used."""
+    from memllm.memory_stores.embeddings import FakeEmbedder, SentenceTransformerEmbedder, shared_embedder
+
+    assert MemoryConfig().selector == "hybrid"
+    llm = FakeLLM(tiny_model("llama"), CharTokenizer())
+    a, b = Session(llm, small_memory(selector="hybrid")), Session(llm, small_memory(selector="hybrid"))
+    assert isinstance(a.text_index.embedder, SentenceTransformerEmbedder)
+    assert a.text_index.embedder is b.text_index.embedder is shared_embedder("cpu")
+    assert a.text_index.embedder._model is None  # nothing loaded by reading
+    a.feed(PROSE)
+    assert a.text_index.embedded == 0 and a.bytes_per_token() > Session(llm, small_memory()).bytes_per_token()
+    assert Session(llm, small_memory()).text_index is None
+    fake = FakeEmbedder()
+    assert Session(llm, small_memory(selector="hybrid"), embedder=fake).text_index.embedder is fake
+
+
+def test_a_restored_session_indexes_the_text_it_was_saved_with(tmp_path):
+    """The snapshot keeps the stream's token ids: the restored session's text index holds the same
+    stream (its windows are embedded again when a question needs them); a snapshot saved without an
+    index restores without one (no text to index), and the selector is then the question selector."""
+    s = text_session(selector="hybrid")
+    s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
+    snap = s.save(tmp_path / "snap")
+    r = Session.restore(s.llm, snap)
+    assert r.text_index is not None and r.text_index.ids.tolist() == s.text_index.ids.tolist()
+    r.feed("more")
+    assert len(r.text_index.ids) == r.cache.seen_tokens
+    s.text_index = None  # as a snapshot written before the stream's ids were kept
+    r2 = Session.restore(s.llm, s.save(tmp_path / "snap2"))
+    assert r2.config.selector == "hybrid" and r2.text_index is None
+    _, _, sel = ask_logged(r2, selector="hybrid")
+    assert sel["text_score"] is None and len(sel["units"]) == r2.config.topk
