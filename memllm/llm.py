@@ -189,8 +189,9 @@ class MemLLM:
 
         return Session(self, memory or self.memory, embedder=embedder)
 
-    def restore(self, path: str) -> Session:
-        """A session restored from a snapshot written by `Session.save(path)`."""
+    def restore(self, path: str, embedder: Any = None) -> Session:
+        """A session restored from a snapshot written by `Session.save(path)` (embedder: its text
+        index's, see Session.restore)."""
         from memllm.session import Session
 
-        return Session.restore(self, path)
+        return Session.restore(self, path, embedder=embedder)

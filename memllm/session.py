@@ -320,14 +320,15 @@ class Session:
         return snapshot.save_session(self, path, namespace)
 
     @classmethod
-    def restore(cls, llm: Any, path: str | Path, namespace: str | None = None) -> Session:
+    def restore(cls, llm: Any, path: str | Path, namespace: str | None = None, embedder: Any = None) -> Session:
         """A session equal to the saved one (same next-token logits) on `llm`; SnapshotError when the
-        snapshot is torn, altered, or was written with other weights (or for another namespace)."""
-        return cls.restore_checked(llm, path, namespace)[0]
+        snapshot is torn, altered, or was written with other weights (or for another namespace).
+        embedder: the text index's, for a snapshot whose selector reads one (default: the shared MiniLM)."""
+        return cls.restore_checked(llm, path, namespace, embedder)[0]
 
     @classmethod
     def restore_checked(
-        cls, llm: Any, path: str | Path, namespace: str | None = None
+        cls, llm: Any, path: str | Path, namespace: str | None = None, embedder: Any = None
     ) -> tuple[Session, dict]:
         """(session, manifest): restore() that also returns the snapshot's manifest."""
         manifest = snapshot.read_checked(llm, path, namespace)
@@ -335,6 +336,6 @@ class Session:
             config = MemoryConfig.from_dict(manifest["memory"])
         except ConfigError as exc:
             raise SnapshotError(f"snapshot at {path} is altered: its memory config: {exc}") from exc
-        session = cls(llm, config)
+        session = cls(llm, config, embedder=embedder if config.selector in ("hybrid", "text") else None)
         snapshot.restore_into(session, path, manifest)
         return session, manifest

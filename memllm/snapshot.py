@@ -187,10 +187,10 @@ class SnapshotWriter:
                 head[f"layer{i}.{key}"] = cp[key].to("cpu").contiguous()
         if session.last_logits is not None:
             head["last_logits"] = session.last_logits.to("cpu").contiguous()
-        stream = getattr(session, "text_index", None)
-        if stream is not None and len(stream.ids) == session.cache.seen_tokens:
+        stream, seen = getattr(session, "text_index", None), session.cache.seen_tokens
+        if stream is not None and len(stream.ids) >= seen:  # beyond `seen`: what a rollback left
             # the stream's token ids (4 bytes a token), so a restored session's text index reads its text
-            head["stream_ids"] = torch.from_numpy(np.frombuffer(stream.ids, dtype=np.int32).copy())
+            head["stream_ids"] = torch.from_numpy(np.frombuffer(stream.ids, dtype=np.int32)[:seen].copy())
         head_file = _write_tensors(folder, f"head-{gen:06d}.safetensors", head, kind="head")
         manifest = _describe(session, self.namespace, extra)
         manifest.update(

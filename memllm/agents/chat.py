@@ -183,7 +183,7 @@ class ChatAgent:
         SnapshotWriter(path, namespace).remove_stale_temps()
         if (path / "manifest.json").exists():
             try:
-                session, manifest = Session.restore_checked(self.llm, path, namespace)
+                session, manifest = Session.restore_checked(self.llm, path, namespace, self._units_embedder())
             except SnapshotError as exc:
                 self.notify(f"warning: {exc}; rebuilding the kv memory of {self.user} from its text records")
             else:
@@ -199,13 +199,16 @@ class ChatAgent:
         self._writer = SnapshotWriter(path, namespace)
         return self._new_session()
 
-    def _new_session(self) -> Any:
-        """An empty kv session; its text index over the units (the "hybrid" selector) shares the text
-        store's embedder."""
+    def _units_embedder(self) -> Any:
+        """The text store's embedder, for the kv session's text index over its units (the "hybrid"
+        selector); None for other selectors or a store without one (the session's default then)."""
         memory = self.context_memory or getattr(self.llm, "memory", None)
         hybrid = memory is None or memory.selector == "hybrid"
-        embedder = getattr(self.store, "embedder", None) if hybrid else None
-        session = self.llm.session(self.context_memory, embedder=embedder)
+        return getattr(self.store, "embedder", None) if hybrid else None
+
+    def _new_session(self) -> Any:
+        """An empty kv session."""
+        session = self.llm.session(self.context_memory, embedder=self._units_embedder())
         session.limit_hint = KV_LIMIT_HINT
         return session
 

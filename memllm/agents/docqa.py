@@ -731,7 +731,7 @@ class DocumentQA:
         qa = cls.__new__(cls)
         memory = None
         if mode in ("kv", "hybrid"):
-            session = llm.restore(str(folder / "kv"))
+            session = llm.restore(str(folder / "kv"), embedder=embedder)
             memory = session.config
         cls.__init__(qa, llm, "text" if mode in ("kv", "hybrid") else mode, store, memory,
                      namespace=manifest["namespace"], chunk_tokens=manifest["chunk_tokens"], embedder=embedder,

@@ -3,8 +3,9 @@ system, score, and report per family and system with the selection diagnostics (
 
 Systems: "full" (the model's own attention over the same ids, one cache per haystack cropped back
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
-question selector, context/select.py); "hybrid" (the question selector's attention mass and the
-cosine of a text index over the units' text, memllm/unit_text.py, standardised and summed); "text"
+question's attention alone, context/select.py); "hybrid" (the default selector, select.hybrid: the
+question's attention mass and the cosine of a text index over the units' text, memllm/unit_text.py;
+without an embedder the session's own, the packaged MiniLM); "text"
 (the text index alone); "oracle" (the question selector with the gold evidence's units read first).
 The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
@@ -183,7 +184,7 @@ def run(
         mem = [s for s in systems if s != "full"]
         if not mem:
             continue
-        if embedder is None and {"hybrid", "text"} & set(mem):
+        if embedder is None and {"hybrid", "text"} & set(mem) and memory.selector != "hybrid":
             raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()

@@ -121,8 +121,8 @@ def ask(
     mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
     selector: str | None = typer.Option(
         None, "--selector", metavar="question|hybrid",
-        help="Which units a question reads (kv, hybrid modes): question (its attention, the default) or hybrid "
-        "(also a text index over the units: more QA answers on long text, see the README).",
+        help="Which units a question reads (kv, hybrid modes): hybrid (the default: its attention and a text "
+        "index over the units, see the README) or question (its attention alone, no embedder).",
     ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
@@ -178,14 +178,16 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
             raise ConfigError(
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"
             )
-        qa = DocumentQA.load(llm, memory, embedder=_embedder_for(saved), max_new_tokens=max_new_tokens)
+        # the chunk store's embedder, and the units' text index's where the saved memory selects by "hybrid"
+        qa = DocumentQA.load(llm, memory, embedder=_embedder_for(saved, "hybrid"), max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
         config = None
         if selector is not None:
             config = replace(memory_for(llm), selector=selector)
-        qa = DocumentQA(llm, mode, memory=config, embedder=_embedder_for(mode, selector), max_new_tokens=max_new_tokens)
+        units = (config or memory_for(llm)).selector
+        qa = DocumentQA(llm, mode, memory=config, embedder=_embedder_for(mode, units), max_new_tokens=max_new_tokens)
     try:
         if files:
             bar = _Progress("reading")
