@@ -22,7 +22,7 @@ app = typer.Typer(
     name="memllm",
     help="Language models with memory beyond their context window: chat, long-document Q&A, benchmarks.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (bash, zsh, fish, powershell)
     pretty_exceptions_enable=False,
 )
 

@@ -117,3 +117,18 @@ def test_terminal_chat_gets_line_editing_and_a_history_file(monkeypatch, tmp_pat
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     session = chat_cli.prompter()
     assert session is not None and session.history.filename == str(tmp_path / "chat_history")
+
+
+def test_shell_completion_completes_commands_and_options():
+    """`memllm --show-completion bash` prints the script; the completion itself names commands and options."""
+    shown = runner.invoke(app, ["--show-completion", "bash"], prog_name="memllm")
+    assert shown.exit_code == 0 and "complete -o default -F _memllm_completion memllm" in shown.output
+
+    def complete(words: str) -> list[str]:
+        cword = len(words.split()) - (0 if words.endswith(" ") else 1)  # the word being completed
+        env = {"_MEMLLM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        return runner.invoke(app, [], prog_name="memllm", env=env).output.split()
+
+    assert complete("memllm ch") == ["chat"]
+    assert "--selector" in complete("memllm ask --sel")
+    assert {"show", "forget", "add", "repair"} <= set(complete("memllm memory "))
