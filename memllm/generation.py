@@ -1,12 +1,12 @@
 """Token generation over any transformers Cache: sampling, stop tokens, streaming detokenization.
 
-One decode loop serves plain chat (DynamicCache) and memory sessions (ContextMemoryCache): it feeds
+One decode loop (`decode`) serves plain chat (DynamicCache) and memory sessions (Session.generate_ids): it feeds
 the prompt, then one token at a time, and yields token ids. Knows nothing of chat templates or memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,39 @@ def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode(
+    logits: torch.Tensor,
+    step: Callable[[int], torch.Tensor],
+    max_new_tokens: int,
+    *,
+    stop_ids: Iterable[int] = (),
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    guard: RepetitionGuard | None = None,
+    feed_last: bool = False,
+) -> Iterator[int]:
+    """The decode loop of every generation path (plain attention here, context memory in
+    Session.generate_ids): from next-token `logits` ((vocab,) or (1, vocab)), choose a token (the
+    guard's adjustment for the tokens chosen so far, then greedy or sampled), stop before a stop id,
+    feed the token with `step(token) -> next logits`, then yield it: a caller that keeps a stream
+    (Session) holds every token it has yielded. The last token is fed only with `feed_last` (a session
+    continues from its logits; a one-off call needs none). The benchmarks' device-side loop
+    (context/prefill.greedy) is the one exception: it never reads a token on the host."""
+    stops = set(stop_ids)
+    generated: list[int] = []
+    for i in range(max_new_tokens):
+        row = logits.reshape(1, -1)
+        if guard is not None and generated:
+            row = guard.apply(row, generated)
+        token = int(sample_next(row, temperature, generator).item())
+        if token in stops:
+            return
+        generated.append(token)
+        if feed_last or i + 1 < max_new_tokens:
+            logits = step(token)
+        yield token
+
+
 @torch.inference_mode()
 def generate_ids(
     model: Any,
@@ -77,33 +110,30 @@ def generate_ids(
     start_position: int = 0,
     guard: RepetitionGuard | None = None,
 ) -> Iterator[int]:
-    """Yield up to max_new_tokens ids after `input_ids` (1, seq); stops before yielding a stop id.
+    """Yield up to max_new_tokens ids after `input_ids` (1, seq) with the model's own attention over
+    `cache`; stops before yielding a stop id (the loop: `decode`).
 
     `start_position` is the absolute position of input_ids[0, 0] (tokens already in `cache`).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, seq), got {tuple(input_ids.shape)}")
-    stops = set(stop_ids)
     pos = start_position
-    ids = input_ids
-    generated: list[int] = []
-    for _ in range(max_new_tokens):
+
+    def call(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal pos
         n = ids.shape[1]
         positions = torch.arange(pos, pos + n, device=ids.device).unsqueeze(0)
         out = model(
             input_ids=ids, **cache_kwargs(model, cache), use_cache=True, position_ids=positions, logits_to_keep=1
         )
         pos += n
-        logits = out.logits[:, -1, :]
-        if guard is not None:
-            logits = guard.apply(logits, generated)
-        nxt = sample_next(logits, temperature, generator)
-        token = int(nxt.item())
-        if token in stops:
-            return
-        generated.append(token)
-        yield token
-        ids = nxt.view(1, 1)
+        return out.logits[:, -1, :]
+
+    def step(token: int) -> torch.Tensor:
+        return call(torch.tensor([[token]], device=input_ids.device))
+
+    yield from decode(call(input_ids), step, max_new_tokens, stop_ids=stop_ids, temperature=temperature,
+                      generator=generator, guard=guard)  # fmt: skip
 
 
 def decode_stream(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:

@@ -25,7 +25,7 @@ from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
 from memllm.errors import ConfigError, InputError, SnapshotError
-from memllm.generation import RepetitionGuard, decode_stream
+from memllm.generation import RepetitionGuard, decode, decode_stream
 from memllm.unit_text import UnitTextIndex
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
@@ -195,19 +195,14 @@ class Session:
                 raise InputError("nothing to continue from: feed text or give a prompt first")
             self.check_room(max_new_tokens, call_tokens=1)
             model = self.llm.model
+
+            def step(tok: int) -> torch.Tensor:  # the token joins the stream before it is yielded
+                self._record([tok])
+                self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
+                return self.last_logits
+
             with attach(model, cache=self.cache):
-                generated: list[int] = []
-                for _ in range(max_new_tokens):
-                    logits = self.last_logits
-                    if guard is not None and generated:
-                        logits = guard.apply(logits.reshape(1, -1), generated)
-                    tok = int(logits.argmax())
-                    if tok in stop:
-                        return
-                    generated.append(tok)
-                    self._record([tok])
-                    self.last_logits = prefill.step(model, self.cache, torch.tensor([[tok]]))
-                    yield tok
+                yield from decode(self.last_logits, step, max_new_tokens, stop_ids=stop, guard=guard, feed_last=True)
         finally:
             if forced:
                 self.cache.forced.clear()
