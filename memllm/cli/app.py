@@ -51,6 +51,32 @@ app.add_typer(serve_app, name="serve")
 bench_app.command("qa", help="Long-document QA: SQuAD/HotpotQA hidden in distractors; EM/F1 per mode.")(qa_command)
 
 
+def _word_metavars(typer_app: typer.Typer) -> None:
+    """Every option and argument without a metavar of its own shows a word in --help (MODEL, N)
+    rather than its Python type (<str>, <int>); flags show none."""
+    import inspect
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    callbacks = [c.callback for c in typer_app.registered_commands]
+    if typer_app.registered_callback is not None:  # a group's own options (memllm serve)
+        callbacks.append(typer_app.registered_callback.callback)
+    for callback in callbacks:
+        if callback is None:
+            continue
+        for name, param in inspect.signature(callback).parameters.items():
+            info = param.default
+            if not isinstance(info, OptionInfo | ArgumentInfo) or info.metavar is not None:
+                continue
+            kind = str(param.annotation)
+            info.metavar = "" if "bool" in kind else "N" if "int" in kind else "X" if "float" in kind else name.upper()
+    for group in typer_app.registered_groups:
+        _word_metavars(group.typer_instance)
+
+
+_word_metavars(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -120,7 +120,7 @@ def ask(
     questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
     mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
     selector: str | None = typer.Option(
-        None, "--selector", metavar="question|hybrid",
+        None, "--selector", metavar="hybrid|question",
         help="Which units a question reads (kv, hybrid modes): hybrid (the default: its attention and a text "
         "index over the units, see the README) or question (its attention alone, no embedder).",
     ),  # fmt: skip

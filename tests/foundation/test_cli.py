@@ -132,3 +132,23 @@ def test_shell_completion_completes_commands_and_options():
     assert complete("memllm ch") == ["chat"]
     assert "--selector" in complete("memllm ask --sel")
     assert {"show", "forget", "add", "repair"} <= set(complete("memllm memory "))
+
+
+def test_options_show_words_not_python_types():
+    """Every option of every command names its value with a word (MODEL, N, PATH...) in --help."""
+    import typer.main
+
+    def walk(cmd, path: str):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    seen = 0
+    for path, cmd in walk(typer.main.get_command(app), "memllm"):
+        for p in cmd.params:
+            if getattr(p, "is_flag", True) is False and p.name != "help":  # options taking a value
+                seen += 1
+                assert p.metavar and not p.metavar.startswith("<"), (path, p.name, p.metavar)
+    assert seen > 40
+    shown = runner.invoke(app, ["ask", "--help"], terminal_width=200).output
+    assert "<str>" not in shown.replace("<list[str]>", "") and "QUESTION" in shown
