@@ -254,12 +254,14 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | 
             _write(f"== {result.document} ==\n" + "".join(render_answer(a, evidence) for a in result.answers))
 
     if ray is not None:
-        from memllm.distributed.ray_docs import answer_on_ray
+        from memllm.distributed.ray_docs import answer_on_ray, cluster
 
-        _note(f"answering {total} document(s) on the Ray cluster at {ray}")
-        for result in answer_on_ray(ray, docs, questions, model=model, device=device, mode=mode, selector=selector,
-                                    max_new_tokens=max_new_tokens, workers=ray_workers, on_done=done):  # fmt: skip
-            show(result)
+        with cluster(ray) as ray_module:
+            _note(f"answering {total} document(s) on the Ray cluster at {ray}")
+            for result in answer_on_ray(ray_module, docs, questions, model=model, device=device, mode=mode,
+                                        selector=selector, max_new_tokens=max_new_tokens, workers=ray_workers,
+                                        on_done=done):  # fmt: skip
+                show(result)
         return
     from memllm.agents.batch_docs import answer_each
     from memllm.agents.docqa import memory_for

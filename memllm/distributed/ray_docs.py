@@ -3,7 +3,7 @@
 A pool of `DocWorker` actors (one per GPU of the cluster, each holding one GPU, or `workers` of them
 holding one CPU each) loads the model once per actor with the CLI's loader and answers a document's
 questions with `memllm.agents.batch_docs.answer_each`, the function `memllm ask --each` runs locally,
-so both give the same answers. Documents travel as Document objects (read by the driver); a worker
+so both give the same answers. `cluster(address)` connects (and disconnects after). Documents travel as Document objects (read by the driver); a worker
 needs memllm and the model installed, not the files. Each actor is given one document at a time; the
 results come back as they finish (`on_done(done, total)`) and are yielded in the documents' order.
 
@@ -14,6 +14,7 @@ MemllmError), never Ray's tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +95,17 @@ def connect(address: str) -> Any:
     return ray
 
 
+@contextlib.contextmanager
+def cluster(address: str) -> Iterator[Any]:
+    """Connected to the Ray cluster at `address` within the block (the ray module); disconnected after,
+    which ends the actors started in it."""
+    ray = connect(address)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 def default_workers(ray: Any) -> int:
     """One worker per GPU of the cluster, else DEFAULT_CPU_WORKERS."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -112,7 +124,7 @@ def _unwrap(ray: Any, exc: BaseException) -> MemllmError:
 
 
 def answer_on_ray(
-    address: str,
+    ray: Any,
     documents: Sequence[Document],
     questions: Sequence[str],
     *,
@@ -124,49 +136,45 @@ def answer_on_ray(
     workers: int | None = None,
     on_done: Callable[[int, int], None] | None = None,
 ) -> Iterator[DocumentAnswers]:
-    """Answer every question of every document on the cluster at `address`; results in the documents'
-    order, each as soon as it and those before it are done. workers: actors to start (None: one per
-    GPU of the cluster, else DEFAULT_CPU_WORKERS; never more than the documents)."""
+    """Answer every question of every document on the connected cluster (`ray`, from `cluster`);
+    results in the documents' order, each as soon as it and those before it are done. workers: actors
+    to start (None: one per GPU of the cluster, else DEFAULT_CPU_WORKERS; never more than the
+    documents). on_done(done, total) after each document a worker finishes."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
     if not documents:
         return
-    ray = connect(address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    n = min(workers or default_workers(ray), len(documents))
+    actor = ray.remote(**({"num_gpus": 1} if gpus else {"num_cpus": 1}))(DocWorker)
+    pool = [actor.remote(model, device, mode, selector, max_new_tokens) for _ in range(n)]
+    qs = list(questions)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = min(workers or default_workers(ray), len(documents))
-        resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        actor = ray.remote(**resources)(DocWorker)
-        pool = [actor.remote(model, device, mode, selector, max_new_tokens) for _ in range(n)]
-        qs = list(questions)
+        ray.get([a.load.remote() for a in pool])  # a model that cannot load fails here, once
+    except ray.exceptions.RayError as exc:
+        raise _unwrap(ray, exc) from None
+    pending: dict[Any, tuple[int, Any]] = {}
+    queue = iter(enumerate(documents))
+
+    def submit(a: Any) -> None:
+        item = next(queue, None)
+        if item is not None:
+            pending[a.answer.remote(item[1], qs)] = (item[0], a)
+
+    for a in pool:
+        submit(a)
+    results: dict[int, DocumentAnswers] = {}
+    upto = 0  # documents yielded so far
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        index, a = pending.pop(ref)
         try:
-            ray.get([a.load.remote() for a in pool])  # a model that cannot load fails here, once
+            results[index] = ray.get(ref)
         except ray.exceptions.RayError as exc:
             raise _unwrap(ray, exc) from None
-        pending: dict[Any, tuple[int, Any]] = {}
-        queue = iter(enumerate(documents))
-
-        def submit(a: Any) -> None:
-            item = next(queue, None)
-            if item is not None:
-                pending[a.answer.remote(item[1], qs)] = (item[0], a)
-
-        for a in pool:
-            submit(a)
-        results: dict[int, DocumentAnswers] = {}
-        upto = 0
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            index, a = pending.pop(ref)
-            try:
-                results[index] = ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                raise _unwrap(ray, exc) from None
-            submit(a)
-            if on_done is not None:
-                on_done(len(results) + upto, len(documents))
-            while upto in results:
-                yield results.pop(upto)
-                upto += 1
-    finally:
-        ray.shutdown()
+        submit(a)
+        if on_done is not None:
+            on_done(upto + len(results), len(documents))
+        while upto in results:
+            yield results.pop(upto)
+            upto += 1
