@@ -260,7 +260,7 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | 
             _note(f"answering {total} document(s) on the Ray cluster at {ray}")
             for result in answer_on_ray(ray_module, docs, questions, model=model, device=device, mode=mode,
                                         selector=selector, max_new_tokens=max_new_tokens, workers=ray_workers,
-                                        on_done=done):  # fmt: skip
+                                        on_done=done, log=_note):  # fmt: skip
                 show(result)
         return
     from memllm.agents.batch_docs import answer_each

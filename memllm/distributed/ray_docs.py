@@ -118,7 +118,8 @@ def _unwrap(ray: Any, exc: BaseException) -> MemllmError:
     if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, MemllmError):
         return cause
     if isinstance(exc, ray.exceptions.RayTaskError) and cause is not None:
-        return DistributedError(f"a Ray worker failed: {type(cause).__name__}: {cause}")
+        text = str(cause).strip().splitlines()
+        return DistributedError(f"a Ray worker failed: {type(cause).__name__}: {text[0] if text else ''}")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return DistributedError(f"a Ray worker failed: {first}")
 
@@ -135,17 +136,25 @@ def answer_on_ray(
     max_new_tokens: int,
     workers: int | None = None,
     on_done: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Iterator[DocumentAnswers]:
     """Answer every question of every document on the connected cluster (`ray`, from `cluster`);
     results in the documents' order, each as soon as it and those before it are done. workers: actors
     to start (None: one per GPU of the cluster, else DEFAULT_CPU_WORKERS; never more than the
-    documents). on_done(done, total) after each document a worker finishes."""
+    documents, nor than the cluster's GPUs, else its CPUs). on_done(done, total) after each document a
+    worker finishes; log(message): a status line."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
     if not documents:
         return
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    n = min(workers or default_workers(ray), len(documents))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    capacity = gpus or int(resources.get("CPU", 0))  # more actors than this would wait forever
+    if capacity < 1:
+        raise DistributedError("the Ray cluster has no CPU or GPU to run a worker on: add a node")
+    n = min(workers or default_workers(ray), capacity, len(documents))
+    if log is not None:
+        log(f"{n} Ray worker(s), one {'GPU' if gpus else 'CPU'} and one model each")
     actor = ray.remote(**({"num_gpus": 1} if gpus else {"num_cpus": 1}))(DocWorker)
     pool = [actor.remote(model, device, mode, selector, max_new_tokens) for _ in range(n)]
     qs = list(questions)

@@ -220,9 +220,13 @@ def test_ray_answers_as_each_does_on_20_documents(ray_cluster, tmp_path, isolate
     assert without_seconds(ray_records) == without_seconds(local_records)
     progress = [line for line in on_ray.stderr.splitlines() if line.startswith("memllm: answered ")]
     assert progress == [f"memllm: answered {i}/20 documents" for i in range(1, 21)]
+    assert "memllm: 2 Ray worker(s), one CPU and one model each" in on_ray.stderr.splitlines()
     assert "Traceback" not in on_ray.stderr
-    # a worker's failure comes back as memllm's one-line error, with its exit code
-    missing = _ask([*docs[:2], "-q", "x?", "--model", "no-such-model", "--ray", ray_cluster], env)
+    # a worker's failure comes back as memllm's one-line error, with its exit code; more workers than the
+    # cluster's 2 CPUs are not started (they would wait forever)
+    missing = _ask([*docs[:3], "-q", "x?", "--model", "no-such-model", "--ray", ray_cluster, "--ray-workers", "5"],
+                   env)  # fmt: skip
     assert missing.returncode == 3, missing.stderr
+    assert "memllm: 2 Ray worker(s), one CPU and one model each" in missing.stderr.splitlines()
     assert missing.stderr.splitlines()[-1].startswith("error: model 'no-such-model' not found")
     assert "Traceback" not in missing.stderr and missing.stdout == ""
