@@ -74,6 +74,13 @@ class WriteError(MemllmError):
     exit_code = 10
 
 
+class DistributedError(MemllmError):
+    """Work spread over a cluster (Ray) failed: the cluster cannot be reached, or a worker died or
+    raised something memllm does not name."""
+
+    exit_code = 11
+
+
 DISK_ERRNOS = frozenset({5, 27, 28, 30, 122})  # EIO, EFBIG, ENOSPC, EROFS, EDQUOT
 SQLITE_DISK_CODES = frozenset({8, 10, 13})  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL (primary codes)
 

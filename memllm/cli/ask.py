@@ -108,11 +108,6 @@ class _Progress:
             self.bar = None
 
 
-def _embedder_for(mode: str, selector: str | None = None) -> Any:
-    """The chunk store's embedder (text, hybrid modes), also the units' text index (hybrid selector)."""
-    return common.load_embedder() if mode in ("text", "hybrid") or selector == "hybrid" else None
-
-
 @common.fail_on_error
 def ask(
     files: list[str] = typer.Argument(None, help="Documents (.txt, .md, .html, .pdf; '-' for stdin)."),
@@ -131,6 +126,17 @@ def ask(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, max=common.MAX_NEW_TOKENS, help="Longest answer, in tokens."),
     evidence: bool = typer.Option(True, "--evidence/--no-evidence", help="Show what each answer used."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer on stdout."),
+    each: bool = typer.Option(
+        False, "--each", help="Read each document into its own memory and ask it every question "
+        "(default: all documents in one memory).",
+    ),  # fmt: skip
+    ray: str | None = typer.Option(
+        None, "--ray", metavar="ADDRESS|auto", help="Answer each document (as --each) on a worker of the Ray "
+        "cluster at HOST:PORT (auto: the one running here). Needs pip install 'memllm[ray]'.",
+    ),  # fmt: skip
+    ray_workers: int | None = typer.Option(
+        None, "--ray-workers", min=1, help="Ray workers, one model each (default: one per GPU of the cluster, else 2).",
+    ),  # fmt: skip
 ) -> None:
     """Read documents once and answer questions about them, with the evidence of each answer."""
     from memllm.agents.docqa import MODES
@@ -146,6 +152,14 @@ def ask(
             raise ConfigError("--selector applies when documents are read: a saved --memory keeps its own")
         if mode == "text":
             raise ConfigError("--selector applies to --mode kv or hybrid (text mode reads no memory units)")
+    if ray_workers is not None and ray is None:
+        raise ConfigError("--ray-workers applies with --ray ADDRESS")
+    if each or ray is not None:
+        flag = "--ray" if ray is not None else "--each"
+        if memory is not None or save_memory is not None:
+            raise ConfigError(f"{flag} reads each document into a memory of its own: drop --memory/--save-memory")
+        if not files:
+            raise ConfigError(f"{flag} needs documents to read (FILE..., '-' for stdin)")
     if not files and memory is None:
         raise ConfigError("give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier")
     if not questions and save_memory is None:
@@ -160,6 +174,10 @@ def ask(
 
     docs = [read_document(f) for f in files]  # bounded reads, refused before the model loads
     with common.exit_on_sigterm():
+        if each or ray is not None:
+            _ask_each(docs, questions, mode or "kv", selector, model, device, max_new_tokens, evidence, as_json,
+                      ray, ray_workers)  # fmt: skip
+            return
         _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json, selector)
 
 
@@ -179,7 +197,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"
             )
         # the chunk store's embedder, and the units' text index's where the saved memory selects by "hybrid"
-        qa = DocumentQA.load(llm, memory, embedder=_embedder_for(saved, "hybrid"), max_new_tokens=max_new_tokens)
+        qa = DocumentQA.load(llm, memory, embedder=common.embedder_for(saved, "hybrid"), max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
@@ -187,7 +205,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         if selector is not None:
             config = replace(memory_for(llm), selector=selector)
         units = (config or memory_for(llm)).selector
-        qa = DocumentQA(llm, mode, memory=config, embedder=_embedder_for(mode, units), max_new_tokens=max_new_tokens)
+        qa = DocumentQA(llm, mode, memory=config, embedder=common.embedder_for(mode, units), max_new_tokens=max_new_tokens)
     try:
         if files:
             bar = _Progress("reading")
@@ -213,6 +231,59 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
             )
     finally:
         qa.close()
+
+
+def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | None, model: str,
+              device: str, max_new_tokens: int, evidence: bool, as_json: bool, ray: str | None,
+              ray_workers: int | None) -> None:  # fmt: skip
+    """--each and --ray: every document in a memory of its own; the answers printed per document, in the
+    documents' order (the same bytes either way, but for the seconds)."""
+    from memllm.agents.batch_docs import DocumentAnswers
+
+    total = len(docs)
+
+    def done(n: int, _total: int) -> None:
+        _note(f"answered {n}/{total} documents")
+
+    def show(result: DocumentAnswers) -> None:
+        for note in result.read.notes:
+            _note(f"note: {result.document}: {note}")
+        if as_json:
+            _write("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in result.to_dicts()))
+        else:
+            _write(f"== {result.document} ==\n" + "".join(render_answer(a, evidence) for a in result.answers))
+
+    if ray is not None:
+        from memllm.distributed.ray_docs import answer_on_ray, cluster
+
+        with cluster(ray) as ray_module:
+            _note(f"answering {total} document(s) on the Ray cluster at {ray}")
+            for result in answer_on_ray(ray_module, docs, questions, model=model, device=device, mode=mode,
+                                        selector=selector, max_new_tokens=max_new_tokens, workers=ray_workers,
+                                        on_done=done, log=_note):  # fmt: skip
+                show(result)
+        return
+    from memllm.agents.batch_docs import answer_each
+    from memllm.agents.docqa import memory_for
+
+    llm = common.load_llm(model, device)
+    embedder = common.embedder_for(mode, selector or memory_for(llm).selector)
+    bars: list[_Progress] = []
+
+    def reading(doc: Any) -> _Progress:
+        bars.append(_Progress(f"reading {doc.name}"))
+        return bars[-1]
+
+    try:
+        results = answer_each(llm, docs, questions, mode, selector=selector, embedder=embedder,
+                              max_new_tokens=max_new_tokens, progress=reading)  # fmt: skip
+        for n, result in enumerate(results, 1):
+            bars.pop().close()
+            done(n, total)
+            show(result)
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 @common.fail_on_error

@@ -67,6 +67,12 @@ def load_embedder() -> Any:
     return SentenceTransformerEmbedder()
 
 
+def embedder_for(mode: str, selector: str | None = None) -> Any:
+    """The embedder `memllm ask` needs: the chunk store's (text, hybrid modes), also the units' text
+    index's (hybrid selector); None where neither is used."""
+    return load_embedder() if mode in ("text", "hybrid") or selector == "hybrid" else None
+
+
 def open_store(path: str | None, *, with_embedder: bool) -> Any:
     """Open the text memory store at `path` (default $MEMLLM_HOME/memory); embedder only when needed."""
     from memllm.memory_stores.faiss_store import FaissStore
