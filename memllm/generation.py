@@ -66,7 +66,7 @@ def sample_next(logits: torch.Tensor, temperature: float, generator: torch.Gener
 
 def decode(
     logits: torch.Tensor,
-    step: Callable[[int], torch.Tensor],
+    step: Callable[[Any], torch.Tensor],
     max_new_tokens: int,
     *,
     stop_ids: Iterable[int] = (),
@@ -74,24 +74,32 @@ def decode(
     generator: torch.Generator | None = None,
     guard: RepetitionGuard | None = None,
     feed_last: bool = False,
-) -> Iterator[int]:
-    """The decode loop of every generation path (plain attention here, context memory in
-    Session.generate_ids): from next-token `logits` ((vocab,) or (1, vocab)), choose a token (the
-    guard's adjustment for the tokens chosen so far, then greedy or sampled), stop before a stop id,
-    feed the token with `step(token) -> next logits`, then yield it: a caller that keeps a stream
-    (Session) holds every token it has yielded. The last token is fed only with `feed_last` (a session
-    continues from its logits; a one-off call needs none). The benchmarks' device-side loop
-    (context/prefill.greedy) is the one exception: it never reads a token on the host."""
+    on_device: bool = False,
+) -> Iterator[Any]:
+    """The decode loop of every generation path (plain attention: generate_ids; context memory:
+    Session.generate_ids; the benchmarks' timing path: context/prefill.greedy): from next-token
+    `logits` ((vocab,) or (1, vocab)), choose a token (the guard's adjustment for the tokens chosen so
+    far, then greedy or sampled), stop before a stop id, feed the token with `step(token) -> next
+    logits`, then yield it: a caller that keeps a stream (Session) holds every token it has yielded.
+    The last token is fed only with `feed_last` (a session continues from its logits; a one-off call
+    needs none). `on_device`: tokens stay (1, 1) device tensors, never read on the host (no host
+    synchronisation per token), so there are no stop ids, no guard and no sampling."""
+    if on_device and (stop_ids or guard is not None or temperature > 0):
+        raise ConfigError("on-device decoding is greedy, without stop ids or a repetition guard")
     stops = set(stop_ids)
     generated: list[int] = []
     for i in range(max_new_tokens):
         row = logits.reshape(1, -1)
         if guard is not None and generated:
             row = guard.apply(row, generated)
-        token = int(sample_next(row, temperature, generator).item())
-        if token in stops:
-            return
-        generated.append(token)
+        chosen = sample_next(row, temperature, generator)
+        if on_device:
+            token: Any = chosen.view(1, 1)
+        else:
+            token = int(chosen.item())
+            if token in stops:
+                return
+            generated.append(token)
         if feed_last or i + 1 < max_new_tokens:
             logits = step(token)
         yield token

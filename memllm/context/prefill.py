@@ -78,14 +78,19 @@ def feed(
 def greedy(
     model: torch.nn.Module, cache: ContextMemoryCache, logits: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n greedy steps from logits (vocab,), tokens kept on the device: no host synchronisation.
+    """n greedy steps from logits (vocab,), tokens kept on the device: no host synchronisation
+    (generation.decode on the device).
 
     Returns (ids (n,) on the device, the logits after the last one). Stop tokens are not checked
     (that needs the host); callers cut the ids at the first stop token afterwards.
     """
-    toks = []
-    for _ in range(n):
-        tok = logits.argmax().view(1, 1)
-        toks.append(tok)
-        logits = step(model, cache, tok)
-    return torch.cat(toks).view(-1), logits
+    from memllm.generation import decode
+
+    last = [logits]
+
+    def fwd(tok: torch.Tensor) -> torch.Tensor:
+        last[0] = step(model, cache, tok)
+        return last[0]
+
+    toks = list(decode(logits, fwd, n, feed_last=True, on_device=True))
+    return torch.cat(toks).view(-1), last[0]
