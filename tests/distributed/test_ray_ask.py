@@ -16,7 +16,6 @@ would), and the workers import memllm from the PYTHONPATH given to the cluster.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -31,12 +30,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from memllm.agents import docqa as docqa_mod
-from memllm.agents.docqa import DocumentQA
 from memllm.cli.app import app
 from memllm.cli.ask import render_answer
-from memllm.memory_stores.embeddings import FakeEmbedder
-from tests.docqa.conftest import boxes_text
+from tests.docqa.conftest import boxes_text, library_answers
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["What color is box 3?", "Which shelf is box 2 on?"]
@@ -56,29 +52,9 @@ def write_docs(folder: Path, n: int) -> list[str]:
     return paths
 
 
-@pytest.fixture
-def cli(tiny_llm, monkeypatch):
-    loaded = []
-
-    def load(model, device, dtype=None):
-        loaded.append((model, device))
-        return tiny_llm
-
-    monkeypatch.setattr("memllm.cli.common.load_llm", load)
-    monkeypatch.setattr("memllm.cli.common.load_embedder", lambda: FakeEmbedder())
-    ticks = itertools.count()
-    monkeypatch.setattr(docqa_mod, "_clock", lambda: next(ticks) * 0.25)
-    return loaded
-
-
 def alone(llm, path: str, mode: str = "kv"):
     """The answers of one document read into a DocumentQA of its own (the library, no CLI)."""
-    qa = DocumentQA(llm, mode, embedder=FakeEmbedder())
-    try:
-        qa.read(path)
-        return [qa.ask(q) for q in QUESTIONS]
-    finally:
-        qa.close()
+    return library_answers(llm, mode, path, QUESTIONS)
 
 
 def without_seconds(records: list[dict]) -> list[dict]:

@@ -6,7 +6,6 @@ a fake clock, so the printed seconds are exact.
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from memllm.agents import docqa as docqa_mod
 from memllm.agents.docqa import DocumentQA
 from memllm.cli.ask import ask, qa_command, render_answer
 from memllm.memory_stores.embeddings import FakeEmbedder
-from tests.docqa.conftest import boxes_text
+from tests.docqa.conftest import boxes_text, library_answers
 
 app = typer.Typer()
 app.command("ask")(ask)
@@ -25,28 +24,6 @@ app.command("qa")(qa_command)
 runner = CliRunner()
 
 
-@pytest.fixture
-def cli(tiny_llm, monkeypatch):
-    loaded = []
-
-    def load(model, device, dtype=None):
-        loaded.append((model, device))
-        return tiny_llm
-
-    monkeypatch.setattr("memllm.cli.common.load_llm", load)
-    monkeypatch.setattr("memllm.cli.common.load_embedder", lambda: FakeEmbedder())
-    ticks = itertools.count()
-    monkeypatch.setattr(docqa_mod, "_clock", lambda: next(ticks) * 0.25)
-    return loaded
-
-
-def library_answers(llm, mode, path, questions):
-    qa = DocumentQA(llm, mode, embedder=FakeEmbedder())
-    qa.read(path)
-    try:
-        return [qa.ask(q) for q in questions]
-    finally:
-        qa.close()
 
 
 def test_ask_text_transcript(cli, tiny_llm, tmp_path):
