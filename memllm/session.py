@@ -211,7 +211,8 @@ class Session:
         """The text index sees every token the cache is about to take, where the cache takes it
         (nothing is converted without an index: feed_ids may carry a million ids)."""
         if self.text_index is not None:
-            self.text_index.write(self.cache.seen_tokens, ids.tolist() if isinstance(ids, torch.Tensor) else ids)
+            host = ids.to("cpu", torch.int32).numpy() if isinstance(ids, torch.Tensor) else ids
+            self.text_index.write(self.cache.seen_tokens, host)
 
     def select_prompt(
         self,

@@ -190,7 +190,7 @@ class SnapshotWriter:
         stream, seen = getattr(session, "text_index", None), session.cache.seen_tokens
         if stream is not None and len(stream.ids) >= seen:  # beyond `seen`: what a rollback left
             # the stream's token ids (4 bytes a token), so a restored session's text index reads its text
-            head["stream_ids"] = torch.from_numpy(np.frombuffer(stream.ids, dtype=np.int32)[:seen].copy())
+            head["stream_ids"] = torch.from_numpy(np.frombuffer(stream.ids, dtype=np.intc)[:seen].copy())
         head_file = _write_tensors(folder, f"head-{gen:06d}.safetensors", head, kind="head")
         manifest = _describe(session, self.namespace, extra)
         manifest.update(
@@ -414,6 +414,6 @@ def restore_into(session: Any, path: str | Path, manifest: dict[str, Any]) -> No
     if index is not None:
         stream = extra.get("stream_ids")
         if stream is not None and stream.numel() == session.cache.seen_tokens:
-            index.write(0, stream.tolist())
+            index.write(0, stream.numpy())
         else:  # a snapshot without the stream's ids (older, or saved without an index): no text to index
             session.text_index = None
