@@ -334,9 +334,9 @@ class DocumentQA:
         """The embedder given, else the packaged MiniLM (loaded once, shared by the chunk store and
         the units' text index)."""
         if self._embedder is None:
-            from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+            from memllm.memory_stores.embeddings import shared_embedder
 
-            self._embedder = SentenceTransformerEmbedder()
+            self._embedder = shared_embedder()
         return self._embedder
 
     def _ensure_store(self, copy_of: Path | None = None) -> Any:

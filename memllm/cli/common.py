@@ -61,10 +61,10 @@ def load_llm(model: str, device: str, dtype: str | None = None) -> Any:
 
 
 def load_embedder() -> Any:
-    """The default sentence embedder (a seam for tests to substitute a fake one)."""
-    from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
+    """The default sentence embedder, the process's one (a seam for tests to substitute a fake one)."""
+    from memllm.memory_stores.embeddings import shared_embedder
 
-    return SentenceTransformerEmbedder()
+    return shared_embedder()
 
 
 def embedder_for(mode: str, selector: str | None = None) -> Any:

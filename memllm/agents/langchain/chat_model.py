@@ -369,7 +369,8 @@ def _cut(pieces: Iterator[str], scanner: StopScanner, produced: list[str]) -> It
 
 def open_default_store(path: str | None) -> Any:
     """A FaissStore with the packaged embedder at `path` (default: the one `memllm chat --user` uses)."""
-    from memllm.memory_stores import FaissStore, SentenceTransformerEmbedder
+    from memllm.memory_stores import FaissStore
+    from memllm.memory_stores.embeddings import shared_embedder
     from memllm.models import default_store_path
 
-    return FaissStore(path or default_store_path(), SentenceTransformerEmbedder())
+    return FaissStore(path or default_store_path(), shared_embedder())
