@@ -167,7 +167,7 @@ def main() -> None:
         if args.selector == "hybrid":
             from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
 
-            embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=256, precision="fp32")
+            embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=128)  # as shared_embedder: fp16
         results += run_passkey(
             llm, lengths(args.selector_lengths or args.lengths), args.depths, memory=memory,
             system=f"ask:{args.selector}", progress=say, selector=args.selector, embedder=embedder,

