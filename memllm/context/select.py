@@ -74,9 +74,15 @@ def unit_mass(
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         ids = torch.arange(lo, hi, device=dev).expand(1, kvh, -1)
-        k, _ = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
-        logits = torch.matmul(q, k[0].float().transpose(1, 2)) * scale  # (kvh, g*m, (hi - lo) * bs)
+        k, v = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
+        del v  # each buffer is freed as soon as it is used: the scan's peak is one step's, not two chunks'
+        kf = k[0].float()
+        del k
+        logits = torch.matmul(q, kf.transpose(1, 2))  # (kvh, g*m, (hi - lo) * bs)
+        del kf
+        logits.mul_(scale)
         unit_lse[:, :, lo:hi] = torch.logsumexp(logits.view(kvh, g * m, hi - lo, bs), dim=-1)
+        del logits
     if n:
         parts.append(torch.logsumexp(unit_lse, dim=-1))
     total = torch.logsumexp(torch.stack(parts), dim=0)  # (kvh, g*m)
