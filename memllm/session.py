@@ -257,6 +257,8 @@ class Session:
         cache.forced.set(chosen)
         self.last_selection = {
             "units": chosen.tolist(),
+            # the chosen units best first (the ranking that chose them; the gold units of a diagnostic first)
+            "ranked_units": sorted(chosen.tolist(), key=lambda u: (u not in gold, -float(ranked[u]))),
             "gold_units": gold,
             "score": score,
             "text_score": text,

@@ -626,6 +626,9 @@ class DocumentQA:
             return []
         cfg = self.memory
         n_layers = len(self.session.cache.layers)
+        # units read as often (every layer reads what the question chose): the question's ranking decides
+        chosen = (self.session.last_selection or {}).get("ranked_units", [])
+        rank = {u: i for i, u in enumerate(chosen)}
         evidence = []
         for group in _layer_groups(n_layers, self.layer_groups):
             total: Counter = Counter()
@@ -636,7 +639,7 @@ class DocumentQA:
                 picks += sum(c.values())
             label = f"layers {group.start}-{group.stop - 1}"
             shown = 0
-            for unit, times in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])):
+            for unit, times in sorted(total.items(), key=lambda kv: (-kv[1], rank.get(kv[0], len(rank)), kv[0])):
                 ev = self._unit_to_evidence(unit, cfg, times / max(1, picks), label)
                 if ev is None:
                     continue

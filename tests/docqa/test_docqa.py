@@ -89,6 +89,21 @@ def test_kv_evidence_is_the_units_the_lookups_chose(tiny_llm):
     assert len(rec.log) == qa.session.stats()["lookups"] - before > 0
 
 
+def test_kv_evidence_lists_the_units_the_question_ranked_best_first(tiny_llm):
+    # Every layer reads the units the question chose, so their lookup counts tie: the evidence shows them
+    # in the order of the question's ranking (before: by unit id, the document's first units).
+    qa = make(tiny_llm, "kv")
+    qa.read(boxes_text(), name="boxes.txt")
+    answer = qa.ask(QUESTIONS[0])
+    sel = qa.session.last_selection
+    assert sel is not None and sorted(sel["ranked_units"]) == sorted(sel["units"])
+    cfg, seg_start, td = qa.memory, qa.segments[0][0], qa.docs[0]
+    group = [e for e in answer.evidence if e.kind == "unit" and e.group == "layers 0-0"]
+    shown = [(td.starts.index(e.start) + seg_start - cfg.n_init) // cfg.block_size for e in group]
+    ranked = [u for u in sel["ranked_units"] if u in shown]
+    assert shown and shown == ranked[: len(shown)]
+
+
 def test_text_mode_evidence_chunks_and_budget(tiny_llm):
     qa = make(tiny_llm, "text")
     text = boxes_text()
