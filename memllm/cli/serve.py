@@ -52,20 +52,27 @@ def serve(
         None, "--memory-tokens", min=0, help="Budget for recalled memory per prompt (default: a quarter of the window)."),
     flash_tokens: int | None = typer.Option(
         None, "--flash-tokens", min=0, help="Budget for recent turns per prompt (default: half of the window)."),
+    host_budget: str | None = typer.Option(
+        None, "--host-budget", help="Host memory (pinned on a GPU) all users' kv memories may hold together, "
+        "e.g. 8GiB: idle sessions are closed (saved on disk) to make room, else 503 (default: no budget)."),
 ) -> None:
     """Run the server (no keys configured: loopback clients only)."""
     if ctx.invoked_subcommand is not None:
         return
     import uvicorn
 
+    from memllm.host_budget import HostBudget
     from memllm.serve.app import Limits, create_app
     from memllm.serve.auth import KeyStore
+
+    budget = HostBudget(host_budget) if host_budget is not None else None  # checked before the model loads
 
     key_store = KeyStore(_keys_path(keys))
     if len(key_store) == 0 and host not in ("127.0.0.1", "::1", "localhost"):
         typer.echo("no API keys configured: only loopback clients will be served "
                    "(add one with `memllm serve keys add NAME --user U`)", err=True)
     llm = common.load_llm(model, device)
+    llm.host_budget = budget
     s = common.open_store(store, with_embedder=True)
     _warm_up(s)
     limits = Limits(max_body_bytes=max_body, max_tokens=max_tokens, max_concurrent=max_concurrent,
