@@ -340,5 +340,12 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         if agent is not None:
             agent.close()
 
+    def close_session(user: str) -> None:
+        """Close `user`'s session once no generation runs (its kv memory is saved, its lock let go):
+        for a host that moves users between servers (memllm.distributed.serve_ray)."""
+        with model_lock:
+            drop_session(user)
+
+    app.state.close_session = close_session
     app.include_router(memory_router(store, namespace_for, drop_session))
     return app

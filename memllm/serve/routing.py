@@ -1,0 +1,45 @@
+"""Whose session a request of `memllm serve` touches, read from the request alone (for a router in front
+of several servers: `memllm serve --ray`).
+
+`session_user` resolves the user as the app does (memllm.serve.app: the memory routes name the user
+in the path; a chat names it in the body's `user`, else the API key's first user, else "default"
+when no keys are configured), without the model or the store. None where the request touches no
+session (health, models, metrics) or where the app will refuse it (a bad body, an unknown key): any
+server may answer those. Knows nothing of Ray or HTTP frameworks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from memllm.serve.auth import KeyStore
+
+MEMORY_PATH = re.compile(r"/v1/memory/([^/]+)(?:/.*)?")
+CHAT_PATH = "/v1/chat/completions"
+
+
+def session_user(path: str, headers: Mapping[str, str], body: bytes, keys: KeyStore | None) -> str | None:
+    """The user whose session the request to `path` (percent-decoded, as the app matches it; headers
+    with lower-case names; the body) acts on."""
+    m = MEMORY_PATH.fullmatch(path)
+    if m is not None:
+        user = m.group(1).strip()
+        return user or None
+    if path != CHAT_PATH:
+        return None
+    try:
+        data = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user = data.get("user") if isinstance(data, dict) else None
+    if user is not None:
+        return user.strip() or None if isinstance(user, str) else None
+    if keys is None or len(keys) == 0:
+        return "default"
+    auth = headers.get("authorization", "")
+    if not auth.lower().startswith("bearer "):
+        return None
+    users = keys.users_for(auth[7:].strip())
+    return users[0] if users else None
