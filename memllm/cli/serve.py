@@ -106,6 +106,7 @@ def _serve_on_ray(address: str, replicas: int | None, *, host: str, port: int, m
         model=model, device=device, memory=memory, store=str(Path(store or default_store_path()).resolve()),
         keys=str(_keys_path(keys).resolve()), limits=limits, host_budget=host_budget, loader=serve_ray.LOADER,
     )  # fmt: skip
+    serve_ray.require_serve()
     say = common.status_printer()
     # SIGTERM's handler after ray.init, which installs its own (a stack dump, then death) over it
     with ray_docs.cluster(address) as ray_module, common.exit_on_sigterm():

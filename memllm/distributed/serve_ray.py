@@ -182,6 +182,18 @@ class Ingress:
         return response
 
 
+def require_serve() -> None:
+    """ConfigError naming the install when Ray Serve (with its request routers) cannot be imported."""
+    try:
+        import ray.serve  # noqa: F401
+
+        import memllm.distributed.serve_router  # noqa: F401  (imports ray.serve.request_router)
+    except ImportError as exc:
+        raise ConfigError(
+            f"--ray needs Ray Serve with request routers (tested with ray 2.60): pip install -U 'memllm[ray]' ({exc})"
+        ) from None
+
+
 def check_capacity(ray: Any, replicas: int, device: str) -> bool:
     """Whether replicas need GPUs (device cuda...); DistributedError where the cluster has too few."""
     if replicas < 1:
