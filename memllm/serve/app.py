@@ -144,14 +144,18 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, json.dumps(exc.errors(), default=str)[:2000], "invalid_request_error")
 
+    def status_of(exc: MemllmError) -> int:
+        # HostBudgetError: the sessions of others fill the budget (503, retry), not this request's size
+        if isinstance(exc, HostBudgetError):
+            return 503
+        return 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
+
     @app.exception_handler(MemllmError)
     async def memllm_error(_: Request, exc: MemllmError) -> JSONResponse:
-        if isinstance(exc, HostBudgetError):  # the sessions of others fill the budget: not this request's size
-            resp = _error(503, str(exc), type(exc).__name__)
+        resp = _error(status_of(exc), str(exc), type(exc).__name__)
+        if isinstance(exc, HostBudgetError):
             resp.headers["Retry-After"] = "5"
-            return resp
-        status = 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
-        return _error(status, str(exc), type(exc).__name__)
+        return resp
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
@@ -316,9 +320,13 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             pieces = []
             yield chunk({"role": "assistant", "content": ""}, None)
             try:
-                for piece in pieces_from_thread(produce):  # one thread for the whole generation
+                for piece in pieces_from_thread(produce, passthrough=(MemllmError,)):  # one thread throughout
                     pieces.append(piece)
                     yield chunk({"content": piece}, None)
+            except MemllmError as exc:  # refused (memory, budget, a busy user): said as the JSON error would
+                yield "data: " + json.dumps({"error": {"message": str(exc), "type": type(exc).__name__,
+                                                       "code": status_of(exc)}}) + "\n\n"
+                return
             except GenerationFailed:
                 yield "data: " + json.dumps({"error": {"message": "generation failed: see the server log",
                                                        "type": "server_error", "code": 500}}) + "\n\n"

@@ -48,6 +48,33 @@ def test_owner_is_sticky_to_a_holder_and_moves_only_a_lost_replicas_users():
         owner("x", [])
 
 
+def test_the_ray_router_sends_a_user_to_the_owner_only():
+    import asyncio
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray.serve")
+    from memllm.distributed.serve_router import SessionAffinityRouter
+
+    from ray.serve.request_router import ReplicaID
+
+    def replica(name: str) -> SimpleNamespace:
+        return SimpleNamespace(replica_id=ReplicaID(unique_id=name, deployment_id=None))
+
+    replicas = [replica("r1"), replica("r2"), replica("r3")]
+    router = SimpleNamespace(_multiplexed_model_id_to_replica_ids={"kim": {replicas[2].replica_id}})
+
+    def choose(user: str) -> list[list[str]]:
+        pending = SimpleNamespace(metadata=SimpleNamespace(multiplexed_model_id=user),
+                                  routing_context=SimpleNamespace(should_backoff=False))  # fmt: skip
+        ranks = asyncio.run(SessionAffinityRouter.choose_replicas(router, replicas, pending))
+        assert pending.routing_context.should_backoff  # a busy owner is waited for, with backoff
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+    assert choose("kim") == [["r3"]]  # the replica that holds kim, whatever the hash says
+    assert choose("lee") == [[owner("lee", ["r1", "r2", "r3"])]]  # nobody holds lee: the hash's winner alone
+    assert choose("") == [["r1", "r2", "r3"]]  # no user (health, models): any replica, the least loaded
+
+
 @pytest.fixture
 def fake_app(tmp_path):
     from memllm.memory_stores.embeddings import FakeEmbedder
@@ -196,6 +223,8 @@ def test_serve_on_ray_keeps_users_on_their_replica_and_their_memory_when_one_die
             if i >= 3 and len(set(placed.values())) == 2:
                 break
         assert len(set(placed.values())) == 2, placed
+        ids = sorted({r.rsplit("#", 1)[1] for r in placed.values()})  # the replicas' unique ids
+        assert all(placed[u].endswith("#" + owner(u, ids)) for u in placed)  # memllm's router placed them
         for user in placed:  # a second turn: each user on the replica of their first
             assert chat(user, 1)[0] == placed[user]
         ann = next(iter(placed))

@@ -4,6 +4,8 @@ allocated; the server closes idle sessions (saved on disk) to make room, else an
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from memllm.config import MemoryConfig
@@ -93,6 +95,14 @@ def test_server_closes_idle_sessions_to_make_room_else_503(tiny, tmp_path):
         again = chat("ann", "and then?")  # ann comes back from her snapshot (bob's session closed in turn)
         assert again.status_code == 200, again.text
         assert again.json()["memllm"]["kv"]["tokens"] > ann_tokens and again.json()["memllm"]["kv"]["turns"] == 2
+        tiny.host_budget.limit = tiny.host_budget.used()  # lowered to what ann holds: her next turn does not fit
+        streamed = client.post("/v1/chat/completions", json={
+            "user": "ann", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": TEXT[:900]}]})  # fmt: skip
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+        assert streamed.status_code == 200 and events[-1]["error"]["type"] == "HostBudgetError"
+        assert events[-1]["error"]["code"] == 503 and "--host-budget" in events[-1]["error"]["message"]
+        # the refused turn left nothing in her memory: a short one that fits is her third
+        assert chat("ann", "still there?").json()["memllm"]["kv"]["turns"] == 3
         tiny.host_budget = HostBudget(per_segment // 2)  # not even one user's memory fits
         refused = chat("cy", TEXT[:400])
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
