@@ -17,7 +17,7 @@ goes away (killed, its node lost), Ray Serve starts another, the router sends it
 and their next request restores their session from the snapshot: nothing answered is lost. A request
 in flight on the replica that died gets a 503 (retry). The store must be reachable by every replica
 with working file locks and SQLite's shared memory (one machine, or a filesystem that provides both:
-not NFS).
+not NFS). `/metrics` and `/healthz` answer for the replica that took the request.
 
 ray is imported inside functions (the optional extra `memllm[ray]`). Knows nothing of the command line.
 """

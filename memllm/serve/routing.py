@@ -20,26 +20,35 @@ MEMORY_PATH = re.compile(r"/v1/memory/([^/]+)(?:/.*)?")
 CHAT_PATH = "/v1/chat/completions"
 
 
-def session_user(path: str, headers: Mapping[str, str], body: bytes, keys: KeyStore | None) -> str | None:
-    """The user whose session the request to `path` (percent-decoded, as the app matches it; headers
-    with lower-case names; the body) acts on."""
-    m = MEMORY_PATH.fullmatch(path)
-    if m is not None:
-        user = m.group(1).strip()
-        return user or None
-    if path != CHAT_PATH:
-        return None
-    try:
-        data = json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    user = data.get("user") if isinstance(data, dict) else None
-    if user is not None:
-        return user.strip() or None if isinstance(user, str) else None
+def _allowed(headers: Mapping[str, str], keys: KeyStore | None) -> list[str] | None:
+    """The users the caller's key reaches; None for any (no keys configured); [] for no valid key."""
     if keys is None or len(keys) == 0:
-        return "default"
+        return None
     auth = headers.get("authorization", "")
     if not auth.lower().startswith("bearer "):
+        return []
+    return keys.users_for(auth[7:].strip()) or []
+
+
+def session_user(path: str, headers: Mapping[str, str], body: bytes, keys: KeyStore | None) -> str | None:
+    """The user whose session the request to `path` (percent-decoded, as the app matches it; headers
+    with lower-case names; the body) acts on; None where the caller may not act for that user (so a
+    caller cannot make a replica hold sessions it will refuse anyway)."""
+    m = MEMORY_PATH.fullmatch(path)
+    if m is not None:
+        user: object = m.group(1).strip()
+    elif path == CHAT_PATH:
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        user = data.get("user") if isinstance(data, dict) else None
+    else:
         return None
-    users = keys.users_for(auth[7:].strip())
-    return users[0] if users else None
+    allowed = _allowed(headers, keys)
+    if user is None:  # a chat that names no user: the key's first, else "default"
+        return "default" if allowed is None else allowed[0] if allowed else None
+    if not isinstance(user, str) or not user.strip():
+        return None
+    user = user.strip()
+    return user if allowed is None or user in allowed else None

@@ -53,9 +53,9 @@ def test_the_ray_router_sends_a_user_to_the_owner_only():
     from types import SimpleNamespace
 
     pytest.importorskip("ray.serve")
-    from memllm.distributed.serve_router import SessionAffinityRouter
-
     from ray.serve.request_router import ReplicaID
+
+    from memllm.distributed.serve_router import SessionAffinityRouter
 
     def replica(name: str) -> SimpleNamespace:
         return SimpleNamespace(replica_id=ReplicaID(unique_id=name, deployment_id=None))
@@ -106,6 +106,13 @@ def test_the_router_reads_the_user_the_app_serves(fake_app):
         assert session_user("/v1/chat/completions", auth, raw, keys) == want
     assert session_user("/v1/memory/lee/history", auth, b"", keys) == "lee"
     assert client.get("/v1/memory/lee/history", headers=auth).status_code == 200
+    # a user the key does not reach: the app refuses, the router holds no session for it
+    assert client.get("/v1/memory/zoe/history", headers=auth).status_code == 404
+    assert session_user("/v1/memory/zoe/history", auth, b"", keys) is None
+    other = json.dumps({"messages": msg, "user": "zoe"}).encode()
+    assert client.post("/v1/chat/completions", content=other, headers={**auth, "content-type": "application/json"}
+                       ).status_code == 404  # fmt: skip
+    assert session_user("/v1/chat/completions", auth, other, keys) is None
     refused = json.dumps({"messages": msg}).encode()
     assert session_user("/v1/chat/completions", {"authorization": "Bearer nope"}, refused, keys) is None
     bad_key = {"authorization": "Bearer nope", "content-type": "application/json"}
