@@ -25,8 +25,10 @@ ray is imported inside functions (the optional extra `memllm[ray]`). Knows nothi
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -243,11 +245,26 @@ def undeploy() -> None:
         serve.shutdown()
 
 
+def routed_at(host: str, port: int) -> bool:
+    """Whether Ray Serve's proxy at host:port routes to this app (its /-/routes lists it): not so where
+    Serve was already running on the cluster with other HTTP options, which it then keeps."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{'[' + target + ']' if ':' in target else target}:{port}/-/routes"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return APP_NAME in json.loads(resp.read().decode()).values()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def serve_forever(ray: Any, spec: ReplicaSpec, *, host: str, port: int, replicas: int,
                   say: Callable[[str], None]) -> None:  # fmt: skip
     """deploy, then wait until interrupted (Ctrl-C, SIGTERM through the CLI), then undeploy."""
     deploy(ray, spec, host=host, port=port, replicas=replicas)
     try:
+        if not routed_at(host, port):
+            say(f"warning: Ray Serve does not answer for memllm at http://{host}:{port}: it was started on this "
+                "cluster before, with other HTTP options, and keeps them (`serve shutdown` to restart it)")  # fmt: skip
         say(f"serving on http://{host}:{port} with {replicas} replica(s) under Ray Serve (Ctrl-C to stop)")
         while True:
             time.sleep(3600)

@@ -208,6 +208,7 @@ def test_serve_on_ray_keeps_users_on_their_replica_and_their_memory_when_one_die
         while b"memllm: serving on" not in log_path.read_bytes():
             assert server.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
+        assert b"warning" not in log_path.read_bytes()  # Serve's proxy routes to memllm at the port asked
         http = httpx.Client(base_url=base, timeout=60)
 
         def chat(user: str, turn: int) -> tuple[str, dict]:
