@@ -10,7 +10,8 @@ is allocated, never an out-of-memory crash. Refusing is the library's choice; sp
 caller's (`memllm serve` closes idle sessions, whose snapshots are already on disk, and tries again).
 
 Sessions are held weakly (a session dropped leaves the count when it is collected) and leave at once
-with `release`. Thread-safe. Knows nothing of models or of what a session is beyond `host_bytes()`.
+with `release` (Session.close). A session counts against the budget its model had when it was made:
+sessions made before `MemLLM.host_budget` was set are not counted. Thread-safe. Knows nothing of models or of what a session is beyond `host_bytes()`.
 """
 
 from __future__ import annotations

@@ -207,11 +207,13 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             try:
                 return open_agent(user)
             except HostBudgetError:
-                if not spill(user):
-                    raise
+                with model_lock:  # the session closed is not in the middle of an answer
+                    if not spill(user):
+                        raise
 
     def answer(agent: ChatAgent, message: str, kwargs: dict[str, Any]) -> Iterator[str]:
-        """agent.stream, whose room check (before anything is fed) may close idle sessions and try again."""
+        """agent.stream, whose room check (before anything is fed) may close idle sessions and try again.
+        Called holding model_lock."""
         while True:
             pieces = agent.stream(message, **kwargs)
             try:
