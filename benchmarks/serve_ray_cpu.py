@@ -3,7 +3,8 @@ replica is killed (issue 19).
 
 Starts a local Ray head node (127.0.0.1, 2 CPUs) and `memllm serve --ray` with 2 replicas of the tiny
 random Llama in kv memory (tests/distributed/serve_ray_fake.py), then `memllm serve` alone (the same
-model, one process) for comparison; sequential requests, so latencies are per request, not throughput.
+model, one process, one torch thread as each replica has) for comparison; sequential requests, so
+latencies are per request, not throughput.
 Everything it starts is stopped by pid (process groups). Writes JSON to stdout.
 
     PYTHONPATH=. python benchmarks/serve_ray_cpu.py > benchmarks/results/serve_ray_cpu.json
@@ -127,7 +128,8 @@ def main() -> None:
                 [sys.executable, "-c", "import sys; from tests.distributed.serve_ray_fake import serve_alone; "
                  "serve_alone(sys.argv[1:])", "--port", str(alone_port), "--model", str(model), "--memory", "kv",
                  "--store", str(work / "store_alone"), "--max-tokens", "6"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)  # fmt: skip
+                stdout=log, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                start_new_session=True)  # fmt: skip  # one thread, as Ray gives each replica (its one CPU)
         procs.append(alone)
         t0 = time.monotonic()
         while True:
