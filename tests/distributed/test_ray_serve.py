@@ -238,6 +238,13 @@ def test_serve_on_ray_keeps_users_on_their_replica_and_their_memory_when_one_die
         ann = next(iter(placed))
         killed = placed[ann]
         twin = next(u for u in placed if placed[u] != killed)  # the same conversation, on the other replica
+        third = next(u for u in placed if u not in (ann, twin))  # streamed: piece by piece, from its replica
+        body = {"user": third, "max_tokens": 6, "stream": True, "messages": [{"role": "user", "content": TURNS[2]}]}
+        with http.stream("POST", "/v1/chat/completions", json=body) as streamed:
+            assert streamed.status_code == 200 and streamed.headers["x-memllm-replica"] == placed[third]
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
+        assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
         survivor = placed[twin]
 
         _kill_actor(ray_cluster, killed, env)
