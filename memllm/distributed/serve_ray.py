@@ -219,6 +219,7 @@ def deploy(ray: Any, spec: ReplicaSpec, *, host: str, port: int, replicas: int =
     from memllm.distributed.serve_router import SessionAffinityRouter
 
     gpu = check_capacity(ray, replicas, spec.device)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # stderr keeps to memllm's status lines
     serve.start(http_options={"host": host, "port": port})
     replica = serve.deployment(
         name="ChatReplica", num_replicas=replicas,

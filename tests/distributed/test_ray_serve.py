@@ -160,7 +160,7 @@ def test_the_in_process_asgi_call_gives_the_apps_response(fake_app, stream):
 def test_replicas_without_ray_and_a_missing_cluster_are_one_line(fake_llm, tmp_path):
     result = runner.invoke(app, ["serve", "--replicas", "2"])
     assert result.exit_code == 2 and result.stderr == "error: --replicas applies with --ray ADDRESS\n"
-    pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     result = runner.invoke(app, ["serve", "--ray", address, "--store", str(tmp_path / "s")])
     assert result.exit_code == 11 and result.stderr.startswith(f"error: no Ray cluster at {address} (")
