@@ -1,4 +1,5 @@
-"""`memllm serve` and `memllm serve keys add|list|remove`: parse options, build the app, run uvicorn.
+"""`memllm serve` and `memllm serve keys add|list|remove`: parse options, build the app, run uvicorn (or, with
+--ray, the app's replicas under Ray Serve: memllm.distributed.serve_ray).
 
 No logic of its own: the app is memllm.serve.app, keys memllm.serve.auth.
 """
@@ -7,10 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from memllm.cli import common
+
+if TYPE_CHECKING:
+    from memllm.serve.app import Limits
 
 serve_app = typer.Typer(help="Serve an OpenAI-compatible HTTP API with per-user memory.", invoke_without_command=True)
 keys_app = typer.Typer(help="API keys of the server (stored hashed).", no_args_is_help=True)
@@ -53,11 +58,12 @@ def serve(
     flash_tokens: int | None = typer.Option(
         None, "--flash-tokens", min=0, help="Budget for recent turns per prompt (default: half of the window)."),
     host_budget: str | None = typer.Option(
-        None, "--host-budget", help="Host memory (pinned on a GPU) all users' kv memories may hold together, "
+        None, "--host-budget", metavar="SIZE", help="Host memory (pinned on a GPU) all users' kv memories may hold together, "
         "e.g. 8GiB: idle sessions are closed (saved on disk) to make room, else 503 (default: no budget)."),
     ray: str | None = typer.Option(
-        None, "--ray", help="Run replicas under Ray Serve on the cluster at ADDRESS (HOST:PORT or auto); "
-        "each user is served by the replica holding their session. Needs memllm[ray]."),
+        None, "--ray", metavar="ADDRESS|auto", help="Run replicas under Ray Serve on the cluster at HOST:PORT "
+        "(auto: the one running here); each user is served by the replica holding their session. Needs pip "
+        "install 'memllm\\[ray]'."),
     replicas: int | None = typer.Option(
         None, "--replicas", help="Replicas under --ray, one model and one CPU (GPU with --device cuda) each "
         "(default: 2)."),
@@ -97,7 +103,7 @@ def serve(
 
 
 def _serve_on_ray(address: str, replicas: int | None, *, host: str, port: int, model: str, device: str,
-                  memory: str, store: str | None, keys: str | None, limits: object, host_budget: str | None) -> None:
+                  memory: str, store: str | None, keys: str | None, limits: Limits, host_budget: str | None) -> None:
     """`memllm serve --ray`: the replicas under Ray Serve until Ctrl-C or SIGTERM (memllm.distributed.serve_ray)."""
     from memllm.distributed import ray_docs, serve_ray
     from memllm.models import default_store_path
