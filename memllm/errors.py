@@ -61,6 +61,12 @@ class MemoryLimitError(MemllmError):
     exit_code = 8
 
 
+class HostBudgetError(MemoryLimitError):
+    """The context memories of this process's live sessions would hold more host memory (pinned, on a
+    GPU) than the budget set for them (`MemLLM(host_budget=...)`, `memllm serve --host-budget`):
+    refused before the memory is allocated."""
+
+
 class BusyError(MemllmError):
     """Another process holds what this one needs (a user's kv memory) and did not let go in time."""
 

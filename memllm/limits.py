@@ -43,11 +43,11 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def parse_bytes(text: str) -> int:
-    """'4GiB', '512M', '1.5g', '1000000' -> bytes (binary units)."""
+def parse_bytes(text: str, name: str = ENV_LIMIT) -> int:
+    """'4GiB', '512M', '1.5g', '1000000' -> bytes (binary units); `name` is what the error calls it."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if not m:
-        raise ConfigError(f"{ENV_LIMIT}={text!r} is not a size: use e.g. 2GiB, 512MiB or a number of bytes")
+        raise ConfigError(f"{name}={text!r} is not a size: use e.g. 2GiB, 512MiB or a number of bytes")
     scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2)]
     return int(float(m.group(1)) * scale)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from memllm import models
 from memllm.config import MemoryConfig
 from memllm.errors import ConfigError, ModelNotFoundError
+from memllm.host_budget import HostBudget
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -65,7 +66,15 @@ class MemLLM:
         name: str = "custom",
         memory: MemoryConfig | None = None,
         trained_len: int | None = None,
+        host_budget: int | str | HostBudget | None = None,
     ) -> None:
+        """host_budget: bytes of host memory (pinned on a GPU) the context memories of all live
+        sessions of this model may hold together (e.g. '8GiB'); a session or feed past it is refused
+        with HostBudgetError (memllm.host_budget). None: each session is checked only
+        against the process's memory."""
+        self.host_budget = (
+            host_budget if host_budget is None or isinstance(host_budget, HostBudget) else HostBudget(host_budget)
+        )
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -85,8 +94,11 @@ class MemLLM:
         dtype: str | torch.dtype | None = None,
         memory: MemoryConfig | None = None,
         progress: Callable[[str], None] | None = None,
+        host_budget: int | str | HostBudget | None = None,
     ) -> MemLLM:
         """Load an alias, HF id, model folder or .gguf file (see memllm.models.resolve)."""
+        if host_budget is not None and not isinstance(host_budget, HostBudget):
+            host_budget = HostBudget(host_budget)  # checked before the weights are loaded
         resolved = models.resolve(name)
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
@@ -104,7 +116,8 @@ class MemLLM:
                 ) from exc
             raise
         model.to(dev).eval()
-        return cls(model, tokenizer, name=name, memory=memory, trained_len=resolved.trained_len)
+        return cls(model, tokenizer, name=name, memory=memory, trained_len=resolved.trained_len,
+                   host_budget=host_budget)  # fmt: skip
 
     # ------------------------------------------------------------------ tokens
     def count_tokens(self, text: str) -> int:

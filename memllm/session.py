@@ -24,8 +24,9 @@ from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
 from memllm.context.support import inspect_model
-from memllm.errors import ConfigError, InputError, SnapshotError
+from memllm.errors import ConfigError, HostBudgetError, InputError, SnapshotError
 from memllm.generation import RepetitionGuard, decode, decode_stream
+from memllm.host_budget import HostBudget
 from memllm.unit_text import UnitTextIndex
 
 SNAPSHOT_FORMAT = "memllm-context-snapshot"
@@ -69,11 +70,31 @@ class Session:
             if embedder is None
             else UnitTextIndex(embedder, llm.tokenizer, self.config.n_init, self.config.block_size)
         )
+        # the host-memory budget shared by the sessions of `llm` (memllm.host_budget), if it
+        # has one: a new session must have room for its first unit (a segment in every layer)
+        self.budget: HostBudget | None = getattr(llm, "host_budget", None)
+        if self.budget is not None:
+            first = sum(lay.store.host_bytes_for(1) for lay in self.cache.layers)
+            self.budget.require(self, first, "a new session")
+
+    def host_bytes(self) -> int:
+        """Host bytes the memory units hold now (all segments' capacity, and those allocated ahead):
+        pinned memory on a GPU. What a HostBudget counts."""
+        return sum(lay.store.host_bytes() + lay.store.prefetched_bytes() for lay in self.cache.layers)
+
+    def unit_bytes_per_token(self) -> int:
+        """Host bytes of memory units one more token of the stream takes (its K/V in every layer)."""
+        s = self.spec
+        return limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+
+    def close(self) -> None:
+        """This session no longer counts against its host-memory budget (it is being dropped)."""
+        if self.budget is not None:
+            self.budget.release(self)
 
     def bytes_per_token(self) -> int:
         """Host bytes one more token of the stream takes in context memory (its K/V in every layer)."""
-        s = self.spec
-        per = limits.kv_bytes_per_token(s.num_layers, s.kv_heads, s.head_dim, self.config.offload_dtype)
+        per = self.unit_bytes_per_token()
         return per + (0 if self.text_index is None else math.ceil(self.text_index.bytes_per_token()))
 
     def work_bytes(self, call_tokens: int) -> int:
@@ -112,6 +133,11 @@ class Session:
         container's limit, RLIMIT_AS, MEMLLM_MEMORY_LIMIT)."""
         per = self.bytes_per_token()
         work = self.work_bytes(n_tokens if call_tokens is None else call_tokens)
+        if self.budget is not None:  # the units these tokens will cut, against the sessions' budget
+            self.budget.require(
+                self, self.cache.host_bytes_for(n_tokens),
+                f"{n_tokens:,} more tokens (the session holds {self.cache.seen_tokens:,})",
+            )  # fmt: skip
         limits.require(
             n_tokens * per + extra_bytes + work + self.deferred_bytes(),
             f"{n_tokens:,} more tokens of context memory (it holds {self.cache.seen_tokens:,}, "
@@ -335,5 +361,13 @@ class Session:
         except ConfigError as exc:
             raise SnapshotError(f"snapshot at {path} is altered: its memory config: {exc}") from exc
         session = cls(llm, config, embedder=embedder if config.selector in ("hybrid", "text") else None)
+        if session.budget is not None:  # the units the snapshot holds, before they are loaded
+            units = max((int(layer.get("units", 0)) for layer in manifest.get("layers", [])), default=0)
+            more = sum(lay.store.host_bytes_for(units) for lay in session.cache.layers)
+            try:
+                session.budget.require(session, more, f"restoring {path}")
+            except HostBudgetError:
+                session.close()
+                raise
         snapshot.restore_into(session, path, manifest)
         return session, manifest

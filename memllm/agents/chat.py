@@ -266,6 +266,8 @@ class ChatAgent:
             if self._unsaved:
                 self.save()
         finally:
+            if self.session is not None and hasattr(self.session, "close"):
+                self.session.close()  # its host memory no longer counts against a budget
             self._release()
 
     def _render(self, messages: list[dict[str, str]], generation: bool) -> str:

@@ -132,7 +132,7 @@ def ask(
     ),  # fmt: skip
     ray: str | None = typer.Option(
         None, "--ray", metavar="ADDRESS|auto", help="Answer each document (as --each) on a worker of the Ray "
-        "cluster at HOST:PORT (auto: the one running here). Needs pip install 'memllm[ray]'.",
+        "cluster at HOST:PORT (auto: the one running here). Needs pip install 'memllm\\[ray]'.",
     ),  # fmt: skip
     ray_workers: int | None = typer.Option(
         None, "--ray-workers", min=1, help="Ray workers, one model each (default: one per GPU of the cluster, else 2).",

@@ -488,13 +488,23 @@ class ContextMemoryCache(Cache):
         each index at most once, without growth slack. When it must grow, one call's worth of units
         more is added for what follows (answers), so short feeds after it do not grow it again."""
         cfg = self.config
-        layer = self.layers[0]
-        head = 0 if layer.cut else cfg.n_init
-        window = layer.local_k.shape[1]
-        units = layer.store.n_units + max(0, window + n_tokens - head - cfg.n_local) // cfg.block_size
+        units = self.units_after(n_tokens)
         for lay in self.layers:
             if lay.store.repr_buffer().shape[1] < units:
                 lay.store.reserve(units + cfg.chunk_size // cfg.block_size, lay.dtype)
+
+    def units_after(self, n_tokens: int) -> int:
+        """Units per layer once n_tokens more tokens are read (what their cuts leave in the stores)."""
+        cfg = self.config
+        layer = self.layers[0]
+        head = 0 if layer.cut else cfg.n_init
+        window = layer.local_k.shape[1]
+        return layer.store.n_units + max(0, window + n_tokens - head - cfg.n_local) // cfg.block_size
+
+    def host_bytes_for(self, n_tokens: int) -> int:
+        """Host bytes (pinned on a GPU) the stores would allocate to read n_tokens more tokens."""
+        units = self.units_after(n_tokens)
+        return sum(lay.store.host_bytes_for(units) for lay in self.layers)
 
     @contextmanager
     def hold_cuts(self) -> Iterator[None]:

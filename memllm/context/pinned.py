@@ -140,7 +140,9 @@ def _unregister(cudart: Any, mm: mmap.mmap, ptr: int, nbytes: int) -> None:
 POOL_BYTES: int | None = None  # bytes of registered regions kept after their tensors die; None: half the RAM
 _kept: dict[int, list[tuple[mmap.mmap, int, Any, Any]]] = {}  # region bytes -> [(mm, ptr, cudart, event)]
 _kept_bytes = 0
-_kept_lock = threading.Lock()
+# re-entrant: a region's finalizer (_release) takes it, and the garbage collector may run that finalizer
+# in a thread that holds it already (inside _reuse's loop): with a plain Lock the thread waited on itself
+_kept_lock = threading.RLock()
 
 
 def pool_limit() -> int:

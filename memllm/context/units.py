@@ -21,6 +21,7 @@ Knows nothing of positions, attention or which units get selected (see lookup.py
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -243,6 +244,19 @@ class UnitStore:
     def host_bytes(self) -> int:
         """Bytes of the segments in use (all their capacity); buffers held ahead are `prefetched_bytes`."""
         return sum(t.numel() * t.element_size() for seg in self.segments for t in seg.values())
+
+    def segment_bytes(self) -> int:
+        """Host bytes of one segment (segment_units units, all their tensors)."""
+        return sum(
+            math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            for shape, dtype in self._segment_spec().values()
+        )
+
+    def host_bytes_for(self, n_units: int) -> int:
+        """Host bytes that room for `n_units` units in all would add: whole segments, and on pinned
+        stores the one allocated ahead when a segment is taken."""
+        new = max(0, -(-n_units // self.segment_units) - len(self.segments))
+        return (new + (1 if new and self._prefetch is not None else 0)) * self.segment_bytes()
 
     def stored_bytes(self) -> int:
         """Bytes the n_units units occupy on the host (excluding unused segment capacity)."""

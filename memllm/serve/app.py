@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memllm.agents.chat import ChatAgent, user_namespace
-from memllm.errors import BusyError, MemllmError, MemoryLimitError
+from memllm.errors import BusyError, HostBudgetError, MemllmError, MemoryLimitError
 from memllm.serve.auth import KeyStore
 from memllm.serve.memory_api import memory_router
 from memllm.serve.metrics import Metrics, route_label
@@ -44,6 +44,7 @@ class Limits:
     max_queue: int = 64  # chats waiting for or holding the model before a 429
     memory_tokens: int | None = None  # budget for recalled memory in a prompt (None: a quarter of the window)
     flash_tokens: int | None = None  # budget for recent turns in a prompt (None: half of the window)
+    lock_timeout: float | None = None  # seconds to wait for another process holding a user's kv memory (None: no end)
 
 
 class TextPart(BaseModel):
@@ -143,10 +144,18 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, json.dumps(exc.errors(), default=str)[:2000], "invalid_request_error")
 
+    def status_of(exc: MemllmError) -> int:
+        # HostBudgetError: the sessions of others fill the budget (503, retry), not this request's size
+        if isinstance(exc, HostBudgetError):
+            return 503
+        return 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
+
     @app.exception_handler(MemllmError)
     async def memllm_error(_: Request, exc: MemllmError) -> JSONResponse:
-        status = 429 if isinstance(exc, BusyError) else 413 if isinstance(exc, MemoryLimitError) else 400
-        return _error(status, str(exc), type(exc).__name__)
+        resp = _error(status_of(exc), str(exc), type(exc).__name__)
+        if isinstance(exc, HostBudgetError):
+            resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
@@ -180,7 +189,46 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             raise HTTPException(404, f"user {user!r} not found for this key")
         return user.strip()
 
+    def spill(keep: str) -> bool:
+        """Close the least recently used session other than `keep`'s, to make room under the host-memory
+        budget: its kv memory is on disk already (saved after every answer) and comes back from there
+        on the user's next request. False when there is none to close."""
+        with agents_lock:
+            user = next((u for u in agents if u != keep), None)
+            old = agents.pop(user) if user is not None else None
+        if old is None:
+            return False
+        log.info("closed the session of %s to make room under the host-memory budget", user)
+        old.close()
+        return True
+
     def agent_for(user: str) -> ChatAgent:
+        while True:
+            try:
+                return open_agent(user)
+            except HostBudgetError:
+                with model_lock:  # the session closed is not in the middle of an answer
+                    if not spill(user):
+                        raise
+
+    def answer(agent: ChatAgent, message: str, kwargs: dict[str, Any]) -> Iterator[str]:
+        """agent.stream, whose room check (before anything is fed) may close idle sessions and try again.
+        Called holding model_lock."""
+        while True:
+            pieces = agent.stream(message, **kwargs)
+            try:
+                first = next(pieces)
+            except StopIteration:
+                return
+            except HostBudgetError:
+                if not spill(agent.user):
+                    raise
+                continue
+            yield first
+            yield from pieces
+            return
+
+    def open_agent(user: str) -> ChatAgent:
         with agents_lock:
             if user in agents:
                 agents.move_to_end(user)
@@ -191,7 +239,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             if limits.flash_tokens is not None:
                 budgets = replace(budgets, flash_tokens=limits.flash_tokens)
             agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens,
-                              controller=budgets)
+                              controller=budgets, lock_timeout=limits.lock_timeout)
             agents[user] = agent
             while len(agents) > limits.max_sessions:
                 _, old = agents.popitem(last=False)
@@ -249,9 +297,10 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
 
         if not body.stream:
             with queue, model_lock:
-                text = "".join(agent.stream(message, **kwargs))
+                text = "".join(answer(agent, message, kwargs))
                 used = recalled(agent)
                 prompt_tokens = prompt_size(agent, message)
+                kv = agent.kv_status()
             n = llm.count_tokens(text) if text else 0
             metrics.tokens += n
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
@@ -259,7 +308,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                                  "finish_reason": finish(n)}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                               "total_tokens": prompt_tokens + n},
-                    "memllm": {"user": user, "recalled": used}}
+                    "memllm": {"user": user, "recalled": used, **({"kv": kv} if kv is not None else {})}}
 
         def events() -> Iterator[str]:
             def chunk(delta: dict, finish: str | None) -> str:
@@ -268,14 +317,18 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                                                   {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
             def produce() -> Iterator[str]:
                 with queue, model_lock:  # counted from the first read: a stream never read holds nothing
-                    yield from agent.stream(message, **kwargs)
+                    yield from answer(agent, message, kwargs)
 
             pieces = []
             yield chunk({"role": "assistant", "content": ""}, None)
             try:
-                for piece in pieces_from_thread(produce):  # one thread for the whole generation
+                for piece in pieces_from_thread(produce, passthrough=(MemllmError,)):  # one thread throughout
                     pieces.append(piece)
                     yield chunk({"content": piece}, None)
+            except MemllmError as exc:  # refused (memory, budget, a busy user): said as the JSON error would
+                yield "data: " + json.dumps({"error": {"message": str(exc), "type": type(exc).__name__,
+                                                       "code": status_of(exc)}}) + "\n\n"
+                return
             except GenerationFailed:
                 yield "data: " + json.dumps({"error": {"message": "generation failed: see the server log",
                                                        "type": "server_error", "code": 500}}) + "\n\n"
@@ -297,5 +350,12 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
         if agent is not None:
             agent.close()
 
+    def close_session(user: str) -> None:
+        """Close `user`'s session once no generation runs (its kv memory is saved, its lock let go):
+        for a host that moves users between servers (memllm.distributed.serve_ray)."""
+        with model_lock:
+            drop_session(user)
+
+    app.state.close_session = close_session
     app.include_router(memory_router(store, namespace_for, drop_session))
     return app

@@ -21,8 +21,14 @@ class GenerationFailed(Exception):
     """The generation raised after the response had started; the original is logged, not sent."""
 
 
-def pieces_from_thread(produce: Callable[[], Iterable[str]], *, timeout: float = 3600.0) -> Iterator[str]:
-    """Yield what `produce()` yields, produced in a thread of its own; GenerationFailed if it raised."""
+def pieces_from_thread(
+    produce: Callable[[], Iterable[str]],
+    *,
+    timeout: float = 3600.0,
+    passthrough: tuple[type[Exception], ...] = (),
+) -> Iterator[str]:
+    """Yield what `produce()` yields, produced in a thread of its own; GenerationFailed if it raised,
+    or what it raised where that is one of `passthrough` (errors meant for the client, not a bug)."""
     out: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -44,6 +50,8 @@ def pieces_from_thread(produce: Callable[[], Iterable[str]], *, timeout: float =
             item = out.get(timeout=timeout)
             if item is _END:
                 return
+            if isinstance(item, passthrough):
+                raise item
             if isinstance(item, Exception):
                 log.error("generation failed mid-stream", exc_info=item)
                 raise GenerationFailed(type(item).__name__)

@@ -4,27 +4,15 @@ The fast tests run the command in this process (the tiny random Llama, the fake 
 clock). The cluster test starts a real local Ray head node and runs the command twice in
 subprocesses, with and without Ray, on 20 documents.
 
-How the cluster is started and stopped: `ray start --head --block` in a subprocess of its own
-session (process group), bound to 127.0.0.1 on a free port, 2 CPUs, its own short --temp-dir, no
-dashboard, no usage stats; it is ready when it prints "Ray runtime started". Stopping it sends
-SIGTERM to that `ray start` (with --block it stops the processes it started), then SIGKILL to its
-process group (the GCS, raylet and the workers it forked): only processes this test started, never
-`ray stop`, which would stop every Ray cluster of the user on the machine. A subprocess rather than
-`ray.init()` in the test process: the command under test connects from its own process (as a user's
-would), and the workers import memllm from the PYTHONPATH given to the cluster.
+How the cluster is started and stopped: tests/distributed/conftest.py (`ray_cluster`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -32,11 +20,11 @@ from typer.testing import CliRunner
 
 from memllm.cli.app import app
 from memllm.cli.ask import render_answer
+from tests.distributed.conftest import free_port
 from tests.docqa.conftest import boxes_text, library_answers
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["What color is box 3?", "Which shelf is box 2 on?"]
-CLUSTER_START_S = 90
 RUN_S = 150
 runner = CliRunner()
 
@@ -103,16 +91,10 @@ def test_ray_not_installed_names_the_extra(cli, tmp_path, monkeypatch):
     assert result.stdout == "" and cli == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_without_a_cluster_there_is_one_line(cli, tmp_path):
     pytest.importorskip("ray")
     (doc,) = write_docs(tmp_path, 1)
-    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
     result = runner.invoke(app, ["ask", doc, "-q", "x?", "--ray", address])
     assert result.exit_code == 11
     assert result.stderr.startswith(f"error: no Ray cluster at {address} (")
@@ -121,52 +103,6 @@ def test_ray_without_a_cluster_there_is_one_line(cli, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- a real cluster
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to `ray start --block`, then SIGKILL to its process group (what it started)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-@pytest.fixture
-def ray_cluster(isolated_home):
-    """A local Ray head node (127.0.0.1, 2 CPUs) whose workers import this checkout's memllm and use
-    this test's MEMLLM_HOME; yields its address."""
-    pytest.importorskip("ray")
-    ray_bin = Path(sys.executable).with_name("ray")
-    if not ray_bin.exists():
-        pytest.skip("the ray command is not installed beside this Python")
-    temp = Path(tempfile.mkdtemp(prefix="mray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MEMLLM_HOME=str(isolated_home), RAY_USAGE_STATS_ENABLED="0")
-    log = open(temp / "start.log", "wb")  # closed in the finally below
-    proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-         "--object-store-memory=100000000", f"--temp-dir={temp}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=temp, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + CLUSTER_START_S
-        while b"Ray runtime started" not in (temp / "start.log").read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ray start failed:\n" + (temp / "start.log").read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def _ask(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "memllm.cli.app", "ask", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=RUN_S)  # fmt: skip
