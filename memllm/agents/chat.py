@@ -72,6 +72,11 @@ def build_messages(system: str | None, message: str, recall: Recall | None) -> l
     return msgs
 
 
+def asks(message: str) -> bool:
+    """Whether a user's message is a question (it ends with a question mark)."""
+    return message.rstrip().rstrip("\"')").endswith("?")
+
+
 def user_namespace(user: str) -> str:
     if not user or not user.strip():
         raise ConfigError("a chat user name must be non-empty (e.g. --user alice)")
@@ -226,14 +231,15 @@ class ChatAgent:
         return session
 
     def _rebuild_from_text(self) -> None:
-        """Stream the user's stored turns (text memory, oldest first) into the kv session: each user
-        turn closed, with its stored answer only when kv_answers (as stream() leaves them)."""
+        """Stream the user's stored turns (text memory, oldest first) into the kv session as stream()
+        leaves them: each user turn closed, with its stored answer only when kv_answers, a question
+        without its answer left out."""
         pending: str | None = None
         for rec in self.store.list(self.controller.namespace, filters={"kind": "turn"}):
             role = rec.metadata.get("role")
             if role == "user":
                 if pending is not None:  # its answer was not kept: the turn stays, without one
-                    self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+                    self._feed_unanswered(pending)
                     self.kv_turns += 1
                 pending = rec.text
             elif role == "assistant" and pending is not None and self.kv_answers:
@@ -244,8 +250,14 @@ class ChatAgent:
                 self.kv_turns += 1
                 pending = None
         if pending is not None:
-            self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+            self._feed_unanswered(pending)
             self.kv_turns += 1
+
+    def _feed_unanswered(self, said: str) -> None:
+        """A user's turn whose answer is not in the stream: closed without one; a question not at all
+        (as stream() leaves it: _close_kv_turn)."""
+        if not asks(said):
+            self.session.feed(self._segment([{"role": "user", "content": said}], generation=False))
 
     def repair(self) -> dict[str, Any]:
         """Rebuild this user's kv memory from their text records, whatever its snapshot holds, and save
@@ -331,7 +343,9 @@ class ChatAgent:
         memory's rule, _unfit). Otherwise the answer is rolled out of the stream and the user's turn
         stays, closed without one: the 135M model copies an earlier answer of the stream into every
         later turn (issue 18: a looping answer 'I'm so sorry to hear that.' or a fluent unhelpful one,
-        0/10 recalled)."""
+        0/10 recalled). A question whose answer is not kept leaves nothing in the stream (as
+        Session.ask): left unanswered there, the model answered it again in place of the next question
+        ('The locker code is 4417.' to 'What is my sister's name?'). The text memory keeps both turns."""
         plain = [{"role": "user", "content": said}]
         keep = why is None and self.kv_answers
         if keep and turn == plain:
@@ -339,7 +353,7 @@ class ChatAgent:
             return
         self.session.rewind(before)
         if not keep:
-            self.session.feed(self._segment(plain, generation=False))
+            self._feed_unanswered(said)  # a question left unanswered is what the model answers next
             return
         self.session.feed(self._segment(plain))
         self.session.feed(answer)

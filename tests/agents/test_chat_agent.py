@@ -323,11 +323,9 @@ def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(
     assert "Facts I told you before:\n- Your locker code is 4417. (told on " in seen[1]
     assert seen[1].endswith("What is my locker code?<|im_end|>\n<|im_start|>assistant\n")
     assert [it.record.kind for it in agent.last_recall().used] == ["fact"]
-    # The stream: both user turns as said, closed, no answer and no recalled memory in it.
-    said = (
-        "<|im_start|>user\nPlease remember this: my locker code is 4417.<|im_end|>\n"
-        "<|im_start|>user\nWhat is my locker code?<|im_end|>\n"
-    )
+    # The stream: the statement as said, closed, no answer and no recalled memory in it; the question
+    # not at all (left unanswered there, the model answered it again in place of the next question).
+    said = "<|im_start|>user\nPlease remember this: my locker code is 4417.<|im_end|>\n"
     ref = tiny_llm.session(tiny_context())
     ref.feed(said)
     assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
