@@ -12,9 +12,14 @@ saved after every answer (the units cut since the last save are appended, memllm
 per user that a second process of the same user waits for (and says so), and restored by the next
 agent of the same user; a torn or foreign snapshot (other weights) gives a one-line warning and is
 rebuilt from the user's turns in the text memory. Before each turn the memory the turn needs is
-checked against the process's limit (MemoryLimitError, saying what to do). "hybrid": kv,
-plus the text memory's recalled records placed in the turn, for recall across sessions and beyond
-what KV retrieval finds. Turns are stored in the text memory in every mode. kv/hybrid decode greedily.
+checked against the process's limit (MemoryLimitError, saying what to do). Recalled memory is placed
+in the turn in every mode: "kv" recalls the user's fact records only (the statements extracted from
+the user's own turns of the stream), "hybrid" every kind of record of the text memory, for recall
+across sessions and beyond what KV retrieval finds. The kv stream keeps what the user said (without
+the recalled memory placed in the turn); the model's own answers stay out of it unless `kv_answers`:
+the 135M model copies an earlier answer of the stream into every later one (ten facts told, then
+asked: 0/10 with answers in the stream, 7/10 without: benchmarks/RESULTS.md, issue 18). Turns are
+stored in the text memory in every mode. kv/hybrid decode greedily.
 
 Prompt (issue 18, measured in benchmarks/RESULTS.md): the model's own default system prompt unless
 one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,11 @@ def build_messages(system: str | None, message: str, recall: Recall | None) -> l
     return msgs
 
 
+def asks(message: str) -> bool:
+    """Whether a user's message is a question (it ends with a question mark)."""
+    return message.rstrip().rstrip("\"')").endswith("?")
+
+
 def user_namespace(user: str) -> str:
     if not user or not user.strip():
         raise ConfigError("a chat user name must be non-empty (e.g. --user alice)")
@@ -93,12 +104,17 @@ class ChatAgent:
         facts: Callable[[str], list[Fact]] | None = extract_facts,
         notify: Callable[[str], None] | None = None,
         lock_timeout: float | None = None,
+        kv_answers: bool = False,
     ) -> None:
         """notify(message): where one-line notices go (waiting for another process, a snapshot
         rebuilt); default: warnings.warn. lock_timeout: how long to wait for another process holding
-        this user's kv memory (None: as long as it takes; then BusyError)."""
+        this user's kv memory (None: as long as it takes; then BusyError). kv_answers: the model's
+        answers are kept in the kv stream too (kv/hybrid; off by default: see the module's note)."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if not isinstance(kv_answers, bool):
+            raise ConfigError(f"kv_answers must be True or False, got {kv_answers!r}")
+        self.kv_answers = kv_answers
         self.llm = llm
         self.store = store
         self.user = user
@@ -109,6 +125,8 @@ class ChatAgent:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         cfg = controller or self.default_controller_config(llm.trained_len, max_new_tokens)
+        if memory == "kv":  # the dialogue is the stream; the text memory adds the user's facts only
+            cfg = replace(cfg, kinds=("fact",))
         self.controller = MemoryController(
             store,
             user_namespace(user),
@@ -213,16 +231,18 @@ class ChatAgent:
         return session
 
     def _rebuild_from_text(self) -> None:
-        """Stream the user's stored turns (text memory, oldest first) into the kv session."""
+        """Stream the user's stored turns (text memory, oldest first) into the kv session as stream()
+        leaves them: each user turn closed, with its stored answer only when kv_answers, a question
+        without its answer left out."""
         pending: str | None = None
         for rec in self.store.list(self.controller.namespace, filters={"kind": "turn"}):
             role = rec.metadata.get("role")
             if role == "user":
                 if pending is not None:  # its answer was not kept: the turn stays, without one
-                    self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+                    self._feed_unanswered(pending)
                     self.kv_turns += 1
                 pending = rec.text
-            elif role == "assistant" and pending is not None:
+            elif role == "assistant" and pending is not None and self.kv_answers:
                 turn = [{"role": "user", "content": pending}]
                 self.session.feed(self._segment(turn))
                 self.session.feed(rec.text)
@@ -230,8 +250,14 @@ class ChatAgent:
                 self.kv_turns += 1
                 pending = None
         if pending is not None:
-            self.session.feed(self._segment([{"role": "user", "content": pending}], generation=False))
+            self._feed_unanswered(pending)
             self.kv_turns += 1
+
+    def _feed_unanswered(self, said: str) -> None:
+        """A user's turn whose answer is not in the stream: closed without one; a question not at all
+        (as stream() leaves it: _close_kv_turn)."""
+        if not asks(said):
+            self.session.feed(self._segment([{"role": "user", "content": said}], generation=False))
 
     def repair(self) -> dict[str, Any]:
         """Rebuild this user's kv memory from their text records, whatever its snapshot holds, and save
@@ -311,16 +337,29 @@ class ChatAgent:
         else:
             self.session.feed_ids([self.llm.tokenizer.eos_token_id])
 
-    def _close_kv_turn(self, turn: list[dict[str, str]], answer: str, why: str | None, before: tuple) -> None:
-        """Close the turn in the kv stream. An answer unfit to be remembered (`why`: the text memory's
-        rule, _unfit) is rolled out of the stream and the user's turn stays, closed without an answer:
-        a degenerate answer left in the stream is what the model copies in every later turn (issue 18:
-        'I'm so sorry to hear that.' repeated, 0/10 recalled)."""
-        if why is None:
+    def _close_kv_turn(
+        self, turn: list[dict[str, str]], said: str, answer: str, why: str | None, before: tuple
+    ) -> None:
+        """Close the turn in the kv stream, which keeps what the user `said` (not the memory recalled
+        into the turn) and, with kv_answers, an answer fit to be remembered (`why` None: the text
+        memory's rule, _unfit). Otherwise the answer is rolled out of the stream and the user's turn
+        stays, closed without one: the 135M model copies an earlier answer of the stream into every
+        later turn (issue 18: a looping answer 'I'm so sorry to hear that.' or a fluent unhelpful one,
+        0/10 recalled). A question whose answer is not kept leaves nothing in the stream (as
+        Session.ask): left unanswered there, the model answered it again in place of the next question
+        ('The locker code is 4417.' to 'What is my sister's name?'). The text memory keeps both turns."""
+        plain = [{"role": "user", "content": said}]
+        keep = why is None and self.kv_answers
+        if keep and turn == plain:
             self._close_turn(turn, answer)
             return
         self.session.rewind(before)
-        self.session.feed(self._segment(turn, generation=False))
+        if not keep:
+            self._feed_unanswered(said)  # a question left unanswered is what the model answers next
+            return
+        self.session.feed(self._segment(plain))
+        self.session.feed(answer)
+        self._close_turn(plain, answer)
 
     @staticmethod
     def _unfit(answer: str, finished: bool) -> str | None:
@@ -367,7 +406,7 @@ class ChatAgent:
         if not text:
             raise ConfigError("a chat message must be non-empty")
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        recall = self.controller.recall(text) if self.memory != "kv" else None
+        recall = self.controller.recall(text)  # kv: the user's fact records only (see __init__)
         guard = self.guard if self.guard.active else None
         if self.session is not None:
             turn = self._kv_turn(text, recall)
@@ -417,7 +456,7 @@ class ChatAgent:
                 self.session.rewind(before)
             elif self.session is not None:
                 why = self._unfit(shown.strip(), finished)
-                self._close_kv_turn(turn, shown, why, before)
+                self._close_kv_turn(turn, text, shown, why, before)
                 self.kv_turns += 1
                 self._unsaved = True
             self._store_turn(text, shown.strip(), finished and not interrupted)

@@ -40,6 +40,7 @@ _STOP_VALUES = {"it", "that", "this", "there", "here", "so", "too", "fine", "ok"
 _WORD = r"[A-Za-z][\w'-]*"
 _VALUE = r"(?P<value>[^,;!?]+?)"
 _END = r"\s*(?:[,;].*)?[.!]*$"
+_NOW = r"(?:now|currently|still|actually) "  # "I now work as ...": the same fact, updated
 
 # (pattern, subject template, text template). Groups: subj (the X of "my X"), value.
 _RULES: list[tuple[re.Pattern[str], str, str]] = [
@@ -70,7 +71,7 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
         "home city",
         "I live in {value}.",
     ),
-    (re.compile(rf"^i (?:now )?live in {_VALUE}{_END}", re.I), "home city", "I live in {value}."),
+    (re.compile(rf"^i (?:{_NOW})?live in {_VALUE}{_END}", re.I), "home city", "I live in {value}."),
     (re.compile(rf"^i was born on {_VALUE}{_END}", re.I), "birthday", "I was born on {value}."),
     (re.compile(rf"^i was born in {_VALUE}{_END}", re.I), "birthplace", "I was born in {value}."),
     (
@@ -79,7 +80,7 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
         "I am from {value}.",
     ),
     (
-        re.compile(rf"^i (?:work|am working) (?:as|at|for) {_VALUE}{_END}", re.I),
+        re.compile(rf"^i (?:{_NOW})?(?:work|am working) (?:as|at|for) {_VALUE}{_END}", re.I),
         "job",
         "I work as {value}.",
     ),
@@ -95,7 +96,7 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     ),
     (re.compile(rf"^i (?:prefer|love|like|enjoy) {_VALUE}{_END}", re.I), "preference", "I prefer {value}."),
     (re.compile(rf"^i(?:'m| am) allergic to {_VALUE}{_END}", re.I), "allergy", "I am allergic to {value}."),
-    (re.compile(rf"^i drive an? {_VALUE}{_END}", re.I), "car", "I drive a {value}."),
+    (re.compile(rf"^i (?:{_NOW})?drive an? {_VALUE}{_END}", re.I), "car", "I drive a {value}."),
     (
         re.compile(
             rf"^i (?:always |usually )?(?:keep|hide|put|leave|store) my (?P<subj>(?:{_WORD}\s+){{0,2}}?{_WORD}) "
@@ -151,25 +152,43 @@ def extract_facts(text: str) -> list[Fact]:
         s = _clean(sentence)
         if not s or _QUESTION.match(s) or _HEDGES.search(s):
             continue
-        for pattern, subject_t, text_t in _RULES:
-            m = pattern.match(s)
-            if m is None:
-                continue
-            groups = m.groupdict()
-            value = _JOINERS.split(groups["value"])[0].strip().strip("\"'").rstrip(".")
-            subj = (groups.get("subj") or "").strip()
-            if not value or value.lower() in _STOP_VALUES or len(value.split()) > 8:
+        fact = _match(s)
+        for clause in _clauses(s) if fact is None else ():  # "We renamed our dog, my dog is called Rex."
+            fact = _match(clause)
+            if fact is not None:
                 break
-            if subj and (subj.lower() in _MOMENT or subj.lower().split()[-1] in _MOMENT):
-                break
-            if re.match(r"^(?:going|doing|getting|not|so|very|really|pretty|kind of|kinda)\b", value, re.I):
-                break
-            subject = _norm_subject(subject_t.format(subj=subj))
-            facts.append(Fact(subject, value, text_t.format(subj=subj.lower(), value=value)))
-            break
+        if fact is not None:
+            facts.append(fact)
     return facts
 
 
+def _clauses(sentence: str) -> list[str]:
+    """What follows each comma, semicolon or colon of `sentence`, openers removed ("guess what, I just
+    moved to Oslo" -> "I just moved to Oslo"), for a statement that does not open the sentence."""
+    return [_clean(sentence[m.end() :]) for m in re.finditer(r"[,;:]\s+", sentence)]
+
+
+def _match(s: str) -> Fact | None:
+    """The fact of the first rule that matches the clause `s` (None: no rule, or a value or subject
+    that is not a fact)."""
+    if not s or _QUESTION.match(s):
+        return None
+    for pattern, subject_t, text_t in _RULES:
+        m = pattern.match(s)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        value = _JOINERS.split(groups["value"])[0].strip().strip("\"'").rstrip(".")
+        subj = (groups.get("subj") or "").strip()
+        if not value or value.lower() in _STOP_VALUES or len(value.split()) > 8:
+            return None
+        if subj and (subj.lower() in _MOMENT or subj.lower().split()[-1] in _MOMENT):
+            return None
+        if re.match(r"^(?:going|doing|getting|not|so|very|really|pretty|kind of|kinda)\b", value, re.I):
+            return None
+        subject = _norm_subject(subject_t.format(subj=subj))
+        return Fact(subject, value, text_t.format(subj=subj.lower(), value=value))
+    return None
 
 
 _PERSON = [

@@ -208,7 +208,7 @@ def tiny_context():
     )
 
 
-def kv_agent(llm, store, user, mode, max_new_tokens=4):
+def kv_agent(llm, store, user, mode, max_new_tokens=4, kv_answers=False):
     return ChatAgent(
         llm,
         store,
@@ -217,6 +217,7 @@ def kv_agent(llm, store, user, mode, max_new_tokens=4):
         max_new_tokens=max_new_tokens,
         summarize=False,
         context_memory=tiny_context(),
+        kv_answers=kv_answers,
     )
 
 
@@ -279,7 +280,7 @@ def _answering_with(agent, answer):
 def test_kv_stream_keeps_no_degenerate_answer(tiny_llm, store):
     # Issue 18: a looping answer left in the kv stream is copied by the model in every later turn
     # (the default model answered "I'm so sorry to hear that." repeated to all ten questions).
-    agent = kv_agent(tiny_llm, store, "dot", "kv")
+    agent = kv_agent(tiny_llm, store, "dot", "kv", kv_answers=True)
     _answering_with(agent, "I'm so sorry to hear that. " * 4)
     agent.chat("I live in Lisbon.")
     assert agent.skipped[0].startswith("repeats itself")
@@ -299,6 +300,48 @@ def test_kv_stream_keeps_no_degenerate_answer(tiny_llm, store):
     agent.repair()
     assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
     assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-4)
+    agent.close()
+
+
+@pytest.mark.parametrize("mode", ["kv", "hybrid"])
+def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(tiny_llm, store, mode):
+    # Issue 18: with the model's answers in the stream the 135M model copied an earlier answer into
+    # every later turn (0/10); the question's turn carries the user's recalled fact, as in text mode.
+    agent = kv_agent(tiny_llm, store, "ivy", mode)
+    seen = []
+
+    def generate(ids, max_new_tokens=32, guard=None):
+        seen.append(tiny_llm.tokenizer.decode(ids))
+        agent.session.feed_ids(ids)
+        agent.session.feed("Noted, 4417.")
+        yield "Noted, 4417."
+
+    agent.session.generate = generate
+    agent.chat("Please remember this: my locker code is 4417.")
+    agent.chat("What is my locker code?")
+    # The question's turn: the recalled fact (second person, dated) right before the question.
+    assert "Facts I told you before:\n- Your locker code is 4417. (told on " in seen[1]
+    assert seen[1].endswith("What is my locker code?<|im_end|>\n<|im_start|>assistant\n")
+    assert [it.record.kind for it in agent.last_recall().used] == ["fact"]
+    # The stream: the statement as said, closed, no answer and no recalled memory in it; the question
+    # not at all (left unanswered there, the model answered it again in place of the next question).
+    said = "<|im_start|>user\nPlease remember this: my locker code is 4417.<|im_end|>\n"
+    ref = tiny_llm.session(tiny_context())
+    ref.feed(said)
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
+    # The answers are stored in the text memory all the same, and a rebuild gives the same stream.
+    assert [r.metadata["role"] for r in agent.history()] == ["user", "assistant"] * 2
+    agent.repair()
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-4)
+    agent.close()
+
+
+def test_kv_mode_recalls_fact_records_only(tiny_llm, store):
+    agent = kv_agent(tiny_llm, store, "jo", "kv")
+    assert agent.controller.config.kinds == ("fact",)
+    assert kv_agent(tiny_llm, store, "jo2", "hybrid").controller.config.kinds != ("fact",)
     agent.close()
 
 

@@ -50,17 +50,16 @@ def correct(answers: list[dict]) -> list[bool]:
     return [value.lower() in a["answer"].lower() for (_, _, value), a in zip(FACTS, answers, strict=True)]
 
 
-KV_FAILS = pytest.mark.xfail(
-    reason="measured 0/10 on main (2ab501a, CPU): 'I'm so sorry to hear that.' repeated, copied from a looping "
-    "answer kept in the kv stream. With degenerate answers rolled out of the stream (a6d0a69) still 0/10 "
-    "(hybrid through this test; kv in-process, same code path): every answer now copies the first, fluent "
-    "but unhelpful one ('I'm sorry for any confusion. I'm here to assist you...'); the same ids through "
-    "plain transformers generate give the same answers, so the model, not the KV path; issue 18 stays open",
+HYBRID_FAILS = pytest.mark.xfail(
+    reason="measured 6/10 on h18 (CPU; 8 needed): the kv stream holds the ten statements (no answers, "
+    "no unanswered questions) and the turn the recalled fact; kv gives the same answers (6/10, passes its 6). "
+    "Wrong: another value of the stream copied ('The answer is: bluefern42' for the colour, the fact's "
+    "date for the birthday); before questions were rolled out of the stream 7/10; issue 18 stays open",
     strict=False,
 )
 
 
-@pytest.mark.parametrize("mode", ["text", pytest.param("hybrid", marks=KV_FAILS), pytest.param("kv", marks=KV_FAILS)])
+@pytest.mark.parametrize("mode", ["text", pytest.param("hybrid", marks=HYBRID_FAILS), "kv"])
 def test_ten_facts_told_in_one_run_are_answered_in_a_later_run(tmp_path, mode):
     store = str(tmp_path / "store")
     told = chat(store, mode, [said for said, _, _ in FACTS])

@@ -48,10 +48,12 @@ def test_colliding_names_never_share_a_kv_folder_and_never_read_each_other(cli, 
     assert len({disk_key(f"user:{n}") for n in COLLIDING}) == len(COLLIDING)
     first = chat(store, "a b", tiny_gguf, [SECRET])
     assert first.exit_code == 0, first.output
-    fresh = chat(tmp_path / "alone", "nobody", tiny_gguf, ["What is my secret code?"])
+    # (a question whose answer is not kept leaves nothing in the kv stream: a statement follows it)
+    asked = ["What is my secret code?", "I like tea."]
+    fresh = chat(tmp_path / "alone", "nobody", tiny_gguf, asked)
     alone = json.loads((next((tmp_path / "alone" / "kv").glob("*/manifest.json"))).read_text())["tokens"]
     for name in COLLIDING[1:]:
-        res = chat(store, name, tiny_gguf, ["What is my secret code?"])
+        res = chat(store, name, tiny_gguf, asked)
         assert res.exit_code == 0, res.output
         assert "4711" not in json.loads(res.stdout.splitlines()[0])["answer"]
         assert "kv memory of" not in res.stderr  # nothing restored: a new, empty kv memory
