@@ -37,15 +37,6 @@ class Embedder(Protocol):
 
     name: str
 
-    def resolved_precision(self) -> str:
-        """The precision `embed` runs in: "auto" resolved for this device (and this CPU)."""
-        if self.precision == "auto":
-            if self.device != "cpu":
-                self.precision = "fp16"
-            else:
-                self.precision = "bf16" if _cpu_has_bf16() else "fp32"
-        return self.precision
-
     @property
     def dim(self) -> int: ...
 
@@ -76,15 +67,6 @@ class FakeEmbedder:
         self._dim = dim
         self.name = f"fake-bow-{dim}"
         self.calls = 0  # texts embedded so far (tests check that nothing is embedded twice)
-
-    def resolved_precision(self) -> str:
-        """The precision `embed` runs in: "auto" resolved for this device (and this CPU)."""
-        if self.precision == "auto":
-            if self.device != "cpu":
-                self.precision = "fp16"
-            else:
-                self.precision = "bf16" if _cpu_has_bf16() else "fp32"
-        return self.precision
 
     @property
     def dim(self) -> int:
