@@ -92,7 +92,7 @@ def test_server_closes_idle_sessions_to_make_room_else_503(tiny, tmp_path):
         second = chat("bob", TEXT[:400])  # ann's session is closed (saved on disk) to make room for bob's
         assert second.status_code == 200, second.text
         assert len(tiny.host_budget) == 1
-        again = chat("ann", "and then?")  # ann comes back from her snapshot (bob's session closed in turn)
+        again = chat("ann", "Then I went home.")  # a statement (a question leaves nothing in the kv stream); ann comes back from her snapshot (bob's session closed in turn)
         assert again.status_code == 200, again.text
         assert again.json()["memllm"]["kv"]["tokens"] > ann_tokens and again.json()["memllm"]["kv"]["turns"] == 2
         tiny.host_budget.limit = tiny.host_budget.used()  # lowered to what ann holds: her next turn does not fit
