@@ -74,8 +74,7 @@ class Session:
         # has one: a new session must have room for its first unit (a segment in every layer)
         self.budget: HostBudget | None = getattr(llm, "host_budget", None)
         if self.budget is not None:
-            first = sum(lay.store.host_bytes_for(1) for lay in self.cache.layers)
-            self.budget.require(self, first, "a new session")
+            self.budget.require(self, self.cache.host_bytes_for_units(1), "a new session")
 
     def host_bytes(self) -> int:
         """Host bytes the memory units hold now (all segments' capacity, and those allocated ahead):
@@ -281,10 +280,11 @@ class Session:
             ranked = select.hybrid(score, text)
         chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
+        units, worst_first = chosen.tolist(), (-ranked[chosen]).tolist()  # one read of the scores, not one per unit
         self.last_selection = {
-            "units": chosen.tolist(),
+            "units": units,
             # the chosen units best first (the ranking that chose them; the gold units of a diagnostic first)
-            "ranked_units": sorted(chosen.tolist(), key=lambda u: (u not in gold, -float(ranked[u]))),
+            "ranked_units": [u for _, _, u in sorted(zip([u not in gold for u in units], worst_first, units, strict=True))],
             "gold_units": gold,
             "score": score,
             "text_score": text,
@@ -363,9 +363,8 @@ class Session:
         session = cls(llm, config, embedder=embedder if config.selector in ("hybrid", "text") else None)
         if session.budget is not None:  # the units the snapshot holds, before they are loaded
             units = max((int(layer.get("units", 0)) for layer in manifest.get("layers", [])), default=0)
-            more = sum(lay.store.host_bytes_for(units) for lay in session.cache.layers)
             try:
-                session.budget.require(session, more, f"restoring {path}")
+                session.budget.require(session, session.cache.host_bytes_for_units(units), f"restoring {path}")
             except HostBudgetError:
                 session.close()
                 raise

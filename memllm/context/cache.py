@@ -503,7 +503,10 @@ class ContextMemoryCache(Cache):
 
     def host_bytes_for(self, n_tokens: int) -> int:
         """Host bytes (pinned on a GPU) the stores would allocate to read n_tokens more tokens."""
-        units = self.units_after(n_tokens)
+        return self.host_bytes_for_units(self.units_after(n_tokens))
+
+    def host_bytes_for_units(self, units: int) -> int:
+        """Host bytes (pinned on a GPU) the stores would allocate to hold `units` units per layer in all."""
         return sum(lay.store.host_bytes_for(units) for lay in self.layers)
 
     @contextmanager
