@@ -17,6 +17,7 @@ from memllm.host_budget import HostBudget
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from memllm.engine import BatchEngine
     from memllm.session import Session
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -201,6 +202,14 @@ class MemLLM:
         from memllm.session import Session
 
         return Session(self, memory or self.memory, embedder=embedder)
+
+    def sessions(self, impl: str = "fast") -> BatchEngine:
+        """An engine that decodes many sessions of this model together, one model call per step
+        (continuous batching; see memllm.engine). impl "fast" stacks steady sessions' attention,
+        "reference" runs each session's own attention in the batched call."""
+        from memllm.engine import BatchEngine
+
+        return BatchEngine(self, impl)
 
     def restore(self, path: str, embedder: Any = None) -> Session:
         """A session restored from a snapshot written by `Session.save(path)` (embedder: its text

@@ -49,8 +49,10 @@ def context_memory_attention(
     if given is not None and (query.device.type == "cpu" or cache.config.impl == "reference"):
         # The rotation is undone at the cache's positions; check the model used them (on the CPU and on
         # the reference path only: reading device tensors would synchronise the host).
-        want = layer.model_positions(query.shape[2], query.device)
-        if not torch.equal(given.reshape(-1)[-query.shape[2] :].to(want.device), want):
+        # (n,) for a ContextMemoryCache, (B, n) for a BatchCache (batch.py): each row its session's
+        n = query.shape[2]
+        want = layer.model_positions(n, query.device).reshape(-1, n)
+        if not torch.equal(given.reshape(want.shape[0], -1)[:, -n:].to(want.device), want):
             raise RuntimeError(
                 "position_ids must be the ContextMemoryCache's own (leave them out, or pass cache.next_position_ids(n))"
             )

@@ -1,0 +1,312 @@
+"""Many context memories in one model call: a transformers Cache over several ContextMemoryCaches.
+
+`BatchCache(caches)` stands for B sessions (one ContextMemoryCache each: its own sinks, window,
+units and plan) in a model call of batch B, one token per session (a decode step). The model runs
+its linear layers once for all B rows; per layer, the attention function (attention.py) calls
+`BatchLayer.attend`, which computes each session's attention by its own rule and advances its state:
+  * "reference": a loop over the sessions, each through its own `ContextMemoryLayer.attend` on its
+    row (the plain path a session alone takes: the same code, the same numbers);
+  * "fast": the sessions whose step is a steady one (phase 2, the call cuts nothing, no re-base, the
+    index holds at least topk units: `steady`) run stacked: the windows padded to the longest and
+    masked, one local pass, one lookup over the representatives padded to the largest index and
+    masked, each session's units gathered from its own store, one memory pass over sinks + topk
+    units (the same size for all), one merge; the other sessions (inside the window, a step that
+    cuts a unit, a re-base) take the reference loop in the same call. Plain PyTorch on every
+    device; tests compare it with the reference on the CPU and on CUDA.
+Positions: each row gets its own session's position ids (`position_ids`): past the window every
+session reports n_init + n_local, so their rows share one position. After a batched step the
+sessions' states are what a step alone would have left (tested: a later step alone matches).
+
+Not here: multi-token calls (prefill is per session, alone), probing (select.Probe), CUDA graphs of
+the batched step, one gather kernel for all stores (the fast path gathers store by store), and
+sessions with different MemoryConfigs or models in one batch (ConfigError). Knows nothing of
+text, tokens or sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
+from memllm.context.lookup import combine, select_units
+from memllm.context.plan import CallPlan
+from memllm.context.positions import Rotary
+from memllm.context.window import merge
+from memllm.errors import ConfigError
+
+BATCH_IMPLS = ("fast", "reference")
+
+
+@dataclass
+class Steady:
+    """The rows of a call that run stacked, and their host integers (the same in every layer)."""
+
+    rows: list[int]  # batch rows (sessions) in the stacked set
+    plans: list[CallPlan]  # each row's plan (one token, no cut)
+    windows: list[int]  # W_b: window keys before the step
+    local_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> window position
+    memory_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> distance n_local
+    window_idx: torch.Tensor  # (S,) long: W_b on the device
+    units: torch.Tensor  # (S,) long: units each row's lookup chooses among
+    model_starts: list[int]
+
+
+def steady(layer: ContextMemoryLayer, plan: CallPlan) -> bool:
+    """Whether a one-token call of `layer` (plan: its plan) is a steady step the stacked path runs:
+    phase 2, one execution block with memory, nothing cut, no sinks set, no re-base, the index
+    holding at least topk units, no probe and nothing deferred (host integers only)."""
+    cfg = layer.config
+    return (
+        layer.cut
+        and plan.c == 1
+        and plan.n_cut == 0
+        and plan.sinks_from is None
+        and plan.keep_from == 0
+        and len(plan.blocks) == 1
+        and plan.memory_blocks == [0]
+        and cfg.topk > 0
+        and layer.store.n_units >= cfg.topk
+        and layer.seen - layer.base < layer.spec.trained_len
+        and layer.probe is None
+        and layer.deferred is None
+        and layer.sink_k.shape[1] == cfg.n_init
+    )
+
+
+class BatchLayer(CacheLayerMixin):
+    """Layer `layer_idx` of every session of a BatchCache."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, batch: BatchCache, layer_idx: int):
+        super().__init__()
+        self.batch, self.layer_idx = batch, layer_idx
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.is_initialized = True
+
+    @property
+    def members(self) -> list[ContextMemoryLayer]:
+        return [c.layers[self.layer_idx] for c in self.batch.caches]
+
+    # ---- CacheLayerMixin -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Record the new (rotated) K/V (B, kv_heads, c, d) for the attention function."""
+        self.pending = (key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return max(m.reported_length() for m in self.members)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def model_positions(self, n: int, device: torch.device) -> torch.Tensor:
+        """(B, n): each session's next n model positions (its own ContextMemoryLayer's)."""
+        return torch.stack([m.model_positions(n, device) for m in self.members])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("BatchCache holds independent sessions: beam search is not supported")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # ---- the rule ------------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """query (B, heads, c, d), key/value (B, kv_heads, c, d) as the model rotated them, row b at
+        session b's positions -> (B, heads, c, d) in the model dtype; every session advances by c."""
+        members = self.members
+        if query.shape[0] != len(members):
+            raise ValueError(f"a BatchCache of {len(members)} sessions got a batch of {query.shape[0]}")
+        st = self.batch.steady_rows(query.shape[2], self.layer_idx)
+        out = torch.empty_like(query)
+        stacked = set(st.rows) if st is not None else set()
+        for b, m in enumerate(members):  # the reference path, and the rows the stacked path leaves
+            if b not in stacked:
+                out[b : b + 1] = m.attend(query[b : b + 1], key[b : b + 1], value[b : b + 1], scale)
+        if st is not None and st.rows:
+            out[st.rows] = stacked_attend(members, st, self.batch.rotary, query, key, value, scale)
+        return out
+
+
+class BatchCache(Cache):
+    """A Cache over ContextMemoryCaches (one per session, batch row b = caches[b]). Use through
+    `attach(model, cache=batch)` with position_ids = `next_position_ids(n)`; impl "fast" or
+    "reference" (see the module note)."""
+
+    def __init__(self, caches: Sequence[ContextMemoryCache], impl: str = "fast"):
+        if impl not in BATCH_IMPLS:
+            raise ConfigError(f"batch impl must be one of {', '.join(map(repr, BATCH_IMPLS))}, got {impl!r}")
+        caches = list(caches)
+        if not caches:
+            raise ConfigError("a BatchCache needs at least one session's cache")
+        first = caches[0]
+        for c in caches[1:]:
+            if c.config != first.config or c.spec != first.spec:
+                raise ConfigError(
+                    "sessions batched together must share one model and one MemoryConfig: "
+                    "run sessions with other settings in a batch of their own"
+                )
+        if len({id(c) for c in caches}) != len(caches):
+            raise ConfigError("a session's cache appears twice in one batch")
+        super().__init__(layers=[BatchLayer(self, i) for i in range(len(first.layers))])
+        self.caches = caches
+        self.impl = impl
+        self.config, self.spec = first.config, first.spec
+        self.rotary: Rotary = first.rotary
+        self.static = None  # the attention function checks this (no static step for a batch)
+        self._steady: tuple[Steady | None] | None = None  # the current call's (steady_rows)
+        self.stacked_steps = 0  # rows run stacked, summed over calls (benchmarks and tests read it)
+
+    @property
+    def seen_tokens(self) -> list[int]:
+        return [c.seen_tokens for c in self.caches]
+
+    def next_position_ids(self, n: int) -> torch.Tensor:
+        """(B, n) the position ids of the next call: each session's own."""
+        return torch.cat([c.next_position_ids(n) for c in self.caches])
+
+    def steady_rows(self, c: int, layer_idx: int) -> Steady | None:
+        """The stacked rows of the current call (impl "fast", c == 1), worked out once per call, when
+        layer 0 asks (before it attends, every layer is in the state layer 0 is in now)."""
+        if self.impl != "fast" or c != 1:
+            return None
+        if layer_idx != 0 and self._steady is not None:
+            return self._steady[0]
+        rows, plans, windows, local_rows, memory_rows, units, starts = [], [], [], [], [], [], []
+        rot, cfg = self.rotary, self.config
+        for b, cache in enumerate(self.caches):
+            layer = cache.layers[0]
+            plan = layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, 1)
+            if not steady(layer, plan):
+                continue
+            model_start = layer.reported_length()
+            rows.append(b)
+            plans.append(plan)
+            windows.append(plan.window)
+            local_rows.append(rot.row(layer.seen - layer.base - model_start))
+            memory_rows.append(rot.row(-(model_start - cfg.n_local)))
+            units.append(layer.store.n_units)
+            starts.append(model_start)
+        st = None
+        if rows:
+            dev = self.caches[0].layers[0].device
+            as_dev = lambda xs: torch.tensor(xs, dtype=torch.long).to(dev, non_blocking=True)  # noqa: E731
+            st = Steady(rows, plans, windows, as_dev(local_rows), as_dev(memory_rows), as_dev(windows),
+                        as_dev(units), starts)  # fmt: skip
+            self.stacked_steps += len(rows)
+        self._steady = (st,)
+        return st
+
+    # ---- what transformers asks of a Cache ---------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BatchCache cannot crop: roll sessions back one by one (checkpoint/rollback)")
+
+
+def stacked_attend(
+    members: list[ContextMemoryLayer],
+    st: Steady,
+    rot: Rotary,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """ContextMemoryLayer.attend for one token of each stacked row, computed together: query (B, heads,
+    1, d), key/value (B, kv_heads, 1, d) -> (S, heads, 1, d) in the model dtype for rows st.rows, whose
+    layers advance by one token (window, scores, lookup counters and log, bounds)."""
+    layers = [members[b] for b in st.rows]
+    first = layers[0]
+    cfg, dtype, dev = first.config, first.dtype, query.device
+    S, (heads, d), kvh = len(layers), (query.shape[1], query.shape[3]), key.shape[1]
+    g = heads // kvh
+    rows = torch.tensor(st.rows, dtype=torch.long).to(dev, non_blocking=True) if S != query.shape[0] else None
+    q = (query if rows is None else query.index_select(0, rows))[:, :, 0].float()  # (S, heads, d)
+    k = (key if rows is None else key.index_select(0, rows))[:, :, 0].float()  # (S, kv_heads, d)
+    v = (value if rows is None else value.index_select(0, rows))[:, :, 0].to(dtype)  # (S, kv_heads, d)
+    cos_t, sin_t, _ = rot.tables(dev)
+    cos_l, sin_l = cos_t[st.local_rows].unsqueeze(1), sin_t[st.local_rows].unsqueeze(1)  # (S, 1, d)
+    q_loc = rot.apply(q, cos_l, sin_l)  # (S, heads, d) at window positions
+    k_new = rot.apply(k, cos_l, sin_l).to(dtype)  # (S, kv_heads, d)
+
+    # Local pass: each row over its window keys [0, W_b] (its own key at W_b), padded to the longest.
+    w_max = max(st.windows) + 1
+    k_pad = torch.zeros(S, kvh, w_max, d, dtype=dtype, device=dev)  # (S, kv_heads, W_max + 1, d)
+    v_pad = torch.zeros_like(k_pad)
+    for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):
+        k_pad[i, :, :w] = lay.local_k
+        v_pad[i, :, :w] = lay.local_v
+    at = torch.arange(S, device=dev)
+    k_pad[at, :, st.window_idx] = k_new
+    v_pad[at, :, st.window_idx] = v
+    logits = torch.matmul(q_loc.view(S, kvh, g, d), k_pad.float().transpose(2, 3)) * scale  # (S, kvh, g, W)
+    hidden = torch.arange(w_max, device=dev)[None, :] > st.window_idx[:, None]  # (S, W_max + 1)
+    logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (S, kvh, g, 1)
+    p = torch.exp(logits - lse)
+    out = torch.matmul(p, v_pad.float())  # (S, kvh, g, d)
+    received = p.sum(dim=2)  # (S, kvh, W_max + 1)
+
+    # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
+    q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
+    q_mem = q_mem.view(S, kvh, g, d)
+    q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
+    u_max = max(lay.store.n_units for lay in layers)
+    reprs = torch.zeros(S, kvh, u_max, d, dtype=torch.float32, device=dev)
+    for i, lay in enumerate(layers):
+        r = lay.store.repr_keys()
+        reprs[i, :, : r.shape[1]] = r
+    scores = torch.einsum("shd,shud->shu", q_sum, reprs)  # (S, kvh, U_max) fp32
+    scores = combine(scores, cfg.lookup)  # (S, 1 or kvh, U_max)
+    later = torch.arange(u_max, device=dev)[None, :] >= st.units[:, None]
+    scores = scores.masked_fill(later[:, None, :], float("-inf"))
+    ids = select_units(scores, cfg.topk)  # (S, rows, topk)
+
+    # Memory pass: sinks + topk units for every row (the same number of keys).
+    unit_k, unit_v = [], []
+    for i, lay in enumerate(layers):
+        ids_i = ids[i : i + 1]
+        if lay.forced is not None:
+            ids_i = lay.forced.apply(lay.layer_idx, ids_i)
+        ids_i = ids_i.expand(1, kvh, -1)
+        uk, uv = lay.kernels.gather_units(lay.store, ids_i, dtype)  # (1, kvh, topk * bs, d)
+        unit_k.append(uk)
+        unit_v.append(uv)
+        lay.count_lookups(st.plans[i], ids_i)
+    sink_k = torch.stack([lay.sink_k for lay in layers])  # (S, kvh, n_init, d)
+    sink_v = torch.stack([lay.sink_v for lay in layers])
+    k_mem = torch.cat([sink_k, torch.cat(unit_k)], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
+    v_mem = torch.cat([sink_v, torch.cat(unit_v)], dim=2).float()
+    logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
+    lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
+    out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
+    merged = merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1))  # (S, kvh, g, d) fp32
+
+    # Each row's state: the window with its new key, the scores it received (a new tensor each:
+    # checkpoints hold the old ones), the bounds.
+    for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):
+        lay.local_k = k_pad[i, :, : w + 1]
+        lay.local_v = v_pad[i, :, : w + 1]
+        score = received[i, :, : w + 1].clone()
+        score[:, :w] += lay.local_score
+        lay.local_score = score
+        lay.static_views = False
+        lay.account(st.plans[i], st.model_starts[i])
+        lay.seen += 1
+    return merged.reshape(S, heads, 1, d).to(query.dtype)

@@ -1,0 +1,217 @@
+"""Batched decoding of many sessions (memllm.context.batch, memllm.engine) equals each session alone.
+
+Sessions of different lengths (inside the window, just past it, well past it so lookups happen)
+decode together, one model call per step; each session's logits, chosen tokens and the units every
+layer looked up per step equal what the same session decoding alone gives; sessions join and leave
+between steps; after the batched steps a session's state is the alone-run state (a later step alone
+matches). Both batched paths ("reference": each session's own attention in the batched call; "fast":
+steady sessions stacked) on the CPU, and on CUDA where present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memllm.compat import cache_kwargs
+from memllm.context import prefill
+from memllm.context.attach import attach
+from memllm.context.batch import BatchCache
+from memllm.engine import BatchEngine
+from memllm.errors import ConfigError, InputError
+from memllm.session import Session
+from tests.context.helpers import CharTokenizer, FakeLLM, rel_err, small_memory, tiny_model
+
+# Not periodic: repeated units would tie exactly in the lookup, and rounding would break the ties.
+TEXT = "".join(chr(33 + c) for c in torch.randint(0, 90, (700,), generator=torch.Generator().manual_seed(7)).tolist())
+LENGTHS = [20, 60, 300, 700]  # inside the window (n_init + n_local = 52), just past it, well past it
+STEPS = 12  # enough for the sessions past the window to cut units while decoding (block_size 8)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+TOL = {"cpu": 1e-4, "cuda": 1e-3}
+
+
+def make(model, device: str, **mem) -> Session:
+    return Session(FakeLLM(model, CharTokenizer()), small_memory(**mem))
+
+
+def fed(model, device: str, n: int, **mem) -> Session:
+    s = make(model, device, **mem)
+    s.feed(TEXT[:n])
+    return s
+
+
+def alone(s: Session, steps: int) -> tuple[list[int], list[torch.Tensor], list[list]]:
+    """Greedy steps of one session by itself: tokens, the logits after each, each step's lookups."""
+    toks, logits, lookups = [], [], []
+    model = s.llm.model
+    with attach(model, cache=s.cache):
+        for _ in range(steps):
+            tok = int(s.last_logits.argmax())
+            with s.cache.record_lookups() as log:
+                s.last_logits = prefill.step(model, s.cache, torch.tensor([[tok]]))
+            toks.append(tok)
+            logits.append(s.last_logits.cpu())
+            lookups.append([(li, ids.cpu().tolist()) for li, ids in log])
+    return toks, logits, lookups
+
+
+class Recorder:
+    """Per request: the logits after each of its batched steps and that step's lookups."""
+
+    def __init__(self, engine: BatchEngine):
+        self.engine = engine
+        self.logits: dict[int, list[torch.Tensor]] = {}
+        self.lookups: dict[int, list[list]] = {}
+
+    def step(self) -> list:
+        active = self.engine.active
+        logs = {}
+        for r in active:
+            cm = r.session.cache.record_lookups()
+            logs[id(r)] = (cm, cm.__enter__())
+        try:
+            events = self.engine.step()
+        finally:
+            for cm, _ in logs.values():
+                cm.__exit__(None, None, None)
+        for e in events:
+            self.logits.setdefault(id(e.request), []).append(e.request.session.last_logits.cpu())
+            got = [(li, ids.cpu().tolist()) for li, ids in logs[id(e.request)][1]]
+            self.lookups.setdefault(id(e.request), []).append(got)
+        return events
+
+
+def model_on(device: str, layers: int = 2):
+    return tiny_model("llama", layers=layers).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_batched_decode_equals_each_session_alone(device: str, impl: str):
+    model = model_on(device)
+    want = [alone(fed(model, device, n), STEPS) for n in LENGTHS]
+    sessions = [fed(model, device, n) for n in LENGTHS]
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
+    reqs = [engine.join(s, max_new_tokens=STEPS, stop=set()) for s in sessions]
+    rec = Recorder(engine)
+    while engine.active:
+        rec.step()
+    assert engine.steps == STEPS and engine.batch_rows == STEPS * len(LENGTHS)
+    if impl == "fast":  # the sessions past the window ran stacked on most steps
+        assert engine.stacked_rows >= STEPS
+    else:
+        assert engine.stacked_rows == 0
+    for r, (toks, logits, lookups), n in zip(reqs, want, LENGTHS, strict=True):
+        assert r.tokens == toks and r.reason == "length"
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < TOL[device], n
+        assert rec.lookups[id(r)] == lookups, n
+    assert sum(len(x) for x in want[3][2]) > 0  # the longest session looked units up every step
+    # The states the batched steps left are the alone states: one more step alone matches.
+    for s, n in zip(sessions, LENGTHS, strict=True):
+        ref = fed(model, device, n)
+        alone(ref, STEPS)
+        got_next = alone(s, 2)
+        ref_next = alone(ref, 2)
+        assert got_next[0] == ref_next[0]
+        for a, b in zip(got_next[1], ref_next[1], strict=True):
+            assert rel_err(a, b) < TOL[device]
+        assert got_next[2] == ref_next[2]
+        assert s.stats()["units"] == ref.stats()["units"] and s.cache.seen_tokens == ref.cache.seen_tokens
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_sessions_join_and_leave_between_steps(device: str, impl: str):
+    """A session joins after 3 steps, another leaves after 2, a third ends at a stop id: each one's
+    tokens and logits are what it gives alone over the steps it took part in."""
+    model = model_on(device)
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
+    a, b, c = fed(model, device, 700), fed(model, device, 300), fed(model, device, 60)
+    ra = engine.join(a, max_new_tokens=8, stop=set())
+    rb = engine.join(b, max_new_tokens=8, stop=set())
+    rec = Recorder(engine)
+    rec.step()
+    rec.step()
+    engine.leave(rb)
+    rec.step()
+    rc = engine.join(c, max_new_tokens=6, stop=set())
+    while engine.active:
+        rec.step()
+    assert rb.reason == "left" and len(rb.tokens) == 2
+    assert ra.reason == rc.reason == "length" and len(ra.tokens) == 8 and len(rc.tokens) == 6
+    for r, n, steps in ((ra, 700, 8), (rb, 300, 2), (rc, 60, 6)):
+        toks, logits, lookups = alone(fed(model, device, n), steps)
+        assert r.tokens == toks
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < TOL[device]
+        assert rec.lookups[id(r)] == lookups
+    # A stop id ends a request before its token is fed (as Session.generate_ids stops).
+    d = fed(model, device, 300)
+    first = int(d.last_logits.argmax())
+    seen = d.cache.seen_tokens
+    rd = engine.join(d, max_new_tokens=5, stop={first})
+    e = engine.join(fed(model, device, 700), max_new_tokens=1, stop=set())
+    assert engine.step() and rd.reason == "stop" and rd.tokens == [] and d.cache.seen_tokens == seen
+    assert e.reason == "length" and not engine.active
+
+
+def test_prompt_and_text_stream_match_session_generate():
+    """join(prompt) feeds the prompt (the question selector's forced units included) and the engine's
+    text pieces are what Session.generate gives for the same prompt."""
+    model = model_on("cpu")
+    want = []
+    for n in (700, 300):
+        s = fed(model, "cpu", n)
+        want.append("".join(s.generate("qz?", max_new_tokens=6)))
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()))
+    reqs = [engine.join(fed(model, "cpu", n), "qz?", max_new_tokens=6) for n in (700, 300)]
+    pieces = {id(r): "" for r in reqs}
+    for ev in engine.generate():
+        pieces[id(ev.request)] += ev.piece
+    for r, w in zip(reqs, want, strict=True):
+        assert pieces[id(r)] == w == r.text()
+        assert not r.session.cache.forced.active
+
+
+def test_fast_and_reference_batch_agree_on_one_call():
+    """One batched call over the same states through both paths: the same attention outputs (logits)
+    and the same window, scores and unit counts afterwards, every layer."""
+    model = model_on("cpu", layers=3)
+    outs, states = [], []
+    for impl in ("reference", "fast"):
+        sessions = [fed(model, "cpu", n) for n in (700, 500, 300, 60)]
+        batch = BatchCache([s.cache for s in sessions], impl)
+        ids = torch.tensor([[5], [7], [11], [13]])
+        with attach(model, cache=batch), torch.no_grad():
+            out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
+                        use_cache=True, logits_to_keep=1)  # fmt: skip
+        outs.append(out.logits[:, -1])
+        states.append([[(lay.local_k.clone(), lay.local_score.clone(), lay.store.n_units, lay.seen)
+                        for lay in s.cache.layers] for s in sessions])  # fmt: skip
+        assert batch.stacked_steps == (3 if impl == "fast" else 0)
+    assert rel_err(outs[1], outs[0]) < 1e-5
+    for ref_s, got_s in zip(*states, strict=True):
+        for (k0, s0, u0, n0), (k1, s1, u1, n1) in zip(ref_s, got_s, strict=True):
+            assert (u0, n0) == (u1, n1)
+            torch.testing.assert_close(k1, k0, rtol=0, atol=1e-6)
+            torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-6)
+
+
+def test_misuse_is_refused():
+    model = model_on("cpu")
+    llm = FakeLLM(model, CharTokenizer())
+    engine = BatchEngine(llm)
+    s = fed(model, "cpu", 100)
+    engine.join(s, max_new_tokens=2)
+    with pytest.raises(InputError, match="already generating"):
+        engine.join(s)
+    with pytest.raises(ConfigError, match="share one MemoryConfig"):
+        engine.join(fed(model, "cpu", 100, topk=2))
+    with pytest.raises(InputError, match="nothing to continue"):
+        engine.join(make(model, "cpu"))
+    with pytest.raises(ConfigError, match="impl"):
+        BatchEngine(llm, "turbo")
+    with pytest.raises(ConfigError, match="share one model and one MemoryConfig"):
+        BatchCache([s.cache, fed(model, "cpu", 100, topk=2).cache])
