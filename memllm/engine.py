@@ -70,7 +70,9 @@ class BatchEngine:
 
     def __init__(self, llm: Any, impl: str = "fast"):
         if impl not in BATCH_IMPLS:
-            raise ConfigError(f"BatchEngine impl must be one of {', '.join(map(repr, BATCH_IMPLS))}, got {impl!r}")
+            raise ConfigError(
+                f"BatchEngine impl must be one of {', '.join(map(repr, BATCH_IMPLS))}, got {impl!r}"
+            )
         self.llm = llm
         self.impl = impl
         self.requests: list[Request] = []

@@ -125,7 +125,9 @@ class BatchLayer(CacheLayerMixin):
         pass
 
     # ---- the rule ------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """query (B, heads, c, d), key/value (B, kv_heads, c, d) as the model rotated them, row b at
         session b's positions -> (B, heads, c, d) in the model dtype; every session advances by c."""
         members = self.members
@@ -216,7 +218,9 @@ class BatchCache(Cache):
         return self.layers[layer_idx].get_seq_length()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("BatchCache cannot crop: roll sessions back one by one (checkpoint/rollback)")
+        raise NotImplementedError(
+            "BatchCache cannot crop: roll sessions back one by one (checkpoint/rollback)"
+        )
 
 
 def stacked_attend(

@@ -23,7 +23,9 @@ from memllm.session import Session
 from tests.context.helpers import CharTokenizer, FakeLLM, rel_err, small_memory, tiny_model
 
 # Not periodic: repeated units would tie exactly in the lookup, and rounding would break the ties.
-TEXT = "".join(chr(33 + c) for c in torch.randint(0, 90, (700,), generator=torch.Generator().manual_seed(7)).tolist())
+TEXT = "".join(
+    chr(33 + c) for c in torch.randint(0, 90, (700,), generator=torch.Generator().manual_seed(7)).tolist()
+)
 LENGTHS = [20, 60, 300, 700]  # inside the window (n_init + n_local = 52), just past it, well past it
 STEPS = 12  # enough for the sessions past the window to cut units while decoding (block_size 8)
 
