@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "MemLLM": "memllm.llm",
+    "BatchEngine": "memllm.engine",
     "MemoryConfig": "memllm.config",
     "MemllmError": "memllm.errors",
     "ConfigError": "memllm.errors",
@@ -28,6 +29,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from memllm.config import MemoryConfig  # noqa: F401
+    from memllm.engine import BatchEngine  # noqa: F401
     from memllm.errors import (  # noqa: F401
         ConfigError,
         InputError,

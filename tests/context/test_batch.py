@@ -217,3 +217,33 @@ def test_misuse_is_refused():
         BatchEngine(llm, "turbo")
     with pytest.raises(ConfigError, match="share one model and one MemoryConfig"):
         BatchCache([s.cache, fed(model, "cpu", 100, topk=2).cache])
+
+
+@pytest.mark.parametrize(
+    "mem", [{"lookup": "per_head"}, {"offload_dtype": "int8"}, {"topk": 1, "exc_block_size": 16}]
+)
+def test_fast_path_follows_the_config(mem: dict):
+    """Per-head lookups, int8 units, another topk and execution block: the stacked rows give the
+    alone-run logits and lookups too (the fast batched path against each session alone)."""
+    model = model_on("cpu")
+    want = [alone(fed(model, "cpu", n, **mem), 6) for n in (700, 300, 60)]
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    reqs = [engine.join(fed(model, "cpu", n, **mem), max_new_tokens=6, stop=set()) for n in (700, 300, 60)]
+    rec = Recorder(engine)
+    while engine.active:
+        rec.step()
+    assert engine.stacked_rows > 0
+    for r, (toks, logits, lookups) in zip(reqs, want, strict=True):
+        assert r.tokens == toks
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < 1e-4
+        assert rec.lookups[id(r)] == lookups
+
+
+def test_memllm_sessions_gives_an_engine():
+    import memllm
+    from memllm.llm import MemLLM
+
+    llm = MemLLM(model_on("cpu"), CharTokenizer(), memory=small_memory())
+    engine = llm.sessions(impl="reference")
+    assert isinstance(engine, memllm.BatchEngine) and engine.impl == "reference" and engine.llm is llm
