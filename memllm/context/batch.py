@@ -253,9 +253,14 @@ def stacked_attend(
     w_max = max(st.windows) + 1
     k_pad = torch.zeros(S, kvh, w_max, d, dtype=dtype, device=dev)  # (S, kv_heads, W_max + 1, d)
     v_pad = torch.zeros_like(k_pad)
-    for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):
+    old_score = torch.zeros(S, kvh, w_max, dtype=torch.float32, device=dev)  # (S, kv_heads, W_max + 1)
+    u_max = max(lay.store.n_units for lay in layers)
+    reprs = torch.zeros(S, kvh, u_max, d, dtype=torch.float32, device=dev)  # (S, kv_heads, U_max, d)
+    for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):  # a row's window, scores, index
         k_pad[i, :, :w] = lay.local_k
         v_pad[i, :, :w] = lay.local_v
+        old_score[i, :, :w] = lay.local_score
+        reprs[i, :, : lay.store.n_units] = lay.store.repr_keys()
     at = torch.arange(S, device=dev)
     k_pad[at, :, st.window_idx] = k_new
     v_pad[at, :, st.window_idx] = v
@@ -265,52 +270,44 @@ def stacked_attend(
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (S, kvh, g, 1)
     p = torch.exp(logits - lse)
     out = torch.matmul(p, v_pad.float())  # (S, kvh, g, d)
-    received = p.sum(dim=2)  # (S, kvh, W_max + 1)
+    score = p.sum(dim=2) + old_score  # (S, kvh, W_max + 1): what each window key received, in all
 
     # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
     q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
     q_mem = q_mem.view(S, kvh, g, d)
     q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
-    u_max = max(lay.store.n_units for lay in layers)
-    reprs = torch.zeros(S, kvh, u_max, d, dtype=torch.float32, device=dev)
-    for i, lay in enumerate(layers):
-        r = lay.store.repr_keys()
-        reprs[i, :, : r.shape[1]] = r
     scores = torch.einsum("shd,shud->shu", q_sum, reprs)  # (S, kvh, U_max) fp32
     scores = combine(scores, cfg.lookup)  # (S, 1 or kvh, U_max)
     later = torch.arange(u_max, device=dev)[None, :] >= st.units[:, None]
     scores = scores.masked_fill(later[:, None, :], float("-inf"))
-    ids = select_units(scores, cfg.topk)  # (S, rows, topk)
+    ids = select_units(scores, cfg.topk).expand(S, kvh, -1)  # (S, kv_heads, topk)
+    forced = [i for i, lay in enumerate(layers) if lay.forced is not None and lay.forced.active]
+    if forced:  # a row whose session forces units (select.ForcedUnits) reads those
+        ids = ids.clone()
+        for i in forced:
+            ids[i] = layers[i].forced.apply(layers[i].layer_idx, ids[i : i + 1])[0]
 
     # Memory pass: sinks + topk units for every row (the same number of keys).
-    unit_k, unit_v = [], []
-    for i, lay in enumerate(layers):
-        ids_i = ids[i : i + 1]
-        if lay.forced is not None:
-            ids_i = lay.forced.apply(lay.layer_idx, ids_i)
-        ids_i = ids_i.expand(1, kvh, -1)
-        uk, uv = lay.kernels.gather_units(lay.store, ids_i, dtype)  # (1, kvh, topk * bs, d)
-        unit_k.append(uk)
-        unit_v.append(uv)
-        lay.count_lookups(st.plans[i], ids_i)
+    unit_k, unit_v = first.kernels.gather_units_stores([lay.store for lay in layers], ids, dtype)
     sink_k = torch.stack([lay.sink_k for lay in layers])  # (S, kvh, n_init, d)
     sink_v = torch.stack([lay.sink_v for lay in layers])
-    k_mem = torch.cat([sink_k, torch.cat(unit_k)], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
-    v_mem = torch.cat([sink_v, torch.cat(unit_v)], dim=2).float()
+    k_mem = torch.cat([sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
+    v_mem = torch.cat([sink_v, unit_v], dim=2).float()
     logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
     lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
     out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
     merged = merge(out, lse.squeeze(-1), out_m, lse_m.squeeze(-1))  # (S, kvh, g, d) fp32
 
-    # Each row's state: the window with its new key, the scores it received (a new tensor each:
-    # checkpoints hold the old ones), the bounds.
+    # Each row's state: views of this step's tensors (never written again: checkpoints may hold
+    # them), the lookups counted and logged, the bounds.
     for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):
-        lay.local_k = k_pad[i, :, : w + 1]
-        lay.local_v = v_pad[i, :, : w + 1]
-        score = received[i, :, : w + 1].clone()
-        score[:, :w] += lay.local_score
-        lay.local_score = score
+        lay.local_k, lay.local_v, lay.local_score = (
+            k_pad[i, :, : w + 1],
+            v_pad[i, :, : w + 1],
+            score[i, :, : w + 1],
+        )
         lay.static_views = False
+        lay.count_lookups(st.plans[i], ids[i : i + 1])
         lay.account(st.plans[i], st.model_starts[i])
         lay.seen += 1
     return merged.reshape(S, heads, 1, d).to(query.dtype)

@@ -115,6 +115,14 @@ class TorchKernels:
         """gather.gather_units."""
         return gather.gather_units(store, ids, dtype, self.impl)
 
+    def gather_units_stores(
+        self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row s of ids (S, kv_heads, t) from stores[s] -> K, V (S, kv_heads, t*block_size, head_dim):
+        one gather per store (a batch's layer, context/batch.py)."""
+        parts = [self.gather_units(st, ids[i : i + 1], dtype) for i, st in enumerate(stores)]
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
     def memory_attention(
         self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,
         plan: CallPlan, chosen: int, scale: float, out: torch.Tensor, lse: torch.Tensor,
@@ -230,6 +238,16 @@ class CudaKernels(TorchKernels):
 
             return gather_units_uva(store, ids, dtype)
         return super().gather_units(store, ids, dtype)
+
+    def gather_units_stores(
+        self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stores' units in one launch (cuda/gather.gather_units_stores) for CUDA stores."""
+        if stores[0].device.type == "cuda":
+            from memllm.context.cuda.gather import gather_units_stores
+
+            return gather_units_stores(stores, ids, dtype)
+        return super().gather_units_stores(stores, ids, dtype)
 
     def memory_attention(
         self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,

@@ -247,3 +247,30 @@ def test_memllm_sessions_gives_an_engine():
     llm = MemLLM(model_on("cpu"), CharTokenizer(), memory=small_memory())
     engine = llm.sessions(impl="reference")
     assert isinstance(engine, memllm.BatchEngine) and engine.impl == "reference" and engine.llm is llm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the UVA gather needs CUDA")
+@pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
+def test_gather_of_several_stores_in_one_launch_equals_each_store_alone(dtype_name):
+    """cuda/gather.gather_units_stores (a batch's layer: row s from store s, one launch over the
+    stores' joined segment tables) equals the reference gather of each store, exactly; stores with
+    different unit counts, segment counts and tables (one grown past its first capacity)."""
+    from memllm.context.cuda.gather import TABLE_CAPACITY, gather_units_stores
+    from memllm.context.kernels import gather_units
+    from memllm.context.units import UnitStore
+
+    gen = torch.Generator().manual_seed(3)
+    stores = []
+    for n in (5, 11, 4 * TABLE_CAPACITY + 3):  # the last one's table is past its first capacity
+        store = UnitStore(3, 8, 16, 2, dtype_name, torch.device("cuda"), segment_units=4)
+        for _ in range(n):
+            k = torch.randn(3, 8, 16, generator=gen).to("cuda", torch.bfloat16)
+            store.append(k, torch.randn_like(k), k[:, :2])
+        stores.append(store)
+    ids = torch.stack([torch.randint(0, s.n_units, (3, 4), generator=gen) for s in stores]).cuda()
+    got = gather_units_stores(stores, ids, torch.bfloat16)
+    for i, s in enumerate(stores):
+        ref = gather_units(s, ids[i : i + 1], torch.bfloat16, "reference")
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a[i : i + 1], b, rtol=0, atol=0)

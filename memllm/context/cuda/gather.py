@@ -235,3 +235,58 @@ def write_units_uva(store: UnitStore, first: torch.Tensor, k: torch.Tensor, v: t
         DST_DTYPE=TL_DTYPES[store.host_dtype],
         CHUNK=chunk,
     )
+
+
+def gather_units_stores(
+    stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row s of ids (S, kv_heads, t) long on CUDA read from stores[s] -> K, V (S, kv_heads, t*block_size,
+    head_dim) in `dtype`: the units of several sessions' stores (one layer of a batch, context/batch.py)
+    in ONE launch, no host synchronisation. The stores' segment tables are joined end to end and each
+    row's ids moved by the segments before its store's table (ids + offset * segment_units), so the
+    kernel of gather_units_uva reads them unchanged. The stores must share kv_heads, block_size,
+    head_dim, segment_units and offload_dtype (one MemoryConfig)."""
+    first = stores[0]
+    n_rows, h, t = ids.shape
+    bs, d = first.block_size, first.head_dim
+    out_k = torch.empty(n_rows, h, t * bs, d, dtype=dtype, device=ids.device)
+    out_v = torch.empty_like(out_k)
+    if t == 0 or n_rows == 0:
+        return out_k, out_v
+    for s in stores[1:]:
+        if (s.kv_heads, s.block_size, s.head_dim, s.segment_units, s.offload_dtype) != (
+            first.kv_heads, bs, d, first.segment_units, first.offload_dtype
+        ):  # fmt: skip
+            raise ValueError("gather_units_stores needs stores of one shape (one MemoryConfig)")
+    quant = first.offload_dtype == "int8"
+    names = ["k", "v", "k_scale", "v_scale"] if quant else ["k", "v"]
+    tables = [segment_tables(s) for s in stores]
+    joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
+    starts, at = [], 0
+    for tab in tables:
+        starts.append(at * first.segment_units)
+        at += tab["k"].shape[0]
+    base = torch.tensor(starts, dtype=torch.long).to(ids.device, non_blocking=True)  # (S,)
+    gids = (ids + base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
+    chunk = 2048
+    grid = (gids.shape[0], triton.cdiv(bs * d, chunk))
+    _gather_kernel[grid](
+        gids,
+        gids,
+        joined["k"],
+        joined["v"],
+        joined["k_scale"] if quant else joined["k"],
+        joined["v_scale"] if quant else joined["v"],
+        out_k,
+        out_v,
+        t,
+        KV_HEADS=h,
+        SEG_UNITS=first.segment_units,
+        BLOCK=bs,
+        HEAD_DIM=d,
+        SRC_DTYPE=TL_DTYPES[first.host_dtype],
+        QUANT=quant,
+        CHUNK=chunk,
+        DEDUP=False,
+    )
+    return out_k, out_v
