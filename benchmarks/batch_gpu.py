@@ -236,17 +236,23 @@ def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
     else:
         b = max_batch
     largest = None
+    tried = []
     while b >= 1:
+        fits = True
         try:
             largest = run(b)
-            break
         except torch.cuda.OutOfMemoryError:
-            say(f"  full attention: batch {b} does not fit")
-            gc.collect()
-            torch.cuda.empty_cache()
-            b = int(b * 0.8) if b > 1 else 0
+            fits = False  # freed below, once the exception (its traceback holds the cache) is gone
+        if fits:
+            break
+        say(f"  full attention: batch {b} does not fit")
+        tried.append(b)
+        gc.collect()
+        torch.cuda.empty_cache()
+        b = int(b * 0.8) if b > 1 else 0
     if largest is not None:
         largest["largest_that_fits"] = True
+        largest["batches_that_did_not_fit"] = tried
         rows.append(largest)
         for n in ns:
             if n < largest["sessions"]:
