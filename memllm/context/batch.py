@@ -256,11 +256,13 @@ def stacked_attend(
     old_score = torch.zeros(S, kvh, w_max, dtype=torch.float32, device=dev)  # (S, kv_heads, W_max + 1)
     u_max = max(lay.store.n_units for lay in layers)
     reprs = torch.zeros(S, kvh, u_max, d, dtype=torch.float32, device=dev)  # (S, kv_heads, U_max, d)
-    for i, (lay, w) in enumerate(zip(layers, st.windows, strict=True)):  # a row's window, scores, index
-        k_pad[i, :, :w] = lay.local_k
-        v_pad[i, :, :w] = lay.local_v
-        old_score[i, :, :w] = lay.local_score
-        reprs[i, :, : lay.store.n_units] = lay.store.repr_keys()
+    # Each row's window, scores and index into its place: one foreach copy of S tensors per kind.
+    span = list(enumerate(st.windows))
+    torch._foreach_copy_([k_pad[i, :, :w] for i, w in span], [lay.local_k for lay in layers])
+    torch._foreach_copy_([v_pad[i, :, :w] for i, w in span], [lay.local_v for lay in layers])
+    torch._foreach_copy_([old_score[i, :, :w] for i, w in span], [lay.local_score for lay in layers])
+    index = [lay.store.repr_keys() for lay in layers]
+    torch._foreach_copy_([reprs[i, :, : r.shape[1]] for i, r in enumerate(index)], index)
     at = torch.arange(S, device=dev)
     k_pad[at, :, st.window_idx] = k_new
     v_pad[at, :, st.window_idx] = v
