@@ -255,13 +255,13 @@ def stacked_attend(
     v_pad = torch.zeros_like(k_pad)
     old_score = torch.zeros(S, kvh, w_max, dtype=torch.float32, device=dev)  # (S, kv_heads, W_max + 1)
     u_max = max(lay.store.n_units for lay in layers)
-    reprs = torch.zeros(S, kvh, u_max, d, dtype=torch.float32, device=dev)  # (S, kv_heads, U_max, d)
+    index = [lay.store.repr_keys() for lay in layers]  # (kv_heads, n_units, d) each, in the index's dtype
+    reprs = torch.zeros(S, kvh, u_max, d, dtype=index[0].dtype, device=dev)  # (S, kv_heads, U_max, d)
     # Each row's window, scores and index into its place: one foreach copy of S tensors per kind.
     span = list(enumerate(st.windows))
     torch._foreach_copy_([k_pad[i, :, :w] for i, w in span], [lay.local_k for lay in layers])
     torch._foreach_copy_([v_pad[i, :, :w] for i, w in span], [lay.local_v for lay in layers])
     torch._foreach_copy_([old_score[i, :, :w] for i, w in span], [lay.local_score for lay in layers])
-    index = [lay.store.repr_keys() for lay in layers]
     torch._foreach_copy_([reprs[i, :, : r.shape[1]] for i, r in enumerate(index)], index)
     at = torch.arange(S, device=dev)
     k_pad[at, :, st.window_idx] = k_new
@@ -278,7 +278,9 @@ def stacked_attend(
     q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
     q_mem = q_mem.view(S, kvh, g, d)
     q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
-    scores = torch.einsum("shd,shud->shu", q_sum, reprs)  # (S, kvh, U_max) fp32
+    scores = torch.einsum(
+        "shd,shud->shu", q_sum, reprs.float()
+    )  # (S, kvh, U_max) fp32, as lookup.unit_scores
     scores = combine(scores, cfg.lookup)  # (S, 1 or kvh, U_max)
     later = torch.arange(u_max, device=dev)[None, :] >= st.units[:, None]
     scores = scores.masked_fill(later[:, None, :], float("-inf"))
