@@ -274,3 +274,23 @@ def test_gather_of_several_stores_in_one_launch_equals_each_store_alone(dtype_na
         ref = gather_units(s, ids[i : i + 1], torch.bfloat16, "reference")
         for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a[i : i + 1], b, rtol=0, atol=0)
+
+
+def test_bf16_model_batched_equals_alone():
+    """A bf16 model with bf16 units (what the GPU runs): the stacked rows' padded windows and index
+    keep the model's dtype, and the batched tokens, logits and lookups are the alone run's."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    want = [alone(fed(model, "cpu", n, offload_dtype="bf16"), 6) for n in (700, 300, 60)]
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    reqs = [
+        engine.join(fed(model, "cpu", n, offload_dtype="bf16"), max_new_tokens=6, stop=set())
+        for n in (700, 300, 60)
+    ]
+    rec = Recorder(engine)
+    while engine.active:
+        rec.step()
+    assert engine.stacked_rows > 0
+    for r, (toks, logits, lookups) in zip(reqs, want, strict=True):
+        assert r.tokens == toks and rec.lookups[id(r)] == lookups
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < 1e-2
