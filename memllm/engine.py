@@ -1,17 +1,21 @@
 """BatchEngine: many memory sessions decoding together on one device (continuous batching).
 
 `engine = llm.sessions()` (or `BatchEngine(llm)`); `req = engine.join(session, prompt, max_new_tokens)`
-feeds the prompt into that session alone (its own chunked prefill, graphs where it has them) and
-queues it; every `engine.step()` chooses each active session's next token (greedy, from its last
-logits), then feeds all of them in ONE model call (memllm.context.batch.BatchCache: each session its
+queues the session and its prompt (the "question" selector's probe of the prompt runs now, alone);
+the next `engine.step()` first feeds the queued prompts together, in rounds of one ragged model call
+(row b: that session's next chunk, cut where its own feed would cut it, padded to the longest; each
+session's attention on its own tokens; a lone prompt goes through the session's own feed), then
+chooses each active session's next token (greedy, from its last logits) and feeds all of them in ONE
+model call (memllm.context.batch.BatchCache: each session its
 own units and window) and returns the tokens as events; a session that reaches a stop id or its
 max_new_tokens leaves, and sessions may join or `leave` between steps. `generate()` steps until no
 session is active. What a session generates stays in its memory, exactly as Session.generate_ids
 leaves it (the same tokens, within the batched path's rounding). A lone active session takes its
 own path (prefill.step: its decode graph on CUDA).
 
-Not here: sampling (greedy only), repetition guards, batched prefill (prompts are fed one session at
-a time), threads (one engine is driven by one thread). Knows nothing of HTTP or chat templates.
+Not here: sampling (greedy only), repetition guards, prompts fed in the same model call as other
+sessions' decode tokens (a step's prefill rounds come before its decode call), threads (one engine
+is driven by one thread). Knows nothing of HTTP or chat templates.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Request:
     reason: str | None = None  # "stop", "length" or "left"
     forced: bool = False  # units forced by the prompt's selection (cleared when it ends)
     decoder: StreamDecoder | None = None
+    pending: list[int] | None = None  # prompt ids not yet fed (the next step's prefill rounds feed them)
 
     def text(self) -> str:
         """What it generated so far, as text."""
@@ -79,6 +84,7 @@ class BatchEngine:
         self.steps = 0  # batched model calls made
         self.stacked_rows = 0  # session-steps the stacked path ran (impl "fast")
         self.batch_rows = 0  # session-steps fed in batched calls (B > 1)
+        self.prefill_calls = 0  # ragged model calls that fed queued prompts of several sessions
 
     # ---- membership ------------------------------------------------------------------------------
     @property
@@ -108,21 +114,23 @@ class BatchEngine:
             raise ConfigError(
                 "sessions in one engine share one MemoryConfig: use another engine for other settings"
             )
-        forced = False
+        ids = None
         if prompt is not None:
             ids = session.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            forced = session.select_prompt(ids)
-            try:
-                session.feed_ids(ids)
-            except BaseException:
-                if forced:
-                    session.cache.forced.clear()
-                raise
-        if session.last_logits is None:
+            if not ids:
+                ids = None
+        if ids is None and session.last_logits is None:
             raise InputError("nothing to continue from: feed the session text or give a prompt")
-        session.check_room(max_new_tokens, call_tokens=1)
+        forced = False
+        if ids is not None:
+            session.check_room(
+                len(ids) + max_new_tokens, call_tokens=min(len(ids), session.config.chunk_size)
+            )
+            forced = session.select_prompt(ids)  # a probe of the prompt, alone (fed and rolled back)
+        else:
+            session.check_room(max_new_tokens, call_tokens=1)
         req = Request(session, max_new_tokens, _stop_ids(session.llm) if stop is None else set(stop),
-                      forced=forced, decoder=StreamDecoder(session.llm.tokenizer))  # fmt: skip
+                      forced=forced, decoder=StreamDecoder(session.llm.tokenizer), pending=ids)  # fmt: skip
         self.requests.append(req)
         return req
 
@@ -145,6 +153,7 @@ class BatchEngine:
         active = self.active
         if not active:
             return []
+        self._prefill([r for r in active if r.pending is not None])
         logits = torch.stack([r.session.last_logits.reshape(-1) for r in active])  # (B, vocab)
         chosen = logits.argmax(dim=-1).tolist()  # one read on the host per step
         feed: list[tuple[Request, int]] = []
@@ -171,6 +180,56 @@ class BatchEngine:
         """Step until no request is active, yielding every token as it is generated."""
         while self.active:
             yield from self.step()
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Feed the queued prompts: rounds of one ragged model call, each session's next chunk (cut
+        where its own feed would cut it: at multiples of chunk_size of its stream) in its row."""
+        if not reqs:
+            return
+        if len(reqs) == 1:  # alone: the session's own chunked prefill (its graphs on CUDA)
+            r = reqs[0]
+            ids, r.pending = r.pending, None
+            r.session.feed_ids(ids)
+            return
+        done = [0] * len(reqs)
+        chunk = reqs[0].session.config.chunk_size
+        for r in reqs:
+            r.session._record(r.pending)  # the text index sees the prompt the cache is about to take
+        while True:
+            rows = [(i, r) for i, r in enumerate(reqs) if done[i] < len(r.pending)]
+            if not rows:
+                break
+            parts = []
+            for i, r in rows:
+                end = min(len(r.pending), done[i] + chunk - r.session.cache.seen_tokens % chunk)
+                parts.append(r.pending[done[i] : end])
+            new = self._feed_rows([r.session for _, r in rows], parts)
+            for (i, r), part, row in zip(rows, parts, new, strict=True):
+                done[i] += len(part)
+                r.session.last_logits = row
+        for r in reqs:
+            r.pending = None
+
+    @torch.no_grad()
+    def _feed_rows(self, sessions: list[Any], parts: list[list[int]]) -> list[torch.Tensor]:
+        """One ragged model call: parts[b] (ids) into sessions[b], padded to the longest -> each
+        session's logits after its last id (vocab,) fp32."""
+        model = self.llm.model
+        dev = sessions[0].cache.layers[0].device
+        n = max(len(p) for p in parts)
+        ids = torch.zeros(len(parts), n, dtype=torch.long)  # padding: id 0, never part of any state
+        for b, p in enumerate(parts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        lengths = [len(p) for p in parts]
+        batch = BatchCache([s.cache for s in sessions], self.impl, lengths=lengths)
+        keep = sorted(set(m - 1 for m in lengths))  # the positions whose logits are needed
+        with attach(model, cache=batch):
+            out = model(input_ids=prefill.upload(ids, dev), **cache_kwargs(model, batch),
+                        position_ids=batch.next_position_ids(n), use_cache=True,
+                        logits_to_keep=torch.tensor(keep, device=dev))  # fmt: skip
+        self.prefill_calls += 1
+        logits = out.logits.float()  # (B, len(keep), vocab)
+        return [logits[b, keep.index(m - 1)] for b, m in enumerate(lengths)]
 
     @torch.no_grad()
     def _feed(self, sessions: list[Any], tokens: list[int]) -> list[torch.Tensor]:

@@ -17,7 +17,11 @@ Positions: each row gets its own session's position ids (`position_ids`): past t
 session reports n_init + n_local, so their rows share one position. After a batched step the
 sessions' states are what a step alone would have left (tested: a later step alone matches).
 
-Not here: multi-token calls (prefill is per session, alone), probing (select.Probe), CUDA graphs of
+Ragged calls (`lengths`: a prefill round, row b feeding its own number of tokens, padded to the
+longest): every session through the reference loop on its own tokens, the padding never entering
+any state; the linear layers run once for all rows, padding included.
+
+Not here: stacking multi-token calls, probing (select.Probe), CUDA graphs of
 the batched step, one gather kernel for all stores (the fast path gathers store by store), and
 sessions with different MemoryConfigs or models in one batch (ConfigError). Knows nothing of
 text, tokens or sessions.
@@ -112,8 +116,9 @@ class BatchLayer(CacheLayerMixin):
         return -1
 
     def model_positions(self, n: int, device: torch.device) -> torch.Tensor:
-        """(B, n): each session's next n model positions (its own ContextMemoryLayer's)."""
-        return torch.stack([m.model_positions(n, device) for m in self.members])
+        """(B, n): each session's next model positions (its own ContextMemoryLayer's), a row of a
+        ragged call (`BatchCache.lengths`) padded by repeating its last position."""
+        return self.batch.positions(n, device, self.layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("BatchCache holds independent sessions: beam search is not supported")
@@ -133,6 +138,17 @@ class BatchLayer(CacheLayerMixin):
         members = self.members
         if query.shape[0] != len(members):
             raise ValueError(f"a BatchCache of {len(members)} sessions got a batch of {query.shape[0]}")
+        lengths = self.batch.lengths
+        if (
+            lengths is not None
+        ):  # a ragged call: row b's first lengths[b] tokens are its own, the rest padding
+            if len(lengths) != len(members) or max(lengths) != query.shape[2]:
+                raise ValueError(f"a ragged call of lengths {lengths} got {query.shape[2]} tokens per row")
+            out = torch.zeros_like(query)  # padded rows: zeros, never part of any session's state
+            for b, (m, n) in enumerate(zip(members, lengths, strict=True)):
+                part = [t[b : b + 1, :, :n].contiguous() for t in (query, key, value)]
+                out[b : b + 1, :, :n] = m.attend(*part, scale)
+            return out
         st = self.batch.steady_rows(query.shape[2], self.layer_idx)
         out = torch.empty_like(query)
         stacked = set(st.rows) if st is not None else set()
@@ -149,7 +165,9 @@ class BatchCache(Cache):
     `attach(model, cache=batch)` with position_ids = `next_position_ids(n)`; impl "fast" or
     "reference" (see the module note)."""
 
-    def __init__(self, caches: Sequence[ContextMemoryCache], impl: str = "fast"):
+    def __init__(
+        self, caches: Sequence[ContextMemoryCache], impl: str = "fast", lengths: Sequence[int] | None = None
+    ):
         if impl not in BATCH_IMPLS:
             raise ConfigError(f"batch impl must be one of {', '.join(map(repr, BATCH_IMPLS))}, got {impl!r}")
         caches = list(caches)
@@ -167,6 +185,11 @@ class BatchCache(Cache):
         super().__init__(layers=[BatchLayer(self, i) for i in range(len(first.layers))])
         self.caches = caches
         self.impl = impl
+        # A ragged call (a prefill round): row b feeds lengths[b] tokens, padded to the longest; each
+        # session's attention runs alone on its own tokens (the reference loop). None: c tokens each.
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
+        if self.lengths is not None and (len(self.lengths) != len(caches) or min(self.lengths) < 1):
+            raise ConfigError(f"a ragged call needs one length >= 1 per session, got {self.lengths}")
         self.config, self.spec = first.config, first.spec
         self.rotary: Rotary = first.rotary
         self.static = None  # the attention function checks this (no static step for a batch)
@@ -178,13 +201,26 @@ class BatchCache(Cache):
         return [c.seen_tokens for c in self.caches]
 
     def next_position_ids(self, n: int) -> torch.Tensor:
-        """(B, n) the position ids of the next call: each session's own."""
-        return torch.cat([c.next_position_ids(n) for c in self.caches])
+        """(B, n) the position ids of the next call: each session's own (a ragged call's rows padded
+        by repeating their last position)."""
+        return self.positions(n, self.caches[0].layers[0].device, 0)
+
+    def positions(self, n: int, device: torch.device, layer_idx: int) -> torch.Tensor:
+        """(B, n) each session's next model positions as layer `layer_idx` sees them now (before it
+        attends), ragged rows padded by repeating their last position."""
+        lengths = self.lengths or [n] * len(self.caches)
+        if max(lengths) != n:
+            raise ValueError(f"a call of {n} tokens per row, but the rows feed {lengths}")
+        rows = []
+        for c, m in zip(self.caches, lengths, strict=True):
+            pos = c.layers[layer_idx].model_positions(m, device)
+            rows.append(pos if m == n else torch.cat([pos, pos[-1:].expand(n - m)]))
+        return torch.stack(rows)
 
     def steady_rows(self, c: int, layer_idx: int) -> Steady | None:
         """The stacked rows of the current call (impl "fast", c == 1), worked out once per call, when
         layer 0 asks (before it attends, every layer is in the state layer 0 is in now)."""
-        if self.impl != "fast" or c != 1:
+        if self.impl != "fast" or c != 1 or self.lengths is not None:
             return None
         if layer_idx != 0 and self._steady is not None:
             return self._steady[0]

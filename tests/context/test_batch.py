@@ -159,22 +159,37 @@ def test_sessions_join_and_leave_between_steps(device: str, impl: str):
     assert e.reason == "length" and not engine.active
 
 
-def test_prompt_and_text_stream_match_session_generate():
-    """join(prompt) feeds the prompt (the question selector's forced units included) and the engine's
-    text pieces are what Session.generate gives for the same prompt."""
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_prompts_fed_together_match_session_generate(impl: str):
+    """join(prompt) queues the prompt; the next step feeds the queued prompts of several sessions in
+    ragged model calls (rows of different lengths, prompts longer than a chunk taking several rounds,
+    cut where each session's own feed cuts them), the question selector's forced units included.
+    Each session's tokens, text and logits are what Session.generate_ids gives for the same prompt."""
     model = model_on("cpu")
+    cases = [(700, "qz?"), (300, TEXT[100:145]), (60, TEXT[200:270])]  # prompts of 3, 45, 70 tokens
     want = []
-    for n in (700, 300):
+    for n, prompt in cases:
         s = fed(model, "cpu", n)
-        want.append("".join(s.generate("qz?", max_new_tokens=6)))
-    engine = BatchEngine(FakeLLM(model, CharTokenizer()))
-    reqs = [engine.join(fed(model, "cpu", n), "qz?", max_new_tokens=6) for n in (700, 300)]
+        toks, logits = [], []
+        for tok in s.generate_ids(prompt, max_new_tokens=6, stop=set()):
+            toks.append(tok)
+            logits.append(s.last_logits.clone())
+        want.append((toks, logits, s.llm.tokenizer.decode(toks)))
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
+    reqs = [engine.join(fed(model, "cpu", n), prompt, max_new_tokens=6, stop=set()) for n, prompt in cases]
+    assert all(r.pending is not None for r in reqs)  # queued: fed by the next step
+    rec = Recorder(engine)
     pieces = {id(r): "" for r in reqs}
-    for ev in engine.generate():
-        pieces[id(ev.request)] += ev.piece
-    for r, w in zip(reqs, want, strict=True):
-        assert pieces[id(r)] == w == r.text()
+    while engine.active:
+        for ev in rec.step():
+            pieces[id(ev.request)] += ev.piece
+    assert engine.prefill_calls == 4  # 70 tokens after 60: 4 + 32 + 32 + 2 (chunks end at multiples of 32)
+    for r, (toks, logits, text) in zip(reqs, want, strict=True):
+        assert r.tokens == toks and pieces[id(r)] == text == r.text()
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < 1e-4
         assert not r.session.cache.forced.active
+    assert reqs[0].session.last_selection is not None  # the long session's prompt chose its units
 
 
 def test_fast_and_reference_batch_agree_on_one_call():
