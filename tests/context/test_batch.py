@@ -159,24 +159,25 @@ def test_sessions_join_and_leave_between_steps(device: str, impl: str):
     assert e.reason == "length" and not engine.active
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_prompts_fed_together_match_session_generate(impl: str):
+def test_prompts_fed_together_match_session_generate(device: str, impl: str):
     """join(prompt) queues the prompt; the next step feeds the queued prompts of several sessions in
     ragged model calls (rows of different lengths, prompts longer than a chunk taking several rounds,
     cut where each session's own feed cuts them), the question selector's forced units included.
     Each session's tokens, text and logits are what Session.generate_ids gives for the same prompt."""
-    model = model_on("cpu")
+    model = model_on(device)
     cases = [(700, "qz?"), (300, TEXT[100:145]), (60, TEXT[200:270])]  # prompts of 3, 45, 70 tokens
     want = []
     for n, prompt in cases:
-        s = fed(model, "cpu", n)
+        s = fed(model, device, n)
         toks, logits = [], []
         for tok in s.generate_ids(prompt, max_new_tokens=6, stop=set()):
             toks.append(tok)
             logits.append(s.last_logits.clone())
         want.append((toks, logits, s.llm.tokenizer.decode(toks)))
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
-    reqs = [engine.join(fed(model, "cpu", n), prompt, max_new_tokens=6, stop=set()) for n, prompt in cases]
+    reqs = [engine.join(fed(model, device, n), prompt, max_new_tokens=6, stop=set()) for n, prompt in cases]
     assert all(r.pending is not None for r in reqs)  # queued: fed by the next step
     rec = Recorder(engine)
     pieces = {id(r): "" for r in reqs}
@@ -187,7 +188,7 @@ def test_prompts_fed_together_match_session_generate(impl: str):
     for r, (toks, logits, text) in zip(reqs, want, strict=True):
         assert r.tokens == toks and pieces[id(r)] == text == r.text()
         for got, ref in zip(rec.logits[id(r)], logits, strict=True):
-            assert rel_err(got, ref) < 1e-4
+            assert rel_err(got, ref) < TOL[device]
         assert not r.session.cache.forced.active
     assert reqs[0].session.last_selection is not None  # the long session's prompt chose its units
 
