@@ -78,6 +78,8 @@ class Recorder:
             for cm, _ in logs.values():
                 cm.__exit__(None, None, None)
         for e in events:
+            if e.token is None:  # a request that ended at a stop id: its held text, no step
+                continue
             self.logits.setdefault(id(e.request), []).append(e.request.session.last_logits.cpu())
             got = [(li, ids.cpu().tolist()) for li, ids in logs[id(e.request)][1]]
             self.lookups.setdefault(id(e.request), []).append(got)
