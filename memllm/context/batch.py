@@ -9,10 +9,12 @@ its linear layers once for all B rows; per layer, the attention function (attent
   * "fast": the sessions whose step is a steady one (phase 2, the call cuts nothing, no re-base, the
     index holds at least topk units: `steady`) run stacked: the windows padded to the longest and
     masked, one local pass, one lookup over the representatives padded to the largest index and
-    masked, each session's units gathered from its own store, one memory pass over sinks + topk
-    units (the same size for all), one merge; the other sessions (inside the window, a step that
-    cuts a unit, a re-base) take the reference loop in the same call. Plain PyTorch on every
-    device; tests compare it with the reference on the CPU and on CUDA.
+    masked, every session's units gathered from its own store by one kernels call (CUDA: one
+    launch over the stores' joined segment tables, cuda/gather.gather_units_stores), one memory
+    pass over sinks + topk units (the same size for all), one merge; the other sessions (inside
+    the window, a step that cuts a unit, a re-base) take the reference loop in the same call.
+    Plain PyTorch apart from that gather; tests compare it with the reference on the CPU and CUDA.
+    Host work per stacked row and layer: a few views and counters (the copies are foreach calls).
 Positions: each row gets its own session's position ids (`position_ids`): past the window every
 session reports n_init + n_local, so their rows share one position. After a batched step the
 sessions' states are what a step alone would have left (tested: a later step alone matches).
@@ -21,10 +23,10 @@ Ragged calls (`lengths`: a prefill round, row b feeding its own number of tokens
 longest): every session through the reference loop on its own tokens, the padding never entering
 any state; the linear layers run once for all rows, padding included.
 
-Not here: stacking multi-token calls, probing (select.Probe), CUDA graphs of
-the batched step, one gather kernel for all stores (the fast path gathers store by store), and
-sessions with different MemoryConfigs or models in one batch (ConfigError). Knows nothing of
-text, tokens or sessions.
+Not here: stacking multi-token calls, probing (select.Probe), CUDA graphs of the batched step
+(its host work grows with the number of sessions; buffers that persist across steps would be the
+start), and sessions with different MemoryConfigs or models in one batch (ConfigError). Knows
+nothing of text, tokens or sessions.
 """
 
 from __future__ import annotations
