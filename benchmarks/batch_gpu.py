@@ -148,7 +148,11 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl) -> dict:
         "plain_rows_timed": (engine.batch_rows - rows0) - (engine.stacked_rows - stacked0) if n > 1 else None,
         "clone_s": clone_s,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-        "host_bytes_per_clone": sum(lay.store.host_bytes() for lay in clones[0].cache.layers),
+        # a clone's units: the source's full segments by reference, its own copy of the partial one
+        "host_bytes_referenced_per_clone": sum(lay.store.host_bytes() for lay in clones[0].cache.layers),
+        "host_bytes_owned_per_clone": sum(
+            lay.store.segment_bytes() for lay in clones[0].cache.layers if lay.store.n_units % lay.store.segment_units
+        ),
     }  # fmt: skip
     for c in clones:
         c.close()
