@@ -59,13 +59,16 @@ def memllm_logits(model, ids, mem):
         ("llama", "fast", "per_head", None),
         ("llama", "fast", "shared", 16),  # retrieved units nearer than the window's end
         ("llama", "reference", "shared", 16),
+        ("llama", "fast", "shared", "chunk 64"),  # a prefill chunk longer than the window (n_local 48)
     ],
 )
 def test_past_window_equals_reference(kind, impl, lookup, distance):
     model = tiny_model(kind)
     # Distinct tokens: equal tokens have equal layer-0 keys, hence exactly tied unit scores.
     ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE].unsqueeze(0)
-    mem = small_memory(impl=impl, lookup=lookup, memory_distance=distance)
+    extra = {"chunk_size": 64} if distance == "chunk 64" else {"memory_distance": distance}
+    mem = small_memory(impl=impl, lookup=lookup, **extra)
+    assert mem.chunk_size <= mem.n_local or mem.chunk_size > mem.n_local == 48
     got, cache = memllm_logits(model, ids, mem)
     want, ref = reference_logits(model, ids, mem)
     assert len(ref.state[0]["units"]) == cache.layers[0].store.n_units > mem.topk  # retrieval really happened
