@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--int8", default="", help="lengths to run again with int8 units (accuracy cost)")
     ap.add_argument("--sync-check", default=None)
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
+    ap.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--selector", default=None, help="also ask after the read through this selector (question, hybrid)")
     ap.add_argument("--selector-lengths", default=None, help="lengths for --selector (default: --lengths)")
@@ -88,7 +89,7 @@ def main() -> None:
     llm = load_llm(args.model_dir, args.gguf, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, bf16)", args.weights_cache)
     model, tok = llm.model, llm.tokenizer
     print(f"model loaded in {time.time() - t:.1f}s", flush=True)
-    memory = MemoryConfig(offload_dtype=args.offload_dtype)
+    memory = MemoryConfig(offload_dtype=args.offload_dtype, memory_distance=args.memory_distance)
     say = lambda m: print(m, flush=True)  # noqa: E731
     results = []
     if args.full:

@@ -20,6 +20,11 @@ With --replay-switch: each system's points, and the agreement switch's replayed 
 (see replay_switch).
 
     python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_32k_windows.json.gz --replay-switch
+
+With --choices: how the switch's ranking fills the topk slots, replayed (see compare_choices): every gold
+unit read, and the share of the oracle's reading (gold first, then the attention ranking) read.
+
+    python benchmarks/ruler_fusion.py benchmarks/results/ruler_qwen_32k_windows.json.gz --choices
 """
 
 from __future__ import annotations
@@ -139,6 +144,39 @@ def replay_switch(all_rows: list[dict]) -> None:
         print(f"| agree, {name} | " + " | ".join(str(agreed[name][f]) for f in fams) + " | |")
 
 
+def compare_choices(all_rows: list[dict], topk: int, neighbours: int) -> None:
+    """Per family, for the switch's ranking alone (`select.choose`) and evidence then attention
+    (`select.evidence_then_attention`) at several shares: the share of questions whose every gold unit
+    is read / the mean share of the oracle's topk units read (the oracle: gold first, then the
+    question's attention, as `Session.select_prompt` does with oracle spans)."""
+    rules: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "ranking alone": lambda a, t: select.choose(select.hybrid(a, t), topk, neighbours)
+    }
+    for share in (0.5, 0.625, 0.75):
+        rules[f"evidence {share}"] = lambda a, t, sh=share: select.evidence_then_attention(
+            select.hybrid(a, t), a, topk, neighbours, share=sh
+        )
+    rows = [r for r in all_rows if "scores" in r and r["gold_units"]]
+    got: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    for r in rows:
+        a, t = torch.tensor(r["scores"]["attention"]), torch.tensor(r["scores"]["text"])
+        gold = set(r["gold_units"])
+        oracle = set(select.choose(a, topk, neighbours, first=sorted(gold)).tolist())
+        for name, rule in rules.items():
+            read = set(rule(a, t).tolist())
+            x = got[(r["family"], name)]
+            x[0] += gold <= read
+            x[1] += len(read & oracle) / topk
+            x[2] += 1
+    fams = sorted({f for f, _ in got})
+    print(f"topk {topk}: every gold unit read / share of the oracle's units read")
+    print("| rule | " + " | ".join(fams) + " |")
+    print("|---" * (len(fams) + 1) + "|")
+    for name in rules:
+        cells = [got[(f, name)] for f in fams]
+        print(f"| {name} | " + " | ".join(f"{c[0] / c[2]:.2f} / {c[1] / c[2]:.2f}" for c in cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("path")
@@ -151,12 +189,16 @@ def main() -> None:
     ap.add_argument("--n-init", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--replay-switch", action="store_true", help="points of the agreement switch, replayed")
+    ap.add_argument("--choices", action="store_true", help="how the ranking fills the topk slots, replayed")
     args = ap.parse_args()
     opener = gzip.open if args.path.endswith(".gz") else open
     with opener(args.path, "rt") as fh:
         all_rows = json.load(fh)["rows"]
     if args.replay_switch:
         replay_switch(all_rows)
+        return
+    if args.choices:
+        compare_choices(all_rows, args.topk, args.neighbours)
         return
     rows = [r for r in all_rows if "scores" in r and r["gold_units"]]
     if args.suite:

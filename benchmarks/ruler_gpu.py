@@ -71,10 +71,10 @@ def run(args: argparse.Namespace) -> None:
         with gzip.open(path, "rt") as fh:
             suite.update(json.load(fh))
     memory = MemoryConfig(n_local=args.n_local, topk=args.topk, block_size=args.block_size,
-                          decode_graphs=not args.no_graphs)  # fmt: skip
+                          decode_graphs=not args.no_graphs, memory_distance=args.memory_distance)  # fmt: skip
     systems = args.systems.split(",")
     embedder = None
-    if {"hybrid", "text"} & set(systems):
+    if {"hybrid", "fused", "text"} & set(systems):
         from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=128)  # as shared_embedder: fp16
@@ -152,6 +152,7 @@ def main() -> None:
     r.add_argument("--n-local", type=int, default=4096)
     r.add_argument("--topk", type=int, default=16)
     r.add_argument("--block-size", type=int, default=128)
+    r.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
     r.add_argument("--no-graphs", action="store_true")
     r.add_argument("--memory-from", default=None, help="run memory's systems only at lengths >= this (e.g. 32k)")
     r.add_argument("--log-scores", action="store_true", help="hybrid rows keep both unit scores in full")

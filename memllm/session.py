@@ -269,7 +269,7 @@ class Session:
             return False
         score = select.fuse(masses)
         text = None  # the text index's cosine of each unit with the question ("hybrid", "text")
-        if selector in ("hybrid", "text") and self.text_index is not None:
+        if selector in ("hybrid", "fused", "text") and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
         if text is None:
@@ -278,7 +278,10 @@ class Session:
             ranked = text
         else:
             ranked = select.hybrid(score, text)
-        chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
+        if text is not None and selector == "hybrid":
+            chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
+        else:
+            chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
         units, worst_first = chosen.tolist(), (-ranked[chosen]).tolist()  # one read of the scores, not one per unit
         self.last_selection = {

@@ -26,7 +26,7 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle")
+SYSTEMS = ("full", "infllm", "question", "hybrid", "fused", "text", "oracle")
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -72,7 +72,7 @@ def ask_memllm(
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    selector = system if system in ("infllm", "hybrid", "text") else "question"
+    selector = system if system in ("infllm", "hybrid", "fused", "text") else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
     with session.answering(), session.cache.record_lookups() as log:
@@ -184,7 +184,7 @@ def run(
         mem = [s for s in systems if s != "full"]
         if not mem:
             continue
-        if embedder is None and {"hybrid", "text"} & set(mem) and memory.selector != "hybrid":
+        if embedder is None and {"hybrid", "fused", "text"} & set(mem) and memory.selector != "hybrid":
             raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()

@@ -349,8 +349,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         kvh = self.spec.kv_heads
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
-        # Queries at n_local - (model_start + t) more than where the model put them: distance n_local.
-        start = model_start - cfg.n_local
+        # Queries at memory_distance - (model_start + t) more than where the model put them: distance
+        # memory_distance (n_local unless configured).
+        start = model_start - cfg.memory_distance
         # With the kernels one launch: the queries in the model dtype and their per-block sums.
         q_mem, q_sum = self.kernels.memory_queries(rot, q, start, plan, t, kvh, self.dtype)
         uk = uv = None
@@ -394,7 +395,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             n_mem = n_sinks + min(cfg.topk, b.units_before) * cfg.block_size if b.cut_before else 0
             self.max_keys_per_query = max(self.max_keys_per_query, n_mem + plan.window + b.q1 - b.lo)
         in_window = plan.seen + plan.c - 1 - self.base  # the call's last query, window frame
-        memory = cfg.n_local if plan.memory_blocks else 0
+        memory = cfg.memory_distance if plan.memory_blocks else 0
         self.max_position = max(self.max_position, model_start + plan.c - 1, in_window, memory)
 
     # ---- checkpoints, accounting, snapshots ------------------------------------------------------------

@@ -166,6 +166,32 @@ def agrees(mass: torch.Tensor, text: torch.Tensor, z: float = AGREE_Z) -> bool:
     return bool(near - t.mean() >= z * t.std().clamp_min(1e-12))
 
 
+# The share of the topk slots that the fused ranking (`hybrid`) fills with its best units and their
+# neighbours; the rest go to the question's attention ranking alone (`evidence_then_attention`).
+EVIDENCE_SHARE = 0.75
+
+
+def evidence_then_attention(
+    ranked: torch.Tensor,
+    mass: torch.Tensor,
+    k: int,
+    neighbours: int = 1,
+    first: Sequence[int] = (),
+    share: float = EVIDENCE_SHARE,
+) -> torch.Tensor:
+    """The k units to read: `first`, then the fused ranking's best units with their neighbours up to
+    `share` of k (the evidence), then the question's attention mass alone (`choose`) -> (k,) long.
+
+    The fused ranking brings the units whose text matches the question; past its best few these are
+    the evidence's near-duplicates (other needles, similar paragraphs), which a small model answers
+    from. The attention's own ranking fills the rest with the units every question looks at (the
+    stream's start, recurring passages): what the oracle reads beside the gold units."""
+    n_evidence = max(1, min(k, round(k * share)))
+    evidence = choose(ranked, n_evidence, neighbours, first=first).tolist()
+    lead = list(first) + [u for u in evidence if u not in set(first)]
+    return choose(mass, k, neighbours, first=lead)
+
+
 def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:
     """The k units to read: `first` (the oracle's gold units), then units by descending score, each
     followed by its `neighbours` on either side (evidence cut across a unit border), then by score

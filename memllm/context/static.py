@@ -420,7 +420,7 @@ class StaticDecode:
         q_loc = rot.apply(q, cos, sin).reshape(kvh, g, rows, d)
         # Memory: queries at the fixed distance n_local (row t from model position reported + t), sinks +
         # chosen units at 0.
-        cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.n_local, rows, -1, dev)
+        cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.memory_distance, rows, -1, dev)
         q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, rows, d)
         if t is None:
             nb, q_sum = 1, q_mem.sum(dim=1).reshape(1, kvh, d)

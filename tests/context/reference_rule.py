@@ -20,6 +20,10 @@ import torch
 from memllm.config import MemoryConfig
 
 
+def distance(mem) -> int:
+    """Where queries sit for sinks and units (keys at 0): memory_distance, n_local unless set."""
+    return mem.memory_distance if mem.memory_distance is not None else mem.n_local
+
 class RuleReference:
     def __init__(self, model: torch.nn.Module, mem: MemoryConfig):
         self.mem = mem
@@ -79,7 +83,7 @@ class RuleReference:
             per_head = []
             for g in range(n_kv):
                 qsum = sum(
-                    self.rot(q[h], [mem.n_local] * e).sum(0)
+                    self.rot(q[h], [distance(mem)] * e).sum(0)
                     for h in range(g * self.group, (g + 1) * self.group)
                 )
                 per_head.append(
@@ -110,7 +114,7 @@ class RuleReference:
                     mem_tokens = list(range(mem.n_init))
                     for u in chosen.get(g, []):
                         mem_tokens += list(range(st["units"][u], st["units"][u] + mem.block_size))
-                    q_mem = self.rot(q[h, i : i + 1], [mem.n_local])[0]
+                    q_mem = self.rot(q[h, i : i + 1], [distance(mem)])[0]
                     logits.append((st["K"][g, mem_tokens] * s) @ q_mem * scale)
                     vals.append(st["V"][g, mem_tokens])
                 p = torch.softmax(torch.cat(logits), dim=0)

@@ -51,19 +51,24 @@ def memllm_logits(model, ids, mem):
 
 
 @pytest.mark.parametrize(
-    "kind,impl,lookup",
+    "kind,impl,lookup,distance",
     [
-        ("llama", "fast", "shared"),
-        ("llama", "reference", "shared"),
-        ("qwen2", "fast", "shared"),
-        ("llama", "fast", "per_head"),
+        ("llama", "fast", "shared", None),
+        ("llama", "reference", "shared", None),
+        ("qwen2", "fast", "shared", None),
+        ("llama", "fast", "per_head", None),
+        ("llama", "fast", "shared", 16),  # retrieved units nearer than the window's end
+        ("llama", "reference", "shared", 16),
+        ("llama", "fast", "shared", "chunk 64"),  # a prefill chunk longer than the window (n_local 48)
     ],
 )
-def test_past_window_equals_reference(kind, impl, lookup):
+def test_past_window_equals_reference(kind, impl, lookup, distance):
     model = tiny_model(kind)
     # Distinct tokens: equal tokens have equal layer-0 keys, hence exactly tied unit scores.
     ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE].unsqueeze(0)
-    mem = small_memory(impl=impl, lookup=lookup)
+    extra = {"chunk_size": 64} if distance == "chunk 64" else {"memory_distance": distance}
+    mem = small_memory(impl=impl, lookup=lookup, **extra)
+    assert mem.chunk_size <= mem.n_local or mem.chunk_size > mem.n_local == 48
     got, cache = memllm_logits(model, ids, mem)
     want, ref = reference_logits(model, ids, mem)
     assert len(ref.state[0]["units"]) == cache.layers[0].store.n_units > mem.topk  # retrieval really happened
@@ -72,8 +77,8 @@ def test_past_window_equals_reference(kind, impl, lookup):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("offload", ["fp32", "bf16", "int8"])
-def test_cuda_fast_path_equals_reference_path(offload):
+@pytest.mark.parametrize("offload,distance", [("fp32", None), ("bf16", None), ("int8", None), ("fp32", 16)])
+def test_cuda_fast_path_equals_reference_path(offload, distance):
     """On CUDA: UVA gather + fused merge + device top-k against host gather + plain merge + host sort."""
     model = tiny_model("llama", trained=128).cuda()
     ids = (
@@ -81,11 +86,12 @@ def test_cuda_fast_path_equals_reference_path(offload):
         .unsqueeze(0)
         .cuda()
     )
-    fast, cache = memllm_logits(model, ids, small_memory(impl="fast", offload_dtype=offload))
-    ref, _ = memllm_logits(model, ids, small_memory(impl="reference", offload_dtype=offload))
+    mem = {"offload_dtype": offload, "memory_distance": distance}
+    fast, cache = memllm_logits(model, ids, small_memory(impl="fast", **mem))
+    ref, _ = memllm_logits(model, ids, small_memory(impl="reference", **mem))
     assert cache.stats()["lookups"] > 0
     assert rel_err(fast, ref) < 1e-4
-    want, _ = reference_logits(model.cpu(), ids.cpu(), small_memory(offload_dtype=offload))
+    want, _ = reference_logits(model.cpu(), ids.cpu(), small_memory(**mem))
     if offload == "fp32":
         assert rel_err(fast.cpu(), want.float()) < 1e-4
 
@@ -138,3 +144,21 @@ def test_only_the_cpu_fast_path_defers_received_scores():
         import inspect
 
         assert 'super().__init__("fast", "cuda")' in inspect.getsource(CudaKernels.__init__)
+
+
+def test_memory_distance_moves_only_what_memory_gives_and_is_bounded_by_the_window():
+    """Retrieved units nearer than the window's end change the logits past the window only; a distance
+    beyond the window is refused when the config is resolved."""
+    from memllm.errors import ConfigError
+
+    model = tiny_model("llama")
+    ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[: PREFILL + DECODE].unsqueeze(0)
+    far, _ = memllm_logits(model, ids, small_memory())
+    near, cache = memllm_logits(model, ids, small_memory(memory_distance=16))
+    fits = small_memory().n_init + small_memory().n_local  # the stream's first tokens: no memory yet
+    assert rel_err(near[:fits], far[:fits]) < 1e-6
+    assert rel_err(near[-DECODE:], far[-DECODE:]) > 1e-3
+    assert cache.layers[0].config.memory_distance == 16
+    with pytest.raises(ConfigError, match="memory_distance"):
+        small_memory(memory_distance=64).resolved(128)
+    assert small_memory().resolved(128).memory_distance == small_memory().n_local

@@ -65,6 +65,22 @@ def test_choose_takes_gold_first_then_best_with_neighbours():
     assert select.choose(score, 3, neighbours=2).tolist() == [1, 2, 3]  # nearest neighbours first
 
 
+def test_evidence_then_attention_fills_past_the_evidence_with_the_attention_ranking():
+    """The fused ranking's best units (with neighbours) take `share` of the slots; the rest follow the
+    question's attention alone, so the text's near-duplicates of the evidence are not read."""
+    mass = torch.zeros(32)
+    mass[[0, 1, 2]] = torch.tensor([5.0, 4.0, 3.0])  # the units every question looks at (the stream's start)
+    mass[20] = 2.0
+    ranked = torch.zeros(32)
+    ranked[[20, 10, 25, 28]] = torch.tensor([9.0, 8.0, 7.5, 7.0])  # evidence, then near-duplicates
+    got = select.evidence_then_attention(ranked, mass, k=8, neighbours=1, share=0.375).tolist()
+    assert got == [0, 1, 2, 3, 4, 19, 20, 21]  # 3 slots: the best unit and its neighbours; then attention
+    assert set(select.choose(ranked, 8, 1).tolist()) >= {10, 19, 20, 21}  # the ranking alone reads them
+    # the oracle's gold units still come first; share 1 is the ranking alone
+    assert 30 in select.evidence_then_attention(ranked, mass, 8, 1, first=[30], share=0.5).tolist()
+    assert torch.equal(select.evidence_then_attention(ranked, mass, 8, 1, share=1.0), select.choose(ranked, 8, 1))
+
+
 def test_units_of_spans_and_recall_by_layer():
     assert select.units_of_spans([(0, 4)], n_init=4, block_size=8, n_units=10) == []  # sinks only
     assert select.units_of_spans([(10, 22), (30, 31)], 4, 8, 10) == [0, 1, 2, 3]

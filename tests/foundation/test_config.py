@@ -26,6 +26,7 @@ BAD = {
     "decode_graphs": ("yes", "True or False"),
     "selector": ("bm25", "'question', 'hybrid', 'text', 'infllm'"),
     "select_neighbours": (-1, "must be > 0"),
+    "memory_distance": (0, "must be > 0"),
 }
 
 
