@@ -55,7 +55,7 @@ class Steady:
     plans: list[CallPlan]  # each row's plan (one token, no cut)
     windows: list[int]  # W_b: window keys before the step
     local_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> window position
-    memory_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> distance n_local
+    memory_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> memory_distance
     window_idx: torch.Tensor  # (S,) long: W_b on the device
     units: torch.Tensor  # (S,) long: units each row's lookup chooses among
     model_starts: list[int]
@@ -238,7 +238,7 @@ class BatchCache(Cache):
             plans.append(plan)
             windows.append(plan.window)
             local_rows.append(rot.row(layer.seen - layer.base - model_start))
-            memory_rows.append(rot.row(-(model_start - cfg.n_local)))
+            memory_rows.append(rot.row(-(model_start - cfg.memory_distance)))
             units.append(layer.store.n_units)
             starts.append(model_start)
         st = None

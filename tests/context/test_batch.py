@@ -238,11 +238,18 @@ def test_misuse_is_refused():
 
 
 @pytest.mark.parametrize(
-    "mem", [{"lookup": "per_head"}, {"offload_dtype": "int8"}, {"topk": 1, "exc_block_size": 16}]
+    "mem",
+    [
+        {"lookup": "per_head"},
+        {"offload_dtype": "int8"},
+        {"topk": 1, "exc_block_size": 16},
+        {"memory_distance": 20},
+    ],
 )
 def test_fast_path_follows_the_config(mem: dict):
-    """Per-head lookups, int8 units, another topk and execution block: the stacked rows give the
-    alone-run logits and lookups too (the fast batched path against each session alone)."""
+    """Per-head lookups, int8 units, another topk and execution block, sinks and units at another
+    memory_distance: the stacked rows give the alone-run logits and lookups too (the fast batched
+    path against each session alone)."""
     model = model_on("cpu")
     want = [alone(fed(model, "cpu", n, **mem), 6) for n in (700, 300, 60)]
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
