@@ -99,9 +99,9 @@ class BatchEngine:
         max_new_tokens: int = 32,
         stop: set[int] | None = None,
     ) -> Request:
-        """Queue `session` for up to max_new_tokens greedy tokens after `prompt` (fed now, into that
-        session alone; with the "question" selector its units are chosen first, as
-        Session.generate_ids does). Without a prompt the session continues its stream."""
+        """Queue `session` for up to max_new_tokens greedy tokens after `prompt` (queued: the next
+        step feeds it, with the other queued prompts; with the "question" selector its units are
+        chosen now, as Session.generate_ids does). Without a prompt the session continues its stream."""
         from memllm.session import _stop_ids
 
         if session.llm.model is not self.llm.model:
@@ -136,7 +136,8 @@ class BatchEngine:
         return req
 
     def leave(self, req: Request) -> None:
-        """Take a request out before its next step (its session keeps what it generated)."""
+        """Take a request out before its next step (its session keeps what it generated; a prompt
+        not yet fed is dropped)."""
         if not req.done:
             self._finish(req, "left")
 
