@@ -67,8 +67,16 @@ def compact(session: Any) -> None:
     """Give each layer of a session that leaves a batch its own window tensors (a stacked step leaves
     them views of the batch's padded buffers, which would otherwise stay alive with them)."""
     for layer in session.cache.layers:
-        if not layer.local_k.is_contiguous():
-            layer.local_k, layer.local_v = layer.local_k.contiguous(), layer.local_v.contiguous()
+        if layer.static_views:  # the session's own static buffers (cuda/graph.py): already its own
+            continue
+        layer.local_k, layer.local_v, layer.local_score = (
+            t if owns(t) else t.clone() for t in (layer.local_k, layer.local_v, layer.local_score)
+        )
+
+
+def owns(t: torch.Tensor) -> bool:
+    """Whether `t` is the whole of its storage (not a view into a larger tensor)."""
+    return t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 class BatchEngine:

@@ -17,7 +17,7 @@ from memllm.compat import cache_kwargs
 from memllm.context import prefill
 from memllm.context.attach import attach
 from memllm.context.batch import BatchCache
-from memllm.engine import BatchEngine
+from memllm.engine import BatchEngine, owns
 from memllm.errors import ConfigError, InputError
 from memllm.session import Session
 from tests.context.helpers import CharTokenizer, FakeLLM, rel_err, small_memory, tiny_model
@@ -319,3 +319,27 @@ def test_bf16_model_batched_equals_alone():
         assert r.tokens == toks and rec.lookups[id(r)] == lookups
         for got, ref in zip(rec.logits[id(r)], logits, strict=True):
             assert rel_err(got, ref) < 1e-2
+
+
+def test_leaving_gives_the_session_its_own_windows_and_drops_a_queued_prompt():
+    """A session that leaves holds contiguous windows of its own (not views of the batch's padded
+    buffers), asks alone as a session that never batched does, and a prompt it queued but never fed
+    is dropped (its stream unchanged)."""
+    model = model_on("cpu")
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    a, b = fed(model, "cpu", 700), fed(model, "cpu", 300)
+    ra, rb = engine.join(a, max_new_tokens=5, stop=set()), engine.join(b, max_new_tokens=5, stop=set())
+    engine.step()
+    engine.step()
+    assert engine.stacked_rows == 4 and not owns(a.cache.layers[0].local_k)  # a view of the batch's buffer
+    engine.leave(ra)
+    assert all(owns(lay.local_k) and owns(lay.local_v) and owns(lay.local_score) for lay in a.cache.layers)
+    ref = fed(model, "cpu", 700)
+    alone(ref, 2)
+    assert a.ask("qz?", max_new_tokens=4) == ref.ask("qz?", max_new_tokens=4)
+    seen = b.cache.seen_tokens
+    engine.leave(rb)
+    c = fed(model, "cpu", 300)
+    rc = engine.join(c, "a prompt never fed", max_new_tokens=3, stop=set())
+    engine.leave(rc)
+    assert c.cache.seen_tokens == 300 and b.cache.seen_tokens == seen and not engine.active
