@@ -5,7 +5,8 @@ Systems: "full" (the model's own attention over the same ids, one cache per hays
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
 question's attention alone, context/select.py); "hybrid" (the default selector, select.hybrid: the
 question's attention mass and the cosine of a text index over the units' text, memllm/unit_text.py;
-without an embedder the session's own, the packaged MiniLM); "text"
+without an embedder the session's own, the packaged MiniLM); "fused" (the same ranking filling every
+slot: the fill the hybrid had before select.evidence_then_attention, kept to compare them); "text"
 (the text index alone); "oracle" (the question selector with the gold evidence's units read first).
 The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
