@@ -46,7 +46,7 @@ from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
 from memllm.agents.factbook import FactBook
-from memllm.agents.facts import Fact, extract_facts
+from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
 from memllm.config import MemoryConfig
 from memllm.errors import BusyError, ConfigError, SnapshotError, UnsupportedModelError
@@ -81,11 +81,6 @@ def build_messages(system: str | None, message: str, recall: Recall | None) -> l
 def recalls_fact(recall: Recall | None) -> bool:
     """Whether the memory recalled for a turn holds one of the user's fact records."""
     return recall is not None and any(it.record.kind == "fact" for it in recall.used)
-
-
-def asks(message: str) -> bool:
-    """Whether a user's message is a question (it ends with a question mark)."""
-    return message.rstrip().rstrip("\"')").endswith("?")
 
 
 def user_namespace(user: str) -> str:

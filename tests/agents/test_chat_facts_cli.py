@@ -50,16 +50,7 @@ def correct(answers: list[dict]) -> list[bool]:
     return [value.lower() in a["answer"].lower() for (_, _, value), a in zip(FACTS, answers, strict=True)]
 
 
-HYBRID_FAILS = pytest.mark.xfail(
-    reason="measured 6/10 on h18 (CPU; 8 needed): the kv stream holds the ten statements (no answers, "
-    "no unanswered questions) and the turn the recalled fact; kv gives the same answers (6/10, passes its 6). "
-    "Wrong: another value of the stream copied ('The answer is: bluefern42' for the colour, the fact's "
-    "date for the birthday); before questions were rolled out of the stream 7/10; issue 18 stays open",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("mode", ["text", pytest.param("hybrid", marks=HYBRID_FAILS), "kv"])
+@pytest.mark.parametrize("mode", ["text", "hybrid", "kv"])
 def test_ten_facts_told_in_one_run_are_answered_in_a_later_run(tmp_path, mode):
     store = str(tmp_path / "store")
     told = chat(store, mode, [said for said, _, _ in FACTS])
