@@ -18,8 +18,14 @@ the user's own turns of the stream), "hybrid" every kind of record of the text m
 across sessions and beyond what KV retrieval finds. The kv stream keeps what the user said (without
 the recalled memory placed in the turn); the model's own answers stay out of it unless `kv_answers`:
 the 135M model copies an earlier answer of the stream into every later one (ten facts told, then
-asked: 0/10 with answers in the stream, 7/10 without: benchmarks/RESULTS.md, issue 18). Turns are
-stored in the text memory in every mode. kv/hybrid decode greedily.
+asked: 0/10 with answers in the stream, 7/10 without: benchmarks/RESULTS.md, issue 18). A turn whose
+recalled memory holds one of the user's fact records is answered from that fact alone (the text-mode
+prompt), not from the stream, unless `stream_with_facts`: a stream of many similar statements competes
+with the recalled fact, and the 135M model copies another value of the stream instead ('The answer is:
+bluefern42' for the favourite colour; ten facts in hybrid mode: 6/10 reading the stream, 9/10 from the
+fact alone, issue 18). The stream still closes the turn (what the user said stays in it); it answers
+every turn that recalls no fact. Turns are stored in the text memory in every mode. Answers from the
+stream decode greedily.
 
 Prompt (issue 18, measured in benchmarks/RESULTS.md): the model's own default system prompt unless
 one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message.
@@ -40,7 +46,7 @@ from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
 from memllm.agents.factbook import FactBook
-from memllm.agents.facts import Fact, extract_facts
+from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
 from memllm.config import MemoryConfig
 from memllm.errors import BusyError, ConfigError, SnapshotError, UnsupportedModelError
@@ -72,9 +78,9 @@ def build_messages(system: str | None, message: str, recall: Recall | None) -> l
     return msgs
 
 
-def asks(message: str) -> bool:
-    """Whether a user's message is a question (it ends with a question mark)."""
-    return message.rstrip().rstrip("\"')").endswith("?")
+def recalls_fact(recall: Recall | None) -> bool:
+    """Whether the memory recalled for a turn holds one of the user's fact records."""
+    return recall is not None and any(it.record.kind == "fact" for it in recall.used)
 
 
 def user_namespace(user: str) -> str:
@@ -105,16 +111,23 @@ class ChatAgent:
         notify: Callable[[str], None] | None = None,
         lock_timeout: float | None = None,
         kv_answers: bool = False,
+        stream_with_facts: bool = False,
     ) -> None:
         """notify(message): where one-line notices go (waiting for another process, a snapshot
         rebuilt); default: warnings.warn. lock_timeout: how long to wait for another process holding
         this user's kv memory (None: as long as it takes; then BusyError). kv_answers: the model's
-        answers are kept in the kv stream too (kv/hybrid; off by default: see the module's note)."""
+        answers are kept in the kv stream too (kv/hybrid; off by default: see the module's note).
+        stream_with_facts: a turn that recalls a fact record is answered from the kv stream as well
+        (off by default: the fact alone answers it; see the module's note)."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if not isinstance(kv_answers, bool):
             raise ConfigError(f"kv_answers must be True or False, got {kv_answers!r}")
         self.kv_answers = kv_answers
+        if not isinstance(stream_with_facts, bool):
+            raise ConfigError(f"stream_with_facts must be True or False, got {stream_with_facts!r}")
+        self.stream_with_facts = stream_with_facts
+        self.answered_from: str | None = None  # the latest turn's source: "stream" or "prompt"
         self.llm = llm
         self.store = store
         self.user = user
@@ -408,7 +421,9 @@ class ChatAgent:
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         recall = self.controller.recall(text)  # kv: the user's fact records only (see __init__)
         guard = self.guard if self.guard.active else None
-        if self.session is not None:
+        from_stream = self.session is not None and (self.stream_with_facts or not recalls_fact(recall))
+        self.answered_from = "stream" if from_stream else "prompt"
+        if from_stream:
             turn = self._kv_turn(text, recall)
             ids = self.session.encode(self._segment(turn))
             # before the turn starts, not half-way: its tokens, the prompt's model call, the save's copy
@@ -416,7 +431,7 @@ class ChatAgent:
                 len(ids) + limit + 8, 2 * self.session.window_bytes(), call_tokens=len(ids)
             )
             source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
-        else:
+        else:  # text mode, or a turn the recalled fact answers (its kv turn is closed all the same)
             turn = []
             opts = (
                 {"repetition_penalty": self.guard.penalty, "no_repeat_ngram": self.guard.n} if guard else {}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from memllm.agents.facts import second_person
+from memllm.agents.facts import asks, second_person
 from memllm.errors import ConfigError
 from memllm.memory_stores.records import KINDS, MemoryRecord, MemoryStore, SearchResult
 
@@ -54,7 +54,11 @@ class ControllerConfig:
     issue 18). flash_with_memory: False leaves the recent turns out of a turn whose memory section is
     not empty (the 135M model copies its previous answer from them instead of using the recalled fact:
     1/10 in the slow ten-facts CLI test). superseded: "drop" leaves facts a newer fact replaced out of recall (they stay in the store
-    and `memory history`), "keep" lets them compete like any record."""
+    and `memory history`), "keep" lets them compete like any record. user_questions: False leaves the
+    user's own questions (user turns ending in "?") out of recall: a question tells nothing, yet the
+    same question asked again is its nearest record (relevance ~1) and took the one recalled place
+    from the fact that answers it ("What is my dog called?" recalled for "What is my dog called?", the
+    fact 'My dog is called Biscuit.' dropped, the answer 'Your dog is a Greyhound.': issue 18)."""
 
     memory_tokens: int = 768
     flash_tokens: int = 512
@@ -74,6 +78,7 @@ class ControllerConfig:
     max_records: int = 0
     flash_with_memory: bool = True
     superseded: Literal["drop", "keep"] = "drop"
+    user_questions: bool = False
     gate_kinds: tuple[str, ...] | None = ("fact",)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,8 @@ class ControllerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.user_questions, bool):
+            raise ConfigError(f"ControllerConfig.user_questions must be True or False, got {self.user_questions!r}")
         if not isinstance(self.flash_with_memory, bool):
             raise ConfigError(f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}")
         if self.superseded not in ("drop", "keep"):
@@ -522,6 +529,8 @@ class MemoryController:
             item = RecallItem(rec, "raw", score, relevance, recency, rec.importance, 0, "")
             if cfg.superseded == "drop" and rec.kind == "fact" and rec.metadata.get("valid_to") is not None:
                 item.mode, item.why = "dropped", "superseded by a newer fact"
+            elif not cfg.user_questions and rec.kind == "turn" and rec.metadata.get("role") == "user" and asks(rec.text):
+                item.mode, item.why = "dropped", "the user's question: it tells no fact"
             elif relevance < cfg.min_relevance:
                 item.mode, item.why = (
                     "dropped",

@@ -125,6 +125,11 @@ class Fact:
     text: str
 
 
+def asks(message: str) -> bool:
+    """Whether a message is a question (it ends with a question mark)."""
+    return message.rstrip().rstrip("\"')").endswith("?")
+
+
 def _sentences(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
 
@@ -215,4 +220,4 @@ def second_person(text: str) -> str:
     return out[:1].upper() + out[1:]
 
 
-__all__ = ["Fact", "extract_facts", "second_person"]
+__all__ = ["Fact", "asks", "extract_facts", "second_person"]

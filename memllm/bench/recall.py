@@ -40,6 +40,7 @@ PLACES = ["Lisbon", "Winnipeg", "Osaka", "Nairobi", "Tallinn", "Cordoba", "Dunde
 THINGS = ["flower pot", "doormat", "garden gnome", "blue bucket", "loose brick"]
 COLORS = ["teal", "maroon", "lavender", "ochre", "turquoise"]
 JOBS = ["welder", "pharmacist", "beekeeper", "surveyor", "librarian", "glassblower"]
+CODES = [str(n) for n in range(1000, 10000, 917)]
 
 FACTS: list[tuple[str, str, list[str]]] = [
     ("By the way, my sister's name is {v}.", "What is my sister's name?", NAMES),
@@ -48,19 +49,30 @@ FACTS: list[tuple[str, str, list[str]]] = [
     ("My favourite colour is {v}, always has been.", "What is my favourite colour?", COLORS),
     ("My dog is called {v}.", "What is my dog called?", NAMES),
     ("I work as a {v} these days.", "What is my job?", JOBS),
-    ("My locker code is {v}.", "What is my locker code?", [str(n) for n in range(1000, 10000, 917)]),
+    ("My locker code is {v}.", "What is my locker code?", CODES),
 ]
 
 
-# (first statement, later statement, question, values): the fact changes in a later conversation.
+CARS = ["Volvo", "Skoda", "Toyota", "Fiat", "Subaru", "Peugeot"]
+PHONES = ["555-0142", "555-0199", "555-0173", "555-0128", "555-0186"]
+PASSWORDS = ["bluefern42", "redoak17", "silvermoth8", "quietlake55", "amberfox31"]
+FOODS = ["sushi", "lasagna", "ramen", "paella", "falafel", "goulash"]
+ADDRESSES = ["12 Elm Street", "7 Harbour Road", "41 Mill Lane", "3 Quarry Close", "88 Station Road"]
+HOBBIES = ["pottery", "chess", "archery", "birdwatching", "knitting", "rowing"]
+BANDS = ["Radiohead", "ABBA", "Metallica", "Coldplay", "Queen", "Blondie"]
+EMAILS = ["ana@mail.org", "ana.k@post.net", "a.kovac@inbox.eu", "annak@fastmail.com"]
+TEAMS = ["Arsenal", "Celtic", "Ajax", "Benfica", "Porto", "Napoli"]
+DENTISTS = ["Dr Okafor", "Dr Lindqvist", "Dr Moreau", "Dr Haddad", "Dr Novak"]
+AREAS = ["Leith", "Camden", "Brixton", "Morningside", "Ealing"]
+DRINKS = ["coffee", "green tea", "lemonade", "hot chocolate", "mint tea"]
+PINS = [str(n) for n in range(1203, 10000, 811)]
+
+# (first statement, later statement, question, values): the fact changes in a later conversation. Twenty
+# subjects, one per case of a 20-case run (case i takes UPDATES[i % 20]); each later statement is worded
+# as people say it (a reason first, the new value in a clause after it, "now" at the end).
 UPDATES: list[tuple[str, str, str, list[str]]] = [
     ("I live in {v}.", "I just moved to {v}!", "Which city do I live in?", PLACES),
-    (
-        "My locker code is {v}.",
-        "My new locker code is {v}.",
-        "What is my locker code?",
-        [str(n) for n in range(1000, 10000, 917)],
-    ),
+    ("My locker code is {v}.", "My new locker code is {v}.", "What is my locker code?", CODES),
     ("I work as a {v}.", "I now work as a {v}.", "What is my job?", JOBS),
     (
         "My favourite colour is {v}.",
@@ -69,6 +81,71 @@ UPDATES: list[tuple[str, str, str, list[str]]] = [
         COLORS,
     ),
     ("My dog is called {v}.", "We renamed our dog, my dog is called {v}.", "What is my dog called?", NAMES),
+    (
+        "My cat is called {v}.",
+        "Sadly our old cat died, and we adopted a new one: my cat is called {v}.",
+        "What is my cat called?",
+        NAMES,
+    ),
+    ("I drive a {v}.", "I sold my old car, I drive a {v} now.", "What car do I drive?", CARS),
+    (
+        "My phone number is {v}.",
+        "I got a new phone, my phone number is {v} now.",
+        "What is my phone number?",
+        PHONES,
+    ),
+    (
+        "My wifi password is {v}.",
+        "I changed the router settings, my wifi password is {v} now.",
+        "What is my wifi password?",
+        PASSWORDS,
+    ),
+    (
+        "My boss is called {v}.",
+        "I have a new manager at work, my boss is called {v}.",
+        "What is my boss called?",
+        NAMES,
+    ),
+    (
+        "My favourite food is {v}.",
+        "My favourite food is {v} these days.",
+        "What is my favourite food?",
+        FOODS,
+    ),
+    (
+        "My address is {v}.",
+        "We moved house last month, my address is {v} now.",
+        "What is my address?",
+        ADDRESSES,
+    ),
+    ("My hobby is {v}.", "I gave that up, my hobby is {v} now.", "What is my hobby?", HOBBIES),
+    (
+        "My favourite band is {v}.",
+        "My taste changed, my favourite band is {v} now.",
+        "What is my favourite band?",
+        BANDS,
+    ),
+    ("My email address is {v}.", "My new email address is {v}.", "What is my email address?", EMAILS),
+    (
+        "My favourite team is {v}.",
+        "I switched sides, my favourite team is {v} now.",
+        "What is my favourite team?",
+        TEAMS,
+    ),
+    (
+        "My dentist is called {v}.",
+        "I switched dentists, my dentist is called {v}.",
+        "What is my dentist called?",
+        DENTISTS,
+    ),
+    ("My gym is in {v}.", "I switched gyms, my gym is in {v} now.", "Where is my gym?", AREAS),
+    (
+        "My favourite drink is {v}.",
+        "I quit coffee, my favourite drink is {v} now.",
+        "What is my favourite drink?",
+        DRINKS,
+    ),
+    ("My bank PIN is {v}.", "I reset it at the bank, my bank PIN is {v} now.", "What is my bank PIN?", PINS),
 ]
 
 

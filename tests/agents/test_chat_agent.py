@@ -208,7 +208,7 @@ def tiny_context():
     )
 
 
-def kv_agent(llm, store, user, mode, max_new_tokens=4, kv_answers=False):
+def kv_agent(llm, store, user, mode, max_new_tokens=4, kv_answers=False, stream_with_facts=False):
     return ChatAgent(
         llm,
         store,
@@ -218,6 +218,7 @@ def kv_agent(llm, store, user, mode, max_new_tokens=4, kv_answers=False):
         summarize=False,
         context_memory=tiny_context(),
         kv_answers=kv_answers,
+        stream_with_facts=stream_with_facts,
     )
 
 
@@ -306,8 +307,9 @@ def test_kv_stream_keeps_no_degenerate_answer(tiny_llm, store):
 @pytest.mark.parametrize("mode", ["kv", "hybrid"])
 def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(tiny_llm, store, mode):
     # Issue 18: with the model's answers in the stream the 135M model copied an earlier answer into
-    # every later turn (0/10); the question's turn carries the user's recalled fact, as in text mode.
-    agent = kv_agent(tiny_llm, store, "ivy", mode)
+    # every later turn (0/10); the question's turn carries the user's recalled fact, as in text mode
+    # (read with the stream when stream_with_facts; by default the fact alone answers: the test below).
+    agent = kv_agent(tiny_llm, store, "ivy", mode, stream_with_facts=True)
     seen = []
 
     def generate(ids, max_new_tokens=32, guard=None):
@@ -335,6 +337,47 @@ def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(
     agent.repair()
     assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
     assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-4)
+    agent.close()
+
+
+@pytest.mark.parametrize("mode", ["kv", "hybrid"])
+def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(tiny_llm, store, mode, monkeypatch):
+    # Issue 18: with ten similar statements in the stream the 135M model copied another one's value
+    # ('The answer is: bluefern42' for the colour): a recalled fact answers its turn alone.
+    agent = kv_agent(tiny_llm, store, "uma", mode)
+    from_stream, from_prompt = [], []
+
+    def generate(ids, max_new_tokens=32, guard=None):
+        from_stream.append(tiny_llm.tokenizer.decode(ids))
+        agent.session.feed_ids(ids)
+        yield "Nice."
+
+    def chat_stream(messages, **opts):
+        from_prompt.append(messages)
+        yield "Your locker code is 4417."
+
+    agent.session.generate = generate
+    monkeypatch.setattr(tiny_llm, "chat_stream", chat_stream)
+    agent.chat("My locker code is 4417.")  # nothing recalled yet: the stream answers
+    assert len(from_stream) == 1 and agent.answered_from == "stream"
+    assert agent.chat("What is my locker code?") == "Your locker code is 4417."
+    assert agent.answered_from == "prompt" and len(from_stream) == 1
+    # The prompt is text mode's: the recalled fact right before the question, nothing of the stream.
+    ((message,),) = from_prompt  # one message: no system prompt given, no recent turns with memory
+    assert message["role"] == "user"
+    assert message["content"].startswith("Facts I told you before:\n- Your locker code is 4417. (told on ")
+    assert message["content"].endswith("\n\nWhat is my locker code?")
+    # The stream holds the statement only: the question answered from the fact left nothing in it.
+    ref = tiny_llm.session(tiny_context())
+    ref.feed("<|im_start|>user\nMy locker code is 4417.<|im_end|>\n")
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
+    # A statement that recalls a fact is closed in the stream all the same (what the user said stays).
+    agent.chat("My locker code is 2834 now.")
+    assert agent.answered_from == "prompt"
+    ref.feed("<|im_start|>user\nMy locker code is 2834 now.<|im_end|>\n")
+    assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
+    assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
     agent.close()
 
 

@@ -50,16 +50,7 @@ def correct(answers: list[dict]) -> list[bool]:
     return [value.lower() in a["answer"].lower() for (_, _, value), a in zip(FACTS, answers, strict=True)]
 
 
-HYBRID_FAILS = pytest.mark.xfail(
-    reason="measured 6/10 on h18 (CPU; 8 needed): the kv stream holds the ten statements (no answers, "
-    "no unanswered questions) and the turn the recalled fact; kv gives the same answers (6/10, passes its 6). "
-    "Wrong: another value of the stream copied ('The answer is: bluefern42' for the colour, the fact's "
-    "date for the birthday); before questions were rolled out of the stream 7/10; issue 18 stays open",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("mode", ["text", pytest.param("hybrid", marks=HYBRID_FAILS), "kv"])
+@pytest.mark.parametrize("mode", ["text", "hybrid", "kv"])
 def test_ten_facts_told_in_one_run_are_answered_in_a_later_run(tmp_path, mode):
     store = str(tmp_path / "store")
     told = chat(store, mode, [said for said, _, _ in FACTS])
@@ -69,3 +60,40 @@ def test_ten_facts_told_in_one_run_are_answered_in_a_later_run(tmp_path, mode):
     report = [(q, a["answer"], good) for (_, q, _), a, good in zip(FACTS, answers, ok, strict=True)]
     print(f"{mode}: {sum(ok)}/10", *report, sep="\n")
     assert sum(ok) >= NEEDED[mode], report
+
+
+UPDATES = [  # (told in the first run, changed in a later run, asked in a third run, old, new)
+    (
+        "I live in Lisbon.",
+        "Guess what, I just moved to Tallinn!",
+        "Which city do I live in?",
+        "Lisbon",
+        "Tallinn",
+    ),
+    ("My locker code is 4417.", "My new locker code is 2834.", "What is my locker code?", "4417", "2834"),
+    ("I work as a welder.", "I now work as a surveyor.", "What is my job?", "welder", "surveyor"),
+]
+
+
+def test_a_fact_changed_in_a_later_run_is_answered_new_and_history_shows_both(tmp_path):
+    store = str(tmp_path / "store")
+    chat(store, "text", [told for told, *_ in UPDATES])
+    chat(store, "text", [changed for _, changed, *_ in UPDATES])
+    answers = [a["answer"] for a in chat(store, "text", [question for _, _, question, *_ in UPDATES])]
+    report = list(zip([q for _, _, q, *_ in UPDATES], answers, strict=True))
+    print(*report, sep="\n")
+    newest = sum(new.lower() in a.lower() for (*_, new), a in zip(UPDATES, answers, strict=True))
+    # Measured 2/3 in two runs (c18, CPU): "What is my job?" is answered as the model's own job ("I'm
+    # a data analysis assistant...") with the current fact in the prompt; the old value never comes back.
+    assert newest >= 2, report
+    assert not any(old.lower() in a.lower() for (*_, old, _), a in zip(UPDATES, answers, strict=True)), report
+    history = ["memory", "history", "--user", "alice", "--store", store, "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "memllm.cli.app", *history], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    changes = json.loads(proc.stdout)["changes"]
+    for *_, old, new in UPDATES:  # both values, the old one ended when the new one was told
+        events = [(c["event"], c["value"].removeprefix("a ")) for c in changes]
+        events = [(e, v) for e, v in events if v in (old, new)]
+        assert events == [("told", old), ("told", new), ("superseded", old)], events

@@ -31,12 +31,6 @@ def chitchat_filler(min_tokens: int, count_tokens) -> list[tuple[str, str]]:
     raise AssertionError("not enough filler")
 
 
-@pytest.mark.xfail(
-    reason="since the issue-18 merge (2ab501a, CPU) the restarted CLI answers 'Your dog is a Greyhound.' with the "
-    "fact record 'My dog is called Biscuit.' recalled into its prompt: the prompt's use by the 135M model regressed "
-    "here while the ten-facts text-mode test passes; issue 18 stays open on it",
-    strict=False,
-)
 def test_fact_recalled_after_many_windows_and_after_cli_restart(tmp_path):
     from memllm.llm import MemLLM
     from memllm.memory_stores.embeddings import SentenceTransformerEmbedder

@@ -327,3 +327,21 @@ def test_gate_on_fact_records_ignores_chitchat_like_old_turns_and_falls_back_wit
     assert not d.fire and d.reason.startswith("top fact similarity")
     d, _ = c.decide("dog called rex", flash_ids)
     assert d.fire and d.reason.startswith("top fact similarity")
+
+
+def test_the_users_own_questions_are_not_recalled(store):
+    # Issue 18: the question asked again is its own nearest record and took the one recalled place
+    # from the fact ("What is my dog called?" recalled, 'My dog is called Biscuit.' dropped).
+    c = controller(store, flash_tokens=0, gate="always", min_relevance=0.0, w_recency=0.0, max_records=1)
+    c.remember("my dog is called Biscuit", kind="fact")
+    c.remember("what is my dog called?", role="user")
+    c.remember("what is my dog called? he asked me", role="assistant")  # another's question: kept
+    r = c.recall("what is my dog called?")
+    assert [it.record.text for it in r.used] == ["my dog is called Biscuit"]
+    why = {it.record.text: it.why for it in r.items}
+    assert why["what is my dog called?"] == "the user's question: it tells no fact"
+    assert why["what is my dog called? he asked me"] == "beyond max_records (1)"
+    keep = controller(store, flash_tokens=0, gate="always", min_relevance=0.0, w_recency=0.0, user_questions=True)
+    assert "what is my dog called?" in [it.record.text for it in keep.recall("what is my dog called?").used]
+    with pytest.raises(ConfigError, match="user_questions"):
+        ControllerConfig(user_questions="no")
