@@ -186,7 +186,7 @@ def run(
         if not mem:
             continue
         if embedder is None and {"hybrid", "fused", "text"} & set(mem) and memory.selector != "hybrid":
-            raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
+            raise ConfigError("the hybrid, fused and text systems need an embedder (the text index over units)")
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()
         session.feed_ids(hay.ids)

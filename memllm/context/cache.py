@@ -10,7 +10,7 @@ The rule, per execution block of queries (aligned to absolute multiples of exc_b
   * phase 1 (nothing cut yet): local holds every token, sinks included: plain causal attention.
   * phase 2: each query attends to the local window (exact positions, causal) and to sinks + the
     topk units chosen by lookup.py for the block (shared by all KV heads, or per KV head), keys at
-    position 0 and queries at n_local; one softmax over both (window.merge).
+    position 0 and queries at memory_distance (n_local by default); one softmax over both (window.merge).
   * after each block, while the window minus a block still holds n_local tokens, its oldest
     block_size tokens become a unit whose representatives are the repr_topk keys that received most
     attention (softmax over the window's keys) while in the window; in phase 1 the first n_init
@@ -337,7 +337,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         lse: torch.Tensor,
         whole_index: bool = False,
     ) -> torch.Tensor:
-        """Memory blocks' queries (at distance n_local) over sinks + their chosen units, merged with `out`
+        """Memory blocks' queries (at distance memory_distance) over sinks + their chosen units, merged with `out`
         -> (heads, c, d): fp32, or with the kernels, when every row has memory, in the model dtype (a
         view of a (c, heads, d) tensor: the attention function's layout).
 

@@ -100,7 +100,7 @@ class TorchKernels:
         self, rot: Rotary, q: torch.Tensor, start: int, plan: CallPlan, t: dict[str, torch.Tensor], kvh: int,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        """The memory queries (at distance n_local) in fp32, and no per-block sums (computed by the caller)."""
+        """The memory queries (at distance memory_distance) in fp32, and no per-block sums (computed by the caller)."""
         return rot.rotated(q, start, -1, torch.float32), None
 
     def choose_units(

@@ -188,7 +188,8 @@ def evidence_then_attention(
     stream's start, recurring passages): what the oracle reads beside the gold units."""
     n_evidence = max(1, min(k, round(k * share)))
     evidence = choose(ranked, n_evidence, neighbours, first=first).tolist()
-    lead = list(first) + [u for u in evidence if u not in set(first)]
+    given = set(first)
+    lead = list(first) + [u for u in evidence if u not in given]
     return choose(mass, k, neighbours, first=lead)
 
 

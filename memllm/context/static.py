@@ -418,8 +418,8 @@ class StaticDecode:
         sw.k.index_copy_(1, slots, rot.apply(key[0].float(), cos, sin).to(sw.k.dtype))
         sw.v.index_copy_(1, slots, value[0].to(sw.v.dtype))
         q_loc = rot.apply(q, cos, sin).reshape(kvh, g, rows, d)
-        # Memory: queries at the fixed distance n_local (row t from model position reported + t), sinks +
-        # chosen units at 0.
+        # Memory: queries at the fixed distance memory_distance (row t from model position reported + t),
+        # sinks + chosen units at 0.
         cos_m, sin_m = rot.cos_sin(layer.reported_length() - cfg.memory_distance, rows, -1, dev)
         q_mem = rot.apply(q, cos_m, sin_m).reshape(kvh, g, rows, d)
         if t is None:
