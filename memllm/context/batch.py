@@ -38,7 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
-from memllm.context.lookup import combine, select_units
+from memllm.context.lookup import combine, mask_later, select_units, unit_scores
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
 from memllm.context.window import merge
@@ -316,12 +316,8 @@ def stacked_attend(
     q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
     q_mem = q_mem.view(S, kvh, g, d)
     q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
-    scores = torch.einsum(
-        "shd,shud->shu", q_sum, reprs.float()
-    )  # (S, kvh, U_max) fp32, as lookup.unit_scores
-    scores = combine(scores, cfg.lookup)  # (S, 1 or kvh, U_max)
-    later = torch.arange(u_max, device=dev)[None, :] >= st.units[:, None]
-    scores = scores.masked_fill(later[:, None, :], float("-inf"))
+    scores = combine(unit_scores(q_sum, reprs), cfg.lookup)  # (S, 1 or kvh, U_max) fp32
+    scores = mask_later(scores, st.units)
     ids = select_units(scores, cfg.topk).expand(S, kvh, -1)  # (S, kv_heads, topk)
     forced = [i for i, lay in enumerate(layers) if lay.forced is not None and lay.forced.active]
     if forced:  # a row whose session forces units (select.ForcedUnits) reads those

@@ -34,11 +34,12 @@ def block_query_sums(
 
 def unit_scores(q_sum: torch.Tensor, repr_keys: torch.Tensor) -> torch.Tensor:
     """q_sum (..., kv_heads, head_dim); repr_keys (kv_heads, n_units, head_dim), each unit's mean
-    representative key -> (..., kv_heads, n_units) fp32.
+    representative key, or one index per leading row (..., kv_heads, n_units, head_dim: a batch's
+    sessions, context/batch.py) -> (..., kv_heads, n_units) fp32.
 
     Computed in fp32: a bf16 product would round the scores to 8 bits of mantissa, making ties (broken
     by unit index) among units whose scores differ. The fp32 copy of the keys is transient (one layer)."""
-    return torch.einsum("...hd,hud->...hu", q_sum.float(), repr_keys.float())
+    return torch.einsum("...hd,...hud->...hu", q_sum.float(), repr_keys.float())
 
 
 def combine(scores: torch.Tensor, mode: str) -> torch.Tensor:
