@@ -177,8 +177,6 @@ def gather_units_uva(
     if t == 0 or n_rows == 0:
         return out_k, out_v
     tables = segment_tables(store)
-    quant = store.offload_dtype == "int8"
-    chunk = 2048
     dedup = dedup and n_rows > 1
     if dedup:
         flat = ids.reshape(n_rows, h, t)
@@ -187,26 +185,7 @@ def gather_units_uva(
         dst_v = torch.empty_like(dst_k)
     else:
         keys, count, dst_k, dst_v = ids.contiguous().reshape(-1), ids, out_k, out_v
-    grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
-    _gather_kernel[grid](
-        keys,
-        count,
-        tables["k"],
-        tables["v"],
-        tables["k_scale"] if quant else tables["k"],
-        tables["v_scale"] if quant else tables["v"],
-        dst_k,
-        dst_v,
-        t,
-        KV_HEADS=h,
-        SEG_UNITS=store.segment_units,
-        BLOCK=bs,
-        HEAD_DIM=d,
-        SRC_DTYPE=TL_DTYPES[store.host_dtype],
-        QUANT=quant,
-        CHUNK=chunk,
-        DEDUP=dedup,
-    )
+    _launch_gather(keys, count, tables, store, dst_k, dst_v, t, h, dedup)
     if dedup:
         torch.index_select(dst_k, 0, slot, out=out_k.view(-1, bs, d))
         torch.index_select(dst_v, 0, slot, out=out_v.view(-1, bs, d))
@@ -268,25 +247,45 @@ def gather_units_stores(
         at += tab["k"].shape[0]
     base = torch.tensor(starts, dtype=torch.long).to(ids.device, non_blocking=True)  # (S,)
     gids = (ids + base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
+    _launch_gather(gids, gids, joined, first, out_k, out_v, t, h, False)
+    return out_k, out_v
+
+
+def _launch_gather(
+    keys: torch.Tensor,
+    count: torch.Tensor,
+    tables: dict[str, torch.Tensor],
+    store: UnitStore,
+    dst_k: torch.Tensor,
+    dst_v: torch.Tensor,
+    t: int,
+    kv_heads: int,
+    dedup: bool,
+) -> None:
+    """One launch of _gather_kernel: the units `keys` names (distinct (unit, head) pairs with dedup,
+    else every id; `count` the kernel's second argument as gather_units_uva passes it) read through
+    the segment `tables` into dst_k, dst_v. `store` gives the shape and host dtype (for a batch's
+    joined tables, its first store: all share them)."""
+    bs, d = store.block_size, store.head_dim
+    quant = store.offload_dtype == "int8"
     chunk = 2048
-    grid = (gids.shape[0], triton.cdiv(bs * d, chunk))
+    grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
     _gather_kernel[grid](
-        gids,
-        gids,
-        joined["k"],
-        joined["v"],
-        joined["k_scale"] if quant else joined["k"],
-        joined["v_scale"] if quant else joined["v"],
-        out_k,
-        out_v,
+        keys,
+        count,
+        tables["k"],
+        tables["v"],
+        tables["k_scale"] if quant else tables["k"],
+        tables["v_scale"] if quant else tables["v"],
+        dst_k,
+        dst_v,
         t,
-        KV_HEADS=h,
-        SEG_UNITS=first.segment_units,
+        KV_HEADS=kv_heads,
+        SEG_UNITS=store.segment_units,
         BLOCK=bs,
         HEAD_DIM=d,
-        SRC_DTYPE=TL_DTYPES[first.host_dtype],
+        SRC_DTYPE=TL_DTYPES[store.host_dtype],
         QUANT=quant,
         CHUNK=chunk,
-        DEDUP=False,
+        DEDUP=dedup,
     )
-    return out_k, out_v
