@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids  # noqa: E402
+from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids, sync  # noqa: E402
 from memllm.compat import cache_kwargs  # noqa: E402
 from memllm.config import MemoryConfig  # noqa: E402
 from memllm.context import prefill  # noqa: E402
@@ -52,11 +52,6 @@ T0 = time.time()
 
 def say(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class QuickTokenizer:
@@ -204,6 +199,10 @@ def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
     del cache, x
     tok = logits.argmax(dim=-1).view(1, 1)
 
+    def greedy_step(ids: torch.Tensor, c: DynamicCache) -> torch.Tensor:
+        """One full-attention decode step of the batch: the next greedy token of each row (B, 1)."""
+        return model(input_ids=ids, **cache_kwargs(model, c), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
     def run(b: int) -> dict:
         c = DynamicCache(config=model.config)
         for i, (k, v) in enumerate(kv):
@@ -213,19 +212,11 @@ def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
             torch.cuda.reset_peak_memory_stats(dev)
         with torch.no_grad():
             for _ in range(warm):
-                ids_b = (
-                    model(input_ids=ids_b, **cache_kwargs(model, c), use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
+                ids_b = greedy_step(ids_b, c)
             sync(dev)
             t = time.perf_counter()
             for _ in range(steps):
-                ids_b = (
-                    model(input_ids=ids_b, **cache_kwargs(model, c), use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
+                ids_b = greedy_step(ids_b, c)
             sync(dev)
         dt = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None

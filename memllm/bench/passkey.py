@@ -117,7 +117,7 @@ class LengthResult:
         }
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -150,14 +150,14 @@ def feed_and_decode(llm: Any, ids: list[int], memory: Any) -> tuple[Any, list[in
 
     session = Session(llm, memory)
     device = session.cache.layers[0].device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     session.feed_ids(ids)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     with attach(llm.model, cache=session.cache):
         out, _ = greedy(llm.model, session.cache, session.last_logits, ANSWER_TOKENS)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     return session, _cut_at_stop(llm, out.tolist()), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
 
@@ -173,13 +173,13 @@ def ask_after_feed(
     session = Session(llm, memory, embedder=embedder)
     q = len(llm.tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     device = session.cache.layers[0].device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     session.feed_ids(ids[:-q])
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     out = list(session.generate_ids(ids[-q:], ANSWER_TOKENS, selector=selector))
-    _sync(device)
+    sync(device)
     return session, out, t1 - t0, (time.perf_counter() - t1) * 1000 / max(1, len(out))
 
 
@@ -210,17 +210,17 @@ def run_full_attention(llm: Any, ids: list[int]) -> tuple[list[int], float, floa
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     x = torch.tensor([ids], device=device)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits = model(input_ids=x, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     toks = []
     for _ in range(ANSWER_TOKENS):
         tok = logits.argmax().view(1, 1)
         toks.append(tok)
         logits = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True).logits[0, -1]
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     out = torch.cat(toks).view(-1).tolist()
     return _cut_at_stop(llm, out), t1 - t0, (t2 - t1) * 1000 / ANSWER_TOKENS
