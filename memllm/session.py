@@ -269,7 +269,7 @@ class Session:
             return False
         score = select.fuse(masses)
         text = None  # the text index's cosine of each unit with the question ("hybrid", "text")
-        if selector in ("hybrid", "fused", "text") and self.text_index is not None:
+        if selector in ("hybrid", "text") and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
         if text is None:

@@ -44,13 +44,15 @@ def test_rope_kernel_equals_rotary(device, dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
 def test_rotated_dispatches_to_the_kernel(device):
+    """kernels.CudaKernels.rotated (the fast path's rotation: one Triton launch) equals Rotary's PyTorch rotations."""
+    from memllm.context.kernels import CudaKernels
+
     model = tiny_model("llama")
     rot = Rotary(model.model.rotary_emb, 512, 16)
     x = torch.randn(2, 11, 16, device=device)
-    torch.testing.assert_close(rot.rotated(x, 40, -1, torch.float32, kernel=True), rot.rotate(x, 40, -1))
-    torch.testing.assert_close(
-        rot.rotated(x, 7, 1, torch.float32, per_row=False, kernel=True), rot.rotate_const(x, 7)
-    )
+    kernels = CudaKernels()
+    torch.testing.assert_close(kernels.rotated(rot, x, 40, -1, torch.float32), rot.rotate(x, 40, -1))
+    torch.testing.assert_close(kernels.rotated(rot, x, 7, 1, torch.float32, per_row=False), rot.rotate_const(x, 7))
 
 
 @pytest.mark.gpu

@@ -62,4 +62,4 @@ def test_cli_refuses_unknown_tasks_and_systems():
     assert bad.exit_code == 2
     assert bad.stderr.startswith("error: tasks must be among single, multikey")
     bad = runner.invoke(app, ["ruler", "--systems", "bm25"])
-    assert bad.exit_code == 2 and "systems must be among full, infllm, question, hybrid, fused, text, oracle" in bad.stderr
+    assert bad.exit_code == 2 and "systems must be among full, infllm, question, hybrid, text, oracle" in bad.stderr
