@@ -176,7 +176,7 @@ def test_prompts_fed_together_match_session_generate(device: str, impl: str):
         toks, logits = [], []
         for tok in s.generate_ids(prompt, max_new_tokens=6, stop=set()):
             toks.append(tok)
-            logits.append(s.last_logits.clone())
+            logits.append(s.last_logits.to("cpu", copy=True))  # on the host, as the Recorder keeps them
         want.append((toks, logits, s.llm.tokenizer.decode(toks)))
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
     reqs = [engine.join(fed(model, device, n), prompt, max_new_tokens=6, stop=set()) for n, prompt in cases]
