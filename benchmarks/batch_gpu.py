@@ -13,11 +13,25 @@ What it measures, per length (default 32K and 128K tokens per session):
     (one model call per step; impl "fast": steady sessions' attention stacked); after warm-up steps,
     `--steps` steps are timed: ms per step and tokens/s (N tokens per step). N = 1 is the engine's
     lone-session path (the session's own decode graph).
-  * full attention: the model's own sdpa attention with transformers' DynamicCache, one sequence
-    prefilled (timed) and its cache expanded to batch B; the largest B that fits is probed (start
-    from free memory / bytes per sequence, shrink on torch.cuda.OutOfMemoryError) and timed, and
-    the N above that fit too. Also at 8K for scale (SmolLM2's trained length is 8K: full attention
-    at 32K/128K runs past it, so only its speed means anything there).
+  * full attention: the model's own sdpa attention, one sequence prefilled (timed) and its cache
+    expanded to batch B, decoded by the loop transformers' generate() runs (model call with the
+    cache, greedy token), with each cache kind of --full-caches: "dynamic" (DynamicCache, what
+    generate() uses by default: each step concatenates every layer's keys and values, a copy of
+    the whole cache per step) and "static" (StaticCache, generate(cache_implementation="static"):
+    written in place, but attention runs over the whole preallocated length under a mask). The
+    largest B that fits is probed (start from free memory / bytes per sequence, shrink on
+    torch.cuda.OutOfMemoryError) and timed, and the N above that fit too. Also at 8K for scale
+    (SmolLM2's trained length is 8K: full attention at 32K/128K runs past it, so only its speed
+    means anything there). Full attention runs first (--order), in a process nothing else ran in.
+  * where a step's time goes, every timed row: before each step the previous one is waited for
+    (the step begins with a host read of the last logits anyway), so `host_ms_per_step` is the time
+    the host spends issuing a step (including any synchronisation inside it) and `wait_ms_per_step`
+    the time the device still needed after that (host_share = host / (host + wait): near 1, the
+    host bounds the step); `syncs_per_step`: synchronising CUDA calls in one more step
+    (torch.cuda.set_sync_debug_mode warnings; memllm's own token read is one);
+    `gpu_busy_ms_per_step`: the device time of the kernels and copies of --profile-steps more steps
+    (torch.profiler); `host_us_per_launch`: a tiny kernel's launch cost measured just before, the
+    host's speed at that moment (if it differs between rows, the process, not the code, changed).
   * correctness on the device: the first batched step's logits of 4 clones (impl "fast" and
     "reference") against one clone stepped alone: max relative error and argmax agreement.
 Prints a table last; writes everything to --out (JSON). Stops starting new work after --budget-s
@@ -28,10 +42,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +68,79 @@ T0 = time.time()
 
 def say(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def host_probe(dev: torch.device, n: int = 2000) -> float:
+    """Microseconds the host takes to issue one tiny kernel (an in-place add on one element), now."""
+    x = torch.zeros(1, device=dev)
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    sync(dev)
+    return (time.perf_counter() - t) * 1e6 / n
+
+
+def timed_steps(step, steps: int, dev: torch.device) -> dict:
+    """`steps` calls of step(), each after waiting for the one before: ms per step, and how much of
+    it the host spent issuing the step vs. waiting for the device afterwards."""
+    host = wait = 0.0
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        sync(dev)
+        t1 = time.perf_counter()
+        step()
+        wait, host = wait + t1 - t, host + time.perf_counter() - t1
+    t = time.perf_counter()
+    sync(dev)
+    wait += time.perf_counter() - t
+    dt = time.perf_counter() - t0
+    return {"ms_per_step": dt * 1000 / steps, "host_ms_per_step": host * 1000 / steps,
+            "wait_ms_per_step": wait * 1000 / steps, "host_share": host / max(host + wait, 1e-12)}  # fmt: skip
+
+
+def syncs_in(step, dev: torch.device) -> int | None:
+    """Synchronising CUDA calls made by one step() (torch.cuda.set_sync_debug_mode warnings)."""
+    if dev.type != "cuda":
+        return None
+    sync(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def gpu_busy_ms(step, steps: int, dev: torch.device) -> float | None:
+    """Device time (kernels and copies) per step() over `steps` steps, from torch.profiler."""
+    if dev.type != "cuda" or steps < 1:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(dev)
+    total = 0.0
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+    return total / 1000 / steps
+
+
+def where_time_goes(step, steps: int, dev: torch.device, profile_steps: int) -> dict:
+    """timed_steps, then syncs_in one more step and gpu_busy_ms of profile_steps more."""
+    row = {"host_us_per_launch": host_probe(dev)}
+    row.update(timed_steps(step, steps, dev))
+    row["syncs_per_step"] = syncs_in(step, dev)
+    row["gpu_busy_ms_per_step"] = gpu_busy_ms(step, profile_steps, dev)
+    return row
 
 
 class QuickTokenizer:
@@ -118,28 +207,25 @@ def clone_session(src: Session, llm: Any, memory: MemoryConfig) -> Session:
     return dst
 
 
-def memllm_decode(llm, src, memory, n, steps, warm, impl) -> dict:
+def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict:
     dev = src.cache.layers[0].device
     t = time.perf_counter()
     clones = [clone_session(src, llm, memory) for _ in range(n)]
     clone_s = time.perf_counter() - t
     engine = BatchEngine(llm, impl)
-    for c in clones:
-        engine.join(c, max_new_tokens=warm + steps, stop=set())
+    for c in clones:  # room for the timed steps, the one counting syncs and the profiled ones
+        engine.join(c, max_new_tokens=warm + steps + 1 + profile_steps, stop=set())
     for _ in range(warm):
         engine.step()
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     stacked0, rows0 = engine.stacked_rows, engine.batch_rows
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    sync(dev)
-    dt = time.perf_counter() - t
-    row = {
-        "system": f"memllm-{impl}", "sessions": n, "steps": steps, "ms_per_step": dt * 1000 / steps,
-        "tokens_per_s": n * steps / dt, "stacked_share": (engine.stacked_rows - stacked0) / (n * steps) if n > 1 else None,
+    row = where_time_goes(engine.step, steps, dev, profile_steps)
+    done = steps + 1 + (profile_steps if dev.type == "cuda" else 0)
+    row.update({
+        "system": f"memllm-{impl}", "sessions": n, "steps": steps,
+        "tokens_per_s": n * 1000 / row["ms_per_step"], "stacked_share": (engine.stacked_rows - stacked0) / (n * done) if n > 1 else None,
         "plain_rows_timed": (engine.batch_rows - rows0) - (engine.stacked_rows - stacked0) if n > 1 else None,
         "clone_s": clone_s,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
@@ -148,7 +234,7 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl) -> dict:
         "host_bytes_owned_per_clone": sum(
             lay.store.segment_bytes() for lay in clones[0].cache.layers if lay.store.n_units % lay.store.segment_units
         ),
-    }  # fmt: skip
+    })  # fmt: skip
     for c in clones:
         c.close()
     del clones, engine
@@ -178,9 +264,10 @@ def correctness(llm, src, memory) -> dict:
     return out
 
 
-def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
-    """sdpa + DynamicCache: one sequence prefilled, its cache expanded to batch B."""
-    from transformers import DynamicCache
+def full_attention(llm, ids, ns, steps, warm, max_batch, kind, profile_steps) -> list[dict]:
+    """sdpa, one sequence prefilled, its cache expanded to batch B; kind "dynamic" (DynamicCache) or
+    "static" (StaticCache of the prompt's length plus the steps decoded)."""
+    from transformers import DynamicCache, StaticCache
 
     model = llm.model
     dev = next(model.parameters()).device
@@ -196,34 +283,49 @@ def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
     prefill_s = time.perf_counter() - t
     kv = [(lay.keys, lay.values) for lay in cache.layers]  # (1, kv_heads, L, d) each
     per_seq = sum(k.numel() * k.element_size() * 2 for k, _ in kv)
+    length = kv[0][0].shape[2]
     del cache, x
     tok = logits.argmax(dim=-1).view(1, 1)
+    total = warm + steps + 1 + profile_steps  # tokens each row decodes
+    takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
 
-    def greedy_step(ids: torch.Tensor, c: DynamicCache) -> torch.Tensor:
-        """One full-attention decode step of the batch: the next greedy token of each row (B, 1)."""
-        return model(input_ids=ids, **cache_kwargs(model, c), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    def make(b: int):
+        if kind == "dynamic":
+            c = DynamicCache(config=model.config)
+        else:
+            c = StaticCache(config=model.config, max_cache_len=length + total)
+        at = {"cache_position": torch.arange(length, device=dev)}  # read by StaticCache where it needs it
+        for i, (k, v) in enumerate(kv):
+            c.update(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous(), i, at)
+        return c
 
     def run(b: int) -> dict:
-        c = DynamicCache(config=model.config)
-        for i, (k, v) in enumerate(kv):
-            c.update(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous(), i)
-        ids_b = tok.expand(b, 1).contiguous()
+        c = make(b)
+        state = {"ids": tok.expand(b, 1).contiguous(), "pos": torch.full((b, 1), length, device=dev)}
+
+        def greedy_step() -> None:
+            """One full-attention decode step of the batch (generate()'s loop): the next greedy token of
+            each row. Positions are passed as a device tensor advanced in place (no host read)."""
+            kw = {"position_ids": state["pos"]}
+            if kind == "static" and takes_cache_position:
+                kw["cache_position"] = state["pos"][0]
+            with torch.no_grad():
+                out = model(input_ids=state["ids"], **cache_kwargs(model, c), use_cache=True, **kw)
+            state["ids"] = out.logits[:, -1].argmax(-1, keepdim=True)
+            state["pos"].add_(1)
+
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        with torch.no_grad():
-            for _ in range(warm):
-                ids_b = greedy_step(ids_b, c)
-            sync(dev)
-            t = time.perf_counter()
-            for _ in range(steps):
-                ids_b = greedy_step(ids_b, c)
-            sync(dev)
-        dt = time.perf_counter() - t
+        for _ in range(warm):
+            greedy_step()
+        row = where_time_goes(greedy_step, steps, dev, profile_steps)
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-        del c
-        return {"system": "full-sdpa", "sessions": b, "steps": steps, "ms_per_step": dt * 1000 / steps,
-                "tokens_per_s": b * steps / dt, "peak_gpu_bytes": peak, "prefill_s": prefill_s,
-                "kv_bytes_per_sequence": per_seq}  # fmt: skip
+        c = None  # the cache goes before the next run allocates its own
+        state.clear()
+        row.update({"system": f"full-sdpa-{kind}", "sessions": b, "steps": steps,
+                    "tokens_per_s": b * 1000 / row["ms_per_step"], "peak_gpu_bytes": peak, "prefill_s": prefill_s,
+                    "kv_bytes_per_sequence": per_seq})  # fmt: skip
+        return row
 
     rows = []
     if dev.type == "cuda":
@@ -241,7 +343,7 @@ def full_attention(llm, ids, ns, steps, warm, max_batch) -> list[dict]:
             fits = False  # freed below, once the exception (its traceback holds the cache) is gone
         if fits:
             break
-        say(f"  full attention: batch {b} does not fit")
+        say(f"  full attention ({kind}): batch {b} does not fit")
         tried.append(b)
         gc.collect()
         torch.cuda.empty_cache()
@@ -273,6 +375,11 @@ def main() -> None:
     ap.add_argument("--impl", default="fast")
     ap.add_argument("--max-full-batch", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=430.0)
+    ap.add_argument(
+        "--full-caches", default="dynamic,static", help="full attention's caches: dynamic, static"
+    )
+    ap.add_argument("--order", default="full,memllm", help="which runs first")
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler per row (CUDA)")
     ap.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, short lengths")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -308,57 +415,71 @@ def main() -> None:
     skipped: list[str] = []
     checks: dict[str, Any] = {}
     over = lambda: time.time() - T0 > args.budget_s  # noqa: E731
-    for n_tok in lengths:
-        if over():
-            skipped.append(f"memllm at {n_tok}")
-            continue
-        ids = make_ids(n_tok)
-        src = Session(llm, memory)
-        dev = src.cache.layers[0].device
-        sync(dev)
-        t = time.perf_counter()
-        src.feed_ids(ids)
-        sync(dev)
-        prefill_s = time.perf_counter() - t
-        say(
-            f"memllm read {n_tok:,} tokens in {prefill_s:.1f}s ({src.cache.layers[0].store.n_units} units per layer)"
-        )
-        # Clones of one state cut their units on the same step (all at once, each through its own
-        # plain path): read up to the source's next cut first, so the timed steps cut nothing and
-        # measure the steady step (cuts: one per block_size tokens per session; reported apart).
-        until_cut = resolved.n_local + resolved.block_size - src.cache.layers[0].local_k.shape[1]
-        extra = until_cut if src.cache.layers[0].cut and until_cut <= warm + steps + 1 else 0
-        if extra:
-            src.feed_ids(ids[1 : extra + 1])  # more of the same text
-            say(f"read {extra} more tokens: the clones' next cut is {resolved.block_size} tokens away")
-        if not checks:
-            checks = correctness(llm, src, memory)
-            checks["length"] = n_tok
-            say(f"correctness (batched first step vs alone): {checks}")
-        for n in ns:
+    profile_steps = args.profile_steps
+
+    def memllm_runs() -> None:
+        for n_tok in lengths:
             if over():
-                skipped.append(f"memllm at {n_tok} x {n}")
+                skipped.append(f"memllm at {n_tok}")
                 continue
-            row = memllm_decode(llm, src, memory, n, steps, warm, args.impl)
-            row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
-            rows.append(row)
-            say(f"memllm {n_tok:,} x {n}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s")
-        src.close()
-        del src
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    for n_tok in full_lengths:
-        if over():
-            skipped.append(f"full attention at {n_tok}")
-            continue
-        got = full_attention(llm, make_ids(n_tok), ns, steps, warm, max_full)
-        for r in got:
-            r["length"] = n_tok
+            ids = make_ids(n_tok)
+            src = Session(llm, memory)
+            dev = src.cache.layers[0].device
+            sync(dev)
+            t = time.perf_counter()
+            src.feed_ids(ids)
+            sync(dev)
+            prefill_s = time.perf_counter() - t
             say(
-                f"full {n_tok:,} x {r['sessions']}: {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s"
+                f"memllm read {n_tok:,} tokens in {prefill_s:.1f}s ({src.cache.layers[0].store.n_units} units per layer)"
             )
-        rows += got
+            # Clones of one state cut their units on the same step (all at once, each through its own
+            # plain path): read up to the source's next cut first, so the timed steps cut nothing and
+            # measure the steady step (cuts: one per block_size tokens per session; reported apart).
+            until_cut = resolved.n_local + resolved.block_size - src.cache.layers[0].local_k.shape[1]
+            decoded = warm + steps + 1 + profile_steps
+            extra = until_cut if src.cache.layers[0].cut and until_cut <= decoded + 1 else 0
+            if extra:
+                src.feed_ids(ids[1 : extra + 1])  # more of the same text
+                say(f"read {extra} more tokens: the clones' next cut is {resolved.block_size} tokens away")
+            if not checks:
+                checks.update(correctness(llm, src, memory))
+                checks["length"] = n_tok
+                say(f"correctness (batched first step vs alone): {checks}")
+            for n in ns:
+                if over():
+                    skipped.append(f"memllm at {n_tok} x {n}")
+                    continue
+                row = memllm_decode(llm, src, memory, n, steps, warm, args.impl, profile_steps)
+                row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
+                rows.append(row)
+                say(f"memllm {n_tok:,} x {n}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
+                    f"host share {row['host_share']:.2f}, syncs/step {row['syncs_per_step']}")  # fmt: skip
+            src.close()
+            del src
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def full_runs() -> None:
+        for n_tok in full_lengths:
+            for kind in [k.strip() for k in args.full_caches.split(",") if k.strip()]:
+                if over():
+                    skipped.append(f"full attention ({kind}) at {n_tok}")
+                    continue
+                got = full_attention(llm, make_ids(n_tok), ns, steps, warm, max_full, kind, profile_steps)
+                for r in got:
+                    r["length"] = n_tok
+                    say(f"full ({kind}) {n_tok:,} x {r['sessions']}: {r['ms_per_step']:.1f} ms/step, "
+                        f"{r['tokens_per_s']:.0f} tok/s, host share {r['host_share']:.2f}")  # fmt: skip
+                rows.extend(got)
+
+    runs = {"memllm": memllm_runs, "full": full_runs}
+    order = [x.strip() for x in args.order.split(",") if x.strip()]
+    if sorted(order) != sorted(runs):
+        ap.error("--order names full and memllm once each")
+    for name in order:
+        runs[name]()
     env = {
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -372,16 +493,22 @@ def main() -> None:
         "wall_s": time.time() - T0,
         "skipped": skipped,
         "correctness": checks,
+        "order": order,
+        "transformers": __import__("transformers").__version__,
     }
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
     print(json.dumps(env))
-    print(f"{'system':16} {'length':>8} {'sessions':>8} {'ms/step':>9} {'tok/s':>9} {'peak GPU GiB':>13}")
+    print(f"{'system':18} {'length':>8} {'sessions':>8} {'ms/step':>9} {'tok/s':>9} {'peak GPU GiB':>13} "
+          f"{'host ms':>8} {'wait ms':>8} {'gpu ms':>8} {'syncs':>6} {'us/launch':>9}")  # fmt: skip
     for r in rows:
         gpu = (r.get("peak_gpu_bytes") or 0) / 2**30
         mark = " (largest that fits)" if r.get("largest_that_fits") else ""
-        print(f"{r['system']:16} {r['length']:>8} {r['sessions']:>8} {r['ms_per_step']:>9.2f} "
-              f"{r['tokens_per_s']:>9.0f} {gpu:>13.3f}{mark}")  # fmt: skip
+        busy = "-" if r.get("gpu_busy_ms_per_step") is None else f"{r['gpu_busy_ms_per_step']:.2f}"
+        syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
+        print(f"{r['system']:18} {r['length']:>8} {r['sessions']:>8} {r['ms_per_step']:>9.2f} "
+              f"{r['tokens_per_s']:>9.0f} {gpu:>13.3f} {r['host_ms_per_step']:>8.2f} {r['wait_ms_per_step']:>8.2f} "
+              f"{busy:>8} {syncs:>6} {r['host_us_per_launch']:>9.2f}{mark}")  # fmt: skip
 
 
 if __name__ == "__main__":

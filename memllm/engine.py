@@ -20,6 +20,7 @@ is driven by one thread). Knows nothing of HTTP or chat templates.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,9 @@ class BatchEngine:
         self.stacked_rows = 0  # session-steps the stacked path ran (impl "fast")
         self.batch_rows = 0  # session-steps fed in batched calls (B > 1)
         self.prefill_calls = 0  # ragged model calls that fed queued prompts of several sessions
+        # The decode calls' BatchCache, kept while the same sessions step together (its stacked
+        # buffers carry over: context/stacked.py); a new one, taking them over, when they change.
+        self._batch: BatchCache | None = None
 
     # ---- membership ------------------------------------------------------------------------------
     @property
@@ -155,6 +159,8 @@ class BatchEngine:
             req.session.cache.forced.clear()
         compact(req.session)
         self.requests = [r for r in self.requests if r is not req]
+        if not self.requests:  # nothing left to batch: the stacked buffers go
+            self._batch = None
 
     # ---- stepping --------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -247,6 +253,19 @@ class BatchEngine:
         logits = out.logits.float()  # (B, len(keep), vocab)
         return [logits[b, keep.index(m - 1)] for b, m in enumerate(lengths)]
 
+    def _batch_of(self, caches: list[Any]) -> BatchCache:
+        """The BatchCache of a decode call over `caches` (row b: caches[b]): the last one if it was
+        over the same caches in the same order, else a new one that takes over its stacked buffers."""
+        last = self._batch
+        if (
+            last is not None
+            and len(last.caches) == len(caches)
+            and all(map(operator.is_, last.caches, caches))
+        ):
+            return last
+        self._batch = BatchCache(caches, self.impl, previous=last)
+        return self._batch
+
     @torch.no_grad()
     def _feed(self, sessions: list[Any], tokens: list[int]) -> list[torch.Tensor]:
         """One model call: token b into sessions[b] -> each session's next-token logits (vocab,) fp32."""
@@ -256,13 +275,14 @@ class BatchEngine:
             cache = sessions[0].cache
             with attach(model, cache=cache):
                 return [prefill.step(model, cache, torch.tensor([tokens]))]
-        batch = BatchCache([s.cache for s in sessions], self.impl)
+        batch = self._batch_of([s.cache for s in sessions])
+        stacked = batch.stacked_steps
         ids = prefill.upload(torch.tensor(tokens, dtype=torch.long).view(-1, 1), dev)
         with attach(model, cache=batch):
             out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
                         use_cache=True, logits_to_keep=1)  # fmt: skip
         self.steps += 1
-        self.stacked_rows += batch.stacked_steps
+        self.stacked_rows += batch.stacked_steps - stacked
         self.batch_rows += len(sessions)
         logits = out.logits[:, -1].float()
         return list(logits.unbind(0))

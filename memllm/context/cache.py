@@ -389,14 +389,21 @@ class ContextMemoryLayer(CacheLayerMixin):
 
     def account(self, plan: CallPlan, model_start: int) -> None:
         """Bounds the tests check: keys per query, positions (host integers only)."""
+        keys, position = self.bounds(plan, model_start)
+        self.max_keys_per_query = max(self.max_keys_per_query, keys)
+        self.max_position = max(self.max_position, position)
+
+    def bounds(self, plan: CallPlan, model_start: int) -> tuple[int, int]:
+        """What a call of `plan` (its first query at model position model_start) adds to the bounds:
+        the most keys a query attends to, the largest position any rotation reaches (host integers)."""
         cfg = self.config
-        n_sinks = cfg.n_init
+        keys = 0
         for b in plan.blocks:
-            n_mem = n_sinks + min(cfg.topk, b.units_before) * cfg.block_size if b.cut_before else 0
-            self.max_keys_per_query = max(self.max_keys_per_query, n_mem + plan.window + b.q1 - b.lo)
+            n_mem = cfg.n_init + min(cfg.topk, b.units_before) * cfg.block_size if b.cut_before else 0
+            keys = max(keys, n_mem + plan.window + b.q1 - b.lo)
         in_window = plan.seen + plan.c - 1 - self.base  # the call's last query, window frame
         memory = cfg.memory_distance if plan.memory_blocks else 0
-        self.max_position = max(self.max_position, model_start + plan.c - 1, in_window, memory)
+        return keys, max(model_start + plan.c - 1, in_window, memory)
 
     # ---- checkpoints, accounting, snapshots ------------------------------------------------------------
     def checkpoint(self) -> dict:

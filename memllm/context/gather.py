@@ -53,6 +53,47 @@ def gather_host(store: UnitStore, ids: torch.Tensor, dtype: torch.dtype) -> tupl
     return k.reshape(flat), v.reshape(flat)
 
 
+def gather_host_stores(
+    stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU path of a batch's gather: row s of ids (S, kv_heads, t) long on the host read from stores[s]
+    -> K, V (S, kv_heads, t*block_size, head_dim). The ids are read once; each (store, segment) pair
+    they touch is read by one index_select per tensor, and the parts put in place by one more."""
+    rows, (h, t) = ids.shape[0], ids.shape[-2:]
+    first = stores[0]
+    names = ("k", "v", "k_scale", "v_scale") if first.offload_dtype == "int8" else ("k", "v")
+    reads: list[tuple[dict[str, torch.Tensor], int, int]] = []  # (segment, first, end) in `flat`
+    flat: list[int] = []  # per id: its (unit, head) row in its segment viewed as (units * h, ...)
+    order: list[int] = []  # the output slot of each id, in the order `flat` holds them
+    at = 0
+    for store, row in zip(stores, ids.tolist(), strict=True):
+        su = store.segment_units
+        by_seg: dict[int, tuple[list[int], list[int]]] = {}
+        for head, units in enumerate(row):
+            for u in units:
+                keys, slots = by_seg.setdefault(u // su, ([], []))
+                keys.append((u % su) * h + head)
+                slots.append(at)
+                at += 1
+        for si, (keys, slots) in by_seg.items():
+            reads.append((store.segments[si], len(flat), len(flat) + len(keys)))
+            flat += keys
+            order += slots
+    index = torch.tensor(flat)
+    got = {
+        name: torch.cat([seg[name].flatten(0, 1).index_select(0, index[lo:hi]) for seg, lo, hi in reads])
+        for name in names
+    }  # (rows * h * t, ...) in `order`
+    k, v = got["k"], got["v"]
+    if "k_scale" in got:
+        k, v = k.float() * got["k_scale"], v.float() * got["v_scale"]
+    if order != list(range(at)):
+        where = torch.tensor(order)
+        k, v = torch.empty_like(k).index_copy_(0, where, k), torch.empty_like(v).index_copy_(0, where, v)
+    shape = (rows, h, t * first.block_size, first.head_dim)
+    return k.to(dtype).reshape(shape), v.to(dtype).reshape(shape)
+
+
 def gather_units(
     store: UnitStore, ids: torch.Tensor, dtype: torch.dtype, impl: str = "fast"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,10 +118,18 @@ class TorchKernels:
     def gather_units_stores(
         self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row s of ids (S, kv_heads, t) from stores[s] -> K, V (S, kv_heads, t*block_size, head_dim):
-        one gather per store (a batch's layer, context/batch.py)."""
+        """Row s of ids (S, kv_heads, t) from stores[s] -> K, V (S, kv_heads, t*block_size, head_dim)
+        (a batch's layer, context/stacked.py): on the CPU with impl "fast" one pass over every
+        store (gather.gather_host_stores), else one gather per store."""
+        if self.impl == "fast" and ids.device.type == "cpu":
+            return gather.gather_host_stores(stores, ids, dtype)
         parts = [self.gather_units(st, ids[i : i + 1], dtype) for i, st in enumerate(stores)]
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
+
+    def stores_gather(self) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """gather_units_stores for one caller that calls it again and again (a batch's layer): on CUDA
+        an object keeping the stores' joined segment tables between calls."""
+        return self.gather_units_stores
 
     def memory_attention(
         self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,
@@ -248,6 +256,12 @@ class CudaKernels(TorchKernels):
 
             return gather_units_stores(stores, ids, dtype)
         return super().gather_units_stores(stores, ids, dtype)
+
+    def stores_gather(self) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """cuda/gather.StoresGather: the joined segment tables kept while the stores' segments are unchanged."""
+        from memllm.context.cuda.gather import StoresGather
+
+        return StoresGather()
 
     def memory_attention(
         self, layer: Any, q: torch.Tensor, q_mem: torch.Tensor, uk: torch.Tensor | None, uv: torch.Tensor | None,

@@ -87,6 +87,9 @@ class UnitStore:
         # (kv_heads, capacity, head_dim) on the device: each unit's mean representative key.
         self._repr: torch.Tensor | None = None
         self.version = 0  # bumps when segments are added (gather kernels rebuild pointer tables)
+        # bumps whenever units or representatives are written or forgotten (a copy of the index, such
+        # as a batch's stacked one (context/stacked.py), is current while this is unchanged)
+        self.edits = 0
 
     # ---- writing -------------------------------------------------------------------------------
     def _host_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +136,7 @@ class UnitStore:
         self._repr_room(need, repr_k.dtype)
         self._repr[:, self.n_units : need] = self._mean(repr_k)
         self.n_units = need
+        self.edits += 1
 
     @staticmethod
     def _mean(repr_k: torch.Tensor) -> torch.Tensor:
@@ -183,6 +187,7 @@ class UnitStore:
         if len(self.segments) * self.segment_units < self.n_units + n or self.repr_buffer().shape[1] < self.n_units + n:
             raise ValueError(f"no room was made for {n} more units (ensure_room)")
         self.n_units += n
+        self.edits += 1
 
     def reserve(self, n_units: int, dtype: torch.dtype) -> None:
         """Make room for n_units representatives at once (a feed of known length: no growth slack)."""
@@ -200,6 +205,7 @@ class UnitStore:
         if n_units > self.n_units:
             raise ValueError(f"cannot truncate {self.n_units} units to {n_units}")
         self.n_units = n_units
+        self.edits += 1
 
     # ---- reading -------------------------------------------------------------------------------
     def repr_keys(self) -> torch.Tensor:
@@ -294,3 +300,4 @@ class UnitStore:
             self._write_host(0, {name: state[name] for name in self._segment_spec()})
         self._repr = repr_k.to(self.device).clone() if n else None
         self.n_units = n
+        self.edits += 1

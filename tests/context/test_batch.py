@@ -176,7 +176,7 @@ def test_prompts_fed_together_match_session_generate(device: str, impl: str):
         toks, logits = [], []
         for tok in s.generate_ids(prompt, max_new_tokens=6, stop=set()):
             toks.append(tok)
-            logits.append(s.last_logits.clone())
+            logits.append(s.last_logits.to("cpu", copy=True))  # on the host, as the Recorder keeps them
         want.append((toks, logits, s.llm.tokenizer.decode(toks)))
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), impl)
     reqs = [engine.join(fed(model, device, n), prompt, max_new_tokens=6, stop=set()) for n, prompt in cases]
@@ -343,3 +343,126 @@ def test_leaving_gives_the_session_its_own_windows_and_drops_a_queued_prompt():
     rc = engine.join(c, "a prompt never fed", max_new_tokens=3, stop=set())
     engine.leave(rc)
     assert c.cache.seen_tokens == 300 and b.cache.seen_tokens == seen and not engine.active
+
+
+def test_steady_steps_read_nothing_on_the_host_after_layer_0(monkeypatch):
+    """A steady batched step (every row stacked, buffers made by the step before) reads no tensor on
+    the host and builds no tensor from Python data (torch.tensor, an index given as a list) in any
+    layer after layer 0, the gather aside (on the CPU it reads its ids by design; CUDA's is one
+    launch): on a GPU each such call is a host synchronisation or an upload per layer. Nor are the
+    stacked buffers made again."""
+    from memllm.context import batch as batch_mod
+    from memllm.context import gather as gather_mod
+
+    model = model_on("cpu", layers=3)
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    for n in (700, 500, 300):  # windows of 48: 7 steps before any of them cuts
+        engine.join(fed(model, "cpu", n), max_new_tokens=4, stop=set())
+    engine.step()
+    engine.step()
+    rebuilds = [lay.stacked.rebuilds for lay in engine._batch.layers]
+    counts: dict[tuple[int, str], int] = {}
+    where = {"layer": -1, "gather": False}
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+    def counted(name, fn):
+        def call(*a, **k):
+            if where["layer"] > 0 and not where["gather"]:
+                counts[(where["layer"], name)] = counts.get((where["layer"], name), 0) + 1
+            return fn(*a, **k)
+
+        return call
+
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+    def indexed(name, fn):  # an index given as a Python list is uploaded by every such call
+        def call(self, index, *a):
+            parts = index if isinstance(index, tuple) else (index,)
+            if where["layer"] > 0 and not where["gather"] and any(isinstance(p, list) for p in parts):
+                counts[(where["layer"], name)] = counts.get((where["layer"], name), 0) + 1
+            return fn(self, index, *a)
+
+        return call
+
+    for name in ("__getitem__", "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, indexed(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "tensor", counted("torch.tensor", torch.tensor))
+    attend, gather = batch_mod.BatchLayer.attend, gather_mod.gather_host_stores
+
+    def in_layer(self, *a, **k):
+        where["layer"] = self.layer_idx
+        try:
+            return attend(self, *a, **k)
+        finally:
+            where["layer"] = -1
+
+    def in_gather(*a, **k):
+        where["gather"] = True
+        try:
+            return gather(*a, **k)
+        finally:
+            where["gather"] = False
+
+    monkeypatch.setattr(batch_mod.BatchLayer, "attend", in_layer)
+    monkeypatch.setattr(gather_mod, "gather_host_stores", in_gather)
+    stacked = engine.stacked_rows
+    engine.step()
+    monkeypatch.undo()
+    assert engine.stacked_rows - stacked == 3  # every row stacked
+    assert counts == {}
+    assert [lay.stacked.rebuilds for lay in engine._batch.layers] == rebuilds
+
+
+def test_a_checkpoint_between_batched_steps_survives_later_steps():
+    """The stacked buffers are written in place past the views a step hands out, and made anew when a
+    row is copied in again: a checkpoint taken between batched steps still holds its state after
+    more steps (one of the other session's cuts a unit in between), and a session rolled back to it
+    steps on as the same session alone does."""
+    model = model_on("cpu")
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    a, b = fed(model, "cpu", 700), fed(model, "cpu", 600)  # windows of 48 and 52: b cuts on its 4th step
+    engine.join(a, max_new_tokens=7, stop=set())
+    engine.join(b, max_new_tokens=7, stop=set())
+    engine.step()
+    engine.step()
+    cp = a.cache.checkpoint()
+    saved = [(lay.local_k.clone(), lay.local_v.clone(), lay.local_score.clone()) for lay in a.cache.layers]
+    logits = a.last_logits.clone()
+    for _ in range(5):
+        engine.step()
+    assert engine.stacked_rows < 2 * 7 and b.stats()["units"] > fed(model, "cpu", 600).stats()["units"]
+    a.cache.rollback(cp)
+    a.last_logits = logits
+    for lay, (k, v, s) in zip(a.cache.layers, saved, strict=True):
+        assert torch.equal(lay.local_k, k) and torch.equal(lay.local_v, v) and torch.equal(lay.local_score, s)
+    ref = fed(model, "cpu", 700)
+    alone(ref, 2)
+    got, want = alone(a, 4), alone(ref, 4)
+    assert got[0] == want[0] and got[2] == want[2]
+    for x, y in zip(got[1], want[1], strict=True):
+        assert rel_err(x, y) < 1e-4
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "int8"])
+def test_cpu_gather_of_several_stores_equals_each_store_alone(dtype_name):
+    """gather.gather_host_stores (a batch's layer on the CPU: row s from store s, the ids read once)
+    equals the reference gather of each store, exactly; stores of several segments."""
+    from memllm.context.gather import gather_host_stores
+    from memllm.context.kernels import gather_units
+    from memllm.context.units import UnitStore
+
+    gen = torch.Generator().manual_seed(3)
+    stores = []
+    for n in (5, 11, 40):
+        store = UnitStore(3, 8, 16, 2, dtype_name, torch.device("cpu"), segment_units=4)
+        for _ in range(n):
+            k = torch.randn(3, 8, 16, generator=gen)
+            store.append(k, torch.randn_like(k), k[:, :2])
+        stores.append(store)
+    ids = torch.stack([torch.randint(0, s.n_units, (3, 4), generator=gen) for s in stores])
+    got = gather_host_stores(stores, ids, torch.float32)
+    for i, s in enumerate(stores):
+        ref = gather_units(s, ids[i : i + 1], torch.float32, "reference")
+        for x, y in zip(got, ref, strict=True):
+            torch.testing.assert_close(x[i : i + 1], y, rtol=0, atol=0)

@@ -220,35 +220,66 @@ def gather_units_stores(
     stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row s of ids (S, kv_heads, t) long on CUDA read from stores[s] -> K, V (S, kv_heads, t*block_size,
-    head_dim) in `dtype`: the units of several sessions' stores (one layer of a batch, context/batch.py)
-    in ONE launch, no host synchronisation. The stores' segment tables are joined end to end and each
-    row's ids moved by the segments before its store's table (ids + offset * segment_units), so the
-    kernel of gather_units_uva reads them unchanged. The stores must share kv_heads, block_size,
-    head_dim, segment_units and offload_dtype (one MemoryConfig)."""
-    first = stores[0]
-    n_rows, h, t = ids.shape
-    bs, d = first.block_size, first.head_dim
-    out_k = torch.empty(n_rows, h, t * bs, d, dtype=dtype, device=ids.device)
-    out_v = torch.empty_like(out_k)
-    if t == 0 or n_rows == 0:
+    head_dim) in `dtype`: the units of several sessions' stores (one layer of a batch, context/stacked.py)
+    in ONE launch, no host synchronisation (StoresGather, once; a caller that gathers again and again
+    keeps a StoresGather)."""
+    return StoresGather()(stores, ids, dtype)
+
+
+class StoresGather:
+    """gather_units_stores for one caller (a batch's layer), its joined tables kept between calls.
+
+    The stores' segment tables are joined end to end and each row's ids moved by the segments before
+    its store's table (ids + offset * segment_units), so the kernel of gather_units_uva reads them
+    unchanged. The joined tables and the offsets (uploaded once, from pinned memory) are made again
+    only when the stores, or any store's segments (UnitStore.version), changed since the last call:
+    per call the host work is one version check per store. The stores must share kv_heads,
+    block_size, head_dim, segment_units and offload_dtype (one MemoryConfig)."""
+
+    def __init__(self) -> None:
+        self.stores: list[UnitStore] = []
+        self.versions: list[int] = []
+        self.joined: dict[str, torch.Tensor] = {}
+        self.base: torch.Tensor | None = None  # (S,) long: each row's first unit in the joined tables
+        self.joins = 0  # times the tables were joined (tests read it)
+
+    def __call__(
+        self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        first = stores[0]
+        n_rows, h, t = ids.shape
+        bs, d = first.block_size, first.head_dim
+        out_k = torch.empty(n_rows, h, t * bs, d, dtype=dtype, device=ids.device)
+        out_v = torch.empty_like(out_k)
+        if t == 0 or n_rows == 0:
+            return out_k, out_v
+        if not (
+            len(stores) == len(self.stores)
+            and all(a is b for a, b in zip(stores, self.stores, strict=True))
+            and [s.version for s in stores] == self.versions
+        ):
+            self._join(stores, ids.device)
+        gids = (ids + self.base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
+        _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False)
         return out_k, out_v
-    for s in stores[1:]:
-        if (s.kv_heads, s.block_size, s.head_dim, s.segment_units, s.offload_dtype) != (
-            first.kv_heads, bs, d, first.segment_units, first.offload_dtype
-        ):  # fmt: skip
-            raise ValueError("gather_units_stores needs stores of one shape (one MemoryConfig)")
-    quant = first.offload_dtype == "int8"
-    names = ["k", "v", "k_scale", "v_scale"] if quant else ["k", "v"]
-    tables = [segment_tables(s) for s in stores]
-    joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
-    starts, at = [], 0
-    for tab in tables:
-        starts.append(at * first.segment_units)
-        at += tab["k"].shape[0]
-    base = torch.tensor(starts, dtype=torch.long).to(ids.device, non_blocking=True)  # (S,)
-    gids = (ids + base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
-    _launch_gather(gids, gids, joined, first, out_k, out_v, t, h, False)
-    return out_k, out_v
+
+    def _join(self, stores: list[UnitStore], device: torch.device) -> None:
+        first = stores[0]
+        for s in stores[1:]:
+            if (s.kv_heads, s.block_size, s.head_dim, s.segment_units, s.offload_dtype) != (
+                first.kv_heads, first.block_size, first.head_dim, first.segment_units, first.offload_dtype
+            ):  # fmt: skip
+                raise ValueError("gather_units_stores needs stores of one shape (one MemoryConfig)")
+        names = ["k", "v", "k_scale", "v_scale"] if first.offload_dtype == "int8" else ["k", "v"]
+        tables = [segment_tables(s) for s in stores]
+        self.joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
+        starts, at = [], 0
+        for tab in tables:
+            starts.append(at * first.segment_units)
+            at += tab["k"].shape[0]
+        self.base = torch.tensor(starts, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+        self.stores, self.versions = list(stores), [s.version for s in stores]
+        self.joins += 1
 
 
 def _launch_gather(

@@ -1,0 +1,329 @@
+"""The stacked rows of a batched decode step (context/batch.py, impl "fast"), with buffers kept across calls.
+
+A row is stacked when its session's step is a steady one (`steady`: phase 2, one token, nothing cut,
+no re-base, the index holding at least topk units). Host work is done once per call and once per
+change of the rows' state, not per layer and step:
+  * `plan_rows` (once per call, when layer 0 asks: every layer is in the state layer 0 is in): the
+    rows' host integers (plans, windows, counters, bounds) and their device indexes (rotation rows,
+    window lengths, unit counts) uploaded in ONE copy (pinned, asynchronous on CUDA);
+  * `StackedLayer` (one per layer of a BatchCache, kept across its calls): the rows' windows in one
+    zero-padded buffer (kv_heads, S, capacity, head_dim) whose slices ARE the sessions' windows
+    (each layer's local_k/v are views of it), the last received scores, the rows' unit indexes
+    stacked (S, kv_heads, units, head_dim) and their sinks. A step writes each row's new key after
+    its window in place (past every view handed out before, so a checkpoint holding one is
+    untouched), computes fresh scores, and hands each layer views again (one split per buffer, no
+    copy). Before a layer attends, a row whose layer no longer holds the views handed out last (it
+    stepped alone, cut, rolled back), whose store was written (UnitStore.edits) or whose sinks
+    changed is copied in again, into NEW buffers (the others moved there in one copy per buffer):
+    no buffer a view was handed out of is ever rewritten.
+  * the gather of every row's units from its own store is the kernels' `stores_gather()` (CUDA: one
+    launch over the stores' joined segment tables, kept while the stores' segments are unchanged).
+Per layer the device work is a fixed number of launches whatever S, no host synchronisation; the host
+work per row and layer is a few identity checks and attribute updates. Each layer's state after a
+call is what ContextMemoryLayer.attend would have left (tests/context/test_batch.py).
+
+Knows nothing of models, sessions or text.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
+from memllm.context.lookup import combine, mask_later, select_units, unit_scores
+from memllm.context.plan import CallPlan
+from memllm.context.positions import Rotary
+from memllm.context.prefill import upload
+from memllm.context.window import merge
+
+
+def steady(layer: ContextMemoryLayer, plan: CallPlan) -> bool:
+    """Whether a one-token call of `layer` (plan: its plan) is a steady step the stacked path runs:
+    phase 2, one execution block with memory, nothing cut, no sinks set, no re-base, the index
+    holding at least topk units, no probe and nothing deferred (host integers only)."""
+    cfg = layer.config
+    return (
+        layer.cut
+        and plan.c == 1
+        and plan.n_cut == 0
+        and plan.sinks_from is None
+        and plan.keep_from == 0
+        and len(plan.blocks) == 1
+        and plan.memory_blocks == [0]
+        and cfg.topk > 0
+        and layer.store.n_units >= cfg.topk
+        and layer.seen - layer.base < layer.spec.trained_len
+        and layer.probe is None
+        and layer.deferred is None
+        and layer.sink_k.shape[1] == cfg.n_init
+    )
+
+
+@dataclass
+class Rows:
+    """The stacked rows of one call and what every layer needs of them (worked out once per call)."""
+
+    rows: list[int]  # batch rows (sessions), ascending
+    rows_dev: torch.Tensor | None  # (S,) long on the device; None when every row of the batch is stacked
+    plans: list[CallPlan]  # each row's plan (one token, no cut)
+    windows: list[int]  # W_b: window keys before the step
+    local_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> window position
+    memory_rows: torch.Tensor  # (S,) long: rotation-table row, model position -> memory_distance
+    window_idx: torch.Tensor  # (S,) long: W_b on the device (where the new key goes)
+    units: torch.Tensor  # (S,) long: units each row's lookup chooses among
+    at: torch.Tensor  # (S,) long: 0..S-1
+    valid: list[int]  # ids each row's lookup yields that count (min(topk, units))
+    keys: list[int]  # ContextMemoryLayer.bounds of the call: keys per query
+    positions: list[int]  # ... and the largest position
+    forced: list[int]  # stacked indexes whose session forces units (select.ForcedUnits)
+    grow: int  # room for this many more keys per row when the window buffers are made
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # capacity -> (S, capacity) keys hidden
+
+    def hidden(self, capacity: int) -> torch.Tensor:
+        """(S, capacity) bool: the keys each row does not see (past its window and new key)."""
+        if capacity not in self.masks:
+            self.masks[capacity] = (
+                torch.arange(capacity, device=self.window_idx.device)[None, :] > self.window_idx[:, None]
+            )
+        return self.masks[capacity]
+
+
+def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | None:
+    """The stacked rows of a one-token call of `caches` (batch row b = caches[b]), from their layer 0;
+    None when no row is steady. One upload of the rows' device indexes."""
+    rows, plans, windows, local_rows, memory_rows, units = [], [], [], [], [], []
+    valid, keys, positions, forced = [], [], [], []
+    cfg = caches[0].config
+    for b, cache in enumerate(caches):
+        layer = cache.layers[0]
+        plan = layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, 1)
+        if not steady(layer, plan):
+            continue
+        model_start = layer.reported_length()
+        if layer.forced is not None and layer.forced.active:
+            forced.append(len(rows))
+        rows.append(b)
+        plans.append(plan)
+        windows.append(plan.window)
+        local_rows.append(rotary.row(layer.seen - layer.base - model_start))
+        memory_rows.append(rotary.row(-(model_start - cfg.memory_distance)))
+        units.append(layer.store.n_units)
+        valid.append(min(cfg.topk, plan.blocks[0].units_before))
+        k, p = layer.bounds(plan, model_start)
+        keys.append(k)
+        positions.append(p)
+    if not rows:
+        return None
+    s = len(rows)
+    every = s == len(caches)
+    dev = caches[0].layers[0].device
+    host = local_rows + memory_rows + windows + units + list(range(s)) + ([] if every else rows)
+    idx = upload(torch.tensor(host, dtype=torch.long), dev).view(-1, s)
+    return Rows(rows, None if every else idx[5], plans, windows, idx[0], idx[1], idx[2], idx[3], idx[4],
+                valid, keys, positions, forced, cfg.block_size)  # fmt: skip
+
+
+def _views_of(layer: ContextMemoryLayer, views: tuple[torch.Tensor, ...]) -> bool:
+    return layer.local_k is views[0] and layer.local_v is views[1] and layer.local_score is views[2]
+
+
+def _assemble(
+    old: torch.Tensor | None,
+    shape: tuple[int, ...],
+    dim: int,
+    keep: list[tuple[int, int]],
+    fill: Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]],
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """A new zero tensor of `shape` (rows along `dim`, dtype and device of `like`): row dst is old's
+    row src for (src, dst) in keep (along dim 2 up to the shorter of the two), then fill(new)'s
+    (destination, source) pairs are copied (one foreach copy)."""
+    new = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if keep and old is not None:
+        src, dst = (upload(torch.tensor(x, dtype=torch.long), like.device) for x in zip(*keep, strict=True))
+        n = min(shape[2], old.shape[2])
+        new.narrow(2, 0, n).index_copy_(dim, dst, old.narrow(2, 0, n).index_select(dim, src))
+    pairs = fill(new)
+    if pairs:
+        torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+    return new
+
+
+class StackedLayer:
+    """One layer's stacked rows across the calls of a BatchCache (see the module note)."""
+
+    def __init__(self, gather: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
+        self.gather = gather  # kernels.stores_gather(): (stores, ids, dtype) -> unit K, V
+        self.layers: list[ContextMemoryLayer] = []  # the rows' layers the buffers were made for
+        self.k: torch.Tensor | None = None  # (kv_heads, S, capacity, head_dim) model dtype
+        self.v: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None  # (kv_heads, S, capacity) fp32: 0 past each window
+        # per row: the local_k, local_v, local_score handed out (a row is current while its layer holds them)
+        self.views: list[tuple[torch.Tensor, ...]] = []
+        self.reprs: torch.Tensor | None = None  # (S, kv_heads, units, head_dim): each row's index
+        self.index_keys: list[tuple[int, int]] = []  # per row: (store.edits, n_units) reprs was copied at
+        self.sink_k: torch.Tensor | None = None  # (S, kv_heads, n_init, head_dim)
+        self.sink_v: torch.Tensor | None = None
+        self.sinks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per row: the sink tensors copied
+        self.rebuilds = 0  # times any buffer was made again (tests and benchmarks read it)
+
+    # ---- keeping the buffers current (host work only when a row's state changed) ---------------
+    def prepare(self, layers: list[ContextMemoryLayer], st: Rows) -> None:
+        same = len(layers) == len(self.layers) and all(map(operator.is_, layers, self.layers))
+        slot = {} if same else {id(lay): j for j, lay in enumerate(self.layers)}
+        src = list(range(len(layers))) if same else [slot.get(id(lay), -1) for lay in layers]
+        need = max(st.windows) + 1
+        if not (same and self.k.shape[2] >= need and all(map(_views_of, layers, self.views))):
+            self._windows(layers, st, src, need)
+        index = [(lay.store.edits, lay.store.n_units) for lay in layers]
+        if not (same and index == self.index_keys and self.reprs.shape[2] >= max(n for _, n in index)):
+            self._index(layers, src, index)
+        sinks = [(lay.sink_k, lay.sink_v) for lay in layers]
+        if not (same and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(sinks, self.sinks, strict=True))):
+            self._sinks(layers, src, sinks)
+        self.layers = layers
+
+    def _windows(self, layers: list[ContextMemoryLayer], st: Rows, src: list[int], need: int) -> None:
+        first = layers[0]
+        kvh, d = first.spec.kv_heads, first.spec.head_dim
+        keep, own = [], []
+        for i, (lay, j) in enumerate(zip(layers, src, strict=True)):
+            (keep if j >= 0 and _views_of(lay, self.views[j]) else own).append((j, i))
+        shape = (kvh, len(layers), need + st.grow, d)
+        like = first.local_k if self.k is None else self.k
+
+        def fill(name: str) -> Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+            """The rows not kept: their layer's own tensor `name` into their place in `new`."""
+            return lambda new: [
+                (new[:, i, : getattr(layers[i], name).shape[1]], getattr(layers[i], name)) for _, i in own
+            ]
+
+        self.k = _assemble(self.k, shape, 1, keep, fill("local_k"), like)
+        self.v = _assemble(self.v, shape, 1, keep, fill("local_v"), like)
+        self.score = _assemble(self.score, shape[:3], 1, keep, fill("local_score"), first.local_score)
+        self.views = [(lay.local_k, lay.local_v, lay.local_score) for lay in layers]  # checked next call
+        self.rebuilds += 1
+
+    def _index(self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]]) -> None:
+        first = layers[0]
+        keep = [(j, i) for i, j in enumerate(src) if j >= 0 and self.index_keys[j] == index[i]]
+        kept = {i for _, i in keep}
+        reprs = [lay.store.repr_keys() for lay in layers]
+        shape = (len(layers), first.spec.kv_heads, max(r.shape[1] for r in reprs), first.spec.head_dim)
+        self.reprs = _assemble(
+            self.reprs, shape, 0, keep,
+            lambda new: [(new[i, :, : r.shape[1]], r) for i, r in enumerate(reprs) if i not in kept],
+            reprs[0],
+        )  # fmt: skip
+        self.index_keys = index
+        self.rebuilds += 1
+
+    def _sinks(
+        self, layers: list[ContextMemoryLayer], src: list[int], sinks: list[tuple[torch.Tensor, ...]]
+    ) -> None:
+        keep = [(j, i) for i, j in enumerate(src) if j >= 0 and self.sinks[j][0] is sinks[i][0]
+                and self.sinks[j][1] is sinks[i][1]]  # fmt: skip
+        kept = {i for _, i in keep}
+        shape = (len(layers), *sinks[0][0].shape)
+        for n, name in enumerate(("sink_k", "sink_v")):
+            made = _assemble(
+                getattr(self, name), shape, 0, keep,
+                lambda new, n=n: [(new[i], s[n]) for i, s in enumerate(sinks) if i not in kept],
+                sinks[0][n],
+            )  # fmt: skip
+            setattr(self, name, made)
+        self.sinks = sinks
+        self.rebuilds += 1
+
+    # ---- the step --------------------------------------------------------------------------------
+    def attend(
+        self,
+        layers: list[ContextMemoryLayer],
+        st: Rows,
+        rot: Rotary,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """ContextMemoryLayer.attend for one token of each stacked row (layers: the rows' layers),
+        computed together: query (B, heads, 1, d), key/value (B, kv_heads, 1, d) -> (S, heads, 1, d) in
+        the model dtype for rows st.rows, whose layers advance by one token (window, scores, lookup
+        counters and log, bounds)."""
+        first = layers[0]
+        cfg, dtype, dev = first.config, first.dtype, query.device
+        S, (heads, d), kvh = len(layers), (query.shape[1], query.shape[3]), key.shape[1]
+        g = heads // kvh
+        if st.rows_dev is not None:
+            query, key, value = (t.index_select(0, st.rows_dev) for t in (query, key, value))
+        q = query[:, :, 0].float()  # (S, heads, d)
+        k = key[:, :, 0].float()  # (S, kv_heads, d)
+        v = value[:, :, 0].to(dtype)  # (S, kv_heads, d)
+        cos_t, sin_t, _ = rot.tables(dev)
+        cos_l, sin_l = cos_t[st.local_rows].unsqueeze(1), sin_t[st.local_rows].unsqueeze(1)  # (S, 1, d)
+        q_loc = rot.apply(q, cos_l, sin_l)  # (S, heads, d) at window positions
+        k_new = rot.apply(k, cos_l, sin_l).to(dtype)  # (S, kv_heads, d)
+        self.prepare(layers, st)
+
+        # Local pass: each row over its window keys [0, W_b] (its new key written at W_b), the
+        # buffers' other keys masked. Layout (kv_heads, S, ...): the buffers' own.
+        cap = self.k.shape[2]
+        self.k[:, st.at, st.window_idx] = k_new.transpose(0, 1)
+        self.v[:, st.at, st.window_idx] = v.transpose(0, 1)
+        q_h = q_loc.view(S, kvh, g, d).transpose(0, 1)  # (kvh, S, g, d)
+        logits = torch.matmul(q_h, self.k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
+        logits = logits.masked_fill(st.hidden(cap)[None, :, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
+        p = torch.exp(logits - lse)
+        out = torch.matmul(p, self.v.float())  # (kvh, S, g, d)
+        score = p.sum(dim=2) + self.score  # (kvh, S, cap): what each window key received, in all
+
+        # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
+        q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
+        q_mem = q_mem.view(S, kvh, g, d)
+        q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
+        scores = combine(unit_scores(q_sum, self.reprs), cfg.lookup)  # (S, 1 or kvh, U_max) fp32
+        scores = mask_later(scores, st.units)
+        ids = select_units(scores, cfg.topk).expand(S, kvh, -1)  # (S, kv_heads, topk)
+        if st.forced:  # a row whose session forces units (select.ForcedUnits) reads those
+            ids = ids.clone()
+            for i in st.forced:
+                ids[i] = layers[i].forced.apply(layers[i].layer_idx, ids[i : i + 1])[0]
+
+        # Memory pass: sinks + topk units for every row (the same number of keys).
+        unit_k, unit_v = self.gather([lay.store for lay in layers], ids, dtype)
+        k_mem = torch.cat([self.sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
+        v_mem = torch.cat([self.sink_v, unit_v], dim=2).float()
+        logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
+        lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
+        out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
+        merged = merge(out.transpose(0, 1), lse.squeeze(-1).transpose(0, 1), out_m, lse_m.squeeze(-1))
+
+        # Each row's state: views of the buffers (one split each), the counters, the bounds.
+        sizes = []
+        for w in st.windows:
+            sizes += (w + 1, cap - w - 1)
+        ks = self.k.view(kvh, S * cap, d).split_with_sizes(sizes, 1)
+        vs = self.v.view(kvh, S * cap, d).split_with_sizes(sizes, 1)
+        ss = score.view(kvh, S * cap).split_with_sizes(sizes, 1)
+        views = self.views = list(zip(ks[::2], vs[::2], ss[::2], strict=True))
+        self.score = score
+        fetched = kvh
+        for i, lay in enumerate(layers):
+            lay.local_k, lay.local_v, lay.local_score = views[i]
+            lay.static_views = False
+            if lay.probe is None:  # steady rows have none; as count_lookups
+                lay.lookups += 1
+                lay.units_fetched += fetched * st.valid[i]
+                if lay.lookup_log is not None:
+                    lay.lookup_log.append((lay.layer_idx, ids[i, :, : st.valid[i]].reshape(-1)))
+            if st.keys[i] > lay.max_keys_per_query:
+                lay.max_keys_per_query = st.keys[i]
+            if st.positions[i] > lay.max_position:
+                lay.max_position = st.positions[i]
+            lay.seen += 1
+        return merged.reshape(S, heads, 1, d).to(query.dtype)
