@@ -127,7 +127,12 @@ def run(llm, src, memory, n: int, steps: int, warm: int, top: int) -> dict:
     reads = host_reads(engine)
     stats = pstats.Stats(prof)
     rows, pieces = [], []
-    for (file, line, name), (_cc, calls, tt, ct, _callers) in stats.stats.items():
+    gather_calls = 0.0  # torch calls made by the CPU gather (memllm/context/gather.py): CUDA's is one launch
+    for (file, line, name), (_cc, calls, tt, ct, callers) in stats.stats.items():
+        if file.startswith("~") and "torch" in name:
+            gather_calls += sum(
+                c[1] for (cf, _l, _n), c in callers.items() if cf.endswith("context/gather.py")
+            )
         row = {"function": f"{Path(file).name}:{line}({name})", "calls_per_step": calls / steps,
                "own_ms_per_step": tt * 1000 / steps, "cum_ms_per_step": ct * 1000 / steps}  # fmt: skip
         rows.append(row)
@@ -140,6 +145,7 @@ def run(llm, src, memory, n: int, steps: int, warm: int, top: int) -> dict:
         r["calls_per_step"] for r in rows if r["function"].startswith("~") and "torch" in r["function"]
     )
     out = {"sessions": n, "ms_per_step": ms, "profiled_ms_per_step": profiled_ms, "torch_calls": torch_calls,
+           "torch_calls_outside_cpu_gather": torch_calls - gather_calls / steps,
            "stacked_share": (engine.stacked_rows - stacked0) / (n * (2 * steps + 1)),
            "host_reads_after_layer0": reads, "top_own": own, "pieces": watch}  # fmt: skip
     del clones, engine
@@ -179,7 +185,7 @@ def main() -> None:
         r = run(llm, src, memory, n, args.steps, args.warm, args.top)
         results.append(r)
         print(f"\nB={n}: {r['ms_per_step']:.1f} ms/step (profiled {r['profiled_ms_per_step']:.1f}), "
-              f"torch calls {r['torch_calls']:.0f}, "
+              f"torch calls {r['torch_calls']:.0f} ({r['torch_calls_outside_cpu_gather']:.0f} outside the CPU gather), "
               f"stacked share {r['stacked_share']:.2f}, host reads after layer 0: {r['host_reads_after_layer0']}")  # fmt: skip
         print(f"  {'own ms':>8} {'cum ms':>8} {'calls':>8}  function (per step)")
         for row in r["top_own"]:

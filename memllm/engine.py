@@ -278,7 +278,7 @@ class BatchEngine:
         batch = self._batch_of([s.cache for s in sessions])
         stacked = batch.stacked_steps
         ids = prefill.upload(torch.tensor(tokens, dtype=torch.long).view(-1, 1), dev)
-        with attach(model, cache=batch):
+        with attach(model, cache=batch, inspect=False):  # the sessions' caches were made for this model
             out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
                         use_cache=True, logits_to_keep=1)  # fmt: skip
         self.steps += 1

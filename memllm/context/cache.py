@@ -260,7 +260,9 @@ class ContextMemoryLayer(CacheLayerMixin):
         rot = self.rotary
         k_all = self.kernels.join_keys(rot, local_k, k, rebase, angle, self.dtype)
         v_all = torch.cat([local_v, v], dim=1)
-        out, lse, received = self.kernels.local_attention(rot, q, angle, k_all, v_all, plan, scale, self.dtype)
+        out, lse, received = self.kernels.local_attention(
+            rot, q, angle, k_all, v_all, plan, scale, self.dtype
+        )
         score = received  # a fresh tensor: the window's earlier scores are added in place
         score[:, : local_score.shape[1]] += local_score
         return out, lse, k_all, v_all, score
@@ -274,8 +276,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         rot = self.rotary
         k_all = self.kernels.join_keys(rot, self.local_k, k, 0, angle, self.dtype)
         v_all = torch.cat([self.local_v, v], dim=1)
-        out, lse, q_loc = self.kernels.local_attention_deferred(rot, q, angle, k_all, v_all, plan, scale, self.dtype)
-        pad = torch.zeros(self.local_score.shape[0], plan.c, dtype=torch.float32, device=self.local_score.device)
+        out, lse, q_loc = self.kernels.local_attention_deferred(
+            rot, q, angle, k_all, v_all, plan, scale, self.dtype
+        )
+        pad = torch.zeros(
+            self.local_score.shape[0], plan.c, dtype=torch.float32, device=self.local_score.device
+        )
         score = torch.cat([self.local_score, pad], dim=1)
         self.deferred = (*(self.deferred or ()), (q_loc, lse, plan.window, scale))  # a new tuple: checkpoints
         return out, lse, k_all, v_all, score
@@ -310,7 +316,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         return k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1)
 
     def write_cut_units(
-        self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor, first: int,
+        self,
+        plan: CallPlan,
+        k_all: torch.Tensor,
+        v_all: torch.Tensor,
+        score: torch.Tensor,
+        first: int,
         at: torch.Tensor,
     ) -> None:
         """cut_units, written at units at, at + 1, ... (a device scalar: UnitStore.write_at; static.py).
@@ -360,7 +371,9 @@ class ContextMemoryLayer(CacheLayerMixin):
             q_probe = rot.rotated(q, start, -1, torch.float32)
             self.probe.add(
                 self.layer_idx,
-                unit_mass(q_probe, lse, self.sink_k, self.store, scale, self.dtype, self.kernels.gather_units),
+                unit_mass(
+                    q_probe, lse, self.sink_k, self.store, scale, self.dtype, self.kernels.gather_units
+                ),
             )
         if self.store.n_units > 0 and cfg.topk > 0:
             if q_sum is None:

@@ -75,7 +75,9 @@ class TorchKernels:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """The local pass: out (heads, c, d) fp32, lse (heads, c), received (kv_heads, W + c)."""
         q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
-        if self.impl == "fast" and q.device.type == "cpu" and plan.c >= FUSED_CPU_MIN:  # PyTorch's fused CPU attention
+        if (
+            self.impl == "fast" and q.device.type == "cpu" and plan.c >= FUSED_CPU_MIN
+        ):  # PyTorch's fused CPU attention
             return local_attention_fused(q_loc, k_all, v_all, plan, scale, torch.float32)
         return local_attention(q_loc, k_all, v_all, plan, scale, torch.float32)
 
@@ -86,7 +88,9 @@ class TorchKernels:
         """The local pass without the received scores: out, lse and the queries at window positions
         (fp32), from which window.received_scores gives the scores later."""
         q_loc = rot.rotated(q, angle, 1, torch.float32, per_row=False)
-        out, lse, _ = local_attention_fused(q_loc, k_all, v_all, plan, scale, torch.float32, with_received=False)
+        out, lse, _ = local_attention_fused(
+            q_loc, k_all, v_all, plan, scale, torch.float32, with_received=False
+        )
         return out, lse, q_loc
 
     def write_cut(
@@ -126,7 +130,9 @@ class TorchKernels:
         parts = [self.gather_units(st, ids[i : i + 1], dtype) for i, st in enumerate(stores)]
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])
 
-    def stores_gather(self) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    def stores_gather(
+        self,
+    ) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
         """gather_units_stores for one caller that calls it again and again (a batch's layer): on CUDA
         an object keeping the stores' joined segment tables between calls."""
         return self.gather_units_stores
@@ -161,7 +167,9 @@ class CudaKernels(TorchKernels):
     fast = True
 
     def __init__(self):
-        super().__init__("fast", "cuda")  # on CUDA the kernels compute the received scores in the pass: none deferred
+        super().__init__(
+            "fast", "cuda"
+        )  # on CUDA the kernels compute the received scores in the pass: none deferred
         from memllm.context.cuda import cut as cut_cuda
         from memllm.context.cuda import lookup as lookup_cuda
         from memllm.context.cuda import positions as positions_cuda
@@ -257,7 +265,9 @@ class CudaKernels(TorchKernels):
             return gather_units_stores(stores, ids, dtype)
         return super().gather_units_stores(stores, ids, dtype)
 
-    def stores_gather(self) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    def stores_gather(
+        self,
+    ) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
         """cuda/gather.StoresGather: the joined segment tables kept while the stores' segments are unchanged."""
         from memllm.context.cuda.gather import StoresGather
 

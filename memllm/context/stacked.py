@@ -81,15 +81,19 @@ class Rows:
     positions: list[int]  # ... and the largest position
     forced: list[int]  # stacked indexes whose session forces units (select.ForcedUnits)
     grow: int  # room for this many more keys per row when the window buffers are made
-    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # capacity -> (S, capacity) keys hidden
+    # capacity -> (S, capacity) bool: the keys each row does not see (past its window and new key),
+    # and (S,) long: where each row's new key goes in a buffer's (S * capacity) keys
+    by_capacity: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def hidden(self, capacity: int) -> torch.Tensor:
-        """(S, capacity) bool: the keys each row does not see (past its window and new key)."""
-        if capacity not in self.masks:
-            self.masks[capacity] = (
-                torch.arange(capacity, device=self.window_idx.device)[None, :] > self.window_idx[:, None]
+    def at_capacity(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, slots) for window buffers of `capacity` keys per row (made once per call)."""
+        if capacity not in self.by_capacity:
+            keys = torch.arange(capacity, device=self.window_idx.device)
+            self.by_capacity[capacity] = (
+                keys[None, :] > self.window_idx[:, None],
+                self.at * capacity + self.window_idx,
             )
-        return self.masks[capacity]
+        return self.by_capacity[capacity]
 
 
 def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | None:
@@ -272,11 +276,12 @@ class StackedLayer:
         # Local pass: each row over its window keys [0, W_b] (its new key written at W_b), the
         # buffers' other keys masked. Layout (kv_heads, S, ...): the buffers' own.
         cap = self.k.shape[2]
-        self.k[:, st.at, st.window_idx] = k_new.transpose(0, 1)
-        self.v[:, st.at, st.window_idx] = v.transpose(0, 1)
+        hidden, slots = st.at_capacity(cap)
+        self.k.view(kvh, S * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
+        self.v.view(kvh, S * cap, d).index_copy_(1, slots, v.transpose(0, 1))
         q_h = q_loc.view(S, kvh, g, d).transpose(0, 1)  # (kvh, S, g, d)
         logits = torch.matmul(q_h, self.k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
-        logits = logits.masked_fill(st.hidden(cap)[None, :, None, :], float("-inf"))
+        logits = logits.masked_fill(hidden[None, :, None, :], float("-inf"))
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
         p = torch.exp(logits - lse)
         out = torch.matmul(p, self.v.float())  # (kvh, S, g, d)

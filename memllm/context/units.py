@@ -184,7 +184,10 @@ class UnitStore:
 
     def advance(self, n: int) -> None:
         """Count n units written by `write_at` (host bookkeeping after the device work)."""
-        if len(self.segments) * self.segment_units < self.n_units + n or self.repr_buffer().shape[1] < self.n_units + n:
+        if (
+            len(self.segments) * self.segment_units < self.n_units + n
+            or self.repr_buffer().shape[1] < self.n_units + n
+        ):
             raise ValueError(f"no room was made for {n} more units (ensure_room)")
         self.n_units += n
         self.edits += 1

@@ -20,7 +20,12 @@ from memllm.context.cuda.lookup import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.gather import distinct_pairs
 from memllm.context.units import UnitStore
 
-TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32, torch.int8: tl.int8}
+TL_DTYPES = {
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float32: tl.float32,
+    torch.int8: tl.int8,
+}
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -180,7 +185,9 @@ def gather_units_uva(
     dedup = dedup and n_rows > 1
     if dedup:
         flat = ids.reshape(n_rows, h, t)
-        keys, count, slot = distinct_pairs_cuda(flat) if flat.numel() <= DISTINCT_MAX else distinct_pairs(flat)
+        keys, count, slot = (
+            distinct_pairs_cuda(flat) if flat.numel() <= DISTINCT_MAX else distinct_pairs(flat)
+        )
         dst_k = torch.empty(keys.shape[0], bs, d, dtype=dtype, device=ids.device)
         dst_v = torch.empty_like(dst_k)
     else:
