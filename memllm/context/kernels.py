@@ -167,9 +167,8 @@ class CudaKernels(TorchKernels):
     fast = True
 
     def __init__(self):
-        super().__init__(
-            "fast", "cuda"
-        )  # on CUDA the kernels compute the received scores in the pass: none deferred
+        # on CUDA the kernels compute the received scores in the pass: none deferred
+        super().__init__("fast", "cuda")
         from memllm.context.cuda import cut as cut_cuda
         from memllm.context.cuda import lookup as lookup_cuda
         from memllm.context.cuda import positions as positions_cuda
