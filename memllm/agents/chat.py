@@ -38,6 +38,7 @@ Knows nothing of the CLI; the store and controller come from memllm.memory_store
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
+from memllm.agents.fact_answer import answer_prefix, asked_fact
 from memllm.agents.factbook import FactBook
 from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
@@ -76,6 +78,17 @@ def build_messages(system: str | None, message: str, recall: Recall | None) -> l
         message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}"
     msgs.append({"role": "user", "content": message})
     return msgs
+
+
+def answer_start(message: str, recall: Recall | None) -> tuple[MemoryRecord | None, str]:
+    """The recalled fact record the message asks for (agents.fact_answer: a current fact whose subject
+    the question names; None if none) and the text the answer to it starts with: that fact told back up
+    to its value ("Your favourite colour is"; "" when there is none). The 135M model refuses a question
+    about the user's tastes, or invents a placeholder value, with the fact in its prompt; started from
+    the fact, it writes the value (benchmarks/RESULTS.md, issue 18)."""
+    record = asked_fact(message, [it.record for it in recall.used]) if recall is not None else None
+    prefix = answer_prefix(record) if record is not None else None
+    return (record, prefix) if prefix else (None, "")
 
 
 def recalls_fact(recall: Recall | None) -> bool:
@@ -128,6 +141,8 @@ class ChatAgent:
             raise ConfigError(f"stream_with_facts must be True or False, got {stream_with_facts!r}")
         self.stream_with_facts = stream_with_facts
         self.answered_from: str | None = None  # the latest turn's source: "stream" or "prompt"
+        self.answer_fact: str | None = None  # the fact record the latest answer was started from (fact_turn)
+        self._takes_prefix = "answer_prefix" in inspect.signature(llm.chat_stream).parameters
         self.llm = llm
         self.store = store
         self.user = user
@@ -386,7 +401,10 @@ class ChatAgent:
         the 135M model answers from: RESULTS.md)."""
         room = max(window - max_new_tokens - 128, 64)
         return ControllerConfig(
-            memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS, flash_with_memory=False
+            memory_tokens=room // 4,
+            flash_tokens=room // 2,
+            max_records=CHAT_MAX_RECORDS,
+            flash_with_memory=False,
         )
 
     def _summarize(self, text: str) -> str:
@@ -422,6 +440,7 @@ class ChatAgent:
         recall = self.controller.recall(text)  # kv: the user's fact records only (see __init__)
         guard = self.guard if self.guard.active else None
         from_stream = self.session is not None and (self.stream_with_facts or not recalls_fact(recall))
+        self.answer_fact = None
         self.answered_from = "stream" if from_stream else "prompt"
         if from_stream:
             turn = self._kv_turn(text, recall)
@@ -433,9 +452,13 @@ class ChatAgent:
             source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
         else:  # text mode, or a turn the recalled fact answers (its kv turn is closed all the same)
             turn = []
-            opts = (
+            opts: dict[str, Any] = (
                 {"repetition_penalty": self.guard.penalty, "no_repeat_ngram": self.guard.n} if guard else {}
             )
+            fact, prefix = answer_start(text, recall)
+            if fact is not None and self._takes_prefix:  # an llm without answer_prefix answers as it is
+                opts["answer_prefix"] = prefix
+                self.answer_fact = fact.id
             source = self.llm.chat_stream(
                 self.build_messages(text, recall),
                 max_new_tokens=limit,
