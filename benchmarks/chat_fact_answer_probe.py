@@ -22,7 +22,7 @@ import time
 
 from memllm.agents.chat import MEMORY_HEADER
 from memllm.agents.controller import render_record
-from memllm.agents.fact_answer import answer_prefix, asked_fact
+from memllm.agents.fact_answer import answer_start, asked_fact
 from memllm.agents.facts import extract_facts, second_person
 from memllm.memory_stores.records import MemoryRecord
 
@@ -89,10 +89,10 @@ def ask(llm, variant: str, record: MemoryRecord, question: str, max_new_tokens: 
     if asked is not None and start == "told":
         return second_person(asked.text)
     if asked is not None and start == "value":  # the fact told back through its value; the model goes on
-        head = second_person(asked.text).rstrip(".")
+        return llm.chat(msgs, max_new_tokens=max_new_tokens, answer_prefix=answer_start(asked) or "")
+    if asked is not None and start == "prefix":  # the fact told back up to its value: the model writes it
+        head = second_person(asked.text[: asked.text.find(asked.metadata["value"])]).rstrip()
         return llm.chat(msgs, max_new_tokens=max_new_tokens, answer_prefix=head)
-    if asked is not None and start == "prefix":
-        return llm.chat(msgs, max_new_tokens=max_new_tokens, answer_prefix=answer_prefix(asked) or "")
     return llm.chat(msgs, max_new_tokens=max_new_tokens)
 
 

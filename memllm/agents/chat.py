@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
-from memllm.agents.fact_answer import answer_prefix, asked_fact
+from memllm.agents.fact_answer import answer_start, asked_fact, asks_something
 from memllm.agents.factbook import FactBook
 from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
@@ -59,6 +59,10 @@ MEMORY_MODES = ("text", "kv", "hybrid")
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
+# After a question answered from a recalled fact (chat_fact_answer_probe, thirty questions of varied
+# wording: 23/30 with it, 16/30 without; a system prompt saying the facts are the user's: 12/30).
+FACT_ASK = "Answer from the fact above in one short sentence."
+FACT_ASK_MANY = "Answer from the facts above in one short sentence."  # more than one record recalled
 CHAT_MAX_RECORDS = 1  # recalled records per turn: one short fact (chat_prompt_probe: 9/10 vs 4/10 at k=3)
 KV_LIMIT_HINT = (
     "continue this user's chat with --memory text (its text memory keeps every turn), lower "
@@ -69,26 +73,29 @@ KV_LIMIT_HINT = (
 def build_messages(system: str | None, message: str, recall: Recall | None) -> list[dict[str, str]]:
     """The chat for one turn: the system prompt (none given: the template's default), recent turns,
     then the message with the recalled memory placed right before it (what the 135M model uses best:
-    measured in benchmarks/RESULTS.md)."""
+    measured in benchmarks/RESULTS.md) and, after a question with a fact recalled, FACT_ASK."""
     msgs = [{"role": "system", "content": system}] if system else []
     for rec in recall.flash if recall is not None else []:
         role = rec.metadata.get("role", "user")
         msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
     if recall is not None and recall.memory_text:
-        message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}"
+        ask = ""
+        if recalls_fact(recall) and asks_something(message):
+            ask = "\n" + (FACT_ASK if len(recall.used) == 1 else FACT_ASK_MANY)
+        message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}{ask}"
     msgs.append({"role": "user", "content": message})
     return msgs
 
 
-def answer_start(message: str, recall: Recall | None) -> tuple[MemoryRecord | None, str]:
+def start_from_fact(message: str, recall: Recall | None) -> tuple[MemoryRecord | None, str]:
     """The recalled fact record the message asks for (agents.fact_answer: a current fact whose subject
-    the question names; None if none) and the text the answer to it starts with: that fact told back up
-    to its value ("Your favourite colour is"; "" when there is none). The 135M model refuses a question
-    about the user's tastes, or invents a placeholder value, with the fact in its prompt; started from
-    the fact, it writes the value (benchmarks/RESULTS.md, issue 18)."""
+    the question names, and nothing else; None if none) and the text the answer starts with: that fact
+    told back through its value ("Your favourite colour is teal"; "" when there is none). The 135M model
+    refuses a question about the user's tastes, or invents a placeholder value, with the fact in its
+    prompt (benchmarks/RESULTS.md, issue 18)."""
     record = asked_fact(message, [it.record for it in recall.used]) if recall is not None else None
-    prefix = answer_prefix(record) if record is not None else None
-    return (record, prefix) if prefix else (None, "")
+    start = answer_start(record) if record is not None else None
+    return (record, start) if start else (None, "")
 
 
 def recalls_fact(recall: Recall | None) -> bool:
@@ -455,7 +462,7 @@ class ChatAgent:
             opts: dict[str, Any] = (
                 {"repetition_penalty": self.guard.penalty, "no_repeat_ngram": self.guard.n} if guard else {}
             )
-            fact, prefix = answer_start(text, recall)
+            fact, prefix = start_from_fact(text, recall)
             if fact is not None and self._takes_prefix:  # an llm without answer_prefix answers as it is
                 opts["answer_prefix"] = prefix
                 self.answer_fact = fact.id

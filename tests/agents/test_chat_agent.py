@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.agents.chat import FACT_ASK, ChatAgent, user_namespace
 from memllm.agents.controller import ControllerConfig
 from memllm.cli.app import app
 from memllm.errors import ConfigError
@@ -366,7 +366,7 @@ def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(tin
     ((message,),) = from_prompt  # one message: no system prompt given, no recent turns with memory
     assert message["role"] == "user"
     assert message["content"].startswith("Facts I told you before:\n- Your locker code is 4417. (told on ")
-    assert message["content"].endswith("\n\nWhat is my locker code?")
+    assert message["content"].endswith("\n\nWhat is my locker code?\n" + FACT_ASK)
     # The stream holds the statement only: the question answered from the fact left nothing in it.
     ref = tiny_llm.session(tiny_context())
     ref.feed("<|im_start|>user\nMy locker code is 4417.<|im_end|>\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from memllm.agents.chat import ChatAgent
-from memllm.agents.fact_answer import answer_prefix, asked_fact, asks_for, asks_something
+from memllm.agents.chat import FACT_ASK, ChatAgent
+from memllm.agents.fact_answer import answer_start, asked_fact, asks_for, asks_something
 from memllm.agents.facts import extract_facts
 from memllm.memory_stores.embeddings import FakeEmbedder
 from memllm.memory_stores.faiss_store import FaissStore
@@ -38,6 +38,8 @@ def fact(said: str, valid_to: float | None = None) -> MemoryRecord:
         ("I'm 34 years old.", "How old am I?"),
         ("I drive a Volvo.", "Which car do I have?"),
         ("I am allergic to peanuts.", "Is there anything I'm allergic to?"),
+        ("My email is jo@mail.org.", "What email address did I give you?"),
+        ("My username is gravel_fox.", "what username do i use"),
     ],
 )
 def test_a_question_naming_the_facts_subject_asks_for_it(said, question):
@@ -57,6 +59,9 @@ def test_a_question_naming_the_facts_subject_asks_for_it(said, question):
         ("My dog is called Rex.", "Why is my dog called Rex?"),  # asks for a reason, not the value
         ("My dog is called Rex.", "How is your dog?"),  # not about the user
         ("My locker code is 4417.", "What is a locker code?"),
+        ("My dog is called Rex.", "What should I feed my dog?"),  # names the subject, asks something else
+        ("I work as a welder.", "What do you think of my work?"),
+        ("My dog is called Rex.", "My dog is called Rex. What is my dog called?"),  # two sentences
     ],
 )
 def test_a_message_that_does_not_ask_for_the_fact_gets_none(said, message):
@@ -70,13 +75,14 @@ def test_asks_something_is_a_question_or_a_request_and_states_nothing():
     assert not asks_something("Thanks, that is all.")
 
 
-def test_the_answer_starts_with_the_fact_told_back_up_to_its_value():
-    assert answer_prefix(fact("My favourite colour is teal.")) == "Your favourite colour is"
-    assert answer_prefix(fact("I just moved to Oslo!")) == "You live in"
-    assert answer_prefix(fact("I'm 34 years old.")) == "You are"
+def test_the_answer_starts_with_the_fact_told_back_through_its_value():
+    assert answer_start(fact("My favourite colour is teal.")) == "Your favourite colour is teal"
+    assert answer_start(fact("I just moved to Oslo!")) == "You live in Oslo"
+    assert answer_start(fact("I'm 34 years old.")) == "You are 34"
+    assert answer_start(fact("My favourite film is I, Robot.")) == "Your favourite film is I"  # value as told
     record = fact("My dog is called Rex.")
     record.metadata["value"] = "Biscuit"  # a text that does not hold its value: no start
-    assert answer_prefix(record) is None
+    assert answer_start(record) is None
 
 
 def test_a_superseded_fact_is_never_asked_for():
@@ -116,15 +122,16 @@ def test_the_chat_starts_the_answer_from_the_newest_fact_asked_for(store):
     agent.chat("My locker code is 2834 now.")  # supersedes 4417; a statement: no start given
     assert llm.prefixes == ["", ""] and agent.answer_fact is None
     later = ChatAgent(llm, store, user="ann", summarize=False)  # a new conversation
-    assert later.chat("What is my locker code?") == "Your locker code is <value>."
-    assert llm.prefixes[-1] == "Your locker code is"
+    assert later.chat("What is my locker code?") == "Your locker code is 2834 <value>."
+    assert llm.prefixes[-1] == "Your locker code is 2834"
     current = store.get(later.answer_fact)
     assert current.metadata["value"] == "2834" and current.metadata["valid_to"] is None
     assert "2834" in llm.calls[-1][-1]["content"] and "4417" not in llm.calls[-1][-1]["content"]
     assert later.chat("What is the weather like?").startswith("echo: ")  # nothing asked of a fact
     assert llm.prefixes[-1] == "" and later.answer_fact is None
     # The answer, prefix included, is what is stored.
-    assert later.history()[-3].text == "Your locker code is <value>."
+    assert later.history()[-3].text == "Your locker code is 2834 <value>."
+    assert llm.calls[-2][-1]["content"].endswith("\n\nWhat is my locker code?\n" + FACT_ASK)
 
 
 def test_an_llm_without_answer_prefix_answers_as_before(store):
