@@ -102,9 +102,13 @@ class ControllerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.user_questions, bool):
-            raise ConfigError(f"ControllerConfig.user_questions must be True or False, got {self.user_questions!r}")
+            raise ConfigError(
+                f"ControllerConfig.user_questions must be True or False, got {self.user_questions!r}"
+            )
         if not isinstance(self.flash_with_memory, bool):
-            raise ConfigError(f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}")
+            raise ConfigError(
+                f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}"
+            )
         if self.superseded not in ("drop", "keep"):
             raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
         if not isinstance(self.asked_facts, bool):
@@ -447,8 +451,13 @@ class MemoryController:
             fire, reason, by = True, f"asks for the fact {subject!r}", "fact"
         elif self.config.gate_kinds is not None and (
             found := [
-                h for h in self.store.search(query, 1 + len(exclude), namespace=self.namespace,
-                                             filters={"kind": self.config.gate_kinds})
+                h
+                for h in self.store.search(
+                    query,
+                    1 + len(exclude),
+                    namespace=self.namespace,
+                    filters={"kind": self.config.gate_kinds},
+                )
                 if h.record.id not in exclude
             ]  # fmt: skip
         ):
@@ -552,7 +561,9 @@ class MemoryController:
             and asks_for(question, r.metadata["subject"])
         ]
 
-    def rank(self, hits: Sequence[SearchResult], now: float, asked: set[str] | None = None) -> list[RecallItem]:
+    def rank(
+        self, hits: Sequence[SearchResult], now: float, asked: set[str] | None = None
+    ) -> list[RecallItem]:
         """Score = w_relevance*similarity + w_recency*0.5**(age/half_life) + w_importance*importance
         (+ w_fact for a fact, + w_asked for a fact in `asked`: ids of facts the question asks for);
         best first. Candidates below min_relevance (not asked for) come last, marked dropped."""
@@ -570,7 +581,12 @@ class MemoryController:
             item = RecallItem(rec, "raw", score, relevance, recency, rec.importance, 0, "")
             if cfg.superseded == "drop" and rec.kind == "fact" and rec.metadata.get("valid_to") is not None:
                 item.mode, item.why = "dropped", "superseded by a newer fact"
-            elif not cfg.user_questions and rec.kind == "turn" and rec.metadata.get("role") == "user" and asks(rec.text):
+            elif (
+                not cfg.user_questions
+                and rec.kind == "turn"
+                and rec.metadata.get("role") == "user"
+                and asks(rec.text)
+            ):
                 item.mode, item.why = "dropped", "the user's question: it tells no fact"
             elif relevance < cfg.min_relevance and rec.id not in asked:
                 item.mode, item.why = (

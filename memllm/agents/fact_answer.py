@@ -43,7 +43,10 @@ _FIXED: dict[str, tuple[str, str]] = {
     ),
     "birthplace": (r"\bwhere\b.*\bborn\b|\bbirth ?place\b|\bplace of birth\b", "born birthplace birth place"),
     "birthday": (r"\bbirthday\b|\bwhen\b.*\bborn\b|\bdate of birth\b", "birthday born birth date on"),
-    "hometown": (r"\bwhere\b.*\b(?:from|grow up|grew up)\b|\bhome ?town\b", "from grow grew up hometown home town originally"),
+    "hometown": (
+        r"\bwhere\b.*\b(?:from|grow up|grew up)\b|\bhome ?town\b",
+        "from grow grew up hometown home town originally",
+    ),
     "age": (r"\bhow old\b|\bmy age\b", "how old age"),
     "preference": (r"\bprefer\b", "prefer"),
     "allergy": (r"\ballerg", "allergic allergy allergies to anything"),

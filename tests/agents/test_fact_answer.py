@@ -180,3 +180,47 @@ def test_memllm_answer_prefix_is_streamed_first_and_continued_by_the_model(tiny_
                              stop_ids=tiny_llm.stop_ids()))  # fmt: skip
     assert "".join(pieces[1:]) == tiny_llm.tokenizer.decode(want, skip_special_tokens=True)
     assert tiny_llm.chat(msgs, max_new_tokens=3) == "".join(tiny_llm.chat_stream(msgs, max_new_tokens=3))
+
+
+def test_a_question_asking_for_a_fact_opens_the_gate_and_ranks_it_first(store):
+    from memllm.agents.controller import ControllerConfig, MemoryController, whitespace_tokens
+    from memllm.agents.factbook import FactBook
+
+    ns = "user:cy"
+    book = FactBook(store, ns)
+    book.add(extract_facts("I live in Lyon.")[0], at=1.0)
+    book.add(extract_facts("I moved to Oslo.")[0], at=2.0)  # supersedes Lyon
+    book.add(extract_facts("My dog is called Rex.")[0], at=3.0)
+    chatter = [f"the weather is nice day {i} where living is easy these days" for i in range(20)]
+    for i, text in enumerate(chatter):  # turns that share the question's words, the facts do not
+        store.add(
+            MemoryRecord(text, namespace=ns, kind="turn", created_at=10.0 + i, metadata={"role": "user"})
+        )
+
+    def ctl(**cfg):
+        config = ControllerConfig(max_records=1, cues=r"(?!)", **cfg)  # no cue word: the gate decides alone
+        return MemoryController(store, ns, count_tokens=whitespace_tokens, config=config, clock=lambda: 100.0)
+
+    question = "Where am I living these days?"
+    recall = ctl().recall(question)
+    assert recall.gate.fire and recall.gate.reason == "asks for the fact 'home city'"
+    (used,) = recall.used
+    assert used.record.text == "I live in Oslo." and used.record.metadata["valid_to"] is None
+    c = ctl()
+    c.recall("What do I do for a living?")  # asks for a fact the user never told: not by this rule
+    assert c.gate_stats.by_fact == 0
+    c.recall(question)
+    assert c.gate_stats.by_fact == 1
+    # Off: the same question recalls a chatter turn (or nothing), never the fact by its subject.
+    off = ctl(asked_facts=False).recall(question)
+    assert all(it.record.kind != "fact" for it in off.used)
+
+
+def test_asked_facts_is_validated():
+    from memllm.agents.controller import ControllerConfig
+    from memllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="asked_facts"):
+        ControllerConfig(asked_facts="yes")
+    with pytest.raises(ConfigError, match="w_asked"):
+        ControllerConfig(w_asked=-1.0)

@@ -205,7 +205,9 @@ def test_memory_mode_stores_turns_and_recalls_them_later(store):
     again = ChatMemLLM(llm=llm, memory="text", user="alice", store=store)
     again.invoke([HumanMessage("what is my dog called?")])
     prompt = llm.calls[-1]["messages"]
-    assert prompt[-1]["role"] == "user" and prompt[-1]["content"].endswith("what is my dog called?\n" + FACT_ASK)
+    assert prompt[-1]["role"] == "user" and prompt[-1]["content"].endswith(
+        "what is my dog called?\n" + FACT_ASK
+    )
     assert "Biscuit" in prompt[-1]["content"].removesuffix("what is my dog called?")  # recalled fact
     assert again.get_agent().last_recall() is not None
 
