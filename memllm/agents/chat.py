@@ -28,8 +28,13 @@ every turn that recalls no fact. Turns are stored in the text memory in every mo
 stream decode greedily.
 
 Prompt (issue 18, measured in benchmarks/RESULTS.md): the model's own default system prompt unless
-one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message.
-What is stored: the user's turn always; user statements of fact also as fact records (agents.facts,
+one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message,
+and after a question with a fact recalled FACT_ASK. A question that asks for a recalled current fact's
+subject and nothing else (agents.fact_answer) is answered starting with that fact told back through its
+value ("Your favourite colour is teal"), the model writing what follows (an llm whose chat_stream takes
+answer_prefix; `answer_fact` names the record): the 135M model refused "favourite X" questions ("as a
+chatbot, I don't have personal preferences") and invented placeholder values with the fact in its
+prompt (issue 18). What is stored: the user's turn always; user statements of fact also as fact records (agents.facts,
 rules), with the turn as evidence and supersession by subject (agents.factbook); the answer only when
 it ran to its end and is not degenerate (agents.quality), so a failed reply is never recalled.
 
