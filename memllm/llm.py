@@ -74,7 +74,9 @@ class MemLLM:
         with HostBudgetError (memllm.host_budget). None: each session is checked only
         against the process's memory."""
         self.host_budget = (
-            host_budget if host_budget is None or isinstance(host_budget, HostBudget) else HostBudget(host_budget)
+            host_budget
+            if host_budget is None or isinstance(host_budget, HostBudget)
+            else HostBudget(host_budget)
         )
         self.model = model
         self.tokenizer = tokenizer
@@ -158,11 +160,14 @@ class MemLLM:
         seed: int | None = None,
         repetition_penalty: float = 1.0,
         no_repeat_ngram: int = 0,
+        answer_prefix: str = "",
     ) -> Iterator[str]:
         """Stream the assistant's reply to a chat (list of {'role', 'content'}) as text pieces.
 
         repetition_penalty (> 1) and no_repeat_ngram (> 0) guard against loops (see
-        memllm.generation.RepetitionGuard); both apply to the answer's own tokens only."""
+        memllm.generation.RepetitionGuard); both apply to the answer's own tokens only. answer_prefix:
+        the reply starts with this text (streamed first; the model writes what follows it, within
+        max_new_tokens more tokens)."""
         import torch
         from transformers import DynamicCache
 
@@ -175,7 +180,8 @@ class MemLLM:
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
-        ids = self.chat_ids(messages, max_new_tokens)
+        head = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+        ids = self.chat_ids(messages, max_new_tokens + len(head)) + list(head)
         input_ids = torch.tensor([ids], device=self.device)
         gen = None
         if seed is not None:
@@ -190,6 +196,8 @@ class MemLLM:
             generator=gen,
             guard=guard if guard.active else None,
         )
+        if answer_prefix:
+            yield answer_prefix
         yield from decode_stream(self.tokenizer, tokens)
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> str:

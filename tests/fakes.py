@@ -20,7 +20,7 @@ class FakeLLM:
         return len(text.split())
 
     def chat_stream(self, messages, *, max_new_tokens=256, temperature=0.0, seed=None) -> Iterator[str]:
-        from memllm.agents.chat import MEMORY_HEADER
+        from memllm.agents.chat import FACT_ASK, FACT_ASK_MANY, MEMORY_HEADER
 
         self.calls.append([dict(m) for m in messages])
         last = messages[-1]["content"]
@@ -28,6 +28,8 @@ class FakeLLM:
         if last.startswith(MEMORY_HEADER):  # memory placed before the question: "HEADER\nlines\n\nquestion"
             memory, last = last[len(MEMORY_HEADER) :].rsplit("\n\n", 1)
             recalled = memory.strip().replace("\n", " | ")
+            for ask in (FACT_ASK, FACT_ASK_MANY):  # the instruction after a question (not echoed)
+                last = last.removesuffix("\n" + ask)
         text = f"echo: {last} ({len(messages)} msgs)"
         if recalled:
             text += f" [memory: {recalled}]"

@@ -28,8 +28,13 @@ every turn that recalls no fact. Turns are stored in the text memory in every mo
 stream decode greedily.
 
 Prompt (issue 18, measured in benchmarks/RESULTS.md): the model's own default system prompt unless
-one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message.
-What is stored: the user's turn always; user statements of fact also as fact records (agents.facts,
+one is given; recalled memory as short dated facts under MEMORY_HEADER, right before the message,
+and after a question with a fact recalled FACT_ASK. A question that asks for a recalled current fact's
+subject and nothing else (agents.fact_answer) is answered starting with that fact told back through its
+value ("Your favourite colour is teal"), the model writing what follows (an llm whose chat_stream takes
+answer_prefix; `answer_fact` names the record): the 135M model refused "favourite X" questions ("as a
+chatbot, I don't have personal preferences") and invented placeholder values with the fact in its
+prompt (issue 18). What is stored: the user's turn always; user statements of fact also as fact records (agents.facts,
 rules), with the turn as evidence and supersession by subject (agents.factbook); the answer only when
 it ran to its end and is not degenerate (agents.quality), so a failed reply is never recalled.
 
@@ -38,6 +43,7 @@ Knows nothing of the CLI; the store and controller come from memllm.memory_store
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from memllm.agents.controller import ControllerConfig, MemoryController, Recall
+from memllm.agents.fact_answer import answer_start, asked_fact, asks_something
 from memllm.agents.factbook import FactBook
 from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
@@ -57,6 +64,10 @@ MEMORY_MODES = ("text", "kv", "hybrid")
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
+# After a question answered from a recalled fact (chat_fact_answer_probe, thirty questions of varied
+# wording: 23/30 with it, 16/30 without; a system prompt saying the facts are the user's: 12/30).
+FACT_ASK = "Answer from the fact above in one short sentence."
+FACT_ASK_MANY = "Answer from the facts above in one short sentence."  # more than one record recalled
 CHAT_MAX_RECORDS = 1  # recalled records per turn: one short fact (chat_prompt_probe: 9/10 vs 4/10 at k=3)
 KV_LIMIT_HINT = (
     "continue this user's chat with --memory text (its text memory keeps every turn), lower "
@@ -67,15 +78,29 @@ KV_LIMIT_HINT = (
 def build_messages(system: str | None, message: str, recall: Recall | None) -> list[dict[str, str]]:
     """The chat for one turn: the system prompt (none given: the template's default), recent turns,
     then the message with the recalled memory placed right before it (what the 135M model uses best:
-    measured in benchmarks/RESULTS.md)."""
+    measured in benchmarks/RESULTS.md) and, after a question with a fact recalled, FACT_ASK."""
     msgs = [{"role": "system", "content": system}] if system else []
     for rec in recall.flash if recall is not None else []:
         role = rec.metadata.get("role", "user")
         msgs.append({"role": role if role in ("user", "assistant") else "user", "content": rec.text})
     if recall is not None and recall.memory_text:
-        message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}"
+        ask = ""
+        if recalls_fact(recall) and asks_something(message):
+            ask = "\n" + (FACT_ASK if len(recall.used) == 1 else FACT_ASK_MANY)
+        message = f"{MEMORY_HEADER}\n{recall.memory_text}\n\n{message}{ask}"
     msgs.append({"role": "user", "content": message})
     return msgs
+
+
+def start_from_fact(message: str, recall: Recall | None) -> tuple[MemoryRecord | None, str]:
+    """The recalled fact record the message asks for (agents.fact_answer: a current fact whose subject
+    the question names, and nothing else; None if none) and the text the answer starts with: that fact
+    told back through its value ("Your favourite colour is teal"; "" when there is none). The 135M model
+    refuses a question about the user's tastes, or invents a placeholder value, with the fact in its
+    prompt (benchmarks/RESULTS.md, issue 18)."""
+    record = asked_fact(message, [it.record for it in recall.used]) if recall is not None else None
+    start = answer_start(record) if record is not None else None
+    return (record, start) if start else (None, "")
 
 
 def recalls_fact(recall: Recall | None) -> bool:
@@ -128,6 +153,8 @@ class ChatAgent:
             raise ConfigError(f"stream_with_facts must be True or False, got {stream_with_facts!r}")
         self.stream_with_facts = stream_with_facts
         self.answered_from: str | None = None  # the latest turn's source: "stream" or "prompt"
+        self.answer_fact: str | None = None  # the fact record the latest answer was started from (fact_turn)
+        self._takes_prefix = "answer_prefix" in inspect.signature(llm.chat_stream).parameters
         self.llm = llm
         self.store = store
         self.user = user
@@ -386,7 +413,10 @@ class ChatAgent:
         the 135M model answers from: RESULTS.md)."""
         room = max(window - max_new_tokens - 128, 64)
         return ControllerConfig(
-            memory_tokens=room // 4, flash_tokens=room // 2, max_records=CHAT_MAX_RECORDS, flash_with_memory=False
+            memory_tokens=room // 4,
+            flash_tokens=room // 2,
+            max_records=CHAT_MAX_RECORDS,
+            flash_with_memory=False,
         )
 
     def _summarize(self, text: str) -> str:
@@ -422,6 +452,7 @@ class ChatAgent:
         recall = self.controller.recall(text)  # kv: the user's fact records only (see __init__)
         guard = self.guard if self.guard.active else None
         from_stream = self.session is not None and (self.stream_with_facts or not recalls_fact(recall))
+        self.answer_fact = None
         self.answered_from = "stream" if from_stream else "prompt"
         if from_stream:
             turn = self._kv_turn(text, recall)
@@ -433,9 +464,13 @@ class ChatAgent:
             source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
         else:  # text mode, or a turn the recalled fact answers (its kv turn is closed all the same)
             turn = []
-            opts = (
+            opts: dict[str, Any] = (
                 {"repetition_penalty": self.guard.penalty, "no_repeat_ngram": self.guard.n} if guard else {}
             )
+            fact, prefix = start_from_fact(text, recall)
+            if fact is not None and self._takes_prefix:  # an llm without answer_prefix answers as it is
+                opts["answer_prefix"] = prefix
+                self.answer_fact = fact.id
             source = self.llm.chat_stream(
                 self.build_messages(text, recall),
                 max_new_tokens=limit,

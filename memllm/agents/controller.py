@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from memllm.agents.fact_answer import asks_for, parse_question
 from memllm.agents.facts import asks, second_person
 from memllm.errors import ConfigError
 from memllm.memory_stores.records import KINDS, MemoryRecord, MemoryStore, SearchResult
@@ -58,7 +59,12 @@ class ControllerConfig:
     user's own questions (user turns ending in "?") out of recall: a question tells nothing, yet the
     same question asked again is its nearest record (relevance ~1) and took the one recalled place
     from the fact that answers it ("What is my dog called?" recalled for "What is my dog called?", the
-    fact 'My dog is called Biscuit.' dropped, the answer 'Your dog is a Greyhound.': issue 18)."""
+    fact 'My dog is called Biscuit.' dropped, the answer 'Your dog is a Greyhound.': issue 18).
+    asked_facts: a question that asks for the subject of one of the user's current facts, and for nothing
+    else (agents.fact_answer: "Where am I living these days?" for `home city`), opens the gate and
+    brings that fact among the candidates with w_asked added to its score: such a question can be far
+    from the fact's words (similarity 0.24 to 'I live in Porto.'; 'Which city do I live in?' 0.40 to 'I
+    live in Cordoba.', the gate closed: issue 18)."""
 
     memory_tokens: int = 768
     flash_tokens: int = 512
@@ -80,6 +86,8 @@ class ControllerConfig:
     superseded: Literal["drop", "keep"] = "drop"
     user_questions: bool = False
     gate_kinds: tuple[str, ...] | None = ("fact",)
+    asked_facts: bool = True
+    w_asked: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,12 +102,18 @@ class ControllerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be an integer >= 0, got {value!r}")
         if not isinstance(self.user_questions, bool):
-            raise ConfigError(f"ControllerConfig.user_questions must be True or False, got {self.user_questions!r}")
+            raise ConfigError(
+                f"ControllerConfig.user_questions must be True or False, got {self.user_questions!r}"
+            )
         if not isinstance(self.flash_with_memory, bool):
-            raise ConfigError(f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}")
+            raise ConfigError(
+                f"ControllerConfig.flash_with_memory must be True or False, got {self.flash_with_memory!r}"
+            )
         if self.superseded not in ("drop", "keep"):
             raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
-        for name in ("w_relevance", "w_recency", "w_importance", "w_fact"):
+        if not isinstance(self.asked_facts, bool):
+            raise ConfigError(f"ControllerConfig.asked_facts must be True or False, got {self.asked_facts!r}")
+        for name in ("w_relevance", "w_recency", "w_importance", "w_fact", "w_asked"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"ControllerConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -146,6 +160,7 @@ class GateStats:
     fired: int = 0
     by_cue: int = 0
     by_similarity: int = 0
+    by_fact: int = 0  # a question asking for one of the user's facts (ControllerConfig.asked_facts)
     total_ms: float = 0.0
 
     @property
@@ -162,6 +177,7 @@ class GateStats:
             "fired": self.fired,
             "by_cue": self.by_cue,
             "by_similarity": self.by_similarity,
+            "by_fact": self.by_fact,
             "fire_rate": round(self.fire_rate, 4),
             "total_ms": round(self.total_ms, 3),
             "mean_ms": round(self.mean_ms, 3),
@@ -430,10 +446,18 @@ class MemoryController:
             fire, reason = False, "nothing archived beyond the recent turns"
         elif cue := self._cues.search(query):
             fire, reason, by = True, f"cue {cue.group(0)!r}", "cue"
+        elif asked := self.asked_facts(query, exclude):
+            subject = asked[0].metadata.get("subject")
+            fire, reason, by = True, f"asks for the fact {subject!r}", "fact"
         elif self.config.gate_kinds is not None and (
             found := [
-                h for h in self.store.search(query, 1 + len(exclude), namespace=self.namespace,
-                                             filters={"kind": self.config.gate_kinds})
+                h
+                for h in self.store.search(
+                    query,
+                    1 + len(exclude),
+                    namespace=self.namespace,
+                    filters={"kind": self.config.gate_kinds},
+                )
                 if h.record.id not in exclude
             ]  # fmt: skip
         ):
@@ -461,6 +485,7 @@ class MemoryController:
         stats.fired += int(fire)
         stats.by_cue += int(by == "cue")
         stats.by_similarity += int(by == "similarity")
+        stats.by_fact += int(by == "fact")
         return GateDecision(fire, reason, cost, top), hits
 
     def recall(
@@ -488,7 +513,10 @@ class MemoryController:
         if decision.fire:
             if hits is None:
                 hits = self._search(query, {r.id for r in flash})
-            items = self.assemble(self.rank(hits, now), memory_budget)
+            asked = self.asked_facts(query, {r.id for r in flash})
+            found = {h.record.id for h in hits}
+            hits = [*hits, *(SearchResult(r, 0.0) for r in asked if r.id not in found)]
+            items = self.assemble(self.rank(hits, now, asked={r.id for r in asked}), memory_budget)
         memory_text = self._memory_text(items)
         if memory_text and not cfg.flash_with_memory:
             flash, flash_text = [], ""
@@ -514,10 +542,33 @@ class MemoryController:
 
     # ------------------------------------------------------------------ ranking and assembly
 
-    def rank(self, hits: Sequence[SearchResult], now: float) -> list[RecallItem]:
-        """Score = w_relevance*similarity + w_recency*0.5**(age/half_life) + w_importance*importance;
-        best first. Candidates below min_relevance come last, marked dropped."""
+    def asked_facts(self, query: str, exclude: set[str] | None = None) -> list[MemoryRecord]:
+        """The user's current fact records whose subject `query` asks for, and nothing else
+        (agents.fact_answer; newest first); none unless ControllerConfig.asked_facts and kinds holds
+        facts."""
+        if not self.config.asked_facts or "fact" not in self.config.kinds:
+            return []
+        question = parse_question(query)
+        if question is None:
+            return []
+        facts = self.store.list(self.namespace, filters={"kind": "fact"}, newest_first=True)
+        return [
+            r
+            for r in facts
+            if r.id not in (exclude or set())
+            and r.metadata.get("valid_to") is None
+            and isinstance(r.metadata.get("subject"), str)
+            and asks_for(question, r.metadata["subject"])
+        ]
+
+    def rank(
+        self, hits: Sequence[SearchResult], now: float, asked: set[str] | None = None
+    ) -> list[RecallItem]:
+        """Score = w_relevance*similarity + w_recency*0.5**(age/half_life) + w_importance*importance
+        (+ w_fact for a fact, + w_asked for a fact in `asked`: ids of facts the question asks for);
+        best first. Candidates below min_relevance (not asked for) come last, marked dropped."""
         cfg = self.config
+        asked = asked or set()
         items = []
         for hit in hits:
             rec = hit.record
@@ -526,12 +577,18 @@ class MemoryController:
             recency = 0.5 ** (age / cfg.recency_half_life_s)
             score = cfg.w_relevance * relevance + cfg.w_recency * recency + cfg.w_importance * rec.importance
             score += cfg.w_fact if rec.kind == "fact" else 0.0
+            score += cfg.w_asked if rec.id in asked else 0.0
             item = RecallItem(rec, "raw", score, relevance, recency, rec.importance, 0, "")
             if cfg.superseded == "drop" and rec.kind == "fact" and rec.metadata.get("valid_to") is not None:
                 item.mode, item.why = "dropped", "superseded by a newer fact"
-            elif not cfg.user_questions and rec.kind == "turn" and rec.metadata.get("role") == "user" and asks(rec.text):
+            elif (
+                not cfg.user_questions
+                and rec.kind == "turn"
+                and rec.metadata.get("role") == "user"
+                and asks(rec.text)
+            ):
                 item.mode, item.why = "dropped", "the user's question: it tells no fact"
-            elif relevance < cfg.min_relevance:
+            elif relevance < cfg.min_relevance and rec.id not in asked:
                 item.mode, item.why = (
                     "dropped",
                     f"relevance {relevance:.3f} < min_relevance {cfg.min_relevance}",

@@ -298,7 +298,7 @@ def run_cases(
     question (firing rate, recall@budget), on the same ingested store. conversation: the question starts
     a new conversation (no earlier turns as recent turns, as the chat does); False: the last turns that
     fit flash_tokens go in front (the layout before issue 18's measurement)."""
-    from memllm.agents.chat import CHAT_MAX_RECORDS, DEFAULT_SYSTEM, build_messages
+    from memllm.agents.chat import CHAT_MAX_RECORDS, DEFAULT_SYSTEM, build_messages, start_from_fact
     from memllm.agents.controller import ControllerConfig, MemoryController
     from memllm.agents.factbook import FactBook
     from memllm.agents.facts import extract_facts
@@ -401,8 +401,11 @@ def run_cases(
                 whole = last_turns(list(case.turns()), window, count_tokens)
                 row["full_recall"] = any(t[1] == gold for t in whole)
                 systems["full"] = plain(whole)
+            _, prefix = start_from_fact(case.question, recall)  # as the chat starts an answer from a fact
+            row["memllm_memory"], row["memllm_answer_prefix"] = recall.memory_text, prefix
             for name, msgs in systems.items():
-                answer = llm.chat(msgs, max_new_tokens=max_new_tokens)
+                opts = {"answer_prefix": prefix} if name == "memllm" and prefix else {}
+                answer = llm.chat(msgs, max_new_tokens=max_new_tokens, **opts)
                 row[f"{name}_answer"] = answer
                 row[f"{name}_exact"], row[f"{name}_fuzzy"] = answer_matches(answer, case.answer)
                 if "old_answer" in case.meta:

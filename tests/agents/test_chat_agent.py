@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.agents.chat import FACT_ASK, ChatAgent, user_namespace
 from memllm.agents.controller import ControllerConfig
 from memllm.cli.app import app
 from memllm.errors import ConfigError
@@ -294,7 +294,9 @@ def test_kv_stream_keeps_no_degenerate_answer(tiny_llm, store):
     # A fit answer stays, closed as the template closes it.
     _answering_with(agent, "Lisbon is lovely.")
     agent.chat("I drive a Volvo.")
-    ref.feed("<|im_start|>user\nI drive a Volvo.<|im_end|>\n<|im_start|>assistant\nLisbon is lovely.<|im_end|>\n")
+    ref.feed(
+        "<|im_start|>user\nI drive a Volvo.<|im_end|>\n<|im_start|>assistant\nLisbon is lovely.<|im_end|>\n"
+    )
     assert agent.session.cache.seen_tokens == ref.cache.seen_tokens
     assert torch.allclose(agent.session.last_logits, ref.last_logits, atol=1e-5)
     # Rebuilt from the text memory (repair), the stream is the same.
@@ -341,7 +343,9 @@ def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(
 
 
 @pytest.mark.parametrize("mode", ["kv", "hybrid"])
-def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(tiny_llm, store, mode, monkeypatch):
+def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(
+    tiny_llm, store, mode, monkeypatch
+):
     # Issue 18: with ten similar statements in the stream the 135M model copied another one's value
     # ('The answer is: bluefern42' for the colour): a recalled fact answers its turn alone.
     agent = kv_agent(tiny_llm, store, "uma", mode)
@@ -366,7 +370,7 @@ def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(tin
     ((message,),) = from_prompt  # one message: no system prompt given, no recent turns with memory
     assert message["role"] == "user"
     assert message["content"].startswith("Facts I told you before:\n- Your locker code is 4417. (told on ")
-    assert message["content"].endswith("\n\nWhat is my locker code?")
+    assert message["content"].endswith("\n\nWhat is my locker code?\n" + FACT_ASK)
     # The stream holds the statement only: the question answered from the fact left nothing in it.
     ref = tiny_llm.session(tiny_context())
     ref.feed("<|im_start|>user\nMy locker code is 4417.<|im_end|>\n")

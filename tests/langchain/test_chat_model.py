@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
+from memllm.agents.chat import FACT_ASK
 from memllm.agents.langchain import ChatMemLLM
 from memllm.agents.langchain.messages import StopScanner, to_chat_messages
 from memllm.errors import ConfigError, InputError
@@ -204,7 +205,9 @@ def test_memory_mode_stores_turns_and_recalls_them_later(store):
     again = ChatMemLLM(llm=llm, memory="text", user="alice", store=store)
     again.invoke([HumanMessage("what is my dog called?")])
     prompt = llm.calls[-1]["messages"]
-    assert prompt[-1]["role"] == "user" and prompt[-1]["content"].endswith("what is my dog called?")
+    assert prompt[-1]["role"] == "user" and prompt[-1]["content"].endswith(
+        "what is my dog called?\n" + FACT_ASK
+    )
     assert "Biscuit" in prompt[-1]["content"].removesuffix("what is my dog called?")  # recalled fact
     assert again.get_agent().last_recall() is not None
 
