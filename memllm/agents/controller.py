@@ -64,7 +64,10 @@ class ControllerConfig:
     else (agents.fact_answer: "Where am I living these days?" for `home city`), opens the gate and
     brings that fact among the candidates with w_asked added to its score: such a question can be far
     from the fact's words (similarity 0.24 to 'I live in Porto.'; 'Which city do I live in?' 0.40 to 'I
-    live in Cordoba.', the gate closed: issue 18)."""
+    live in Cordoba.', the gate closed: issue 18).
+    self_questions: a question about the user (agents.fact_answer.parse_question: "where do my parents
+    live?") that the fact records did not open the gate for is compared with every kind, as when no fact
+    is archived: what the user said in a sentence no rule reads as a fact is still recalled for it."""
 
     memory_tokens: int = 768
     flash_tokens: int = 512
@@ -88,6 +91,7 @@ class ControllerConfig:
     gate_kinds: tuple[str, ...] | None = ("fact",)
     asked_facts: bool = True
     w_asked: float = 1.0
+    self_questions: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -111,8 +115,11 @@ class ControllerConfig:
             )
         if self.superseded not in ("drop", "keep"):
             raise ConfigError(f"ControllerConfig.superseded must be drop or keep, got {self.superseded!r}")
-        if not isinstance(self.asked_facts, bool):
-            raise ConfigError(f"ControllerConfig.asked_facts must be True or False, got {self.asked_facts!r}")
+        for flag in ("asked_facts", "self_questions"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(
+                    f"ControllerConfig.{flag} must be True or False, got {getattr(self, flag)!r}"
+                )
         for name in ("w_relevance", "w_recency", "w_importance", "w_fact", "w_asked"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -468,6 +475,12 @@ class MemoryController:
                 f"{'>=' if fire else '<'} {self.config.gate_similarity}"
             )
             by = "similarity" if fire else ""
+            if not fire and self.config.self_questions and parse_question(query) is not None:
+                hits = self._search(query, exclude)
+                top = max((h.score for h in hits), default=top)
+                fire = top >= self.config.gate_similarity
+                reason += f"; a question about the user: top similarity {top:.3f}"
+                by = "similarity" if fire else ""
         else:  # every kind (also where no record of gate_kinds is archived: facts not extracted)
             hits = self._search(query, exclude)
             top = max((h.score for h in hits), default=None)

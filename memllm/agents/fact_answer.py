@@ -51,7 +51,11 @@ _FIXED: dict[str, tuple[str, str]] = {
     "preference": (r"\bprefer\b", "prefer"),
     "allergy": (r"\ballerg", "allergic allergy allergies to anything"),
     "car": (r"\b(?:car|drive|vehicle)\b", "car drive vehicle kind make"),
+    "instrument": (r"\binstrument\b|\bwhat do i play\b", "instrument play"),
+    "diet": (r"\bdiet\b|\beat meat\b|\bvegetarian\b|\bvegan\b", "diet eat meat vegetarian vegan"),
 }
+# A "favourite X" is also asked for as the X the user likes best ("which band do I like best").
+_FAVOURITE_WORDS = {"like", "love", "best", "most", "prefer", "top", "favourite"}
 # Words the rules add to a subject written from "my X ..." ("my dog is called" -> `dog name`): the
 # question says them otherwise ("what is my dog called", "where does my sister live", "where is my key").
 _SUFFIX_WORDS = {
@@ -65,9 +69,9 @@ _SCAFFOLD_WORDS = (
     "what whats which who whos whom where wheres when whens is are was were s am do does did i m ve me my mine "
     "you your the a an of for again remind tell remember recall know can could please now currently these "
     "days nowadays still at in to give gave told said say mention mentioned have has had use using go goes "
-    "there any this that it exactly right anymore so then just name number code address id"
+    "there any this that it exactly right anymore so then just name number code address id our we us"
 )
-_ABOUT_ME = re.compile(r"\b(?:i|my|me|mine|i'm|i've)\b", re.IGNORECASE)
+_ABOUT_ME = re.compile(r"\b(?:i|my|me|mine|i'm|i've|our|we|us)\b", re.IGNORECASE)
 _REQUEST = re.compile(
     r"^(?:please\s+)?(?:remind me|tell me|do you (?:remember|know|recall)|can you (?:remind|tell)|"
     r"could you (?:remind|tell)|what|which|where|who|when|how old)\b",
@@ -122,30 +126,39 @@ def parse_question(message: str) -> Question | None:
     if not _ABOUT_ME.search(text) or len(re.findall(r"[.!?]+(?:\s|$)", text)) > 1:  # one sentence
         return None
     words = _words(text)
-    owned = {words[i + 1] for i, w in enumerate(words[:-1]) if w == "my"}
+    owned = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("my", "our")}
     return Question(_normal(text), frozenset(words), frozenset(owned))
 
 
-def asks_for(question: str | Question, subject: str) -> bool:
-    """Whether `question` asks for the fact of `subject`, and for nothing else (see the module's note)."""
-    q = parse_question(question) if isinstance(question, str) else question
-    if q is None:
-        return False
+def _level(q: Question, subject: str) -> int:
+    """How `q` asks for `subject`: 2 by every word of it, 1 by its last word only ("when is our
+    anniversary" for `wedding anniversary`), 0 not (or it asks for something else too)."""
     subj = _normal(subject).strip()
     if subj in _FIXED:
         pattern, allowed = _FIXED[subj]
         own = {_stem(w) for w in allowed.split()}
         if not re.search(pattern, q.text) or not q.owned <= own:
-            return False
-        return q.words <= _SCAFFOLD | own
+            return 0
+        return 2 if q.words <= _SCAFFOLD | own else 0
     parts = _words(subj)
     if not parts:
-        return False
+        return 0
     suffix = _SUFFIX_WORDS.get(parts[-1], set())
-    content = set(parts[:-1] if suffix else parts)
-    if not content or not content <= q.words or not q.owned <= set(parts):
-        return False
-    return q.words <= _SCAFFOLD | set(parts) | {_stem(w) for w in suffix}
+    content = parts[:-1] if suffix else parts
+    extra = {_stem(w) for w in suffix}
+    if content and content[0] == "favourite" and len(content) > 1 and q.words & _FAVOURITE_WORDS:
+        content, extra = content[1:], extra | _FAVOURITE_WORDS  # "the band I like best"
+    if not content or content[-1] not in q.words or not q.owned <= set(parts):
+        return 0
+    if not q.words <= _SCAFFOLD | set(parts) | extra:
+        return 0
+    return 2 if set(content) <= q.words else 1
+
+
+def asks_for(question: str | Question, subject: str) -> bool:
+    """Whether `question` asks for the fact of `subject`, and for nothing else (see the module's note)."""
+    q = parse_question(question) if isinstance(question, str) else question
+    return q is not None and _level(q, subject) > 0
 
 
 def asked_fact(question: str, records: Iterable[MemoryRecord]) -> MemoryRecord | None:
@@ -153,12 +166,17 @@ def asked_fact(question: str, records: Iterable[MemoryRecord]) -> MemoryRecord |
     q = parse_question(question)
     if q is None:
         return None
+    by_head: dict[str, MemoryRecord] = {}
     for record in records:
         subject = record.metadata.get("subject")
         current = record.kind == "fact" and record.metadata.get("valid_to") is None
-        if current and isinstance(subject, str) and asks_for(q, subject):
+        level = _level(q, subject) if current and isinstance(subject, str) else 0
+        if level == 2:
             return record
-    return None
+        if level == 1:
+            by_head.setdefault(subject, record)
+    # asked by the last word of its subject only: when no other current fact's subject shares it
+    return next(iter(by_head.values())) if len(by_head) == 1 else None
 
 
 def answer_start(record: MemoryRecord) -> str | None:

@@ -41,10 +41,45 @@ _WORD = r"[A-Za-z][\w'-]*"
 _VALUE = r"(?P<value>[^,;!?]+?)"
 _END = r"\s*(?:[,;].*)?[.!]*$"
 _NOW = r"(?:now|currently|still|actually) "  # "I now work as ...": the same fact, updated
+# "I'm a/an X": an occupation when X ends as the nouns of occupations do ("veterinarian", "electrician",
+# "plumber", "nurse"), and is not a word for a person that is no occupation ("fan", "mother", "runner").
+_JOB_NOUN = (
+    r"[A-Za-z-]*(?:er|or|ist|ian|ant|ent|eer|ic|man|woman|nurse|chef|cook|pilot|vet|medic|surgeon|"
+    r"architect|clerk|judge|tutor|coach|agent|analyst|consultant|officer|student|dentist|poet|artist|"
+    r"midwife|barista|carpenter|plumber|mechanic|paramedic|cashier|nanny|lawyer|attorney|farmer)"
+)
+_NOT_JOB = (
+    r"(?:big|huge|great|little|bit|lot|real|true|fan|lover|member|beginner|believer|mother|father|brother|"
+    r"sister|daughter|son|parent|mum|mom|dad|grandmother|grandfather|smoker|drinker|winner|loser|loner|"
+    r"newcomer|foreigner|stranger|customer|user|player|gamer|reader|runner|swimmer|walker|sucker|"
+    r"romantic|introvert|extrovert|perfectionist|optimist|pessimist|vegetarian|vegan|pescatarian|"
+    r"morning|night|early|late|person|people)"
+)
+# "I'm Priya": a capitalised word that is not a nationality, faith, diet or state ("I'm English").
+_NOT_NAME = (
+    r"(?:[A-Z][a-z]+(?:ish|ese)|American|Canadian|Australian|Indian|Italian|Russian|Brazilian|Mexican|"
+    r"German|Norwegian|Christian|Catholic|Jewish|Muslim|Hindu|Buddhist|Atheist|Vegan|Vegetarian|Fine|"
+    r"Good|Okay|Ok|Back|Here|Home|Sorry|Done|Ready|Happy|Sad|Tired|Busy|Sure|Not|So|Very|Just|Still)"
+)
+# A place or company after the value ("a nurse at the clinic", "the cello in an orchestra"): not kept.
+_PLACE_TAIL = r"(?:\s+(?:at|in|for|with|from|on)\s+[^,;!?]+?)?"
+# When a fact became true, after its value ("moved to Oslo in August"): not part of the value.
+_WHEN_TAIL = re.compile(
+    r"\s+(?:(?:in|since|back in|during|this|last|over the)\s+(?:january|february|march|april|may|june|july|"
+    r"august|september|october|november|december|spring|summer|autumn|fall|winter|\d{4}|week|month|year)\b.*"
+    r"|(?:recently|yesterday|today|a while ago|\w+ (?:days|weeks|months|years) ago))$",
+    re.I,
+)
+_DATED = re.compile(r"\b(?:birthday|anniversary|date|day|born on|appointment)\b", re.I)
+# "The code for my bike lock is ..." is said of "my bike lock code".
+_OF_MY = re.compile(
+    rf"^the ((?:{_WORD}\s+){{0,2}}{_WORD}) (?:for|of|to|on) (?:my|our) ((?:{_WORD}\s+){{0,2}}{_WORD}) (is|are) ",
+    re.I,
+)
 
 # (pattern, subject template, text template). Groups: subj (the X of "my X"), value.
 _RULES: list[tuple[re.Pattern[str], str, str]] = [
-    (re.compile(rf"^my name is {_VALUE}{_END}", re.I), "name", "My name is {value}."),
+    (re.compile(rf"^my name(?: is|'s) {_VALUE}{_END}", re.I), "name", "My name is {value}."),
     (re.compile(rf"^(?:i'?m|i am) called {_VALUE}{_END}", re.I), "name", "My name is {value}."),
     (re.compile(rf"^call me {_VALUE}{_END}", re.I), "name", "My name is {value}."),
     (
@@ -56,10 +91,20 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     ),
     (
         re.compile(
-            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:lives|works|is based) in {_VALUE}{_END}", re.I
+            rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:lives?|works?|is based|are based) in {_VALUE}{_END}",
+            re.I,
         ),
         "{subj} city",
         "My {subj} lives in {value}.",
+    ),
+    (  # "Chai is my favourite drink", "I really love chai, it's my favourite drink"
+        re.compile(
+            rf"^(?:i (?:really |absolutely |just )?(?:love|like|adore|enjoy) )?(?P<value>[^,;!?]+?),? "
+            rf"(?:is|are|it'?s|it is|that'?s|they'?re) my (?P<subj>favou?rite(?:\s+{_WORD}){{1,2}}){_END}",
+            re.I,
+        ),
+        "{subj}",
+        "My {subj} is {value}.",
     ),
     (
         re.compile(rf"^my (?P<subj>(?:{_WORD}\s+){{0,3}}?{_WORD}) (?:is|are|was) {_VALUE}{_END}", re.I),
@@ -89,6 +134,14 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
         "job",
         "I work as a {value}.",
     ),
+    (  # "I'm a veterinarian", "I am an electrician": an occupation's noun (see _job)
+        re.compile(
+            rf"^i(?:'m| am) an? (?!{_NOT_JOB}\b)(?P<value>(?:{_WORD}\s+)?{_JOB_NOUN}){_PLACE_TAIL}{_END}",
+            re.I,
+        ),
+        "job",
+        "I work as a {value}.",
+    ),
     (
         re.compile(r"^i(?:'m| am) (?P<value>\d{1,3}) years? old" + _END, re.I),
         "age",
@@ -96,6 +149,21 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     ),
     (re.compile(rf"^i (?:prefer|love|like|enjoy) {_VALUE}{_END}", re.I), "preference", "I prefer {value}."),
     (re.compile(rf"^i(?:'m| am) allergic to {_VALUE}{_END}", re.I), "allergy", "I am allergic to {value}."),
+    (
+        re.compile(r"^i(?:'m| am) (?:an? )?(?:strict )?(?P<value>vegetarian|vegan|pescatarian)" + _END, re.I),
+        "diet",
+        "I am {value}.",
+    ),
+    (
+        re.compile(rf"^i play the (?P<value>{_WORD}){_PLACE_TAIL}{_END}", re.I),
+        "instrument",
+        "I play the {value}.",
+    ),
+    (  # "Hi, I'm Priya": a capitalised name (see _name)
+        re.compile(rf"^[Ii](?:'m| am) (?!{_NOT_NAME}\b)(?P<value>[A-Z][a-z]+(?: [A-Z][a-z]+)?){_END}"),
+        "name",
+        "My name is {value}.",
+    ),
     (re.compile(rf"^i (?:{_NOW})?drive an? {_VALUE}{_END}", re.I), "car", "I drive a {value}."),
     (
         re.compile(
@@ -138,6 +206,9 @@ def _clean(sentence: str) -> str:
     s = _OPENERS.sub("", sentence.strip())
     s = re.sub(r"\b(\d{1,2}(?:st|nd|rd|th)?),\s+(\d{4})\b", r"\1 \2", s)  # "March 3, 1990": one value
     s = _TAILS.sub("", s.rstrip("?").rstrip() if _TAILS.search(s) else s)
+    s = re.sub(r"^our\b", "my", s.strip(), flags=re.I)  # a household's fact is the user's
+    s = re.sub(r"^we(?:'ve| have)? (?=(?:just )?(?:live|moved|relocated)\b)", "i ", s, flags=re.I)
+    s = _OF_MY.sub(lambda m: f"my {m.group(2)} {m.group(1)} {m.group(3)} ", s)
     return s.strip().rstrip(".!").strip()
 
 
@@ -192,7 +263,13 @@ def _match(s: str) -> Fact | None:
         if re.match(r"^(?:going|doing|getting|not|so|very|really|pretty|kind of|kinda)\b", value, re.I):
             return None
         subject = _norm_subject(subject_t.format(subj=subj))
-        return Fact(subject, value, text_t.format(subj=subj.lower(), value=value))
+        if not _DATED.search(f"{subject} {text_t}"):
+            value = _WHEN_TAIL.sub("", value).strip() or value
+        text = text_t.format(subj=subj.lower(), value=value)
+        if re.search(r"[^s]s$", subj):  # "my parents live in ..."
+            text = text.replace(" lives in ", " live in ")
+        text = re.sub(r"\ba (?=[aeiou])", "an ", text, flags=re.I)  # "I drive an old Saab."
+        return Fact(subject, value, text)
     return None
 
 

@@ -8,6 +8,7 @@ import pytest
 from memllm.agents.chat import FACT_ASK, ChatAgent
 from memllm.agents.fact_answer import answer_start, asked_fact, asks_for, asks_something
 from memllm.agents.facts import extract_facts
+from memllm.errors import ConfigError
 from memllm.memory_stores.embeddings import FakeEmbedder
 from memllm.memory_stores.faiss_store import FaissStore
 from memllm.memory_stores.records import MemoryRecord
@@ -40,6 +41,12 @@ def fact(said: str, valid_to: float | None = None) -> MemoryRecord:
         ("I am allergic to peanuts.", "Is there anything I'm allergic to?"),
         ("My email is jo@mail.org.", "What email address did I give you?"),
         ("My username is gravel_fox.", "what username do i use"),
+        ("Our cat's name is Mochi.", "What's our cat called?"),  # "our": the user's household
+        ("Our wedding anniversary is on June 3.", "When is our anniversary?"),  # by the subject's last word
+        ("My favourite season is spring.", "Which season do I like best?"),
+        ("I play the cello.", "Which instrument do I play?"),
+        ("I'm vegetarian.", "Do I eat meat?"),
+        ("I'm a nurse.", "What do I do for work?"),
     ],
 )
 def test_a_question_naming_the_facts_subject_asks_for_it(said, question):
@@ -62,6 +69,8 @@ def test_a_question_naming_the_facts_subject_asks_for_it(said, question):
         ("My dog is called Rex.", "What should I feed my dog?"),  # names the subject, asks something else
         ("I work as a welder.", "What do you think of my work?"),
         ("My dog is called Rex.", "My dog is called Rex. What is my dog called?"),  # two sentences
+        ("My favourite season is spring.", "Which song do I like best?"),
+        ("My bike lock code is 2861.", "What is my garage code?"),  # another thing's code
     ],
 )
 def test_a_message_that_does_not_ask_for_the_fact_gets_none(said, message):
@@ -224,3 +233,38 @@ def test_asked_facts_is_validated():
         ControllerConfig(asked_facts="yes")
     with pytest.raises(ConfigError, match="w_asked"):
         ControllerConfig(w_asked=-1.0)
+
+
+def test_a_question_by_a_subjects_last_word_only_needs_it_to_be_the_only_one():
+    bike, garage = fact("My bike lock code is 2861."), fact("My garage code is 5160.")
+    assert asked_fact("What is my bike lock code?", [garage, bike]) is bike
+    assert asked_fact("What's my code again?", [bike]) is bike  # one code: it is asked for
+    assert asked_fact("What's my code again?", [bike, garage]) is None  # two codes: which one is not said
+
+
+def test_a_question_about_the_user_recalls_what_no_rule_read_as_a_fact(store):
+    from memllm.agents.controller import ControllerConfig, MemoryController, whitespace_tokens
+    from memllm.agents.factbook import FactBook
+
+    ns = "user:sq"
+    FactBook(store, ns).add(extract_facts("My dog is called Rex.")[0], at=1.0)  # facts exist, none of this
+    said = "every childhood summer i spent in brittany"  # no rule reads it as a fact
+    store.add(MemoryRecord(said, namespace=ns, kind="turn", created_at=2.0, metadata={"role": "user"}))
+    for i in range(10):
+        text = f"the weather is nice on day {i}"
+        store.add(
+            MemoryRecord(text, namespace=ns, kind="turn", created_at=10.0 + i, metadata={"role": "user"})
+        )
+
+    def ctl(**cfg):
+        config = ControllerConfig(max_records=1, cues=r"(?!)", gate_similarity=0.3, flash_tokens=8, **cfg)
+        return MemoryController(store, ns, count_tokens=whitespace_tokens, config=config, clock=lambda: 100.0)
+
+    question = "where did i spend every childhood summer?"
+    recall = ctl().recall(question)
+    assert recall.gate.fire and "a question about the user" in recall.gate.reason
+    assert [it.record.text for it in recall.used] == [said]
+    assert not ctl(self_questions=False).recall(question).gate.fire  # the fact gate alone stays shut
+    assert not ctl().recall("where did you spend every childhood summer?").gate.fire  # not about the user
+    with pytest.raises(ConfigError, match="self_questions"):
+        ControllerConfig(self_questions=1)
