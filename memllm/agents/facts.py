@@ -53,7 +53,8 @@ _NOT_JOB = (
     r"sister|daughter|son|parent|mum|mom|dad|grandmother|grandfather|smoker|drinker|winner|loser|loner|"
     r"newcomer|foreigner|stranger|customer|user|player|gamer|reader|runner|swimmer|walker|sucker|"
     r"romantic|introvert|extrovert|perfectionist|optimist|pessimist|vegetarian|vegan|pescatarian|"
-    r"morning|night|early|late|person|people)"
+    r"morning|night|early|late|person|people|junior|senior|sophomore|freshman|christian|catholic|"
+    r"workaholic|alcoholic|diabetic|asthmatic|learner|listener|dreamer|survivor|thinker|talker|eater)"
 )
 # "I'm Priya": a capitalised word that is not a nationality, faith, diet or state ("I'm English").
 _NOT_NAME = (
@@ -136,7 +137,8 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
     ),
     (  # "I'm a veterinarian", "I am an electrician": an occupation's noun (see _job)
         re.compile(
-            rf"^i(?:'m| am) an? (?!{_NOT_JOB}\b)(?P<value>(?:{_WORD}\s+)?{_JOB_NOUN}){_PLACE_TAIL}{_END}",
+            rf"^i(?:'m| am) an? (?P<value>(?:(?!{_NOT_JOB}\b){_WORD}\s+)?(?!{_NOT_JOB}\b){_JOB_NOUN})"
+            rf"{_PLACE_TAIL}{_END}",
             re.I,
         ),
         "job",

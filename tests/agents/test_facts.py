@@ -48,6 +48,8 @@ def test_statements_and_updates_give_their_subject(said, subject, value):
         "It rained all day, and the bus was late.",
         "I'm a bit tired today.",  # "I'm a ...": no occupation's noun
         "I'm a big fan of jazz.",
+        "I'm a quick learner.",  # an -er noun that is no occupation, after another word
+        "I'm a junior in college.",
         "I'm a mother of two.",
         "I'm English.",  # "I'm X": a nationality, not a name
         "I'm so tired.",
