@@ -51,6 +51,7 @@ from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.select import ForcedUnits, Probe, unit_mass
 from memllm.context.support import ModelSpec
+from memllm.context.unit_cache import UnitCache, counts
 from memllm.context.units import UnitStore
 from memllm.context.window import received_scores
 from memllm.errors import ConfigError
@@ -101,6 +102,15 @@ class ContextMemoryLayer(CacheLayerMixin):
             config.offload_dtype,
             self.device,
             device_writer=unit_writer(self.device),
+            unit_cache=UnitCache(
+                spec.kv_heads,
+                config.block_size,
+                spec.head_dim,
+                config.max_cached_blocks or max(2 * config.topk, 1),
+                self.device,
+            )  # fmt: skip
+            if config.device_unit_cache
+            else None,
         )
         h, d = spec.kv_heads, spec.head_dim
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
@@ -384,7 +394,7 @@ class ContextMemoryLayer(CacheLayerMixin):
                 ids = self.forced.apply(self.layer_idx, ids, static=whole_index)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
-            uk, uv = self.kernels.gather_units(self.store, ids, self.dtype)
+            uk, uv = self.kernels.gather_selected(self.store, ids, self.dtype)
             if not whole_index:
                 self.count_lookups(plan, ids)
         return self.kernels.memory_attention(self, q, q_mem, uk, uv, plan, chosen, scale, out, lse)
@@ -604,4 +614,25 @@ class ContextMemoryCache(Cache):
             "units_fetched": sum(layer.units_fetched for layer in self.layers),
             "max_keys_per_query": max(layer.max_keys_per_query for layer in self.layers),
             "max_position": max(layer.max_position for layer in self.layers),
-        }
+        } | self.unit_cache_stats()
+
+    def unit_caches(self) -> list[UnitCache]:
+        """The layers' device unit caches (MemoryConfig.device_unit_cache), [] when off."""
+        return [layer.store.unit_cache for layer in self.layers if layer.store.unit_cache is not None]
+
+    def unit_cache_stats(self) -> dict:
+        """With the device unit cache on: its counters summed over layers (unit_cache.counts: distinct
+        (unit, KV head) pairs), the hit rate (None before any lookup) and its device bytes; {} when off
+        (one read from the device)."""
+        caches = self.unit_caches()
+        if not caches:
+            return {}
+        got = counts(caches)
+        looked = got["hits"] + got["misses"]
+        got["hit_rate"] = got["hits"] / looked if looked else None
+        return {"unit_cache": got, "device_bytes_unit_cache": sum(c.device_bytes() for c in caches)}
+
+    def release_unit_caches(self) -> None:
+        """Free the device unit caches' pools (a session leaving a batch); the next lookups start cold."""
+        for c in self.unit_caches():
+            c.release()

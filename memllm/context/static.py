@@ -378,7 +378,13 @@ class StaticDecode:
 
     # ---- the step (device work only) -----------------------------------------------------------
     def attend_cut(
-        self, layer, shape: CutShape, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+        self,
+        layer,
+        shape: CutShape,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         """ContextMemoryLayer.attend for a call of `shape`, on the buffers: the window read from them and
         written back, units written at the device unit count, the lookup over the whole index.
@@ -435,7 +441,7 @@ class StaticDecode:
             ids = layer.forced.apply(layer.layer_idx, ids, static=True)
         ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
-        uk, uv = layer.kernels.gather_units(store, ids, layer.dtype)
+        uk, uv = layer.kernels.gather_selected(store, ids, layer.dtype)
         if t is None:
             args = (q_loc[:, :, 0], q_mem[:, :, 0], sw.k, sw.v, sw.score, self.window, layer.sink_k,
                     layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip
