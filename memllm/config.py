@@ -166,9 +166,7 @@ class MemoryConfig:
                 f"MemoryConfig.memory_distance ({distance}) must be at most n_local ({n_local}): retrieved units "
                 "sit no farther than the local window's end"
             )
-        out = replace(
-            self, n_local=n_local, chunk_size=chunk, max_cached_blocks=cached, memory_distance=distance
-        )
+        out = replace(self, n_local=n_local, chunk_size=chunk, max_cached_blocks=cached, memory_distance=distance)
         span = out.n_init + out.topk * out.block_size + n_local + out.block_size + out.exc_block_size
         if span > trained_len:
             raise ConfigError(

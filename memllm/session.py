@@ -227,9 +227,7 @@ class Session:
                 return self.last_logits
 
             with attach(model, cache=self.cache):
-                yield from decode(
-                    self.last_logits, step, max_new_tokens, stop_ids=stop, guard=guard, feed_last=True
-                )
+                yield from decode(self.last_logits, step, max_new_tokens, stop_ids=stop, guard=guard, feed_last=True)
         finally:
             if forced:
                 self.cache.forced.clear()
@@ -281,22 +279,15 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if text is not None and selector == "hybrid":
-            chosen = select.evidence_then_attention(
-                ranked, score, cfg.topk, cfg.select_neighbours, first=gold
-            )
+            chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:
             chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
         cache.forced.set(chosen)
-        units, worst_first = (
-            chosen.tolist(),
-            (-ranked[chosen]).tolist(),
-        )  # one read of the scores, not one per unit
+        units, worst_first = chosen.tolist(), (-ranked[chosen]).tolist()  # one read of the scores, not one per unit
         self.last_selection = {
             "units": units,
             # the chosen units best first (the ranking that chose them; the gold units of a diagnostic first)
-            "ranked_units": [
-                u for _, _, u in sorted(zip([u not in gold for u in units], worst_first, units, strict=True))
-            ],
+            "ranked_units": [u for _, _, u in sorted(zip([u not in gold for u in units], worst_first, units, strict=True))],
             "gold_units": gold,
             "score": score,
             "text_score": text,
@@ -344,9 +335,7 @@ class Session:
     # ---- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = self.cache.stats()
-        s["device_bytes"] = (
-            s["device_bytes_window"] + s["device_bytes_index"] + s.get("device_bytes_unit_cache", 0)
-        )
+        s["device_bytes"] = s["device_bytes_window"] + s["device_bytes_index"] + s.get("device_bytes_unit_cache", 0)
         s["asks"] = self.asks
         return s
 
@@ -358,9 +347,7 @@ class Session:
         return snapshot.save_session(self, path, namespace)
 
     @classmethod
-    def restore(
-        cls, llm: Any, path: str | Path, namespace: str | None = None, embedder: Any = None
-    ) -> Session:
+    def restore(cls, llm: Any, path: str | Path, namespace: str | None = None, embedder: Any = None) -> Session:
         """A session equal to the saved one (same next-token logits) on `llm`; SnapshotError when the
         snapshot is torn, altered, or was written with other weights (or for another namespace).
         embedder: the text index's, for a snapshot whose selector reads one (default: the shared MiniLM)."""
@@ -380,9 +367,7 @@ class Session:
         if session.budget is not None:  # the units the snapshot holds, before they are loaded
             units = max((int(layer.get("units", 0)) for layer in manifest.get("layers", [])), default=0)
             try:
-                session.budget.require(
-                    session, session.cache.host_bytes_for_units(units), f"restoring {path}"
-                )
+                session.budget.require(session, session.cache.host_bytes_for_units(units), f"restoring {path}")
             except HostBudgetError:
                 session.close()
                 raise

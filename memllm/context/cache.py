@@ -102,15 +102,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             config.offload_dtype,
             self.device,
             device_writer=unit_writer(self.device),
-            unit_cache=UnitCache(
-                spec.kv_heads,
-                config.block_size,
-                spec.head_dim,
-                config.max_cached_blocks or max(2 * config.topk, 1),
-                self.device,
-            )  # fmt: skip
-            if config.device_unit_cache
-            else None,
+            unit_cache=self._unit_cache() if config.device_unit_cache else None,
         )
         h, d = spec.kv_heads, spec.head_dim
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
@@ -136,6 +128,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.max_keys_per_query = 0
         self.max_position = 0
         self.is_initialized = True
+
+    def _unit_cache(self) -> UnitCache:
+        """The device cache of this layer's units (MemoryConfig.device_unit_cache; unit_cache.py)."""
+        cfg = self.config
+        slots = cfg.max_cached_blocks or max(2 * cfg.topk, 1)
+        return UnitCache(self.spec.kv_heads, cfg.block_size, self.spec.head_dim, slots, self.device)
 
     # ---- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

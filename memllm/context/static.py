@@ -378,13 +378,7 @@ class StaticDecode:
 
     # ---- the step (device work only) -----------------------------------------------------------
     def attend_cut(
-        self,
-        layer,
-        shape: CutShape,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        scale: float,
+        self, layer, shape: CutShape, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """ContextMemoryLayer.attend for a call of `shape`, on the buffers: the window read from them and
         written back, units written at the device unit count, the lookup over the whole index.
