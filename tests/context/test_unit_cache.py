@@ -345,8 +345,15 @@ def test_rewind_and_rollback_never_read_stale_units():
 
 
 # ---- CUDA (for the next GPU run: skipped without a device) -------------------------------------------
+# The kernel tests are also marked `triton`: without a device, under TRITON_INTERPRET=1 (triton
+# installed), they run the same kernel on CPU stores (fp32 output: the interpreter rounds to bf16
+# otherwise than the device does, for the plain gather too).
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the UVA gather needs CUDA")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs and pinned memory need CUDA"
+)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def reference_read(
@@ -356,14 +363,14 @@ def reference_read(
 
 
 def random_lookup(gen: torch.Generator, n: int, per_head: bool) -> torch.Tensor:
-    """(1, kv_heads, t) ids of one lookup on CUDA, 1 <= t <= 4, repeats possible; shared: one row expanded."""
+    """(1, kv_heads, t) ids of one lookup, 1 <= t <= 4, repeats possible; shared: one row expanded."""
     t = int(torch.randint(1, 5, (1,), generator=gen))
     ids = torch.randint(0, n, (1, KVH if per_head else 1, t), generator=gen)
-    return ids.expand(1, KVH, t).cuda()
+    return ids.expand(1, KVH, t).to(KERNEL_DEVICE)
 
 
 @pytest.mark.gpu
-@needs_cuda
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_cuda_cached_gather_equals_the_reference(dtype_name, per_head):
@@ -372,12 +379,12 @@ def test_cuda_cached_gather_equals_the_reference(dtype_name, per_head):
     slot tables, counters and pool contents."""
     from memllm.context.cuda.gather import gather_cached_uva
 
-    fast, ref = (make_store(11, 4, seed=6, dtype=dtype_name, device="cuda") for _ in range(2))
+    fast, ref = (make_store(11, 4, seed=6, dtype=dtype_name, device=KERNEL_DEVICE) for _ in range(2))
     gen = torch.Generator().manual_seed(7)
     for _ in range(30):
         ids = random_lookup(gen, 11, per_head)
-        got = gather_cached_uva(fast, ids, torch.bfloat16)
-        want = unit_cache.gather_cached(ref, ids, torch.bfloat16, reference_read)
+        got = gather_cached_uva(fast, ids, OUT_DTYPE)
+        want = unit_cache.gather_cached(ref, ids, OUT_DTYPE, reference_read)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert torch.equal(fast.unit_cache.table, ref.unit_cache.table)
@@ -388,7 +395,7 @@ def test_cuda_cached_gather_equals_the_reference(dtype_name, per_head):
 
 
 @pytest.mark.gpu
-@needs_cuda
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
 def test_cuda_stores_gather_through_caches_equals_the_reference(dtype_name):
     """cuda/gather.StoresGather with the stores' caches (one planning, one launch over every store) against
@@ -396,15 +403,15 @@ def test_cuda_stores_gather_through_caches_equals_the_reference(dtype_name):
     from memllm.context.cuda.gather import StoresGather
 
     sizes = (6, 9, 13)
-    fast = [make_store(n, 3, seed=n, dtype=dtype_name, device="cuda") for n in sizes]
-    ref = [make_store(n, 3, seed=n, dtype=dtype_name, device="cuda") for n in sizes]
+    fast = [make_store(n, 3, seed=n, dtype=dtype_name, device=KERNEL_DEVICE) for n in sizes]
+    ref = [make_store(n, 3, seed=n, dtype=dtype_name, device=KERNEL_DEVICE) for n in sizes]
     gather = StoresGather()
     gen = torch.Generator().manual_seed(8)
     for _ in range(20):
-        ids = torch.stack([torch.randint(0, n, (KVH, 3), generator=gen) for n in sizes]).cuda()
-        got_k, got_v = gather(fast, ids, torch.bfloat16)
+        ids = torch.stack([torch.randint(0, n, (KVH, 3), generator=gen) for n in sizes]).to(KERNEL_DEVICE)
+        got_k, got_v = gather(fast, ids, OUT_DTYPE)
         for i, s in enumerate(ref):
-            want_k, want_v = unit_cache.gather_cached(s, ids[i : i + 1], torch.bfloat16, reference_read)
+            want_k, want_v = unit_cache.gather_cached(s, ids[i : i + 1], OUT_DTYPE, reference_read)
             torch.testing.assert_close(got_k[i : i + 1], want_k, rtol=0, atol=0)
             torch.testing.assert_close(got_v[i : i + 1], want_v, rtol=0, atol=0)
     for a, b in zip(fast, ref, strict=True):

@@ -74,8 +74,9 @@ def _gather_kernel(
         u = tl.load(ids_ptr + pid)
     host = mask  # the elements read from host memory (CACHED: a miss's only)
     if CACHED:
-        slot = tl.load(source_ptr + pid)
-        put = tl.load(install_ptr + pid)
+        # per element (broadcast here: Triton's interpreter refuses a block mask & a scalar condition)
+        slot = offs * 0 + tl.load(source_ptr + pid)
+        put = offs * 0 + tl.load(install_ptr + pid)
         row = pid // (KV_HEADS * t)
         pool_k = tl.load(pool_table + 2 * row).to(tl.pointer_type(out_k.dtype.element_ty))
         pool_v = tl.load(pool_table + 2 * row + 1).to(tl.pointer_type(out_v.dtype.element_ty))
@@ -181,7 +182,7 @@ class _Tables:
         while cap < n:
             cap *= 2
         self.table = torch.zeros((len(names), cap), dtype=torch.int64, device=store.device)
-        self.mirrors.append(torch.zeros((len(names), cap), dtype=torch.int64, pin_memory=True))
+        self.mirrors.append(torch.zeros((len(names), cap), dtype=torch.int64, pin_memory=store.pin))
         self.dev = {name: self.table[i] for i, name in enumerate(names)}
         self.names, self.capacity, self.count = names, cap, 0
         self.capacity_version += 1
@@ -315,7 +316,8 @@ class StoresGather:
         for tab in tables:
             starts.append(at * first.segment_units)
             at += tab["k"].shape[0]
-        self.base = torch.tensor(starts, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+        base = torch.tensor(starts, dtype=torch.long)
+        self.base = (base.pin_memory() if device.type == "cuda" else base).to(device, non_blocking=True)
         self.stores, self.versions = list(stores), [s.version for s in stores]
         self.joins += 1
 
