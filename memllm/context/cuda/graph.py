@@ -176,8 +176,9 @@ class DecodeGraph:
             reprs = layer.store.repr_buffer()
             tables = layer.store.kernel_state
             table_ptrs = tuple(t.data_ptr() for t in tables.dev.values()) if tables is not None else ()
-            pools = layer.store.unit_cache  # its tables stay; its pools are made again after a release
-            pool_ptrs = (pools.pool_ptrs.data_ptr(),) if pools is not None and pools.pool_ptrs is not None else ()
+            cache = layer.store.unit_cache  # its tables stay; its pools are made again after a release
+            pools = cache.pool_ptrs if cache is not None else None
+            pool_ptrs = (pools.data_ptr(),) if pools is not None else ()
             parts.append(
                 (
                     layer.sink_k.data_ptr(),
