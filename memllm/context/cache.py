@@ -29,10 +29,12 @@ made once per cache (kernels.kernels_for) and the layer calls it through `self.k
 which computes the outputs and advances the state. get_seq_length() reports
 min(tokens seen, n_init + n_local), so model positions stay bounded; `seen_tokens` is the truth.
 Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), HF `generate()`
-(its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
-device-side LRU of units: the CUDA gather reads the selected units from pinned host memory on
-every lookup, each distinct unit once per call (MemoryConfig.max_cached_blocks is accepted and
-unused). static.py runs the same pieces (local_pass, cut_units, attend_memory) on fixed buffers. Knows nothing of the model
+(its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). Units are
+read from host memory (pinned on a GPU; the CUDA gather reads them there, each distinct unit once
+per call) at every lookup, unless MemoryConfig.device_unit_cache is on: then each layer's store keeps
+an LRU of max_cached_blocks units per KV head on the device (unit_cache.py), which a lookup's gather
+(`kernels.gather_selected`) reads first, host memory only on a miss; prefill chunks of several
+execution blocks and the question selector's scan bypass it. static.py runs the same pieces (local_pass, cut_units, attend_memory) on fixed buffers. Knows nothing of the model
 beyond ModelSpec.
 """
 

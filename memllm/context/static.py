@@ -15,7 +15,8 @@ one call to the next:
 Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
 reference) or, on CUDA with impl "fast", cuda/static.step_attention_cuda (two Triton launches, the
 same contract, tested against it); the lookup is lookup.choose_units (cuda/lookup.py on CUDA
-with impl "fast").
+with impl "fast"); the gather is kernels.gather_selected (through the device unit cache when it is
+on: its slot table and counters are device tensors written in place, so a graph replays it too).
 
 Calls of more than one token ("rows"): padded to a fixed number of rows T (`rows_bucket`), the first
 n (a device scalar) real. Row t is key W + t (causal); padded rows write keys past W + n that no
