@@ -21,7 +21,7 @@ import torch
 from memllm.config import MemoryConfig
 from memllm.context import attach, unit_cache
 from memllm.context.kernels import TorchKernels, gather_units
-from memllm.context.prefill import feed, step
+from memllm.context.prefill import feed, greedy, step
 from memllm.context.unit_cache import UnitCache
 from memllm.context.units import UnitStore
 from memllm.engine import BatchEngine
@@ -424,9 +424,9 @@ def test_cuda_stores_gather_through_caches_equals_the_reference(dtype_name):
 @needs_cuda
 def test_cuda_sessions_with_the_cache_equal_without():
     """On CUDA: a session decoding alone through its captured decode graph, and sessions batched (the
-    stacked step), give the same tokens and lookups with the cache on as off, within bf16-free fp32
-    rounding; the graph replays the cache's planning (hits counted across replays), and the steady
-    replays make no host synchronisation."""
+    stacked step), give the same tokens and lookups with the cache on as off (logits within fp32
+    rounding); the graph replays the cache's planning (hits counted across replays); decoding (replays,
+    and the plain steps that cut a unit) makes no host synchronisation."""
     model = tiny_model("llama").cuda()
     want = alone(session(model, False, 700), 12)
     on = session(model, True, 700)
@@ -438,12 +438,11 @@ def test_cuda_sessions_with_the_cache_equal_without():
     assert graph is not None and graph.replays > 0
     assert on.stats()["unit_cache"]["hits"] > 0
     with attach(model, cache=on.cache), torch.no_grad():
-        tok = torch.tensor([[int(on.last_logits.argmax())]])
-        step(model, on.cache, tok)  # a replay: nothing captured anew
+        _, logits = greedy(model, on.cache, on.last_logits, 3)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        try:
-            step(model, on.cache, tok)
+        try:  # replays, and the plain steps that cut a unit (the cached gather: device planning only)
+            greedy(model, on.cache, logits, 20)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     wants = [alone(session(model, False, n), 6) for n in (700, 300, 60)]

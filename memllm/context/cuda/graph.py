@@ -192,11 +192,14 @@ class DecodeGraph:
         return tuple(parts)
 
     def _refresh_tables(self) -> None:
-        """Segments written by plain steps since: their addresses go into the (stable) gather tables."""
+        """Segments written by plain steps since: their addresses go into the (stable) gather tables. The
+        device unit caches' pools are made here, on the current stream, not in a warm-up on the side one."""
         for layer in self.cache.layers:
             tables = layer.store.kernel_state
             if tables is not None:
                 tables.refresh(layer.store)
+            if layer.store.unit_cache is not None:
+                layer.store.unit_cache.ensure(layer.dtype)
 
     def _graph_step(self, model: torch.nn.Module, slot: _Slot) -> torch.Tensor:
         self._refresh_tables()
