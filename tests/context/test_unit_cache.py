@@ -28,7 +28,7 @@ from memllm.engine import BatchEngine
 from memllm.errors import ConfigError
 from memllm.session import Session
 from tests.context.helpers import CharTokenizer, FakeLLM, small_memory, tiny_model
-from tests.context.test_batch import LENGTHS, TEXT, Recorder, alone
+from tests.context.test_batch import LENGTHS, TEXT, Recorder, alone, batched_equals_alone
 from tests.context.test_static import decode
 
 KVH, BS, D = 2, 4, 8
@@ -447,12 +447,4 @@ def test_cuda_sessions_with_the_cache_equal_without():
             torch.cuda.set_sync_debug_mode(0)
     wants = [alone(session(model, False, n), 6) for n in (700, 300, 60)]
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
-    reqs = [engine.join(session(model, True, n), max_new_tokens=6, stop=set()) for n in (700, 300, 60)]
-    rec = Recorder(engine)
-    while engine.active:
-        rec.step()
-    assert engine.stacked_rows > 0
-    for r, (toks, logits, lookups) in zip(reqs, wants, strict=True):
-        assert r.tokens == toks and rec.lookups[id(r)] == lookups
-        for a, b in zip(rec.logits[id(r)], logits, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    batched_equals_alone(engine, [session(model, True, n) for n in (700, 300, 60)], wants, 6, 1e-3)
