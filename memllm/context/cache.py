@@ -394,7 +394,9 @@ class ContextMemoryLayer(CacheLayerMixin):
                 ids = self.forced.apply(self.layer_idx, ids, static=whole_index)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
-            uk, uv = self.kernels.gather_selected(self.store, ids, self.dtype)
+            # a probe's call is rolled back and its lookups uncounted: it leaves the unit cache alone
+            gather = self.kernels.gather_units if self.probe is not None else self.kernels.gather_selected
+            uk, uv = gather(self.store, ids, self.dtype)
             if not whole_index:
                 self.count_lookups(plan, ids)
         return self.kernels.memory_attention(self, q, q_mem, uk, uv, plan, chosen, scale, out, lse)

@@ -23,8 +23,9 @@ At most C ids per gather (topk <= max_cached_blocks, checked by MemoryConfig): n
 
 Which gathers use it (`serves`): those of ONE lookup (one row of ids: a decoded token, a call of one
 execution block, each row of a batched step). A gather of several lookups (a prefill chunk's execution
-blocks, a static rows step spanning two blocks) and the question selector's scan of every unit
-(select.unit_mass) bypass it: they read host memory and leave the cache as it is. A prefill chunk's
+blocks, a static rows step spanning two blocks) and the question selector's probe (its scan of every
+unit, select.unit_mass, and its call's own lookups: the call is rolled back, its lookups uncounted)
+bypass it: they read host memory and leave the cache as it is. A prefill chunk's
 blocks each choose topk units over the whole history, most read once: installing them would evict the
 decode working set for nothing, and the chunk's gather already reads each distinct unit once
 (gather.distinct_pairs).

@@ -233,7 +233,7 @@ def session(model, on: bool, n: int, **mem) -> Session:
 @pytest.mark.parametrize("mem", [{}, {"lookup": "per_head", "max_cached_blocks": 4}, {"impl": "reference"}])
 def test_session_decode_with_the_cache_equals_without(mem):
     """A session decoding alone: the same tokens, logits and lookups with the cache on as off; every
-    lookup of the steps counted as hits + misses; an ask (its probe bypasses the cache) answers alike."""
+    lookup of the steps counted as hits + misses; an ask answers alike, its probe bypassing the cache."""
     model = tiny_model("llama")
     off, on = session(model, False, 700, **mem), session(model, True, 700, **mem)
     fetched = on.stats()["units_fetched"]
@@ -249,6 +249,9 @@ def test_session_decode_with_the_cache_equals_without(mem):
     assert stats["device_bytes"] == stats["device_bytes_window"] + stats["device_bytes_index"] + stats[
         "device_bytes_unit_cache"]  # fmt: skip
     assert on.ask("qz?", max_new_tokens=4) == off.ask("qz?", max_new_tokens=4)
+    after = on.stats()  # the answer's lookups counted; the question's probe bypassed the cache
+    looked = after["unit_cache"]["hits"] + after["unit_cache"]["misses"] - counts["hits"] - counts["misses"]
+    assert looked == after["units_fetched"] - stats["units_fetched"] > 0
 
 
 @pytest.mark.parametrize("lookup,offload", [("shared", "fp32"), ("per_head", "int8")])
