@@ -4,6 +4,7 @@ Usage (on the device machine, model folder holding the SmolLM2 GGUF and its toke
   PYTHONPATH=/tmp/site:. python benchmarks/batch_gpu.py --model-dir /root/m --gguf smollm2.gguf \
       --out $OUT/batch.json
   python benchmarks/batch_gpu.py --quick --out /tmp/batch_quick.json   # CPU, tiny random Llama: the script's own test
+  ... --device-cache 32   # each memllm row also with the device unit cache (32 units per layer and KV head)
 
 What it measures, per length (default 32K and 128K tokens per session):
   * memllm: ONE session is read (prefill timed), then cloned N times (N = 1, 4, 16, 48): each clone
