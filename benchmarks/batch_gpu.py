@@ -4,6 +4,7 @@ Usage (on the device machine, model folder holding the SmolLM2 GGUF and its toke
   PYTHONPATH=/tmp/site:. python benchmarks/batch_gpu.py --model-dir /root/m --gguf smollm2.gguf \
       --out $OUT/batch.json
   python benchmarks/batch_gpu.py --quick --out /tmp/batch_quick.json   # CPU, tiny random Llama: the script's own test
+  ... --device-cache 32   # each memllm row also with the device unit cache (32 units per layer and KV head)
 
 What it measures, per length (default 32K and 128K tokens per session):
   * memllm: ONE session is read (prefill timed), then cloned N times (N = 1, 4, 16, 48): each clone
@@ -34,6 +35,11 @@ What it measures, per length (default 32K and 128K tokens per session):
     host's speed at that moment (if it differs between rows, the process, not the code, changed).
   * correctness on the device: the first batched step's logits of 4 clones (impl "fast" and
     "reference") against one clone stepped alone: max relative error and argmax agreement.
+  * `--device-cache N` (MemoryConfig.device_unit_cache, max_cached_blocks N; context/unit_cache.py):
+    every memllm row runs twice, without and with the device unit cache (system "memllm-<impl>+cacheN"),
+    in the same process; the cached rows report the unit cache's hit rate over the timed steps (and the
+    steps after them), misses per step and the host bytes those misses read per step, and the first
+    batched step with the cache is checked against a clone stepped alone without it ("fast+cache").
 Prints a table last; writes everything to --out (JSON). Stops starting new work after --budget-s
 seconds (default 430) so the whole run ends inside 500 s; what was skipped is recorded.
 """
@@ -48,6 +54,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +214,25 @@ def clone_session(src: Session, llm: Any, memory: MemoryConfig) -> Session:
     return dst
 
 
+def cache_counts(sessions: list[Session]) -> dict[str, int]:
+    """The device unit caches' hits, misses and evictions summed over sessions (one read each)."""
+    got = [s.cache.unit_cache_stats().get("unit_cache", {}) for s in sessions]
+    return {k: sum(g.get(k, 0) for g in got) for k in ("hits", "misses", "evictions")}
+
+
+def cache_row(
+    before: dict[str, int], after: dict[str, int], done: int, memory: MemoryConfig, src: Session
+) -> dict:
+    """What the device unit cache did over `done` steps of every session (counts: (unit, KV head) pairs)."""
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    spec = src.cache.spec
+    elem = torch.empty(0, dtype=src.cache.layers[0].store.host_dtype).element_size()
+    pair_bytes = 2 * memory.block_size * spec.head_dim * elem  # one unit's K and V of one KV head
+    return {"unit_cache_slots": memory.max_cached_blocks, "unit_cache_hit_rate": hits / max(hits + misses, 1),
+            "unit_cache_misses_per_step": misses / done, "unit_cache_evictions_per_step": (after["evictions"] - before["evictions"]) / done,
+            "unit_cache_host_bytes_per_step": misses * pair_bytes / done}  # fmt: skip
+
+
 def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict:
     dev = src.cache.layers[0].device
     t = time.perf_counter()
@@ -221,10 +247,20 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     stacked0, rows0 = engine.stacked_rows, engine.batch_rows
-    row = where_time_goes(engine.step, steps, dev, profile_steps)
+    cached0 = cache_counts(clones) if memory.device_unit_cache else None
+    stepped = []  # the steps where_time_goes takes (timed, sync-counted and profiled ones)
+    engine_step = engine.step
+
+    def step() -> None:
+        stepped.append(engine_step())
+
+    row = where_time_goes(step, steps, dev, profile_steps)
     done = steps + 1 + (profile_steps if dev.type == "cuda" else 0)
+    if cached0 is not None:  # the counters outlive the pools, freed as the requests end
+        row.update(cache_row(cached0, cache_counts(clones), len(stepped), memory, src))
+    suffix = f"+cache{memory.max_cached_blocks}" if memory.device_unit_cache else ""
     row.update({
-        "system": f"memllm-{impl}", "sessions": n, "steps": steps,
+        "system": f"memllm-{impl}{suffix}", "sessions": n, "steps": steps,
         "tokens_per_s": n * 1000 / row["ms_per_step"], "stacked_share": (engine.stacked_rows - stacked0) / (n * done) if n > 1 else None,
         "plain_rows_timed": (engine.batch_rows - rows0) - (engine.stacked_rows - stacked0) if n > 1 else None,
         "clone_s": clone_s,
@@ -244,19 +280,21 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict
     return row
 
 
-def correctness(llm, src, memory) -> dict:
-    """The first batched step of 4 clones against one clone stepped alone (the same token)."""
+def correctness(llm, src, memory, cached: MemoryConfig | None = None) -> dict:
+    """The first batched step of 4 clones against one clone stepped alone (the same token); with
+    `cached` (the device unit cache's config) also 4 clones with the cache, impl "fast"."""
     tok = int(src.last_logits.argmax())
     ref_s = clone_session(src, llm, memory)
     with attach(llm.model, cache=ref_s.cache):
         ref = prefill.step(llm.model, ref_s.cache, torch.tensor([[tok]])).float().cpu()
     out = {}
-    for impl in ("fast", "reference"):
-        clones = [clone_session(src, llm, memory) for _ in range(4)]
+    runs = [("fast", "fast", memory), ("reference", "reference", memory)]
+    for name, impl, mem in runs + ([("fast+cache", "fast", cached)] if cached is not None else []):
+        clones = [clone_session(src, llm, mem) for _ in range(4)]
         engine = BatchEngine(llm, impl)
         rows = engine._feed(clones, [tok] * 4)
         errs = [float((r.float().cpu() - ref).abs().max() / ref.abs().max()) for r in rows]
-        out[impl] = {"max_rel_err": max(errs), "argmax_equal": all(int(r.argmax()) == int(ref.argmax()) for r in rows),
+        out[name] = {"max_rel_err": max(errs), "argmax_equal": all(int(r.argmax()) == int(ref.argmax()) for r in rows),
                      "stacked_rows": engine.stacked_rows}  # fmt: skip
         for c in clones:
             c.close()
@@ -381,6 +419,8 @@ def main() -> None:
     ap.add_argument("--order", default="full,memllm", help="which runs first")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler per row (CUDA)")
     ap.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, short lengths")
+    ap.add_argument("--device-cache", type=int, default=0, metavar="N",
+                    help="also run every memllm row with the device unit cache of N units per layer and KV head")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -411,6 +451,12 @@ def main() -> None:
         max_full = args.max_full_batch
     say(f"model ready: {llm.name}")
     resolved = memory.resolved(llm.trained_len)
+    cached = (
+        replace(memory, device_unit_cache=True, max_cached_blocks=args.device_cache)
+        if args.device_cache
+        else None
+    )
+    memories = [memory] + ([cached] if cached is not None else [])  # each memllm row without, then with
     rows: list[dict] = []
     skipped: list[str] = []
     checks: dict[str, Any] = {}
@@ -443,18 +489,26 @@ def main() -> None:
                 src.feed_ids(ids[1 : extra + 1])  # more of the same text
                 say(f"read {extra} more tokens: the clones' next cut is {resolved.block_size} tokens away")
             if not checks:
-                checks.update(correctness(llm, src, memory))
+                checks.update(correctness(llm, src, memory, cached))
                 checks["length"] = n_tok
                 say(f"correctness (batched first step vs alone): {checks}")
             for n in ns:
-                if over():
-                    skipped.append(f"memllm at {n_tok} x {n}")
-                    continue
-                row = memllm_decode(llm, src, memory, n, steps, warm, args.impl, profile_steps)
-                row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
-                rows.append(row)
-                say(f"memllm {n_tok:,} x {n}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
-                    f"host share {row['host_share']:.2f}, syncs/step {row['syncs_per_step']}")  # fmt: skip
+                for mem in memories:
+                    if over():
+                        skipped.append(
+                            f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "")
+                        )
+                        continue
+                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps)
+                    row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
+                    rows.append(row)
+                    hits = (
+                        f", unit cache hit rate {row['unit_cache_hit_rate']:.3f}"
+                        if mem.device_unit_cache
+                        else ""
+                    )
+                    say(f"{row['system']} {n_tok:,} x {n}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s, "
+                        f"host share {row['host_share']:.2f}, syncs/step {row['syncs_per_step']}{hits}")  # fmt: skip
             src.close()
             del src
             gc.collect()
@@ -489,6 +543,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": llm.name,
         "memory": resolved.to_dict(),
+        "device_cache_memory": cached.resolved(llm.trained_len).to_dict() if cached is not None else None,
         "quick": args.quick,
         "wall_s": time.time() - T0,
         "skipped": skipped,
@@ -500,15 +555,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
     print(json.dumps(env))
     print(f"{'system':18} {'length':>8} {'sessions':>8} {'ms/step':>9} {'tok/s':>9} {'peak GPU GiB':>13} "
-          f"{'host ms':>8} {'wait ms':>8} {'gpu ms':>8} {'syncs':>6} {'us/launch':>9}")  # fmt: skip
+          f"{'host ms':>8} {'wait ms':>8} {'gpu ms':>8} {'syncs':>6} {'us/launch':>9} {'hit rate':>8}")  # fmt: skip
     for r in rows:
         gpu = (r.get("peak_gpu_bytes") or 0) / 2**30
         mark = " (largest that fits)" if r.get("largest_that_fits") else ""
         busy = "-" if r.get("gpu_busy_ms_per_step") is None else f"{r['gpu_busy_ms_per_step']:.2f}"
         syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
+        hit = "-" if r.get("unit_cache_hit_rate") is None else f"{r['unit_cache_hit_rate']:.3f}"
         print(f"{r['system']:18} {r['length']:>8} {r['sessions']:>8} {r['ms_per_step']:>9.2f} "
               f"{r['tokens_per_s']:>9.0f} {gpu:>13.3f} {r['host_ms_per_step']:>8.2f} {r['wait_ms_per_step']:>8.2f} "
-              f"{busy:>8} {syncs:>6} {r['host_us_per_launch']:>9.2f}{mark}")  # fmt: skip
+              f"{busy:>8} {syncs:>6} {r['host_us_per_launch']:>9.2f} {hit:>8}{mark}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ class MemoryConfig:
     n_init: sink tokens kept on the device.  n_local: local window (exact relative positions).
     block_size: tokens per memory unit.  repr_topk: representative keys per unit.
     topk: units retrieved per execution block.  exc_block_size: queries sharing one lookup.
-    chunk_size: tokens per model call during prefill.  max_cached_blocks: GPU LRU size (units/layer;
-    reserved: the context memory has no device LRU yet and reads units from pinned host memory).
+    chunk_size: tokens per model call during prefill.  max_cached_blocks: device unit cache size (units
+    per layer and KV head; default 2 * topk), used only with device_unit_cache.
+    device_unit_cache: keep recently read units on the model's device, an LRU of max_cached_blocks
+    units per (session, layer) (context/unit_cache.py): a lookup's gather reads a cached unit there and
+    host memory only on a miss. Off by default (opt-in until measured on a GPU): units are read from
+    host memory (pinned on a GPU) at every lookup.
     offload_dtype: how unit K/V are kept on the host.  device: where attention runs (None: the model's).
     impl: "fast" (device-side lookup and gathers; on the CPU, PyTorch's fused attention for the window and
     the window keys' received scores deferred until a cut needs them) or "reference" (plain PyTorch, what
@@ -78,6 +82,7 @@ class MemoryConfig:
     selector: str = "hybrid"
     select_neighbours: int = 1
     memory_distance: int | None = None
+    device_unit_cache: bool = False
 
     def __post_init__(self) -> None:
         def positive(
@@ -119,6 +124,10 @@ class MemoryConfig:
         positive("select_neighbours", self.select_neighbours, allow_zero=True)
         if not isinstance(self.decode_graphs, bool):
             raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")
+        if not isinstance(self.device_unit_cache, bool):
+            raise ConfigError(
+                f"MemoryConfig.device_unit_cache must be True or False, got {self.device_unit_cache!r}"
+            )
         if self.max_cached_blocks is not None and self.topk > 0 and self.max_cached_blocks < self.topk:
             raise ConfigError(
                 f"MemoryConfig.max_cached_blocks ({self.max_cached_blocks}) must be at least topk ({self.topk})"

@@ -8,7 +8,8 @@ session's attention on its own tokens; a lone prompt goes through the session's 
 chooses each active session's next token (greedy, from its last logits) and feeds all of them in ONE
 model call (memllm.context.batch.BatchCache: each session its
 own units and window) and returns the tokens as events; a session that reaches a stop id or its
-max_new_tokens leaves, and sessions may join or `leave` between steps. `generate()` steps until no
+max_new_tokens leaves, and sessions may join or `leave` between steps (one that leaves frees the
+pools of its device unit cache, context/unit_cache.py). `generate()` steps until no
 session is active. What a session generates stays in its memory, exactly as Session.generate_ids
 leaves it (the same tokens, within the batched path's rounding). A lone active session takes its
 own path (prefill.step: its decode graph on CUDA).
@@ -158,6 +159,7 @@ class BatchEngine:
         if req.forced:
             req.session.cache.forced.clear()
         compact(req.session)
+        req.session.cache.release_unit_caches()  # its device unit cache's slots go (MemoryConfig.device_unit_cache)
         self.requests = [r for r in self.requests if r is not req]
         if not self.requests:  # nothing left to batch: the stacked buffers go
             self._batch = None

@@ -335,7 +335,7 @@ class Session:
     # ---- accounting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         s = self.cache.stats()
-        s["device_bytes"] = s["device_bytes_window"] + s["device_bytes_index"]
+        s["device_bytes"] = s["device_bytes_window"] + s["device_bytes_index"] + s.get("device_bytes_unit_cache", 0)
         s["asks"] = self.asks
         return s
 

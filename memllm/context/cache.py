@@ -29,10 +29,12 @@ made once per cache (kernels.kernels_for) and the layer calls it through `self.k
 which computes the outputs and advances the state. get_seq_length() reports
 min(tokens seen, n_init + n_local), so model positions stay bounded; `seen_tokens` is the truth.
 Not supported: batch size > 1, beam search, crop (use checkpoint()/rollback()), HF `generate()`
-(its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). There is no
-device-side LRU of units: the CUDA gather reads the selected units from pinned host memory on
-every lookup, each distinct unit once per call (MemoryConfig.max_cached_blocks is accepted and
-unused). static.py runs the same pieces (local_pass, cut_units, attend_memory) on fixed buffers. Knows nothing of the model
+(its position bookkeeping assumes a plain cache; use memllm.context.prefill or Session). Units are
+read from host memory (pinned on a GPU; the CUDA gather reads them there, each distinct unit once
+per call) at every lookup, unless MemoryConfig.device_unit_cache is on: then each layer's store keeps
+an LRU of max_cached_blocks units per KV head on the device (unit_cache.py), which a lookup's gather
+(`kernels.gather_selected`) reads first, host memory only on a miss; prefill chunks of several
+execution blocks and the question selector's scan bypass it. static.py runs the same pieces (local_pass, cut_units, attend_memory) on fixed buffers. Knows nothing of the model
 beyond ModelSpec.
 """
 
@@ -51,6 +53,7 @@ from memllm.context.plan import CallPlan, plan_call
 from memllm.context.positions import Rotary
 from memllm.context.select import ForcedUnits, Probe, unit_mass
 from memllm.context.support import ModelSpec
+from memllm.context.unit_cache import UnitCache, counts
 from memllm.context.units import UnitStore
 from memllm.context.window import received_scores
 from memllm.errors import ConfigError
@@ -101,6 +104,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             config.offload_dtype,
             self.device,
             device_writer=unit_writer(self.device),
+            unit_cache=self._unit_cache() if config.device_unit_cache else None,
         )
         h, d = spec.kv_heads, spec.head_dim
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
@@ -126,6 +130,12 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.max_keys_per_query = 0
         self.max_position = 0
         self.is_initialized = True
+
+    def _unit_cache(self) -> UnitCache:
+        """The device cache of this layer's units (MemoryConfig.device_unit_cache; unit_cache.py)."""
+        cfg = self.config
+        slots = cfg.max_cached_blocks or max(2 * cfg.topk, 1)
+        return UnitCache(self.spec.kv_heads, cfg.block_size, self.spec.head_dim, slots, self.device)
 
     # ---- CacheLayerMixin -------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -384,7 +394,9 @@ class ContextMemoryLayer(CacheLayerMixin):
                 ids = self.forced.apply(self.layer_idx, ids, static=whole_index)
             ids = ids.expand(n_mb, kvh, -1)  # (memory blocks, kv_heads, chosen)
             chosen = ids.shape[-1]
-            uk, uv = self.kernels.gather_units(self.store, ids, self.dtype)
+            # a probe's call is rolled back and its lookups uncounted: it leaves the unit cache alone
+            gather = self.kernels.gather_units if self.probe is not None else self.kernels.gather_selected
+            uk, uv = gather(self.store, ids, self.dtype)
             if not whole_index:
                 self.count_lookups(plan, ids)
         return self.kernels.memory_attention(self, q, q_mem, uk, uv, plan, chosen, scale, out, lse)
@@ -604,4 +616,25 @@ class ContextMemoryCache(Cache):
             "units_fetched": sum(layer.units_fetched for layer in self.layers),
             "max_keys_per_query": max(layer.max_keys_per_query for layer in self.layers),
             "max_position": max(layer.max_position for layer in self.layers),
-        }
+        } | self.unit_cache_stats()
+
+    def unit_caches(self) -> list[UnitCache]:
+        """The layers' device unit caches (MemoryConfig.device_unit_cache), [] when off."""
+        return [layer.store.unit_cache for layer in self.layers if layer.store.unit_cache is not None]
+
+    def unit_cache_stats(self) -> dict:
+        """With the device unit cache on: its counters summed over layers (unit_cache.counts: distinct
+        (unit, KV head) pairs), the hit rate (None before any lookup) and its device bytes; {} when off
+        (one read from the device)."""
+        caches = self.unit_caches()
+        if not caches:
+            return {}
+        got = counts(caches)
+        looked = got["hits"] + got["misses"]
+        got["hit_rate"] = got["hits"] / looked if looked else None
+        return {"unit_cache": got, "device_bytes_unit_cache": sum(c.device_bytes() for c in caches)}
+
+    def release_unit_caches(self) -> None:
+        """Free the device unit caches' pools (a session leaving a batch); the next lookups start cold."""
+        for c in self.unit_caches():
+            c.release()

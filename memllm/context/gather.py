@@ -5,7 +5,9 @@ ids (..., kv_heads, t): any leading dims (one row of ids per execution block, sa
 Paths: "reference" (plain PyTorch; reads ids on the host), CPU (ids index host tensors directly), other
 devices (ids read on the host). The CUDA fast path (a Triton kernel reads the selected units straight
 from pinned host memory by device-side ids, through unified addressing: no host synchronisation) is
-cuda/gather.py, chosen by kernels.py. Knows nothing of lookup.
+cuda/gather.py, chosen by kernels.py. With the device unit cache on (MemoryConfig.device_unit_cache),
+a lookup's gather goes through unit_cache.py first (kernels.gather_selected), which calls these for
+the units' host copies. Knows nothing of lookup.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memllm.context import gather, lookup
+from memllm.context import gather, lookup, unit_cache
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
 from memllm.context.units import UnitStore
@@ -119,11 +119,29 @@ class TorchKernels:
         """gather.gather_units."""
         return gather.gather_units(store, ids, dtype, self.impl)
 
+    def gather_selected(
+        self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A lookup's gather: through the store's device unit cache when it has one and ids (rows,
+        kv_heads, t) are one lookup's (unit_cache.serves), else gather_units."""
+        if unit_cache.serves([store], ids):
+            return unit_cache.gather_cached(store, ids, dtype, self.gather_units)
+        return self.gather_units(store, ids, dtype)
+
     def gather_units_stores(
         self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row s of ids (S, kv_heads, t) from stores[s] -> K, V (S, kv_heads, t*block_size, head_dim)
-        (a batch's layer, context/stacked.py): on the CPU with impl "fast" one pass over every
+        (a batch's layer, context/stacked.py), through the stores' device unit caches when they have
+        them (unit_cache.gather_cached_stores)."""
+        if unit_cache.serves(stores, ids):
+            return unit_cache.gather_cached_stores(stores, ids, dtype, self.read_units_stores)
+        return self.read_units_stores(stores, ids, dtype)
+
+    def read_units_stores(
+        self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather_units_stores from host memory: on the CPU with impl "fast" one pass over every
         store (gather.gather_host_stores), else one gather per store."""
         if self.impl == "fast" and ids.device.type == "cpu":
             return gather.gather_host_stores(stores, ids, dtype)
@@ -254,10 +272,21 @@ class CudaKernels(TorchKernels):
             return gather_units_uva(store, ids, dtype)
         return super().gather_units(store, ids, dtype)
 
+    def gather_selected(
+        self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Through the store's unit cache in one launch (cuda/gather.gather_cached_uva) for a CUDA store."""
+        if store.device.type == "cuda" and unit_cache.serves([store], ids):
+            from memllm.context.cuda.gather import gather_cached_uva
+
+            return gather_cached_uva(store, ids, dtype)
+        return super().gather_selected(store, ids, dtype)
+
     def gather_units_stores(
         self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stores' units in one launch (cuda/gather.gather_units_stores) for CUDA stores."""
+        """All stores' units in one launch (cuda/gather.gather_units_stores, through their unit caches
+        when they have them) for CUDA stores."""
         if stores[0].device.type == "cuda":
             from memllm.context.cuda.gather import gather_units_stores
 
@@ -267,7 +296,8 @@ class CudaKernels(TorchKernels):
     def stores_gather(
         self,
     ) -> Callable[[list[UnitStore], torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """cuda/gather.StoresGather: the joined segment tables kept while the stores' segments are unchanged."""
+        """cuda/gather.StoresGather: the joined segment tables kept while the stores' segments are unchanged
+        (through the stores' unit caches when they have them)."""
         from memllm.context.cuda.gather import StoresGather
 
         return StoresGather()

@@ -17,7 +17,9 @@ change of the rows' state, not per layer and step:
     changed is copied in again, into NEW buffers (the others moved there in one copy per buffer):
     no buffer a view was handed out of is ever rewritten.
   * the gather of every row's units from its own store is the kernels' `stores_gather()` (CUDA: one
-    launch over the stores' joined segment tables, kept while the stores' segments are unchanged).
+    launch over the stores' joined segment tables, kept while the stores' segments are unchanged);
+    with the device unit cache on, each row through its store's cache (unit_cache.py: one planning
+    over the rows' stacked slot tables, then the same one launch, hits read from the pools).
 Per layer the device work is a fixed number of launches whatever S, no host synchronisation; the host
 work per row and layer is a few identity checks and attribute updates. Each layer's state after a
 call is what ContextMemoryLayer.attend would have left (tests/context/test_batch.py).

@@ -15,7 +15,8 @@ one call to the next:
 Computed in fp32. The window pass, memory pass and merge are `step_attention` (PyTorch, the
 reference) or, on CUDA with impl "fast", cuda/static.step_attention_cuda (two Triton launches, the
 same contract, tested against it); the lookup is lookup.choose_units (cuda/lookup.py on CUDA
-with impl "fast").
+with impl "fast"); the gather is kernels.gather_selected (through the device unit cache when it is
+on: its slot table and counters are device tensors written in place, so a graph replays it too).
 
 Calls of more than one token ("rows"): padded to a fixed number of rows T (`rows_bucket`), the first
 n (a device scalar) real. Row t is key W + t (causal); padded rows write keys past W + n that no
@@ -435,7 +436,7 @@ class StaticDecode:
             ids = layer.forced.apply(layer.layer_idx, ids, static=True)
         ids = torch.minimum(ids, self.units - 1).expand(nb, kvh, -1)  # empty slots read a real unit
         sw.ids = ids
-        uk, uv = layer.kernels.gather_units(store, ids, layer.dtype)
+        uk, uv = layer.kernels.gather_selected(store, ids, layer.dtype)
         if t is None:
             args = (q_loc[:, :, 0], q_mem[:, :, 0], sw.k, sw.v, sw.score, self.window, layer.sink_k,
                     layer.sink_v, uk[0], uv[0], self.units, cfg.topk, cfg.block_size, scale)  # fmt: skip

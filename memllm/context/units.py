@@ -15,6 +15,8 @@ the device as their mean, which is all the lookup's score needs (q . mean(r) = m
 (kv_heads, capacity, head_dim) so scoring reads them without a copy; the buffer grows by a quarter
 when full, so the device memory beyond the units' own stays small (one key per unit and KV head);
 a feed of known length reserves what it will cut at once (`reserve`), without that slack.
+A store may hold a device cache of its units (`unit_cache`, unit_cache.py, MemoryConfig.device_unit_cache):
+the store drops its slots of the units `truncate` or `load_state` forget, so no reused id reads stale data.
 
 Knows nothing of positions, attention or which units get selected (see lookup.py, gather.py).
 """
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from memllm.context.pinned import HostAlloc, SegmentPrefetch, SegmentSpec, default_host_alloc
+from memllm.context.unit_cache import UnitCache
 
 HOST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8}
 
@@ -52,13 +55,15 @@ class UnitStore:
         segment_units: int | None = None,
         host_alloc: HostAlloc | None = None,
         device_writer: Callable[..., None] | None = None,
+        unit_cache: UnitCache | None = None,
     ):
         """host_alloc(shape, dtype) -> host tensor: when given, segments come from it, one segment ahead in
         background threads (as page-locked ones do on CUDA, where the default is
         pinned.default_host_alloc(): registered_alloc, or pinned_empty where the device cannot read
         registered memory at its host address). device_writer(store, first, k, v): how `write_at` writes
         at a device index (kernels.unit_writer: on CUDA a kernel, no host synchronisation); None: a host
-        copy at int(first)."""
+        copy at int(first). unit_cache: the device cache of recently read units lookups gather through
+        (unit_cache.py), or None."""
         self.kv_heads, self.block_size, self.head_dim, self.repr_topk = (
             kv_heads,
             block_size,
@@ -78,6 +83,7 @@ class UnitStore:
             segment_units = max(1, (8 << 20) // unit_bytes) if self.pin else 64
         self.segment_units = segment_units
         self.kernel_state: object | None = None  # owned by the gather kernel (cuda/gather.py)
+        self.unit_cache = unit_cache
         self.n_units = 0
         # Each segment: dict of host tensors with leading dim segment_units.
         self.segments: list[dict[str, torch.Tensor]] = []
@@ -207,6 +213,8 @@ class UnitStore:
         """Forget units >= n_units (their storage is reused by later appends)."""
         if n_units > self.n_units:
             raise ValueError(f"cannot truncate {self.n_units} units to {n_units}")
+        if self.unit_cache is not None and n_units < self.n_units:
+            self.unit_cache.invalidate(n_units)
         self.n_units = n_units
         self.edits += 1
 
@@ -298,7 +306,7 @@ class UnitStore:
         if repr_k.dim() == 4:
             repr_k = repr_k.float().mean(dim=2).to(repr_k.dtype)
         n = repr_k.shape[1]
-        self.truncate(0)
+        self.truncate(0)  # drops every cached slot (unit_cache holds only ids < n_units)
         if n:
             self._write_host(0, {name: state[name] for name in self._segment_spec()})
         self._repr = repr_k.to(self.device).clone() if n else None

@@ -86,6 +86,22 @@ class Recorder:
         return events
 
 
+def batched_equals_alone(
+    engine: BatchEngine, sessions: list[Session], want: list, steps: int, tol: float
+) -> None:
+    """The sessions decode `steps` tokens together in `engine` (stacked rows among them): each one's
+    tokens and lookups are want's (`alone` results, in order), its logits within relative error tol."""
+    reqs = [engine.join(s, max_new_tokens=steps, stop=set()) for s in sessions]
+    rec = Recorder(engine)
+    while engine.active:
+        rec.step()
+    assert engine.stacked_rows > 0
+    for r, (toks, logits, lookups) in zip(reqs, want, strict=True):
+        assert r.tokens == toks and rec.lookups[id(r)] == lookups
+        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
+            assert rel_err(got, ref) < tol
+
+
 def model_on(device: str, layers: int = 2):
     return tiny_model("llama", layers=layers).to(device)
 
@@ -253,16 +269,7 @@ def test_fast_path_follows_the_config(mem: dict):
     model = model_on("cpu")
     want = [alone(fed(model, "cpu", n, **mem), 6) for n in (700, 300, 60)]
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
-    reqs = [engine.join(fed(model, "cpu", n, **mem), max_new_tokens=6, stop=set()) for n in (700, 300, 60)]
-    rec = Recorder(engine)
-    while engine.active:
-        rec.step()
-    assert engine.stacked_rows > 0
-    for r, (toks, logits, lookups) in zip(reqs, want, strict=True):
-        assert r.tokens == toks
-        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
-            assert rel_err(got, ref) < 1e-4
-        assert rec.lookups[id(r)] == lookups
+    batched_equals_alone(engine, [fed(model, "cpu", n, **mem) for n in (700, 300, 60)], want, 6, 1e-4)
 
 
 def test_memllm_sessions_gives_an_engine():
@@ -307,18 +314,8 @@ def test_bf16_model_batched_equals_alone():
     model = tiny_model("llama").to(torch.bfloat16)
     want = [alone(fed(model, "cpu", n, offload_dtype="bf16"), 6) for n in (700, 300, 60)]
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
-    reqs = [
-        engine.join(fed(model, "cpu", n, offload_dtype="bf16"), max_new_tokens=6, stop=set())
-        for n in (700, 300, 60)
-    ]
-    rec = Recorder(engine)
-    while engine.active:
-        rec.step()
-    assert engine.stacked_rows > 0
-    for r, (toks, logits, lookups) in zip(reqs, want, strict=True):
-        assert r.tokens == toks and rec.lookups[id(r)] == lookups
-        for got, ref in zip(rec.logits[id(r)], logits, strict=True):
-            assert rel_err(got, ref) < 1e-2
+    sessions = [fed(model, "cpu", n, offload_dtype="bf16") for n in (700, 300, 60)]
+    batched_equals_alone(engine, sessions, want, 6, 1e-2)
 
 
 def test_leaving_gives_the_session_its_own_windows_and_drops_a_queued_prompt():

@@ -27,6 +27,7 @@ BAD = {
     "selector": ("bm25", "'question', 'hybrid', 'text', 'infllm'"),
     "select_neighbours": (-1, "must be > 0"),
     "memory_distance": (0, "must be > 0"),
+    "device_unit_cache": (1, "True or False"),
 }
 
 

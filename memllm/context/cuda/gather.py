@@ -7,6 +7,11 @@ exceeded: only then is it a new tensor (`_Tables.capacity_version`), so a captur
 its address while segments are added; new entries are copied in place, old ones are never rewritten.
 int8 units are dequantized in the kernel. `write_units_uva` is the other direction: a static call
 (static.py) writes the units it cuts at device-side ids, so the call can be replayed as a graph. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
+With the device unit cache on (MemoryConfig.device_unit_cache, unit_cache.py), a lookup's gather
+(`gather_cached_uva`; a batch's, StoresGather) is planned on the device by unit_cache.plan_caches
+(PyTorch ops) and then the same kernel runs with CACHED: each entry reads its pool slot (a hit) or its
+host unit (a miss, the only PCIe read), and a miss also writes its unit to its pool slot, through a
+table of the pools' addresses (one row per store). unit_cache.gather_cached is its reference.
 Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
 """
 
@@ -18,6 +23,7 @@ import triton.language as tl
 
 from memllm.context.cuda.lookup import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.gather import distinct_pairs
+from memllm.context.unit_cache import UnitCache, plan_caches, serves
 from memllm.context.units import UnitStore
 
 TL_DTYPES = {
@@ -39,6 +45,9 @@ def _gather_kernel(
     out_k,  # (rows, kv_heads, t, block, head_dim); DEDUP: (n, block, head_dim)
     out_v,
     t,
+    source_ptr,  # CACHED: (rows * kv_heads * t,) int64: the pool slot to read, or -1 (host memory)
+    install_ptr,  # CACHED: (rows * kv_heads * t,) int64: the pool slot a miss writes to, or -1
+    pool_table,  # CACHED: (rows, 2) int64: each row's pool_k, pool_v base addresses
     KV_HEADS: tl.constexpr,
     SEG_UNITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -47,6 +56,8 @@ def _gather_kernel(
     QUANT: tl.constexpr,
     CHUNK: tl.constexpr,
     DEDUP: tl.constexpr = False,
+    CACHED: tl.constexpr = False,
+    CAPACITY: tl.constexpr = 1,  # CACHED: slots per KV head of a pool (kv_heads, CAPACITY, block, head_dim)
 ):
     pid = tl.program_id(0)  # one (row, kv head, selected unit); DEDUP: one distinct (unit, head)
     part = tl.program_id(1)  # one CHUNK of the unit's block * head_dim elements
@@ -61,21 +72,39 @@ def _gather_kernel(
     else:
         h = (pid // t) % KV_HEADS
         u = tl.load(ids_ptr + pid)
+    host = mask  # the elements read from host memory (CACHED: a miss's only)
+    if CACHED:
+        # per element (broadcast here: Triton's interpreter refuses a block mask & a scalar condition)
+        slot = offs * 0 + tl.load(source_ptr + pid)
+        put = offs * 0 + tl.load(install_ptr + pid)
+        row = pid // (KV_HEADS * t)
+        pool_k = tl.load(pool_table + 2 * row).to(tl.pointer_type(out_k.dtype.element_ty))
+        pool_v = tl.load(pool_table + 2 * row + 1).to(tl.pointer_type(out_v.dtype.element_ty))
+        host = mask & (slot < 0)
     seg = u // SEG_UNITS
     off = u % SEG_UNITS
     src_off = (off * KV_HEADS + h) * elems
     k_src = tl.load(k_table + seg).to(tl.pointer_type(SRC_DTYPE))
     v_src = tl.load(v_table + seg).to(tl.pointer_type(SRC_DTYPE))
-    k = tl.load(k_src + src_off + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_src + src_off + offs, mask=mask).to(tl.float32)
+    k = tl.load(k_src + src_off + offs, mask=host, other=0.0).to(tl.float32)
+    v = tl.load(v_src + src_off + offs, mask=host, other=0.0).to(tl.float32)
     if QUANT:
         ks = tl.load(ks_table + seg).to(tl.pointer_type(tl.float32))
         vs = tl.load(vs_table + seg).to(tl.pointer_type(tl.float32))
-        k = k * tl.load(ks + (off * KV_HEADS + h) * HEAD_DIM + offs % HEAD_DIM, mask=mask)
-        v = v * tl.load(vs + (off * KV_HEADS + h) * BLOCK + offs // HEAD_DIM, mask=mask)
+        k = k * tl.load(ks + (off * KV_HEADS + h) * HEAD_DIM + offs % HEAD_DIM, mask=host, other=0.0)
+        v = v * tl.load(vs + (off * KV_HEADS + h) * BLOCK + offs // HEAD_DIM, mask=host, other=0.0)
+    k = k.to(out_k.dtype.element_ty)
+    v = v.to(out_v.dtype.element_ty)
+    if CACHED:  # a hit reads its pool slot; a miss writes what it read from host memory to its slot
+        hit = mask & (slot >= 0)
+        k = tl.where(hit, tl.load(pool_k + (h * CAPACITY + slot) * elems + offs, mask=hit, other=0.0), k)
+        v = tl.where(hit, tl.load(pool_v + (h * CAPACITY + slot) * elems + offs, mask=hit, other=0.0), v)
+        fill = mask & (put >= 0)
+        tl.store(pool_k + (h * CAPACITY + put) * elems + offs, k, mask=fill)
+        tl.store(pool_v + (h * CAPACITY + put) * elems + offs, v, mask=fill)
     dst = pid * elems + offs
-    tl.store(out_k + dst, k.to(out_k.dtype.element_ty), mask=mask)
-    tl.store(out_v + dst, v.to(out_v.dtype.element_ty), mask=mask)
+    tl.store(out_k + dst, k, mask=mask)
+    tl.store(out_v + dst, v, mask=mask)
 
 
 @triton.jit
@@ -153,7 +182,7 @@ class _Tables:
         while cap < n:
             cap *= 2
         self.table = torch.zeros((len(names), cap), dtype=torch.int64, device=store.device)
-        self.mirrors.append(torch.zeros((len(names), cap), dtype=torch.int64, pin_memory=True))
+        self.mirrors.append(torch.zeros((len(names), cap), dtype=torch.int64, pin_memory=store.pin))
         self.dev = {name: self.table[i] for i, name in enumerate(names)}
         self.names, self.capacity, self.count = names, cap, 0
         self.capacity_version += 1
@@ -234,7 +263,9 @@ def gather_units_stores(
 
 
 class StoresGather:
-    """gather_units_stores for one caller (a batch's layer), its joined tables kept between calls.
+    """gather_units_stores for one caller (a batch's layer), its joined tables kept between calls;
+    through the stores' unit caches when they have them (cached_args: one planning over the stores'
+    stacked tables, then the same one launch, each row's ids read from its own store's pool or host).
 
     The stores' segment tables are joined end to end and each row's ids moved by the segments before
     its store's table (ids + offset * segment_units), so the kernel of gather_units_uva reads them
@@ -267,7 +298,8 @@ class StoresGather:
         ):
             self._join(stores, ids.device)
         gids = (ids + self.base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
-        _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False)
+        cached = cached_args([s.unit_cache for s in stores], ids, dtype) if serves(stores, ids) else None
+        _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False, cached)
         return out_k, out_v
 
     def _join(self, stores: list[UnitStore], device: torch.device) -> None:
@@ -284,7 +316,8 @@ class StoresGather:
         for tab in tables:
             starts.append(at * first.segment_units)
             at += tab["k"].shape[0]
-        self.base = torch.tensor(starts, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+        base = torch.tensor(starts, dtype=torch.long)
+        self.base = (base.pin_memory() if device.type == "cuda" else base).to(device, non_blocking=True)
         self.stores, self.versions = list(stores), [s.version for s in stores]
         self.joins += 1
 
@@ -299,15 +332,19 @@ def _launch_gather(
     t: int,
     kv_heads: int,
     dedup: bool,
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """One launch of _gather_kernel: the units `keys` names (distinct (unit, head) pairs with dedup,
     else every id; `count` the kernel's second argument as gather_units_uva passes it) read through
     the segment `tables` into dst_k, dst_v. `store` gives the shape and host dtype (for a batch's
-    joined tables, its first store: all share them)."""
+    joined tables, its first store: all share them). cached (not with dedup): (source, install,
+    pool table (rows, 2) int64, slots per KV head) of unit_cache.plan_caches: each id read from its
+    pool slot or host memory, misses written to their slots."""
     bs, d = store.block_size, store.head_dim
     quant = store.offload_dtype == "int8"
     chunk = 2048
     grid = (keys.shape[0], triton.cdiv(bs * d, chunk))
+    source, install, pools, capacity = cached if cached is not None else (keys, keys, keys, 1)
     _gather_kernel[grid](
         keys,
         count,
@@ -318,6 +355,9 @@ def _launch_gather(
         dst_k,
         dst_v,
         t,
+        source,
+        install,
+        pools,
         KV_HEADS=kv_heads,
         SEG_UNITS=store.segment_units,
         BLOCK=bs,
@@ -326,4 +366,35 @@ def _launch_gather(
         QUANT=quant,
         CHUNK=chunk,
         DEDUP=dedup,
+        CACHED=cached is not None,
+        CAPACITY=capacity,
     )
+
+
+def cached_args(
+    caches: list[UnitCache], ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The caches' pools made (`ensure`), this gather planned (unit_cache.plan_caches: tables and
+    counters updated on the device) -> _launch_gather's `cached`."""
+    for c in caches:
+        c.ensure(dtype)
+    source, install = plan_caches(caches, ids)
+    pools = caches[0].pool_ptrs.view(1, 2) if len(caches) == 1 else torch.stack([c.pool_ptrs for c in caches])
+    return source.reshape(-1), install.reshape(-1), pools, caches[0].capacity
+
+
+def gather_cached_uva(
+    store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (1, kv_heads, t) long on CUDA (one lookup's) -> K, V (1, kv_heads, t*block_size, head_dim) through
+    the store's unit cache (unit_cache.py): hits read from its pool, misses from pinned host memory and
+    installed, in one launch after the planning; no host synchronisation. unit_cache.gather_cached is
+    the reference."""
+    h, t = ids.shape[-2:]
+    bs, d = store.block_size, store.head_dim
+    out_k = torch.empty(1, h, t * bs, d, dtype=dtype, device=ids.device)
+    out_v = torch.empty_like(out_k)
+    cached = cached_args([store.unit_cache], ids, dtype)
+    flat = ids.contiguous().reshape(-1)
+    _launch_gather(flat, flat, segment_tables(store), store, out_k, out_v, t, h, False, cached)
+    return out_k, out_v

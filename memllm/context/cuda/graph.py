@@ -8,7 +8,9 @@ call of a given padded size identical, so the whole model call is captured once 
   * the first static step after the graph's inputs changed runs eagerly on a side stream (warm-up:
     Triton compiles, cuBLAS workspaces), the next one is captured, then replayed;
   * inputs baked into a graph: the buffers of static.py, each layer's sinks, unit index buffer and
-    gather table; a change of any (a unit index that grew, sinks after a rollback) means a new capture;
+    gather table, and with the device unit cache its pools' address table (unit_cache.py: its slot
+    table and counters are written in place by the replays); a change of any (a unit index that grew,
+    sinks after a rollback, pools made again after a release) means a new capture;
   * a call too long for a rows step that cuts units in phase 2 (a steady prefill chunk;
     static.cut_shape) is a static step of its own shape: captured the second time that shape comes
     with the same inputs, replayed after
@@ -174,6 +176,9 @@ class DecodeGraph:
             reprs = layer.store.repr_buffer()
             tables = layer.store.kernel_state
             table_ptrs = tuple(t.data_ptr() for t in tables.dev.values()) if tables is not None else ()
+            cache = layer.store.unit_cache  # its tables stay; its pools are made again after a release
+            pools = cache.pool_ptrs if cache is not None else None
+            pool_ptrs = (pools.data_ptr(),) if pools is not None else ()
             parts.append(
                 (
                     layer.sink_k.data_ptr(),
@@ -181,16 +186,20 @@ class DecodeGraph:
                     reprs.data_ptr(),
                     reprs.shape[1],
                     table_ptrs,
+                    pool_ptrs,
                 )
             )
         return tuple(parts)
 
     def _refresh_tables(self) -> None:
-        """Segments written by plain steps since: their addresses go into the (stable) gather tables."""
+        """Segments written by plain steps since: their addresses go into the (stable) gather tables. The
+        device unit caches' pools are made here, on the current stream, not in a warm-up on the side one."""
         for layer in self.cache.layers:
             tables = layer.store.kernel_state
             if tables is not None:
                 tables.refresh(layer.store)
+            if layer.store.unit_cache is not None:
+                layer.store.unit_cache.ensure(layer.dtype)
 
     def _graph_step(self, model: torch.nn.Module, slot: _Slot) -> torch.Tensor:
         self._refresh_tables()
