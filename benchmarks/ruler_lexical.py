@@ -51,6 +51,8 @@ import torch
 
 from memllm.bench import ruler
 from memllm.context import select
+from memllm.unit_lexical import RARE
+from memllm.unit_text import UnitTextIndex
 
 WORD = re.compile(r"\w+")
 N_INIT, BLOCK, WINDOW = 128, 128, 48  # the logged runs' n_init, block_size and the text index's window
@@ -289,6 +291,14 @@ def distractor_units(chosen: Sequence[int], gold: Sequence[int], needles: Sequen
 
 
 ORACLE = "oracle (gold first, then the attention)"
+# the library's selectors (session.select_prompt's call), IDF over the windows that score the units
+LIBRARY = {"library: selector lexical": None, "library: selector lexical_near": select.LEXICAL_NEAR}
+
+
+class _NoEmbedder:
+    """UnitTextIndex's embedder where only its words are read."""
+
+    dim = 1
 
 
 def replay(
@@ -303,7 +313,9 @@ def replay(
         # per (family, rule): every gold read, distractor units, near-duplicate units, oracle share, questions
         got: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0] * 5)
         lengths = set()
-        names = [*rule_set, ORACLE]
+        library = kind == "rare" and rare == RARE  # the library's selectors beside the replay's own rules
+        names = [*rule_set, *(LIBRARY if library else ()), ORACLE]
+        indexes: dict[int, UnitTextIndex] = {}
         for r in rows:
             hay, q = where[r["id"]]
             lengths.add(hay.data["length"])
@@ -312,8 +324,21 @@ def replay(
             lex = hay.lexical(q["prompt"].strip(), kind, n, rare)
             gold = r["gold_units"]
             oracle = select.choose(a, k, nb, first=sorted(gold))
+            chosen: dict[str, torch.Tensor] = {}
+            if library:
+                if id(hay) not in indexes:
+                    indexes[id(hay)] = UnitTextIndex(_NoEmbedder(), tok, N_INIT, BLOCK, WINDOW)
+                    indexes[id(hay)].write(0, hay.data["ids"])
+                score, held = indexes[id(hay)].lexical(q["prompt"].strip(), n)
+                for name, near in LIBRARY.items():
+                    chosen[name] = select.lexical_evidence(
+                        select.hybrid(a, t), a, score, held, k, nb, near=near
+                    )
             for name in names:
-                read = oracle.tolist() if name == ORACLE else rule_set[name](a, t, lex, k, nb).tolist()
+                if name in chosen:
+                    read = chosen[name].tolist()
+                else:
+                    read = oracle.tolist() if name == ORACLE else rule_set[name](a, t, lex, k, nb).tolist()
                 if len(set(read)) != k:
                     raise RuntimeError(f"{name} read {len(set(read))} units, not {k}")
                 d, near = distractor_units(read, gold, hay.needles, q, n)
