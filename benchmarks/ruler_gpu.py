@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
                           decode_graphs=not args.no_graphs, memory_distance=args.memory_distance)  # fmt: skip
     systems = args.systems.split(",")
     embedder = None
-    if {"hybrid", "text"} & set(systems):
+    if set(ruler_run.TEXT_SYSTEMS) & set(systems):
         from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
 
         embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=128)  # as shared_embedder: fp16

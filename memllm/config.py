@@ -16,7 +16,8 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
-SELECTORS = ("question", "hybrid", "text", "infllm")
+SELECTORS = ("question", "hybrid", "text", "infllm", "lexical", "lexical_near")
+TEXT_SELECTORS = ("hybrid", "text", "lexical", "lexical_near")  # those that read the text index
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
 
 
@@ -55,7 +56,10 @@ class MemoryConfig:
     question looks at, not the evidence's near-duplicates: select.evidence_then_attention); a Session keeps
     the index with the packaged MiniLM unless given another embedder; "text": the text index's
     units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
-    during prefill.
+    during prefill; "lexical" (opt-in, measured offline only): as "hybrid", with the units that hold the
+    question's rare words best (memllm/unit_lexical.py) and their neighbours taken first as evidence;
+    "lexical_near": as "lexical", with the units that hold only part of those words, all of them held by
+    the first ones (near-duplicates of the evidence), read last (select.lexical_evidence).
     select_neighbours: units read on either side of each unit the question selector picks.
     memory_distance: the one distance at which sinks and retrieved units sit from every query (None:
     n_local, InfLLM's rule: just past the local window). A small model reads retrieved units far

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memllm import limits, snapshot
-from memllm.config import MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
@@ -61,7 +61,7 @@ class Session:
         # embedder (a memllm Embedder): a text index over the units' text, which the "hybrid" selector
         # (the default) reads; without one, the packaged MiniLM shared by the process (loaded when a
         # question first needs the index); other selectors keep no index unless given an embedder
-        if embedder is None and self.config.selector == "hybrid":
+        if embedder is None and self.config.selector in ("hybrid", "lexical", "lexical_near"):
             from memllm.memory_stores.embeddings import shared_embedder
 
             embedder = shared_embedder("cuda" if self.cache.layers[0].device.type == "cuda" else "cpu")
@@ -268,17 +268,25 @@ class Session:
         if masses is None:
             return False
         score = select.fuse(masses)
-        text = None  # the text index's cosine of each unit with the question ("hybrid", "text")
-        if selector in ("hybrid", "text") and self.text_index is not None:
+        text = None  # the text index's cosine of each unit with the question (TEXT_SELECTORS)
+        lexical = None  # the rare-word score and words of each unit ("lexical", "lexical_near")
+        if selector in TEXT_SELECTORS and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
+            if selector in ("lexical", "lexical_near"):
+                lexical = self.text_index.lexical(question, n_units)
         if text is None:
             ranked = score
         elif selector == "text":
             ranked = text
         else:
             ranked = select.hybrid(score, text)
-        if text is not None and selector == "hybrid":
+        if lexical is not None:
+            near = select.LEXICAL_NEAR if selector == "lexical_near" else None
+            chosen = select.lexical_evidence(
+                ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold, near=near
+            )
+        elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:
             chosen = select.choose(ranked, cfg.topk, cfg.select_neighbours, first=gold)
@@ -291,6 +299,7 @@ class Session:
             "gold_units": gold,
             "score": score,
             "text_score": text,
+            "lexical_score": None if lexical is None else lexical[0],
             "per_layer": masses,
         }
         return True
@@ -363,7 +372,7 @@ class Session:
             config = MemoryConfig.from_dict(manifest["memory"])
         except ConfigError as exc:
             raise SnapshotError(f"snapshot at {path} is altered: its memory config: {exc}") from exc
-        session = cls(llm, config, embedder=embedder if config.selector in ("hybrid", "text") else None)
+        session = cls(llm, config, embedder=embedder if config.selector in TEXT_SELECTORS else None)
         if session.budget is not None:  # the units the snapshot holds, before they are loaded
             units = max((int(layer.get("units", 0)) for layer in manifest.get("layers", [])), default=0)
             try:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memllm.errors import ConfigError
+from memllm.unit_lexical import RARE, WindowWords
 
 WINDOW = 48  # tokens a window holds (at most block_size); a window starts every WINDOW // 2 tokens
 
@@ -50,6 +51,7 @@ class UnitTextIndex:
         self.batch = batch
         self.ids = array("i")  # the stream's token ids, as the cache holds them
         self._vectors = np.zeros((0, int(embedder.dim)), dtype=np.float16)  # (windows embedded, dim)
+        self._words = WindowWords()  # the windows' words, read by `lexical` only (selectors "lexical*")
 
     # ---- the stream ----------------------------------------------------------------------------
     def write(self, position: int, ids: Sequence[int] | np.ndarray) -> None:
@@ -59,6 +61,7 @@ class UnitTextIndex:
             del self.ids[position:]
             keep = max(0, (position - self.window - self.n_init) // self.stride + 1)
             self._vectors = self._vectors[: min(keep, len(self._vectors))]
+            self._words.truncate(min(keep, len(self._words)))
         elif position > len(self.ids):  # tokens this index never saw (a restored stream): unknown text
             self.ids.extend([0] * (position - len(self.ids)))
         self.ids.frombytes(np.asarray(ids, dtype=np.intc).tobytes())  # C int, as array("i"); 1M ids: ~6 ms, not ~120
@@ -106,16 +109,33 @@ class UnitTextIndex:
         last = torch.div(hi, self.stride, rounding_mode="floor").clamp_max(self.windows_for(n_units) - 1)
         return first, last
 
-    def scores(self, question: str, n_units: int) -> torch.Tensor:
-        """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""
-        if n_units <= 0:
-            return torch.zeros(0)
+    def _check(self, n_units: int) -> int:
+        """The windows that score n_units units, all held (ConfigError otherwise)."""
         n_windows = self.windows_for(n_units)
         if self.n_init + (n_windows - 1) * self.stride + self.window // 2 > len(self.ids):
             raise ConfigError(
                 f"the text index holds {len(self.ids):,} tokens, fewer than {n_units:,} units need: "
                 "it must see every token the session reads (Session(llm, memory, embedder=...) from the start)"
             )
+        return n_windows
+
+    def lexical(self, question: str, n_units: int, rare: float = RARE) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n_units,) fp32 and (n_units, words) bool: per unit, the IDF-weighted share of the question's
+        rare words its best window holds, and which (memllm/unit_lexical.py). Windows' words are read
+        lazily, once, as their vectors are."""
+        if n_units <= 0:
+            return torch.zeros(0), torch.zeros(0, 0, dtype=torch.bool)
+        n_windows = self._check(n_units)
+        for lo in range(len(self._words), n_windows, self.batch):
+            self._words.extend(self.window_text(j) for j in range(lo, min(n_windows, lo + self.batch)))
+        first, last = self.unit_windows(n_units)
+        return self._words.unit_scores(question, first, last, n_windows, rare)
+
+    def scores(self, question: str, n_units: int) -> torch.Tensor:
+        """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""
+        if n_units <= 0:
+            return torch.zeros(0)
+        n_windows = self._check(n_units)
         self._embed_to(n_windows)
         q = np.asarray(self.embedder.embed([question]), dtype=np.float32)[0]
         cos = torch.from_numpy(self._vectors[:n_windows].astype(np.float32) @ q)

@@ -5,7 +5,9 @@ Systems: "full" (the model's own attention over the same ids, one cache per hays
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
 question's attention alone, context/select.py); "hybrid" (the default selector, select.hybrid: the
 question's attention mass and the cosine of a text index over the units' text, memllm/unit_text.py;
-without an embedder the session's own, the packaged MiniLM); "text" (the text index alone); "oracle" (the question selector with the gold evidence's units read first).
+without an embedder the session's own, the packaged MiniLM); "text" (the text index alone); "oracle" (the question selector with the gold evidence's units read first);
+"lexical" and "lexical_near" (the hybrid with the units holding the question's rare words first, and
+their near-duplicates last: select.lexical_evidence; opt-in selectors, measured offline only).
 The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
 of each gold unit in the fused score (and in the text index's, `text_rank`). Knows nothing of the CLI.
@@ -25,7 +27,8 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle")
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_near")
+TEXT_SYSTEMS = ("hybrid", "text", "lexical", "lexical_near")  # systems that need the text index's embedder
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -71,7 +74,7 @@ def ask_memllm(
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    selector = system if system in ("infllm", "hybrid", "text") else "question"
+    selector = system if system in ("infllm", *TEXT_SYSTEMS) else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
     with session.answering(), session.cache.record_lookups() as log:
@@ -183,7 +186,7 @@ def run(
         mem = [s for s in systems if s != "full"]
         if not mem:
             continue
-        if embedder is None and {"hybrid", "text"} & set(mem) and memory.selector != "hybrid":
+        if embedder is None and set(TEXT_SYSTEMS) & set(mem) and memory.selector != "hybrid":
             raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()

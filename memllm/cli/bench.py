@@ -124,7 +124,7 @@ def ruler(
     memory = MemoryConfig(n_local=n_local, topk=topk, block_size=block_size)
     llm = load_llm(model, device, dtype)
     embedder = None
-    if {"hybrid", "text"} & set(chosen):
+    if set(ruler_run.TEXT_SYSTEMS) & set(chosen):
         from memllm.cli.common import load_embedder
 
         embedder = load_embedder()

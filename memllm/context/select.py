@@ -193,6 +193,72 @@ def evidence_then_attention(
     return choose(mass, k, neighbours, first=lead)
 
 
+# The lexical tier (selectors "lexical", "lexical_near"): the units whose rare-word score
+# (memllm/unit_lexical.py) is within LEXICAL_MARGIN (a share of the best) of the best; near-duplicates
+# ("lexical_near"): units at least LEXICAL_NEAR of the best that hold no rare word the tier lacks. Chosen by
+# offline replays only (benchmarks/RESULTS.md, "A lexical signal, replayed offline"); no GPU answers yet.
+LEXICAL_MARGIN = 0.1
+LEXICAL_NEAR = 0.25
+
+
+def lexical_tier(lexical: torch.Tensor, cap: int, margin: float = LEXICAL_MARGIN) -> list[int]:
+    """The units whose lexical score is within `margin` (a share of the best) of the best, best first (ties
+    by unit); none when more than `cap` units are (the words single out no few units) or no unit holds a
+    word of the question."""
+    s = lexical.detach().float().cpu()
+    best = float(s.max()) if s.numel() else 0.0
+    if best <= 0:
+        return []
+    tier = (s >= best * (1 - margin)).nonzero().flatten().tolist()
+    return [] if len(tier) > cap else sorted(tier, key=lambda u: (-float(s[u]), u))
+
+
+def near_duplicates(
+    lexical: torch.Tensor, held: torch.Tensor, tier: Sequence[int], share: float
+) -> torch.Tensor:
+    """(n_units,) bool on the CPU: units whose lexical score is at least `share` of the best and whose words
+    (held: (n_units, words) bool) the tier's units all hold already: sentences of the evidence's shape
+    about something else, which add no word of the question."""
+    s = lexical.detach().float().cpu()
+    h = held.cpu()
+    if not tier or h.shape[1] == 0:
+        return torch.zeros(s.numel(), dtype=torch.bool)
+    covered = h[list(tier)].any(dim=0)
+    return ~(h & ~covered).any(dim=1) & (s >= share * float(s.max()))
+
+
+def lexical_evidence(
+    ranked: torch.Tensor,
+    mass: torch.Tensor,
+    lexical: torch.Tensor,
+    held: torch.Tensor,
+    k: int,
+    neighbours: int = 1,
+    first: Sequence[int] = (),
+    near: float | None = None,
+    share: float = EVIDENCE_SHARE,
+) -> torch.Tensor:
+    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units each with its
+    `neighbours`, up to `share` of k, then the fused ranking's evidence and the attention as there. With
+    `near` (a share of the best lexical score), the tier's near-duplicates outside what was taken are ranked
+    last in both (`near_duplicates`). Where there is no tier: `evidence_then_attention` itself."""
+    n = mass.numel()
+    n_evidence = max(1, min(k, round(k * share)))
+    tier = lexical_tier(lexical, n_evidence)
+    lead = list(dict.fromkeys(int(u) for u in first))
+    for u in tier:
+        for v in [u] + [u + s * j for j in range(1, neighbours + 1) for s in (-1, 1)]:
+            if 0 <= v < n and v not in lead and len(lead) < max(n_evidence, len(first)):
+                lead.append(v)
+    if tier and near is not None:
+        dup = near_duplicates(lexical, held, tier, near)
+        dup[lead] = False
+        dup = dup.to(mass.device)
+        ranked = ranked.masked_fill(dup, float(ranked.min()) - 1)
+        mass = mass.masked_fill(dup, -1.0)
+    return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
+
+
 def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:
     """The k units to read: `first` (the oracle's gold units), then units by descending score, each
     followed by its `neighbours` on either side (evidence cut across a unit border), then by score

@@ -1,0 +1,175 @@
+"""The lexical signal (memllm/unit_lexical.py) and the selectors that read it ("lexical", "lexical_near"):
+the text index's rare-word scores equal a brute-force scan of the windows, a rollback leaves the same
+index as a fresh one, the selection equals a small reference of the rule, and a session reads the chosen
+units in every layer."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from memllm.config import MemoryConfig
+from memllm.context import select
+from memllm.errors import ConfigError
+from memllm.memory_stores.embeddings import FakeEmbedder
+from memllm.unit_lexical import words
+from memllm.unit_text import UnitTextIndex
+from tests.context.helpers import CharTokenizer
+from tests.context.test_select import NEEDLE, PROSE, ask_logged, text_session
+
+VOCAB = "apple river stone cloud maple tiger lemon piano rocket garden candle silver".split()
+
+
+def stream(n_words: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    out = [rng.choice(VOCAB) for _ in range(n_words)]
+    for i, w in ((40, "zebra violet"), (90, "zebra"), (150, "zebra violet")):
+        out[i] = w
+    return " ".join(out)
+
+
+def brute_force(
+    idx: UnitTextIndex, question: str, n_units: int, rare: float
+) -> tuple[list[float], list[set[str]], list[str]]:
+    """Per unit: the best window's IDF-weighted share of the question's rare words, and those words; the
+    rare words in the question's order."""
+    n_windows = idx.windows_for(n_units)
+    sets = [set(words(idx.window_text(j))) for j in range(n_windows)]
+    df = {w: sum(w in s for s in sets) for w in dict.fromkeys(words(question))}
+    q = [w for w, d in df.items() if 0 < d <= rare * n_windows]
+    idf = {w: math.log(n_windows / df[w]) for w in q}
+    total = sum(idf.values())
+    scores, held = [], []
+    for u in range(n_units):
+        lo, hi = idx.n_init + u * idx.block_size, idx.n_init + (u + 1) * idx.block_size
+        inside = [j for j in range(n_windows)
+                  if min(hi, idx.n_init + j * idx.stride + idx.window) - max(lo, idx.n_init + j * idx.stride) >= idx.window // 2]  # fmt: skip
+        per = [sum(idf[w] for w in q if w in sets[j]) / total if q else 0.0 for j in inside]
+        best = inside[per.index(max(per))]
+        scores.append(max(per))
+        held.append({w for w in q if w in sets[best]})
+    return scores, held, q
+
+
+@pytest.mark.parametrize("block_size,window,rare", [(32, 16, 0.05), (64, 48, 0.1), (16, 16, 0.02)])
+def test_rare_word_scores_equal_a_brute_force_scan_of_the_windows(block_size, window, rare):
+    n_init, n_units = 5, 30
+    text = stream(400)
+    idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
+    idx.write(0, [ord(c) for c in text])
+    question = "Where is the zebra violet, the tiger?"
+    score, held = idx.lexical(question, n_units, rare=rare)
+    want, want_held, rare_words = brute_force(idx, question, n_units, rare)
+    assert score.shape == (n_units,) and score.dtype == torch.float32 and rare_words
+    torch.testing.assert_close(score, torch.tensor(want), rtol=0, atol=1e-6)
+    assert held.shape == (n_units, len(rare_words))
+    for u in range(n_units):
+        assert {w for w, h in zip(rare_words, held[u].tolist(), strict=True) if h} == want_held[u]
+    with pytest.raises(ConfigError, match="fewer than"):
+        idx.lexical(question, len(text) // block_size + 5)
+
+
+def test_a_rollback_leaves_the_words_of_a_fresh_index():
+    text = stream(300, seed=1)
+    ids = [ord(c) for c in text]
+    a = UnitTextIndex(FakeEmbedder(), CharTokenizer(), 4, 32, window=16)
+    a.write(0, ids)
+    a.lexical("zebra violet", 40)  # reads the windows' words
+    a.write(700, [ord(c) for c in " zebra zebra violet maple"])  # a rollback rewrites the tail
+    b = UnitTextIndex(FakeEmbedder(), CharTokenizer(), 4, 32, window=16)
+    b.write(0, ids[:700] + [ord(c) for c in " zebra zebra violet maple"])
+    n = (len(b.ids) - 4) // 32 - 1
+    for x, y in zip(a.lexical("zebra violet maple", n), b.lexical("zebra violet maple", n), strict=True):
+        assert torch.equal(x, y)
+    kept = (700 - 16 - 4) // 8 + 1  # windows that end before the rewritten tail
+    assert len(b._words) <= len(a._words) <= kept and a._words.sets[: len(b._words)] == b._words.sets
+    cut = {w: [j for j in at if j < len(b._words)] for w, at in a._words.postings.items()}
+    assert {w: at for w, at in cut.items() if at} == b._words.postings
+
+
+def reference(ranked, mass, lexical, held, k, nb, near):
+    """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py, tier_first)."""
+    n = mass.numel()
+    n_ev = max(1, min(k, round(k * select.EVIDENCE_SHARE)))
+    best = float(lexical.max())
+    tier = [] if best <= 0 else [u for u in range(n) if lexical[u] >= best * (1 - select.LEXICAL_MARGIN)]
+    if len(tier) > n_ev:
+        tier = []
+    tier.sort(key=lambda u: -float(lexical[u]))
+    lead: list[int] = []
+    for u in tier:
+        for v in [u] + [u + s * j for j in range(1, nb + 1) for s in (-1, 1)]:
+            if 0 <= v < n and v not in lead and len(lead) < n_ev:
+                lead.append(v)
+    if tier and near is not None:
+        covered = set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier))
+        for u in range(n):
+            mine = set(held[u].nonzero().flatten().tolist())
+            if u not in lead and mine <= covered and lexical[u] >= near * best:
+                ranked = ranked.clone()
+                mass = mass.clone()
+                ranked[u] = float(ranked.min()) - 1
+                mass[u] = -1.0
+    return select.evidence_then_attention(ranked, mass, k, nb, first=lead)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("near", [None, select.LEXICAL_NEAR])
+def test_lexical_evidence_equals_the_reference_rule(seed, near):
+    g = torch.Generator().manual_seed(seed)
+    n, k = 120, 16
+    mass = torch.rand(n, generator=g)
+    ranked = torch.randn(n, generator=g)
+    held = torch.zeros(n, 3, dtype=torch.bool)
+    lexical = torch.zeros(n)
+    n_full = 1 + seed % 5  # units that hold every rare word (values of one key)
+    full = torch.randperm(n, generator=g)[: n_full + 6].tolist()
+    for u in full[:n_full]:
+        held[u] = True
+        lexical[u] = 1.0 - 0.03 * (u % 3)
+    for u in full[n_full : n_full + 3]:  # near-duplicates: part of the words
+        held[u, 0] = True
+        lexical[u] = 0.4
+    for u in full[n_full + 3 :]:  # another word: not a near-duplicate
+        held[u, 2] = True
+        lexical[u] = 0.3
+    if seed == 11:
+        lexical.zero_()  # no word found: today's rule
+        held.zero_()
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, near=near)
+    want = reference(ranked, mass, lexical, held, k, 1, near)
+    assert torch.equal(got, want)
+    assert got.numel() == k
+    if seed != 11:  # every unit holding all the words is read
+        assert set(full[:n_full]) <= set(got.tolist())
+    if seed == 11:
+        assert torch.equal(got, select.evidence_then_attention(ranked, mass, k, 1))
+
+
+def test_no_tier_when_too_many_units_hold_the_words():
+    lexical = torch.ones(40)
+    assert select.lexical_tier(lexical, cap=12) == []
+    assert select.lexical_tier(torch.zeros(5), cap=12) == []
+    lexical = torch.tensor([0.0, 0.95, 1.0, 0.5, 0.95])
+    assert select.lexical_tier(lexical, cap=12) == [2, 1, 4]
+
+
+@pytest.mark.parametrize("selector", ["lexical", "lexical_near"])
+def test_lexical_selectors_read_the_needle_in_every_layer(selector):
+    MemoryConfig(selector=selector)  # a selector the config accepts
+    s = text_session(topk=6)
+    s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
+    cfg = s.config
+    gold = select.units_of_spans(
+        [(300, 300 + len(NEEDLE))], cfg.n_init, cfg.block_size, s.stats()["units_per_layer"]
+    )
+    _, log, sel = ask_logged(s, question="Where is the zebra violet?", selector=selector)
+    assert len(sel["units"]) == cfg.topk and sel["lexical_score"] is not None
+    assert set(gold) & set(sel["units"])
+    for _, ids in log:
+        assert sorted(set(ids.tolist())) == sel["units"]
+    _, _, plain = ask_logged(s, question="Where is the zebra violet?", selector="hybrid")
+    assert plain["lexical_score"] is None
