@@ -55,4 +55,10 @@ def test_no_server_error_on_fuzzed_requests(schema):
             unbreakable.append(op.label)  # every input fits (no body or query; string path parameters)
     print(sorted((k, sorted(v)) for k, v in seen.items()))
     assert not any(label.startswith("POST") for label in unbreakable)
-    assert any(200 in v for k, v in seen.items() if k.startswith("positive POST /v1/chat"))
+    # Random chats that pass every check (a non-empty last user message, max_tokens <= 64) are luck: which
+    # examples come depends on hypothesis's seed, so the accepted path is checked with one valid request.
+    (chat,) = [op for op in operations if op.label == "POST /v1/chat/completions"]
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    ok = chat.Case(body=body, media_type="application/json").call()
+    assert ok.status_code == 200, ok.text[:500]
+    assert ok.json()["choices"][0]["message"]["role"] == "assistant"
