@@ -181,25 +181,6 @@ def test_plain_chat_memory_command_says_off(cli_fakes):
     assert res.stdout == "(memory is off: start with --user NAME to remember across runs)\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    import os
-
-    from memllm.llm import MemLLM
-    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
-
-    old = os.environ.get("MEMLLM_HOME")
-    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("home"))
-    try:
-        path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
-        return MemLLM.from_pretrained(str(path), device="cpu")
-    finally:
-        if old is None:
-            del os.environ["MEMLLM_HOME"]
-        else:
-            os.environ["MEMLLM_HOME"] = old
-
-
 def tiny_context():
     from memllm.config import MemoryConfig
 

@@ -153,25 +153,6 @@ def test_an_llm_without_answer_prefix_answers_as_before(store):
     assert later.answer_fact is None
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    import os
-
-    from memllm.llm import MemLLM
-    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
-
-    old = os.environ.get("MEMLLM_HOME")
-    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("home"))
-    try:
-        path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
-        return MemLLM.from_pretrained(str(path), device="cpu")
-    finally:
-        if old is None:
-            del os.environ["MEMLLM_HOME"]
-        else:
-            os.environ["MEMLLM_HOME"] = old
-
-
 def test_memllm_answer_prefix_is_streamed_first_and_continued_by_the_model(tiny_llm):
     import torch
     from transformers import DynamicCache

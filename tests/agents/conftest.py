@@ -1,0 +1,24 @@
+"""Fixtures for the agents' tests: the tiny random Llama (GGUF, context 1,024) loaded once per module."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    import os
+
+    from memllm.llm import MemLLM
+    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
+
+    old = os.environ.get("MEMLLM_HOME")
+    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("home"))
+    try:
+        path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
+        return MemLLM.from_pretrained(str(path), device="cpu")
+    finally:
+        if old is None:
+            del os.environ["MEMLLM_HOME"]
+        else:
+            os.environ["MEMLLM_HOME"] = old
