@@ -434,6 +434,13 @@ class MemoryController:
         hits = self.store.search(query, k, namespace=self.namespace, filters=kinds)
         return [h for h in hits if h.record.id not in exclude and h.record.namespace == self.namespace]
 
+    def _similar(self, query: str, exclude: set[str]) -> tuple[list[SearchResult], float | None, bool]:
+        """The search over every eligible kind, its top similarity (None: no candidate), and whether
+        that reaches gate_similarity."""
+        hits = self._search(query, exclude)
+        top = max((h.score for h in hits), default=None)
+        return hits, top, top is not None and top >= self.config.gate_similarity
+
     def decide(
         self, query: str, exclude: set[str] | None = None
     ) -> tuple[GateDecision, list[SearchResult] | None]:
@@ -476,15 +483,12 @@ class MemoryController:
             )
             by = "similarity" if fire else ""
             if not fire and self.config.self_questions and parse_question(query) is not None:
-                hits = self._search(query, exclude)
-                top = max((h.score for h in hits), default=top)
-                fire = top >= self.config.gate_similarity
+                hits, every, fire = self._similar(query, exclude)
+                top = top if every is None else every
                 reason += f"; a question about the user: top similarity {top:.3f}"
                 by = "similarity" if fire else ""
         else:  # every kind (also where no record of gate_kinds is archived: facts not extracted)
-            hits = self._search(query, exclude)
-            top = max((h.score for h in hits), default=None)
-            fire = top is not None and top >= self.config.gate_similarity
+            hits, top, fire = self._similar(query, exclude)
             reason = (
                 f"top similarity {top:.3f} {'>=' if fire else '<'} {self.config.gate_similarity}"
                 if top is not None

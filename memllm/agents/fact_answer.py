@@ -9,9 +9,10 @@ chatbot, I don't have personal preferences"), invents a placeholder for an e-mai
 still writes 'not a color' or drops a letter of a code (benchmarks/RESULTS.md, issue 18).
 
 A question asks for a fact when it is a question or a request to recall (a message that states a fact
-asks for none), is about the user (I, my, me), names the fact's subject, and asks nothing else: every
-word of a subject written from "my X ..." (`sister name`: "sister"; `garage pin`: "garage" and "pin"),
-or, for the subjects the rules of agents.facts write themselves (`home city`, `job`, ...), the words
+asks for none), is about the user (I, my, me; our, we, us), names the fact's subject, and asks nothing
+else: every word of a subject written from "my X ..." (`sister name`: "sister"; `garage pin`: "garage"
+and "pin"), or its last word alone when no other current fact's subject shares it ("when is our
+anniversary" for `wedding anniversary`; a favourite also by "like best"), or, for the subjects the rules of agents.facts write themselves (`home city`, `job`, ...), the words
 people use to ask for them ("where do I live", "what do I do for a living"); every other word of the
 question is one of a question's own ("what", "is", "remind me", "again", ...), so "What should I feed
 my dog?" does not ask for `dog name`, nor "Where does my mother live?" for the user's `home city`.
