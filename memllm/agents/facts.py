@@ -135,7 +135,7 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
         "job",
         "I work as a {value}.",
     ),
-    (  # "I'm a veterinarian", "I am an electrician": an occupation's noun (see _job)
+    (  # "I'm a veterinarian", "I am an electrician": an occupation's noun (_JOB_NOUN, not _NOT_JOB)
         re.compile(
             rf"^i(?:'m| am) an? (?P<value>(?:(?!{_NOT_JOB}\b){_WORD}\s+)?(?!{_NOT_JOB}\b){_JOB_NOUN})"
             rf"{_PLACE_TAIL}{_END}",
@@ -161,7 +161,7 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [
         "instrument",
         "I play the {value}.",
     ),
-    (  # "Hi, I'm Priya": a capitalised name (see _name)
+    (  # "Hi, I'm Priya": a capitalised name, not _NOT_NAME
         re.compile(rf"^[Ii](?:'m| am) (?!{_NOT_NAME}\b)(?P<value>[A-Z][a-z]+(?: [A-Z][a-z]+)?){_END}"),
         "name",
         "My name is {value}.",
