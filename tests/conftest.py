@@ -1,4 +1,4 @@
-"""Shared test fixtures: every test gets its own MEMLLM_HOME; `gpu` tests skip without CUDA (those also
+"""Shared test fixtures: every test gets its own MEMLLM_HOME (fixtures of a wider scope a session-wide one); `gpu` tests skip without CUDA (those also
 marked `triton` run under TRITON_INTERPRET=1 instead); in the fast tier a FutureWarning raised while memllm's
 own code is on the stack (a deprecated call memllm makes, e.g. `past_key_values=` on transformers 5.24+) is an
 error."""
@@ -13,14 +13,32 @@ import warnings
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_home(tmp_path_factory):
+    """The user's MEMLLM_HOME, kept for `slow` tests; for the whole session the environment points at a
+    temporary home, so module- and session-scoped fixtures (set up before any test's own home) never write
+    into the user's weight cache."""
+    user = os.environ.get("MEMLLM_HOME")
+    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("session_home"))
+    yield user
+    if user is None:
+        os.environ.pop("MEMLLM_HOME", None)
+    else:
+        os.environ["MEMLLM_HOME"] = user
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch, request):
+def isolated_home(_user_home, tmp_path_factory, monkeypatch, request):
     """Each test gets a fresh MEMLLM_HOME, except `slow` tests, which share the user's weight cache."""
     if request.node.get_closest_marker("slow") is None:
         home = tmp_path_factory.mktemp("memllm_home")
         monkeypatch.setenv("MEMLLM_HOME", str(home))
         yield home
     else:
+        if _user_home is None:
+            monkeypatch.delenv("MEMLLM_HOME", raising=False)
+        else:
+            monkeypatch.setenv("MEMLLM_HOME", _user_home)
         yield None
 
 

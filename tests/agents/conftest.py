@@ -7,18 +7,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    import os
-
     from memllm.llm import MemLLM
     from tests.foundation.tiny_gguf import write_tiny_llama_gguf
 
-    old = os.environ.get("MEMLLM_HOME")
-    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("home"))
-    try:
-        path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
-        return MemLLM.from_pretrained(str(path), device="cpu")
-    finally:
-        if old is None:
-            del os.environ["MEMLLM_HOME"]
-        else:
-            os.environ["MEMLLM_HOME"] = old
+    path = write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)
+    # converted into the session's home (tests/conftest.py)
+    return MemLLM.from_pretrained(str(path), device="cpu")

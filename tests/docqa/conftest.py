@@ -13,20 +13,12 @@ def tiny_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_llm(tiny_path, tmp_path_factory):
-    import os
-
+def tiny_llm(tiny_path):
     from memllm import MemLLM
 
-    old = os.environ.get("MEMLLM_HOME")
-    os.environ["MEMLLM_HOME"] = str(tmp_path_factory.mktemp("docqa_home"))
-    try:
-        return MemLLM.from_pretrained(str(tiny_path), device="cpu")
-    finally:
-        if old is None:
-            os.environ.pop("MEMLLM_HOME", None)
-        else:
-            os.environ["MEMLLM_HOME"] = old
+    # converted into the session's home (tests/conftest.py)
+
+    return MemLLM.from_pretrained(str(tiny_path), device="cpu")
 
 
 @pytest.fixture

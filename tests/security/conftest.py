@@ -26,28 +26,22 @@ def other_gguf(tmp_path_factory) -> Path:
     return write_tiny_llama_gguf(tmp_path_factory.mktemp("sec_gguf2") / "other.gguf", context=8192, seed=1)
 
 
-def _load(path: Path, home: Path):
+def _load(path: Path):
     from memllm.llm import MemLLM
 
-    old = os.environ.get("MEMLLM_HOME")
-    os.environ["MEMLLM_HOME"] = str(home)
-    try:
-        return MemLLM.from_pretrained(str(path), device="cpu")
-    finally:
-        if old is None:
-            os.environ.pop("MEMLLM_HOME", None)
-        else:
-            os.environ["MEMLLM_HOME"] = old
+    # converted into the session's home (tests/conftest.py)
+
+    return MemLLM.from_pretrained(str(path), device="cpu")
 
 
 @pytest.fixture(scope="session")
-def tiny_llm(tiny_gguf, tmp_path_factory):
-    return _load(tiny_gguf, tmp_path_factory.mktemp("sec_home"))
+def tiny_llm(tiny_gguf):
+    return _load(tiny_gguf)
 
 
 @pytest.fixture(scope="session")
-def other_llm(other_gguf, tmp_path_factory):
-    return _load(other_gguf, tmp_path_factory.mktemp("sec_home2"))
+def other_llm(other_gguf):
+    return _load(other_gguf)
 
 
 @pytest.fixture
