@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_left
+import sys
+from array import array
 from collections.abc import Iterable
 
 import numpy as np
@@ -32,33 +33,66 @@ def words(text: str) -> list[str]:
 
 
 class WindowWords:
-    """The word sets of the windows 0..len-1, with each word's windows (ascending)."""
+    """The distinct words of windows 0..len-1, compact: one flat int32 array of word ids into a vocabulary
+    with each window's offset into it (~4 bytes a word a window holds: ~6 B a stream token with 48-token
+    windows every 24 tokens, where Python sets and postings lists held ~176 B)."""
 
     def __init__(self) -> None:
-        self.sets: list[frozenset[str]] = []
-        self.postings: dict[str, list[int]] = {}
+        self.vocab: dict[str, int] = {}
+        self._names: list[str] = []  # id -> word
+        self._name_bytes = 0
+        self._ids = array("i")  # C int: int32 here, as np.intc
+        self._offsets = array("q", [0])  # window j's ids: _ids[_offsets[j]:_offsets[j + 1]]
 
     def __len__(self) -> int:
-        return len(self.sets)
+        return len(self._offsets) - 1
 
     def extend(self, texts: Iterable[str]) -> None:
         for text in texts:
-            j = len(self.sets)
-            got = frozenset(words(text))
-            self.sets.append(got)
-            for w in got:
-                self.postings.setdefault(w, []).append(j)
+            for w in dict.fromkeys(words(text)):
+                wid = self.vocab.get(w)
+                if wid is None:
+                    wid = self.vocab[w] = len(self._names)
+                    self._names.append(w)
+                    self._name_bytes += sys.getsizeof(w)
+                self._ids.append(wid)
+            self._offsets.append(len(self._ids))
 
     def truncate(self, n: int) -> None:
-        """Keep the first n windows (a rollback rewrote the rest)."""
-        while len(self.sets) > n:
-            j = len(self.sets) - 1
-            for w in self.sets.pop():
-                at = self.postings[w]
-                if at[-1] == j:
-                    at.pop()
-                if not at:
-                    del self.postings[w]
+        """Keep the first n windows (a rollback rewrote the rest); the vocabulary stays."""
+        if n < len(self):
+            del self._ids[self._offsets[n] :]
+            del self._offsets[n + 1 :]
+
+    def window(self, j: int) -> frozenset[str]:
+        """Window j's words."""
+        return frozenset(self._names[i] for i in self._ids[self._offsets[j] : self._offsets[j + 1]])
+
+    def nbytes(self) -> int:
+        """Host bytes held: the ids, the offsets and the vocabulary (its words and dict, approximately)."""
+        return (self._ids.itemsize * len(self._ids) + self._offsets.itemsize * len(self._offsets)
+                + self._name_bytes + sys.getsizeof(self.vocab) + sys.getsizeof(self._names))  # fmt: skip
+
+    def holding(self, question_words: list[str], n_windows: int) -> tuple[list[str], list[np.ndarray]]:
+        """The question's words found in the first n_windows windows, in its order, with the windows
+        (ascending) that hold each."""
+        known = [w for w in question_words if w in self.vocab]
+        if not known or n_windows <= 0:
+            return [], []
+        end = self._offsets[n_windows]
+        flat = np.frombuffer(self._ids, dtype=np.intc, count=end).copy() if end else np.zeros(0, np.intc)
+        wids = np.array([self.vocab[w] for w in known], dtype=np.intc)
+        pos = np.flatnonzero(np.isin(flat, wids))
+        win = np.searchsorted(np.frombuffer(self._offsets, dtype=np.int64, count=n_windows + 1).copy(), pos,
+                              side="right") - 1  # fmt: skip
+        got = flat[pos]
+        found, at = [], []
+        for w, wid in zip(known, wids.tolist(), strict=True):
+            windows = win[got == wid]
+            if windows.size:
+                found.append(w)
+                at.append(windows)
+        return found, at
 
     def unit_scores(
         self, question: str, first: torch.Tensor, last: torch.Tensor, n_windows: int, rare: float = RARE
@@ -66,12 +100,8 @@ class WindowWords:
         """Units whose windows are first[u]..last[u] (of the first n_windows) -> ((n_units,) fp32 score,
         (n_units, rare words) bool: the words the unit's best window holds)."""
         n_units = first.numel()
-        found: list[list[int]] = []
-        for w in dict.fromkeys(words(question)):
-            at = self.postings.get(w, [])
-            at = at[: bisect_left(at, n_windows)]
-            if 0 < len(at) <= rare * n_windows:
-                found.append(at)
+        found = [at for at in self.holding(list(dict.fromkeys(words(question))), n_windows)[1]
+                 if len(at) <= rare * n_windows]  # fmt: skip
         if not found or n_units == 0:
             return torch.zeros(n_units), torch.zeros(n_units, len(found), dtype=torch.bool)
         idf = np.array([math.log(n_windows / len(at)) for at in found])

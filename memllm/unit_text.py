@@ -72,7 +72,8 @@ class UnitTextIndex:
         return len(self._vectors)
 
     def nbytes(self) -> int:
-        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes
+        """Host bytes held: the ids, the windows' vectors and (once a lexical selector read them) words."""
+        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes + self._words.nbytes()
 
     def bytes_per_token(self) -> float:
         """Host bytes per stream token: its id and its share of a window's fp16 vector."""
