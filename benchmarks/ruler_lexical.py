@@ -266,6 +266,23 @@ def tier_only(margin: float, cap: int) -> Callable[..., torch.Tensor]:
     return rule
 
 
+def tier_whole(margin: float, cap: int, union: bool = False, whole: float = 0.999) -> Callable[..., torch.Tensor]:
+    """Where the tier's best unit holds every rare word of the question in one window (score >= `whole`;
+    with `union`: where the tier's units together hold them all), the tier with neighbours is the evidence
+    and the attention fills the rest (the oracle's own fill); elsewhere the tier first, then today."""
+    first_then_today = tier_first(margin, cap, None)
+
+    def rule(a: torch.Tensor, t: torch.Tensor, lx: Lexical, k: int, nb: int) -> torch.Tensor:
+        tier = lexical_tier(lx.score, margin, cap)
+        covered = bool(tier) and (bool(lx.matched[tier].any(axis=0).all()) if union
+                                  else float(lx.score.max()) >= whole)  # fmt: skip
+        if covered:
+            return select.choose(a, k, nb, first=with_neighbours(tier, a.numel(), n_evidence(k), nb))
+        return first_then_today(a, t, lx, k, nb)
+
+    return rule
+
+
 def rules(margin: float, cap: int, near: float) -> dict[str, Callable[..., torch.Tensor]]:
     return {
         "today (switch, evidence then attention)": today,
@@ -274,6 +291,8 @@ def rules(margin: float, cap: int, near: float) -> dict[str, Callable[..., torch
         f"lexical tier (margin {margin}) as evidence, then attention": tier_only(margin, cap),
         f"lexical tier (margin {margin}) first, then today": tier_first(margin, cap, None),
         f"same, its near-duplicates (>= {near} of best) last": tier_first(margin, cap, near),
+        f"lexical tier (margin {margin}) whole (every rare word in one window): then attention; else first": tier_whole(margin, cap),
+        f"lexical tier (margin {margin}) covering every rare word: then attention; else first": tier_whole(margin, cap, True),
     }
 
 

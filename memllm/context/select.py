@@ -238,24 +238,29 @@ def lexical_evidence(
     near: float | None = None,
     share: float = EVIDENCE_SHARE,
 ) -> torch.Tensor:
-    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units each with its
-    `neighbours`, up to `share` of k, then the fused ranking's evidence and the attention as there. With
+    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
+    `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
+    the question, that is the evidence and the attention fills the rest (as the oracle's gold units);
+    elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. With
     `near` (a share of the best lexical score), the tier's near-duplicates outside what was taken are ranked
-    last in both (`near_duplicates`). Where there is no tier: `evidence_then_attention` itself."""
+    last (`near_duplicates`). Where there is no tier: `evidence_then_attention` itself."""
     n = mass.numel()
     n_evidence = max(1, min(k, round(k * share)))
     tier = lexical_tier(lexical, n_evidence)
     lead = list(dict.fromkeys(int(u) for u in first))
-    for u in tier:
-        for v in [u] + [u + s * j for j in range(1, neighbours + 1) for s in (-1, 1)]:
-            if 0 <= v < n and v not in lead and len(lead) < max(n_evidence, len(first)):
-                lead.append(v)
+    cap = max(n_evidence, len(first))
+    around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
+    for v in [*tier, *around]:  # every tier unit before any neighbour: a small topk still reads them all
+        if 0 <= v < n and v not in lead and len(lead) < cap:
+            lead.append(v)
     if tier and near is not None:
         dup = near_duplicates(lexical, held, tier, near)
         dup[lead] = False
         dup = dup.to(mass.device)
         ranked = ranked.masked_fill(dup, float(ranked.min()) - 1)
         mass = mass.masked_fill(dup, -1.0)
+    if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):
+        return choose(mass, k, neighbours, first=lead)
     return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
 
 

@@ -93,7 +93,8 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
 
 
 def reference(ranked, mass, lexical, held, k, nb, near):
-    """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py, tier_first)."""
+    """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
+    holds every rare word, tier_whole with union), the tier's units before their neighbours."""
     n = mass.numel()
     n_ev = max(1, min(k, round(k * select.EVIDENCE_SHARE)))
     best = float(lexical.max())
@@ -102,10 +103,9 @@ def reference(ranked, mass, lexical, held, k, nb, near):
         tier = []
     tier.sort(key=lambda u: -float(lexical[u]))
     lead: list[int] = []
-    for u in tier:
-        for v in [u] + [u + s * j for j in range(1, nb + 1) for s in (-1, 1)]:
-            if 0 <= v < n and v not in lead and len(lead) < n_ev:
-                lead.append(v)
+    for v in tier + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
+        if 0 <= v < n and v not in lead and len(lead) < n_ev:
+            lead.append(v)
     if tier and near is not None:
         covered = set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier))
         for u in range(n):
@@ -115,6 +115,8 @@ def reference(ranked, mass, lexical, held, k, nb, near):
                 mass = mass.clone()
                 ranked[u] = float(ranked.min()) - 1
                 mass[u] = -1.0
+    if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
+        return select.choose(mass, k, nb, first=lead)  # the tier holds every rare word: the attention fills
     return select.evidence_then_attention(ranked, mass, k, nb, first=lead)
 
 
@@ -130,7 +132,7 @@ def test_lexical_evidence_equals_the_reference_rule(seed, near):
     n_full = 1 + seed % 5  # units that hold every rare word (values of one key)
     full = torch.randperm(n, generator=g)[: n_full + 6].tolist()
     for u in full[:n_full]:
-        held[u] = True
+        held[u, : 2 if seed % 2 else 3] = True  # odd seeds: word 2 only elsewhere (the tier covers not all)
         lexical[u] = 1.0 - 0.03 * (u % 3)
     for u in full[n_full : n_full + 3]:  # near-duplicates: part of the words
         held[u, 0] = True
@@ -149,6 +151,27 @@ def test_lexical_evidence_equals_the_reference_rule(seed, near):
         assert set(full[:n_full]) <= set(got.tolist())
     if seed == 11:
         assert torch.equal(got, select.evidence_then_attention(ranked, mass, k, 1))
+
+
+@pytest.mark.parametrize("covers", [True, False])
+def test_a_small_topk_reads_every_tier_unit_and_a_covering_tier_leaves_the_fill_to_the_attention(covers):
+    n, k = 60, 8  # six evidence slots: four values with neighbours would read two
+    g = torch.Generator().manual_seed(3)
+    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    values = [7, 21, 35, 49]
+    lexical, held = torch.zeros(n), torch.zeros(n, 2, dtype=torch.bool)
+    lexical[values] = 1.0
+    held[values, 0] = True
+    if covers:
+        held[values, 1] = True
+    else:
+        held[3, 1] = True
+        lexical[3] = 0.2
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
+    assert set(values) <= set(got.tolist())
+    lead = [*values, 6, 8]  # the tier, then the first value's neighbours up to six
+    want = select.choose(mass, k, 1, first=lead) if covers else select.evidence_then_attention(ranked, mass, k, 1, first=lead)
+    assert torch.equal(got, want)
 
 
 def test_no_tier_when_too_many_units_hold_the_words():
