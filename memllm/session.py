@@ -61,7 +61,7 @@ class Session:
         # embedder (a memllm Embedder): a text index over the units' text, which the "hybrid" selector
         # (the default) reads; without one, the packaged MiniLM shared by the process (loaded when a
         # question first needs the index); other selectors keep no index unless given an embedder
-        if embedder is None and self.config.selector in ("hybrid", "lexical", "lexical_near"):
+        if embedder is None and self.config.selector in TEXT_SELECTORS:
             from memllm.memory_stores.embeddings import shared_embedder
 
             embedder = shared_embedder("cuda" if self.cache.layers[0].device.type == "cuda" else "cpu")

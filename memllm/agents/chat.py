@@ -55,7 +55,7 @@ from memllm.agents.fact_answer import answer_start, asked_fact, asks_something
 from memllm.agents.factbook import FactBook
 from memllm.agents.facts import Fact, asks, extract_facts
 from memllm.agents.quality import degenerate
-from memllm.config import MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.errors import BusyError, ConfigError, SnapshotError, UnsupportedModelError
 from memllm.generation import RepetitionGuard, StopScanner
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
@@ -258,11 +258,11 @@ class ChatAgent:
         return self._new_session()
 
     def _units_embedder(self) -> Any:
-        """The text store's embedder, for the kv session's text index over its units (the "hybrid"
-        selector); None for other selectors or a store without one (the session's default then)."""
+        """The text store's embedder, for the kv session's text index over its units (the selectors that
+        read one: config.TEXT_SELECTORS); None for other selectors or a store without one (the session's default then)."""
         memory = self.context_memory or getattr(self.llm, "memory", None)
-        hybrid = memory is None or memory.selector == "hybrid"
-        return getattr(self.store, "embedder", None) if hybrid else None
+        indexed = (memory.selector if memory is not None else MemoryConfig().selector) in TEXT_SELECTORS
+        return getattr(self.store, "embedder", None) if indexed else None
 
     def _new_session(self) -> Any:
         """An empty kv session."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from memllm import limits, validate
 from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
-from memllm.config import MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.documents import Document, read_document, read_text
 from memllm.errors import ConfigError, InputError, SnapshotError
 from memllm.savedir import check_target, private_tempdir, replace_folder
@@ -320,8 +320,8 @@ class DocumentQA:
         self.store = store
         self._embedder = embedder
         if mode in ("kv", "hybrid"):
-            # the "hybrid" selector reads a text index over the units (the chunk store's embedder)
-            units_text = self._embedder_or_default() if self.memory.selector == "hybrid" else None
+            # the text selectors read a text index over the units (the chunk store's embedder)
+            units_text = self._embedder_or_default() if self.memory.selector in TEXT_SELECTORS else None
             self.session = llm.session(self.memory, embedder=units_text)
             self.memory = self.session.config
         n_local = self.memory.n_local or 0

@@ -19,6 +19,7 @@ import typer
 
 from memllm import models
 from memllm.cli import common
+from memllm.config import SELECTORS
 from memllm.errors import ConfigError, InputError
 
 EXCERPT = 60
@@ -115,9 +116,11 @@ def ask(
     questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
     mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
     selector: str | None = typer.Option(
-        None, "--selector", metavar="hybrid|question",
-        help="Which units a question reads (kv, hybrid modes): hybrid (the default: its attention and a text "
-        "index over the units, see the README) or question (its attention alone, no embedder).",
+        None, "--selector", metavar="|".join(SELECTORS),
+        help="Which units a question reads (kv, hybrid modes): hybrid (its attention and a text index over the "
+        "units, see the README), lexical (hybrid, the units holding the question's rare words first), "
+        "lexical_near (also their near-duplicates last), question (its attention alone, no embedder), text "
+        "(the text index alone) or infllm (each layer's own lookup).",
     ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
@@ -146,8 +149,8 @@ def ask(
     if mode is not None and mode not in MODES[:3]:
         raise ConfigError(f"--mode must be kv, text or hybrid, got {mode!r}")
     if selector is not None:
-        if selector not in ("question", "hybrid"):
-            raise ConfigError(f"--selector must be question or hybrid, got {selector!r}")
+        if selector not in SELECTORS:
+            raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
         if memory is not None:
             raise ConfigError("--selector applies when documents are read: a saved --memory keeps its own")
         if mode == "text":

@@ -69,8 +69,10 @@ def load_embedder() -> Any:
 
 def embedder_for(mode: str, selector: str | None = None) -> Any:
     """The embedder `memllm ask` needs: the chunk store's (text, hybrid modes), also the units' text
-    index's (hybrid selector); None where neither is used."""
-    return load_embedder() if mode in ("text", "hybrid") or selector == "hybrid" else None
+    index's (the selectors that read one); None where neither is used."""
+    from memllm.config import TEXT_SELECTORS
+
+    return load_embedder() if mode in ("text", "hybrid") or selector in TEXT_SELECTORS else None
 
 
 def open_store(path: str | None, *, with_embedder: bool) -> Any:

@@ -222,6 +222,20 @@ def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
     assert other.session.cache.seen_tokens == 0
 
 
+@pytest.mark.parametrize("selector", ["hybrid", "lexical", "lexical_near", "question"])
+def test_the_kv_session_indexes_its_units_with_the_stores_embedder_for_every_text_selector(tiny_llm, store, selector):
+    from dataclasses import replace
+
+    agent = ChatAgent(tiny_llm, store, user="kim", memory="kv", max_new_tokens=2, summarize=False,
+                      context_memory=replace(tiny_context(), selector=selector))  # fmt: skip
+    index = agent.session.text_index
+    if selector == "question":  # reads no text index
+        assert index is None
+    else:
+        assert index is not None and index.embedder is store.embedder
+    agent.close()
+
+
 def test_kv_segment_renders_system_once(tiny_llm, store):
     # No system prompt given: the template's own (this tiny one writes none) and nothing else.
     agent = kv_agent(tiny_llm, store, "sam", "kv", max_new_tokens=2)

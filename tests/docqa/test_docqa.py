@@ -284,12 +284,13 @@ def test_text_memory_without_its_chunk_store_is_refused(tiny_llm, tmp_path):
     )
 
 
-def test_kv_with_the_hybrid_selector_reads_a_text_index_over_the_units(tiny_llm):
+@pytest.mark.parametrize("selector", ["hybrid", "lexical", "lexical_near"])
+def test_kv_with_a_text_selector_reads_a_text_index_over_the_units(tiny_llm, selector):
     from dataclasses import replace
 
     from memllm.agents.docqa import default_memory
 
-    memory = replace(default_memory(tiny_llm.trained_len), selector="hybrid")
+    memory = replace(default_memory(tiny_llm.trained_len), selector=selector)
     qa = make(tiny_llm, "kv", memory=memory)
     qa.read(boxes_text(), name="boxes.txt")
     index = qa.session.text_index
@@ -298,6 +299,7 @@ def test_kv_with_the_hybrid_selector_reads_a_text_index_over_the_units(tiny_llm)
     first = qa.ask(QUESTIONS[0])
     sel = qa.session.last_selection
     assert sel is not None and sel["text_score"] is not None and index.embedded == index.windows_for(len(sel["text_score"]))
+    assert (sel["lexical_score"] is not None) == (selector != "hybrid")
     assert len(sel["units"]) == qa.memory.topk
     again = qa.ask(QUESTIONS[0])
     after = memory_state(qa)
