@@ -3,7 +3,7 @@
 
 A window's words are the lower-cased runs of letters and digits of its decoded text (the same windows
 UnitTextIndex embeds). A question word is rare when it is in at most `rare` of the windows that score the
-units (IDF from the stream itself); a window's score is the IDF-weighted share of the question's rare
+units, or in at most RARE_FLOOR of them (IDF from the stream itself); a window's score is the IDF-weighted share of the question's rare
 words it holds (1.0: all of them), a unit's the best of its windows', and the words a unit holds are
 that window's. Where a question names something the stream mentions rarely (a key, a name), the units
 that hold all of it stand apart from those that hold part of it (a sentence of the same shape about
@@ -26,6 +26,7 @@ import torch
 
 WORD = re.compile(r"\w+")
 RARE = 0.02  # a question word is rare when at most this share of the windows hold it
+RARE_FLOOR = 16  # ... or at most this many: in a short stream 2% is a word said once or twice (4K: 3 windows)
 
 
 def words(text: str) -> list[str]:
@@ -95,13 +96,14 @@ class WindowWords:
         return found, at
 
     def unit_scores(
-        self, question: str, first: torch.Tensor, last: torch.Tensor, n_windows: int, rare: float = RARE
+        self, question: str, first: torch.Tensor, last: torch.Tensor, n_windows: int, rare: float = RARE,
+        floor: int = RARE_FLOOR,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Units whose windows are first[u]..last[u] (of the first n_windows) -> ((n_units,) fp32 score,
         (n_units, rare words) bool: the words the unit's best window holds)."""
         n_units = first.numel()
-        found = [at for at in self.holding(list(dict.fromkeys(words(question))), n_windows)[1]
-                 if len(at) <= rare * n_windows]  # fmt: skip
+        most = max(rare * n_windows, floor)
+        found = [at for at in self.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(at) <= most]
         if not found or n_units == 0:
             return torch.zeros(n_units), torch.zeros(n_units, len(found), dtype=torch.bool)
         idf = np.array([math.log(n_windows / len(at)) for at in found])

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from memllm.errors import ConfigError
-from memllm.unit_lexical import RARE, WindowWords
+from memllm.unit_lexical import RARE, RARE_FLOOR, WindowWords
 
 WINDOW = 48  # tokens a window holds (at most block_size); a window starts every WINDOW // 2 tokens
 
@@ -120,7 +120,9 @@ class UnitTextIndex:
             )
         return n_windows
 
-    def lexical(self, question: str, n_units: int, rare: float = RARE) -> tuple[torch.Tensor, torch.Tensor]:
+    def lexical(
+        self, question: str, n_units: int, rare: float = RARE, floor: int = RARE_FLOOR
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n_units,) fp32 and (n_units, words) bool: per unit, the IDF-weighted share of the question's
         rare words its best window holds, and which (memllm/unit_lexical.py). Windows' words are read
         lazily, once, as their vectors are."""
@@ -130,7 +132,7 @@ class UnitTextIndex:
         for lo in range(len(self._words), n_windows, self.batch):
             self._words.extend(self.window_text(j) for j in range(lo, min(n_windows, lo + self.batch)))
         first, last = self.unit_windows(n_units)
-        return self._words.unit_scores(question, first, last, n_windows, rare)
+        return self._words.unit_scores(question, first, last, n_windows, rare, floor)
 
     def scores(self, question: str, n_units: int) -> torch.Tensor:
         """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""

@@ -32,14 +32,14 @@ def stream(n_words: int, seed: int = 0) -> str:
 
 
 def brute_force(
-    idx: UnitTextIndex, question: str, n_units: int, rare: float
+    idx: UnitTextIndex, question: str, n_units: int, rare: float, floor: int
 ) -> tuple[list[float], list[set[str]], list[str]]:
     """Per unit: the best window's IDF-weighted share of the question's rare words, and those words; the
     rare words in the question's order."""
     n_windows = idx.windows_for(n_units)
     sets = [set(words(idx.window_text(j))) for j in range(n_windows)]
     df = {w: sum(w in s for s in sets) for w in dict.fromkeys(words(question))}
-    q = [w for w, d in df.items() if 0 < d <= rare * n_windows]
+    q = [w for w, d in df.items() if 0 < d <= max(rare * n_windows, floor)]
     idf = {w: math.log(n_windows / df[w]) for w in q}
     total = sum(idf.values())
     scores, held = [], []
@@ -54,15 +54,17 @@ def brute_force(
     return scores, held, q
 
 
-@pytest.mark.parametrize("block_size,window,rare", [(32, 16, 0.05), (64, 48, 0.1), (16, 16, 0.02)])
-def test_rare_word_scores_equal_a_brute_force_scan_of_the_windows(block_size, window, rare):
+@pytest.mark.parametrize(
+    "block_size,window,rare,floor", [(32, 16, 0.05, 0), (64, 48, 0.1, 0), (16, 16, 0.02, 0), (16, 16, 0.02, 3)]
+)
+def test_rare_word_scores_equal_a_brute_force_scan_of_the_windows(block_size, window, rare, floor):
     n_init, n_units = 5, 30
     text = stream(400)
     idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
     idx.write(0, [ord(c) for c in text])
     question = "Where is the zebra violet, the tiger?"
-    score, held = idx.lexical(question, n_units, rare=rare)
-    want, want_held, rare_words = brute_force(idx, question, n_units, rare)
+    score, held = idx.lexical(question, n_units, rare=rare, floor=floor)
+    want, want_held, rare_words = brute_force(idx, question, n_units, rare, floor)
     assert score.shape == (n_units,) and score.dtype == torch.float32 and rare_words
     torch.testing.assert_close(score, torch.tensor(want), rtol=0, atol=1e-6)
     assert held.shape == (n_units, len(rare_words))
