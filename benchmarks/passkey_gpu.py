@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from memllm.bench.passkey import depths, keys_for, parse_length, prompt_ids, run_memllm, run_passkey
-from memllm.config import MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 
 
 class DeviceLLM:
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--selector", default=None, help="also ask after the read through this selector (question, hybrid)")
     ap.add_argument("--selector-lengths", default=None, help="lengths for --selector (default: --lengths)")
-    ap.add_argument("--embedder", default=None, help="sentence-transformers dir for --selector hybrid")
+    ap.add_argument("--embedder", default=None, help="sentence-transformers dir for a --selector that reads the text index (hybrid, lexical)")
     ap.add_argument("--weights-cache", default=None, help="a folder: the loaded model saved there, loaded from there")
     args = ap.parse_args()
 
@@ -165,7 +165,7 @@ def main() -> None:
     )
     if args.selector:  # the question asked after the read, as `ask` asks it (peak memory includes the index)
         embedder = None
-        if args.selector == "hybrid":
+        if args.selector in TEXT_SELECTORS:  # they read the units' text index (MiniLM windows)
             from memllm.memory_stores.embeddings import SentenceTransformerEmbedder
 
             embedder = SentenceTransformerEmbedder(args.embedder, device="cuda", batch_size=128)  # as shared_embedder: fp16
