@@ -311,7 +311,7 @@ def distractor_units(chosen: Sequence[int], gold: Sequence[int], needles: Sequen
 
 ORACLE = "oracle (gold first, then the attention)"
 # the library's selectors (session.select_prompt's call), IDF over the windows that score the units
-LIBRARY = {"library: selector lexical": None, "library: selector lexical_near": select.LEXICAL_NEAR}
+LIBRARY = ("library: selector lexical",)  # "lexical_near" (near-duplicates last) removed after run 34
 
 
 class _NoEmbedder:
@@ -349,10 +349,8 @@ def replay(
                     indexes[id(hay)] = UnitTextIndex(_NoEmbedder(), tok, N_INIT, BLOCK, WINDOW)
                     indexes[id(hay)].write(0, hay.data["ids"])
                 score, held = indexes[id(hay)].lexical(q["prompt"].strip(), n)
-                for name, near in LIBRARY.items():
-                    chosen[name] = select.lexical_evidence(
-                        select.hybrid(a, t), a, score, held, k, nb, near=near
-                    )
+                for name in LIBRARY:
+                    chosen[name] = select.lexical_evidence(select.hybrid(a, t), a, score, held, k, nb)
             for name in names:
                 if name in chosen:
                     read = chosen[name].tolist()

@@ -16,8 +16,8 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
-SELECTORS = ("question", "hybrid", "text", "infllm", "lexical", "lexical_near")
-TEXT_SELECTORS = ("hybrid", "text", "lexical", "lexical_near")  # those that read the text index
+SELECTORS = ("question", "hybrid", "text", "infllm", "lexical")
+TEXT_SELECTORS = ("hybrid", "text", "lexical")  # those that read the text index
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
 
 
@@ -48,18 +48,18 @@ class MemoryConfig:
     lookup: "shared" (the same units for all KV heads, scores summed: InfLLM's) or "per_head".
     selector: which units a question and its answer read. "question": the question is probed first,
     every layer scoring all its units by the attention mass the question gives them, and the best
-    units (fused over layers, with neighbours) are read by every layer (context/select.py); "hybrid"
-    (the default): as "question", with the cosine of a text index over short windows of the units'
+    units (fused over layers, with neighbours) are read by every layer (context/select.py); "hybrid":
+    as "question", with the cosine of a text index over short windows of the units'
     text (memllm/unit_text.py): where the text does not support the attention's best unit, the log
     of the attention mass and the cosine, each standardised, summed (select.hybrid); that ranking's
     best units and their neighbours fill 3/4 of topk, the question's attention the rest (the units every
     question looks at, not the evidence's near-duplicates: select.evidence_then_attention); a Session keeps
     the index with the packaged MiniLM unless given another embedder; "text": the text index's
     units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
-    during prefill; "lexical" (opt-in, measured offline only): as "hybrid", with the units that hold the
-    question's rare words best (memllm/unit_lexical.py) and their neighbours taken first as evidence;
-    "lexical_near": as "lexical", with the units that hold only part of those words, all of them held by
-    the first ones (near-duplicates of the evidence), read last (select.lexical_evidence).
+    during prefill; "lexical" (the default): as "hybrid", with the units that hold the question's rare
+    words best (memllm/unit_lexical.py) and their neighbours taken first as evidence, and where they hold
+    every rare word of the question, the question's attention filling the rest (select.lexical_evidence;
+    on an H200 with Qwen2.5-Coder-0.5B above "hybrid" at 32K and 128K: benchmarks/RESULTS.md).
     select_neighbours: units read on either side of each unit the question selector picks.
     memory_distance: the one distance at which sinks and retrieved units sit from every query (None:
     n_local, InfLLM's rule: just past the local window). A small model reads retrieved units far
@@ -83,7 +83,7 @@ class MemoryConfig:
     impl: str = "fast"
     lookup: str = "shared"
     decode_graphs: bool = True
-    selector: str = "hybrid"
+    selector: str = "lexical"
     select_neighbours: int = 1
     memory_distance: int | None = None
     device_unit_cache: bool = False

@@ -206,7 +206,8 @@ class MemLLM:
     # ------------------------------------------------------------------ memory sessions
     def session(self, memory: MemoryConfig | None = None, embedder: Any = None) -> Session:
         """A streaming session with its own context memory (see memllm.session). embedder (a memllm
-        Embedder): a text index over the memory's units, which the "hybrid" selector reads."""
+        Embedder): a text index over the memory's units, which the text selectors (the default "lexical",
+        "hybrid", "text") read."""
         from memllm.session import Session
 
         return Session(self, memory or self.memory, embedder=embedder)

@@ -58,8 +58,8 @@ class Session:
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
-        # embedder (a memllm Embedder): a text index over the units' text, which the "hybrid" selector
-        # (the default) reads; without one, the packaged MiniLM shared by the process (loaded when a
+        # embedder (a memllm Embedder): a text index over the units' text, which the selectors of
+        # config.TEXT_SELECTORS read (the default "lexical" among them); without one, the packaged MiniLM shared by the process (loaded when a
         # question first needs the index); other selectors keep no index unless given an embedder
         if embedder is None and self.config.selector in TEXT_SELECTORS:
             from memllm.memory_stores.embeddings import shared_embedder
@@ -269,11 +269,11 @@ class Session:
             return False
         score = select.fuse(masses)
         text = None  # the text index's cosine of each unit with the question (TEXT_SELECTORS)
-        lexical = None  # the rare-word score and words of each unit ("lexical", "lexical_near")
+        lexical = None  # the rare-word score and words of each unit ("lexical")
         if selector in TEXT_SELECTORS and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            if selector in ("lexical", "lexical_near"):
+            if selector == "lexical":
                 lexical = self.text_index.lexical(question, n_units)
         if text is None:
             ranked = score
@@ -282,10 +282,7 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            near = select.LEXICAL_NEAR if selector == "lexical_near" else None
-            chosen = select.lexical_evidence(
-                ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold, near=near
-            )
+            chosen = select.lexical_evidence(ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold)
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:

@@ -1,5 +1,5 @@
 """The question's rare words against the text index's windows: a lexical signal beside the MiniLM cosine
-(issue 25, selectors "lexical" and "lexical_near").
+(issue 25, the "lexical" selector, the default).
 
 A window's words are the lower-cased runs of letters and digits of its decoded text (the same windows
 UnitTextIndex embeds). A question word is rare when it is in at most `rare` of the windows that score the

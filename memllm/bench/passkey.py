@@ -241,7 +241,7 @@ def run_passkey(
 
     `only`: indices of the depths to run (keys stay those of the full depth list); selector (memllm):
     the question is asked after the haystack is read, through that selector (ask_after_feed), with
-    `embedder` for the "hybrid" selector's text index."""
+    `embedder` for the text index of the selectors that read one (config.TEXT_SELECTORS)."""
     device = next(llm.model.parameters()).device
     results = []
     for length in lengths:

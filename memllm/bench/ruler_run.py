@@ -3,11 +3,11 @@ system, score, and report per family and system with the selection diagnostics (
 
 Systems: "full" (the model's own attention over the same ids, one cache per haystack cropped back
 after each question); "infllm" (each layer's own lookup, the rule the prefill uses); "question" (the
-question's attention alone, context/select.py); "hybrid" (the default selector, select.hybrid: the
+question's attention alone, context/select.py); "hybrid" (select.hybrid: the
 question's attention mass and the cosine of a text index over the units' text, memllm/unit_text.py;
 without an embedder the session's own, the packaged MiniLM); "text" (the text index alone); "oracle" (the question selector with the gold evidence's units read first);
-"lexical" and "lexical_near" (the hybrid with the units holding the question's rare words first, and
-their near-duplicates last: select.lexical_evidence; opt-in selectors, measured offline only).
+"lexical" (the default selector: the hybrid with the units holding the question's rare words first,
+select.lexical_evidence).
 The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
 of each gold unit in the fused score (and in the text index's, `text_rank`). Knows nothing of the CLI.
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from memllm.bench.ruler import Haystack, Question
-from memllm.config import MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_near")
-TEXT_SYSTEMS = ("hybrid", "text", "lexical", "lexical_near")  # systems that need the text index's embedder
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
+TEXT_SYSTEMS = ("hybrid", "text", "lexical")  # systems that need the text index's embedder
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -186,8 +186,8 @@ def run(
         mem = [s for s in systems if s != "full"]
         if not mem:
             continue
-        if embedder is None and set(TEXT_SYSTEMS) & set(mem) and memory.selector != "hybrid":
-            raise ConfigError("the hybrid and text systems need an embedder (the text index over units)")
+        if embedder is None and set(TEXT_SYSTEMS) & set(mem) and memory.selector not in TEXT_SELECTORS:
+            raise ConfigError("the hybrid, text and lexical systems need an embedder (the text index over units)")
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()
         session.feed_ids(hay.ids)
@@ -202,13 +202,18 @@ def run(
     return rows
 
 
+def _system_order(system: str) -> tuple[int, str]:
+    """Systems in SYSTEMS order; others (rows of older runs: "fused", "lexical_near") after them, by name."""
+    return (SYSTEMS.index(system), "") if system in SYSTEMS else (len(SYSTEMS), system)
+
+
 def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (length, family, system): score, questions, and for memllm systems the evidence diagnostics."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["length"], r["family"], r["system"]), []).append(r)
     out = []
-    for (length, family, system), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], SYSTEMS.index(kv[0][2]))):
+    for (length, family, system), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], *_system_order(kv[0][2]))):
         mem = [r for r in rs if not r.get("in_window", True)]
         item = {"length": length, "family": family, "system": system, "questions": len(rs),
                 "score": sum(r["score"] for r in rs), "from_memory": len(mem),

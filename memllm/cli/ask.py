@@ -117,10 +117,10 @@ def ask(
     mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
     selector: str | None = typer.Option(
         None, "--selector", metavar="|".join(SELECTORS),
-        help="Which units a question reads (kv, hybrid modes): hybrid (its attention and a text index over the "
-        "units, see the README), lexical (hybrid, the units holding the question's rare words first), "
-        "lexical_near (also their near-duplicates last), question (its attention alone, no embedder), text "
-        "(the text index alone) or infllm (each layer's own lookup).",
+        help="Which units a question reads (kv, hybrid modes): lexical (the default: the units holding the "
+        "question's rare words first, then hybrid's), hybrid (its attention and a text index over the units, see "
+        "the README), question (its attention alone, no embedder), text (the text index alone) or infllm (each "
+        "layer's own lookup).",
     ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
@@ -199,8 +199,8 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
             raise ConfigError(
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"
             )
-        # the chunk store's embedder, and the units' text index's where the saved memory selects by "hybrid"
-        qa = DocumentQA.load(llm, memory, embedder=common.embedder_for(saved, "hybrid"), max_new_tokens=max_new_tokens)
+        # the chunk store's embedder, and the units' text index's where the saved memory selects by text (the default)
+        qa = DocumentQA.load(llm, memory, embedder=common.embedder_for(saved, "lexical"), max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"

@@ -92,10 +92,11 @@ def ruler(
     ),
     questions: int = typer.Option(8, "--questions", min=1, help="Questions per family and length."),
     systems: str = typer.Option(
-        "full,infllm,hybrid,oracle", "--systems",
+        "full,infllm,lexical,oracle", "--systems",
         help="full (the model's own attention, lengths within its context), infllm (each layer's own "
-        "lookup), question (the question's attention alone), hybrid (the default selector: the question's "
-        "attention and a text index over the units), text (the text index alone), oracle (gold units read first).",
+        "lookup), question (the question's attention alone), hybrid (the question's attention and a text index "
+        "over the units), lexical (the default selector: hybrid with the units holding the question's rare words "
+        "first), text (the text index alone), oracle (gold units read first).",
     ),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

@@ -193,12 +193,11 @@ def evidence_then_attention(
     return choose(mass, k, neighbours, first=lead)
 
 
-# The lexical tier (selectors "lexical", "lexical_near"): the units whose rare-word score
-# (memllm/unit_lexical.py) is within LEXICAL_MARGIN (a share of the best) of the best; near-duplicates
-# ("lexical_near"): units at least LEXICAL_NEAR of the best that hold no rare word the tier lacks. Chosen by
-# offline replays only (benchmarks/RESULTS.md, "A lexical signal, replayed offline"); no GPU answers yet.
+# The lexical tier (selector "lexical", the default): the units whose rare-word score (memllm/unit_lexical.py)
+# is within LEXICAL_MARGIN (a share of the best) of the best. Chosen by offline replays, kept by answers on the
+# GPU (benchmarks/RESULTS.md, "The lexical selector in answers"); ranking the tier's near-duplicates last
+# (an opt-in "lexical_near") answered no better (110.8 vs 111.0 at 32K) and was removed.
 LEXICAL_MARGIN = 0.1
-LEXICAL_NEAR = 0.25
 
 
 def lexical_tier(lexical: torch.Tensor, cap: int, margin: float = LEXICAL_MARGIN) -> list[int]:
@@ -213,20 +212,6 @@ def lexical_tier(lexical: torch.Tensor, cap: int, margin: float = LEXICAL_MARGIN
     return [] if len(tier) > cap else sorted(tier, key=lambda u: (-float(s[u]), u))
 
 
-def near_duplicates(
-    lexical: torch.Tensor, held: torch.Tensor, tier: Sequence[int], share: float
-) -> torch.Tensor:
-    """(n_units,) bool on the CPU: units whose lexical score is at least `share` of the best and whose words
-    (held: (n_units, words) bool) the tier's units all hold already: sentences of the evidence's shape
-    about something else, which add no word of the question."""
-    s = lexical.detach().float().cpu()
-    h = held.cpu()
-    if not tier or h.shape[1] == 0:
-        return torch.zeros(s.numel(), dtype=torch.bool)
-    covered = h[list(tier)].any(dim=0)
-    return ~(h & ~covered).any(dim=1) & (s >= share * float(s.max()))
-
-
 def lexical_evidence(
     ranked: torch.Tensor,
     mass: torch.Tensor,
@@ -235,15 +220,14 @@ def lexical_evidence(
     k: int,
     neighbours: int = 1,
     first: Sequence[int] = (),
-    near: float | None = None,
     share: float = EVIDENCE_SHARE,
 ) -> torch.Tensor:
     """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
     `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
     the question, that is the evidence and the attention fills the rest (as the oracle's gold units);
-    elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. With
-    `near` (a share of the best lexical score), the tier's near-duplicates outside what was taken are ranked
-    last (`near_duplicates`). Where there is no tier: `evidence_then_attention` itself."""
+    elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. Where
+    there is no tier: `evidence_then_attention` itself. held: (n_units, words) bool, the question's rare words
+    each unit's best window holds."""
     n = mass.numel()
     n_evidence = max(1, min(k, round(k * share)))
     tier = lexical_tier(lexical, n_evidence)
@@ -253,12 +237,6 @@ def lexical_evidence(
     for v in [*tier, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
             lead.append(v)
-    if tier and near is not None:
-        dup = near_duplicates(lexical, held, tier, near)
-        dup[lead] = False
-        dup = dup.to(mass.device)
-        ranked = ranked.masked_fill(dup, float(ranked.min()) - 1)
-        mass = mass.masked_fill(dup, -1.0)
     if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):
         return choose(mass, k, neighbours, first=lead)
     return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)

@@ -265,8 +265,8 @@ _SHARED_LOCK = threading.Lock()
 
 def shared_embedder(device: str = "cpu") -> SentenceTransformerEmbedder:
     """The packaged MiniLM on `device`, one per process and device, loaded on its first `embed`:
-    what a session's text index over its units uses unless it is given an embedder (the "hybrid"
-    selector, the default)."""
+    what a session's text index over its units uses unless it is given an embedder (the selectors
+    of config.TEXT_SELECTORS, the default among them)."""
     with _SHARED_LOCK:
         if device not in _SHARED:
             _SHARED[device] = SentenceTransformerEmbedder(device=device, batch_size=128 if device != "cpu" else 64)

@@ -222,7 +222,7 @@ def test_kv_modes_stream_the_dialogue_and_persist(tiny_llm, store, mode):
     assert other.session.cache.seen_tokens == 0
 
 
-@pytest.mark.parametrize("selector", ["hybrid", "lexical", "lexical_near", "question"])
+@pytest.mark.parametrize("selector", ["hybrid", "lexical", "question"])
 def test_the_kv_session_indexes_its_units_with_the_stores_embedder_for_every_text_selector(tiny_llm, store, selector):
     from dataclasses import replace
 

@@ -47,7 +47,7 @@ def tiny_model(
 
 
 def small_memory(**kw: Any) -> MemoryConfig:
-    # selector "question": the tests of the selection machinery; the default ("hybrid", with the
+    # selector "question": the tests of the selection machinery; the default ("lexical", with the
     # packaged MiniLM) has its own tests (test_select.py)
     base = dict(n_init=4, n_local=48, block_size=8, repr_topk=2, topk=3, exc_block_size=8, chunk_size=32,
                 offload_dtype="fp32", selector="question")  # fmt: skip

@@ -1,4 +1,4 @@
-"""The lexical signal (memllm/unit_lexical.py) and the selectors that read it ("lexical", "lexical_near"):
+"""The lexical signal (memllm/unit_lexical.py) and the selector that reads it ("lexical", the default):
 the text index's rare-word scores equal a brute-force scan of the windows, a rollback leaves the same
 index as a fresh one, the selection equals a small reference of the rule, and a session reads the chosen
 units in every layer."""
@@ -94,7 +94,7 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
         assert x.tolist() == y.tolist()
 
 
-def reference(ranked, mass, lexical, held, k, nb, near):
+def reference(ranked, mass, lexical, held, k, nb):
     """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
     holds every rare word, tier_whole with union), the tier's units before their neighbours."""
     n = mass.numel()
@@ -108,23 +108,13 @@ def reference(ranked, mass, lexical, held, k, nb, near):
     for v in tier + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
-    if tier and near is not None:
-        covered = set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier))
-        for u in range(n):
-            mine = set(held[u].nonzero().flatten().tolist())
-            if u not in lead and mine <= covered and lexical[u] >= near * best:
-                ranked = ranked.clone()
-                mass = mass.clone()
-                ranked[u] = float(ranked.min()) - 1
-                mass[u] = -1.0
     if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
         return select.choose(mass, k, nb, first=lead)  # the tier holds every rare word: the attention fills
     return select.evidence_then_attention(ranked, mass, k, nb, first=lead)
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("near", [None, select.LEXICAL_NEAR])
-def test_lexical_evidence_equals_the_reference_rule(seed, near):
+def test_lexical_evidence_equals_the_reference_rule(seed):
     g = torch.Generator().manual_seed(seed)
     n, k = 120, 16
     mass = torch.rand(n, generator=g)
@@ -145,8 +135,8 @@ def test_lexical_evidence_equals_the_reference_rule(seed, near):
     if seed == 11:
         lexical.zero_()  # no word found: today's rule
         held.zero_()
-    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, near=near)
-    want = reference(ranked, mass, lexical, held, k, 1, near)
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
+    want = reference(ranked, mass, lexical, held, k, 1)
     assert torch.equal(got, want)
     assert got.numel() == k
     if seed != 11:  # every unit holding all the words is read
@@ -184,9 +174,8 @@ def test_no_tier_when_too_many_units_hold_the_words():
     assert select.lexical_tier(lexical, cap=12) == [2, 1, 4]
 
 
-@pytest.mark.parametrize("selector", ["lexical", "lexical_near"])
-def test_lexical_selectors_read_the_needle_in_every_layer(selector):
-    MemoryConfig(selector=selector)  # a selector the config accepts
+def test_the_lexical_selector_reads_the_needle_in_every_layer():
+    selector = MemoryConfig().selector  # the default
     s = text_session(topk=6)
     s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
     cfg = s.config

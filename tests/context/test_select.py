@@ -303,17 +303,17 @@ def test_text_selector_reads_the_unit_whose_text_matches_in_every_layer():
     assert a[2]["units"] == b[2]["units"] and a[2]["text_score"] is None
 
 
-def test_the_default_selector_is_hybrid_with_the_shared_packaged_embedder(monkeypatch):
-    """MemoryConfig() selects by "hybrid": a Session keeps a text index with the process's packaged
+def test_the_default_selector_is_lexical_with_the_shared_packaged_embedder(monkeypatch):
+    """MemoryConfig() selects by "lexical" (a text selector): a Session keeps a text index with the process's packaged
     MiniLM (not loaded until a question needs it); "question" keeps none; an embedder given is used."""
     from memllm.memory_stores import embeddings
     from memllm.memory_stores.embeddings import FakeEmbedder, SentenceTransformerEmbedder, shared_embedder
 
     monkeypatch.setattr(embeddings, "_SHARED", {})  # this process's, as if no session had asked yet
 
-    assert MemoryConfig().selector == "hybrid"
+    assert MemoryConfig().selector == "lexical"
     llm = FakeLLM(tiny_model("llama"), CharTokenizer())
-    a, b = Session(llm, small_memory(selector="hybrid")), Session(llm, small_memory(selector="hybrid"))
+    a, b = Session(llm, small_memory(selector="lexical")), Session(llm, small_memory(selector="hybrid"))
     assert isinstance(a.text_index.embedder, SentenceTransformerEmbedder)
     assert a.text_index.embedder is b.text_index.embedder is shared_embedder("cpu")
     assert a.text_index.embedder._model is None  # nothing loaded by reading

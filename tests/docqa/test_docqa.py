@@ -284,7 +284,7 @@ def test_text_memory_without_its_chunk_store_is_refused(tiny_llm, tmp_path):
     )
 
 
-@pytest.mark.parametrize("selector", ["hybrid", "lexical", "lexical_near"])
+@pytest.mark.parametrize("selector", ["hybrid", "lexical"])
 def test_kv_with_a_text_selector_reads_a_text_index_over_the_units(tiny_llm, selector):
     from dataclasses import replace
 
