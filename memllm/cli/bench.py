@@ -9,6 +9,7 @@ import typer
 
 from memllm import models
 from memllm.cli.common import fail_on_error, load_llm, status_printer
+from memllm.config import SELECTORS
 from memllm.errors import ConfigError
 
 bench_app = typer.Typer(help="Benchmarks: passkey retrieval, long-document QA.", no_args_is_help=True)
@@ -38,6 +39,11 @@ def passkey(
         "--full-attention-baseline",
         help="Also run plain full attention (lengths within the trained context).",
     ),
+    selector: str | None = typer.Option(
+        None, "--selector", metavar="|".join(SELECTORS),
+        help="Ask the question after the read as `ask` does, through this selector (every layer reads the units "
+        "it chooses; the default lexical among them); without it the prompt is read and answered in one stream.",
+    ),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Passkey retrieval: accuracy per length, prefill tokens/s, decode ms/token, peak GPU and host memory."""
@@ -48,14 +54,17 @@ def passkey(
         wanted = [parse_length(x) for x in lengths.split(",") if x.strip()]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    memory = MemoryConfig(n_local=n_local, topk=topk, offload_dtype=offload_dtype)
+    if selector is not None and selector not in SELECTORS:
+        raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
+    memory = MemoryConfig(n_local=n_local, topk=topk, offload_dtype=offload_dtype, selector=selector or "lexical")
     llm = load_llm(model, device, dtype)
     say = status_printer()
     results = []
     if full_attention_baseline:
         fits = [n for n in wanted if n <= llm.trained_len]
         results += run_passkey(llm, fits, depths, system="full", progress=say)
-    results += run_passkey(llm, wanted, depths, memory=memory, system="memllm", progress=say)
+    system = "memllm" if selector is None else f"ask:{selector}"
+    results += run_passkey(llm, wanted, depths, memory=memory, system=system, progress=say, selector=selector)
     summaries = [r.summary() for r in results]
     if as_json:
         payload = {"model": model, "device": str(llm.device), "dtype": str(llm.dtype), "results": summaries}

@@ -44,3 +44,19 @@ def test_bad_length_is_a_config_error(monkeypatch):
     monkeypatch.setattr(bench_cli, "load_llm", lambda *a, **k: None)
     result = invoke(["passkey", "--lengths", "lots"])
     assert result.exit_code == 2
+
+
+def test_passkey_asked_through_a_selector(monkeypatch):
+    """--selector: the haystack read, then the question asked as `ask` asks it (rows named ask:SELECTOR)."""
+    llm = FakeLLM(tiny_model("llama", trained=8192), CharTokenizer())
+    monkeypatch.setattr(bench_cli, "load_llm", lambda model, device, dtype=None: llm)
+    result = invoke(["passkey", "--lengths", "700", "--depths", "2", "--topk", "4", "--selector", "question", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["system"], r["length"], r["trials"]) for r in payload["results"]] == [("ask:question", 700, 2)]
+
+
+def test_unknown_selector_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(bench_cli, "load_llm", lambda *a, **k: None)
+    result = invoke(["passkey", "--selector", "best"])
+    assert result.exit_code == 2 and "--selector must be one of" in result.output
