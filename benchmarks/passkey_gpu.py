@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
     ap.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--selector", default=None, help="also ask after the read through this selector (question, hybrid)")
+    ap.add_argument("--selector", default=None, help="also ask after the read through this selector (config.SELECTORS)")
     ap.add_argument("--selector-lengths", default=None, help="lengths for --selector (default: --lengths)")
     ap.add_argument("--embedder", default=None, help="sentence-transformers dir for a --selector that reads the text index (hybrid, lexical)")
     ap.add_argument("--weights-cache", default=None, help="a folder: the loaded model saved there, loaded from there")

@@ -59,8 +59,9 @@ class Session:
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
         # embedder (a memllm Embedder): a text index over the units' text, which the selectors of
-        # config.TEXT_SELECTORS read (the default "lexical" among them); without one, the packaged MiniLM shared by the process (loaded when a
-        # question first needs the index); other selectors keep no index unless given an embedder
+        # config.TEXT_SELECTORS read (the default "lexical" among them); without one, the packaged
+        # MiniLM shared by the process (loaded when a question first needs the index); other
+        # selectors keep no index unless given an embedder
         if embedder is None and self.config.selector in TEXT_SELECTORS:
             from memllm.memory_stores.embeddings import shared_embedder
 

@@ -19,7 +19,7 @@ import typer
 
 from memllm import models
 from memllm.cli import common
-from memllm.config import SELECTORS
+from memllm.config import SELECTORS, MemoryConfig
 from memllm.errors import ConfigError, InputError
 
 EXCERPT = 60
@@ -148,9 +148,8 @@ def ask(
     questions = read_questions(question, questions_file)
     if mode is not None and mode not in MODES[:3]:
         raise ConfigError(f"--mode must be kv, text or hybrid, got {mode!r}")
+    common.check_selector(selector)
     if selector is not None:
-        if selector not in SELECTORS:
-            raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
         if memory is not None:
             raise ConfigError("--selector applies when documents are read: a saved --memory keeps its own")
         if mode == "text":
@@ -200,7 +199,8 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
                 f"the memory at {memory} was saved in mode {saved}: drop --mode or use --mode {saved}"
             )
         # the chunk store's embedder, and the units' text index's where the saved memory selects by text (the default)
-        qa = DocumentQA.load(llm, memory, embedder=common.embedder_for(saved, "lexical"), max_new_tokens=max_new_tokens)
+        embedder = common.embedder_for(saved, MemoryConfig.selector)
+        qa = DocumentQA.load(llm, memory, embedder=embedder, max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"

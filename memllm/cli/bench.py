@@ -8,7 +8,7 @@ import sys
 import typer
 
 from memllm import models
-from memllm.cli.common import fail_on_error, load_llm, status_printer
+from memllm.cli.common import check_selector, fail_on_error, load_llm, status_printer
 from memllm.config import SELECTORS
 from memllm.errors import ConfigError
 
@@ -54,9 +54,9 @@ def passkey(
         wanted = [parse_length(x) for x in lengths.split(",") if x.strip()]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if selector is not None and selector not in SELECTORS:
-        raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
-    memory = MemoryConfig(n_local=n_local, topk=topk, offload_dtype=offload_dtype, selector=selector or "lexical")
+    check_selector(selector)
+    memory = MemoryConfig(n_local=n_local, topk=topk, offload_dtype=offload_dtype,
+                          selector=selector or MemoryConfig.selector)  # fmt: skip
     llm = load_llm(model, device, dtype)
     say = status_printer()
     results = []

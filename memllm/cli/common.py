@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from memllm.errors import MemllmError, is_disk_failure, write_error
+from memllm.errors import ConfigError, MemllmError, is_disk_failure, write_error
 
 MAX_NEW_TOKENS = 1 << 20  # CLI bounds; the model's own context is checked where it is known
 MAX_BUDGET_TOKENS = 1 << 24
@@ -65,6 +65,14 @@ def load_embedder() -> Any:
     from memllm.memory_stores.embeddings import shared_embedder
 
     return shared_embedder()
+
+
+def check_selector(selector: str | None) -> None:
+    """--selector (ask, bench passkey): one of config.SELECTORS, or not given."""
+    from memllm.config import SELECTORS
+
+    if selector is not None and selector not in SELECTORS:
+        raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
 
 
 def embedder_for(mode: str, selector: str | None = None) -> Any:
