@@ -230,6 +230,31 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def gap(rows: Sequence[dict[str, Any]], system: str, reference: str = "oracle") -> list[dict[str, Any]]:
+    """Per (length, family): the questions `reference` answers (score > 0) and `system` does not, split by
+    whether `system` read every gold unit in every layer (`read`: the other units read with them, or the
+    model; `not_read`: the selection), and those `system` answers and `reference` does not (`only_system`).
+    Questions are matched by id; a question either system lacks is skipped."""
+    by: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r["system"] in (system, reference):
+            by.setdefault((r["length"], r["family"], r["id"]), {})[r["system"]] = r
+    out: dict[tuple, dict[str, Any]] = {}
+    for (length, family, _), pair in sorted(by.items(), key=lambda kv: kv[0]):
+        if len(pair) < 2:
+            continue
+        item = out.setdefault((length, family), {"length": length, "family": family, "system": system,
+                                                 "reference": reference, "questions": 0, "read": 0,
+                                                 "not_read": 0, "only_system": 0})  # fmt: skip
+        sys_row, ref_row = pair[system], pair[reference]
+        item["questions"] += 1
+        if ref_row["score"] > 0 and not sys_row["score"] > 0:
+            item["read" if sys_row.get("all_layers_read", True) else "not_read"] += 1
+        elif sys_row["score"] > 0 and not ref_row["score"] > 0:
+            item["only_system"] += 1
+    return list(out.values())
+
+
 def table(items: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'length':>8} {'family':11} {'system':9} {'score':>12} {'from memory':>14} {'all layers read':>16} {'mean layer recall':>18}"]
     for it in items:

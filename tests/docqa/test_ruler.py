@@ -57,6 +57,24 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm):
     assert "all layers read" in ruler_run.table(items)
 
 
+def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_read():
+    def row(system, qid, score, read, family="squad"):
+        return {"system": system, "family": family, "id": qid, "length": 1000, "score": score,
+                "all_layers_read": read}  # fmt: skip
+
+    rows = [
+        row("oracle", "a", 1.0, True), row("lexical", "a", 0.0, False),  # selection missed the gold
+        row("oracle", "b", 1.0, True), row("lexical", "b", 0.0, True),  # read, still wrong
+        row("oracle", "c", 0.0, True), row("lexical", "c", 0.5, True),  # only lexical
+        row("oracle", "d", 1.0, True), row("lexical", "d", 1.0, True),  # both
+        row("oracle", "e", 1.0, True),  # lexical lacks it: skipped
+        row("hybrid", "a", 1.0, True),  # another system: ignored
+    ]  # fmt: skip
+    (item,) = ruler_run.gap(rows, "lexical")
+    assert item == {"length": 1000, "family": "squad", "system": "lexical", "reference": "oracle",
+                    "questions": 4, "read": 1, "not_read": 1, "only_system": 1}  # fmt: skip
+
+
 def test_cli_refuses_unknown_tasks_and_systems():
     bad = runner.invoke(app, ["ruler", "--families", "niah"])
     assert bad.exit_code == 2
