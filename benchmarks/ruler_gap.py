@@ -3,7 +3,8 @@
 For each (length, family) of the given ruler_gpu.py result files: the questions the reference (default
 the oracle) answers and the system does not, split into those where the system read every gold unit in
 every layer (`read`: the other units read with them, or the model) and those where it did not
-(`not_read`: the selection), and the questions only the system answers.
+(`not_read`: the selection; of those, how many had a gold unit as the text index's best unit), and the
+questions only the system answers.
 
     python benchmarks/ruler_gap.py benchmarks/results/ruler_qwen_run36_512k.json.gz benchmarks/results/ruler_qwen_run36_1m_qa.json.gz --families squad,hotpotqa
 """
@@ -38,9 +39,9 @@ def main() -> None:
     if args.families:
         keep = set(args.families.split(","))
         rows = [r for r in rows if r["family"] in keep]
-    print(f"{'length':>8} {'family':11} {'questions':>9} {'ref only, read':>15} {'ref only, not read':>19} {'system only':>12}")
+    print(f"{'length':>8} {'family':11} {'questions':>9} {'ref only, read':>15} {'ref only, not read':>19} {'of which text best':>18} {'system only':>12}")
     for it in ruler_run.gap(rows, args.system, args.reference):
-        print(f"{it['length']:>8} {it['family']:11} {it['questions']:>9} {it['read']:>15} {it['not_read']:>19} {it['only_system']:>12}")
+        print(f"{it['length']:>8} {it['family']:11} {it['questions']:>9} {it['read']:>15} {it['not_read']:>19} {it['text_best']:>18} {it['only_system']:>12}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,9 @@ def gap(rows: Sequence[dict[str, Any]], system: str, reference: str = "oracle") 
     """Per (length, family): the questions `reference` answers (score > 0) and `system` does not, split by
     whether `system` read every gold unit in every layer (`read`: the other units read with them, or the
     model; `not_read`: the selection), and those `system` answers and `reference` does not (`only_system`).
-    Questions are matched by id; a question either system lacks is skipped."""
+    Of `not_read`, `text_best`: a gold unit was the text index's best unit (`text_rank` 0), so a selection
+    that always reads the text's best would have read it. Questions are matched by id; a question either
+    system lacks is skipped."""
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         if r["system"] in (system, reference):
@@ -245,11 +247,13 @@ def gap(rows: Sequence[dict[str, Any]], system: str, reference: str = "oracle") 
             continue
         item = out.setdefault((length, family), {"length": length, "family": family, "system": system,
                                                  "reference": reference, "questions": 0, "read": 0,
-                                                 "not_read": 0, "only_system": 0})  # fmt: skip
+                                                 "not_read": 0, "text_best": 0, "only_system": 0})  # fmt: skip
         sys_row, ref_row = pair[system], pair[reference]
         item["questions"] += 1
         if ref_row["score"] > 0 and not sys_row["score"] > 0:
-            item["read" if sys_row.get("all_layers_read", True) else "not_read"] += 1
+            read = sys_row.get("all_layers_read", True)
+            item["read" if read else "not_read"] += 1
+            item["text_best"] += not read and 0 in (sys_row.get("text_rank") or [])
         elif sys_row["score"] > 0 and not ref_row["score"] > 0:
             item["only_system"] += 1
     return list(out.values())

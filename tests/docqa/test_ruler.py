@@ -58,12 +58,13 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm):
 
 
 def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_read():
-    def row(system, qid, score, read, family="squad"):
+    def row(system, qid, score, read, family="squad", text_rank=(3, 0)):
         return {"system": system, "family": family, "id": qid, "length": 1000, "score": score,
-                "all_layers_read": read}  # fmt: skip
+                "all_layers_read": read, "text_rank": list(text_rank)}  # fmt: skip
 
     rows = [
-        row("oracle", "a", 1.0, True), row("lexical", "a", 0.0, False),  # selection missed the gold
+        row("oracle", "a", 1.0, True), row("lexical", "a", 0.0, False),  # selection missed the text's best
+        row("oracle", "f", 1.0, True), row("lexical", "f", 0.0, False, text_rank=(5,)),  # ... a gold unit
         row("oracle", "b", 1.0, True), row("lexical", "b", 0.0, True),  # read, still wrong
         row("oracle", "c", 0.0, True), row("lexical", "c", 0.5, True),  # only lexical
         row("oracle", "d", 1.0, True), row("lexical", "d", 1.0, True),  # both
@@ -72,7 +73,7 @@ def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_re
     ]  # fmt: skip
     (item,) = ruler_run.gap(rows, "lexical")
     assert item == {"length": 1000, "family": "squad", "system": "lexical", "reference": "oracle",
-                    "questions": 4, "read": 1, "not_read": 1, "only_system": 1}  # fmt: skip
+                    "questions": 5, "read": 1, "not_read": 2, "text_best": 1, "only_system": 1}  # fmt: skip
 
 
 def test_cli_refuses_unknown_tasks_and_systems():
