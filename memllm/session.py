@@ -274,7 +274,7 @@ class Session:
         if selector in TEXT_SELECTORS and self.text_index is not None:
             question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            if selector == "lexical":
+            if selector in ("lexical", "lexical_text"):
                 lexical = self.text_index.lexical(question, n_units)
         if text is None:
             ranked = score
@@ -283,7 +283,10 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            chosen = select.lexical_evidence(ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold)
+            also = [int(text.argmax())] if selector == "lexical_text" else []
+            chosen = select.lexical_evidence(
+                ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold, also=also
+            )
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:

@@ -27,8 +27,8 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
-TEXT_SYSTEMS = ("hybrid", "text", "lexical")  # systems that need the text index's embedder
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_text")
+TEXT_SYSTEMS = ("hybrid", "text", "lexical", "lexical_text")  # systems that need the text index's embedder
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
