@@ -18,6 +18,7 @@ IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
 SELECTORS = ("question", "hybrid", "text", "infllm", "lexical", "lexical_text")
 TEXT_SELECTORS = ("hybrid", "text", "lexical", "lexical_text")  # those that read the text index
+LEXICAL_SELECTORS = ("lexical", "lexical_text")  # those that also read its rare words (select.lexical_evidence)
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
 
 

@@ -28,7 +28,7 @@ from memllm.errors import ConfigError
 from memllm.session import Session
 
 SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_text")
-TEXT_SYSTEMS = ("hybrid", "text", "lexical", "lexical_text")  # systems that need the text index's embedder
+TEXT_SYSTEMS = TEXT_SELECTORS  # systems that need the text index's embedder: the selectors that read it
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
