@@ -105,8 +105,9 @@ def reference(ranked, mass, lexical, held, k, nb, also=()):
         tier = []
     tier.sort(key=lambda u: -float(lexical[u]))
     lead: list[int] = []
-    extra = [u for u in also if u not in tier]  # "lexical_text": the text index's best after the tier
-    for v in tier + extra + [u + s * j for u in tier + extra for j in range(1, nb + 1) for s in (-1, 1)]:
+    extra = [u for u in also if u not in tier]  # "lexical_text": the text index's best, after the tier's best
+    order = tier[:1] + extra + tier[1:]
+    for v in order + [u + s * j for u in order for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
     if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
@@ -182,7 +183,19 @@ def test_lexical_text_reads_the_text_index_best_unit_where_the_tier_covers_the_w
     assert 44 not in plain.tolist()
     got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, also=[44])
     assert {10, 30, 44} <= set(got.tolist())
-    assert torch.equal(got, select.choose(mass, k, 1, first=[10, 30, 44, 9, 11, 29]))
+    assert torch.equal(got, select.choose(mass, k, 1, first=[10, 44, 30, 9, 11, 43]))
+
+
+def test_lexical_text_reads_the_text_index_best_unit_beside_a_full_tier():
+    n, k = 60, 8  # six evidence slots, six tier units: the text's best still goes second
+    g = torch.Generator().manual_seed(6)
+    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    tier = [5, 12, 20, 33, 41, 50]
+    lexical, held = torch.zeros(n), torch.ones(n, 1, dtype=torch.bool)
+    lexical[tier] = 1.0
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, also=[44])
+    assert 44 in got.tolist()
+    assert torch.equal(got, select.choose(mass, k, 1, first=[5, 44, 12, 20, 33, 41]))
 
 
 def test_no_tier_when_too_many_units_hold_the_words():
