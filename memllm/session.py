@@ -283,10 +283,7 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            also = [int(text.argmax())] if selector == "lexical_text" else []
-            chosen = select.lexical_evidence(
-                ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold, also=also
-            )
+            chosen = select.lexical_evidence(ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold)
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:

@@ -27,7 +27,7 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_text")
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
 TEXT_SYSTEMS = TEXT_SELECTORS  # systems that need the text index's embedder: the selectors that read it
 
 

@@ -221,11 +221,9 @@ def lexical_evidence(
     neighbours: int = 1,
     first: Sequence[int] = (),
     share: float = EVIDENCE_SHARE,
-    also: Sequence[int] = (),
 ) -> torch.Tensor:
-    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's best unit, then `also`
-    (selector "lexical_text": the text index's best unit, second so that a full tier does not crowd it out),
-    then the tier's other units, then their `neighbours` (in that order), up to `share` of k. Where the tier's units together hold every rare word of
+    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
+    `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
     the question, that is the evidence and the attention fills the rest (as the oracle's gold units);
     elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. Where
     there is no tier: `evidence_then_attention` itself. held: (n_units, words) bool, the question's rare words
@@ -235,10 +233,8 @@ def lexical_evidence(
     tier = lexical_tier(lexical, n_evidence)
     lead = list(dict.fromkeys(int(u) for u in first))
     cap = max(n_evidence, len(first))
-    extra = [int(u) for u in also if int(u) not in tier]
-    order = [*tier[:1], *extra, *tier[1:]]
-    around = [u + s * j for u in order for j in range(1, neighbours + 1) for s in (-1, 1)]
-    for v in [*order, *around]:  # every tier unit before any neighbour: a small topk still reads them all
+    around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
+    for v in [*tier, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
             lead.append(v)
     if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):

@@ -94,7 +94,7 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
         assert x.tolist() == y.tolist()
 
 
-def reference(ranked, mass, lexical, held, k, nb, also=()):
+def reference(ranked, mass, lexical, held, k, nb):
     """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
     holds every rare word, tier_whole with union), the tier's units before their neighbours."""
     n = mass.numel()
@@ -105,9 +105,7 @@ def reference(ranked, mass, lexical, held, k, nb, also=()):
         tier = []
     tier.sort(key=lambda u: -float(lexical[u]))
     lead: list[int] = []
-    extra = [u for u in also if u not in tier]  # "lexical_text": the text index's best, after the tier's best
-    order = tier[:1] + extra + tier[1:]
-    for v in order + [u + s * j for u in order for j in range(1, nb + 1) for s in (-1, 1)]:
+    for v in tier + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
     if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
@@ -140,10 +138,6 @@ def test_lexical_evidence_equals_the_reference_rule(seed):
     got = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
     want = reference(ranked, mass, lexical, held, k, 1)
     assert torch.equal(got, want)
-    text_best = int(torch.randint(n, (1,), generator=g))  # "lexical_text": the text index's best, always read
-    with_text = select.lexical_evidence(ranked, mass, lexical, held, k, 1, also=[text_best])
-    assert torch.equal(with_text, reference(ranked, mass, lexical, held, k, 1, also=[text_best]))
-    assert text_best in with_text.tolist()
     assert got.numel() == k
     if seed != 11:  # every unit holding all the words is read
         assert set(full[:n_full]) <= set(got.tolist())
@@ -172,32 +166,6 @@ def test_a_small_topk_reads_every_tier_unit_and_a_covering_tier_leaves_the_fill_
     assert torch.equal(got, want)
 
 
-def test_lexical_text_reads_the_text_index_best_unit_where_the_tier_covers_the_words():
-    n, k = 60, 8
-    g = torch.Generator().manual_seed(5)
-    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
-    lexical, held = torch.zeros(n), torch.ones(n, 2, dtype=torch.bool)
-    lexical[[10, 30]] = 1.0  # a covering tier: the attention fills the rest
-    mass[44] = ranked[44] = -1.0  # the text's best unit, last by attention and fused ranking
-    plain = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
-    assert 44 not in plain.tolist()
-    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, also=[44])
-    assert {10, 30, 44} <= set(got.tolist())
-    assert torch.equal(got, select.choose(mass, k, 1, first=[10, 44, 30, 9, 11, 43]))
-
-
-def test_lexical_text_reads_the_text_index_best_unit_beside_a_full_tier():
-    n, k = 60, 8  # six evidence slots, six tier units: the text's best still goes second
-    g = torch.Generator().manual_seed(6)
-    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
-    tier = [5, 12, 20, 33, 41, 50]
-    lexical, held = torch.zeros(n), torch.ones(n, 1, dtype=torch.bool)
-    lexical[tier] = 1.0
-    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, also=[44])
-    assert 44 in got.tolist()
-    assert torch.equal(got, select.choose(mass, k, 1, first=[5, 44, 12, 20, 33, 41]))
-
-
 def test_no_tier_when_too_many_units_hold_the_words():
     lexical = torch.ones(40)
     assert select.lexical_tier(lexical, cap=12) == []
@@ -219,10 +187,6 @@ def test_the_lexical_selector_reads_the_needle_in_every_layer():
     assert set(gold) & set(sel["units"])
     for _, ids in log:
         assert sorted(set(ids.tolist())) == sel["units"]
-    _, log, with_text = ask_logged(s, question="Where is the zebra violet?", selector="lexical_text")
-    assert int(with_text["text_score"].argmax()) in with_text["units"]
-    for _, ids in log:
-        assert sorted(set(ids.tolist())) == with_text["units"]
     _, _, plain = ask_logged(s, question="Where is the zebra violet?", selector="hybrid")
     assert plain["lexical_score"] is None
 
