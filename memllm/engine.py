@@ -111,10 +111,12 @@ class BatchEngine:
         prompt: str | Sequence[int] | None = None,
         max_new_tokens: int = 32,
         stop: set[int] | None = None,
+        query: str | None = None,
     ) -> Request:
         """Queue `session` for up to max_new_tokens greedy tokens after `prompt` (queued: the next
         step feeds it, with the other queued prompts; with the "question" selector its units are
-        chosen now, as Session.generate_ids does). Without a prompt the session continues its stream."""
+        chosen now, as Session.generate_ids does; `query`: the user's question alone, as there).
+        Without a prompt the session continues its stream."""
         from memllm.session import _stop_ids
 
         if session.llm.model is not self.llm.model:
@@ -140,7 +142,7 @@ class BatchEngine:
             session.check_room(
                 len(ids) + max_new_tokens, call_tokens=min(len(ids), session.config.chunk_size)
             )
-            forced = session.select_prompt(ids)  # a probe of the prompt, alone (fed and rolled back)
+            forced = session.select_prompt(ids, query=query)  # a probe of the prompt, alone (fed and rolled back)
         else:
             session.check_room(max_new_tokens, call_tokens=1)
         req = Request(session, max_new_tokens, _stop_ids(session.llm) if stop is None else set(stop),

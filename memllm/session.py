@@ -202,6 +202,7 @@ class Session:
         oracle_spans: Sequence[tuple[int, int]] | None = None,
         selector: str | None = None,
         guard: RepetitionGuard | None = None,
+        query: str | None = None,
     ) -> Iterator[int]:
         """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
 
@@ -209,12 +210,13 @@ class Session:
         are read by every layer for the prompt and the continuation (select_prompt).
         oracle_spans (a diagnostic): token spans of the stream whose units are read first; selector:
         this call's instead of the config's ("question" or "infllm"); guard (memllm.generation.RepetitionGuard)
-        adjusts each step's logits for the tokens generated."""
+        adjusts each step's logits for the tokens generated; query: the user's question alone, which the
+        text index and the rare words match instead of the whole prompt (select_prompt)."""
         stop = _stop_ids(self.llm) if stop is None else stop
         forced = False
         if prompt is not None:
             ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
-            forced = self.select_prompt(ids, oracle_spans, selector)
+            forced = self.select_prompt(ids, oracle_spans, selector, query)
             self.feed_ids(ids)
         try:
             if self.last_logits is None:
@@ -245,11 +247,19 @@ class Session:
         ids: list[int],
         oracle_spans: Sequence[tuple[int, int]] | None = None,
         selector: str | None = None,
+        query: str | None = None,
     ) -> bool:
         """Before `ids` (a question, a chat turn) are fed: with the "question" selector, probe them (fed
         and rolled back, every layer scoring all its units, select.py) and force the chosen units into
         every layer's lookups until `cache.forced.clear()`. Returns whether units were forced; records
-        what was chosen in `last_selection`."""
+        what was chosen in `last_selection`.
+
+        query: the text the text index and the rare words match (the text selectors): the user's question
+        alone, where the prompt also holds instructions, a template or an example (their words would
+        pull the units that hold them: "answer", "question", "documents" are rare in a book); default,
+        or blank, the prompt's own text. The probe's attention always reads the whole prompt."""
+        if query is not None and not isinstance(query, str):
+            raise InputError(f"query must be text (str), got {type(query).__name__}")
         cache, cfg = self.cache, self.config
         self.last_selection = None
         n_units = cache.layers[0].store.n_units
@@ -271,8 +281,9 @@ class Session:
         score = select.fuse(masses)
         text = None  # the text index's cosine of each unit with the question (TEXT_SELECTORS)
         lexical = None  # the rare-word score and words of each unit ("lexical")
+        question = None  # the text they matched
         if selector in TEXT_SELECTORS and self.text_index is not None:
-            question = self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            question = (query or "").strip() or self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
             if selector in LEXICAL_SELECTORS:
                 lexical = self.text_index.lexical(question, n_units)
@@ -298,6 +309,7 @@ class Session:
             "score": score,
             "text_score": text,
             "lexical_score": None if lexical is None else lexical[0],
+            "query": question,
             "per_layer": masses,
         }
         return True
@@ -307,9 +319,12 @@ class Session:
         prompt: str | list[int] | None = None,
         max_new_tokens: int = 32,
         guard: RepetitionGuard | None = None,
+        query: str | None = None,
     ) -> Iterator[str]:
         """Like generate_ids, yielding text pieces (decoded incrementally, so multi-token characters are whole)."""
-        yield from decode_stream(self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens, guard=guard))
+        yield from decode_stream(
+            self.llm.tokenizer, self.generate_ids(prompt, max_new_tokens, guard=guard, query=query)
+        )
 
     @contextmanager
     def answering(self) -> Iterator[None]:
@@ -332,11 +347,14 @@ class Session:
         max_new_tokens: int = 32,
         oracle_spans: Sequence[tuple[int, int]] | None = None,
         selector: str | None = None,
+        query: str | None = None,
     ) -> str:
         """Answer from memory; the question and answer are rolled back out of the memory afterwards.
-        oracle_spans, selector: see generate_ids."""
+        oracle_spans, selector, query: see generate_ids."""
         with self.answering():
-            ids = self.generate_ids(question, max_new_tokens, oracle_spans=oracle_spans, selector=selector)
+            ids = self.generate_ids(
+                question, max_new_tokens, oracle_spans=oracle_spans, selector=selector, query=query
+            )
             return "".join(decode_stream(self.llm.tokenizer, ids)).strip()
 
     # ---- accounting ------------------------------------------------------------------------------

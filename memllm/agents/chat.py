@@ -461,7 +461,8 @@ class ChatAgent:
             self.session.check_room(
                 len(ids) + limit + 8, 2 * self.session.window_bytes(), call_tokens=len(ids)
             )
-            source = self.session.generate(ids, max_new_tokens=limit, guard=guard)
+            # the selection matches the user's words, not the turn's template and recalled facts
+            source = self.session.generate(ids, max_new_tokens=limit, guard=guard, query=text)
         else:  # text mode, or a turn the recalled fact answers (its kv turn is closed all the same)
             turn = []
             opts: dict[str, Any] = (

@@ -516,11 +516,11 @@ class DocumentQA:
         evidence: list[Evidence] = []
         notes: list[str] = []
         if mode == "kv":
-            text, evidence, notes = self._ask_kv(tail, n_new)
+            text, evidence, notes = self._ask_kv(tail, n_new, question)
         elif mode == "hybrid":
             chunks, chunk_text = self._retrieve(question, self.hybrid_tokens)
             text, units, notes = self._ask_kv(
-                PASSAGES_HEADER + chunk_text + tail if chunk_text else tail, n_new
+                PASSAGES_HEADER + chunk_text + tail if chunk_text else tail, n_new, question
             )
             evidence = chunks + units
         elif mode == "text":
@@ -599,7 +599,9 @@ class DocumentQA:
 
         return self._generate(body + tail_ids, DynamicCache(config=self.llm.model.config), n_new), notes
 
-    def _ask_kv(self, prompt: str, n_new: int) -> tuple[str, list[Evidence], list[str]]:
+    def _ask_kv(self, prompt: str, n_new: int, question: str) -> tuple[str, list[Evidence], list[str]]:
+        """The answer after `prompt` from the memory's units; the selection matches `question` (the user's
+        words), not the prompt's instructions and example."""
         s = self.session
         tok = self.llm.tokenizer
         stops = set(self.llm.stop_ids())
@@ -607,7 +609,7 @@ class DocumentQA:
         out: list[int] = []
         recorder = _LookupRecorder(s.cache)
         with s.answering(), recorder:
-            for t in s.generate_ids(prompt, n_new, stop=stops):
+            for t in s.generate_ids(prompt, n_new, stop=stops, query=question):
                 out.append(t)
                 if t in nl and tok.decode(out, skip_special_tokens=True).strip():
                     break

@@ -105,6 +105,9 @@ class Question:
     spans: list[tuple[int, int]]  # token spans [start, end) of the evidence in the haystack's ids
     depth: float  # where the (first) evidence sits, 0..1
     max_new_tokens: int = 32
+    # the question alone, as a user asks it (no instructions, no answer prefix): what memllm's selection
+    # matches (Session.generate_ids(query=...)), as docqa and chat pass the user's words; "" = the prompt
+    query: str = ""
 
     def score(self, prediction: str) -> float:
         if self.match == "all":
@@ -220,6 +223,7 @@ class _Planned:
     answers: list[str]
     match: str
     max_new_tokens: int
+    query: str  # the question sentence alone (Question.query)
 
 
 def _answer_tokens(kind: str, n: int) -> int:
@@ -241,25 +245,28 @@ def _plan_needles(family: str, n: int, rng: random.Random, vals: _Values) -> lis
                     ph.needle.format(what=kind, key=vals.key(near=key), value=vals.value(kind))
                     for _ in range(DISTRACTORS)
                 ]
-            q = f"\n\n{ph.question.format(what=kind, key=key)} {ph.prefix.format(what=kind, key=key)}"
-            out.append(_Planned(family, needles, [0], q, [value], "all", _answer_tokens(kind, 1)))
+            ask = ph.question.format(what=kind, key=key)
+            q = f"\n\n{ask} {ph.prefix.format(what=kind, key=key)}"
+            out.append(_Planned(family, needles, [0], q, [value], "all", _answer_tokens(kind, 1), ask))
         elif family == "multivalue":
             values = [vals.value(kind) for _ in range(VALUES_PER_KEY)]
             needles = [ph.needle.format(what=kind, key=key, value=v) for v in values]
-            q = f"\n\n{ph.question_many.format(what=kind, key=key)} {ph.prefix_many.format(what=kind, key=key)}"
+            ask = ph.question_many.format(what=kind, key=key)
+            q = f"\n\n{ask} {ph.prefix_many.format(what=kind, key=key)}"
             out.append(
                 _Planned(family, needles, list(range(len(needles))), q, values, "all",
-                         _answer_tokens(kind, VALUES_PER_KEY))
+                         _answer_tokens(kind, VALUES_PER_KEY), ask)
             )  # fmt: skip
         else:  # multiquery
             keys = [key] + [vals.key() for _ in range(KEYS_PER_QUERY - 1)]
             values = [vals.value(kind) for _ in keys]
             needles = [ph.needle.format(what=kind, key=k, value=v) for k, v in zip(keys, values, strict=True)]
             joined = " and ".join(keys)
-            q = f"\n\n{ph.question_many.format(what=kind, key=joined)} {ph.prefix_many.format(what=kind, key=joined)}"
+            ask = ph.question_many.format(what=kind, key=joined)
+            q = f"\n\n{ask} {ph.prefix_many.format(what=kind, key=joined)}"
             out.append(
                 _Planned(family, needles, list(range(len(needles))), q, values, "all",
-                         _answer_tokens(kind, KEYS_PER_QUERY))
+                         _answer_tokens(kind, KEYS_PER_QUERY), ask)
             )  # fmt: skip
     return out
 
@@ -326,7 +333,7 @@ def needle_haystack(
         depth = min(s for s, _ in gold) / max(1, len(ids))
         questions.append(
             Question(p.family, f"{p.family}-{length}-{seed}-{qi}", p.prompt, p.answers, p.match, gold,
-                     round(depth, 4), p.max_new_tokens)
+                     round(depth, 4), p.max_new_tokens, p.query)
         )  # fmt: skip
     return Haystack("needles", length, seed, ids, questions)
 
@@ -383,7 +390,7 @@ def qa_haystack(tokenizer: Any, length: int, chosen: Sequence[qa_data.QACase], s
         ev = sorted(spans[t] for t in tags)
         questions.append(
             Question(c.dataset, f"{c.dataset}-{length}-{seed}-{c.id}", QA_PROMPT.format(question=c.question),
-                     list(c.answers), "any", ev, round(ev[0][0] / max(1, len(ids)), 4), 24)
+                     list(c.answers), "any", ev, round(ev[0][0] / max(1, len(ids)), 4), 24, c.question)
         )  # fmt: skip
     return Haystack("qa", length, seed, ids, questions)
 

@@ -78,7 +78,9 @@ def ask_memllm(
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
     with session.answering(), session.cache.record_lookups() as log:
-        gen = session.generate_ids(ids, q.max_new_tokens, stop=stops, oracle_spans=oracle, selector=selector)
+        gen = session.generate_ids(
+            ids, q.max_new_tokens, stop=stops, oracle_spans=oracle, selector=selector, query=q.query or None
+        )
         out = _until_line(gen, tok, newlines)
         gen.close()
         recall = select.recall_by_layer(log, gold, len(session.cache.layers))

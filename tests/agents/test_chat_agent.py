@@ -236,6 +236,24 @@ def test_the_kv_session_indexes_its_units_with_the_stores_embedder_for_every_tex
     agent.close()
 
 
+def test_the_kv_selection_matches_the_users_words_not_the_turns_template(tiny_llm, store):
+    from dataclasses import replace
+
+    agent = ChatAgent(tiny_llm, store, user="kim", memory="kv", max_new_tokens=2, summarize=False,
+                      context_memory=replace(tiny_context(), selector="lexical"))  # fmt: skip
+    queries = []
+    select_prompt = agent.session.select_prompt
+
+    def spy(ids, oracle_spans=None, selector=None, query=None):
+        queries.append(query)
+        return select_prompt(ids, oracle_spans, selector, query)
+
+    agent.session.select_prompt = spy
+    agent.chat("  where is the red box  ")
+    assert queries == ["where is the red box"]
+    agent.close()
+
+
 def test_kv_segment_renders_system_once(tiny_llm, store):
     # No system prompt given: the template's own (this tiny one writes none) and nothing else.
     agent = kv_agent(tiny_llm, store, "sam", "kv", max_new_tokens=2)
@@ -265,7 +283,7 @@ def _answering_with(agent, answer):
     """The session answers `answer` whatever the model would: the turn's tokens and the answer's go
     into the stream as generate() puts them there."""
 
-    def generate(ids, max_new_tokens=32, guard=None):
+    def generate(ids, max_new_tokens=32, guard=None, query=None):
         agent.session.feed_ids(ids)
         agent.session.feed(answer)
         yield answer
@@ -309,7 +327,7 @@ def test_kv_stream_keeps_what_the_user_said_and_the_turn_carries_recalled_facts(
     agent = kv_agent(tiny_llm, store, "ivy", mode, stream_with_facts=True)
     seen = []
 
-    def generate(ids, max_new_tokens=32, guard=None):
+    def generate(ids, max_new_tokens=32, guard=None, query=None):
         seen.append(tiny_llm.tokenizer.decode(ids))
         agent.session.feed_ids(ids)
         agent.session.feed("Noted, 4417.")
@@ -346,7 +364,7 @@ def test_a_turn_that_recalls_a_fact_is_answered_from_the_fact_not_the_stream(
     agent = kv_agent(tiny_llm, store, "uma", mode)
     from_stream, from_prompt = [], []
 
-    def generate(ids, max_new_tokens=32, guard=None):
+    def generate(ids, max_new_tokens=32, guard=None, query=None):
         from_stream.append(tiny_llm.tokenizer.decode(ids))
         agent.session.feed_ids(ids)
         yield "Nice."

@@ -211,6 +211,19 @@ def test_prompts_fed_together_match_session_generate(device: str, impl: str):
     assert reqs[0].session.last_selection is not None  # the long session's prompt chose its units
 
 
+def test_join_hands_the_query_to_the_selection():
+    model = model_on("cpu")
+    s = fed(model, "cpu", 700)
+    queries = []
+    select_prompt = s.select_prompt
+    s.select_prompt = lambda ids, oracle_spans=None, selector=None, query=None: (
+        queries.append(query) or select_prompt(ids, oracle_spans, selector, query)
+    )
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()))
+    engine.join(s, "Say it. qz?", max_new_tokens=1, stop=set(), query="qz?")
+    assert queries == ["qz?"] and s.last_selection is not None
+
+
 def test_fast_and_reference_batch_agree_on_one_call():
     """One batched call over the same states through both paths: the same attention outputs (logits)
     and the same window, scores and unit counts afterwards, every layer."""

@@ -13,7 +13,7 @@ import torch
 
 from memllm.config import MemoryConfig
 from memllm.context import select
-from memllm.errors import ConfigError
+from memllm.errors import ConfigError, InputError
 from memllm.memory_stores.embeddings import FakeEmbedder
 from memllm.unit_lexical import words
 from memllm.unit_text import UnitTextIndex
@@ -189,6 +189,29 @@ def test_the_lexical_selector_reads_the_needle_in_every_layer():
         assert sorted(set(ids.tolist())) == sel["units"]
     _, _, plain = ask_logged(s, question="Where is the zebra violet?", selector="hybrid")
     assert plain["lexical_score"] is None
+
+
+def test_the_selection_matches_the_query_not_the_prompts_instructions():
+    """A prompt's instructions hold words the stream also holds ("qx jw" here; "answer", "documents" in a
+    book): matched with the question they pull their units; with `query` (the user's words, as docqa and
+    chat pass them) the question's own units lead. The probe's attention still reads the whole prompt."""
+    s = text_session(topk=6, selector="lexical")
+    s.feed(PROSE[:200] + " qx jw " + PROSE[:200] + NEEDLE + PROSE[:300])
+    cfg = s.config
+    n_units = s.stats()["units_per_layer"]
+    needle = select.units_of_spans([(407, 407 + len(NEEDLE))], cfg.n_init, cfg.block_size, n_units)
+    prompt, query = "Say qx jw. Where is the zebra?", "Where is the zebra?"
+    _, _, whole = ask_logged(s, question=prompt)
+    assert whole["query"] == prompt and int(whole["lexical_score"].argmax()) not in needle
+    _, log, asked = ask_logged(s, question=prompt, query=query)
+    assert asked["query"] == query and int(asked["lexical_score"].argmax()) in needle
+    assert set(needle) & set(asked["units"])
+    for _, ids in log:
+        assert sorted(set(ids.tolist())) == asked["units"]
+    _, _, blank = ask_logged(s, question=prompt, query="  ")
+    assert blank["query"] == prompt  # a blank query: the prompt's text
+    with pytest.raises(InputError, match="query must be text"):
+        ask_logged(s, question=prompt, query=3)
 
 
 def test_the_words_are_held_compactly_and_counted():

@@ -301,6 +301,7 @@ def test_kv_with_a_text_selector_reads_a_text_index_over_the_units(tiny_llm, sel
     assert sel is not None and sel["text_score"] is not None and index.embedded == index.windows_for(len(sel["text_score"]))
     assert (sel["lexical_score"] is not None) == (selector != "hybrid")
     assert len(sel["units"]) == qa.memory.topk
+    assert sel["query"] == QUESTIONS[0]  # the user's words, not the prompt's instructions and example
     again = qa.ask(QUESTIONS[0])
     after = memory_state(qa)
     assert before[:2] == after[:2] and torch.equal(before[2], after[2]) and first.text == again.text

@@ -32,6 +32,7 @@ def test_haystacks_are_seeded_and_spans_hold_the_evidence(tiny_llm):
             evidence = " ".join(tok.decode(h.ids[s:e]) for s, e in q.spans)
             assert all(v in evidence for v in q.answers)  # every expected value sits in its spans
             assert q.score(" ".join(q.answers)) == 1.0 and q.score("nothing") == 0.0
+            assert q.query and q.query in q.prompt and not q.prompt.rstrip().endswith(q.query)  # no answer prefix
     restored = ruler.Haystack.from_dict(json.loads(json.dumps(a[0].to_dict())))
     assert restored.to_dict() == a[0].to_dict()
 
