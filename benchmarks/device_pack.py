@@ -48,7 +48,6 @@ def write_model(name: str, into: Path) -> str:
 
 def write_embedder(into: Path) -> None:
     """The packaged all-MiniLM-L6-v2 as a sentence-transformers folder, its weights in fp16 (45 MB, not 90)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     target = into / "minilm"
@@ -64,7 +63,6 @@ def write_embedder(into: Path) -> None:
     for bin_file in target.rglob("pytorch_model.bin"):  # the safetensors copy is the one loaded
         if (bin_file.parent / "model.safetensors").exists():
             bin_file.unlink()
-    del torch
 
 
 def main() -> None:

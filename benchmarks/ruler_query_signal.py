@@ -90,6 +90,7 @@ def main() -> None:
                     continue
                 index = UnitTextIndex(embedder, tok, cfg.n_init, cfg.block_size)
                 index.write(0, hay.ids)
+                # units past the window, from the length: a session's cut may hold one fewer (8,157 at 1M)
                 n_units = (len(hay.ids) - cfg.n_init - args.n_local) // cfg.block_size
                 for q in qs:
                     gold = set(select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from memllm import limits, snapshot
-from memllm.config import LEXICAL_SELECTORS, TEXT_SELECTORS, MemoryConfig
+from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.context import prefill, select
 from memllm.context.attach import attach
 from memllm.context.cache import ContextMemoryCache
@@ -285,7 +285,7 @@ class Session:
         if selector in TEXT_SELECTORS and self.text_index is not None:
             question = (query or "").strip() or self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            if selector in LEXICAL_SELECTORS:
+            if selector == "lexical":
                 lexical = self.text_index.lexical(question, n_units)
         if text is None:
             ranked = score
