@@ -114,7 +114,9 @@ class FullAttention:
         from transformers import DynamicCache
 
         if len(ids) + 128 > llm.trained_len:
-            raise ConfigError(f"full attention: {len(ids)} tokens exceed the trained length {llm.trained_len}")
+            raise ConfigError(
+                f"full attention: {len(ids)} tokens exceed the trained length {llm.trained_len}"
+            )
         self.llm = llm
         self.cache = DynamicCache(config=llm.model.config)
         self.n = len(ids)
@@ -189,19 +191,45 @@ def run(
         if not mem:
             continue
         if embedder is None and set(TEXT_SYSTEMS) & set(mem) and memory.selector not in TEXT_SELECTORS:
-            raise ConfigError("the hybrid, text and lexical systems need an embedder (the text index over units)")
+            raise ConfigError(
+                "the hybrid, text and lexical systems need an embedder (the text index over units)"
+            )
         session = Session(llm, memory, embedder=embedder)
         t0 = time.perf_counter()
-        session.feed_ids(hay.ids)
+        session.feed_ids(hay.ids, progress=read_progress(say, tag))
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
-        say(f"{tag}: memllm read in {time.perf_counter() - t0:.1f}s, {session.stats()['units_per_layer']} units/layer")
+        say(
+            f"{tag}: memllm read in {time.perf_counter() - t0:.1f}s, {session.stats()['units_per_layer']} units/layer"
+        )
         for q in hay.questions:
             for system in mem:
                 row = ask_memllm(session, q, system, newlines, stops, log_scores and system == "hybrid")
                 rows.append({**row, "length": hay.length})
         del session
     return rows
+
+
+# A read's progress is told at most once per READ_EVERY_S seconds (a 32K read takes ~8 minutes on a 2-core CPU).
+READ_EVERY_S = 30.0
+
+
+def read_progress(
+    say: Callable[[str], None], tag: str, every_s: float | None = None
+) -> Callable[[int, int], None]:
+    """A feed_ids progress callback that tells `say` the tokens read and the rate, at most once per `every_s`
+    (default READ_EVERY_S)."""
+    every_s = READ_EVERY_S if every_s is None else every_s
+    t0 = last = time.perf_counter()
+
+    def tell(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s and done < total:
+            last = now
+            say(f"{tag}: read {done}/{total} tokens, {done / (now - t0):.0f} tokens/s")
+
+    return tell
 
 
 def _system_order(system: str) -> tuple[int, str]:
@@ -215,7 +243,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         groups.setdefault((r["length"], r["family"], r["system"]), []).append(r)
     out = []
-    for (length, family, system), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], *_system_order(kv[0][2]))):
+    for (length, family, system), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], *_system_order(kv[0][2]))
+    ):
         mem = [r for r in rs if not r.get("in_window", True)]
         item = {"length": length, "family": family, "system": system, "questions": len(rs),
                 "score": sum(r["score"] for r in rs), "from_memory": len(mem),
@@ -223,9 +253,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if mem:
             layers = [r["recall_by_layer"] for r in mem]
             n_layers = len(layers[0])
-            per_layer = [
-                sum(rec[i] or 0.0 for rec in layers) / len(layers) for i in range(n_layers)
-            ]
+            per_layer = [sum(rec[i] or 0.0 for rec in layers) / len(layers) for i in range(n_layers)]
             item["gold_recall_by_layer"] = [round(x, 3) for x in per_layer]
             item["all_layers_read"] = sum(r["all_layers_read"] for r in mem) / len(mem)
         out.append(item)
@@ -262,7 +290,9 @@ def gap(rows: Sequence[dict[str, Any]], system: str, reference: str = "oracle") 
 
 
 def table(items: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'length':>8} {'family':11} {'system':9} {'score':>12} {'from memory':>14} {'all layers read':>16} {'mean layer recall':>18}"]
+    lines = [
+        f"{'length':>8} {'family':11} {'system':9} {'score':>12} {'from memory':>14} {'all layers read':>16} {'mean layer recall':>18}"
+    ]
     for it in items:
         rec = it.get("gold_recall_by_layer")
         mean = f"{sum(rec) / len(rec):.2f}" if rec else "-"

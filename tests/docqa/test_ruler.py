@@ -32,25 +32,32 @@ def test_haystacks_are_seeded_and_spans_hold_the_evidence(tiny_llm):
             evidence = " ".join(tok.decode(h.ids[s:e]) for s, e in q.spans)
             assert all(v in evidence for v in q.answers)  # every expected value sits in its spans
             assert q.score(" ".join(q.answers)) == 1.0 and q.score("nothing") == 0.0
-            assert q.query and q.query in q.prompt and not q.prompt.rstrip().endswith(q.query)  # no answer prefix
+            assert (
+                q.query and q.query in q.prompt and not q.prompt.rstrip().endswith(q.query)
+            )  # no answer prefix
     restored = ruler.Haystack.from_dict(json.loads(json.dumps(a[0].to_dict())))
     assert restored.to_dict() == a[0].to_dict()
 
 
-def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm):
+def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypatch):
     hays = ruler.build_suite(tiny_llm.tokenizer, 1536, ["single", "multikey"], 1, seed=0)
     for q in (q for h in hays for q in h.questions):
         q.max_new_tokens = 3  # random weights: the answers are noise; the diagnostics are what is checked
     # Byte-level tokens: a needle is ~80 tokens, three units of 32; the window fits the 256-token model.
     memory = MemoryConfig(n_init=8, n_local=32, block_size=32, repr_topk=2, topk=5, exc_block_size=16,
                           chunk_size=64, offload_dtype="fp32")  # fmt: skip
-    rows = ruler_run.run(tiny_llm, hays, ["infllm", "question", "oracle"], memory)
+    said: list[str] = []
+    monkeypatch.setattr(ruler_run, "READ_EVERY_S", 0.0)  # every chunk of the read is told
+    rows = ruler_run.run(tiny_llm, hays, ["infllm", "question", "oracle"], memory, progress=said.append)
+    assert any(": read " in m and "tokens/s" in m for m in said)  # a long read shows its progress
     assert len(rows) == 3 * sum(len(h.questions) for h in hays)
     oracle = [r for r in rows if r["system"] == "oracle" and not r["in_window"]]
     assert oracle and all(r["all_layers_read"] for r in oracle)
     assert all(r["recall_by_layer"] == [1.0, 1.0] for r in oracle)
     question = [r for r in rows if r["system"] == "question" and not r["in_window"]]
-    assert all(len(r["chosen"]) == memory.topk and len(r["gold_rank"]) == len(r["gold_units"]) for r in question)
+    assert all(
+        len(r["chosen"]) == memory.topk and len(r["gold_rank"]) == len(r["gold_units"]) for r in question
+    )
     items = ruler_run.summary(rows)
     assert {(i["family"], i["system"]) for i in items} == {
         (f, s) for f in ("single", "multikey") for s in ("infllm", "question", "oracle")
@@ -82,4 +89,7 @@ def test_cli_refuses_unknown_tasks_and_systems():
     assert bad.exit_code == 2
     assert bad.stderr.startswith("error: tasks must be among single, multikey")
     bad = runner.invoke(app, ["ruler", "--systems", "bm25"])
-    assert bad.exit_code == 2 and "systems must be among full, infllm, question, hybrid, text, oracle" in bad.stderr
+    assert (
+        bad.exit_code == 2
+        and "systems must be among full, infllm, question, hybrid, text, oracle" in bad.stderr
+    )
