@@ -12,7 +12,9 @@ its linear layers once for all B rows; per layer, the attention function (attent
     one gather over every session's store, one memory pass, one merge; a fixed number of launches
     per layer whatever the number of sessions, no host synchronisation); the other sessions (inside
     the window, a step that cuts a unit, a re-base) take the reference loop in the same call.
-    Plain PyTorch apart from that gather; tests compare it with the reference on the CPU and CUDA.
+    On CUDA the local pass, memory pass and merge are two Triton launches for every row
+    (cuda/static.stacked_attention_cuda, tested against stacked.stacked_attention), the gather one;
+    elsewhere plain PyTorch. Tests compare the path with the reference on the CPU and CUDA.
 A BatchCache may be called again and again for the same sessions (BatchEngine keeps one while its
 sessions stay): the stacked buffers then carry over, and only rows whose state changed in between
 are copied in again. Host work per call: the rows' plans and one upload of their indexes (layer 0
@@ -134,7 +136,7 @@ class BatchLayer(CacheLayerMixin):
     ) -> torch.Tensor:  # fmt: skip
         """The stacked rows' attention (S, heads, c, d) (stacked.StackedLayer.attend)."""
         if self.stacked is None:
-            self.stacked = StackedLayer(members[0].kernels.stores_gather())
+            self.stacked = StackedLayer(members[0].kernels)
         layers = members if st.rows_dev is None else [members[b] for b in st.rows]
         return self.stacked.attend(layers, st, self.batch.rotary, query, key, value, scale)
 

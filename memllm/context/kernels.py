@@ -174,6 +174,12 @@ class TorchKernels:
 
         return step_attention(*args)
 
+    def stacked_attention(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """stacked.stacked_attention (the stacked rows of a batched decode step)."""
+        from memllm.context.stacked import stacked_attention
+
+        return stacked_attention(*args)
+
     def decode_graph(self, cache: Any) -> Any:
         """No CUDA graphs off the CUDA path."""
         return None
@@ -328,6 +334,12 @@ class CudaKernels(TorchKernels):
 
     def step_attention(self, *args: Any) -> torch.Tensor:
         return self._static.step_attention_cuda(*args)
+
+    def stacked_attention(
+        self, q_loc: torch.Tensor, q_mem: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor,
+        score: torch.Tensor, window: torch.Tensor, hidden: torch.Tensor, *rest: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return self._static.stacked_attention_cuda(q_loc, q_mem, win_k, win_v, score, window, *rest)
 
     def decode_graph(self, cache: Any) -> Any:
         """The DecodeGraph single tokens and static calls go through (cuda/graph.py)."""

@@ -20,6 +20,9 @@ change of the rows' state, not per layer and step:
     launch over the stores' joined segment tables, kept while the stores' segments are unchanged);
     with the device unit cache on, each row through its store's cache (unit_cache.py: one planning
     over the rows' stacked slot tables, then the same one launch, hits read from the pools).
+  * the local pass, memory pass and merge of every row are `stacked_attention` (PyTorch, the reference)
+    or, on CUDA, cuda/static.stacked_attention_cuda (two Triton launches, the window buffers read in the
+    model dtype: no fp32 copy of them; the same contract, tested against it).
 Per layer the device work is a fixed number of launches whatever S, no host synchronisation; the host
 work per row and layer is a few identity checks and attribute updates. Each layer's state after a
 call is what ContextMemoryLayer.attend would have left (tests/context/test_batch.py).
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
+from memllm.context.kernels import TorchKernels
 from memllm.context.lookup import combine, mask_later, select_units, unit_scores
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
@@ -159,11 +163,50 @@ def _assemble(
     return new
 
 
+def stacked_attention(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    hidden: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of each stacked row: q_loc / q_mem (S, kv_heads, g, d) fp32 at the window position and
+    at the memory distance; win_k / win_v (kv_heads, S, cap, d) the window buffers (row s's keys
+    [0, window[s]] visible: hidden (S, cap) bool is the rest); score (kv_heads, S, cap) fp32 the keys'
+    received attention so far; sinks (S, kv_heads, n_init, d), unit_k / unit_v (S, kv_heads, topk *
+    block_size, d) the gathered units (all visible). Returns the merged attention (S, kv_heads, g, d)
+    fp32 and the received scores with this token's added, a NEW tensor (kv_heads, S, cap): score is
+    not written (views of it may be held). The reference; cuda/static.stacked_attention_cuda is the
+    same contract in two launches (it reads `window`, this `hidden`)."""
+    q_h = q_loc.transpose(0, 1)  # (kvh, S, g, d)
+    logits = torch.matmul(q_h, win_k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
+    logits = logits.masked_fill(hidden[None, :, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
+    p = torch.exp(logits - lse)
+    out = torch.matmul(p, win_v.float())  # (kvh, S, g, d)
+    received = p.sum(dim=2) + score  # (kvh, S, cap): what each window key received, in all
+    k_mem = torch.cat([sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
+    v_mem = torch.cat([sink_v, unit_v], dim=2).float()
+    logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
+    lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
+    out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
+    merged = merge(out.transpose(0, 1), lse.squeeze(-1).transpose(0, 1), out_m, lse_m.squeeze(-1))
+    return merged, received
+
+
 class StackedLayer:
     """One layer's stacked rows across the calls of a BatchCache (see the module note)."""
 
-    def __init__(self, gather: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
-        self.gather = gather  # kernels.stores_gather(): (stores, ids, dtype) -> unit K, V
+    def __init__(self, kernels: TorchKernels):
+        self.gather = kernels.stores_gather()  # (stores, ids, dtype) -> unit K, V
+        self.attention = kernels.stacked_attention  # stacked_attention, or its CUDA kernels
         self.layers: list[ContextMemoryLayer] = []  # the rows' layers the buffers were made for
         self.k: torch.Tensor | None = None  # (kv_heads, S, capacity, head_dim) model dtype
         self.v: torch.Tensor | None = None
@@ -275,19 +318,11 @@ class StackedLayer:
         k_new = rot.apply(k, cos_l, sin_l).to(dtype)  # (S, kv_heads, d)
         self.prepare(layers, st)
 
-        # Local pass: each row over its window keys [0, W_b] (its new key written at W_b), the
-        # buffers' other keys masked. Layout (kv_heads, S, ...): the buffers' own.
+        # Each row's new key written at W_b of its window (layout (kv_heads, S, ...): the buffers' own).
         cap = self.k.shape[2]
         hidden, slots = st.at_capacity(cap)
         self.k.view(kvh, S * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
         self.v.view(kvh, S * cap, d).index_copy_(1, slots, v.transpose(0, 1))
-        q_h = q_loc.view(S, kvh, g, d).transpose(0, 1)  # (kvh, S, g, d)
-        logits = torch.matmul(q_h, self.k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
-        logits = logits.masked_fill(hidden[None, :, None, :], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
-        p = torch.exp(logits - lse)
-        out = torch.matmul(p, self.v.float())  # (kvh, S, g, d)
-        score = p.sum(dim=2) + self.score  # (kvh, S, cap): what each window key received, in all
 
         # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
         q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
@@ -301,14 +336,13 @@ class StackedLayer:
             for i in st.forced:
                 ids[i] = layers[i].forced.apply(layers[i].layer_idx, ids[i : i + 1])[0]
 
-        # Memory pass: sinks + topk units for every row (the same number of keys).
+        # The local pass (each row over its window keys [0, W_b]), the memory pass (sinks + topk units
+        # for every row: the same number of keys) and their merge: stacked_attention or its kernels.
         unit_k, unit_v = self.gather([lay.store for lay in layers], ids, dtype)
-        k_mem = torch.cat([self.sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
-        v_mem = torch.cat([self.sink_v, unit_v], dim=2).float()
-        logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
-        lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
-        out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
-        merged = merge(out.transpose(0, 1), lse.squeeze(-1).transpose(0, 1), out_m, lse_m.squeeze(-1))
+        merged, score = self.attention(
+            q_loc.view(S, kvh, g, d), q_mem, self.k, self.v, self.score, st.window_idx, hidden,
+            self.sink_k, self.sink_v, unit_k, unit_v, scale,
+        )  # fmt: skip
 
         # Each row's state: views of the buffers (one split each), the counters, the bounds.
         sizes = []

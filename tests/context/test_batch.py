@@ -20,7 +20,7 @@ from memllm.context.batch import BatchCache
 from memllm.engine import BatchEngine, owns
 from memllm.errors import ConfigError, InputError
 from memllm.session import Session
-from tests.context.helpers import CharTokenizer, FakeLLM, rel_err, small_memory, tiny_model
+from tests.context.helpers import CharTokenizer, FakeLLM, kernel_devices, rel_err, small_memory, tiny_model
 
 # Not periodic: repeated units would tie exactly in the lookup, and rounding would break the ties.
 TEXT = "".join(
@@ -476,3 +476,41 @@ def test_cpu_gather_of_several_stores_equals_each_store_alone(dtype_name):
         ref = gather_units(s, ids[i : i + 1], torch.float32, "reference")
         for x, y in zip(got, ref, strict=True):
             torch.testing.assert_close(x[i : i + 1], y, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_attention_kernels_equal_reference(device, dtype):
+    """cuda/static.stacked_attention_cuda (the stacked rows' local pass, memory pass and merge in two
+    launches, a row per session) gives stacked.stacked_attention's output and received scores: rows of
+    different windows (on and off tile edges, the last key of the buffer), the score read and a new one
+    written. On CUDA, and on the CPU under TRITON_INTERPRET=1 (fp32: the interpreter's bf16 dots are off)."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter gets bf16 dots wrong")
+    from memllm.context.cuda.static import stacked_attention_cuda
+    from memllm.context.stacked import stacked_attention
+
+    gen = torch.Generator().manual_seed(11)
+    kvh, g, d, cap, n_sinks, unit_keys = 3, 3, 16, 150, 4, 3 * 8
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen).to(dt).to(device)
+
+    windows = torch.tensor([0, 63, 64, 100, cap - 1], device=device)
+    s = windows.numel()
+    hidden = torch.arange(cap, device=device)[None, :] > windows[:, None]
+    q_loc, q_mem = rand(s, kvh, g, d, dt=torch.float32), rand(s, kvh, g, d, dt=torch.float32)
+    win_k, win_v = rand(kvh, s, cap, d), rand(kvh, s, cap, d)
+    score = rand(kvh, s, cap, dt=torch.float32).abs().masked_fill(hidden[None], 0.0)
+    sinks = rand(s, kvh, n_sinks, d), rand(s, kvh, n_sinks, d)
+    units = rand(s, kvh, unit_keys, d), rand(s, kvh, unit_keys, d)
+    before = score.clone()
+    want, want_score = stacked_attention(
+        q_loc, q_mem, win_k, win_v, score, windows, hidden, *sinks, *units, 0.3
+    )
+    got, got_score = stacked_attention_cuda(q_loc, q_mem, win_k, win_v, score, windows, *sinks, *units, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-5)
+    assert torch.equal(score, before)  # read, not written: views of it may be held

@@ -4,16 +4,19 @@ One query token per head, so the work is small and its cost was in launches and 
 PyTorch path converts the whole window buffer and the gathered units to fp32 and runs batched fp32
 matmuls (torch.profiler on the H100, per layer and token: ~120 us in two gemm kernels alone, plus
 ~25 small launches). Here:
-  * `_partials`: program (key tile, kv head) over one tile of BN keys, either of the window buffer
+  * `_partials`: program (key tile, kv head, row) over one tile of BN keys, either of the window buffer
     (keys [0, W] visible) or of the memory keys (sinks, then the chosen units; the first
     n_sinks + min(units, topk) * block_size visible): the tile's softmax partials (max, sum, weighted
     values) for the group's query heads, padded to 16 rows for tl.dot;
-  * `_finish`: program (window tile, kv head) combines the window partials into the window's
+  * `_finish`: program (window tile, kv head, row) combines the window partials into the window's
     log-sum-exp, recomputes its tile's logits and adds the attention each key received (summed over
     the group's heads) to the score buffer; program (0, kv head) also combines all partials into the
     window and memory outputs and merges them (window.merge's math) into the output.
 Inputs in the model dtype (or fp32), math in fp32 (ieee dot). W and the unit count are device
-scalars, so a CUDA graph replays the launches unchanged. Imported only on CUDA (needs triton).
+scalars, so a CUDA graph replays the launches unchanged. A row is one session: `step_attention_cuda`
+runs one (static.py's step), `stacked_attention_cuda` the stacked rows of a batched step (stacked.py),
+their window buffers head-major (kv_heads, rows, cap, d) as the stacked buffers are, one launch each
+for every row. Imported only on CUDA (needs triton).
 """
 
 from __future__ import annotations
@@ -66,28 +69,34 @@ def _memory_keys(SK, SV, UK, UV, cols, ok, h, n_sinks, n_unit_keys, D: tl.conste
 @triton.jit
 def _partials(
     QL, QM, WK, WV, SK, SV, UK, UV, WIN, UNITS, PM, PL, PACC,
-    cap, n_sinks, n_unit_keys, topk_keys, block_size, scale,
+    cap, n_sinks, n_unit_keys, topk_keys, block_size, scale, S, KVH,
     TW: tl.constexpr, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    ALL_UNITS: tl.constexpr = False,
 ):  # fmt: skip
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    r = tl.program_id(2)  # the row (a session of a stacked batch; 0 alone)
+    hr = r * KVH + h  # (row, head) of the row-major inputs: queries, sinks, units, partials
+    wr = h * S + r  # ... and of the head-major window buffers
     g = tl.arange(0, 16)
     dd = tl.arange(0, D)
     if tile < TW:
-        cols, ok, k = _window_tile(WK, WIN, tile, h, cap, BN, D)
-        s = _logits(QL, k, ok, h, scale, G, D)
-        v = _rows(WV, h * cap + cols, ok, D)
+        cols, ok, k = _window_tile(WK, WIN + r, tile, wr, cap, BN, D)
+        s = _logits(QL, k, ok, hr, scale, G, D)
+        v = _rows(WV, wr * cap + cols, ok, D)
     else:
         cols = (tile - TW) * BN + tl.arange(0, BN)
-        units = tl.load(UNITS)
-        limit = n_sinks + tl.minimum(units * block_size, topk_keys)
+        if ALL_UNITS:  # every gathered key is visible (UNITS is not read)
+            limit = n_sinks + topk_keys
+        else:
+            limit = n_sinks + tl.minimum(tl.load(UNITS + r) * block_size, topk_keys)
         ok = cols < limit
-        k, v = _memory_keys(SK, SV, UK, UV, cols, ok, h, n_sinks, n_unit_keys, D)
-        s = _logits(QM, k, ok, h, scale, G, D)
+        k, v = _memory_keys(SK, SV, UK, UV, cols, ok, hr, n_sinks, n_unit_keys, D)
+        s = _logits(QM, k, ok, hr, scale, G, D)
     m = tl.max(s, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp(s - m_safe[:, None])
-    base = h * T + tile
+    base = hr * T + tile
     tl.store(PM + base * 16 + g, m)
     tl.store(PL + base * 16 + g, tl.sum(p, 1))
     tl.store(PACC + (base * 16 + g[:, None]) * D + dd[None, :], tl.dot(p, v, input_precision="ieee"))
@@ -125,30 +134,33 @@ def _combine(PM, PL, PACC, h, t0, t1, T: tl.constexpr, TP: tl.constexpr, D: tl.c
 
 @triton.jit
 def _finish(
-    QL, WK, WIN, SCORE, PM, PL, PACC, OUT,
-    cap, scale,
+    QL, WK, WIN, SCORE, SCORE_OUT, PM, PL, PACC, OUT,
+    cap, scale, S, KVH,
     TW: tl.constexpr, T: tl.constexpr, TP: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    r = tl.program_id(2)
+    hr = r * KVH + h
+    wr = h * S + r
     g = tl.arange(0, 16)
     # The window's log-sum-exp from its tiles' partials.
-    mx_safe, total = _stats(PM, PL, h, 0, TW, T, TP)
+    mx_safe, total = _stats(PM, PL, hr, 0, TW, T, TP)
     lse_w = mx_safe + tl.log(tl.where(total > 0, total, 1.0))  # padding rows: masked below
-    cols, ok, k = _window_tile(WK, WIN, tile, h, cap, BN, D)
-    s = _logits(QL, k, ok, h, scale, G, D)
+    cols, ok, k = _window_tile(WK, WIN + r, tile, wr, cap, BN, D)
+    s = _logits(QL, k, ok, hr, scale, G, D)
     p = tl.where((g[:, None] < G) & ok[None, :], tl.exp(s - lse_w[:, None]), 0.0)
-    got = tl.load(SCORE + h * cap + cols, mask=cols < cap, other=0.0)
-    tl.store(SCORE + h * cap + cols, got + tl.sum(p, 0), mask=cols < cap)
+    got = tl.load(SCORE + wr * cap + cols, mask=cols < cap, other=0.0)
+    tl.store(SCORE_OUT + wr * cap + cols, got + tl.sum(p, 0), mask=cols < cap)
     if tile == 0:
         dd = tl.arange(0, D)
-        out_w, lse_w = _combine(PM, PL, PACC, h, 0, TW, T, TP, D)
-        out_m, lse_m = _combine(PM, PL, PACC, h, TW, T, T, TP, D)
+        out_w, lse_w = _combine(PM, PL, PACC, hr, 0, TW, T, TP, D)
+        out_m, lse_m = _combine(PM, PL, PACC, hr, TW, T, T, TP, D)
         mm = tl.maximum(lse_w, lse_m)
         wa = tl.exp(lse_w - mm)
         wb = tl.exp(lse_m - mm)
         out = (out_w * wa[:, None] + out_m * wb[:, None]) / (wa + wb)[:, None]
-        tl.store(OUT + (h * G + g[:, None]) * D + dd[None, :], out, mask=g[:, None] < G)
+        tl.store(OUT + (hr * G + g[:, None]) * D + dd[None, :], out, mask=g[:, None] < G)
 
 
 def step_attention_cuda(
@@ -189,14 +201,62 @@ def step_attention_cuda(
     out = torch.empty(kvh, g, d, dtype=torch.float32, device=dev)
     ql, qm = q_loc.contiguous(), q_mem.contiguous()
     wk = win_k.contiguous()
-    _partials[(t, kvh)](
+    _partials[(t, kvh, 1)](
         ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
         unit_v.contiguous(), window, units, pm, pl, pacc,
-        cap, n_sinks, n_unit_keys, topk * block_size, block_size, scale,
+        cap, n_sinks, n_unit_keys, topk * block_size, block_size, scale, 1, kvh,
         TW=tw, T=t, G=g, D=d, BN=BN,
     )  # fmt: skip
-    _finish[(tw, kvh)](
-        ql, wk, window, score, pm, pl, pacc, out, cap, scale,
+    _finish[(tw, kvh, 1)](
+        ql, wk, window, score, score, pm, pl, pacc, out, cap, scale, 1, kvh,
         TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
     )  # fmt: skip
     return out
+
+
+def stacked_attention_cuda(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked rows of a batched decode step (context/stacked.py) in the same two launches, a row per
+    session: q_loc / q_mem (S, kv_heads, g, d); win_k / win_v (kv_heads, S, cap, d) and score
+    (kv_heads, S, cap) fp32, row s's keys [0, window[s]] visible; sinks (S, kv_heads, n_sinks, d);
+    unit_k / unit_v (S, kv_heads, n_unit_keys, d), every key visible (a steady row reads topk units).
+    Returns (S, kv_heads, g, d) fp32 and the received scores (kv_heads, S, cap) fp32 in a NEW tensor
+    (score is read, not written: views of it may be held). stacked.stacked_attention's contract."""
+    n_rows, kvh, g, d = q_loc.shape
+    cap = win_k.shape[2]
+    n_sinks, n_unit_keys = sink_k.shape[2], unit_k.shape[2]
+    if g > GP or score.dtype != torch.float32:
+        raise ValueError("stacked_attention_cuda: at most 16 query heads per kv head; score fp32")
+    if n_sinks < 1:
+        raise ValueError("stacked_attention_cuda needs the sinks (phase 2)")
+    tw = triton.cdiv(cap, BN)
+    t = tw + triton.cdiv(n_sinks + n_unit_keys, BN)
+    dev = q_loc.device
+    pm = torch.empty(n_rows * kvh, t, GP, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(n_rows * kvh, t, GP, d, dtype=torch.float32, device=dev)
+    out = torch.empty(n_rows, kvh, g, d, dtype=torch.float32, device=dev)
+    score_out = torch.empty(kvh, n_rows, cap, dtype=torch.float32, device=dev)
+    ql, qm, wk = q_loc.contiguous(), q_mem.contiguous(), win_k.contiguous()
+    _partials[(t, kvh, n_rows)](
+        ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
+        unit_v.contiguous(), window, window, pm, pl, pacc,
+        cap, n_sinks, n_unit_keys, n_unit_keys, 1, scale, n_rows, kvh,
+        TW=tw, T=t, G=g, D=d, BN=BN, ALL_UNITS=True,
+    )  # fmt: skip
+    _finish[(tw, kvh, n_rows)](
+        ql, wk, window, score.contiguous(), score_out, pm, pl, pacc, out, cap, scale, n_rows, kvh,
+        TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
+    )  # fmt: skip
+    return out, score_out
