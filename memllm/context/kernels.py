@@ -174,6 +174,14 @@ class TorchKernels:
 
         return step_attention(*args)
 
+    def choose_units_stacked(
+        self, q_sum: torch.Tensor, reprs: torch.Tensor, units: torch.Tensor, mode: str, k: int
+    ) -> torch.Tensor:
+        """The stacked rows' lookup (stacked.py): q_sum (S, kv_heads, d), each row's own representatives
+        (S, kv_heads, n, d), units (S,) -> ids (S, 1 or kv_heads, min(k, n)): lookup.choose_units of each
+        row (its PyTorch "fast" selection, no host read, whatever the impl)."""
+        return lookup.choose_units(q_sum, reprs, units, mode, k, "fast")
+
     def stacked_attention(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """stacked.stacked_attention (the stacked rows of a batched decode step)."""
         from memllm.context.stacked import stacked_attention
@@ -334,6 +342,11 @@ class CudaKernels(TorchKernels):
 
     def step_attention(self, *args: Any) -> torch.Tensor:
         return self._static.step_attention_cuda(*args)
+
+    def choose_units_stacked(
+        self, q_sum: torch.Tensor, reprs: torch.Tensor, units: torch.Tensor, mode: str, k: int
+    ) -> torch.Tensor:
+        return self._lookup.choose_units_stacked_cuda(q_sum, reprs, units, mode == "shared", k)
 
     def stacked_attention(
         self, q_loc: torch.Tensor, q_mem: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor,

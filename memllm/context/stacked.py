@@ -22,7 +22,9 @@ change of the rows' state, not per layer and step:
     over the rows' stacked slot tables, then the same one launch, hits read from the pools).
   * the local pass, memory pass and merge of every row are `stacked_attention` (PyTorch, the reference)
     or, on CUDA, cuda/static.stacked_attention_cuda (two Triton launches, the window buffers read in the
-    model dtype: no fp32 copy of them; the same contract, tested against it).
+    model dtype: no fp32 copy of them; the same contract, tested against it); every row's lookup over
+    its own index is lookup.choose_units, on CUDA cuda/lookup.choose_units_stacked_cuda (two or three
+    launches for all rows).
 Per layer the device work is a fixed number of launches whatever S, no host synchronisation; the host
 work per row and layer is a few identity checks and attribute updates. Each layer's state after a
 call is what ContextMemoryLayer.attend would have left (tests/context/test_batch.py).
@@ -40,7 +42,6 @@ import torch
 
 from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
 from memllm.context.kernels import TorchKernels
-from memllm.context.lookup import combine, mask_later, select_units, unit_scores
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
 from memllm.context.prefill import upload
@@ -206,6 +207,7 @@ class StackedLayer:
 
     def __init__(self, kernels: TorchKernels):
         self.gather = kernels.stores_gather()  # (stores, ids, dtype) -> unit K, V
+        self.lookup = kernels.choose_units_stacked  # every row's lookup over its own index
         self.attention = kernels.stacked_attention  # stacked_attention, or its CUDA kernels
         self.layers: list[ContextMemoryLayer] = []  # the rows' layers the buffers were made for
         self.k: torch.Tensor | None = None  # (kv_heads, S, capacity, head_dim) model dtype
@@ -328,9 +330,8 @@ class StackedLayer:
         q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
         q_mem = q_mem.view(S, kvh, g, d)
         q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
-        scores = combine(unit_scores(q_sum, self.reprs), cfg.lookup)  # (S, 1 or kvh, U_max) fp32
-        scores = mask_later(scores, st.units)
-        ids = select_units(scores, cfg.topk).expand(S, kvh, -1)  # (S, kv_heads, topk)
+        ids = self.lookup(q_sum, self.reprs, st.units, cfg.lookup, cfg.topk)  # (S, 1 or kvh, topk)
+        ids = ids.expand(S, kvh, -1)
         if st.forced:  # a row whose session forces units (select.ForcedUnits) reads those
             ids = ids.clone()
             for i in st.forced:

@@ -75,7 +75,9 @@ def test_selection_keys_order_like_floats(device):
     base = torch.tensor([-0.0, 0.0, float("-inf"), -1e-30, 1e-30, -3.5, 3.5, 3.5, float("-inf"), -0.0])
     for _ in range(20):
         scores = base[torch.randint(0, len(base), (4, 40), generator=gen)]
-        scores = torch.where(torch.rand(4, 40, generator=gen) < 0.3, torch.randn(4, 40, generator=gen), scores)
+        scores = torch.where(
+            torch.rand(4, 40, generator=gen) < 0.3, torch.randn(4, 40, generator=gen), scores
+        )
         for k in (1, 5, 16, 40):
             got = select_units(scores.to(device), k)
             assert got.tolist() == select_units_reference(scores, k).tolist()
@@ -152,17 +154,23 @@ def test_choose_units_kernels_equal_pytorch(device, mode, n, blocks):
     for before in (spread, torch.tensor([max(0, n - 3)])):
         scores = mask_later(combine(unit_scores(q_sum, reprs), mode), before.expand(blocks))
         for k in (1, 5, 16, 40):
-            got = choose_units_cuda(q_sum.to(device), reprs.to(device), before.to(device), mode == "shared", k)
+            got = choose_units_cuda(
+                q_sum.to(device), reprs.to(device), before.to(device), mode == "shared", k
+            )
             assert got.cpu().tolist() == select_units(scores, k).tolist()
             if device == "cuda":  # kernels.choose_units takes the kernels on CUDA
-                got = kernels.choose_units(q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast")
+                got = kernels.choose_units(
+                    q_sum.to(device), reprs.to(device), before.to(device), mode, k, "fast"
+                )
                 assert got.cpu().tolist() == select_units(scores, k).tolist()
 
 
 @pytest.mark.gpu
 @pytest.mark.triton
 @pytest.mark.parametrize("device", kernel_devices())
-@pytest.mark.parametrize("shape,units", [((1, 3, 1), 4), ((5, 3, 4), 9), ((7, 3, 16), 40), ((8, 8, 16), 3000)])
+@pytest.mark.parametrize(
+    "shape,units", [((1, 3, 1), 4), ((5, 3, 4), 9), ((7, 3, 16), 40), ((8, 8, 16), 3000)]
+)
 def test_distinct_pairs_kernel_equals_pytorch(device, shape, units):
     """select_cuda.distinct_pairs_cuda: the same keys, count and slots as gather.distinct_pairs."""
     from memllm.context.cuda.lookup import distinct_pairs_cuda
@@ -174,3 +182,35 @@ def test_distinct_pairs_kernel_equals_pytorch(device, shape, units):
     got = distinct_pairs_cuda(ids.to(device))
     for a, b in zip(got, distinct_pairs(ids), strict=True):
         assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
+@pytest.mark.parametrize("n,rows", [(7, 3), (300, 5), (2 * 1024 + 5, 2)])
+def test_stacked_lookup_kernels_equal_each_row_alone(device, mode, n, rows):
+    """cuda/lookup.choose_units_stacked_cuda (the stacked rows of a batched step, each with its own index
+    padded to n and its own unit count) takes for every row the ids choose_units takes for that row alone,
+    ties included (small integers: exact fp32), and so does the PyTorch path (kernels.TorchKernels). Under
+    TRITON_INTERPRET=1 the scoring launch's keys are compared (the interpreter cannot run the top-k
+    launch's loop over a runtime bound: test_choose_units_kernels_equal_pytorch fails there the same way)."""
+    from memllm.context.cuda.lookup import choose_units_stacked_cuda, stacked_unit_keys
+    from memllm.context.kernels import TorchKernels
+    from memllm.context.lookup import selection_keys
+
+    gen = torch.Generator().manual_seed(n + rows)
+    q_sum = torch.randint(-3, 4, (rows, 3, 16), generator=gen).float()
+    reprs = torch.randint(-2, 3, (rows, 3, n, 16), generator=gen).to(torch.bfloat16)
+    units = torch.linspace(max(1, n // 3), n, rows).long()
+    for k in (1, 5, 16):
+        alone = [select_units(mask_later(combine(unit_scores(q_sum[r : r + 1], reprs[r]), mode), units[r : r + 1]), k)[0]
+                 for r in range(rows)]  # fmt: skip
+        want = torch.stack(alone).tolist()
+        assert TorchKernels("fast").choose_units_stacked(q_sum, reprs, units, mode, k).tolist() == want
+        if device == "cuda":
+            got = choose_units_stacked_cuda(q_sum.cuda(), reprs.cuda(), units.cuda(), mode == "shared", k)
+            assert got.cpu().tolist() == want
+    scores = mask_later(combine(unit_scores(q_sum, reprs), mode), units)
+    keys = stacked_unit_keys(q_sum.to(device), reprs.to(device), units.to(device), mode == "shared")
+    assert torch.equal(keys.cpu(), selection_keys(scores))

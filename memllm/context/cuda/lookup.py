@@ -40,16 +40,23 @@ def _selection_key(s, u, visible, real):
     return tl.where(real, key, tl.full(u.shape, -(2**63), tl.int64))
 
 
-@triton.jit(do_not_specialize=["n_units", "stride_h", "stride_u", "ub_stride"])
+@triton.jit(do_not_specialize=["n_units", "stride_h", "stride_u", "ub_stride", "stride_r"])
 def _unit_keys_kernel(
-    QS, R, UB, KEYS, n_units, stride_h, stride_u, ub_stride,
+    QS, R, UB, KEYS, n_units, stride_h, stride_u, ub_stride, stride_r,
     NB: tl.constexpr, NBP: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     BU: tl.constexpr, SHARED: tl.constexpr,
 ):  # fmt: skip
-    """Program (unit tile): the selection keys of units u for every block, written to KEYS (NB, rows,
+    """Program (unit tile, index): the selection keys of units u for every block, written to KEYS (NB, rows,
     n_units). Per head, one product of the blocks' q_sum (NB padded to NBP rows) by the tile's
     representatives R (KVH, >= n_units, D) scores every block at once (fp32, IEEE); q_sum QS
-    (NB, KVH, D) fp32 (D padded to DP >= 16 with zeros); units >= UB[b * ub_stride] hidden from block b."""
+    (NB, KVH, D) fp32 (D padded to DP >= 16 with zeros); units >= UB[b * ub_stride] hidden from block b.
+    Several indexes (the stacked rows of a batch, program_id(1)): index i's representatives at
+    R + i * stride_r, its blocks, bounds and keys after the NB of each index before it."""
+    i = tl.program_id(1)
+    R += i * stride_r
+    QS += i * NB * KVH * D
+    UB += i * NB * ub_stride
+    KEYS += i * NB * (1 if SHARED else KVH) * n_units
     u = tl.program_id(0) * BU + tl.arange(0, BU)
     real = u < n_units
     dd = tl.arange(0, DP)
@@ -62,7 +69,9 @@ def _unit_keys_kernel(
     for h in tl.static_range(KVH):
         r = tl.load(R + h * stride_h + u[:, None] * stride_u + dd[None, :], mask=real[:, None] & d_ok[None, :],
                     other=0.0)  # fmt: skip
-        q = tl.load(QS + (b[:, None] * KVH + h) * D + dd[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            QS + (b[:, None] * KVH + h) * D + dd[None, :], mask=b_ok[:, None] & d_ok[None, :], other=0.0
+        )
         s = tl.dot(q, tl.trans(r.to(tl.float32)), input_precision="ieee")  # (NBP, BU)
         if SHARED:
             total += s
@@ -124,19 +133,64 @@ def choose_units_cuda(
         return ids
     kp = max(16, triton.next_power_of_2(kk))
     keys = torch.empty(nb, rows, n, dtype=torch.int64, device=dev)
-    _unit_keys_kernel[(triton.cdiv(n, UNITS_PER_PROGRAM),)](
+    _unit_keys_kernel[(triton.cdiv(n, UNITS_PER_PROGRAM), 1)](
         q_sum.float().contiguous(), reprs, units_before, keys, n, reprs.stride(0), reprs.stride(1),
-        0 if units_before.numel() == 1 else units_before.stride(0),
+        0 if units_before.numel() == 1 else units_before.stride(0), 0,
         NB=nb, NBP=max(16, triton.next_power_of_2(nb)), KVH=kvh, D=d, DP=max(16, triton.next_power_of_2(d)), BU=UNITS_PER_PROGRAM, SHARED=shared,
         num_warps=4,
     )  # fmt: skip
+    return _best_ids(keys, ids, kp)
+
+
+def _best_ids(keys: torch.Tensor, ids: torch.Tensor, kp: int) -> torch.Tensor:
+    """Selection keys (..., n) -> the best ids[-1] of each row into ids (..., kk), ascending: for long rows
+    the best kp of each SEGMENT_KEYS first, in parallel, then each row's best."""
+    n, kk = keys.shape[-1], ids.shape[-1]
+    n_rows = keys.numel() // n
     cands, n_cands = keys, n
     if n > 2 * SEGMENT_KEYS and kp <= SEGMENT_KEYS:  # the best kp of each segment first, in parallel
         n_seg = triton.cdiv(n, SEGMENT_KEYS)
-        cands, n_cands = torch.empty(nb, rows, n_seg, kp, dtype=torch.int64, device=dev), n_seg * kp
-        _segment_top_kernel[(nb * rows, n_seg)](keys, cands, n, n_seg, KP=kp, SEG=SEGMENT_KEYS, num_warps=4)
-    _final_top_kernel[(nb * rows,)](cands, ids, n_cands, kk, KP=kp, CH=max(kp, 1024), num_warps=4)
+        cands, n_cands = torch.empty(n_rows, n_seg, kp, dtype=torch.int64, device=keys.device), n_seg * kp
+        _segment_top_kernel[(n_rows, n_seg)](keys, cands, n, n_seg, KP=kp, SEG=SEGMENT_KEYS, num_warps=4)
+    _final_top_kernel[(n_rows,)](cands, ids, n_cands, kk, KP=kp, CH=max(kp, 1024), num_warps=4)
     return ids
+
+
+def choose_units_stacked_cuda(
+    q_sum: torch.Tensor, reprs: torch.Tensor, units: torch.Tensor, shared: bool, k: int
+) -> torch.Tensor:
+    """The stacked rows' lookup (context/stacked.py: each row a session with its own index) in the same
+    launches: q_sum (S, kv_heads, d) fp32, one block per row; reprs (S, kv_heads, n, d) each row's
+    representatives padded to n (last dim contiguous); units (S,) long: row s chooses among units
+    < units[s] -> ids (S, 1 if shared else kv_heads, min(k, n)) long, ascending (lookup.choose_units of
+    each row alone)."""
+    n_rows, kvh, d = q_sum.shape
+    n = reprs.shape[2]
+    if reprs.shape[:2] != (n_rows, kvh) or reprs.shape[3] != d or reprs.stride(3) != 1:
+        raise ValueError(f"representatives {tuple(reprs.shape)} do not match q_sum {tuple(q_sum.shape)}")
+    if units.numel() != n_rows:
+        raise ValueError(f"units has {units.numel()} entries for {n_rows} rows")
+    kk = min(k, n)
+    ids = torch.empty(n_rows, 1 if shared else kvh, kk, dtype=torch.int64, device=q_sum.device)
+    if kk == 0 or n_rows == 0:
+        return ids
+    return _best_ids(stacked_unit_keys(q_sum, reprs, units, shared), ids, max(16, triton.next_power_of_2(kk)))
+
+
+def stacked_unit_keys(
+    q_sum: torch.Tensor, reprs: torch.Tensor, units: torch.Tensor, shared: bool
+) -> torch.Tensor:
+    """choose_units_stacked_cuda's scoring launch: (S, 1 or kv_heads, n) int64, lookup.selection_keys of
+    each row's masked scores (mask_later(combine(unit_scores)))."""
+    n_rows, kvh, d = q_sum.shape
+    n = reprs.shape[2]
+    keys = torch.empty(n_rows, 1 if shared else kvh, n, dtype=torch.int64, device=q_sum.device)
+    _unit_keys_kernel[(triton.cdiv(n, UNITS_PER_PROGRAM), n_rows)](
+        q_sum.float().contiguous(), reprs, units, keys, n, reprs.stride(1), reprs.stride(2), units.stride(0),
+        reprs.stride(0), NB=1, NBP=16, KVH=kvh, D=d, DP=max(16, triton.next_power_of_2(d)),
+        BU=UNITS_PER_PROGRAM, SHARED=shared, num_warps=4,
+    )  # fmt: skip
+    return keys
 
 
 @triton.jit(do_not_specialize=["n"])
