@@ -92,6 +92,18 @@ class Rows:
     # and (S,) long: where each row's new key goes in a buffer's (S * capacity) keys
     by_capacity: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    angles: tuple[torch.Tensor, ...] | None = None  # (cos, sin) at the window, then at memory_distance
+
+    def rotations(self, rot: Rotary) -> tuple[torch.Tensor, ...]:
+        """(cos_l, sin_l, cos_m, sin_m), each (S, 1, head_dim) fp32: each row's rotation to its window
+        position and to the memory distance, the same for every layer (gathered once per call)."""
+        if self.angles is None:
+            cos_t, sin_t, _ = rot.tables(self.local_rows.device)
+            rows = torch.stack([self.local_rows, self.memory_rows])  # (2, S)
+            cos, sin = cos_t[rows].unsqueeze(2), sin_t[rows].unsqueeze(2)  # (2, S, 1, d)
+            self.angles = (cos[0], sin[0], cos[1], sin[1])
+        return self.angles
+
     def at_capacity(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, slots) for window buffers of `capacity` keys per row (made once per call)."""
         if capacity not in self.by_capacity:
@@ -306,7 +318,7 @@ class StackedLayer:
         the model dtype for rows st.rows, whose layers advance by one token (window, scores, lookup
         counters and log, bounds)."""
         first = layers[0]
-        cfg, dtype, dev = first.config, first.dtype, query.device
+        cfg, dtype = first.config, first.dtype
         S, (heads, d), kvh = len(layers), (query.shape[1], query.shape[3]), key.shape[1]
         g = heads // kvh
         if st.rows_dev is not None:
@@ -314,8 +326,7 @@ class StackedLayer:
         q = query[:, :, 0].float()  # (S, heads, d)
         k = key[:, :, 0].float()  # (S, kv_heads, d)
         v = value[:, :, 0].to(dtype)  # (S, kv_heads, d)
-        cos_t, sin_t, _ = rot.tables(dev)
-        cos_l, sin_l = cos_t[st.local_rows].unsqueeze(1), sin_t[st.local_rows].unsqueeze(1)  # (S, 1, d)
+        cos_l, sin_l, cos_m, sin_m = st.rotations(rot)  # (S, 1, d) each
         q_loc = rot.apply(q, cos_l, sin_l)  # (S, heads, d) at window positions
         k_new = rot.apply(k, cos_l, sin_l).to(dtype)  # (S, kv_heads, d)
         self.prepare(layers, st)
@@ -327,7 +338,7 @@ class StackedLayer:
         self.v.view(kvh, S * cap, d).index_copy_(1, slots, v.transpose(0, 1))
 
         # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
-        q_mem = rot.apply(q, cos_t[st.memory_rows].unsqueeze(1), sin_t[st.memory_rows].unsqueeze(1))
+        q_mem = rot.apply(q, cos_m, sin_m)
         q_mem = q_mem.view(S, kvh, g, d)
         q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
         ids = self.lookup(q_sum, self.reprs, st.units, cfg.lookup, cfg.topk)  # (S, 1 or kvh, topk)
