@@ -182,6 +182,12 @@ class TorchKernels:
         row (its PyTorch "fast" selection, no host read, whatever the impl)."""
         return lookup.choose_units(q_sum, reprs, units, mode, k, "fast")
 
+    def stacked_inputs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """stacked.stacked_inputs (the stacked rows' rotated queries; their new keys and values written)."""
+        from memllm.context.stacked import stacked_inputs
+
+        return stacked_inputs(*args)
+
     def stacked_attention(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """stacked.stacked_attention (the stacked rows of a batched decode step)."""
         from memllm.context.stacked import stacked_attention
@@ -347,6 +353,9 @@ class CudaKernels(TorchKernels):
         self, q_sum: torch.Tensor, reprs: torch.Tensor, units: torch.Tensor, mode: str, k: int
     ) -> torch.Tensor:
         return self._lookup.choose_units_stacked_cuda(q_sum, reprs, units, mode == "shared", k)
+
+    def stacked_inputs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._static.stacked_inputs_cuda(*args)
 
     def stacked_attention(
         self, q_loc: torch.Tensor, q_mem: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor,

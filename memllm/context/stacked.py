@@ -20,6 +20,9 @@ change of the rows' state, not per layer and step:
     launch over the stores' joined segment tables, kept while the stores' segments are unchanged);
     with the device unit cache on, each row through its store's cache (unit_cache.py: one planning
     over the rows' stacked slot tables, then the same one launch, hits read from the pools).
+  * the rows' inputs (queries rotated to the window and to the memory distance; each row's rotated key
+    and value written after its window) are `stacked_inputs`, on CUDA cuda/static.stacked_inputs_cuda
+    (one launch), with the rotation angles gathered once per call (`Rows.rotations`);
   * the local pass, memory pass and merge of every row are `stacked_attention` (PyTorch, the reference)
     or, on CUDA, cuda/static.stacked_attention_cuda (two Triton launches, the window buffers read in the
     model dtype: no fp32 copy of them; the same contract, tested against it); every row's lookup over
@@ -92,16 +95,15 @@ class Rows:
     # and (S,) long: where each row's new key goes in a buffer's (S * capacity) keys
     by_capacity: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    angles: tuple[torch.Tensor, ...] | None = None  # (cos, sin) at the window, then at memory_distance
+    angles: torch.Tensor | None = None  # (4, S, head_dim): Rows.rotations
 
-    def rotations(self, rot: Rotary) -> tuple[torch.Tensor, ...]:
-        """(cos_l, sin_l, cos_m, sin_m), each (S, 1, head_dim) fp32: each row's rotation to its window
-        position and to the memory distance, the same for every layer (gathered once per call)."""
+    def rotations(self, rot: Rotary) -> torch.Tensor:
+        """(4, S, head_dim) fp32: each row's cos and sin to its window position, then to the memory distance,
+        the same for every layer (gathered once per call)."""
         if self.angles is None:
             cos_t, sin_t, _ = rot.tables(self.local_rows.device)
-            rows = torch.stack([self.local_rows, self.memory_rows])  # (2, S)
-            cos, sin = cos_t[rows].unsqueeze(2), sin_t[rows].unsqueeze(2)  # (2, S, 1, d)
-            self.angles = (cos[0], sin[0], cos[1], sin[1])
+            self.angles = torch.stack([cos_t[self.local_rows], sin_t[self.local_rows],
+                                       cos_t[self.memory_rows], sin_t[self.memory_rows]])  # fmt: skip
         return self.angles
 
     def at_capacity(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +178,35 @@ def _assemble(
     return new
 
 
+def stacked_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor | None,
+    angles: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    window: torch.Tensor,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked rows' inputs of one token: query (B, heads, 1, d), key / value (B, kv_heads, 1, d) of the
+    batch (rows (S,): the stacked rows among them; None: all) -> q_loc, q_mem (S, heads, d) fp32, the
+    queries rotated to their window positions and to the memory distance (angles (4, S, d) fp32: cos and
+    sin to the window position, then to the memory distance: Rows.rotations); each row's key rotated to
+    its window position and its value are written, in the buffers' dtype, at window[s] of row s of win_k
+    / win_v (kv_heads, S, cap, d) (slots: the same places in the flat (S * cap) keys). The reference;
+    cuda/static.stacked_inputs_cuda is one launch."""
+    if rows is not None:
+        query, key, value = (t.index_select(0, rows) for t in (query, key, value))
+    kvh, n_rows, cap, d = win_k.shape
+    cos_l, sin_l, cos_m, sin_m = angles.unsqueeze(2)  # (S, 1, d) each
+    q = query[:, :, 0].float()  # (S, heads, d)
+    k_new = Rotary.apply(key[:, :, 0].float(), cos_l, sin_l).to(win_k.dtype)  # (S, kv_heads, d)
+    win_k.view(kvh, n_rows * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
+    win_v.view(kvh, n_rows * cap, d).index_copy_(1, slots, value[:, :, 0].to(win_v.dtype).transpose(0, 1))
+    return Rotary.apply(q, cos_l, sin_l), Rotary.apply(q, cos_m, sin_m)
+
+
 def stacked_attention(
     q_loc: torch.Tensor,
     q_mem: torch.Tensor,
@@ -219,6 +250,7 @@ class StackedLayer:
 
     def __init__(self, kernels: TorchKernels):
         self.gather = kernels.stores_gather()  # (stores, ids, dtype) -> unit K, V
+        self.inputs = kernels.stacked_inputs  # the rows' rotated queries; new keys and values written
         self.lookup = kernels.choose_units_stacked  # every row's lookup over its own index
         self.attention = kernels.stacked_attention  # stacked_attention, or its CUDA kernels
         self.layers: list[ContextMemoryLayer] = []  # the rows' layers the buffers were made for
@@ -321,25 +353,16 @@ class StackedLayer:
         cfg, dtype = first.config, first.dtype
         S, (heads, d), kvh = len(layers), (query.shape[1], query.shape[3]), key.shape[1]
         g = heads // kvh
-        if st.rows_dev is not None:
-            query, key, value = (t.index_select(0, st.rows_dev) for t in (query, key, value))
-        q = query[:, :, 0].float()  # (S, heads, d)
-        k = key[:, :, 0].float()  # (S, kv_heads, d)
-        v = value[:, :, 0].to(dtype)  # (S, kv_heads, d)
-        cos_l, sin_l, cos_m, sin_m = st.rotations(rot)  # (S, 1, d) each
-        q_loc = rot.apply(q, cos_l, sin_l)  # (S, heads, d) at window positions
-        k_new = rot.apply(k, cos_l, sin_l).to(dtype)  # (S, kv_heads, d)
         self.prepare(layers, st)
-
-        # Each row's new key written at W_b of its window (layout (kv_heads, S, ...): the buffers' own).
+        # The rows' queries rotated to their window positions and to the memory distance; each row's new
+        # key (rotated) and value written at W_b of its window (layout (kv_heads, S, ...): the buffers' own).
         cap = self.k.shape[2]
         hidden, slots = st.at_capacity(cap)
-        self.k.view(kvh, S * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
-        self.v.view(kvh, S * cap, d).index_copy_(1, slots, v.transpose(0, 1))
+        q_loc, q_mem = self.inputs(query, key, value, st.rows_dev, st.rotations(rot), self.k, self.v, st.window_idx,
+                                   slots)  # fmt: skip
+        q_loc, q_mem = q_loc.view(S, kvh, g, d), q_mem.view(S, kvh, g, d)
 
         # Lookup: every row's representatives, padded to the largest index; slots >= its units masked.
-        q_mem = rot.apply(q, cos_m, sin_m)
-        q_mem = q_mem.view(S, kvh, g, d)
         q_sum = q_mem.sum(dim=2)  # (S, kvh, d): the block's summed query per KV head
         ids = self.lookup(q_sum, self.reprs, st.units, cfg.lookup, cfg.topk)  # (S, 1 or kvh, topk)
         ids = ids.expand(S, kvh, -1)
@@ -352,7 +375,7 @@ class StackedLayer:
         # for every row: the same number of keys) and their merge: stacked_attention or its kernels.
         unit_k, unit_v = self.gather([lay.store for lay in layers], ids, dtype)
         merged, score = self.attention(
-            q_loc.view(S, kvh, g, d), q_mem, self.k, self.v, self.score, st.window_idx, hidden,
+            q_loc, q_mem, self.k, self.v, self.score, st.window_idx, hidden,
             self.sink_k, self.sink_v, unit_k, unit_v, scale,
         )  # fmt: skip
 

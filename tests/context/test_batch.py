@@ -514,3 +514,45 @@ def test_stacked_attention_kernels_equal_reference(device, dtype):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_score, want_score, rtol=1e-5, atol=1e-5)
     assert torch.equal(score, before)  # read, not written: views of it may be held
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("some_rows", [False, True])
+def test_stacked_inputs_kernel_equals_reference(device, dtype, some_rows):
+    """cuda/static.stacked_inputs_cuda (the stacked rows' queries rotated to the window and to the memory
+    distance, each row's rotated key and value written at its window's end) equals stacked.stacked_inputs:
+    every row of the batch or some of them, query laid out as the model hands it (heads transposed)."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter: fp32 only")
+    from memllm.context.cuda.static import stacked_inputs_cuda
+    from memllm.context.stacked import stacked_inputs
+
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, kvh, d, cap = 5, 9, 3, 16, 40
+    query = (
+        torch.randn(batch, 1, heads, d, generator=gen).to(dtype).to(device).transpose(1, 2)
+    )  # (B, heads, 1, d)
+    key, value = (torch.randn(batch, kvh, 1, d, generator=gen).to(dtype).to(device) for _ in range(2))
+    rows = torch.tensor([0, 2, 3], device=device) if some_rows else None
+    n = 3 if some_rows else batch
+    window = torch.tensor([0, 17, cap - 1, 5, 9][:n], device=device)
+    slots = torch.arange(n, device=device) * cap + window
+    angle = torch.rand(2, n, d // 2, generator=gen).to(device) * 6.0
+    angles = torch.cat([torch.cat([a.cos(), a.cos()], -1)[None] if i == 0 else torch.cat([a.sin(), a.sin()], -1)[None]
+                        for a in angle for i in (0, 1)])  # fmt: skip
+    buffers = [torch.randn(kvh, n, cap, d, generator=gen).to(dtype).to(device) for _ in range(2)]
+    want_k, want_v = (b.clone() for b in buffers)
+    got_k, got_v = (b.clone() for b in buffers)
+    want = stacked_inputs(query, key, value, rows, angles, want_k, want_v, window, slots)
+    got = stacked_inputs_cuda(query, key, value, rows, angles, got_k, got_v, window, slots)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 1e-6}
+    torch.testing.assert_close(got_k, want_k, **tol)  # a bf16 rounding of a last-bit fp32 difference at most
+    assert torch.equal(got_v, want_v)
+    assert torch.equal(
+        got_k.flatten(1, 2).index_fill(1, slots, 0), buffers[0].flatten(1, 2).index_fill(1, slots, 0)
+    )

@@ -16,7 +16,8 @@ Inputs in the model dtype (or fp32), math in fp32 (ieee dot). W and the unit cou
 scalars, so a CUDA graph replays the launches unchanged. A row is one session: `step_attention_cuda`
 runs one (static.py's step), `stacked_attention_cuda` the stacked rows of a batched step (stacked.py),
 their window buffers head-major (kv_heads, rows, cap, d) as the stacked buffers are, one launch each
-for every row. Imported only on CUDA (needs triton).
+for every row; `stacked_inputs_cuda` is the stacked rows' inputs (queries rotated, new keys and values
+written) in one launch. Imported only on CUDA (needs triton).
 """
 
 from __future__ import annotations
@@ -260,3 +261,72 @@ def stacked_attention_cuda(
         TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
     )  # fmt: skip
     return out, score_out
+
+
+@triton.jit
+def _stacked_inputs(
+    Q, K, V, ROWS, ANG, WK, WV, WIN, QL, QM,
+    q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, cap, n_rows,
+    HEADS: tl.constexpr, D: tl.constexpr, HAS_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Program (row, head of heads + kv_heads): a query head rotated to the row's window position and to the
+    memory distance (QL, QM (S, HEADS, D) fp32), or a kv head's key rotated to the window position and
+    its value, written at WIN[row] of the row's window buffers WK / WV (kv_heads, S, cap, D). ANG
+    (4, S, D): cos and sin to the window position, then to the memory distance."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(ROWS + s) if HAS_ROWS else s
+    dd = tl.arange(0, D)
+    other = (dd + D // 2) % D  # rotate_half: (-x[half:], x[:half])
+    sign = tl.where(dd < D // 2, -1.0, 1.0)
+    cos_l = tl.load(ANG + s * D + dd)
+    sin_l = tl.load(ANG + (n_rows + s) * D + dd)
+    if h < HEADS:
+        x = tl.load(Q + b * q_sb + h * q_sh + dd).to(tl.float32)
+        xr = tl.load(Q + b * q_sb + h * q_sh + other).to(tl.float32) * sign
+        cos_m = tl.load(ANG + (2 * n_rows + s) * D + dd)
+        sin_m = tl.load(ANG + (3 * n_rows + s) * D + dd)
+        tl.store(QL + (s * HEADS + h) * D + dd, x * cos_l + xr * sin_l)
+        tl.store(QM + (s * HEADS + h) * D + dd, x * cos_m + xr * sin_m)
+    else:
+        kh = h - HEADS
+        x = tl.load(K + b * k_sb + kh * k_sh + dd).to(tl.float32)
+        xr = tl.load(K + b * k_sb + kh * k_sh + other).to(tl.float32) * sign
+        at = ((kh * n_rows + s) * cap + tl.load(WIN + s)) * D + dd
+        tl.store(WK + at, (x * cos_l + xr * sin_l).to(WK.dtype.element_ty))
+        tl.store(WV + at, tl.load(V + b * v_sb + kh * v_sh + dd).to(WV.dtype.element_ty))
+
+
+def stacked_inputs_cuda(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor | None,
+    angles: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    window: torch.Tensor,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """stacked.stacked_inputs in one launch (its contract; `slots` is not read: the kernel writes at
+    `window`)."""
+    kvh, n_rows, cap, d = win_k.shape
+    heads = query.shape[1]
+    if any(t.stride(-1) != 1 for t in (query, key, value)) or not (
+        win_k.is_contiguous() and win_v.is_contiguous()
+    ):
+        raise ValueError(
+            "stacked_inputs_cuda: query, key, value with a contiguous last dim; contiguous buffers"
+        )
+    if not angles.is_contiguous() or angles.shape != (4, n_rows, d):
+        raise ValueError(
+            f"stacked_inputs_cuda: angles {tuple(angles.shape)}, not contiguous (4, {n_rows}, {d})"
+        )
+    ql = torch.empty(n_rows, heads, d, dtype=torch.float32, device=query.device)
+    qm = torch.empty_like(ql)
+    _stacked_inputs[(n_rows, heads + kvh)](
+        query, key, value, rows if rows is not None else window, angles, win_k, win_v, window, ql, qm,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cap, n_rows, HEADS=heads, D=d, HAS_ROWS=rows is not None,
+    )  # fmt: skip
+    return ql, qm
