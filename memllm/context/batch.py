@@ -13,7 +13,7 @@ its linear layers once for all B rows; per layer, the attention function (attent
     per layer whatever the number of sessions, no host synchronisation); the other sessions (inside
     the window, a step that cuts a unit, a re-base) take the reference loop in the same call.
     On CUDA the local pass, memory pass and merge are two Triton launches for every row
-    (cuda/static.stacked_attention_cuda, tested against stacked.stacked_attention), the gather one;
+    (cuda/static.stacked_attention_cuda, tested against static.stacked_attention), the gather one;
     elsewhere plain PyTorch. Tests compare the path with the reference on the CPU and CUDA.
 A BatchCache may be called again and again for the same sessions (BatchEngine keeps one while its
 sessions stay): the stacked buffers then carry over, and only rows whose state changed in between

@@ -183,14 +183,14 @@ class TorchKernels:
         return lookup.choose_units(q_sum, reprs, units, mode, k, "fast")
 
     def stacked_inputs(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """stacked.stacked_inputs (the stacked rows' rotated queries; their new keys and values written)."""
-        from memllm.context.stacked import stacked_inputs
+        """static.stacked_inputs (the stacked rows' rotated queries; their new keys and values written)."""
+        from memllm.context.static import stacked_inputs
 
         return stacked_inputs(*args)
 
     def stacked_attention(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """stacked.stacked_attention (the stacked rows of a batched decode step)."""
-        from memllm.context.stacked import stacked_attention
+        """static.stacked_attention (the stacked rows of a batched decode step)."""
+        from memllm.context.static import stacked_attention
 
         return stacked_attention(*args)
 

@@ -21,9 +21,9 @@ change of the rows' state, not per layer and step:
     with the device unit cache on, each row through its store's cache (unit_cache.py: one planning
     over the rows' stacked slot tables, then the same one launch, hits read from the pools).
   * the rows' inputs (queries rotated to the window and to the memory distance; each row's rotated key
-    and value written after its window) are `stacked_inputs`, on CUDA cuda/static.stacked_inputs_cuda
+    and value written after its window) are static.stacked_inputs, on CUDA cuda/static.stacked_inputs_cuda
     (one launch), with the rotation angles gathered once per call (`Rows.rotations`);
-  * the local pass, memory pass and merge of every row are `stacked_attention` (PyTorch, the reference)
+  * the local pass, memory pass and merge of every row are static.stacked_attention (PyTorch, the reference)
     or, on CUDA, cuda/static.stacked_attention_cuda (two Triton launches, the window buffers read in the
     model dtype: no fp32 copy of them; the same contract, tested against it); every row's lookup over
     its own index is lookup.choose_units, on CUDA cuda/lookup.choose_units_stacked_cuda (two or three
@@ -48,7 +48,6 @@ from memllm.context.kernels import TorchKernels
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
 from memllm.context.prefill import upload
-from memllm.context.window import merge
 
 
 def steady(layer: ContextMemoryLayer, plan: CallPlan) -> bool:
@@ -178,73 +177,6 @@ def _assemble(
     return new
 
 
-def stacked_inputs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rows: torch.Tensor | None,
-    angles: torch.Tensor,
-    win_k: torch.Tensor,
-    win_v: torch.Tensor,
-    window: torch.Tensor,
-    slots: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stacked rows' inputs of one token: query (B, heads, 1, d), key / value (B, kv_heads, 1, d) of the
-    batch (rows (S,): the stacked rows among them; None: all) -> q_loc, q_mem (S, heads, d) fp32, the
-    queries rotated to their window positions and to the memory distance (angles (4, S, d) fp32: cos and
-    sin to the window position, then to the memory distance: Rows.rotations); each row's key rotated to
-    its window position and its value are written, in the buffers' dtype, at window[s] of row s of win_k
-    / win_v (kv_heads, S, cap, d) (slots: the same places in the flat (S * cap) keys). The reference;
-    cuda/static.stacked_inputs_cuda is one launch."""
-    if rows is not None:
-        query, key, value = (t.index_select(0, rows) for t in (query, key, value))
-    kvh, n_rows, cap, d = win_k.shape
-    cos_l, sin_l, cos_m, sin_m = angles.unsqueeze(2)  # (S, 1, d) each
-    q = query[:, :, 0].float()  # (S, heads, d)
-    k_new = Rotary.apply(key[:, :, 0].float(), cos_l, sin_l).to(win_k.dtype)  # (S, kv_heads, d)
-    win_k.view(kvh, n_rows * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
-    win_v.view(kvh, n_rows * cap, d).index_copy_(1, slots, value[:, :, 0].to(win_v.dtype).transpose(0, 1))
-    return Rotary.apply(q, cos_l, sin_l), Rotary.apply(q, cos_m, sin_m)
-
-
-def stacked_attention(
-    q_loc: torch.Tensor,
-    q_mem: torch.Tensor,
-    win_k: torch.Tensor,
-    win_v: torch.Tensor,
-    score: torch.Tensor,
-    window: torch.Tensor,
-    hidden: torch.Tensor,
-    sink_k: torch.Tensor,
-    sink_v: torch.Tensor,
-    unit_k: torch.Tensor,
-    unit_v: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of each stacked row: q_loc / q_mem (S, kv_heads, g, d) fp32 at the window position and
-    at the memory distance; win_k / win_v (kv_heads, S, cap, d) the window buffers (row s's keys
-    [0, window[s]] visible: hidden (S, cap) bool is the rest); score (kv_heads, S, cap) fp32 the keys'
-    received attention so far; sinks (S, kv_heads, n_init, d), unit_k / unit_v (S, kv_heads, topk *
-    block_size, d) the gathered units (all visible). Returns the merged attention (S, kv_heads, g, d)
-    fp32 and the received scores with this token's added, a NEW tensor (kv_heads, S, cap): score is
-    not written (views of it may be held). The reference; cuda/static.stacked_attention_cuda is the
-    same contract in two launches (it reads `window`, this `hidden`)."""
-    q_h = q_loc.transpose(0, 1)  # (kvh, S, g, d)
-    logits = torch.matmul(q_h, win_k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
-    logits = logits.masked_fill(hidden[None, :, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
-    p = torch.exp(logits - lse)
-    out = torch.matmul(p, win_v.float())  # (kvh, S, g, d)
-    received = p.sum(dim=2) + score  # (kvh, S, cap): what each window key received, in all
-    k_mem = torch.cat([sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
-    v_mem = torch.cat([sink_v, unit_v], dim=2).float()
-    logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
-    lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
-    out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
-    merged = merge(out.transpose(0, 1), lse.squeeze(-1).transpose(0, 1), out_m, lse_m.squeeze(-1))
-    return merged, received
-
-
 class StackedLayer:
     """One layer's stacked rows across the calls of a BatchCache (see the module note)."""
 
@@ -252,7 +184,7 @@ class StackedLayer:
         self.gather = kernels.stores_gather()  # (stores, ids, dtype) -> unit K, V
         self.inputs = kernels.stacked_inputs  # the rows' rotated queries; new keys and values written
         self.lookup = kernels.choose_units_stacked  # every row's lookup over its own index
-        self.attention = kernels.stacked_attention  # stacked_attention, or its CUDA kernels
+        self.attention = kernels.stacked_attention  # static.stacked_attention, or its CUDA kernels
         self.layers: list[ContextMemoryLayer] = []  # the rows' layers the buffers were made for
         self.k: torch.Tensor | None = None  # (kv_heads, S, capacity, head_dim) model dtype
         self.v: torch.Tensor | None = None

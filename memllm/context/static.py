@@ -38,6 +38,9 @@ same kernels. int8 units (quantized on the plain path only) and calls under a lo
 When a rows or decode step would re-base positions or outgrow the buffer, or a call fits neither kind,
 the caller takes the plain path instead (`eligible`, `cut_shape`); the next static step copies the
 plain path's state back in (`sync`).
+The stacked rows of a batched decode step (stacked.py: one token per session, their windows in shared
+buffers) have their references here too, `stacked_inputs` and `stacked_attention` (their CUDA kernels
+are beside the static step's, in cuda/static.py).
 Knows nothing of CUDA graphs (cuda/graph.py) or of models.
 """
 
@@ -50,6 +53,7 @@ import torch
 
 from memllm.context.lookup import block_query_sums
 from memllm.context.plan import CallPlan, held_limit
+from memllm.context.positions import Rotary
 from memllm.context.window import merge
 
 MAX_ROWS = 128  # rows of the largest multi-token static call
@@ -447,3 +451,71 @@ class StaticDecode:
                 layer.sink_v, uk, uv, self.units, cfg.topk, cfg.block_size, scale,
             )  # fmt: skip
         return merged.reshape(1, heads, rows, d).to(query.dtype)
+
+
+# ---- the stacked rows of a batched decode step (stacked.py): their references -------------------------
+def stacked_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rows: torch.Tensor | None,
+    angles: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    window: torch.Tensor,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked rows' inputs of one token: query (B, heads, 1, d), key / value (B, kv_heads, 1, d) of the
+    batch (rows (S,): the stacked rows among them; None: all) -> q_loc, q_mem (S, heads, d) fp32, the
+    queries rotated to their window positions and to the memory distance (angles (4, S, d) fp32: cos and
+    sin to the window position, then to the memory distance: Rows.rotations); each row's key rotated to
+    its window position and its value are written, in the buffers' dtype, at window[s] of row s of win_k
+    / win_v (kv_heads, S, cap, d) (slots: the same places in the flat (S * cap) keys). The reference;
+    cuda/static.stacked_inputs_cuda is one launch (stacked.py calls both through kernels.py)."""
+    if rows is not None:
+        query, key, value = (t.index_select(0, rows) for t in (query, key, value))
+    kvh, n_rows, cap, d = win_k.shape
+    cos_l, sin_l, cos_m, sin_m = angles.unsqueeze(2)  # (S, 1, d) each
+    q = query[:, :, 0].float()  # (S, heads, d)
+    k_new = Rotary.apply(key[:, :, 0].float(), cos_l, sin_l).to(win_k.dtype)  # (S, kv_heads, d)
+    win_k.view(kvh, n_rows * cap, d).index_copy_(1, slots, k_new.transpose(0, 1))
+    win_v.view(kvh, n_rows * cap, d).index_copy_(1, slots, value[:, :, 0].to(win_v.dtype).transpose(0, 1))
+    return Rotary.apply(q, cos_l, sin_l), Rotary.apply(q, cos_m, sin_m)
+
+
+def stacked_attention(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    window: torch.Tensor,
+    hidden: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of each stacked row: q_loc / q_mem (S, kv_heads, g, d) fp32 at the window position and
+    at the memory distance; win_k / win_v (kv_heads, S, cap, d) the window buffers (row s's keys
+    [0, window[s]] visible: hidden (S, cap) bool is the rest); score (kv_heads, S, cap) fp32 the keys'
+    received attention so far; sinks (S, kv_heads, n_init, d), unit_k / unit_v (S, kv_heads, topk *
+    block_size, d) the gathered units (all visible). Returns the merged attention (S, kv_heads, g, d)
+    fp32 and the received scores with this token's added, a NEW tensor (kv_heads, S, cap): score is
+    not written (views of it may be held). The reference; cuda/static.stacked_attention_cuda is the
+    same contract in two launches (it reads `window`, this `hidden`)."""
+    q_h = q_loc.transpose(0, 1)  # (kvh, S, g, d)
+    logits = torch.matmul(q_h, win_k.float().transpose(2, 3)) * scale  # (kvh, S, g, cap)
+    logits = logits.masked_fill(hidden[None, :, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (kvh, S, g, 1)
+    p = torch.exp(logits - lse)
+    out = torch.matmul(p, win_v.float())  # (kvh, S, g, d)
+    received = p.sum(dim=2) + score  # (kvh, S, cap): what each window key received, in all
+    k_mem = torch.cat([sink_k, unit_k], dim=2).float()  # (S, kvh, n_init + topk * bs, d)
+    v_mem = torch.cat([sink_v, unit_v], dim=2).float()
+    logits_m = torch.matmul(q_mem, k_mem.transpose(2, 3)) * scale  # (S, kvh, g, M)
+    lse_m = torch.logsumexp(logits_m, dim=-1, keepdim=True)
+    out_m = torch.matmul(torch.exp(logits_m - lse_m), v_mem)
+    merged = merge(out.transpose(0, 1), lse.squeeze(-1).transpose(0, 1), out_m, lse_m.squeeze(-1))
+    return merged, received

@@ -484,13 +484,13 @@ def test_cpu_gather_of_several_stores_equals_each_store_alone(dtype_name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stacked_attention_kernels_equal_reference(device, dtype):
     """cuda/static.stacked_attention_cuda (the stacked rows' local pass, memory pass and merge in two
-    launches, a row per session) gives stacked.stacked_attention's output and received scores: rows of
+    launches, a row per session) gives static.stacked_attention's output and received scores: rows of
     different windows (on and off tile edges, the last key of the buffer), the score read and a new one
     written. On CUDA, and on the CPU under TRITON_INTERPRET=1 (fp32: the interpreter's bf16 dots are off)."""
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter gets bf16 dots wrong")
     from memllm.context.cuda.static import stacked_attention_cuda
-    from memllm.context.stacked import stacked_attention
+    from memllm.context.static import stacked_attention
 
     gen = torch.Generator().manual_seed(11)
     kvh, g, d, cap, n_sinks, unit_keys = 3, 3, 16, 150, 4, 3 * 8
@@ -523,12 +523,12 @@ def test_stacked_attention_kernels_equal_reference(device, dtype):
 @pytest.mark.parametrize("some_rows", [False, True])
 def test_stacked_inputs_kernel_equals_reference(device, dtype, some_rows):
     """cuda/static.stacked_inputs_cuda (the stacked rows' queries rotated to the window and to the memory
-    distance, each row's rotated key and value written at its window's end) equals stacked.stacked_inputs:
+    distance, each row's rotated key and value written at its window's end) equals static.stacked_inputs:
     every row of the batch or some of them, query laid out as the model hands it (heads transposed)."""
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter: fp32 only")
     from memllm.context.cuda.static import stacked_inputs_cuda
-    from memllm.context.stacked import stacked_inputs
+    from memllm.context.static import stacked_inputs
 
     gen = torch.Generator().manual_seed(5)
     batch, heads, kvh, d, cap = 5, 9, 3, 16, 40

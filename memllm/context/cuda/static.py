@@ -233,7 +233,7 @@ def stacked_attention_cuda(
     (kv_heads, S, cap) fp32, row s's keys [0, window[s]] visible; sinks (S, kv_heads, n_sinks, d);
     unit_k / unit_v (S, kv_heads, n_unit_keys, d), every key visible (a steady row reads topk units).
     Returns (S, kv_heads, g, d) fp32 and the received scores (kv_heads, S, cap) fp32 in a NEW tensor
-    (score is read, not written: views of it may be held). stacked.stacked_attention's contract."""
+    (score is read, not written: views of it may be held). static.stacked_attention's contract."""
     n_rows, kvh, g, d = q_loc.shape
     cap = win_k.shape[2]
     n_sinks, n_unit_keys = sink_k.shape[2], unit_k.shape[2]
@@ -308,7 +308,7 @@ def stacked_inputs_cuda(
     window: torch.Tensor,
     slots: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """stacked.stacked_inputs in one launch (its contract; `slots` is not read: the kernel writes at
+    """static.stacked_inputs in one launch (its contract; `slots` is not read: the kernel writes at
     `window`)."""
     kvh, n_rows, cap, d = win_k.shape
     heads = query.shape[1]
