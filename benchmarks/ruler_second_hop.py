@@ -13,7 +13,8 @@ capped at 3/4 of topk as `select.lexical_evidence` does), and how many the lead 
 answers: a selection signal for the next GPU run, not a result.
 
     python benchmarks/ruler_second_hop.py --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights \
-        --suite .gpu/suite_qwen_a.json.gz --out benchmarks/results/ruler_second_hop_qwen.json
+        --suite .gpu/suite_qwen_a.json.gz --chosen benchmarks/results/ruler_query_cpu_qwen_32k.json.gz \
+        --out benchmarks/results/ruler_second_hop_qwen.json
 """
 
 from __future__ import annotations
@@ -60,8 +61,19 @@ def main() -> None:
     ap.add_argument(
         "--hop-units", type=int, default=2, help="units the second hop adds (with a neighbour each)"
     )
+    ap.add_argument(
+        "--chosen",
+        default=None,
+        help="a run's rows (ruler_query_cpu.py / ruler_gpu.py --out): also against its lexical `chosen`",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    chosen_by: dict[str, dict] = {}
+    if args.chosen:
+        with gzip.open(args.chosen, "rt") as fh:
+            for r in json.load(fh)["rows"]:
+                if r.get("chosen") is not None and r["system"] in ("lexical", "oracle"):
+                    chosen_by.setdefault(r["id"], {})[r["system"]] = r
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -106,7 +118,14 @@ def main() -> None:
                         row["hop2"] = sum(bool(s & (set(lead) | set(added))) for s in spans)
                         row["added"] = len(added)
                     else:
+                        added = []
                         row["hop2"], row["added"] = row["hop1"], 0
+                    run = chosen_by.get(q.id, {})
+                    if "lexical" in run:  # the whole selection of that run, and with the second hop's units
+                        chosen = set(run["lexical"]["chosen"])
+                        row["run_both"] = all(s & chosen for s in spans)
+                        row["run_hop2_both"] = all(s & (chosen | set(added)) for s in spans)
+                        row["oracle_answered"] = run.get("oracle", {}).get("score", 0) > 0
                     rows.append(row)
                 print(f"[{time.perf_counter() - t0:6.1f}s] {hay.length:,}: {len(qs)} questions", flush=True)
     table: dict = defaultdict(lambda: defaultdict(int))
@@ -116,11 +135,22 @@ def main() -> None:
         cell["hop1_both"] += r["hop1"] == 2
         cell["hop2_both"] += r["hop2"] == 2
         cell["added"] += r["added"]
+        if "run_both" in r:
+            cell["run_n"] += 1
+            cell["run_both"] += r["run_both"]
+            cell["run_hop2_both"] += r["run_hop2_both"]
+            cell["completed_oracle_answered"] += (
+                r["run_hop2_both"] and not r["run_both"] and r["oracle_answered"]
+            )
     print(f"{'length':>8} {'n':>3}  both paragraphs touched: lead -> lead + second hop  (units added, mean)")
     for length, c in sorted(table.items()):
         print(
             f"{length:>8} {c['n']:>3}  {c['hop1_both']:>3} -> {c['hop2_both']:<3}  ({c['added'] / max(1, c['n']):.1f})"
         )
+        if c["run_n"]:
+            print(f"{'':>8} the run's whole selection, {c['run_n']} questions: both touched {c['run_both']} -> "
+                  f"{c['run_hop2_both']} with the second hop; of those completed, the oracle answered "
+                  f"{c['completed_oracle_answered']}")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
