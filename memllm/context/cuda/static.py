@@ -206,7 +206,7 @@ def step_attention_cuda(
         ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
         unit_v.contiguous(), window, units, pm, pl, pacc,
         cap, n_sinks, n_unit_keys, topk * block_size, block_size, scale, 1, kvh,
-        TW=tw, T=t, G=g, D=d, BN=BN,
+        TW=tw, T=t, G=g, D=d, BN=BN, ALL_UNITS=False,
     )  # fmt: skip
     _finish[(tw, kvh, 1)](
         ql, wk, window, score, score, pm, pl, pacc, out, cap, scale, 1, kvh,
@@ -275,7 +275,10 @@ def _stacked_inputs(
     (4, S, D): cos and sin to the window position, then to the memory distance."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.load(ROWS + s) if HAS_ROWS else s
+    if HAS_ROWS:
+        b = tl.load(ROWS + s)
+    else:
+        b = s
     dd = tl.arange(0, D)
     other = (dd + D // 2) % D  # rotate_half: (-x[half:], x[:half])
     sign = tl.where(dd < D // 2, -1.0, 1.0)
