@@ -186,33 +186,16 @@ def step_attention_cuda(
     (kv_heads, n_sinks, d); unit_k / unit_v (kv_heads, topk * block_size, d) the gathered units, the
     first min(units, topk) * block_size keys visible. window, units: (1,) long device scalars.
     Returns (kv_heads, g, d) fp32: the merged attention (static.py's torch path, same contract)."""
-    kvh, g, d = q_loc.shape
-    cap = win_k.shape[1]
-    n_sinks, n_unit_keys = sink_k.shape[1], unit_k.shape[1]
-    if g > GP or score.dtype != torch.float32 or not score.is_contiguous():
-        raise ValueError("step_attention_cuda: at most 16 query heads per kv head; score contiguous fp32")
-    if n_sinks < 1:
-        raise ValueError("step_attention_cuda needs the sinks (phase 2)")
-    tw = triton.cdiv(cap, BN)
-    t = tw + triton.cdiv(n_sinks + n_unit_keys, BN)
-    dev = q_loc.device
-    pm = torch.empty(kvh, t, GP, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    pacc = torch.empty(kvh, t, GP, d, dtype=torch.float32, device=dev)
-    out = torch.empty(kvh, g, d, dtype=torch.float32, device=dev)
-    ql, qm = q_loc.contiguous(), q_mem.contiguous()
-    wk = win_k.contiguous()
-    _partials[(t, kvh, 1)](
-        ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
-        unit_v.contiguous(), window, units, pm, pl, pacc,
-        cap, n_sinks, n_unit_keys, topk * block_size, block_size, scale, 1, kvh,
-        TW=tw, T=t, G=g, D=d, BN=BN, ALL_UNITS=False,
-    )  # fmt: skip
-    _finish[(tw, kvh, 1)](
-        ql, wk, window, score, score, pm, pl, pacc, out, cap, scale, 1, kvh,
-        TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
-    )  # fmt: skip
-    return out
+    if not score.is_contiguous():
+        raise ValueError(
+            "step_attention_cuda: score must be contiguous (the received attention is added in place)"
+        )
+    # one row: the row-major inputs get a row axis in front, the window buffers after the heads
+    ql, qm, sk, sv, uk, uv = (t.unsqueeze(0) for t in (q_loc, q_mem, sink_k, sink_v, unit_k, unit_v))
+    wk, wv = win_k.unsqueeze(1), win_v.unsqueeze(1)
+    out = _rows_attention(ql, qm, wk, wv, score, score, window, units, sk, sv, uk, uv, topk * block_size,
+                          block_size, scale)  # fmt: skip
+    return out[0]
 
 
 def stacked_attention_cuda(
@@ -234,13 +217,44 @@ def stacked_attention_cuda(
     unit_k / unit_v (S, kv_heads, n_unit_keys, d), every key visible (a steady row reads topk units).
     Returns (S, kv_heads, g, d) fp32 and the received scores (kv_heads, S, cap) fp32 in a NEW tensor
     (score is read, not written: views of it may be held). static.stacked_attention's contract."""
+    score_out = torch.empty(score.shape, dtype=torch.float32, device=score.device)
+    out = _rows_attention(
+        q_loc, q_mem, win_k, win_v, score.contiguous(), score_out, window, None, sink_k, sink_v, unit_k, unit_v,
+        unit_k.shape[2], 1, scale,
+    )  # fmt: skip
+    return out, score_out
+
+
+def _rows_attention(
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    score: torch.Tensor,
+    score_out: torch.Tensor,
+    window: torch.Tensor,
+    units: torch.Tensor | None,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    unit_k: torch.Tensor,
+    unit_v: torch.Tensor,
+    topk_keys: int,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """The two launches for S rows: q (S, kv_heads, g, d), window buffers (kv_heads, S, cap, d), score and
+    score_out (kv_heads, S, cap) fp32 contiguous (the same tensor: added in place), window (S,); units
+    (S,) (row s sees its first min(units[s] * block_size, topk_keys) unit keys) or None (all of them);
+    sinks and units (S, kv_heads, n, d) -> the merged attention (S, kv_heads, g, d) fp32."""
     n_rows, kvh, g, d = q_loc.shape
     cap = win_k.shape[2]
     n_sinks, n_unit_keys = sink_k.shape[2], unit_k.shape[2]
     if g > GP or score.dtype != torch.float32:
-        raise ValueError("stacked_attention_cuda: at most 16 query heads per kv head; score fp32")
+        raise ValueError(
+            "the static step's attention kernels: at most 16 query heads per kv head; score fp32"
+        )
     if n_sinks < 1:
-        raise ValueError("stacked_attention_cuda needs the sinks (phase 2)")
+        raise ValueError("the static step's attention kernels need the sinks (phase 2)")
     tw = triton.cdiv(cap, BN)
     t = tw + triton.cdiv(n_sinks + n_unit_keys, BN)
     dev = q_loc.device
@@ -248,19 +262,18 @@ def stacked_attention_cuda(
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_rows * kvh, t, GP, d, dtype=torch.float32, device=dev)
     out = torch.empty(n_rows, kvh, g, d, dtype=torch.float32, device=dev)
-    score_out = torch.empty(kvh, n_rows, cap, dtype=torch.float32, device=dev)
     ql, qm, wk = q_loc.contiguous(), q_mem.contiguous(), win_k.contiguous()
     _partials[(t, kvh, n_rows)](
         ql, qm, wk, win_v.contiguous(), sink_k.contiguous(), sink_v.contiguous(), unit_k.contiguous(),
-        unit_v.contiguous(), window, window, pm, pl, pacc,
-        cap, n_sinks, n_unit_keys, n_unit_keys, 1, scale, n_rows, kvh,
-        TW=tw, T=t, G=g, D=d, BN=BN, ALL_UNITS=True,
+        unit_v.contiguous(), window, window if units is None else units, pm, pl, pacc,
+        cap, n_sinks, n_unit_keys, topk_keys, block_size, scale, n_rows, kvh,
+        TW=tw, T=t, G=g, D=d, BN=BN, ALL_UNITS=units is None,
     )  # fmt: skip
     _finish[(tw, kvh, n_rows)](
-        ql, wk, window, score.contiguous(), score_out, pm, pl, pacc, out, cap, scale, n_rows, kvh,
+        ql, wk, window, score, score_out, pm, pl, pacc, out, cap, scale, n_rows, kvh,
         TW=tw, T=t, TP=triton.next_power_of_2(t), G=g, D=d, BN=BN,
     )  # fmt: skip
-    return out, score_out
+    return out
 
 
 @triton.jit
