@@ -44,6 +44,15 @@ def build(args: argparse.Namespace) -> None:
         json.dump(suite, fh)
 
 
+def load_suite(paths: str) -> dict[str, list]:
+    """Gzipped suites (`build`), comma-separated (lengths built separately) -> {length: haystacks as dicts}."""
+    suite: dict[str, list] = {}
+    for path in paths.split(","):
+        with gzip.open(path, "rt") as fh:
+            suite.update(json.load(fh))
+    return suite
+
+
 def subsample(hays: list[ruler.Haystack], per_family: int) -> list[ruler.Haystack]:
     """At most per_family questions of each family, taken haystack by haystack (whole reads first)."""
     taken: dict[str, int] = {}
@@ -66,10 +75,7 @@ def run(args: argparse.Namespace) -> None:
     t = time.time()
     llm = load_llm(args.model_dir, args.gguf, args.gguf, args.weights_cache)
     print(f"model loaded in {time.time() - t:.1f}s", flush=True)
-    suite: dict[str, list] = {}
-    for path in args.suite.split(","):  # several files: lengths built separately
-        with gzip.open(path, "rt") as fh:
-            suite.update(json.load(fh))
+    suite = load_suite(args.suite)
     memory = MemoryConfig(n_local=args.n_local, topk=args.topk, block_size=args.block_size,
                           decode_graphs=not args.no_graphs, memory_distance=args.memory_distance)  # fmt: skip
     systems = args.systems.split(",")

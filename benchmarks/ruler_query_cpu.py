@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
-import json
 import platform
 import sys
 import time
@@ -35,7 +33,7 @@ from memllm.config import MemoryConfig
 from memllm.session import Session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ruler_gpu import _write, subsample  # noqa: E402
+from ruler_gpu import _write, load_suite, subsample  # noqa: E402
 
 SYSTEMS = ("lexical", "lexical_prompt", "oracle")
 
@@ -72,10 +70,7 @@ def main() -> None:
     llm = load_llm(args.model, "cpu")
     embedder = load_embedder()
     memory = MemoryConfig(n_local=args.n_local, topk=args.topk)
-    suite: dict[str, list] = {}
-    for path in args.suite.split(","):
-        with gzip.open(path, "rt") as fh:
-            suite.update(json.load(fh))
+    suite = load_suite(args.suite)
     families = set(args.families.split(","))
     tok = llm.tokenizer
     newlines = ruler_run.newline_ids(tok)

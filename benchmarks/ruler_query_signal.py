@@ -20,7 +20,6 @@ branch of `select.lexical_evidence`); with --text also whether the MiniLM text i
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -28,6 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ruler_gpu import load_suite  # noqa: E402
 
 from memllm.bench import ruler  # noqa: E402
 from memllm.config import MemoryConfig  # noqa: E402
@@ -63,7 +65,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--suite", required=True, help="gzipped suites (ruler_gpu.py build), comma-separated")
     ap.add_argument("--families", default=None)
-    ap.add_argument("--text", action="store_true", help="also the MiniLM text index's best unit (CPU: minutes at 1M)")
+    ap.add_argument(
+        "--text", action="store_true", help="also the MiniLM text index's best unit (CPU: minutes at 1M)"
+    )
     ap.add_argument("--n-local", type=int, default=4096, help="the window (ruler_gpu.py's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -79,30 +83,30 @@ def main() -> None:
         embedder = shared_embedder("cpu")
     families = set(args.families.split(",")) if args.families else None
     rows, t0 = [], time.perf_counter()
-    for path in args.suite.split(","):
-        with gzip.open(path, "rt") as fh:
-            suite = json.load(fh)
-        for hays in suite.values():
-            for data in hays:
-                hay = ruler.Haystack.from_dict(data)
-                qs = [q for q in hay.questions if families is None or q.family in families]
-                if not qs:
+    for hays in load_suite(args.suite).values():
+        for data in hays:
+            hay = ruler.Haystack.from_dict(data)
+            qs = [q for q in hay.questions if families is None or q.family in families]
+            if not qs:
+                continue
+            index = UnitTextIndex(embedder, tok, cfg.n_init, cfg.block_size)
+            index.write(0, hay.ids)
+            # units past the window, from the length: a session's cut may hold one fewer (8,157 at 1M)
+            n_units = (len(hay.ids) - cfg.n_init - args.n_local) // cfg.block_size
+            for q in qs:
+                gold = set(select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units))
+                if not gold or not q.query:
                     continue
-                index = UnitTextIndex(embedder, tok, cfg.n_init, cfg.block_size)
-                index.write(0, hay.ids)
-                # units past the window, from the length: a session's cut may hold one fewer (8,157 at 1M)
-                n_units = (len(hay.ids) - cfg.n_init - args.n_local) // cfg.block_size
-                for q in qs:
-                    gold = set(select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units))
-                    if not gold or not q.query:
-                        continue
-                    ids = tok(q.prompt, add_special_tokens=False)["input_ids"]
-                    prompt = tok.decode(ids, skip_special_tokens=True).strip()  # as Session.select_prompt
-                    row = {"length": hay.length, "family": q.family, "id": q.id}
-                    for name, text in (("prompt", prompt), ("query", q.query)):
-                        row[name] = signals(index, text, n_units, gold, cap, args.text)
-                    rows.append(row)
-                print(f"[{time.perf_counter() - t0:7.1f}s] {hay.kind} {hay.length:,}: {len(qs)} questions", flush=True)
+                ids = tok(q.prompt, add_special_tokens=False)["input_ids"]
+                prompt = tok.decode(ids, skip_special_tokens=True).strip()  # as Session.select_prompt
+                row = {"length": hay.length, "family": q.family, "id": q.id}
+                for name, text in (("prompt", prompt), ("query", q.query)):
+                    row[name] = signals(index, text, n_units, gold, cap, args.text)
+                rows.append(row)
+            print(
+                f"[{time.perf_counter() - t0:7.1f}s] {hay.kind} {hay.length:,}: {len(qs)} questions",
+                flush=True,
+            )
     table: dict = defaultdict(lambda: defaultdict(int))
     for r in rows:
         cell = table[(r["length"], r["family"])]
@@ -114,7 +118,9 @@ def main() -> None:
     keys = ["tier_best_gold", "tier_has_gold", "covering"] + (["text_best_gold"] if args.text else [])
     print(f"{'length':>8} {'family':11} {'n':>3}  " + "  ".join(f"{k} (prompt -> query)" for k in keys))
     for (length, family), cell in sorted(table.items()):
-        vals = "  ".join(f"{cell[f'prompt:{k}']:>3} -> {cell[f'query:{k}']:<3}".ljust(len(k) + 19) for k in keys)
+        vals = "  ".join(
+            f"{cell[f'prompt:{k}']:>3} -> {cell[f'query:{k}']:<3}".ljust(len(k) + 19) for k in keys
+        )
         print(f"{length:>8} {family:11} {cell['n']:>3}  {vals}")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

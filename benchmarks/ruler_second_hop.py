@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ruler_gpu import load_suite  # noqa: E402
 from ruler_query_signal import NoEmbedder  # noqa: E402
 
 from memllm.bench import ruler  # noqa: E402
@@ -80,54 +81,49 @@ def main() -> None:
     cfg = MemoryConfig()
     cap = max(1, min(cfg.topk, round(cfg.topk * select.EVIDENCE_SHARE)))
     rows, t0 = [], time.perf_counter()
-    for path in args.suite.split(","):
-        with gzip.open(path, "rt") as fh:
-            suite = json.load(fh)
-        for hays in suite.values():
-            for data in hays:
-                hay = ruler.Haystack.from_dict(data)
-                qs = [q for q in hay.questions if q.family == "hotpotqa" and q.query]
-                if not qs:
-                    continue
-                index = UnitTextIndex(NoEmbedder(), tok, cfg.n_init, cfg.block_size)
-                index.write(0, hay.ids)
-                n_units = (len(hay.ids) - cfg.n_init - args.n_local) // cfg.block_size
-                for q in qs:
-                    spans = [
-                        set(select.units_of_spans([s], cfg.n_init, cfg.block_size, n_units)) for s in q.spans
-                    ]
-                    if len(spans) < 2 or not all(spans):
-                        continue  # a gold paragraph in the window: not this diagnostic's case
-                    lexical, _ = index.lexical(q.query, n_units)
-                    tier = select.lexical_tier(lexical, cap)
-                    lead = lead_of(tier, n_units, cap)
-                    row = {"length": hay.length, "id": q.id, "lead": len(lead),
-                           "hop1": sum(bool(s & set(lead)) for s in spans)}  # fmt: skip
-                    if tier:
-                        asked = set(words(q.query))
-                        second = " ".join(
-                            w for w in dict.fromkeys(words(unit_text(index, tier[0]))) if w not in asked
-                        )
-                        s2, _ = index.lexical(second, n_units)
-                        near = {u + d for u in lead for d in (-1, 0, 1)}
-                        s2[list(u for u in near if 0 <= u < n_units)] = -1.0
-                        best = [
-                            int(u) for u in s2.argsort(descending=True)[: args.hop_units] if float(s2[u]) > 0
-                        ]
-                        added = [v for v in lead_of(best, n_units, 2 * args.hop_units) if v not in lead]
-                        row["hop2"] = sum(bool(s & (set(lead) | set(added))) for s in spans)
-                        row["added"] = len(added)
-                    else:
-                        added = []
-                        row["hop2"], row["added"] = row["hop1"], 0
-                    run = chosen_by.get(q.id, {})
-                    if "lexical" in run:  # the whole selection of that run, and with the second hop's units
-                        chosen = set(run["lexical"]["chosen"])
-                        row["run_both"] = all(s & chosen for s in spans)
-                        row["run_hop2_both"] = all(s & (chosen | set(added)) for s in spans)
-                        row["oracle_answered"] = run.get("oracle", {}).get("score", 0) > 0
-                    rows.append(row)
-                print(f"[{time.perf_counter() - t0:6.1f}s] {hay.length:,}: {len(qs)} questions", flush=True)
+    for hays in load_suite(args.suite).values():
+        for data in hays:
+            hay = ruler.Haystack.from_dict(data)
+            qs = [q for q in hay.questions if q.family == "hotpotqa" and q.query]
+            if not qs:
+                continue
+            index = UnitTextIndex(NoEmbedder(), tok, cfg.n_init, cfg.block_size)
+            index.write(0, hay.ids)
+            n_units = (len(hay.ids) - cfg.n_init - args.n_local) // cfg.block_size
+            for q in qs:
+                spans = [
+                    set(select.units_of_spans([s], cfg.n_init, cfg.block_size, n_units)) for s in q.spans
+                ]
+                if len(spans) < 2 or not all(spans):
+                    continue  # a gold paragraph in the window: not this diagnostic's case
+                lexical, _ = index.lexical(q.query, n_units)
+                tier = select.lexical_tier(lexical, cap)
+                lead = lead_of(tier, n_units, cap)
+                row = {"length": hay.length, "id": q.id, "lead": len(lead),
+                       "hop1": sum(bool(s & set(lead)) for s in spans)}  # fmt: skip
+                if tier:
+                    asked = set(words(q.query))
+                    second = " ".join(
+                        w for w in dict.fromkeys(words(unit_text(index, tier[0]))) if w not in asked
+                    )
+                    s2, _ = index.lexical(second, n_units)
+                    near = {u + d for u in lead for d in (-1, 0, 1)}
+                    s2[list(u for u in near if 0 <= u < n_units)] = -1.0
+                    best = [int(u) for u in s2.argsort(descending=True)[: args.hop_units] if float(s2[u]) > 0]
+                    added = [v for v in lead_of(best, n_units, 2 * args.hop_units) if v not in lead]
+                    row["hop2"] = sum(bool(s & (set(lead) | set(added))) for s in spans)
+                    row["added"] = len(added)
+                else:
+                    added = []
+                    row["hop2"], row["added"] = row["hop1"], 0
+                run = chosen_by.get(q.id, {})
+                if "lexical" in run:  # the whole selection of that run, and with the second hop's units
+                    chosen = set(run["lexical"]["chosen"])
+                    row["run_both"] = all(s & chosen for s in spans)
+                    row["run_hop2_both"] = all(s & (chosen | set(added)) for s in spans)
+                    row["oracle_answered"] = run.get("oracle", {}).get("score", 0) > 0
+                rows.append(row)
+            print(f"[{time.perf_counter() - t0:6.1f}s] {hay.length:,}: {len(qs)} questions", flush=True)
     table: dict = defaultdict(lambda: defaultdict(int))
     for r in rows:
         cell = table[r["length"]]
