@@ -14,9 +14,9 @@ session is active. What a session generates stays in its memory, exactly as Sess
 leaves it (the same tokens, within the batched path's rounding). A lone active session takes its
 own path (prefill.step: its decode graph on CUDA).
 
-Not here: sampling (greedy only), repetition guards, prompts fed in the same model call as other
+Not here: sampling (greedy only), prompts fed in the same model call as other
 sessions' decode tokens (a step's prefill rounds come before its decode call), threads (one engine
-is driven by one thread). Knows nothing of HTTP or chat templates.
+is driven by one thread: memllm.engine_thread drives engines for callers in other threads). Knows nothing of HTTP or chat templates.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from memllm.context import prefill
 from memllm.context.attach import attach
 from memllm.context.batch import BATCH_IMPLS, BatchCache
 from memllm.errors import ConfigError, InputError
-from memllm.generation import StreamDecoder
+from memllm.generation import RepetitionGuard, StreamDecoder
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Request:
     forced: bool = False  # units forced by the prompt's selection (cleared when it ends)
     decoder: StreamDecoder | None = None
     pending: list[int] | None = None  # prompt ids not yet fed (the next step's prefill rounds feed them)
+    guard: RepetitionGuard | None = None  # adjusts this request's logits for its tokens, as in Session.generate_ids
 
     def text(self) -> str:
         """What it generated so far, as text."""
@@ -112,11 +113,13 @@ class BatchEngine:
         max_new_tokens: int = 32,
         stop: set[int] | None = None,
         query: str | None = None,
+        guard: RepetitionGuard | None = None,
     ) -> Request:
         """Queue `session` for up to max_new_tokens greedy tokens after `prompt` (queued: the next
         step feeds it, with the other queued prompts; with the "question" selector its units are
-        chosen now, as Session.generate_ids does; `query`: the user's question alone, as there).
-        Without a prompt the session continues its stream."""
+        chosen now, as Session.generate_ids does; `query`: the user's question alone, and `guard`
+        (memllm.generation.RepetitionGuard) adjusting each step's logits for the tokens generated,
+        as there). Without a prompt the session continues its stream."""
         from memllm.session import _stop_ids
 
         if session.llm.model is not self.llm.model:
@@ -146,7 +149,8 @@ class BatchEngine:
         else:
             session.check_room(max_new_tokens, call_tokens=1)
         req = Request(session, max_new_tokens, _stop_ids(session.llm) if stop is None else set(stop),
-                      forced=forced, decoder=StreamDecoder(session.llm.tokenizer), pending=ids)  # fmt: skip
+                      forced=forced, decoder=StreamDecoder(session.llm.tokenizer), pending=ids,
+                      guard=guard if guard is not None and guard.active else None)  # fmt: skip
         self.requests.append(req)
         return req
 
@@ -176,6 +180,9 @@ class BatchEngine:
             return []
         self._prefill([r for r in active if r.pending is not None])
         logits = torch.stack([r.session.last_logits.reshape(-1) for r in active])  # (B, vocab)
+        for b, r in enumerate(active):
+            if r.guard is not None and r.tokens:
+                logits[b] = r.guard.apply(logits[b : b + 1], r.tokens)[0]
         chosen = logits.argmax(dim=-1).tolist()  # one read on the host per step
         feed: list[tuple[Request, int]] = []
         events = []

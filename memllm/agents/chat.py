@@ -46,6 +46,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ from memllm.generation import RepetitionGuard, StopScanner
 from memllm.memory_stores.records import MemoryRecord, MemoryStore
 
 MEMORY_MODES = ("text", "kv", "hybrid")
+# kv_generate(session, ids, max_new_tokens, guard, query) -> the answer's text pieces
+KvGenerate = Callable[[Any, list[int], int, "RepetitionGuard | None", str], Iterator[str]]
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
@@ -137,13 +140,20 @@ class ChatAgent:
         lock_timeout: float | None = None,
         kv_answers: bool = False,
         stream_with_facts: bool = False,
+        kv_generate: KvGenerate | None = None,
+        model_lock: AbstractContextManager | None = None,
     ) -> None:
         """notify(message): where one-line notices go (waiting for another process, a snapshot
         rebuilt); default: warnings.warn. lock_timeout: how long to wait for another process holding
         this user's kv memory (None: as long as it takes; then BusyError). kv_answers: the model's
         answers are kept in the kv stream too (kv/hybrid; off by default: see the module's note).
         stream_with_facts: a turn that recalls a fact record is answered from the kv stream as well
-        (off by default: the fact alone answers it; see the module's note)."""
+        (off by default: the fact alone answers it; see the module's note). kv_generate(session, ids,
+        max_new_tokens, guard, query) -> text pieces: how a turn answered from the kv stream is
+        generated (default: session.generate; memllm serve: an EngineThread's, batched with other
+        users' turns). model_lock: held around every model call the agent makes itself (a text-mode
+        answer, a kv turn's own generation, closing a turn, a rebuild; default none), for a model
+        shared by threads (memllm serve); kv_generate takes it itself."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if not isinstance(kv_answers, bool):
@@ -180,6 +190,8 @@ class ChatAgent:
         self.context_memory = context_memory
         self.notify = notify or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
         self.lock_timeout = lock_timeout
+        self.model_lock = model_lock if model_lock is not None else nullcontext()
+        self.kv_generate = kv_generate or self._own_generate
         self.session: Any = None
         self.kv_turns = 0  # answered turns in the kv stream
         self._lock: Any = None
@@ -251,7 +263,8 @@ class ChatAgent:
                 return session
             self.session = self._new_session()
             self._writer = SnapshotWriter(path, namespace)
-            self._rebuild_from_text()
+            with self.model_lock:
+                self._rebuild_from_text()
             self.save()
             return self.session
         self._writer = SnapshotWriter(path, namespace)
@@ -310,7 +323,8 @@ class ChatAgent:
         self.session = self._new_session()
         self.kv_turns = 0
         self._writer = SnapshotWriter(path, self.controller.namespace)
-        self._rebuild_from_text()
+        with self.model_lock:
+            self._rebuild_from_text()
         self.save()
         return self.kv_status() or {}
 
@@ -424,6 +438,17 @@ class ChatAgent:
             [{"role": "user", "content": SUMMARY_PROMPT + text}], max_new_tokens=48, temperature=0.0
         )
 
+    def _locked(self, pieces: Iterator[str]) -> Iterator[str]:
+        """`pieces` read holding model_lock (released when they end or the reader stops)."""
+        with self.model_lock:
+            yield from pieces
+
+    def _own_generate(
+        self, session: Any, ids: list[int], limit: int, guard: RepetitionGuard | None, query: str
+    ) -> Iterator[str]:
+        """The default kv_generate: the session's own greedy decode, holding model_lock."""
+        return self._locked(session.generate(ids, max_new_tokens=limit, guard=guard, query=query))
+
     # ------------------------------------------------------------------ prompt
     def build_messages(self, message: str, recall: Recall) -> list[dict[str, str]]:
         return build_messages(self.system, message, recall)
@@ -454,6 +479,7 @@ class ChatAgent:
         from_stream = self.session is not None and (self.stream_with_facts or not recalls_fact(recall))
         self.answer_fact = None
         self.answered_from = "stream" if from_stream else "prompt"
+        before = self.session.mark() if self.session is not None else None  # before kv_generate queues the turn
         if from_stream:
             turn = self._kv_turn(text, recall)
             ids = self.session.encode(self._segment(turn))
@@ -462,7 +488,7 @@ class ChatAgent:
                 len(ids) + limit + 8, 2 * self.session.window_bytes(), call_tokens=len(ids)
             )
             # the selection matches the user's words, not the turn's template and recalled facts
-            source = self.session.generate(ids, max_new_tokens=limit, guard=guard, query=text)
+            source = self.kv_generate(self.session, ids, limit, guard, text)
         else:  # text mode, or a turn the recalled fact answers (its kv turn is closed all the same)
             turn = []
             opts: dict[str, Any] = (
@@ -472,15 +498,16 @@ class ChatAgent:
             if fact is not None and self._takes_prefix:  # an llm without answer_prefix answers as it is
                 opts["answer_prefix"] = prefix
                 self.answer_fact = fact.id
-            source = self.llm.chat_stream(
-                self.build_messages(text, recall),
-                max_new_tokens=limit,
-                temperature=self.temperature if temperature is None else temperature,
-                **opts,
+            source = self._locked(
+                self.llm.chat_stream(
+                    self.build_messages(text, recall),
+                    max_new_tokens=limit,
+                    temperature=self.temperature if temperature is None else temperature,
+                    **opts,
+                )
             )
         scanner = StopScanner(stop)
         shown = ""
-        before = self.session.mark() if self.session is not None else None
         interrupted = False
         finished = False
         try:
@@ -503,14 +530,16 @@ class ChatAgent:
             interrupted = True
             raise
         finally:
-            if self.session is not None and before is not None and interrupted:
-                self.session.rewind(before)
-            elif self.session is not None:
-                why = self._unfit(shown.strip(), finished)
-                self._close_kv_turn(turn, text, shown, why, before)
-                self.kv_turns += 1
-                self._unsaved = True
-            self._store_turn(text, shown.strip(), finished and not interrupted)
+            source.close()  # a turn still generating ends here (an EngineThread's leaves the batch)
+            with self.model_lock:
+                if self.session is not None and before is not None and interrupted:
+                    self.session.rewind(before)
+                elif self.session is not None:
+                    why = self._unfit(shown.strip(), finished)
+                    self._close_kv_turn(turn, text, shown, why, before)
+                    self.kv_turns += 1
+                    self._unsaved = True
+                self._store_turn(text, shown.strip(), finished and not interrupted)
             if self.session is not None and not interrupted:
                 self.save()  # after every answer: a killed process loses no answered turn
 

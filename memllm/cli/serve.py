@@ -53,6 +53,8 @@ def serve(
     max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests at once before 429."),
     max_sessions: int = typer.Option(64, "--max-sessions", help="User sessions kept in memory (LRU)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Chats waiting for the model before 429."),
+    batch: bool = typer.Option(True, "--batch/--no-batch", help="With kv memory, users' answers decode together, "
+                               "one model call per step for all of them (--no-batch: one answer at a time)."),
     memory_tokens: int | None = typer.Option(
         None, "--memory-tokens", min=0, help="Budget for recalled memory per prompt (default: a quarter of the window)."),
     flash_tokens: int | None = typer.Option(
@@ -80,7 +82,8 @@ def serve(
 
     budget = HostBudget(host_budget) if host_budget is not None else None  # checked before the model loads
     limits = Limits(max_body_bytes=max_body, max_tokens=max_tokens, max_concurrent=max_concurrent,
-                    max_sessions=max_sessions, max_queue=max_queue, memory_tokens=memory_tokens, flash_tokens=flash_tokens)
+                    max_sessions=max_sessions, max_queue=max_queue, memory_tokens=memory_tokens, flash_tokens=flash_tokens,
+                    batch=batch)
     if replicas is not None and ray is None:
         raise ConfigError("--replicas applies with --ray ADDRESS")
     key_store = KeyStore(_keys_path(keys))

@@ -1,7 +1,11 @@
 """The FastAPI app of `memllm serve`: OpenAI-compatible chat, models, a per-user memory API, health, metrics.
 
-One generation at a time on the model (a lock; requests queue behind it); a ChatAgent per user kept in
-an LRU (its memory lives in the store, so evicting loses nothing). Store writes are committed (SQLite)
+Every model call holds one lock (the model is never called from two threads at once); one answer at a
+time per user. With kv memory (and `Limits.batch`, the default) the users' answers from their kv
+streams decode together: an EngineThread (memllm.engine_thread) steps them all in one model call per
+step, taking the lock per step, so a text-mode answer or a turn being closed runs between steps; a
+text-mode answer holds the lock while it generates. A ChatAgent per user kept in an LRU (its memory
+lives in the store, so evicting loses nothing; a user answering is never evicted). Store writes are committed (SQLite)
 before the response is sent. Keys, errors and chat are here; the memory routes are memory_api's, the
 counters metrics'. Knows nothing of the command line; the model and store are given to it.
 """
@@ -25,6 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memllm.agents.chat import ChatAgent, user_namespace
+from memllm.engine_thread import EngineThread
 from memllm.errors import BusyError, HostBudgetError, MemllmError, MemoryLimitError
 from memllm.serve.auth import KeyStore
 from memllm.serve.memory_api import memory_router
@@ -45,6 +50,7 @@ class Limits:
     memory_tokens: int | None = None  # budget for recalled memory in a prompt (None: a quarter of the window)
     flash_tokens: int | None = None  # budget for recent turns in a prompt (None: half of the window)
     lock_timeout: float | None = None  # seconds to wait for another process holding a user's kv memory (None: no end)
+    batch: bool = True  # kv memory: users' answers decode together (memllm.engine_thread); False: one at a time
 
 
 class TextPart(BaseModel):
@@ -105,10 +111,14 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                limits: Limits | None = None, memory: str = "text") -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="memllm", version="1")
-    model_lock = threading.Lock()  # one generation at a time on the model
+    model_lock = threading.RLock()  # held around every model call (ChatAgent's own; the engine's per step)
     queue = Queue(limits.max_queue)
     agents: OrderedDict[str, ChatAgent] = OrderedDict()
     agents_lock = threading.Lock()
+    user_locks: dict[str, threading.Lock] = {}  # one answer at a time per user; held: the user is busy
+    engine = EngineThread(llm, model_lock) if limits.batch and memory != "text" else None
+    app.state.engine = engine
+    app.state.model_lock = model_lock
     metrics = Metrics()
     app.state.metrics = metrics
 
@@ -189,31 +199,43 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             raise HTTPException(404, f"user {user!r} not found for this key")
         return user.strip()
 
-    def spill(keep: str) -> bool:
-        """Close the least recently used session other than `keep`'s, to make room under the host-memory
-        budget: its kv memory is on disk already (saved after every answer) and comes back from there
-        on the user's next request. False when there is none to close."""
+    def user_lock(user: str) -> threading.Lock:
         with agents_lock:
-            user = next((u for u in agents if u != keep), None)
-            old = agents.pop(user) if user is not None else None
-        if old is None:
+            return user_locks.setdefault(user, threading.Lock())
+
+    def pop_idle(keep: str | None) -> tuple[str, ChatAgent] | None:
+        """Take the least recently used agent other than `keep`'s whose user is not answering out of
+        the LRU (called holding agents_lock); None when every other one is busy."""
+        for user in agents:
+            lock = user_locks.get(user)
+            if user != keep and (lock is None or not lock.locked()):
+                return user, agents.pop(user)
+        return None
+
+    def spill(keep: str) -> bool:
+        """Close the least recently used idle session other than `keep`'s, to make room under the
+        host-memory budget: its kv memory is on disk already (saved after every answer) and comes back
+        from there on the user's next request. False when there is none to close."""
+        with agents_lock:
+            idle = pop_idle(keep)
+        if idle is None:
             return False
-        log.info("closed the session of %s to make room under the host-memory budget", user)
-        old.close()
+        log.info("closed the session of %s to make room under the host-memory budget", idle[0])
+        idle[1].close()
         return True
 
     def agent_for(user: str) -> ChatAgent:
+        """The user's agent (opened if need be); called holding the user's lock."""
         while True:
             try:
                 return open_agent(user)
             except HostBudgetError:
-                with model_lock:  # the session closed is not in the middle of an answer
-                    if not spill(user):
-                        raise
+                if not spill(user):
+                    raise
 
     def answer(agent: ChatAgent, message: str, kwargs: dict[str, Any]) -> Iterator[str]:
         """agent.stream, whose room check (before anything is fed) may close idle sessions and try again.
-        Called holding model_lock."""
+        Called holding the user's lock."""
         while True:
             pieces = agent.stream(message, **kwargs)
             try:
@@ -239,11 +261,14 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             if limits.flash_tokens is not None:
                 budgets = replace(budgets, flash_tokens=limits.flash_tokens)
             agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens,
-                              controller=budgets, lock_timeout=limits.lock_timeout)
+                              controller=budgets, lock_timeout=limits.lock_timeout, model_lock=model_lock,
+                              kv_generate=engine.generate if engine is not None else None)  # fmt: skip
             agents[user] = agent
             while len(agents) > limits.max_sessions:
-                _, old = agents.popitem(last=False)
-                old.close()
+                idle = pop_idle(user)
+                if idle is None:  # the others are answering: over the limit until one ends
+                    break
+                idle[1].close()
             return agent
 
     def recalled(agent: ChatAgent) -> list[dict[str, str]]:
@@ -268,7 +293,7 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def get_metrics() -> str:
-        return metrics.text()
+        return metrics.text(engine.stats() if engine is not None else None)
 
     @app.get("/v1/models")
     def models(request: Request) -> dict[str, Any]:
@@ -286,7 +311,8 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             raise HTTPException(400, "the last user message must be non-empty")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         queue.check()
-        agent = agent_for(user)
+        with user_lock(user):  # opened now: a refusal (budget, a busy user) is the response's status
+            agent_for(user)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         kwargs = {"stop": stop, "max_new_tokens": max_tokens, "temperature": body.temperature}
         prompt_tokens = llm.count_tokens(message)
@@ -296,7 +322,8 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             return "length" if n >= budget else "stop"
 
         if not body.stream:
-            with queue, model_lock:
+            with queue, user_lock(user):
+                agent = agent_for(user)  # the same one, unless it was closed since to make room
                 text = "".join(answer(agent, message, kwargs))
                 used = recalled(agent)
                 prompt_tokens = prompt_size(agent, message)
@@ -316,8 +343,8 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                                               "model": model_name, "choices": [
                                                   {"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
             def produce() -> Iterator[str]:
-                with queue, model_lock:  # counted from the first read: a stream never read holds nothing
-                    yield from answer(agent, message, kwargs)
+                with queue, user_lock(user):  # counted from the first read: a stream never read holds nothing
+                    yield from answer(agent_for(user), message, kwargs)
 
             pieces = []
             yield chunk({"role": "assistant", "content": ""}, None)
@@ -351,11 +378,12 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             agent.close()
 
     def close_session(user: str) -> None:
-        """Close `user`'s session once no generation runs (its kv memory is saved, its lock let go):
-        for a host that moves users between servers (memllm.distributed.serve_ray)."""
-        with model_lock:
+        """Close `user`'s session once their answer (if any) ends (its kv memory is saved, its lock let
+        go): for a host that moves users between servers (memllm.distributed.serve_ray), and for the
+        memory API's deletes."""
+        with user_lock(user.strip()):
             drop_session(user)
 
     app.state.close_session = close_session
-    app.include_router(memory_router(store, namespace_for, drop_session))
+    app.include_router(memory_router(store, namespace_for, close_session))
     return app

@@ -27,11 +27,14 @@ class Metrics:
         with self.lock:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
-    def text(self) -> str:
+    def text(self, engine: dict[str, int] | None = None) -> str:
+        """The counters; `engine`: an EngineThread's stats (kv answers decoded together), as memllm_engine_*."""
         lines = ["# TYPE memllm_requests_total counter"]
         with self.lock:
             for (path, status), n in sorted(self.requests.items()):
                 lines.append(f'memllm_requests_total{{path="{path}",status="{status}"}} {n}')
             lines += ["# TYPE memllm_completion_tokens_total counter", f"memllm_completion_tokens_total {self.tokens}",
                       "# TYPE memllm_in_flight gauge", f"memllm_in_flight {self.in_flight}"]
+        for name, n in sorted((engine or {}).items()):  # turns, steps (batched model calls), batch_rows, prefill_calls
+            lines += [f"# TYPE memllm_engine_{name}_total counter", f"memllm_engine_{name}_total {n}"]
         return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""`memllm serve` with kv memory decodes the users' answers together (issue 19: memllm.engine_thread):
+concurrent chats of several users are stepped in shared model calls and answer exactly as the same
+chats served one at a time (`Limits(batch=False)`); each user's kv memory ends the same; /metrics
+counts the batched steps; a user's second request waits for their first, never joins beside it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from memllm.config import MemoryConfig
+
+SMALL = MemoryConfig(n_init=4, n_local=64, block_size=16, repr_topk=2, topk=2, exc_block_size=16, chunk_size=32,
+                     selector="question")  # fmt: skip
+USERS = ["ann", "bob", "cy", "dee"]
+SAID = {  # statements stay in the kv stream: every user's memory differs before the question
+    "ann": "I keep my bike in the red shed behind the school.",
+    "bob": "My sister Nora moved to Bergen last spring, and the weather there is wet. " * 4,
+    "cy": "The locker code is 4417.",
+    "dee": "We planted tomatoes, beans and three rows of onions in May. " * 9,
+}
+ASK = "What did I tell you?"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from memllm.llm import MemLLM
+    from tests.foundation.tiny_gguf import write_tiny_llama_gguf
+
+    llm = MemLLM.from_pretrained(str(write_tiny_llama_gguf(tmp_path_factory.mktemp("g") / "t.gguf", context=1024)),
+                                 device="cpu")  # fmt: skip
+    llm.memory = SMALL
+    return llm
+
+
+def serve(tiny, path, batch: bool):
+    from fastapi.testclient import TestClient
+
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+    from memllm.serve.app import Limits, create_app
+
+    store = FaissStore(path, FakeEmbedder(dim=16))
+    app = create_app(tiny, store, memory="kv", limits=Limits(max_tokens=12, batch=batch))
+    return TestClient(app), app, store
+
+
+def chat(client, user: str, text: str) -> dict:
+    r = client.post("/v1/chat/completions", json={
+        "user": user, "max_tokens": 12, "messages": [{"role": "user", "content": text}]})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def answers(body: dict) -> tuple[str, dict]:
+    return body["choices"][0]["message"]["content"], body["memllm"]["kv"]
+
+
+def test_concurrent_kv_chats_are_batched_and_answer_as_one_at_a_time(tiny, tmp_path):
+    client, app, store = serve(tiny, tmp_path / "one", batch=False)
+    try:
+        assert app.state.engine is None
+        for u in USERS:
+            chat(client, u, SAID[u])
+        want = {u: answers(chat(client, u, ASK)) for u in USERS}
+    finally:
+        store.close()
+
+    client, app, store = serve(tiny, tmp_path / "many", batch=True)
+    engine = app.state.engine
+    try:
+        for u in USERS:
+            chat(client, u, SAID[u])
+        before = engine.stats()
+        got: dict[str, tuple] = {}
+
+        def ask(u: str) -> None:
+            got[u] = answers(chat(client, u, ASK))
+
+        threads = [threading.Thread(target=ask, args=(u,)) for u in USERS]
+        with app.state.model_lock:  # no step until every user's turn is queued: they join one batch
+            for t in threads:
+                t.start()
+            end = time.monotonic() + 60
+            while engine.submitted < before["turns"] + len(USERS) and time.monotonic() < end:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(120)
+        assert got == want and sum(bool(a) for a, _ in want.values()) >= 3, want
+        after = engine.stats()
+        steps, rows = after["steps"] - before["steps"], after["batch_rows"] - before["batch_rows"]
+        assert steps > 0 and rows >= 2 * steps  # several users' tokens in each batched model call
+        assert after["prefill_calls"] > before["prefill_calls"]  # their prompts fed together
+        text = client.get("/metrics").text
+        assert f"memllm_engine_batch_rows_total {after['batch_rows']}" in text
+    finally:
+        store.close()
+
+
+def test_a_users_second_request_waits_for_the_first(tiny, tmp_path):
+    client, app, store = serve(tiny, tmp_path / "m", batch=True)
+    try:
+        chat(client, "ann", SAID["ann"])
+        out: list[dict] = []
+        threads = [threading.Thread(target=lambda: out.append(chat(client, "ann", ASK))) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(out) == 2  # neither refused ("already generating"): the second ran after the first
+        assert sorted(o["memllm"]["kv"]["turns"] for o in out) == [2, 3]
+    finally:
+        store.close()
