@@ -479,6 +479,8 @@ class ChatAgent:
         from_stream = self.session is not None and (self.stream_with_facts or not recalls_fact(recall))
         self.answer_fact = None
         self.answered_from = "stream" if from_stream else "prompt"
+        scanner = StopScanner(stop)  # checked before kv_generate queues the turn: nothing fails between
+        shown = ""
         before = self.session.mark() if self.session is not None else None  # before kv_generate queues the turn
         if from_stream:
             turn = self._kv_turn(text, recall)
@@ -506,8 +508,6 @@ class ChatAgent:
                     **opts,
                 )
             )
-        scanner = StopScanner(stop)
-        shown = ""
         interrupted = False
         finished = False
         try:
