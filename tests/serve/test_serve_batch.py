@@ -113,3 +113,37 @@ def test_a_users_second_request_waits_for_the_first(tiny, tmp_path):
         assert sorted(o["memllm"]["kv"]["turns"] for o in out) == [2, 3]
     finally:
         store.close()
+
+
+def test_streamed_kv_answers_batch_too_and_equal_the_plain_ones(tiny, tmp_path):
+    import json
+
+    client, app, store = serve(tiny, tmp_path / "s", batch=True)
+    try:
+        for u in USERS[:2]:
+            chat(client, u, SAID[u])
+        want = {}
+        for u in USERS[:2]:  # the same question twice: a question leaves nothing in the kv stream
+            want[u] = answers(chat(client, u, ASK))[0]
+        got: dict[str, str] = {}
+
+        def stream(u: str) -> None:
+            r = client.post("/v1/chat/completions", json={
+                "user": u, "max_tokens": 12, "stream": True, "messages": [{"role": "user", "content": ASK}]})  # fmt: skip
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            got[u] = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+
+        before = app.state.engine.stats()
+        threads = [threading.Thread(target=stream, args=(u,)) for u in USERS[:2]]
+        with app.state.model_lock:
+            for t in threads:
+                t.start()
+            end = time.monotonic() + 60
+            while app.state.engine.submitted < before["turns"] + 2 and time.monotonic() < end:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(120)
+        assert got == want
+        assert app.state.engine.stats()["batch_rows"] > before["batch_rows"]
+    finally:
+        store.close()
