@@ -59,7 +59,8 @@ class EngineThread:
         BatchEngine(llm, impl)  # checks impl now, not in the thread
         self.llm, self.lock, self.impl = llm, lock, impl
         self.engines: dict[Any, BatchEngine] = {}  # MemoryConfig -> its engine
-        self.submitted = 0  # turns queued so far
+        self.submitted = 0  # turns queued so far (callers' threads count them: _count)
+        self._count = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._turns: dict[int, _Turn] = {}  # id(request) -> its turn, while it generates
         self._closed = False
@@ -80,7 +81,8 @@ class EngineThread:
         if self._closed or not self._thread.is_alive():
             raise ConfigError("the engine thread is closed: make a new EngineThread")
         turn = _Turn(session, list(ids), max_new_tokens, guard, query)
-        self.submitted += 1
+        with self._count:
+            self.submitted += 1
         self._inbox.put(turn)
         return self._read(turn)
 

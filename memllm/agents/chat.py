@@ -152,7 +152,7 @@ class ChatAgent:
         max_new_tokens, guard, query) -> text pieces: how a turn answered from the kv stream is
         generated (default: session.generate; memllm serve: an EngineThread's, batched with other
         users' turns). model_lock: held around every model call the agent makes itself (a text-mode
-        answer, a kv turn's own generation, closing a turn, a rebuild; default none), for a model
+        answer, a kv turn's own generation, closing a turn, a rebuild, a summary; default none), for a model
         shared by threads (memllm serve); kv_generate takes it itself."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
@@ -434,9 +434,10 @@ class ChatAgent:
         )
 
     def _summarize(self, text: str) -> str:
-        return self.llm.chat(
-            [{"role": "user", "content": SUMMARY_PROMPT + text}], max_new_tokens=48, temperature=0.0
-        )
+        with self.model_lock:  # the store's summary of a long turn is a model call
+            return self.llm.chat(
+                [{"role": "user", "content": SUMMARY_PROMPT + text}], max_new_tokens=48, temperature=0.0
+            )
 
     def _locked(self, pieces: Iterator[str]) -> Iterator[str]:
         """`pieces` read holding model_lock (released when they end or the reader stops)."""
@@ -531,7 +532,7 @@ class ChatAgent:
             raise
         finally:
             source.close()  # a turn still generating ends here (an EngineThread's leaves the batch)
-            with self.model_lock:
+            with self.model_lock:  # the store's writes below take it only to summarize (_summarize)
                 if self.session is not None and before is not None and interrupted:
                     self.session.rewind(before)
                 elif self.session is not None:
@@ -539,7 +540,7 @@ class ChatAgent:
                     self._close_kv_turn(turn, text, shown, why, before)
                     self.kv_turns += 1
                     self._unsaved = True
-                self._store_turn(text, shown.strip(), finished and not interrupted)
+            self._store_turn(text, shown.strip(), finished and not interrupted)
             if self.session is not None and not interrupted:
                 self.save()  # after every answer: a killed process loses no answered turn
 

@@ -311,8 +311,6 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             raise HTTPException(400, "the last user message must be non-empty")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         queue.check()
-        with user_lock(user):  # opened now: a refusal (budget, a busy user) is the response's status
-            agent_for(user)
         cid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         kwargs = {"stop": stop, "max_new_tokens": max_tokens, "temperature": body.temperature}
         prompt_tokens = llm.count_tokens(message)
@@ -336,6 +334,9 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
                               "total_tokens": prompt_tokens + n},
                     "memllm": {"user": user, "recalled": used, **({"kv": kv} if kv is not None else {})}}
+
+        with user_lock(user):  # opened before the stream starts: a refusal (budget, a busy user) is its status
+            agent_for(user)
 
         def events() -> Iterator[str]:
             def chunk(delta: dict, finish: str | None) -> str:
