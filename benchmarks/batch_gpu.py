@@ -31,7 +31,8 @@ What it measures, per length (default 32K and 128K tokens per session):
     host bounds the step); `syncs_per_step`: synchronising CUDA calls in one more step
     (torch.cuda.set_sync_debug_mode warnings; memllm's own token read is one);
     `gpu_busy_ms_per_step`: the device time of the kernels and copies of --profile-steps more steps
-    (torch.profiler); `host_us_per_launch`: a tiny kernel's launch cost measured just before, the
+    (torch.profiler), and from the same profile `profile`: kernel launches per step, the kernels with
+    the most device time and the host ops with the most own host time; `host_us_per_launch`: a tiny kernel's launch cost measured just before, the
     host's speed at that moment (if it differs between rows, the process, not the code, changed).
   * correctness on the device: the first batched step's logits of 4 clones (impl "fast" and
     "reference") against one clone stepped alone: max relative error and argmax agreement.
@@ -123,10 +124,12 @@ def syncs_in(step, dev: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def gpu_busy_ms(step, steps: int, dev: torch.device) -> float | None:
-    """Device time (kernels and copies) per step() over `steps` steps, from torch.profiler."""
+def gpu_busy_ms(step, steps: int, dev: torch.device) -> tuple[float | None, dict | None]:
+    """Device time (kernels and copies) per step() over `steps` steps, from torch.profiler, and where
+    the time goes per step: the kernels with the most device time, the host ops with the most own
+    host time and the kernel launches (runtime calls named *LaunchKernel*)."""
     if dev.type != "cuda" or steps < 1:
-        return None
+        return None, None
     from torch.profiler import ProfilerActivity, profile
 
     sync(dev)
@@ -134,11 +137,22 @@ def gpu_busy_ms(step, steps: int, dev: torch.device) -> float | None:
         for _ in range(steps):
             step()
         sync(dev)
-    total = 0.0
+    total, kernels, host, launches = 0.0, [], [], 0
     for evt in prof.key_averages():
         if getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
-    return total / 1000 / steps
+            t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+            total += t
+            kernels.append((t, evt.key, evt.count))
+        else:
+            if "LaunchKernel" in evt.key:
+                launches += evt.count
+            host.append((evt.self_cpu_time_total, evt.key, evt.count))
+    top = lambda rows: [  # noqa: E731
+        {"name": k[:120], "ms_per_step": round(t / 1000 / steps, 3), "calls_per_step": round(c / steps, 1)}
+        for t, k, c in sorted(rows, reverse=True)[:25]
+    ]
+    where = {"launches_per_step": launches / steps, "kernels": top(kernels), "host_ops": top(host)}
+    return total / 1000 / steps, where
 
 
 def where_time_goes(step, steps: int, dev: torch.device, profile_steps: int) -> dict:
@@ -146,7 +160,7 @@ def where_time_goes(step, steps: int, dev: torch.device, profile_steps: int) -> 
     row = {"host_us_per_launch": host_probe(dev)}
     row.update(timed_steps(step, steps, dev))
     row["syncs_per_step"] = syncs_in(step, dev)
-    row["gpu_busy_ms_per_step"] = gpu_busy_ms(step, profile_steps, dev)
+    row["gpu_busy_ms_per_step"], row["profile"] = gpu_busy_ms(step, profile_steps, dev)
     return row
 
 
@@ -555,16 +569,17 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
     print(json.dumps(env))
     print(f"{'system':18} {'length':>8} {'sessions':>8} {'ms/step':>9} {'tok/s':>9} {'peak GPU GiB':>13} "
-          f"{'host ms':>8} {'wait ms':>8} {'gpu ms':>8} {'syncs':>6} {'us/launch':>9} {'hit rate':>8}")  # fmt: skip
+          f"{'host ms':>8} {'wait ms':>8} {'gpu ms':>8} {'syncs':>6} {'us/launch':>9} {'hit rate':>8} {'launches':>8}")  # fmt: skip
     for r in rows:
         gpu = (r.get("peak_gpu_bytes") or 0) / 2**30
         mark = " (largest that fits)" if r.get("largest_that_fits") else ""
         busy = "-" if r.get("gpu_busy_ms_per_step") is None else f"{r['gpu_busy_ms_per_step']:.2f}"
         syncs = "-" if r.get("syncs_per_step") is None else str(r["syncs_per_step"])
         hit = "-" if r.get("unit_cache_hit_rate") is None else f"{r['unit_cache_hit_rate']:.3f}"
+        launches = "-" if not r.get("profile") else f"{r['profile']['launches_per_step']:.0f}"
         print(f"{r['system']:18} {r['length']:>8} {r['sessions']:>8} {r['ms_per_step']:>9.2f} "
               f"{r['tokens_per_s']:>9.0f} {gpu:>13.3f} {r['host_ms_per_step']:>8.2f} {r['wait_ms_per_step']:>8.2f} "
-              f"{busy:>8} {syncs:>6} {r['host_us_per_launch']:>9.2f} {hit:>8}{mark}")  # fmt: skip
+              f"{busy:>8} {syncs:>6} {r['host_us_per_launch']:>9.2f} {hit:>8} {launches:>8}{mark}")  # fmt: skip
 
 
 if __name__ == "__main__":
