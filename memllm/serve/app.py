@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -115,7 +116,11 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     queue = Queue(limits.max_queue)
     agents: OrderedDict[str, ChatAgent] = OrderedDict()
     agents_lock = threading.Lock()
-    user_locks: dict[str, threading.Lock] = {}  # one answer at a time per user; held: the user is busy
+    # One answer at a time per user: user -> [its lock, requests holding or waiting for it]. A user is
+    # in the map only while a request holds or waits for the lock (busy); the last one out removes it,
+    # so the map never grows with the users a server has seen.
+    user_locks: dict[str, list[Any]] = {}
+    app.state.busy_users = lambda: sorted(user_locks)
     engine = EngineThread(llm, model_lock) if limits.batch and memory != "text" else None
     app.state.engine = engine
     app.state.model_lock = model_lock
@@ -199,16 +204,25 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
             raise HTTPException(404, f"user {user!r} not found for this key")
         return user.strip()
 
-    def user_lock(user: str) -> threading.Lock:
+    @contextmanager
+    def user_lock(user: str) -> Iterator[None]:
         with agents_lock:
-            return user_locks.setdefault(user, threading.Lock())
+            entry = user_locks.setdefault(user, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with agents_lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del user_locks[user]
 
     def pop_idle(keep: str | None) -> tuple[str, ChatAgent] | None:
         """Take the least recently used agent other than `keep`'s whose user is not answering out of
         the LRU (called holding agents_lock); None when every other one is busy."""
         for user in agents:
-            lock = user_locks.get(user)
-            if user != keep and (lock is None or not lock.locked()):
+            if user != keep and user not in user_locks:
                 return user, agents.pop(user)
         return None
 

@@ -111,6 +111,27 @@ def test_a_users_second_request_waits_for_the_first(tiny, tmp_path):
             t.join(120)
         assert len(out) == 2  # neither refused ("already generating"): the second ran after the first
         assert sorted(o["memllm"]["kv"]["turns"] for o in out) == [2, 3]
+        assert app.state.busy_users() == []  # a user's lock lives only while a request holds or waits for it
+    finally:
+        store.close()
+
+
+def test_a_user_is_busy_while_answering_and_forgotten_after(tiny, tmp_path):
+    client, app, store = serve(tiny, tmp_path / "b", batch=True)
+    try:
+        seen: list[list[str]] = []
+        t = threading.Thread(target=lambda: chat(client, "bob", SAID["bob"]))
+        with app.state.model_lock:  # bob's answer waits for the model: he is busy until it ends
+            t.start()
+            end = time.monotonic() + 60
+            while not app.state.busy_users() and time.monotonic() < end:
+                time.sleep(0.01)
+            seen.append(app.state.busy_users())
+        t.join(120)
+        for i in range(30):  # many users come and go: nothing is kept per user once they are answered
+            chat(client, f"u{i}", "hello")
+        assert seen == [["bob"]]
+        assert app.state.busy_users() == []
     finally:
         store.close()
 
