@@ -28,8 +28,8 @@ longest): every session through the reference loop on its own tokens, the paddin
 any state; the linear layers run once for all rows, padding included.
 
 Not here: stacking multi-token calls, probing (select.Probe), CUDA graphs of the batched step
-(the stacked buffers and device indexes persist across steps, a start; the rows' views and
-counters are host work after each step, as static.py's advance_host), and sessions with
+(the stacked buffers and device indexes persist across steps, a start; the rows' counters are
+host work after each step, as static.py's advance_host), and sessions with
 different MemoryConfigs or models in one batch (ConfigError). Knows nothing of text, tokens or sessions.
 """
 

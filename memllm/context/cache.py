@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -75,11 +76,36 @@ class PlanMemo:
         return self.plan
 
 
+class _WindowPart:
+    """One of a layer's window tensors (local_k, local_v, local_score). Reading or setting it first makes
+    the views of a window handed over by a stacked step (ContextMemoryLayer.hand_window); setting it
+    ends window_from."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        if layer._window_row is not None:
+            layer._take_window()
+        return getattr(layer, self.slot)
+
+    def __set__(self, layer: Any, t: torch.Tensor) -> None:
+        if layer._window_row is not None:
+            layer._take_window()
+        setattr(layer, self.slot, t)
+        layer.window_from = None
+
+
 class ContextMemoryLayer(CacheLayerMixin):
     """One layer's sinks, window, window scores and units."""
 
     is_sliding = False
     is_croppable = False
+    local_k = _WindowPart()  # (kv_heads, L, head_dim) the window's keys, rotated at j - base
+    local_v = _WindowPart()  # (kv_heads, L, head_dim)
+    local_score = _WindowPart()  # (kv_heads, L) fp32: the attention each window key received
 
     def __init__(
         self,
@@ -109,6 +135,10 @@ class ContextMemoryLayer(CacheLayerMixin):
         h, d = spec.kv_heads, spec.head_dim
         empty = torch.empty(h, 0, d, dtype=self.dtype, device=self.device)
         self.sink_k, self.sink_v = empty, empty
+        # A batch's stacked step (stacked.py) leaves the window as a row of its buffers, made into
+        # views only when read (`hand_window`); window_from: the row the window came from, until set.
+        self._window_row: tuple | None = None
+        self.window_from: tuple | None = None
         self.local_k, self.local_v = empty, empty
         self.local_score = torch.empty(h, 0, dtype=torch.float32, device=self.device)  # (kv_heads, L)
         self.seen = 0
@@ -130,6 +160,24 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.max_keys_per_query = 0
         self.max_position = 0
         self.is_initialized = True
+
+    # ---- the window: local_k (kv_heads, L, d), local_v, local_score (kv_heads, L) fp32 --------------
+    def hand_window(self, row: tuple) -> None:
+        """The window is row i's first n keys of a stacked step's buffers: row = (k, v, score, i, n),
+        k, v (kv_heads, S, capacity, d), score (kv_heads, S, capacity). Views are made when it is read
+        (a session that goes on stepping in the batch never reads it: no per-row views per step)."""
+        self._window_row = self.window_from = row
+        self._local_k = self._local_v = self._local_score = None
+
+    def window_length(self) -> int:
+        """L, the window's keys (without making a handed window's views)."""
+        row = self._window_row
+        return row[4] if row is not None else self._local_k.shape[1]
+
+    def _take_window(self) -> None:
+        k, v, score, i, n = self._window_row
+        self._local_k, self._local_v, self._local_score = k[:, i, :n], v[:, i, :n], score[:, i, :n]
+        self._window_row = None
 
     def _unit_cache(self) -> UnitCache:
         """The device cache of this layer's units (MemoryConfig.device_unit_cache; unit_cache.py)."""
@@ -531,7 +579,7 @@ class ContextMemoryCache(Cache):
         cfg = self.config
         layer = self.layers[0]
         head = 0 if layer.cut else cfg.n_init
-        window = layer.local_k.shape[1]
+        window = layer.window_length()
         return layer.store.n_units + max(0, window + n_tokens - head - cfg.n_local) // cfg.block_size
 
     def host_bytes_for(self, n_tokens: int) -> int:

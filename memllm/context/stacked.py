@@ -11,11 +11,13 @@ change of the rows' state, not per layer and step:
     (each layer's local_k/v are views of it), the last received scores, the rows' unit indexes
     stacked (S, kv_heads, units, head_dim) and their sinks. A step writes each row's new key after
     its window in place (past every view handed out before, so a checkpoint holding one is
-    untouched), computes fresh scores, and hands each layer views again (one split per buffer, no
-    copy). Before a layer attends, a row whose layer no longer holds the views handed out last (it
-    stepped alone, cut, rolled back), whose store was written (UnitStore.edits) or whose sinks
-    changed is copied in again, into NEW buffers (the others moved there in one copy per buffer):
-    no buffer a view was handed out of is ever rewritten.
+    untouched), computes fresh scores, and hands each layer its row of the buffers again
+    (ContextMemoryLayer.hand_window: the views are made only if the window is read, so a session
+    that goes on stepping in the batch costs no views per layer and step; making 6 views per row
+    and layer was most of the per-row host time, GPU run 39). Before a layer attends, a row whose
+    layer no longer holds the row handed out last (it stepped alone, cut, rolled back), whose store
+    was written (UnitStore.edits) or whose sinks changed is copied in again, into NEW buffers (the
+    others moved there in one copy per buffer): no buffer a view was handed out of is ever rewritten.
   * the gather of every row's units from its own store is the kernels' `stores_gather()` (CUDA: one
     launch over the stores' joined segment tables, kept while the stores' segments are unchanged);
     with the device unit cache on, each row through its store's cache (unit_cache.py: one planning
@@ -124,7 +126,7 @@ def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | No
     cfg = caches[0].config
     for b, cache in enumerate(caches):
         layer = cache.layers[0]
-        plan = layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, 1)
+        plan = layer.plans.get(layer.seen, layer.window_length(), layer.cut, layer.store.n_units, 1)
         if not steady(layer, plan):
             continue
         model_start = layer.reported_length()
@@ -151,8 +153,9 @@ def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | No
                 valid, keys, positions, forced, cfg.block_size)  # fmt: skip
 
 
-def _views_of(layer: ContextMemoryLayer, views: tuple[torch.Tensor, ...]) -> bool:
-    return layer.local_k is views[0] and layer.local_v is views[1] and layer.local_score is views[2]
+def _views_of(layer: ContextMemoryLayer, row: tuple | None) -> bool:
+    """Whether layer's window is still the buffer row handed to it last (ContextMemoryLayer.hand_window)."""
+    return row is not None and layer.window_from is row
 
 
 def _assemble(
@@ -189,8 +192,9 @@ class StackedLayer:
         self.k: torch.Tensor | None = None  # (kv_heads, S, capacity, head_dim) model dtype
         self.v: torch.Tensor | None = None
         self.score: torch.Tensor | None = None  # (kv_heads, S, capacity) fp32: 0 past each window
-        # per row: the local_k, local_v, local_score handed out (a row is current while its layer holds them)
-        self.views: list[tuple[torch.Tensor, ...]] = []
+        # per row: the buffer row handed out (ContextMemoryLayer.hand_window; current while its layer's
+        # window_from is it)
+        self.views: list[tuple | None] = []
         self.reprs: torch.Tensor | None = None  # (S, kv_heads, units, head_dim): each row's index
         self.index_keys: list[tuple[int, int]] = []  # per row: (store.edits, n_units) reprs was copied at
         self.sink_k: torch.Tensor | None = None  # (S, kv_heads, n_init, head_dim)
@@ -232,7 +236,7 @@ class StackedLayer:
         self.k = _assemble(self.k, shape, 1, keep, fill("local_k"), like)
         self.v = _assemble(self.v, shape, 1, keep, fill("local_v"), like)
         self.score = _assemble(self.score, shape[:3], 1, keep, fill("local_score"), first.local_score)
-        self.views = [(lay.local_k, lay.local_v, lay.local_score) for lay in layers]  # checked next call
+        self.views = [None] * len(layers)  # until this call hands its rows out
         self.rebuilds += 1
 
     def _index(self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]]) -> None:
@@ -311,18 +315,14 @@ class StackedLayer:
             self.sink_k, self.sink_v, unit_k, unit_v, scale,
         )  # fmt: skip
 
-        # Each row's state: views of the buffers (one split each), the counters, the bounds.
-        sizes = []
-        for w in st.windows:
-            sizes += (w + 1, cap - w - 1)
-        ks = self.k.view(kvh, S * cap, d).split_with_sizes(sizes, 1)
-        vs = self.v.view(kvh, S * cap, d).split_with_sizes(sizes, 1)
-        ss = score.view(kvh, S * cap).split_with_sizes(sizes, 1)
-        views = self.views = list(zip(ks[::2], vs[::2], ss[::2], strict=True))
+        # Each row's state: its window a row of the buffers (views made only when read), the counters,
+        # the bounds.
+        k_buf, v_buf = self.k, self.v
+        rows = self.views = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
         self.score = score
         fetched = kvh
         for i, lay in enumerate(layers):
-            lay.local_k, lay.local_v, lay.local_score = views[i]
+            lay.hand_window(rows[i])
             lay.static_views = False
             if lay.probe is None:  # steady rows have none; as count_lookups
                 lay.lookups += 1

@@ -355,6 +355,38 @@ def test_leaving_gives_the_session_its_own_windows_and_drops_a_queued_prompt():
     assert c.cache.seen_tokens == 300 and b.cache.seen_tokens == seen and not engine.active
 
 
+def test_a_stacked_step_hands_windows_over_without_making_views():
+    """After a stacked step each layer holds its row of the batch's buffers, not views: the next
+    stacked step keeps it (no buffer made again) and makes no views; reading a window makes them, the
+    same keys, values and scores a reference batch leaves; setting it ends the handed row."""
+    model = model_on("cpu")
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), "fast")
+    ref_engine = BatchEngine(FakeLLM(model, CharTokenizer()), "reference")
+    a, b = fed(model, "cpu", 700), fed(model, "cpu", 300)
+    ra, rb = fed(model, "cpu", 700), fed(model, "cpu", 300)
+    for e, (x, y) in ((engine, (a, b)), (ref_engine, (ra, rb))):
+        e.join(x, max_new_tokens=3, stop=set())
+        e.join(y, max_new_tokens=3, stop=set())
+        e.step()
+        e.step()
+    assert engine.stacked_rows == 4
+    lay = a.cache.layers[1]
+    assert lay._window_row is not None and lay._local_k is None  # handed over, no views made
+    stacked = engine._batch.layers[1].stacked
+    rebuilds = stacked.rebuilds
+    row = lay.window_from
+    assert lay.window_length() == row[4] == ra.cache.layers[1].local_k.shape[1]
+    for s, r in ((a, ra), (b, rb)):
+        for got, want in zip(s.cache.layers, r.cache.layers, strict=True):
+            for name in ("local_k", "local_v", "local_score"):
+                assert rel_err(getattr(got, name), getattr(want, name)) < 1e-5
+    assert lay.window_from is row and lay._window_row is None  # read: views made, still the handed row
+    engine.step()
+    assert stacked.rebuilds == rebuilds and engine.stacked_rows == 6  # kept: nothing copied in again
+    lay.local_score = lay.local_score.clone()
+    assert lay.window_from is None
+
+
 def test_steady_steps_read_nothing_on_the_host_after_layer_0(monkeypatch):
     """A steady batched step (every row stacked, buffers made by the step before) reads no tensor on
     the host and builds no tensor from Python data (torch.tensor, an index given as a list) in any
