@@ -8,8 +8,9 @@ its address while segments are added; new entries are copied in place, old ones 
 int8 units are dequantized in the kernel. `write_units_uva` is the other direction: a static call
 (static.py) writes the units it cuts at device-side ids, so the call can be replayed as a graph. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
 With the device unit cache on (MemoryConfig.device_unit_cache, unit_cache.py), a lookup's gather
-(`gather_cached_uva`; a batch's, StoresGather) is planned on the device by unit_cache.plan_caches
-(PyTorch ops) and then the same kernel runs with CACHED: each entry reads its pool slot (a hit) or its
+(`gather_cached_uva`; a batch's, StoresGather) is planned on the device by _plan_kernel (one launch,
+a program per cache: unit_cache.plan_slots, its reference, was ~70 PyTorch launches per layer and a
+stack of every cache's table, GPU run 39) and then the same kernel runs with CACHED: each entry reads its pool slot (a hit) or its
 host unit (a miss, the only PCIe read), and a miss also writes its unit to its pool slot, through a
 table of the pools' addresses (one row per store). unit_cache.gather_cached is its reference.
 Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from memllm.context.cuda.lookup import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.gather import distinct_pairs
-from memllm.context.unit_cache import UnitCache, plan_caches, serves
+from memllm.context.unit_cache import UnitCache, serves
 from memllm.context.units import UnitStore
 
 TL_DTYPES = {
@@ -280,6 +281,7 @@ class StoresGather:
         self.joined: dict[str, torch.Tensor] = {}
         self.base: torch.Tensor | None = None  # (S,) long: each row's first unit in the joined tables
         self.joins = 0  # times the tables were joined (tests read it)
+        self.kept: dict = {}  # the stores' unit caches' address tables (cached_args)
 
     def __call__(
         self, stores: list[UnitStore], ids: torch.Tensor, dtype: torch.dtype
@@ -298,7 +300,7 @@ class StoresGather:
         ):
             self._join(stores, ids.device)
         gids = (ids + self.base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
-        cached = cached_args([s.unit_cache for s in stores], ids, dtype) if serves(stores, ids) else None
+        cached = cached_args([s.unit_cache for s in stores], ids, dtype, self.kept) if serves(stores, ids) else None
         _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False, cached)
         return out_k, out_v
 
@@ -371,16 +373,120 @@ def _launch_gather(
     )
 
 
+NEVER_I64 = -1  # unit_cache.NEVER
+AGE_MAX = torch.iinfo(torch.long).max
+
+
+@triton.jit
+def _plan_kernel(
+    ids_ptr,  # (rows, KV_HEADS, T) int64, contiguous: row s's ids for cache s
+    tables,  # (rows, 2) int64: cache s's table (2, KV_HEADS, C) and meta (4,) addresses
+    source_ptr,  # (rows, KV_HEADS, T) int64 out: the slot to read, or -1 (host memory)
+    install_ptr,  # (rows, KV_HEADS, T) int64 out: the slot a miss writes its unit to, or -1
+    C: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    AGE_MAX: tl.constexpr,
+):
+    """unit_cache.plan_slots for one cache per program (all its KV heads): hits, then the misses' least
+    recently used slots in order, the table written in place and the counters once (no races)."""
+    s = tl.program_id(0)
+    table = tl.load(tables + 2 * s).to(tl.pointer_type(tl.int64))
+    meta = tl.load(tables + 2 * s + 1).to(tl.pointer_type(tl.int64))
+    slots = tl.arange(0, BLOCK_C)
+    valid = slots < C
+    pos = tl.arange(0, BLOCK_T)
+    clock = tl.load(meta) + 1
+    hits = clock * 0
+    misses = clock * 0
+    evictions = clock * 0
+    for h in tl.static_range(KV_HEADS):
+        units = tl.load(table + h * C + slots, mask=valid, other=-2)  # -2: no slot (never an id)
+        stamps = tl.load(table + (KV_HEADS + h) * C + slots, mask=valid, other=AGE_MAX)
+        row = ids_ptr + (s * KV_HEADS + h) * T
+        ids = tl.load(row + pos, mask=pos < T, other=-3)
+        taken = slots < 0  # the slots this gather hits
+        for j in tl.static_range(T):
+            u = tl.load(row + j)
+            taken = taken | ((units == u) & valid)
+        age = tl.where(taken | (slots >= C), AGE_MAX, stamps)
+        new_units = units
+        new_stamps = stamps
+        first_slot = pos * 0 - 1  # per id: the slot its first occurrence uses
+        for j in tl.static_range(T):
+            u = tl.load(row + j)
+            match = (units == u) & valid
+            hit = tl.max(match.to(tl.int32), axis=0) > 0
+            hit_slot = tl.argmax(match.to(tl.int32), axis=0)
+            earlier = (ids == u) & (pos < j)
+            first = tl.max(earlier.to(tl.int32), axis=0) == 0
+            earlier_slot = tl.max(tl.where(earlier, first_slot, -1), axis=0)  # equal ids: one slot
+            victim = tl.argmin(age, axis=0)
+            miss = first & (hit == 0)
+            slot = tl.where(hit, hit_slot, tl.where(first, victim, earlier_slot))
+            evicted = miss & (tl.sum(tl.where(slots == victim, units, 0), axis=0) != -1)
+            age = tl.where(miss & (slots == victim), AGE_MAX, age)
+            new_units = tl.where(slots == slot, u, new_units)
+            new_stamps = tl.where(slots == slot, clock, new_stamps)
+            first_slot = tl.where(pos == j, slot, first_slot)
+            tl.store(source_ptr + (s * KV_HEADS + h) * T + j, tl.where(hit, slot, -1))
+            tl.store(install_ptr + (s * KV_HEADS + h) * T + j, tl.where(miss, slot, -1))
+            hits += (first & hit).to(tl.int64)
+            misses += miss.to(tl.int64)
+            evictions += evicted.to(tl.int64)
+        tl.store(table + h * C + slots, new_units, mask=valid)
+        tl.store(table + (KV_HEADS + h) * C + slots, new_stamps, mask=valid)
+    tl.store(meta, clock)
+    tl.store(meta + 1, tl.load(meta + 1) + hits)
+    tl.store(meta + 2, tl.load(meta + 2) + misses)
+    tl.store(meta + 3, tl.load(meta + 3) + evictions)
+
+
+def plan_caches_cuda(
+    caches: list[UnitCache], ids: torch.Tensor, tables: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """unit_cache.plan_caches in one launch: ids (N, kv_heads, t) long, tables (N, 2) int64 the caches'
+    table and meta addresses (`cache_tables`) -> source, install (N, kv_heads, t); the tables and
+    counters updated in place, as plan_caches leaves them."""
+    n, h, t = ids.shape
+    ids = ids.contiguous()
+    source = torch.empty_like(ids)
+    install = torch.empty_like(ids)
+    c = caches[0].capacity
+    _plan_kernel[(n,)](ids, tables, source, install, C=c, KV_HEADS=h, T=t,
+                       BLOCK_C=triton.next_power_of_2(c), BLOCK_T=triton.next_power_of_2(t),
+                       AGE_MAX=AGE_MAX)  # fmt: skip
+    return source, install
+
+
+def cache_tables(caches: list[UnitCache], device: torch.device) -> torch.Tensor:
+    """(N, 2) int64 on the device: each cache's table and meta addresses (they never move)."""
+    return torch.tensor([[c.table.data_ptr(), c.meta.data_ptr()] for c in caches], dtype=torch.long).to(device)
+
+
+def pool_tables(caches: list[UnitCache], device: torch.device) -> torch.Tensor:
+    """(N, 2) int64 on the device: each cache's pool_k, pool_v addresses (made again after a release)."""
+    return torch.tensor([[c.pool_k.data_ptr(), c.pool_v.data_ptr()] for c in caches], dtype=torch.long).to(device)
+
+
 def cached_args(
-    caches: list[UnitCache], ids: torch.Tensor, dtype: torch.dtype
+    caches: list[UnitCache], ids: torch.Tensor, dtype: torch.dtype, kept: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The caches' pools made (`ensure`), this gather planned (unit_cache.plan_caches: tables and
-    counters updated on the device) -> _launch_gather's `cached`."""
+    """The caches' pools made (`ensure`), this gather planned (one launch of _plan_kernel: tables and
+    counters updated on the device) -> _launch_gather's `cached`. kept: a caller's dict that keeps the
+    caches' address tables between calls (made again when the caches or their pools change)."""
     for c in caches:
         c.ensure(dtype)
-    source, install = plan_caches(caches, ids)
-    pools = caches[0].pool_ptrs.view(1, 2) if len(caches) == 1 else torch.stack([c.pool_ptrs for c in caches])
-    return source.reshape(-1), install.reshape(-1), pools, caches[0].capacity
+    kept = {} if kept is None else kept
+    key = [c.pool_k.data_ptr() for c in caches]
+    if kept.get("caches") != caches:
+        kept.update(caches=list(caches), tables=cache_tables(caches, ids.device), pools_key=None)
+    if kept["pools_key"] != key:
+        kept.update(pools_key=key, pools=pool_tables(caches, ids.device))
+    source, install = plan_caches_cuda(caches, ids, kept["tables"])
+    return source.reshape(-1), install.reshape(-1), kept["pools"], caches[0].capacity
 
 
 def gather_cached_uva(
