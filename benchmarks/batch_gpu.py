@@ -253,8 +253,9 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict
     clones = [clone_session(src, llm, memory) for _ in range(n)]
     clone_s = time.perf_counter() - t
     engine = BatchEngine(llm, impl)
-    for c in clones:  # room for the timed steps, the one counting syncs and the profiled ones
-        engine.join(c, max_new_tokens=warm + steps + 1 + profile_steps, stop=set())
+    for c in clones:  # room for the timed steps, the one counting syncs, the profiled ones and one more:
+        # no request ends inside the profiled steps (its leaving copies its windows: not a steady step)
+        engine.join(c, max_new_tokens=warm + steps + 2 + profile_steps, stop=set())
     for _ in range(warm):
         engine.step()
     sync(dev)
