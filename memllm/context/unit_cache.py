@@ -13,6 +13,8 @@ keeps every address; only `ensure` after `release` allocates):
                                 (stamp) at its last use (-1: never)
   meta  (4,) long               gathers so far (the clock), hits, misses, evictions
   pool_k, pool_v (kv_heads, C, block_size, head_dim) in the model dtype: the cached K/V
+  table_ptrs, pool_ptrs (2,) int64: the addresses of table and meta, of pool_k and pool_v (what the
+                                CUDA planning and gather kernels read: cuda/gather.py)
 One planner (`plan_slots`) works on tables stacked over N stores, so one store's gather (N = 1) and a
 batch's stacked step (N sessions' stores, context/stacked.py) run the same logic. Per gather, for each
 (store, KV head, chosen id): the slot holding the id (a hit); else, for the first of equal ids, the
@@ -70,6 +72,8 @@ class UnitCache:
         self.device = torch.device(device)
         self.table = torch.full((2, kv_heads, capacity), NEVER, dtype=torch.long, device=self.device)
         self.meta = torch.zeros(4, dtype=torch.long, device=self.device)
+        # (2,) int64: table's and meta's addresses (they never move), for the CUDA planning kernel
+        self.table_ptrs = torch.tensor([self.table.data_ptr(), self.meta.data_ptr()], dtype=torch.long).to(self.device)
         self.pool_k: torch.Tensor | None = None  # (kv_heads, C, block_size, head_dim), made by `ensure`
         self.pool_v: torch.Tensor | None = None
         self.pool_ptrs: torch.Tensor | None = None  # (2,) int64 on the device: pool_k's, pool_v's address

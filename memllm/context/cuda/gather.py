@@ -461,32 +461,29 @@ def plan_caches_cuda(
     return source, install
 
 
-def cache_tables(caches: list[UnitCache], device: torch.device) -> torch.Tensor:
-    """(N, 2) int64 on the device: each cache's table and meta addresses (they never move)."""
-    return torch.tensor([[c.table.data_ptr(), c.meta.data_ptr()] for c in caches], dtype=torch.long).to(device)
-
-
-def pool_tables(caches: list[UnitCache], device: torch.device) -> torch.Tensor:
-    """(N, 2) int64 on the device: each cache's pool_k, pool_v addresses (made again after a release)."""
-    return torch.tensor([[c.pool_k.data_ptr(), c.pool_v.data_ptr()] for c in caches], dtype=torch.long).to(device)
-
-
 def cached_args(
     caches: list[UnitCache], ids: torch.Tensor, dtype: torch.dtype, kept: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The caches' pools made (`ensure`), this gather planned (one launch of _plan_kernel: tables and
-    counters updated on the device) -> _launch_gather's `cached`. kept: a caller's dict that keeps the
-    caches' address tables between calls (made again when the caches or their pools change)."""
+    counters updated on the device) -> _launch_gather's `cached`. The kernels read the caches' address
+    tables (UnitCache.table_ptrs, pool_ptrs: device tensors, so a captured graph keeps them); for
+    several caches stacked once and kept in `kept` (a caller's dict) while the caches and their pools
+    stay the same."""
     for c in caches:
         c.ensure(dtype)
-    kept = {} if kept is None else kept
-    key = [c.pool_k.data_ptr() for c in caches]
-    if kept.get("caches") != caches:
-        kept.update(caches=list(caches), tables=cache_tables(caches, ids.device), pools_key=None)
-    if kept["pools_key"] != key:
-        kept.update(pools_key=key, pools=pool_tables(caches, ids.device))
-    source, install = plan_caches_cuda(caches, ids, kept["tables"])
-    return source.reshape(-1), install.reshape(-1), kept["pools"], caches[0].capacity
+    if len(caches) == 1:
+        tables, pools = caches[0].table_ptrs.view(1, 2), caches[0].pool_ptrs.view(1, 2)
+    else:
+        kept = {} if kept is None else kept
+        key = kept.get("key")
+        if not (key is not None and len(key) == len(caches)
+                and all(k[0] is c.table_ptrs and k[1] is c.pool_ptrs for k, c in zip(key, caches, strict=True))):  # fmt: skip
+            kept["key"] = [(c.table_ptrs, c.pool_ptrs) for c in caches]
+            kept["tables"] = torch.stack([c.table_ptrs for c in caches])
+            kept["pools"] = torch.stack([c.pool_ptrs for c in caches])
+        tables, pools = kept["tables"], kept["pools"]
+    source, install = plan_caches_cuda(caches, ids, tables)
+    return source.reshape(-1), install.reshape(-1), pools, caches[0].capacity
 
 
 def gather_cached_uva(
