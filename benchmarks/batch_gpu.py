@@ -32,8 +32,8 @@ What it measures, per length (default 32K and 128K tokens per session):
     (torch.cuda.set_sync_debug_mode warnings; memllm's own token read is one);
     `gpu_busy_ms_per_step`: the device time of the kernels and copies of --profile-steps more steps
     (torch.profiler), and from the same profile `profile`: kernel launches per step, the kernels with
-    the most device time and the host ops with the most own host time; `host_us_per_launch`: a tiny kernel's launch cost measured just before, the
-    host's speed at that moment (if it differs between rows, the process, not the code, changed).
+    the most device time and the host ops with the most own host time; `host_us_per_launch`: a tiny
+    kernel's launch cost measured just before, the host's speed at that moment (if it differs between rows, the process, not the code, changed).
   * correctness on the device: the first batched step's logits of 4 clones (impl "fast" and
     "reference") against one clone stepped alone: max relative error and argmax agreement.
   * `--device-cache N` (MemoryConfig.device_unit_cache, max_cached_blocks N; context/unit_cache.py):

@@ -153,7 +153,7 @@ def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | No
                 valid, keys, positions, forced, cfg.block_size)  # fmt: skip
 
 
-def _views_of(layer: ContextMemoryLayer, row: tuple | None) -> bool:
+def _holds_row(layer: ContextMemoryLayer, row: tuple | None) -> bool:
     """Whether layer's window is still the buffer row handed to it last (ContextMemoryLayer.hand_window)."""
     return row is not None and layer.window_from is row
 
@@ -194,7 +194,7 @@ class StackedLayer:
         self.score: torch.Tensor | None = None  # (kv_heads, S, capacity) fp32: 0 past each window
         # per row: the buffer row handed out (ContextMemoryLayer.hand_window; current while its layer's
         # window_from is it)
-        self.views: list[tuple | None] = []
+        self.rows: list[tuple | None] = []
         self.reprs: torch.Tensor | None = None  # (S, kv_heads, units, head_dim): each row's index
         self.index_keys: list[tuple[int, int]] = []  # per row: (store.edits, n_units) reprs was copied at
         self.sink_k: torch.Tensor | None = None  # (S, kv_heads, n_init, head_dim)
@@ -208,7 +208,7 @@ class StackedLayer:
         slot = {} if same else {id(lay): j for j, lay in enumerate(self.layers)}
         src = list(range(len(layers))) if same else [slot.get(id(lay), -1) for lay in layers]
         need = max(st.windows) + 1
-        if not (same and self.k.shape[2] >= need and all(map(_views_of, layers, self.views))):
+        if not (same and self.k.shape[2] >= need and all(map(_holds_row, layers, self.rows))):
             self._windows(layers, st, src, need)
         index = [(lay.store.edits, lay.store.n_units) for lay in layers]
         if not (same and index == self.index_keys and self.reprs.shape[2] >= max(n for _, n in index)):
@@ -223,7 +223,7 @@ class StackedLayer:
         kvh, d = first.spec.kv_heads, first.spec.head_dim
         keep, own = [], []
         for i, (lay, j) in enumerate(zip(layers, src, strict=True)):
-            (keep if j >= 0 and _views_of(lay, self.views[j]) else own).append((j, i))
+            (keep if j >= 0 and _holds_row(lay, self.rows[j]) else own).append((j, i))
         shape = (kvh, len(layers), need + st.grow, d)
         like = first.local_k if self.k is None else self.k
 
@@ -236,7 +236,7 @@ class StackedLayer:
         self.k = _assemble(self.k, shape, 1, keep, fill("local_k"), like)
         self.v = _assemble(self.v, shape, 1, keep, fill("local_v"), like)
         self.score = _assemble(self.score, shape[:3], 1, keep, fill("local_score"), first.local_score)
-        self.views = [None] * len(layers)  # until this call hands its rows out
+        self.rows = [None] * len(layers)  # until this call hands its rows out
         self.rebuilds += 1
 
     def _index(self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]]) -> None:
@@ -318,7 +318,7 @@ class StackedLayer:
         # Each row's state: its window a row of the buffers (views made only when read), the counters,
         # the bounds.
         k_buf, v_buf = self.k, self.v
-        rows = self.views = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
+        rows = self.rows = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
         self.score = score
         fetched = kvh
         for i, lay in enumerate(layers):

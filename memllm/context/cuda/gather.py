@@ -8,11 +8,11 @@ its address while segments are added; new entries are copied in place, old ones 
 int8 units are dequantized in the kernel. `write_units_uva` is the other direction: a static call
 (static.py) writes the units it cuts at device-side ids, so the call can be replayed as a graph. `gather_units_reference` (units.py) is the plain-PyTorch version the tests compare with.
 With the device unit cache on (MemoryConfig.device_unit_cache, unit_cache.py), a lookup's gather
-(`gather_cached_uva`; a batch's, StoresGather) is planned on the device by _plan_kernel (one launch,
-a program per cache: unit_cache.plan_slots, its reference, was ~70 PyTorch launches per layer and a
-stack of every cache's table, GPU run 39) and then the same kernel runs with CACHED: each entry reads its pool slot (a hit) or its
-host unit (a miss, the only PCIe read), and a miss also writes its unit to its pool slot, through a
-table of the pools' addresses (one row per store). unit_cache.gather_cached is its reference.
+(`gather_cached_uva`; a batch's, StoresGather) is planned on the device by _plan_kernel (one
+launch, a program per cache: unit_cache.plan_slots, its reference, was ~70 PyTorch launches per
+layer and a stack of every cache's table, GPU run 39) and then the same kernel runs with CACHED:
+each entry reads its pool slot (a hit) or its host unit (a miss, the only PCIe read), and a miss
+also writes its unit to its pool slot, through a table of the pools' addresses (one row per store). unit_cache.gather_cached is its reference.
 Knows nothing of lookup or attention. Imported only on CUDA (needs triton).
 """
 
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from memllm.context.cuda.lookup import DISTINCT_MAX, distinct_pairs_cuda
 from memllm.context.gather import distinct_pairs
-from memllm.context.unit_cache import UnitCache, serves
+from memllm.context.unit_cache import NEVER, UnitCache, serves
 from memllm.context.units import UnitStore
 
 TL_DTYPES = {
@@ -340,7 +340,7 @@ def _launch_gather(
     else every id; `count` the kernel's second argument as gather_units_uva passes it) read through
     the segment `tables` into dst_k, dst_v. `store` gives the shape and host dtype (for a batch's
     joined tables, its first store: all share them). cached (not with dedup): (source, install,
-    pool table (rows, 2) int64, slots per KV head) of unit_cache.plan_caches: each id read from its
+    pool table (rows, 2) int64, slots per KV head) of cached_args' planning: each id read from its
     pool slot or host memory, misses written to their slots."""
     bs, d = store.block_size, store.head_dim
     quant = store.offload_dtype == "int8"
@@ -373,7 +373,6 @@ def _launch_gather(
     )
 
 
-NEVER_I64 = -1  # unit_cache.NEVER
 AGE_MAX = torch.iinfo(torch.long).max
 
 
@@ -381,14 +380,15 @@ AGE_MAX = torch.iinfo(torch.long).max
 def _plan_kernel(
     ids_ptr,  # (rows, KV_HEADS, T) int64, contiguous: row s's ids for cache s
     tables,  # (rows, 2) int64: cache s's table (2, KV_HEADS, C) and meta (4,) addresses
-    source_ptr,  # (rows, KV_HEADS, T) int64 out: the slot to read, or -1 (host memory)
-    install_ptr,  # (rows, KV_HEADS, T) int64 out: the slot a miss writes its unit to, or -1
+    source_ptr,  # (rows, KV_HEADS, T) int64 out: the slot to read, or NEVER (host memory)
+    install_ptr,  # (rows, KV_HEADS, T) int64 out: the slot a miss writes its unit to, or NEVER
     C: tl.constexpr,
     KV_HEADS: tl.constexpr,
     T: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
     AGE_MAX: tl.constexpr,
+    NEVER: tl.constexpr,  # unit_cache.NEVER: an empty slot's unit (and stamp)
 ):
     """unit_cache.plan_slots for one cache per program (all its KV heads): hits, then the misses' least
     recently used slots in order, the table written in place and the counters once (no races)."""
@@ -403,7 +403,7 @@ def _plan_kernel(
     misses = clock * 0
     evictions = clock * 0
     for h in tl.static_range(KV_HEADS):
-        units = tl.load(table + h * C + slots, mask=valid, other=-2)  # -2: no slot (never an id)
+        units = tl.load(table + h * C + slots, mask=valid, other=NEVER - 1)  # past C: no slot, no id
         stamps = tl.load(table + (KV_HEADS + h) * C + slots, mask=valid, other=AGE_MAX)
         row = ids_ptr + (s * KV_HEADS + h) * T
         ids = tl.load(row + pos, mask=pos < T, other=-3)
@@ -414,7 +414,7 @@ def _plan_kernel(
         age = tl.where(taken | (slots >= C), AGE_MAX, stamps)
         new_units = units
         new_stamps = stamps
-        first_slot = pos * 0 - 1  # per id: the slot its first occurrence uses
+        first_slot = pos * 0 + NEVER  # per id: the slot its first occurrence uses
         for j in tl.static_range(T):
             u = tl.load(row + j)
             match = (units == u) & valid
@@ -422,17 +422,17 @@ def _plan_kernel(
             hit_slot = tl.argmax(match.to(tl.int32), axis=0)
             earlier = (ids == u) & (pos < j)
             first = tl.max(earlier.to(tl.int32), axis=0) == 0
-            earlier_slot = tl.max(tl.where(earlier, first_slot, -1), axis=0)  # equal ids: one slot
+            earlier_slot = tl.max(tl.where(earlier, first_slot, NEVER), axis=0)  # equal ids: one slot
             victim = tl.argmin(age, axis=0)
             miss = first & (hit == 0)
             slot = tl.where(hit, hit_slot, tl.where(first, victim, earlier_slot))
-            evicted = miss & (tl.sum(tl.where(slots == victim, units, 0), axis=0) != -1)
+            evicted = miss & (tl.sum(tl.where(slots == victim, units, 0), axis=0) != NEVER)
             age = tl.where(miss & (slots == victim), AGE_MAX, age)
             new_units = tl.where(slots == slot, u, new_units)
             new_stamps = tl.where(slots == slot, clock, new_stamps)
             first_slot = tl.where(pos == j, slot, first_slot)
-            tl.store(source_ptr + (s * KV_HEADS + h) * T + j, tl.where(hit, slot, -1))
-            tl.store(install_ptr + (s * KV_HEADS + h) * T + j, tl.where(miss, slot, -1))
+            tl.store(source_ptr + (s * KV_HEADS + h) * T + j, tl.where(hit, slot, NEVER))
+            tl.store(install_ptr + (s * KV_HEADS + h) * T + j, tl.where(miss, slot, NEVER))
             hits += (first & hit).to(tl.int64)
             misses += miss.to(tl.int64)
             evictions += evicted.to(tl.int64)
@@ -448,8 +448,8 @@ def plan_caches_cuda(
     caches: list[UnitCache], ids: torch.Tensor, tables: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """unit_cache.plan_caches in one launch: ids (N, kv_heads, t) long, tables (N, 2) int64 the caches'
-    table and meta addresses (`cache_tables`) -> source, install (N, kv_heads, t); the tables and
-    counters updated in place, as plan_caches leaves them."""
+    table and meta addresses (UnitCache.table_ptrs) -> source, install (N, kv_heads, t); the tables
+    and counters updated in place, as plan_caches leaves them."""
     n, h, t = ids.shape
     ids = ids.contiguous()
     source = torch.empty_like(ids)
@@ -457,7 +457,7 @@ def plan_caches_cuda(
     c = caches[0].capacity
     _plan_kernel[(n,)](ids, tables, source, install, C=c, KV_HEADS=h, T=t,
                        BLOCK_C=triton.next_power_of_2(c), BLOCK_T=triton.next_power_of_2(t),
-                       AGE_MAX=AGE_MAX)  # fmt: skip
+                       AGE_MAX=AGE_MAX, NEVER=NEVER)  # fmt: skip
     return source, install
 
 
