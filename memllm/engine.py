@@ -32,6 +32,7 @@ from memllm.compat import cache_kwargs
 from memllm.context import prefill
 from memllm.context.attach import attach
 from memllm.context.batch import BATCH_IMPLS, BatchCache
+from memllm.context.cuda.batch_graph import BatchGraph
 from memllm.errors import ConfigError, InputError
 from memllm.generation import RepetitionGuard, StreamDecoder
 
@@ -68,9 +69,10 @@ class Event:
 
 def compact(session: Any) -> None:
     """Give each layer of a session that leaves a batch its own window tensors (a stacked step leaves
-    them views of the batch's padded buffers, which would otherwise stay alive with them)."""
+    them views of the batch's padded buffers, which would otherwise stay alive with them, and which a
+    graph step goes on writing in place)."""
     for layer in session.cache.layers:
-        if layer.static_views:  # the session's own static buffers (cuda/graph.py): already its own
+        if layer.static_views and layer.window_from is None:  # its own static buffers (cuda/graph.py)
             continue
         layer.local_k, layer.local_v, layer.local_score = (
             t if owns(t) else t.clone() for t in (layer.local_k, layer.local_v, layer.local_score)
@@ -85,13 +87,19 @@ def owns(t: torch.Tensor) -> bool:
 class BatchEngine:
     """Continuous batching of memory sessions over one model (`llm`: a MemLLM or what Session takes)."""
 
-    def __init__(self, llm: Any, impl: str = "fast"):
+    def __init__(self, llm: Any, impl: str = "fast", graphs: bool | None = None):
+        """graphs: run steps whose every row is stacked through cuda/batch_graph.BatchGraph (None: on
+        CUDA with impl "fast" and MemoryConfig.decode_graphs; True: also elsewhere, the same steps
+        without a graph, which tests compare with the plain batched step; False: never)."""
         if impl not in BATCH_IMPLS:
             raise ConfigError(
                 f"BatchEngine impl must be one of {', '.join(map(repr, BATCH_IMPLS))}, got {impl!r}"
             )
+        if graphs not in (None, True, False):
+            raise ConfigError(f"BatchEngine graphs must be None, True or False, got {graphs!r}")
         self.llm = llm
         self.impl = impl
+        self.graphs = graphs
         self.requests: list[Request] = []
         self.steps = 0  # batched model calls made
         self.stacked_rows = 0  # session-steps the stacked path ran (impl "fast")
@@ -288,12 +296,26 @@ class BatchEngine:
                 return [prefill.step(model, cache, torch.tensor([tokens]))]
         batch = self._batch_of([s.cache for s in sessions])
         stacked = batch.stacked_steps
-        ids = prefill.upload(torch.tensor(tokens, dtype=torch.long).view(-1, 1), dev)
+        graph = self._graph_of(batch)
         with attach(model, cache=batch, inspect=False):  # the sessions' caches were made for this model
-            out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
-                        use_cache=True, logits_to_keep=1)  # fmt: skip
+            logits = graph.step(model, tokens) if graph is not None else None
+            if logits is None:
+                ids = prefill.upload(torch.tensor(tokens, dtype=torch.long).view(-1, 1), dev)
+                out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
+                            use_cache=True, logits_to_keep=1)  # fmt: skip
+                logits = out.logits[:, -1].float()
         self.steps += 1
         self.stacked_rows += batch.stacked_steps - stacked
         self.batch_rows += len(sessions)
-        logits = out.logits[:, -1].float()
         return list(logits.unbind(0))
+
+    def _graph_of(self, batch: BatchCache) -> BatchGraph | None:
+        """The batch's BatchGraph (made at its first call), or None when this engine uses none."""
+        if batch.graph is None:
+            use = self.graphs
+            if use is None:
+                use = batch.caches[0].layers[0].device.type == "cuda" and batch.config.decode_graphs
+            if not use or self.impl != "fast":
+                return None
+            batch.graph = BatchGraph(batch)
+        return batch.graph

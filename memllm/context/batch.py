@@ -27,9 +27,10 @@ Ragged calls (`lengths`: a prefill round, row b feeding its own number of tokens
 longest): every session through the reference loop on its own tokens, the padding never entering
 any state; the linear layers run once for all rows, padding included.
 
-Not here: stacking multi-token calls, probing (select.Probe), CUDA graphs of the batched step
-(the stacked buffers and device indexes persist across steps, a start; the rows' counters are
-host work after each step, as static.py's advance_host), and sessions with
+A step whose every row is stacked can be replayed as a CUDA graph (cuda/batch_graph.py: the rows
+given to every layer (`given_rows`), the scores written in place, the rows' host state advanced
+after the call).
+Not here: stacking multi-token calls, probing (select.Probe), and sessions with
 different MemoryConfigs or models in one batch (ConfigError). Knows nothing of text, tokens or sessions.
 """
 
@@ -179,6 +180,9 @@ class BatchCache(Cache):
         self.rotary: Rotary = first.rotary
         self.static = None  # the attention function checks this (no static step for a batch)
         self._steady: tuple[Rows | None] | None = None  # the current call's (steady_rows)
+        # Rows a graph step (cuda/batch_graph.py) worked out before its call: every layer takes these.
+        self.given_rows: Rows | None = None
+        self.graph = None  # its BatchGraph (memllm.engine makes it on CUDA), kept with this batch
         self.stacked_steps = 0  # rows run stacked, summed over calls (benchmarks and tests read it)
         if previous is not None and previous.impl == impl and len(previous.layers) == len(self.layers):
             # another batch of (some of) the same sessions: its stacked buffers carry over (rows
@@ -214,6 +218,8 @@ class BatchCache(Cache):
     def steady_rows(self, c: int, layer_idx: int) -> Rows | None:
         """The stacked rows of the current call (impl "fast", c == 1), worked out once per call, when
         layer 0 asks (before it attends, every layer is in the state layer 0 is in)."""
+        if self.given_rows is not None:
+            return self.given_rows
         if self.impl != "fast" or c != 1 or self.lengths is not None:
             return None
         if layer_idx != 0 and self._steady is not None:

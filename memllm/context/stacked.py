@@ -97,6 +97,10 @@ class Rows:
     by_capacity: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     angles: torch.Tensor | None = None  # (4, S, head_dim): Rows.rotations
+    # A graph step (cuda/batch_graph.py): the scores written back into their buffer, and the rows' host
+    # state advanced after the whole call (StackedLayer.advance), not by each layer's attend.
+    in_place: bool = False
+    advance_here: bool = True
 
     def rotations(self, rot: Rotary) -> torch.Tensor:
         """(4, S, head_dim) fp32: each row's cos and sin to its window position, then to the memory distance,
@@ -118,9 +122,14 @@ class Rows:
         return self.by_capacity[capacity]
 
 
-def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | None:
+def plan_rows(
+    caches: Sequence[ContextMemoryCache], rotary: Rotary, into: torch.Tensor | None = None,
+    extra: Sequence[Sequence[int]] = (),
+) -> Rows | None:  # fmt: skip
     """The stacked rows of a one-token call of `caches` (batch row b = caches[b]), from their layer 0;
-    None when no row is steady. One upload of the rows' device indexes."""
+    None when no row is steady. One upload of the rows' device indexes: into a new tensor, or, when
+    every row is steady, into `into` ((5 + len(extra), B) long: a graph step's fixed buffer; the rows
+    of `extra`, B host integers each, go after the rows' five)."""
     rows, plans, windows, local_rows, memory_rows, units = [], [], [], [], [], []
     valid, keys, positions, forced = [], [], [], []
     cfg = caches[0].config
@@ -148,7 +157,16 @@ def plan_rows(caches: Sequence[ContextMemoryCache], rotary: Rotary) -> Rows | No
     every = s == len(caches)
     dev = caches[0].layers[0].device
     host = local_rows + memory_rows + windows + units + list(range(s)) + ([] if every else rows)
-    idx = upload(torch.tensor(host, dtype=torch.long), dev).view(-1, s)
+    if into is not None:
+        if not every:
+            return None
+        for more in extra:
+            host += list(more)
+        src = torch.tensor(host, dtype=torch.long).view(-1, s)
+        idx = into
+        idx.copy_(src.pin_memory() if dev.type == "cuda" else src, non_blocking=True)
+    else:
+        idx = upload(torch.tensor(host, dtype=torch.long), dev).view(-1, s)
     return Rows(rows, None if every else idx[5], plans, windows, idx[0], idx[1], idx[2], idx[3], idx[4],
                 valid, keys, positions, forced, cfg.block_size)  # fmt: skip
 
@@ -201,6 +219,9 @@ class StackedLayer:
         self.sink_v: torch.Tensor | None = None
         self.sinks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per row: the sink tensors copied
         self.rebuilds = 0  # times any buffer was made again (tests and benchmarks read it)
+        # Whether no row of `score` was handed out as an immutable window (a graph step writes it in
+        # place; one that was is copied first, so a checkpoint holding its views keeps them).
+        self.score_writable = False
 
     # ---- keeping the buffers current (host work only when a row's state changed) ---------------
     def prepare(self, layers: list[ContextMemoryLayer], st: Rows) -> None:
@@ -216,6 +237,8 @@ class StackedLayer:
         sinks = [(lay.sink_k, lay.sink_v) for lay in layers]
         if not (same and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(sinks, self.sinks, strict=True))):
             self._sinks(layers, src, sinks)
+        if st.in_place and not self.score_writable:
+            self.score, self.score_writable = self.score.clone(), True
         self.layers = layers
 
     def _windows(self, layers: list[ContextMemoryLayer], st: Rows, src: list[int], need: int) -> None:
@@ -237,6 +260,7 @@ class StackedLayer:
         self.v = _assemble(self.v, shape, 1, keep, fill("local_v"), like)
         self.score = _assemble(self.score, shape[:3], 1, keep, fill("local_score"), first.local_score)
         self.rows = [None] * len(layers)  # until this call hands its rows out
+        self.score_writable = True
         self.rebuilds += 1
 
     def _index(self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]]) -> None:
@@ -315,18 +339,30 @@ class StackedLayer:
             self.sink_k, self.sink_v, unit_k, unit_v, scale,
         )  # fmt: skip
 
-        # Each row's state: its window a row of the buffers (views made only when read), the counters,
-        # the bounds.
-        k_buf, v_buf = self.k, self.v
+        if st.in_place:  # a graph step (cuda/batch_graph.py): the scores stay in the buffer it replays with
+            self.score.copy_(score)
+        else:
+            self.score = score
+        if st.advance_here:
+            self.advance(layers, st, ids)
+        return merged.reshape(S, heads, 1, d).to(query.dtype)
+
+    def advance(self, layers: list[ContextMemoryLayer], st: Rows, ids: torch.Tensor | None) -> None:
+        """The rows' host state after a step (what ContextMemoryLayer.attend leaves): each layer handed
+        its row of the buffers (views made only when read), its counters, lookup log (ids: the step's
+        (S, kv_heads, topk), None when no row logs) and bounds. A graph step (st.in_place) runs it after
+        its replay; its buffers are written in place, so the layers hold static views (a checkpoint
+        copies them)."""
+        k_buf, v_buf, score = self.k, self.v, self.score
+        kvh = k_buf.shape[0]
         rows = self.rows = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
-        self.score = score
-        fetched = kvh
+        self.score_writable = st.in_place
         for i, lay in enumerate(layers):
             lay.hand_window(rows[i])
-            lay.static_views = False
+            lay.static_views = st.in_place
             if lay.probe is None:  # steady rows have none; as count_lookups
                 lay.lookups += 1
-                lay.units_fetched += fetched * st.valid[i]
+                lay.units_fetched += kvh * st.valid[i]
                 if lay.lookup_log is not None:
                     lay.lookup_log.append((lay.layer_idx, ids[i, :, : st.valid[i]].reshape(-1)))
             if st.keys[i] > lay.max_keys_per_query:
@@ -334,4 +370,3 @@ class StackedLayer:
             if st.positions[i] > lay.max_position:
                 lay.max_position = st.positions[i]
             lay.seen += 1
-        return merged.reshape(S, heads, 1, d).to(query.dtype)

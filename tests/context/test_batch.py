@@ -588,3 +588,56 @@ def test_stacked_inputs_kernel_equals_reference(device, dtype, some_rows):
     assert torch.equal(
         got_k.flatten(1, 2).index_fill(1, slots, 0), buffers[0].flatten(1, 2).index_fill(1, slots, 0)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_steps_equal_the_plain_batched_steps(device: str):
+    """BatchEngine(graphs=True): steps whose every row is steady go through cuda/batch_graph.BatchGraph
+    (on CUDA captured and replayed; elsewhere the same steps without a graph). Over 20 steps in which
+    the sessions cut units (every 8 tokens, together: plain steps, rows copied in again, graphs made
+    anew) and one session leaves, each session's tokens and logits are the plain batched path's, and
+    the states left behind step on alone as the plain path's do. A checkpoint taken between graph
+    steps (the buffers are written in place) still holds its state after more of them."""
+    model = model_on(device)
+    lengths = [696, 600, 304]  # past the window, the same phase: every row cuts on the same step
+    got_s = [fed(model, device, n) for n in lengths]
+    ref_s = [fed(model, device, n) for n in lengths]
+    engines = {"graph": BatchEngine(FakeLLM(model, CharTokenizer()), graphs=True),
+               "plain": BatchEngine(FakeLLM(model, CharTokenizer()), graphs=False)}  # fmt: skip
+    reqs = {name: [e.join(s, max_new_tokens=30, stop=set()) for s in ss]
+            for (name, e), ss in zip(engines.items(), (got_s, ref_s), strict=True)}  # fmt: skip
+    logits: dict[str, list[list[torch.Tensor]]] = {"graph": [], "plain": []}
+    cp = saved = None
+    graphs = {}  # the graph engine's BatchGraphs (a new one when a session leaves)
+    for step in range(20):
+        if step == 12:  # the last session leaves both engines
+            for name, e in engines.items():
+                e.leave(reqs[name][2])
+        if step == 9:
+            cp = got_s[0].cache.checkpoint()
+            saved = [(lay.local_k.clone(), lay.local_score.clone()) for lay in got_s[0].cache.layers]
+        for name, e in engines.items():
+            events = e.step()
+            logits[name].append([ev.request.session.last_logits.cpu() for ev in events])
+        graphs[id(engines["graph"]._batch)] = engines["graph"]._batch.graph
+    assert len(graphs) == 2 and engines["graph"].stacked_rows == engines["plain"].stacked_rows
+    counts = [sum(g.counters()[k] for g in graphs.values()) for k in ("graph_steps", "captures", "replays")]
+    assert counts[0] >= 12
+    if device == "cuda":
+        assert counts[1] >= 2 and counts[2] >= 6
+    assert engines["plain"]._batch.graph is None
+    for a, b in zip(reqs["graph"], reqs["plain"], strict=True):
+        assert a.tokens == b.tokens
+    for row_a, row_b in zip(logits["graph"], logits["plain"], strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert rel_err(x, y) < TOL[device]
+    for a, b in zip(got_s, ref_s, strict=True):
+        assert a.cache.seen_tokens == b.cache.seen_tokens and a.stats()["units"] == b.stats()["units"]
+        ga, gb = alone(a, 2), alone(b, 2)
+        assert ga[0] == gb[0] and ga[2] == gb[2]
+        for x, y in zip(ga[1], gb[1], strict=True):
+            assert rel_err(x, y) < TOL[device]
+    a = got_s[0]
+    a.cache.rollback(cp)
+    for lay, (k, s) in zip(a.cache.layers, saved, strict=True):
+        assert torch.equal(lay.local_k, k) and torch.equal(lay.local_score, s)

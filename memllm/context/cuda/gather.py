@@ -293,16 +293,21 @@ class StoresGather:
         out_v = torch.empty_like(out_k)
         if t == 0 or n_rows == 0:
             return out_k, out_v
+        self.current(stores, ids.device)
+        gids = (ids + self.base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
+        cached = cached_args([s.unit_cache for s in stores], ids, dtype, self.kept) if serves(stores, ids) else None
+        _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False, cached)
+        return out_k, out_v
+
+    def current(self, stores: list[UnitStore], device: torch.device) -> None:
+        """The joined tables made again if the stores or their segments changed (a batch's graph step
+        calls it before its call, on the current stream, so no warm-up on a side stream makes them)."""
         if not (
             len(stores) == len(self.stores)
             and all(a is b for a, b in zip(stores, self.stores, strict=True))
             and [s.version for s in stores] == self.versions
         ):
-            self._join(stores, ids.device)
-        gids = (ids + self.base.view(-1, 1, 1)).reshape(-1)  # (S * kv_heads * t,) ids in the joined tables
-        cached = cached_args([s.unit_cache for s in stores], ids, dtype, self.kept) if serves(stores, ids) else None
-        _launch_gather(gids, gids, self.joined, first, out_k, out_v, t, h, False, cached)
-        return out_k, out_v
+            self._join(stores, device)
 
     def _join(self, stores: list[UnitStore], device: torch.device) -> None:
         first = stores[0]

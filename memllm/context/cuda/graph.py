@@ -28,6 +28,7 @@ path tests compare with the plain one. Replay makes no host synchronisation. Kno
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -203,28 +204,41 @@ class DecodeGraph:
 
     def _graph_step(self, model: torch.nn.Module, slot: _Slot) -> torch.Tensor:
         self._refresh_tables()
-        sig = self._signature()
-        if slot.graph is not None and sig == slot.signature:
-            slot.graph.replay()
-            self.replays += 1
-            return slot.logits.clone()
-        side = side_stream(self.static.device)
-        if slot.warm != sig:
-            # Eager warm-up on a side stream (this call's real step), as graph capture requires.
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self._forward(model, slot)
-            torch.cuda.current_stream().wait_stream(side)
-            logits.record_stream(torch.cuda.current_stream())
-            self._refresh_tables()
-            slot.warm = self._signature()
-            return logits
-        slot.graph = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            slot.logits = self._forward(model, slot)
-        slot.graph, slot.signature = graph, sig
-        self.captures += 1
-        graph.replay()
-        self.replays += 1
-        return slot.logits.clone()
+        logits, done = run_captured(slot, self._signature(), self.static.device,
+                                    lambda: self._forward(model, slot), self._after_warm_up)  # fmt: skip
+        self.captures += done == "capture"
+        self.replays += done != "warm"
+        return logits
+
+    def _after_warm_up(self) -> tuple:
+        self._refresh_tables()
+        return self._signature()
+
+
+def run_captured(
+    slot, sig: tuple, device: torch.device, forward: Callable[[], torch.Tensor], after_warm_up: Callable[[], tuple]
+) -> tuple[torch.Tensor, str]:
+    """One static call through `slot` (its graph, signature, warm and logits attributes): replayed when
+    its graph was captured with signature `sig`; else run eagerly on the side stream (a warm-up, as
+    capture requires) when the last warm-up was not with `sig` (slot.warm becomes after_warm_up(): what
+    the call left); else captured and replayed. -> (the call's output, a copy; "replay", "warm" or
+    "capture"). DecodeGraph and cuda/batch_graph.BatchGraph use it."""
+    if slot.graph is not None and sig == slot.signature:
+        slot.graph.replay()
+        return slot.logits.clone(), "replay"
+    side = side_stream(device)
+    if slot.warm != sig:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = forward()
+        torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())
+        slot.warm = after_warm_up()
+        return logits, "warm"
+    slot.graph = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        slot.logits = forward()
+    slot.graph, slot.signature = graph, sig
+    graph.replay()
+    return slot.logits.clone(), "capture"
