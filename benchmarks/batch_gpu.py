@@ -247,12 +247,12 @@ def cache_row(
             "unit_cache_host_bytes_per_step": misses * pair_bytes / done}  # fmt: skip
 
 
-def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict:
+def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False) -> dict:
     dev = src.cache.layers[0].device
     t = time.perf_counter()
     clones = [clone_session(src, llm, memory) for _ in range(n)]
     clone_s = time.perf_counter() - t
-    engine = BatchEngine(llm, impl)
+    engine = BatchEngine(llm, impl, graphs=graphs)
     for c in clones:  # room for the timed steps, the one counting syncs, the profiled ones and one more:
         # no request ends inside the profiled steps (its leaving copies its windows: not a steady step)
         engine.join(c, max_new_tokens=warm + steps + 2 + profile_steps, stop=set())
@@ -274,6 +274,10 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps) -> dict
     if cached0 is not None:  # the counters outlive the pools, freed as the requests end
         row.update(cache_row(cached0, cache_counts(clones), len(stepped), memory, src))
     suffix = f"+cache{memory.max_cached_blocks}" if memory.device_unit_cache else ""
+    suffix += "+graph" if graphs else ""
+    graph = engine._batch.graph if engine._batch is not None else None
+    if graph is not None:  # the batch of the timed steps (its captures include the warm steps')
+        row["batch_graph"] = graph.counters()
     row.update({
         "system": f"memllm-{impl}{suffix}", "sessions": n, "steps": steps,
         "tokens_per_s": n * 1000 / row["ms_per_step"], "stacked_share": (engine.stacked_rows - stacked0) / (n * done) if n > 1 else None,
@@ -314,7 +318,30 @@ def correctness(llm, src, memory, cached: MemoryConfig | None = None) -> dict:
         for c in clones:
             c.close()
     ref_s.close()
+    out["fast+graph"] = graph_check(llm, src, memory)
     return out
+
+
+def graph_check(llm, src, memory, n: int = 4, steps: int = 8) -> dict:
+    """n clones decoding `steps` tokens through BatchEngine(graphs=True) (captured and replayed on
+    CUDA) against n clones through the plain batched step: tokens and logits of every step."""
+    got = {}
+    for graphs in (True, False):
+        clones = [clone_session(src, llm, memory) for _ in range(n)]
+        engine = BatchEngine(llm, "fast", graphs=graphs)
+        for c in clones:
+            engine.join(c, max_new_tokens=steps + 1, stop=set())
+        logits = []
+        for _ in range(steps):
+            engine.step()
+            logits.append(torch.stack([c.last_logits.float().cpu() for c in clones]))
+        got[graphs] = (torch.stack(logits), engine._batch.graph.counters() if graphs else None)
+        for c in clones:
+            c.close()
+    a, b = got[True][0], got[False][0]
+    err = float(((a - b).abs().amax(dim=-1) / b.abs().amax(dim=-1)).max())
+    return {"max_rel_err": err, "argmax_equal": bool(torch.equal(a.argmax(-1), b.argmax(-1))), "steps": steps,
+            **got[True][1]}  # fmt: skip
 
 
 def full_attention(llm, ids, ns, steps, warm, max_batch, kind, profile_steps) -> list[dict]:
@@ -436,8 +463,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CPU, tiny random Llama, short lengths")
     ap.add_argument("--device-cache", type=int, default=0, metavar="N",
                     help="also run every memllm row with the device unit cache of N units per layer and KV head")  # fmt: skip
+    ap.add_argument("--graphs", default="on,off",
+                    help="memllm rows with the batched step replayed as a CUDA graph (on), without (off), or both")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    graph_modes = [{"on": True, "off": False}[x.strip()] for x in args.graphs.split(",") if x.strip()]
 
     if args.quick:
         llm = QuickLLM()
@@ -508,13 +538,15 @@ def main() -> None:
                 checks["length"] = n_tok
                 say(f"correctness (batched first step vs alone): {checks}")
             for n in ns:
-                for mem in memories:
+                for mem, graphs in [(m, g) for m in memories for g in graph_modes]:
+                    if graphs and n == 1:  # one session steps alone (its own decode graph) either way
+                        continue
                     if over():
                         skipped.append(
-                            f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "")
+                            f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "") + (" (graph)" if graphs else "")
                         )
                         continue
-                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps)
+                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs)
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)
                     hits = (
