@@ -247,11 +247,17 @@ def cache_row(
             "unit_cache_host_bytes_per_step": misses * pair_bytes / done}  # fmt: skip
 
 
-def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False) -> dict:
+def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None) -> dict:
+    """n clones of src decoding together; `more` (ids): clone i first reads i * block_size // n of them,
+    so the clones cut their units on different steps (as sessions of a server do) instead of together."""
     dev = src.cache.layers[0].device
     t = time.perf_counter()
     clones = [clone_session(src, llm, memory) for _ in range(n)]
     clone_s = time.perf_counter() - t
+    for i, c in enumerate(clones if more is not None else ()):
+        k = i * memory.block_size // n
+        if k:
+            c.feed_ids(more[:k])
     engine = BatchEngine(llm, impl, graphs=graphs)
     for c in clones:  # room for the timed steps, the one counting syncs, the profiled ones and one more:
         # no request ends inside the profiled steps (its leaving copies its windows: not a steady step)
@@ -274,7 +280,7 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
     if cached0 is not None:  # the counters outlive the pools, freed as the requests end
         row.update(cache_row(cached0, cache_counts(clones), len(stepped), memory, src))
     suffix = f"+cache{memory.max_cached_blocks}" if memory.device_unit_cache else ""
-    suffix += "+graph" if graphs else ""
+    suffix += ("+graph" if graphs else "") + ("+staggered" if more is not None else "")
     graph = engine._batch.graph if engine._batch is not None else None
     if graph is not None:  # the batch of the timed steps (its captures include the warm steps')
         row["batch_graph"] = graph.counters()
@@ -465,6 +471,8 @@ def main() -> None:
                     help="also run every memllm row with the device unit cache of N units per layer and KV head")  # fmt: skip
     ap.add_argument("--graphs", default="on,off",
                     help="memllm rows with the batched step replayed as a CUDA graph (on), without (off), or both")  # fmt: skip
+    ap.add_argument("--staggered", action="store_true",
+                    help="the clones cut their units on different steps (each first reads a share of a block)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     graph_modes = [{"on": True, "off": False}[x.strip()] for x in args.graphs.split(",") if x.strip()]
@@ -546,7 +554,8 @@ def main() -> None:
                             f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "") + (" (graph)" if graphs else "")
                         )
                         continue
-                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs)
+                    more = ids[1 : resolved.block_size + 1] if args.staggered else None
+                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more)
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)
                     hits = (
