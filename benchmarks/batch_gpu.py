@@ -457,7 +457,7 @@ def main() -> None:
     ap.add_argument("--full-lengths", default="8k,32k,128k")
     ap.add_argument("--sessions", default="1,4,16,48")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--impl", default="fast")
     ap.add_argument("--max-full-batch", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=430.0)

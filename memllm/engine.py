@@ -298,7 +298,7 @@ class BatchEngine:
         stacked = batch.stacked_steps
         graph = self._graph_of(batch)
         with attach(model, cache=batch, inspect=False):  # the sessions' caches were made for this model
-            logits = graph.step(model, tokens) if graph is not None else None
+            logits = graph.step(model, tokens, lambda b: self._alone(sessions[b], tokens[b])) if graph is not None else None
             if logits is None:
                 ids = prefill.upload(torch.tensor(tokens, dtype=torch.long).view(-1, 1), dev)
                 out = model(input_ids=ids, **cache_kwargs(model, batch), position_ids=batch.next_position_ids(1),
@@ -308,6 +308,14 @@ class BatchEngine:
         self.stacked_rows += batch.stacked_steps - stacked
         self.batch_rows += len(sessions)
         return list(logits.unbind(0))
+
+    def _alone(self, session: Any, token: int) -> torch.Tensor:
+        """A session's step by itself inside a graph step (its step cuts a unit): its windows made its
+        own first (the graph step goes on writing the batch's buffers)."""
+        compact(session)
+        cache = session.cache
+        with attach(self.llm.model, cache=cache, inspect=False):
+            return prefill.step(self.llm.model, cache, torch.tensor([[token]]))
 
     def _graph_of(self, batch: BatchCache) -> BatchGraph | None:
         """The batch's BatchGraph (made at its first call), or None when this engine uses none."""

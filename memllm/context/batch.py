@@ -136,10 +136,14 @@ class BatchLayer(CacheLayerMixin):
         value: torch.Tensor, scale: float,
     ) -> torch.Tensor:  # fmt: skip
         """The stacked rows' attention (S, heads, c, d) (stacked.StackedLayer.attend)."""
-        if self.stacked is None:
-            self.stacked = StackedLayer(members[0].kernels)
         layers = members if st.rows_dev is None else [members[b] for b in st.rows]
-        return self.stacked.attend(layers, st, self.batch.rotary, query, key, value, scale)
+        return self.stacked_layer().attend(layers, st, self.batch.rotary, query, key, value, scale)
+
+    def stacked_layer(self) -> StackedLayer:
+        """The stacked rows' buffers of this layer (made at first use)."""
+        if self.stacked is None:
+            self.stacked = StackedLayer(self.members[0].kernels)
+        return self.stacked
 
 
 class BatchCache(Cache):

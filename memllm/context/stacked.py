@@ -101,6 +101,10 @@ class Rows:
     # state advanced after the whole call (StackedLayer.advance), not by each layer's attend.
     in_place: bool = False
     advance_here: bool = True
+    # Stacked indexes of stand-in rows (plan_rows(stand_ins=True)): sessions that take this step alone
+    # (a cut); their rows are computed and thrown away, their layers neither read nor advanced.
+    stand_ins: list[int] = field(default_factory=list)
+    grow_units: int = 0  # room for this many more units per row when a graph step makes the index buffer
 
     def rotations(self, rot: Rotary) -> torch.Tensor:
         """(4, S, head_dim) fp32: each row's cos and sin to its window position, then to the memory distance,
@@ -122,21 +126,42 @@ class Rows:
         return self.by_capacity[capacity]
 
 
+def can_stand_in(layer: ContextMemoryLayer) -> bool:
+    """Whether a session whose step is not steady can keep its row in a graph step as a stand-in (its
+    lookup and gather read only units it has: phase 2, at least topk units, its sinks set)."""
+    cfg = layer.config
+    return (layer.cut and cfg.topk > 0 and layer.store.n_units >= cfg.topk and layer.probe is None
+            and layer.sink_k.shape[1] == cfg.n_init)  # fmt: skip
+
+
 def plan_rows(
     caches: Sequence[ContextMemoryCache], rotary: Rotary, into: torch.Tensor | None = None,
-    extra: Sequence[Sequence[int]] = (),
+    extra: Sequence[Sequence[int]] = (), stand_ins: bool = False,
 ) -> Rows | None:  # fmt: skip
     """The stacked rows of a one-token call of `caches` (batch row b = caches[b]), from their layer 0;
     None when no row is steady. One upload of the rows' device indexes: into a new tensor, or, when
     every row is steady, into `into` ((5 + len(extra), B) long: a graph step's fixed buffer; the rows
-    of `extra`, B host integers each, go after the rows' five)."""
+    of `extra`, B host integers each, go after the rows' five). stand_ins (with `into`): a row that is
+    not steady but can_stand_in is kept as a stand-in (Rows.stand_ins) instead; None when a row can
+    neither be stacked nor stand in."""
     rows, plans, windows, local_rows, memory_rows, units = [], [], [], [], [], []
-    valid, keys, positions, forced = [], [], [], []
+    valid, keys, positions, forced, standing = [], [], [], [], []
     cfg = caches[0].config
     for b, cache in enumerate(caches):
         layer = cache.layers[0]
         plan = layer.plans.get(layer.seen, layer.window_length(), layer.cut, layer.store.n_units, 1)
         if not steady(layer, plan):
+            if stand_ins and can_stand_in(layer):  # window 0, any rotation: its outputs are thrown away
+                standing.append(len(rows))
+                rows.append(b)
+                plans.append(plan)
+                windows.append(0)
+                local_rows.append(0)
+                memory_rows.append(0)
+                units.append(layer.store.n_units)
+                valid.append(0)
+                keys.append(0)
+                positions.append(0)
             continue
         model_start = layer.reported_length()
         if layer.forced is not None and layer.forced.active:
@@ -151,7 +176,7 @@ def plan_rows(
         k, p = layer.bounds(plan, model_start)
         keys.append(k)
         positions.append(p)
-    if not rows:
+    if len(rows) == len(standing):
         return None
     s = len(rows)
     every = s == len(caches)
@@ -168,7 +193,7 @@ def plan_rows(
     else:
         idx = upload(torch.tensor(host, dtype=torch.long), dev).view(-1, s)
     return Rows(rows, None if every else idx[5], plans, windows, idx[0], idx[1], idx[2], idx[3], idx[4],
-                valid, keys, positions, forced, cfg.block_size)  # fmt: skip
+                valid, keys, positions, forced, cfg.block_size, stand_ins=standing)  # fmt: skip
 
 
 def _holds_row(layer: ContextMemoryLayer, row: tuple | None) -> bool:
@@ -219,27 +244,62 @@ class StackedLayer:
         self.sink_v: torch.Tensor | None = None
         self.sinks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per row: the sink tensors copied
         self.rebuilds = 0  # times any buffer was made again (tests and benchmarks read it)
-        # Whether no row of `score` was handed out as an immutable window (a graph step writes it in
-        # place; one that was is copied first, so a checkpoint holding its views keeps them).
-        self.score_writable = False
+        # Whether no row of the windows was handed out as an immutable window since the buffers were
+        # made (a graph step writes rows in place: with one that was, the buffers are made anew first,
+        # so a checkpoint holding its views keeps them).
+        self.writable = False
+        self.copied = 0  # rows copied in place (tests and benchmarks read it)
 
     # ---- keeping the buffers current (host work only when a row's state changed) ---------------
     def prepare(self, layers: list[ContextMemoryLayer], st: Rows) -> None:
+        """The buffers made current for `layers` (the rows' layers, in order). A row whose layer no longer
+        holds the row handed out last, whose index or sinks changed, is copied in again: into new buffers
+        (the rows kept moved there), or, for a graph step (st.in_place) over the same layers with room,
+        into its own row in place (no buffer a graph baked in changes) when no row of the windows was
+        handed out as an immutable window since they were made (`writable`)."""
         same = len(layers) == len(self.layers) and all(map(operator.is_, layers, self.layers))
         slot = {} if same else {id(lay): j for j, lay in enumerate(self.layers)}
         src = list(range(len(layers))) if same else [slot.get(id(lay), -1) for lay in layers]
         need = max(st.windows) + 1
-        if not (same and self.k.shape[2] >= need and all(map(_holds_row, layers, self.rows))):
-            self._windows(layers, st, src, need)
+        fits = same and self.k.shape[2] >= need
+        if not (fits and all(map(_holds_row, layers, self.rows))) or (st.in_place and not self.writable):
+            if st.in_place and fits and self.writable:
+                self._copy_rows(layers)
+            else:
+                self._windows(layers, st, src, need)
         index = [(lay.store.edits, lay.store.n_units) for lay in layers]
         if not (same and index == self.index_keys and self.reprs.shape[2] >= max(n for _, n in index)):
-            self._index(layers, src, index)
+            if st.in_place and same and self.reprs.shape[2] >= max(n for _, n in index):
+                for i, lay in enumerate(layers):
+                    if index[i] != self.index_keys[i]:
+                        self.reprs[i, :, : index[i][1]].copy_(lay.store.repr_keys())
+                self.index_keys = index
+            else:
+                self._index(layers, src, index, st.grow_units if st.in_place else 0)
         sinks = [(lay.sink_k, lay.sink_v) for lay in layers]
         if not (same and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(sinks, self.sinks, strict=True))):
-            self._sinks(layers, src, sinks)
-        if st.in_place and not self.score_writable:
-            self.score, self.score_writable = self.score.clone(), True
+            if st.in_place and same:
+                for i, (k, v) in enumerate(sinks):
+                    if not (k is self.sinks[i][0] and v is self.sinks[i][1]):
+                        self.sink_k[i].copy_(k)
+                        self.sink_v[i].copy_(v)
+                self.sinks = sinks
+            else:
+                self._sinks(layers, src, sinks)
         self.layers = layers
+
+    def _copy_rows(self, layers: list[ContextMemoryLayer]) -> None:
+        """The rows whose layer does not hold its row: their window copied into their own row of the
+        buffers, the rest of the row zeroed (a graph step's in-place path)."""
+        for i, lay in enumerate(layers):
+            if _holds_row(lay, self.rows[i]):
+                continue
+            n = lay.window_length()
+            torch._foreach_copy_([self.k[:, i, :n], self.v[:, i, :n], self.score[:, i, :n]],
+                                 [lay.local_k, lay.local_v, lay.local_score])  # fmt: skip
+            for buf in (self.k, self.v, self.score):
+                buf[:, i, n:].zero_()
+            self.copied += 1
 
     def _windows(self, layers: list[ContextMemoryLayer], st: Rows, src: list[int], need: int) -> None:
         first = layers[0]
@@ -260,15 +320,18 @@ class StackedLayer:
         self.v = _assemble(self.v, shape, 1, keep, fill("local_v"), like)
         self.score = _assemble(self.score, shape[:3], 1, keep, fill("local_score"), first.local_score)
         self.rows = [None] * len(layers)  # until this call hands its rows out
-        self.score_writable = True
+        self.writable = True
         self.rebuilds += 1
 
-    def _index(self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]]) -> None:
+    def _index(
+        self, layers: list[ContextMemoryLayer], src: list[int], index: list[tuple[int, int]], room: int = 0
+    ) -> None:
         first = layers[0]
         keep = [(j, i) for i, j in enumerate(src) if j >= 0 and self.index_keys[j] == index[i]]
         kept = {i for _, i in keep}
         reprs = [lay.store.repr_keys() for lay in layers]
-        shape = (len(layers), first.spec.kv_heads, max(r.shape[1] for r in reprs), first.spec.head_dim)
+        units = max(r.shape[1] for r in reprs) + room  # room: units a graph step's rows may add in place
+        shape = (len(layers), first.spec.kv_heads, units, first.spec.head_dim)
         self.reprs = _assemble(
             self.reprs, shape, 0, keep,
             lambda new: [(new[i, :, : r.shape[1]], r) for i, r in enumerate(reprs) if i not in kept],
@@ -313,7 +376,8 @@ class StackedLayer:
         cfg, dtype = first.config, first.dtype
         S, (heads, d), kvh = len(layers), (query.shape[1], query.shape[3]), key.shape[1]
         g = heads // kvh
-        self.prepare(layers, st)
+        if st.advance_here:  # a graph step made the buffers current before its call (nothing to capture)
+            self.prepare(layers, st)
         # The rows' queries rotated to their window positions and to the memory distance; each row's new
         # key (rotated) and value written at W_b of its window (layout (kv_heads, S, ...): the buffers' own).
         cap = self.k.shape[2]
@@ -356,8 +420,12 @@ class StackedLayer:
         k_buf, v_buf, score = self.k, self.v, self.score
         kvh = k_buf.shape[0]
         rows = self.rows = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
-        self.score_writable = st.in_place
+        self.writable = self.writable and st.in_place
+        standing = set(st.stand_ins)
         for i, lay in enumerate(layers):
+            if i in standing:  # stepped alone: its row is copied in again when it is stacked next
+                rows[i] = None
+                continue
             lay.hand_window(rows[i])
             lay.static_views = st.in_place
             if lay.probe is None:  # steady rows have none; as count_lookups

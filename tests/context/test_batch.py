@@ -591,15 +591,16 @@ def test_stacked_inputs_kernel_equals_reference(device, dtype, some_rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_graph_steps_equal_the_plain_batched_steps(device: str):
-    """BatchEngine(graphs=True): steps whose every row is steady go through cuda/batch_graph.BatchGraph
-    (on CUDA captured and replayed; elsewhere the same steps without a graph). Over 20 steps in which
-    the sessions cut units (every 8 tokens, together: plain steps, rows copied in again, graphs made
-    anew) and one session leaves, each session's tokens and logits are the plain batched path's, and
-    the states left behind step on alone as the plain path's do. A checkpoint taken between graph
-    steps (the buffers are written in place) still holds its state after more of them."""
+@pytest.mark.parametrize("lengths", [[696, 600, 304], [700, 603, 306]], ids=["together", "staggered"])
+def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[int]):
+    """BatchEngine(graphs=True): steps go through cuda/batch_graph.BatchGraph (on CUDA captured and
+    replayed; elsewhere the same steps without a graph). Over 20 steps in which the sessions cut units
+    (every 8 tokens: all on one step, a plain step; or each on its own step, taking it alone while
+    the others replay, its row copied back in place) and one session leaves, each session's tokens and
+    logits are the plain batched path's, and the states left behind step on alone as the plain path's
+    do. A checkpoint taken between graph steps (the buffers are written in place) still holds its
+    state after more of them."""
     model = model_on(device)
-    lengths = [696, 600, 304]  # past the window, the same phase: every row cuts on the same step
     got_s = [fed(model, device, n) for n in lengths]
     ref_s = [fed(model, device, n) for n in lengths]
     engines = {"graph": BatchEngine(FakeLLM(model, CharTokenizer()), graphs=True),
@@ -621,10 +622,14 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str):
             logits[name].append([ev.request.session.last_logits.cpu() for ev in events])
         graphs[id(engines["graph"]._batch)] = engines["graph"]._batch.graph
     assert len(graphs) == 2 and engines["graph"].stacked_rows == engines["plain"].stacked_rows
-    counts = [sum(g.counters()[k] for g in graphs.values()) for k in ("graph_steps", "captures", "replays")]
+    counts = [sum(g.counters()[k] for g in graphs.values()) for k in ("graph_steps", "captures", "replays", "stood_in")]
     assert counts[0] >= 12
+    if lengths[0] == 700:  # each row cut alone (3 rows, twice or more in 20 steps), copied back in place
+        assert counts[3] >= 5 and counts[0] >= 18
+        copied = sum(bl.stacked.copied for bl in engines["graph"]._batch.layers)
+        assert copied >= 2 * len(engines["graph"]._batch.layers)
     if device == "cuda":
-        assert counts[1] >= 2 and counts[2] >= 6
+        assert counts[1] >= 1 and counts[2] >= 3
     assert engines["plain"]._batch.graph is None
     for a, b in zip(reqs["graph"], reqs["plain"], strict=True):
         assert a.tokens == b.tokens

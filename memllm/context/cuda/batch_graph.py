@@ -16,7 +16,11 @@ is captured once and replayed:
     windows, now static views: a checkpoint copies them, and a session leaving the batch gets its own);
   * what a graph has baked in (`signature`): every layer's buffers, the stores' gather tables and
     their unit caches' pools. A change (a row that cut a unit or was rolled back is copied in again; a
-    session joined: a new BatchCache and graph) means an eager warm-up, a capture at the next step.
+    session joined: a new BatchCache and graph) means a step run as the plain one would, then (the
+    buffers unchanged for SETTLE steps) an eager warm-up, then a capture. The stacked buffers are
+    made anew whenever a row is copied in, and a step where a row cuts runs the others stacked in
+    buffers of their own, so sessions that cut on different steps (every block_size / B steps at B
+    sessions) seldom reach a capture: measured, GPU run 43 (benchmarks/RESULTS.md).
 A step with a row that is not steady, forced units or a lookup log takes the plain batched path.
 `BatchGraph(batch, capture=False)` runs the same steps without a graph (any device): the path tests
 compare with the plain one. Knows nothing of sessions or text.
@@ -25,7 +29,7 @@ compare with the plain one. Knows nothing of sessions or text.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,6 +38,10 @@ from memllm.context.cuda.graph import run_captured
 from memllm.context.stacked import Rows, plan_rows
 
 ROWS = 5  # the device rows plan_rows writes (then the positions and the tokens)
+# Steps the buffers must have stayed the same before a warm-up (then a capture) is tried: a graph made
+# for buffers that change at the next cut is a capture that never pays back (GPU run 43).
+SETTLE = 1
+GROW_UNITS = 64  # room for units per row in the index buffer a graph step makes (filled in place)
 
 
 class BatchGraph:
@@ -53,34 +61,51 @@ class BatchGraph:
         self.warm: tuple | None = None
         self.logits: torch.Tensor | None = None
         self.rows: Rows | None = None  # the current step's
+        self.last: tuple | None = None  # the last step's signature, and steps it has held since it changed
+        self.settled = 0
         self.steps = self.captures = self.replays = 0
+        self.alone = 0  # sessions that took a graph step's token alone (stand-ins)
 
     @property
     def batch(self):
         return self._batch()
 
     def counters(self) -> dict[str, int]:
-        return {"graph_steps": self.steps, "captures": self.captures, "replays": self.replays}
+        return {"graph_steps": self.steps, "captures": self.captures, "replays": self.replays,
+                "stood_in": self.alone}  # fmt: skip
 
-    def step(self, model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor | None:
+    def step(
+        self, model: torch.nn.Module, tokens: Sequence[int], alone: Callable[[int], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """tokens[b] into session b. A session whose step is not steady (it cuts a unit) but can stand
+        in (stacked.can_stand_in) takes its step first through alone(b) -> its logits (vocab,); its row
+        of the graph step is computed and thrown away. None: the plain batched call must run."""
         batch = self.batch
         caches = batch.caches
         if any(c.layers[0].lookup_log is not None for c in caches):
             return None
         positions = batch.positions(1, torch.device("cpu"), 0).view(-1).tolist()
-        st = plan_rows(caches, batch.rotary, into=self.inputs, extra=(positions, tokens))
+        st = plan_rows(caches, batch.rotary, into=self.inputs, extra=(positions, tokens),
+                       stand_ins=alone is not None)  # fmt: skip
         if st is None or st.forced:
             return None
         cfg = batch.config
-        # room for the longest window a steady step has (n_local + block_size keys, then a cut)
+        # room for the longest window a steady step has (n_local + block_size keys, then a cut), and
+        # for units the rows cut later
         st.grow = max(cfg.block_size, cfg.n_local + 2 * cfg.block_size - max(st.windows))
+        st.grow_units = GROW_UNITS
         st.in_place, st.advance_here = True, False
         self.rows = st
-        if all(bl.stacked is not None for bl in batch.layers):
-            for bl in batch.layers:  # host work: the buffers made current before the signature is read
-                bl.stacked.prepare(bl.members, st)
+        own = {b: alone(b) for b in (st.rows[i] for i in st.stand_ins)}  # before their rows are copied in
+        for bl in batch.layers:  # host work: the buffers made current before the call (and the signature)
+            bl.stacked_layer().prepare(bl.members, st)
         sig = self._signature() if self.capture else None
-        if sig is None:  # no graph, or the rows' buffers not made yet: this step on the current stream
+        if sig is not None and sig != self.signature:
+            self.settled = self.settled + 1 if sig == self.last else 0
+        self.last = sig
+        if sig is None or (sig != self.signature and self.settled < SETTLE):
+            # no graph, or the buffers just made (again): this step on the current stream, as the plain
+            # batched step would run it
             logits = self._forward(model)
         else:
             logits, done = run_captured(self, sig, self.device, lambda: self._forward(model), self._signature)
@@ -88,8 +113,11 @@ class BatchGraph:
             self.replays += done != "warm"
         for bl in batch.layers:
             bl.stacked.advance(bl.members, st, None)
-        batch.stacked_steps += len(st.rows)
+        batch.stacked_steps += len(st.rows) - len(st.stand_ins)
+        for b, row in own.items():
+            logits[b] = row
         self.steps += 1
+        self.alone += len(own)
         return logits
 
     def _forward(self, model: torch.nn.Module) -> torch.Tensor:
@@ -102,13 +130,11 @@ class BatchGraph:
             batch.given_rows = None
         return out.logits[:, -1].float()
 
-    def _signature(self) -> tuple | None:
+    def _signature(self) -> tuple:
         """What a captured graph has baked in besides the fixed inputs (addresses and shapes)."""
         parts: list = []
         for bl in self.batch.layers:
             sl = bl.stacked
-            if sl is None:
-                return None
             stores = [m.store for m in bl.members]
             current = getattr(sl.gather, "current", None)  # StoresGather: the joined tables made now
             if current is not None:
