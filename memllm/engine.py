@@ -32,7 +32,6 @@ from memllm.compat import cache_kwargs
 from memllm.context import prefill
 from memllm.context.attach import attach
 from memllm.context.batch import BATCH_IMPLS, BatchCache
-from memllm.context.cuda.batch_graph import BatchGraph
 from memllm.errors import ConfigError, InputError
 from memllm.generation import RepetitionGuard, StreamDecoder
 
@@ -317,13 +316,13 @@ class BatchEngine:
         with attach(self.llm.model, cache=cache, inspect=False):
             return prefill.step(self.llm.model, cache, torch.tensor([[token]]))
 
-    def _graph_of(self, batch: BatchCache) -> BatchGraph | None:
-        """The batch's BatchGraph (made at its first call), or None when this engine uses none."""
-        if batch.graph is None:
-            use = self.graphs
-            if use is None:
-                use = batch.caches[0].layers[0].device.type == "cuda" and batch.config.decode_graphs
-            if not use or self.impl != "fast":
-                return None
-            batch.graph = BatchGraph(batch)
+    def _graph_of(self, batch: BatchCache) -> Any:
+        """The batch's cuda/batch_graph.BatchGraph (made at its first call), or None when this engine
+        uses none (graphs None: where the kernels capture graphs, with MemoryConfig.decode_graphs)."""
+        if batch.graph is None and self.impl == "fast" and self.graphs is not False:
+            kernels = batch.caches[0].layers[0].kernels
+            if self.graphs:
+                batch.graph = kernels.batch_graph(batch, capture=kernels.fast)
+            elif batch.config.decode_graphs:
+                batch.graph = kernels.batch_graph(batch)
         return batch.graph

@@ -198,6 +198,15 @@ class TorchKernels:
         """No CUDA graphs off the CUDA path."""
         return None
 
+    def batch_graph(self, batch: Any, capture: bool = True) -> Any:
+        """The BatchGraph a batch's steps go through (cuda/batch_graph.py); off the CUDA path only
+        without capture (its steps run eagerly: what tests compare with the plain batched step)."""
+        if capture:
+            return None
+        from memllm.context.cuda.batch_graph import BatchGraph
+
+        return BatchGraph(batch, capture=False)
+
 
 class CudaKernels(TorchKernels):
     """impl "fast" on CUDA: the Triton kernels of memllm.context.cuda (imported here, once)."""
@@ -368,6 +377,12 @@ class CudaKernels(TorchKernels):
         from memllm.context.cuda.graph import DecodeGraph
 
         return DecodeGraph(cache)
+
+    def batch_graph(self, batch: Any, capture: bool = True) -> Any:
+        """The BatchGraph a batch's steps go through (cuda/batch_graph.py), captured and replayed."""
+        from memllm.context.cuda.batch_graph import BatchGraph
+
+        return BatchGraph(batch, capture=capture)
 
 
 def kernels_for(impl: str, device: torch.device | str) -> TorchKernels:
