@@ -295,8 +295,13 @@ class StackedLayer:
             if _holds_row(lay, self.rows[i]):
                 continue
             n = lay.window_length()
-            torch._foreach_copy_([self.k[:, i, :n], self.v[:, i, :n], self.score[:, i, :n]],
-                                 [lay.local_k, lay.local_v, lay.local_score])  # fmt: skip
+            own = [lay.local_k, lay.local_v, lay.local_score]
+            bufs = (self.k, self.v, self.score)
+            # a window still viewing these buffers (its session stepped alone without leaving its views)
+            # is copied out first: an overlapping copy in place would shift it over itself
+            own = [t.clone() if t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() else t
+                   for t, b in zip(own, bufs, strict=True)]  # fmt: skip
+            torch._foreach_copy_([self.k[:, i, :n], self.v[:, i, :n], self.score[:, i, :n]], own)
             for buf in (self.k, self.v, self.score):
                 buf[:, i, n:].zero_()
             self.copied += 1

@@ -596,8 +596,8 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
     """BatchEngine(graphs=True): steps go through cuda/batch_graph.BatchGraph (on CUDA captured and
     replayed; elsewhere the same steps without a graph). Over 20 steps in which the sessions cut units
     (every 8 tokens: all on one step, a plain step; or each on its own step, taking it alone while
-    the others replay, its row copied back in place) and one session leaves, each session's tokens and
-    logits are the plain batched path's, and the states left behind step on alone as the plain path's
+    the others replay, its row copied back in place), one steps once by itself between two engine
+    steps and one session leaves, each session's tokens and logits are the plain batched path's, and the states left behind step on alone as the plain path's
     do. A checkpoint taken between graph steps (the buffers are written in place) still holds its
     state after more of them."""
     model = model_on(device)
@@ -614,6 +614,9 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
         if step == 12:  # the last session leaves both engines
             for name, e in engines.items():
                 e.leave(reqs[name][2])
+        if step == 5:  # the first session steps once by itself between engine steps (its windows views)
+            for ss in (got_s, ref_s):
+                alone(ss[0], 1)
         if step == 9:
             cp = got_s[0].cache.checkpoint()
             saved = [(lay.local_k.clone(), lay.local_score.clone()) for lay in got_s[0].cache.layers]
