@@ -2,7 +2,8 @@
 
 `worker = EngineThread(llm, lock)`; `pieces = worker.generate(session, ids, max_new_tokens, guard=,
 query=)` queues the session's turn at once and returns an iterator of its text pieces, filled as the
-thread's steps make them: every turn waiting or generating joins the same steps (continuous batching,
+thread's steps make them (`generate_text(ids, ...)`: the same for a prompt with no session of its own,
+a text-mode chat's, through a session made for it whose window holds the whole context): every turn waiting or generating joins the same steps (continuous batching,
 memllm.engine), one BatchEngine per MemoryConfig (sessions of one engine share one). Every model call
 the thread makes holds `lock`, one step at a time, so whoever else uses the model (a text-mode answer,
 a turn being closed) takes the lock between steps: the model is never called from two threads at
@@ -22,15 +23,32 @@ import queue
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from memllm.config import MemoryConfig
 from memllm.engine import BatchEngine, Request
 from memllm.errors import ConfigError
 from memllm.generation import RepetitionGuard
 
 log = logging.getLogger("memllm.engine")
 _END = object()  # a turn's last item: its request ended
+
+
+def text_memory(llm: Any) -> MemoryConfig:
+    """The MemoryConfig of generate_text's sessions: the model's own settings with the longest window
+    its context allows beside one execution block (fed in chunks of at most exc_block_size tokens), no
+    units read (topk 0: nothing is cut) and no text selector."""
+    cfg = (llm.memory or MemoryConfig()).resolved(llm.trained_len)
+    n_local = llm.trained_len - cfg.n_init - cfg.block_size - cfg.exc_block_size
+    chunk = min(cfg.chunk_size, cfg.exc_block_size)
+    return replace(cfg, n_local=n_local, chunk_size=chunk, topk=0, selector="infllm")
+
+
+def text_room(cfg: MemoryConfig) -> int:
+    """Tokens a session of `cfg` holds before its first cut (memllm/context/plan.py): in its window, all
+    attended to exactly."""
+    return cfg.n_init + cfg.n_local + cfg.block_size - 1
 
 
 @dataclass(eq=False)
@@ -85,6 +103,25 @@ class EngineThread:
             self.submitted += 1
         self._inbox.put(turn)
         return self._read(turn)
+
+    def generate_text(
+        self, ids: list[int], max_new_tokens: int, guard: RepetitionGuard | None = None
+    ) -> Iterator[str] | None:
+        """A reply to a rendered prompt `ids` that has no memory stream of its own (a text-mode chat's),
+        greedy, decoded with the other turns: a session is made for it whose window holds the prompt and
+        the reply (`text_memory`: nothing is cut into units, so it attends to every token as the model
+        itself does), closed when the reply ends or its reader stops. An iterator of its text pieces, or
+        None when prompt and reply would not fit such a window (the caller generates it another way)."""
+        cfg = text_memory(self.llm)
+        if len(ids) + max_new_tokens > text_room(cfg):
+            return None
+        return self._text_reply(self.llm.session(cfg), ids, max_new_tokens, guard)
+
+    def _text_reply(self, session: Any, ids: list[int], max_new_tokens: int, guard: Any) -> Iterator[str]:
+        try:
+            yield from self.generate(session, ids, max_new_tokens, guard)
+        finally:
+            session.close()
 
     def _read(self, turn: _Turn) -> Iterator[str]:
         try:

@@ -64,6 +64,9 @@ from memllm.memory_stores.records import MemoryRecord, MemoryStore
 MEMORY_MODES = ("text", "kv", "hybrid")
 # kv_generate(session, ids, max_new_tokens, guard, query) -> the answer's text pieces
 KvGenerate = Callable[[Any, list[int], int, "RepetitionGuard | None", str], Iterator[str]]
+# text_generate(ids, max_new_tokens, guard) -> a greedy reply's text pieces (a rendered prompt's), or
+# None where it cannot generate that one
+TextGenerate = Callable[[list[int], int, "RepetitionGuard | None"], "Iterator[str] | None"]
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
@@ -142,6 +145,7 @@ class ChatAgent:
         stream_with_facts: bool = False,
         kv_generate: KvGenerate | None = None,
         model_lock: AbstractContextManager | None = None,
+        text_generate: TextGenerate | None = None,
     ) -> None:
         """notify(message): where one-line notices go (waiting for another process, a snapshot
         rebuilt); default: warnings.warn. lock_timeout: how long to wait for another process holding
@@ -153,7 +157,10 @@ class ChatAgent:
         generated (default: session.generate; memllm serve: an EngineThread's, batched with other
         users' turns). model_lock: held around every model call the agent makes itself (a text-mode
         answer, a kv turn's own generation, closing a turn, a rebuild, a summary; default none), for a model
-        shared by threads (memllm serve); kv_generate takes it itself."""
+        shared by threads (memllm serve); kv_generate takes it itself. text_generate(ids, max_new_tokens,
+        guard) -> text pieces or None: how a greedy answer from the prompt (text mode, or a turn a recalled fact
+        answers) is generated from its rendered ids (default: llm.chat_stream under model_lock; memllm
+        serve: an EngineThread's generate_text, batched with other users' answers)."""
         if memory not in MEMORY_MODES:
             raise ConfigError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
         if not isinstance(kv_answers, bool):
@@ -192,6 +199,7 @@ class ChatAgent:
         self.lock_timeout = lock_timeout
         self.model_lock = model_lock if model_lock is not None else nullcontext()
         self.kv_generate = kv_generate or self._own_generate
+        self.text_generate = text_generate
         self.session: Any = None
         self.kv_turns = 0  # answered turns in the kv stream
         self._lock: Any = None
@@ -444,6 +452,22 @@ class ChatAgent:
         with self.model_lock:
             yield from pieces
 
+    def _generated_text(
+        self, messages: list[dict[str, str]], limit: int, guard: RepetitionGuard | None, prefix: str
+    ) -> Iterator[str]:
+        """llm.chat_stream's greedy reply (its prompt, its answer_prefix), through text_generate (or,
+        where text_generate cannot take it, chat_stream itself under model_lock)."""
+        head = self.llm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        ids = self.llm.chat_ids(messages, limit + len(head)) + list(head)
+        source = self.text_generate(ids, limit, guard)
+        if source is None:
+            opts = {"repetition_penalty": guard.penalty, "no_repeat_ngram": guard.n} if guard else {}
+            source = self._locked(self.llm.chat_stream(messages, max_new_tokens=limit, answer_prefix=prefix, **opts))
+            prefix = ""  # chat_stream streams it
+        if prefix:
+            yield prefix
+        yield from source
+
     def _own_generate(
         self, session: Any, ids: list[int], limit: int, guard: RepetitionGuard | None, query: str
     ) -> Iterator[str]:
@@ -501,14 +525,14 @@ class ChatAgent:
             if fact is not None and self._takes_prefix:  # an llm without answer_prefix answers as it is
                 opts["answer_prefix"] = prefix
                 self.answer_fact = fact.id
-            source = self._locked(
-                self.llm.chat_stream(
-                    self.build_messages(text, recall),
-                    max_new_tokens=limit,
-                    temperature=self.temperature if temperature is None else temperature,
-                    **opts,
+            temp = self.temperature if temperature is None else temperature
+            messages = self.build_messages(text, recall)
+            if self.text_generate is not None and temp == 0:
+                source = self._generated_text(messages, limit, guard, opts.get("answer_prefix", ""))
+            else:
+                source = self._locked(
+                    self.llm.chat_stream(messages, max_new_tokens=limit, temperature=temp, **opts)
                 )
-            )
         interrupted = False
         finished = False
         try:

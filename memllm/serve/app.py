@@ -1,10 +1,12 @@
 """The FastAPI app of `memllm serve`: OpenAI-compatible chat, models, a per-user memory API, health, metrics.
 
 Every model call holds one lock (the model is never called from two threads at once); one answer at a
-time per user. With kv memory (and `Limits.batch`, the default) the users' answers from their kv
-streams decode together: an EngineThread (memllm.engine_thread) steps them all in one model call per
-step, taking the lock per step, so a text-mode answer or a turn being closed runs between steps; a
-text-mode answer holds the lock while it generates. A ChatAgent per user kept in an LRU (its memory
+time per user. With `Limits.batch` (the default) the users' answers decode together: an EngineThread
+(memllm.engine_thread) steps them all in one model call per step, taking the lock per step, so a turn
+being closed runs between steps: kv turns from the users' streams, and greedy answers from the prompt
+(text mode; a turn a recalled fact answers) through sessions made for them whose window holds the
+whole context (exact attention). A sampled answer (temperature > 0), or any answer of a model that is
+not a MemLLM, holds the lock while it generates. A ChatAgent per user kept in an LRU (its memory
 lives in the store, so evicting loses nothing; a user answering is never evicted). Store writes are committed (SQLite)
 before the response is sent. Keys, errors and chat are here; the memory routes are memory_api's, the
 counters metrics'. Knows nothing of the command line; the model and store are given to it.
@@ -32,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from memllm.agents.chat import ChatAgent, user_namespace
 from memllm.engine_thread import EngineThread
 from memllm.errors import BusyError, HostBudgetError, MemllmError, MemoryLimitError
+from memllm.llm import MemLLM
 from memllm.serve.auth import KeyStore
 from memllm.serve.memory_api import memory_router
 from memllm.serve.metrics import Metrics, route_label
@@ -51,7 +54,7 @@ class Limits:
     memory_tokens: int | None = None  # budget for recalled memory in a prompt (None: a quarter of the window)
     flash_tokens: int | None = None  # budget for recent turns in a prompt (None: half of the window)
     lock_timeout: float | None = None  # seconds to wait for another process holding a user's kv memory (None: no end)
-    batch: bool = True  # kv memory: users' answers decode together (memllm.engine_thread); False: one at a time
+    batch: bool = True  # users' greedy answers decode together (memllm.engine_thread); False: one at a time
 
 
 class TextPart(BaseModel):
@@ -121,7 +124,10 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
     # so the map never grows with the users a server has seen.
     user_locks: dict[str, list[Any]] = {}
     app.state.busy_users = lambda: sorted(user_locks)
-    engine = EngineThread(llm, model_lock) if limits.batch and memory != "text" else None
+    # Users' answers decode together: kv turns from their streams, and (a MemLLM's: sessions of its
+    # own) greedy answers from the prompt, through sessions whose window holds the whole context.
+    sessions = isinstance(llm, MemLLM)
+    engine = EngineThread(llm, model_lock) if limits.batch and (memory != "text" or sessions) else None
     app.state.engine = engine
     app.state.model_lock = model_lock
     metrics = Metrics()
@@ -276,7 +282,8 @@ def create_app(llm: Any, store: Any, *, model_name: str = "memllm", keys: KeySto
                 budgets = replace(budgets, flash_tokens=limits.flash_tokens)
             agent = ChatAgent(llm, store, user=user, memory=memory, max_new_tokens=limits.max_tokens,
                               controller=budgets, lock_timeout=limits.lock_timeout, model_lock=model_lock,
-                              kv_generate=engine.generate if engine is not None else None)  # fmt: skip
+                              kv_generate=engine.generate if engine is not None else None,
+                              text_generate=engine.generate_text if engine is not None and sessions else None)  # fmt: skip
             agents[user] = agent
             while len(agents) > limits.max_sessions:
                 idle = pop_idle(user)

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
     return llm
 
 
-def serve(tiny, path, batch: bool):
+def serve(tiny, path, batch: bool, memory: str = "kv"):
     from fastapi.testclient import TestClient
 
     from memllm.memory_stores.embeddings import FakeEmbedder
@@ -43,7 +43,7 @@ def serve(tiny, path, batch: bool):
     from memllm.serve.app import Limits, create_app
 
     store = FaissStore(path, FakeEmbedder(dim=16))
-    app = create_app(tiny, store, memory="kv", limits=Limits(max_tokens=12, batch=batch))
+    app = create_app(tiny, store, memory=memory, limits=Limits(max_tokens=12, batch=batch))
     return TestClient(app), app, store
 
 
@@ -168,3 +168,74 @@ def test_streamed_kv_answers_batch_too_and_equal_the_plain_ones(tiny, tmp_path):
         assert app.state.engine.stats()["batch_rows"] > before["batch_rows"]
     finally:
         store.close()
+
+
+def test_text_mode_answers_batch_and_equal_the_models_own(tiny, tmp_path):
+    """Text memory (the default): the users' greedy answers from their prompts decode together, each
+    through a session whose window holds the whole context (EngineThread.generate_text), and they are
+    the answers llm.chat_stream gives one at a time (`Limits(batch=False)`); every session made for an
+    answer is closed after it."""
+    users = USERS[:3]
+    questions = {u: SAID[u] + " Where is it?" for u in users}
+    client, app, store = serve(tiny, tmp_path / "one", batch=False, memory="text")
+    try:
+        assert app.state.engine is None
+        want = {u: answers_text(chat(client, u, questions[u])) for u in users}
+    finally:
+        store.close()
+
+    client, app, store = serve(tiny, tmp_path / "many", batch=True, memory="text")
+    engine = app.state.engine
+    try:
+        got: dict[str, str] = {}
+
+        def ask(u: str) -> None:
+            got[u] = answers_text(chat(client, u, questions[u]))
+
+        threads = [threading.Thread(target=ask, args=(u,)) for u in users]
+        with app.state.model_lock:  # no step until every user's answer is queued: they join one batch
+            for t in threads:
+                t.start()
+            end = time.monotonic() + 60
+            while engine.submitted < len(users) and time.monotonic() < end:
+                time.sleep(0.01)
+        for t in threads:
+            t.join(120)
+        assert got == want and sum(bool(a) for a in want.values()) >= 2, want
+        stats = engine.stats()
+        assert stats["turns"] == len(users) and stats["batch_rows"] >= 2 * stats["steps"] > 0
+        assert stats["prefill_calls"] >= 1  # their prompts fed together
+        assert all(not e.active for e in engine.engines.values())
+    finally:
+        store.close()
+
+
+def answers_text(body: dict) -> str:
+    return body["choices"][0]["message"]["content"]
+
+
+def test_a_reply_the_engine_cannot_hold_is_generated_by_the_model_itself(tiny, tmp_path):
+    """text_generate returning None (prompt and reply longer than its sessions' window) leaves the
+    answer to llm.chat_stream: the same answer as an agent without text_generate."""
+    from memllm.agents.chat import ChatAgent
+    from memllm.engine_thread import text_memory, text_room
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+
+    cfg = text_memory(tiny)
+    assert cfg.topk == 0 and text_room(cfg) == tiny.trained_len - cfg.exc_block_size - 1
+    asked: list[int] = []
+
+    def cannot(ids: list[int], n: int, guard) -> None:
+        asked.append(len(ids))
+        return None
+
+    got = []
+    for name, gen in (("own", None), ("none", cannot)):
+        store = FaissStore(tmp_path / name, FakeEmbedder(dim=16))
+        try:
+            agent = ChatAgent(tiny, store, max_new_tokens=12, text_generate=gen)
+            got.append(agent.chat(SAID["cy"]))
+        finally:
+            store.close()
+    assert asked and got[0] == got[1] and got[0]
