@@ -1,7 +1,10 @@
-"""`memllm serve --memory kv`: users' answers decoded together (--batch, the default) against one at a time
-(--no-batch), on a real server over loopback with real HTTP clients (issue 19).
+"""`memllm serve --memory kv|text`: users' answers decoded together (--batch, the default) against one at a
+time (--no-batch), on a real server over loopback with real HTTP clients (issue 19).
 
-  python -m benchmarks.serve_batch_cpu --users 1,4,8 --max-tokens 32 --repeats 3 [--out F]
+  python -m benchmarks.serve_batch_cpu --users 1,4,8 --max-tokens 32 --repeats 3 [--memory text] [--out F]
+
+With --memory text every answer comes from its prompt (system, recalled memory, the message): batched,
+through EngineThread.generate_text; one at a time, through llm.chat_stream.
 
 For each mode a server is started on a fresh store; for each N in --users, N new users each tell it a
 few sentences (one after another), then all N ask for a short text that recalls none of them (answered
@@ -61,10 +64,10 @@ def engine_counters(client: httpx.Client) -> dict[str, int]:
     return out
 
 
-def run_mode(batch: bool, users: list[int], max_tokens: int, repeats: int) -> dict:
+def run_mode(batch: bool, users: list[int], max_tokens: int, repeats: int, memory: str = "kv") -> dict:
     from benchmarks import serve_load
 
-    serve_load.SERVER_ARGS[:] = ["--memory", "kv", "--batch" if batch else "--no-batch"]
+    serve_load.SERVER_ARGS[:] = ["--memory", memory, "--batch" if batch else "--no-batch"]
     home = Path(tempfile.mkdtemp(prefix="memllm-serve-batch-"))
     port = free_port()
     proc = start(home, port, fake=False, max_tokens=max_tokens)  # returns once /healthz answers
@@ -116,10 +119,12 @@ def main() -> None:
     ap.add_argument("--users", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of asks per N (medians reported)")
+    ap.add_argument("--memory", default="kv", choices=["kv", "text"],
+                    help="the server's memory mode (text: answers from the prompt, through generate_text when batched)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     users = [int(x) for x in args.users.split(",")]
-    modes = [run_mode(b, users, args.max_tokens, args.repeats) for b in (False, True)]
+    modes = [run_mode(b, users, args.max_tokens, args.repeats, args.memory) for b in (False, True)]
     print("\nusers | one at a time tok/s | batched tok/s | ratio | p50 latency s (one / batched) | answers equal"
           " (medians of the rounds)")
     for a, b in zip(modes[0]["rows"], modes[1]["rows"], strict=True):
@@ -130,7 +135,7 @@ def main() -> None:
               f"{same}")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps({"max_tokens": args.max_tokens, "repeats": args.repeats,
-                                              "modes": modes}, indent=1))  # fmt: skip
+                                              "memory": args.memory, "modes": modes}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

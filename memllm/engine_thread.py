@@ -78,6 +78,9 @@ class EngineThread:
         self.llm, self.lock, self.impl = llm, lock, impl
         self.engines: dict[Any, BatchEngine] = {}  # MemoryConfig -> its engine
         self.submitted = 0  # turns queued so far (callers' threads count them: _count)
+        self.outstanding = 0  # replies queued or generating (generate's and generate_text's)
+        self.text_replies = 0  # generate_text's replies, and those of them the model made alone
+        self.text_alone = 0
         self._count = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._turns: dict[int, _Turn] = {}  # id(request) -> its turn, while it generates
@@ -96,32 +99,56 @@ class EngineThread:
     ) -> Iterator[str]:
         """Queue `session`'s turn (prompt `ids`, greedy, up to max_new_tokens; as
         Session.generate(ids, max_new_tokens, guard=, query=)) now; iterate for its text pieces."""
+        turn = self._queue(session, ids, max_new_tokens, guard, query)
+        with self._count:
+            self.outstanding += 1
+        return self._counted(self._read(turn))
+
+    def _counted(self, pieces: Iterator[str]) -> Iterator[str]:
+        """pieces, counted in `outstanding` (taken in by generate) until they end or their reader stops."""
+        try:
+            yield from pieces
+        finally:
+            with self._count:
+                self.outstanding -= 1
+
+    def _queue(self, session: Any, ids: list[int], max_new_tokens: int, guard: Any, query: str | None) -> _Turn:
         if self._closed or not self._thread.is_alive():
             raise ConfigError("the engine thread is closed: make a new EngineThread")
         turn = _Turn(session, list(ids), max_new_tokens, guard, query)
         with self._count:
             self.submitted += 1
         self._inbox.put(turn)
-        return self._read(turn)
+        return turn
 
     def generate_text(
         self, ids: list[int], max_new_tokens: int, guard: RepetitionGuard | None = None
-    ) -> Iterator[str] | None:
-        """A reply to a rendered prompt `ids` that has no memory stream of its own (a text-mode chat's),
-        greedy, decoded with the other turns: a session is made for it whose window holds the prompt and
-        the reply (`text_memory`: nothing is cut into units, so it attends to every token as the model
-        itself does), closed when the reply ends or its reader stops. An iterator of its text pieces, or
-        None when prompt and reply would not fit such a window (the caller generates it another way)."""
+    ) -> Iterator[str]:
+        """The greedy reply to a rendered prompt `ids` that has no memory stream of its own (a text-mode
+        chat's): its text pieces. With other turns queued or generating, it is decoded with them through
+        a session made for it whose window holds prompt and reply (`text_memory`: nothing is cut into
+        units, so it attends to every token as the model itself does), closed when the reply ends or its
+        reader stops. Alone, or too long for that window, it is the model's own (llm.reply_stream,
+        holding the lock for the whole reply): batching a reply with nothing buys nothing."""
         cfg = text_memory(self.llm)
-        if len(ids) + max_new_tokens > text_room(cfg):
-            return None
-        return self._text_reply(self.llm.session(cfg), ids, max_new_tokens, guard)
-
-    def _text_reply(self, session: Any, ids: list[int], max_new_tokens: int, guard: Any) -> Iterator[str]:
+        with self._count:
+            alone = self.outstanding == 0 or len(ids) + max_new_tokens > text_room(cfg)
+            self.outstanding += 1
+            self.text_replies += 1
+            self.text_alone += alone
         try:
-            yield from self.generate(session, ids, max_new_tokens, guard)
+            if alone:
+                with self.lock:
+                    yield from self.llm.reply_stream(ids, max_new_tokens=max_new_tokens, guard=guard)
+                return
+            session = self.llm.session(cfg)
+            try:
+                yield from self._read(self._queue(session, ids, max_new_tokens, guard, None))
+            finally:
+                session.close()
         finally:
-            session.close()
+            with self._count:
+                self.outstanding -= 1
 
     def _read(self, turn: _Turn) -> Iterator[str]:
         try:
@@ -157,6 +184,8 @@ class EngineThread:
             "steps": sum(e.steps for e in engines),
             "batch_rows": sum(e.batch_rows for e in engines),
             "prefill_calls": sum(e.prefill_calls for e in engines),
+            "text_replies": self.text_replies,
+            "text_alone": self.text_alone,
         }
 
     # ---- the thread ------------------------------------------------------------------------------

@@ -168,10 +168,7 @@ class MemLLM:
         memllm.generation.RepetitionGuard); both apply to the answer's own tokens only. answer_prefix:
         the reply starts with this text (streamed first; the model writes what follows it, within
         max_new_tokens more tokens)."""
-        import torch
-        from transformers import DynamicCache
-
-        from memllm.generation import RepetitionGuard, decode_stream, generate_ids
+        from memllm.generation import RepetitionGuard
 
         if not 1 <= max_new_tokens <= self.trained_len:
             raise ConfigError(
@@ -182,22 +179,41 @@ class MemLLM:
         guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
         head = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
         ids = self.chat_ids(messages, max_new_tokens + len(head)) + list(head)
-        input_ids = torch.tensor([ids], device=self.device)
+        if answer_prefix:
+            yield answer_prefix
+        yield from self.reply_stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                     guard=guard if guard.active else None)  # fmt: skip
+
+    def reply_stream(
+        self,
+        ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        guard: Any = None,
+    ) -> Iterator[str]:
+        """The text pieces of the model's reply after the prompt `ids` (rendered, e.g. by chat_ids), the
+        model's own attention over a DynamicCache: what chat_stream streams after its answer_prefix.
+        guard: a memllm.generation.RepetitionGuard over the reply's own tokens, or None."""
+        import torch
+        from transformers import DynamicCache
+
+        from memllm.generation import decode_stream, generate_ids
+
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         tokens = generate_ids(
             self.model,
-            input_ids,
+            torch.tensor([list(ids)], device=self.device),
             cache=DynamicCache(config=self.model.config),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             stop_ids=self.stop_ids(),
             generator=gen,
-            guard=guard if guard.active else None,
+            guard=guard,
         )
-        if answer_prefix:
-            yield answer_prefix
         yield from decode_stream(self.tokenizer, tokens)
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs: Any) -> str:

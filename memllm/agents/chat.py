@@ -64,9 +64,8 @@ from memllm.memory_stores.records import MemoryRecord, MemoryStore
 MEMORY_MODES = ("text", "kv", "hybrid")
 # kv_generate(session, ids, max_new_tokens, guard, query) -> the answer's text pieces
 KvGenerate = Callable[[Any, list[int], int, "RepetitionGuard | None", str], Iterator[str]]
-# text_generate(ids, max_new_tokens, guard) -> a greedy reply's text pieces (a rendered prompt's), or
-# None where it cannot generate that one
-TextGenerate = Callable[[list[int], int, "RepetitionGuard | None"], "Iterator[str] | None"]
+# text_generate(ids, max_new_tokens, guard) -> a greedy reply's text pieces (a rendered prompt's)
+TextGenerate = Callable[[list[int], int, "RepetitionGuard | None"], Iterator[str]]
 DEFAULT_SYSTEM: str | None = None  # None: the model's own default system prompt (its chat template's)
 MEMORY_HEADER = "Facts I told you before:"
 SUMMARY_PROMPT = "Summarize the following text in one short sentence, keeping names and numbers:\n\n"
@@ -158,7 +157,7 @@ class ChatAgent:
         users' turns). model_lock: held around every model call the agent makes itself (a text-mode
         answer, a kv turn's own generation, closing a turn, a rebuild, a summary; default none), for a model
         shared by threads (memllm serve); kv_generate takes it itself. text_generate(ids, max_new_tokens,
-        guard) -> text pieces or None: how a greedy answer from the prompt (text mode, or a turn a recalled fact
+        guard) -> text pieces: how a greedy answer from the prompt (text mode, or a turn a recalled fact
         answers) is generated from its rendered ids (default: llm.chat_stream under model_lock; memllm
         serve: an EngineThread's generate_text, batched with other users' answers)."""
         if memory not in MEMORY_MODES:
@@ -455,18 +454,12 @@ class ChatAgent:
     def _generated_text(
         self, messages: list[dict[str, str]], limit: int, guard: RepetitionGuard | None, prefix: str
     ) -> Iterator[str]:
-        """llm.chat_stream's greedy reply (its prompt, its answer_prefix), through text_generate (or,
-        where text_generate cannot take it, chat_stream itself under model_lock)."""
+        """llm.chat_stream's greedy reply (its prompt, its answer_prefix), through text_generate."""
         head = self.llm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         ids = self.llm.chat_ids(messages, limit + len(head)) + list(head)
-        source = self.text_generate(ids, limit, guard)
-        if source is None:
-            opts = {"repetition_penalty": guard.penalty, "no_repeat_ngram": guard.n} if guard else {}
-            source = self._locked(self.llm.chat_stream(messages, max_new_tokens=limit, answer_prefix=prefix, **opts))
-            prefix = ""  # chat_stream streams it
         if prefix:
             yield prefix
-        yield from source
+        yield from self.text_generate(ids, limit, guard)
 
     def _own_generate(
         self, session: Any, ids: list[int], limit: int, guard: RepetitionGuard | None, query: str

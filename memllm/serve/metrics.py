@@ -28,7 +28,7 @@ class Metrics:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
     def text(self, engine: dict[str, int] | None = None) -> str:
-        """The counters; `engine`: an EngineThread's stats (kv answers decoded together), as memllm_engine_*."""
+        """The counters; `engine`: an EngineThread's stats (answers decoded together), as memllm_engine_*."""
         lines = ["# TYPE memllm_requests_total counter"]
         with self.lock:
             for (path, status), n in sorted(self.requests.items()):

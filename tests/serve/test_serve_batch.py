@@ -173,8 +173,8 @@ def test_streamed_kv_answers_batch_too_and_equal_the_plain_ones(tiny, tmp_path):
 def test_text_mode_answers_batch_and_equal_the_models_own(tiny, tmp_path):
     """Text memory (the default): the users' greedy answers from their prompts decode together, each
     through a session whose window holds the whole context (EngineThread.generate_text), and they are
-    the answers llm.chat_stream gives one at a time (`Limits(batch=False)`); every session made for an
-    answer is closed after it."""
+    the answers llm.chat_stream gives one at a time (`Limits(batch=False)`). The first of them, with
+    nothing to batch with, is the model's own; every session made for an answer is closed after it."""
     users = USERS[:3]
     questions = {u: SAID[u] + " Where is it?" for u in users}
     client, app, store = serve(tiny, tmp_path / "one", batch=False, memory="text")
@@ -193,19 +193,19 @@ def test_text_mode_answers_batch_and_equal_the_models_own(tiny, tmp_path):
             got[u] = answers_text(chat(client, u, questions[u]))
 
         threads = [threading.Thread(target=ask, args=(u,)) for u in users]
-        with app.state.model_lock:  # no step until every user's answer is queued: they join one batch
+        with app.state.model_lock:  # nothing generates until every user's answer has started
             for t in threads:
                 t.start()
             end = time.monotonic() + 60
-            while engine.submitted < len(users) and time.monotonic() < end:
+            while engine.outstanding < len(users) and time.monotonic() < end:
                 time.sleep(0.01)
         for t in threads:
             t.join(120)
         assert got == want and sum(bool(a) for a in want.values()) >= 2, want
         stats = engine.stats()
-        assert stats["turns"] == len(users) and stats["batch_rows"] >= 2 * stats["steps"] > 0
-        assert stats["prefill_calls"] >= 1  # their prompts fed together
-        assert all(not e.active for e in engine.engines.values())
+        assert stats["text_replies"] == len(users) and stats["text_alone"] == 1 and stats["turns"] == len(users) - 1
+        assert stats["batch_rows"] >= 2 * stats["steps"] > 0  # the other two decoded together
+        assert engine.outstanding == 0 and all(not e.active for e in engine.engines.values())
     finally:
         store.close()
 
@@ -214,28 +214,23 @@ def answers_text(body: dict) -> str:
     return body["choices"][0]["message"]["content"]
 
 
-def test_a_reply_the_engine_cannot_hold_is_generated_by_the_model_itself(tiny, tmp_path):
-    """text_generate returning None (prompt and reply longer than its sessions' window) leaves the
-    answer to llm.chat_stream: the same answer as an agent without text_generate."""
-    from memllm.agents.chat import ChatAgent
-    from memllm.engine_thread import text_memory, text_room
-    from memllm.memory_stores.embeddings import FakeEmbedder
-    from memllm.memory_stores.faiss_store import FaissStore
+def test_a_text_reply_alone_or_too_long_is_the_models_own(tiny):
+    """generate_text with nothing else outstanding, or with prompt and reply longer than its sessions'
+    window: llm.reply_stream's reply, no engine step."""
+    from memllm.engine_thread import EngineThread, text_memory, text_room
 
     cfg = text_memory(tiny)
     assert cfg.topk == 0 and text_room(cfg) == tiny.trained_len - cfg.exc_block_size - 1
-    asked: list[int] = []
-
-    def cannot(ids: list[int], n: int, guard) -> None:
-        asked.append(len(ids))
-        return None
-
-    got = []
-    for name, gen in (("own", None), ("none", cannot)):
-        store = FaissStore(tmp_path / name, FakeEmbedder(dim=16))
-        try:
-            agent = ChatAgent(tiny, store, max_new_tokens=12, text_generate=gen)
-            got.append(agent.chat(SAID["cy"]))
-        finally:
-            store.close()
-    assert asked and got[0] == got[1] and got[0]
+    engine = EngineThread(tiny, threading.RLock())
+    try:
+        ids = tiny.chat_ids([{"role": "user", "content": SAID["cy"]}], 12)
+        want = "".join(tiny.reply_stream(ids, max_new_tokens=12))
+        assert want and "".join(engine.generate_text(ids, 12)) == want
+        long = (ids * (text_room(cfg) // len(ids) + 1))[: text_room(cfg)]
+        engine.outstanding += 1  # as if another user's reply were generating
+        assert "".join(engine.generate_text(long, 12)) == "".join(tiny.reply_stream(long, max_new_tokens=12))
+        engine.outstanding -= 1
+        stats = engine.stats()
+        assert stats["text_replies"] == stats["text_alone"] == 2 and stats["steps"] == stats["turns"] == 0
+    finally:
+        engine.close()
