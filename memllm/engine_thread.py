@@ -3,8 +3,9 @@
 `worker = EngineThread(llm, lock)`; `pieces = worker.generate(session, ids, max_new_tokens, guard=,
 query=)` queues the session's turn at once and returns an iterator of its text pieces, filled as the
 thread's steps make them (`generate_text(ids, ...)`: the same for a prompt with no session of its own,
-a text-mode chat's, through a session made for it whose window holds the whole context): every turn waiting or generating joins the same steps (continuous batching,
-memllm.engine), one BatchEngine per MemoryConfig (sessions of one engine share one). Every model call
+a text-mode chat's, through a session made for it whose window holds the whole context, when there are
+other turns to decode it with): every turn waiting or generating joins the same steps (continuous
+batching, memllm.engine), one BatchEngine per MemoryConfig (sessions of one engine share one). Every model call
 the thread makes holds `lock`, one step at a time, so whoever else uses the model (a text-mode answer,
 a turn being closed) takes the lock between steps: the model is never called from two threads at
 once (attach switches the model's attention implementation for as long as a call lasts).
@@ -78,7 +79,7 @@ class EngineThread:
         self.llm, self.lock, self.impl = llm, lock, impl
         self.engines: dict[Any, BatchEngine] = {}  # MemoryConfig -> its engine
         self.submitted = 0  # turns queued so far (callers' threads count them: _count)
-        self.outstanding = 0  # replies queued or generating (generate's and generate_text's)
+        self.outstanding = 0  # generate_text's replies being read (kv turns: the inbox and _turns)
         self.text_replies = 0  # generate_text's replies, and those of them the model made alone
         self.text_alone = 0
         self._count = threading.Lock()
@@ -99,18 +100,7 @@ class EngineThread:
     ) -> Iterator[str]:
         """Queue `session`'s turn (prompt `ids`, greedy, up to max_new_tokens; as
         Session.generate(ids, max_new_tokens, guard=, query=)) now; iterate for its text pieces."""
-        turn = self._queue(session, ids, max_new_tokens, guard, query)
-        with self._count:
-            self.outstanding += 1
-        return self._counted(self._read(turn))
-
-    def _counted(self, pieces: Iterator[str]) -> Iterator[str]:
-        """pieces, counted in `outstanding` (taken in by generate) until they end or their reader stops."""
-        try:
-            yield from pieces
-        finally:
-            with self._count:
-                self.outstanding -= 1
+        return self._read(self._queue(session, ids, max_new_tokens, guard, query))
 
     def _queue(self, session: Any, ids: list[int], max_new_tokens: int, guard: Any, query: str | None) -> _Turn:
         if self._closed or not self._thread.is_alive():
@@ -132,7 +122,8 @@ class EngineThread:
         holding the lock for the whole reply): batching a reply with nothing buys nothing."""
         cfg = text_memory(self.llm)
         with self._count:
-            alone = self.outstanding == 0 or len(ids) + max_new_tokens > text_room(cfg)
+            company = self.outstanding > 0 or bool(self._turns) or not self._inbox.empty()
+            alone = not company or len(ids) + max_new_tokens > text_room(cfg)
             self.outstanding += 1
             self.text_replies += 1
             self.text_alone += alone

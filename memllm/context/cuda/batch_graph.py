@@ -1,29 +1,31 @@
-"""A batched decode step whose every row is stacked (context/batch.py, stacked.py), replayed as a CUDA graph.
+"""The batched decode step (context/batch.py, stacked.py), replayed as a CUDA graph.
 
 At 128K with 4 to 48 sessions on an H100 a batched step was 1,411 launches and 76-85 ms of host time
 against 9-61 ms on the GPU (GPU run 40): the host sets its speed, as it did for one session's decode
-(graph.py). A step whose rows are all steady launches the same kernels, with the same shapes and
+(graph.py). A step whose rows are all stacked launches the same kernels, with the same shapes and
 addresses, as the step before it as long as the rows' buffers stay the same, so the whole model call
 is captured once and replayed:
   * before the call, the rows are worked out (stacked.plan_rows) and their device indexes, the tokens
     and the positions go into one fixed buffer (one upload); every layer's stacked buffers are made
-    current (StackedLayer.prepare: host checks; a rebuild only when a row's state changed), the window
-    buffers with room for the longest window a steady step has, so they are not made again as the
-    windows grow;
+    current (StackedLayer.prepare, host checks: a row whose window, index or sinks changed is copied
+    back into its own row in place), the window buffers with room for the longest window a steady step
+    has and the index buffer with room for GROW_UNITS more units a row, so they are not made again as
+    windows and indexes grow;
+  * a session whose step cuts a unit (one of B every block_size / B steps when sessions cut on
+    different steps, as a server's do) takes that step alone first (the caller's `alone`: its windows
+    made its own, its own model call) and stands in for its row: computed and thrown away;
   * the call: every layer takes the rows given (BatchCache.given_rows) and writes the window scores
     back into their buffer (Rows.in_place);
   * after it, each layer's rows advance on the host (StackedLayer.advance: the counters, the handed
     windows, now static views: a checkpoint copies them, and a session leaving the batch gets its own);
   * what a graph has baked in (`signature`): every layer's buffers, the stores' gather tables and
-    their unit caches' pools. A change (a row that cut a unit or was rolled back is copied in again; a
-    session joined: a new BatchCache and graph) means a step run as the plain one would, then (the
-    buffers unchanged for SETTLE steps) an eager warm-up, then a capture. The stacked buffers are
-    made anew whenever a row is copied in, and a step where a row cuts runs the others stacked in
-    buffers of their own, so sessions that cut on different steps (every block_size / B steps at B
-    sessions) seldom reach a capture: measured, GPU run 43 (benchmarks/RESULTS.md).
-A step with a row that is not steady, forced units or a lookup log takes the plain batched path.
-`BatchGraph(batch, capture=False)` runs the same steps without a graph (any device): the path tests
-compare with the plain one. Knows nothing of sessions or text.
+    their unit caches' pools. A change (a session joined or left: a new BatchCache and graph; a new
+    segment of units; an index past its room) means a step run as the plain one would, then (the
+    buffers unchanged for SETTLE steps) an eager warm-up, then a capture. Measured: GPU runs 42-44
+    (benchmarks/RESULTS.md; run 43 before stand-ins and in-place rows: a capture at every cut).
+A step with a row that can neither be stacked nor stand in, forced units or a lookup log takes the
+plain batched path. `BatchGraph(batch, capture=False)` runs the same steps without a graph (any device):
+the path tests compare with the plain one. Knows nothing of sessions or text.
 """
 
 from __future__ import annotations
