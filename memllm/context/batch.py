@@ -219,6 +219,10 @@ class BatchCache(Cache):
             steps = torch.minimum(steps, torch.tensor(lengths)[:, None] - 1)
         return upload(torch.tensor(starts)[:, None] + steps, device)
 
+    def plan_rows(self, **kwargs) -> Rows | None:
+        """stacked.plan_rows over this batch's sessions (a graph step's: cuda/batch_graph.py)."""
+        return plan_rows(self.caches, self.rotary, **kwargs)
+
     def steady_rows(self, c: int, layer_idx: int) -> Rows | None:
         """The stacked rows of the current call (impl "fast", c == 1), worked out once per call, when
         layer 0 asks (before it attends, every layer is in the state layer 0 is in)."""

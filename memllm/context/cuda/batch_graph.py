@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from memllm.compat import cache_kwargs
 from memllm.context.cuda.graph import run_captured
-from memllm.context.stacked import Rows, plan_rows
+
+if TYPE_CHECKING:
+    from memllm.context.stacked import Rows
 
 ROWS = 5  # the device rows plan_rows writes (then the positions and the tokens)
 # Steps the buffers must have stayed the same before a warm-up (then a capture) is tried: a graph made
@@ -87,8 +90,7 @@ class BatchGraph:
         if any(c.layers[0].lookup_log is not None for c in caches):
             return None
         positions = batch.positions(1, torch.device("cpu"), 0).view(-1).tolist()
-        st = plan_rows(caches, batch.rotary, into=self.inputs, extra=(positions, tokens),
-                       stand_ins=alone is not None)  # fmt: skip
+        st = batch.plan_rows(into=self.inputs, extra=(positions, tokens), stand_ins=alone is not None)
         if st is None or st.forced:
             return None
         cfg = batch.config
