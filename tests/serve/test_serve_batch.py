@@ -234,3 +234,36 @@ def test_a_text_reply_alone_or_too_long_is_the_models_own(tiny):
         assert stats["text_replies"] == stats["text_alone"] == 2 and stats["steps"] == stats["turns"] == 0
     finally:
         engine.close()
+
+
+def test_a_batched_text_reply_starts_from_the_recalled_fact_as_chat_stream_does(tiny, tmp_path):
+    """A question a recalled fact answers: the reply through the engine (another reply outstanding, so
+    it is decoded in a session of its own) starts with the same answer_prefix and goes on as
+    chat_stream's does."""
+    from memllm.agents.chat import ChatAgent
+    from memllm.engine_thread import EngineThread
+    from memllm.memory_stores.embeddings import FakeEmbedder
+    from memllm.memory_stores.faiss_store import FaissStore
+
+    lock = threading.RLock()
+    engine = EngineThread(tiny, lock)
+    got = []
+    try:
+        for name, gen in (("own", None), ("engine", engine.generate_text)):
+            store = FaissStore(tmp_path / name, FakeEmbedder(dim=16))
+            try:
+                ChatAgent(tiny, store, user="ann", max_new_tokens=8, summarize=False).chat("My locker code is 4417.")
+                later = ChatAgent(tiny, store, user="ann", max_new_tokens=8, summarize=False, model_lock=lock,
+                                  text_generate=gen)  # fmt: skip
+                if gen is not None:
+                    engine.outstanding += 1  # as if another user's reply were generating
+                got.append((later.chat("What is my locker code?"), later.answer_fact is not None))
+                if gen is not None:
+                    engine.outstanding -= 1
+            finally:
+                store.close()
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert got[0] == got[1] and got[0][1] and got[0][0].startswith("Your locker code is 4417"), got
+    assert stats["text_replies"] == 1 and stats["text_alone"] == 0 and stats["turns"] == 1  # through the engine
