@@ -53,8 +53,9 @@ def serve(
     max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests at once before 429."),
     max_sessions: int = typer.Option(64, "--max-sessions", help="User sessions kept in memory (LRU)."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Chats waiting for the model before 429."),
-    batch: bool = typer.Option(True, "--batch/--no-batch", help="With kv memory, users' answers decode together, "
-                               "one model call per step for all of them (--no-batch: one answer at a time)."),
+    batch: bool = typer.Option(True, "--batch/--no-batch", help="Users' greedy answers decode together, one model call per step for "
+                               "all of them (text memory: when several are asked at once; --no-batch: one answer "
+                               "at a time)."),
     memory_tokens: int | None = typer.Option(
         None, "--memory-tokens", min=0, help="Budget for recalled memory per prompt (default: a quarter of the window)."),
     flash_tokens: int | None = typer.Option(
