@@ -545,6 +545,7 @@ def main() -> None:
                 checks.update(correctness(llm, src, memory, cached))
                 checks["length"] = n_tok
                 say(f"correctness (batched first step vs alone): {checks}")
+            more = ids[1 : resolved.block_size + 1] if args.staggered else None  # what staggered clones read
             for n in ns:
                 for mem, graphs in [(m, g) for m in memories for g in graph_modes]:
                     if graphs and n == 1:  # one session steps alone (its own decode graph) either way
@@ -554,7 +555,6 @@ def main() -> None:
                             f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "") + (" (graph)" if graphs else "")
                         )
                         continue
-                    more = ids[1 : resolved.block_size + 1] if args.staggered else None
                     row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more)
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)

@@ -177,12 +177,17 @@ class MemLLM:
         if temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {temperature}")
         guard = RepetitionGuard(repetition_penalty, no_repeat_ngram)
-        head = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
-        ids = self.chat_ids(messages, max_new_tokens + len(head)) + list(head)
+        ids = self.reply_ids(messages, max_new_tokens, answer_prefix)
         if answer_prefix:
             yield answer_prefix
         yield from self.reply_stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                      guard=guard if guard.active else None)  # fmt: skip
+
+    def reply_ids(self, messages: Sequence[dict[str, str]], max_new_tokens: int, answer_prefix: str = "") -> list[int]:
+        """The prompt ids of a reply to `messages` (chat_ids, room left for max_new_tokens more), then
+        answer_prefix's: what chat_stream generates from."""
+        head = self.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+        return self.chat_ids(messages, max_new_tokens + len(head)) + list(head)
 
     def reply_stream(
         self,

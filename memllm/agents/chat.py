@@ -455,8 +455,7 @@ class ChatAgent:
         self, messages: list[dict[str, str]], limit: int, guard: RepetitionGuard | None, prefix: str
     ) -> Iterator[str]:
         """llm.chat_stream's greedy reply (its prompt, its answer_prefix), through text_generate."""
-        head = self.llm.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        ids = self.llm.chat_ids(messages, limit + len(head)) + list(head)
+        ids = self.llm.reply_ids(messages, limit, prefix)
         if prefix:
             yield prefix
         yield from self.text_generate(ids, limit, guard)

@@ -103,7 +103,10 @@ class BatchGraph:
         own = {b: alone(b) for b in (st.rows[i] for i in st.stand_ins)}  # before their rows are copied in
         for bl in batch.layers:  # host work: the buffers made current before the call (and the signature)
             bl.stacked_layer().prepare(bl.members, st)
-        sig = self._signature() if self.capture else None
+        sig = None
+        if self.capture:
+            self._refresh()
+            sig = self._signature()
         if sig is not None and sig != self.signature:
             self.settled = self.settled + 1 if sig == self.last else 0
         self.last = sig
@@ -112,7 +115,7 @@ class BatchGraph:
             # batched step would run it
             logits = self._forward(model)
         else:
-            logits, done = run_captured(self, sig, self.device, lambda: self._forward(model), self._signature)
+            logits, done = run_captured(self, sig, self.device, lambda: self._forward(model), self._after_warm_up)
             self.captures += done == "capture"
             self.replays += done != "warm"
         for bl in batch.layers:
@@ -134,18 +137,28 @@ class BatchGraph:
             batch.given_rows = None
         return out.logits[:, -1].float()
 
+    def _refresh(self) -> None:
+        """What a graph reads, made now on the current stream (not in a warm-up on the side one): the
+        stores' joined gather tables and their unit caches' pools."""
+        for bl in self.batch.layers:
+            stores = [m.store for m in bl.members]
+            current = getattr(bl.stacked.gather, "current", None)  # StoresGather's
+            if current is not None:
+                current(stores, self.device)
+            for s in stores:
+                if s.unit_cache is not None:
+                    s.unit_cache.ensure(bl.members[0].dtype)
+
+    def _after_warm_up(self) -> tuple:
+        self._refresh()
+        return self._signature()
+
     def _signature(self) -> tuple:
         """What a captured graph has baked in besides the fixed inputs (addresses and shapes)."""
         parts: list = []
         for bl in self.batch.layers:
             sl = bl.stacked
             stores = [m.store for m in bl.members]
-            current = getattr(sl.gather, "current", None)  # StoresGather: the joined tables made now
-            if current is not None:
-                current(stores, self.device)
-            for s in stores:
-                if s.unit_cache is not None:
-                    s.unit_cache.ensure(bl.members[0].dtype)  # pools made here, not in a warm-up
             pools = tuple(s.unit_cache.pool_ptrs.data_ptr() for s in stores if s.unit_cache is not None)
             parts.append((
                 sl.rebuilds, sl.k.data_ptr(), sl.k.shape, sl.v.data_ptr(), sl.score.data_ptr(),
