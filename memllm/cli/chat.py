@@ -141,6 +141,7 @@ def chat(
     opts: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     if repetition_penalty > 1.0 or no_repeat_ngram > 0:
         opts.update(repetition_penalty=repetition_penalty, no_repeat_ngram=no_repeat_ngram)
+    store_: Any = None  # the text memory store this command opened (closed when the chat ends)
     if user is None:
         conv: Any = PlainConversation(llm, system, opts)
     else:
@@ -153,9 +154,10 @@ def chat(
             budgets = replace(budgets, memory_tokens=memory_tokens)
         if flash_tokens is not None:
             budgets = replace(budgets, flash_tokens=flash_tokens)
+        store_ = common.open_store(store, with_embedder=True)
         agent = ChatAgent(
             llm,
-            common.open_store(store, with_embedder=True),
+            store_,
             user=user,
             memory=memory,
             system=system,
@@ -179,7 +181,11 @@ def chat(
             else:
                 _loop(conv, model, interactive, as_json)
     finally:
-        conv.close()
+        try:
+            conv.close()
+        finally:
+            if store_ is not None:
+                store_.close()
 
 
 def _too_long() -> InputError:

@@ -72,15 +72,15 @@ def list_records(
     as_json: bool = JsonOpt,
 ) -> None:
     """List a user's records, oldest first (the newest --limit)."""
-    s = common.open_store(store, with_embedder=False)
-    filters = {"kind": kind} if kind else None
-    recs = s.list(_ns(user), filters=filters, limit=limit, newest_first=True)[::-1]
-    if as_json:
-        typer.echo(
-            json.dumps({"user": user, "count": s.count(_ns(user)), "records": [r.to_dict() for r in recs]})
-        )
-        return
-    _records_table(f"memory of {user}: {s.count(_ns(user))} records", [(r, None) for r in recs])
+    with common.open_store(store, with_embedder=False) as s:
+        filters = {"kind": kind} if kind else None
+        recs = s.list(_ns(user), filters=filters, limit=limit, newest_first=True)[::-1]
+        if as_json:
+            typer.echo(
+                json.dumps({"user": user, "count": s.count(_ns(user)), "records": [r.to_dict() for r in recs]})
+            )
+            return
+        _records_table(f"memory of {user}: {s.count(_ns(user))} records", [(r, None) for r in recs])
 
 
 @memory_app.command("search")
@@ -93,14 +93,14 @@ def search(
     as_json: bool = JsonOpt,
 ) -> None:
     """Search a user's records by meaning."""
-    s = common.open_store(store, with_embedder=True)
-    hits = s.search(query, k, namespace=_ns(user))
-    if as_json:
-        typer.echo(
-            json.dumps({"query": query, "results": [{"score": h.score, **h.record.to_dict()} for h in hits]})
-        )
-        return
-    _records_table(f"memory of {user} for {query!r}", [(h.record, h.score) for h in hits])
+    with common.open_store(store, with_embedder=True) as s:
+        hits = s.search(query, k, namespace=_ns(user))
+        if as_json:
+            typer.echo(
+                json.dumps({"query": query, "results": [{"score": h.score, **h.record.to_dict()} for h in hits]})
+            )
+            return
+        _records_table(f"memory of {user} for {query!r}", [(h.record, h.score) for h in hits])
 
 
 @memory_app.command("show")
@@ -112,20 +112,20 @@ def show(
     as_json: bool = JsonOpt,
 ) -> None:
     """Show one record in full."""
-    s = common.open_store(store, with_embedder=False)
-    rec = s.get(s.resolve_id(record_id, _ns(user)))
-    data = rec.to_dict()
-    if as_json:
-        typer.echo(json.dumps(data))
-        return
-    for key, value in data.items():
-        if key in READABLE_TIMES:
-            value = _when(value)
-        elif key == "metadata":
-            value = {
-                k: _when(v) if k in READABLE_META_TIMES else v for k, v in value.items() if k != "changes"
-            }
-        typer.echo(f"{key}: {value}")
+    with common.open_store(store, with_embedder=False) as s:
+        rec = s.get(s.resolve_id(record_id, _ns(user)))
+        data = rec.to_dict()
+        if as_json:
+            typer.echo(json.dumps(data))
+            return
+        for key, value in data.items():
+            if key in READABLE_TIMES:
+                value = _when(value)
+            elif key == "metadata":
+                value = {
+                    k: _when(v) if k in READABLE_META_TIMES else v for k, v in value.items() if k != "changes"
+                }
+            typer.echo(f"{key}: {value}")
 
 
 @memory_app.command("add")
@@ -140,23 +140,23 @@ def add(
     from memllm.agents.factbook import FactBook
     from memllm.agents.facts import Fact, extract_facts
 
-    s = common.open_store(store, with_embedder=True)
-    book = FactBook(s, _ns(user))
-    facts = extract_facts(text) or [Fact(" ".join(text.lower().split()), text.strip(), text.strip())]
-    out = []
-    for fact in facts:
-        rid, ended = book.add(fact)
-        out.append(
-            {"id": rid, "subject": fact.subject, "value": fact.value, "text": fact.text, "superseded": ended}
-        )
-    if as_json:
-        typer.echo(json.dumps({"user": user, "added": out}))
-        return
-    for row in out:
-        line = f"added {row['id'][:8]} ({row['subject']}: {row['value']})"
-        if row["superseded"]:
-            line += f"; it supersedes {', '.join(r[:8] for r in row['superseded'])}"
-        typer.echo(line)
+    with common.open_store(store, with_embedder=True) as s:
+        book = FactBook(s, _ns(user))
+        facts = extract_facts(text) or [Fact(" ".join(text.lower().split()), text.strip(), text.strip())]
+        out = []
+        for fact in facts:
+            rid, ended = book.add(fact)
+            out.append(
+                {"id": rid, "subject": fact.subject, "value": fact.value, "text": fact.text, "superseded": ended}
+            )
+        if as_json:
+            typer.echo(json.dumps({"user": user, "added": out}))
+            return
+        for row in out:
+            line = f"added {row['id'][:8]} ({row['subject']}: {row['value']})"
+            if row["superseded"]:
+                line += f"; it supersedes {', '.join(r[:8] for r in row['superseded'])}"
+            typer.echo(line)
 
 
 @memory_app.command("history")
@@ -170,16 +170,16 @@ def history(
     """What changed in a user's facts: when each was told, superseded or told again, and by which turn."""
     from memllm.agents.factbook import FactBook
 
-    s = common.open_store(store, with_embedder=False)
-    changes = FactBook(s, _ns(user)).history(subject)
-    if as_json:
-        typer.echo(json.dumps({"user": user, "changes": [c.to_dict() for c in changes]}))
-        return
-    typer.echo(f"fact history of {user}: {len(changes)} change(s)")
-    for c in changes:
-        where = f"fact {c.record_id[:8]}" + (f", from turn {c.turn[:8]}" if c.turn else "")
-        where += f", by fact {c.by[:8]}" if c.by else ""
-        typer.echo(f"{_when(c.at)}  {c.event:<10}  {c.subject}: {c.value}  ({where})")
+    with common.open_store(store, with_embedder=False) as s:
+        changes = FactBook(s, _ns(user)).history(subject)
+        if as_json:
+            typer.echo(json.dumps({"user": user, "changes": [c.to_dict() for c in changes]}))
+            return
+        typer.echo(f"fact history of {user}: {len(changes)} change(s)")
+        for c in changes:
+            where = f"fact {c.record_id[:8]}" + (f", from turn {c.turn[:8]}" if c.turn else "")
+            where += f", by fact {c.by[:8]}" if c.by else ""
+            typer.echo(f"{_when(c.at)}  {c.event:<10}  {c.subject}: {c.value}  ({where})")
 
 
 @memory_app.command("forget")
@@ -193,27 +193,27 @@ def forget(
 ) -> None:
     """Remove records from the store and its index; --all removes every trace of the user (records,
     index file, the KV memory snapshot) and says what it removed."""
-    s = common.open_store(store, with_embedder=False)
-    if everything:
-        from memllm.agents.forget import forget_user
+    with common.open_store(store, with_embedder=False) as s:
+        if everything:
+            from memllm.agents.forget import forget_user
 
-        report = forget_user(s, user)
-        removed, said, extra = report.records, report.describe(), report.to_dict()
-    elif record_ids:
-        removed = s.delete([s.resolve_id(r, _ns(user)) for r in record_ids])
-        said, extra = f"forgot {removed} record(s) of {user}", {}
-    else:
-        print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
-        raise typer.Exit(2)
-    held = removed > 0 and not s.wal_clean
-    note = (
-        f"their text stays in {s.path}/memory.db-wal until the other process reading this store "
-        "(a running chat?) ends its read or closes the store"
-    )
-    if as_json:
-        typer.echo(json.dumps({"forgotten": removed, **extra, **({"pending": note} if held else {})}))
-    else:
-        typer.echo(said + (f"; {note}" if held else ""))
+            report = forget_user(s, user)
+            removed, said, extra = report.records, report.describe(), report.to_dict()
+        elif record_ids:
+            removed = s.delete([s.resolve_id(r, _ns(user)) for r in record_ids])
+            said, extra = f"forgot {removed} record(s) of {user}", {}
+        else:
+            print("error: give record ids to forget (see `memllm memory list`), or --all", file=sys.stderr)
+            raise typer.Exit(2)
+        held = removed > 0 and not s.wal_clean
+        note = (
+            f"their text stays in {s.path}/memory.db-wal until the other process reading this store "
+            "(a running chat?) ends its read or closes the store"
+        )
+        if as_json:
+            typer.echo(json.dumps({"forgotten": removed, **extra, **({"pending": note} if held else {})}))
+        else:
+            typer.echo(said + (f"; {note}" if held else ""))
 
 
 @memory_app.command("export")
@@ -224,10 +224,10 @@ def export(
     store: str | None = StoreOpt,
 ) -> None:
     """Export a user's records as JSON lines."""
-    s = common.open_store(store, with_embedder=False)
-    n = s.export_jsonl(sys.stdout if dest == "-" else dest, namespace=_ns(user))
-    if dest != "-":
-        typer.echo(f"exported {n} record(s) of {user} to {dest}")
+    with common.open_store(store, with_embedder=False) as s:
+        n = s.export_jsonl(sys.stdout if dest == "-" else dest, namespace=_ns(user))
+        if dest != "-":
+            typer.echo(f"exported {n} record(s) of {user} to {dest}")
 
 
 @memory_app.command("import")
@@ -239,17 +239,17 @@ def import_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Import records (into this user's memory), all or none; records already present are not added twice."""
-    s = common.open_store(store, with_embedder=True)
-    result = s.import_file(sys.stdin if src == "-" else src, namespace=_ns(user))
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"imported": result.stored, **({"already_present": result.present} if result.present else {})}
+    with common.open_store(store, with_embedder=True) as s:
+        result = s.import_file(sys.stdin if src == "-" else src, namespace=_ns(user))
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {"imported": result.stored, **({"already_present": result.present} if result.present else {})}
+                )
             )
-        )
-    else:
-        there = f" ({result.present} already there)" if result.present else ""
-        typer.echo(f"imported {result.stored} record(s) for {user}{there}")
+        else:
+            there = f" ({result.present} already there)" if result.present else ""
+            typer.echo(f"imported {result.stored} record(s) for {user}{there}")
 
 
 @memory_app.command("repair")
@@ -266,13 +266,12 @@ def repair(
     from memllm.models import DEFAULT_MODEL
 
     llm = common.load_llm(model or DEFAULT_MODEL, device)
-    agent = ChatAgent(
-        llm, common.open_store(store, with_embedder=True), user=user, memory="kv", notify=common.status_printer()
-    )
-    try:
-        kv = agent.repair()
-    finally:
-        agent.close()
+    with common.open_store(store, with_embedder=True) as s:
+        agent = ChatAgent(llm, s, user=user, memory="kv", notify=common.status_printer())
+        try:
+            kv = agent.repair()
+        finally:
+            agent.close()
     if as_json:
         typer.echo(json.dumps({"user": user, **kv}))
     else:
