@@ -247,9 +247,14 @@ def cache_row(
             "unit_cache_host_bytes_per_step": misses * pair_bytes / done}  # fmt: skip
 
 
-def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None) -> dict:
+def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None, cuts=True) -> dict:
     """n clones of src decoding together; `more` (ids): clone i first reads i * block_size // n of them,
-    so the clones cut their units on different steps (as sessions of a server do) instead of together."""
+    so the clones cut their units on different steps (as sessions of a server do) instead of together.
+    cuts (with graphs): BatchGraph.cuts, a row whose token completes a unit stacked and cut after the call;
+    False: it stands in, taking its step alone first (GPU run 44)."""
+    from memllm.context.cuda.batch_graph import BatchGraph
+
+    BatchGraph.cuts = cuts  # a class setting: this process runs one row at a time
     dev = src.cache.layers[0].device
     t = time.perf_counter()
     clones = [clone_session(src, llm, memory) for _ in range(n)]
@@ -280,7 +285,8 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
     if cached0 is not None:  # the counters outlive the pools, freed as the requests end
         row.update(cache_row(cached0, cache_counts(clones), len(stepped), memory, src))
     suffix = f"+cache{memory.max_cached_blocks}" if memory.device_unit_cache else ""
-    suffix += ("+graph" if graphs else "") + ("+staggered" if more is not None else "")
+    suffix += ("+graph" if graphs else "") + ("+standins" if graphs and not cuts else "")
+    suffix += "+staggered" if more is not None else ""
     graph = engine._batch.graph if engine._batch is not None else None
     if graph is not None:  # the batch of the timed steps (its captures include the warm steps')
         row["batch_graph"] = graph.counters()
@@ -298,6 +304,7 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
     })  # fmt: skip
     for c in clones:
         c.close()
+    BatchGraph.cuts = True
     del clones, engine
     gc.collect()
     if dev.type == "cuda":
@@ -470,12 +477,14 @@ def main() -> None:
     ap.add_argument("--device-cache", type=int, default=0, metavar="N",
                     help="also run every memllm row with the device unit cache of N units per layer and KV head")  # fmt: skip
     ap.add_argument("--graphs", default="on,off",
-                    help="memllm rows with the batched step replayed as a CUDA graph (on), without (off), or both")  # fmt: skip
+                    help="memllm rows with the batched step replayed as a CUDA graph (on), without (off), or both; "
+                         "standins: the graph with rows that complete a unit stepping alone first (before 2026-12-06)")  # fmt: skip
     ap.add_argument("--staggered", action="store_true",
                     help="the clones cut their units on different steps (each first reads a share of a block)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    graph_modes = [{"on": True, "off": False}[x.strip()] for x in args.graphs.split(",") if x.strip()]
+    modes = {"on": (True, True), "standins": (True, False), "off": (False, True)}  # (graphs, BatchGraph.cuts)
+    graph_modes = [modes[x.strip()] for x in args.graphs.split(",") if x.strip()]
 
     if args.quick:
         llm = QuickLLM()
@@ -547,7 +556,7 @@ def main() -> None:
                 say(f"correctness (batched first step vs alone): {checks}")
             more = ids[1 : resolved.block_size + 1] if args.staggered else None  # what staggered clones read
             for n in ns:
-                for mem, graphs in [(m, g) for m in memories for g in graph_modes]:
+                for mem, (graphs, cuts) in [(m, g) for m in memories for g in graph_modes]:
                     if graphs and n == 1:  # one session steps alone (its own decode graph) either way
                         continue
                     if over():
@@ -555,7 +564,7 @@ def main() -> None:
                             f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "") + (" (graph)" if graphs else "")
                         )
                         continue
-                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more)
+                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more, cuts)
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)
                     hits = (

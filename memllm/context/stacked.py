@@ -52,17 +52,23 @@ from memllm.context.positions import Rotary
 from memllm.context.prefill import upload
 
 
-def steady(layer: ContextMemoryLayer, plan: CallPlan) -> bool:
+def steady(layer: ContextMemoryLayer, plan: CallPlan, cutting: bool = False) -> bool:
     """Whether a one-token call of `layer` (plan: its plan) is a steady step the stacked path runs:
     phase 2, one execution block with memory, nothing cut, no sinks set, no re-base, the index
-    holding at least topk units, no probe and nothing deferred (host integers only)."""
+    holding at least topk units, no probe and nothing deferred (host integers only). cutting: instead
+    a step that is steady but for cutting the window's first unit (its token completes a unit), which
+    a graph step runs stacked and then cuts (StackedLayer.advance: `Rows.cuts`)."""
     cfg = layer.config
+    cut_ok = (
+        plan.n_cut == 1 and plan.cut_start == 0 and plan.keep_from == cfg.block_size
+        if cutting
+        else plan.n_cut == 0 and plan.keep_from == 0
+    )
     return (
         layer.cut
         and plan.c == 1
-        and plan.n_cut == 0
+        and cut_ok
         and plan.sinks_from is None
-        and plan.keep_from == 0
         and len(plan.blocks) == 1
         and plan.memory_blocks == [0]
         and cfg.topk > 0
@@ -102,8 +108,13 @@ class Rows:
     in_place: bool = False
     advance_here: bool = True
     # Stacked indexes of stand-in rows (plan_rows(stand_ins=True)): sessions that take this step alone
-    # (a cut); their rows are computed and thrown away, their layers neither read nor advanced.
+    # (not steady: a re-base, ...); their rows are computed and thrown away, their layers neither read nor
+    # advanced.
     stand_ins: list[int] = field(default_factory=list)
+    # Stacked indexes of rows whose token completes a unit (plan_rows(cuts=True)): attended as steady rows
+    # over their whole window (the unit to cut included, as ContextMemoryLayer.attend's local pass reads
+    # it), then the unit is cut from the buffers after the call (StackedLayer.advance).
+    cuts: list[int] = field(default_factory=list)
     grow_units: int = 0  # room for this many more units per row when a graph step makes the index buffer
 
     def rotations(self, rot: Rotary) -> torch.Tensor:
@@ -136,21 +147,24 @@ def can_stand_in(layer: ContextMemoryLayer) -> bool:
 
 def plan_rows(
     caches: Sequence[ContextMemoryCache], rotary: Rotary, into: torch.Tensor | None = None,
-    extra: Sequence[Sequence[int]] = (), stand_ins: bool = False,
+    extra: Sequence[Sequence[int]] = (), stand_ins: bool = False, cuts: bool = False,
 ) -> Rows | None:  # fmt: skip
     """The stacked rows of a one-token call of `caches` (batch row b = caches[b]), from their layer 0;
     None when no row is steady. One upload of the rows' device indexes: into a new tensor, or, when
     every row is steady, into `into` ((5 + len(extra), B) long: a graph step's fixed buffer; the rows
     of `extra`, B host integers each, go after the rows' five). stand_ins (with `into`): a row that is
     not steady but can_stand_in is kept as a stand-in (Rows.stand_ins) instead; None when a row can
-    neither be stacked nor stand in."""
+    neither be stacked nor stand in. cuts: a row whose step is steady but for cutting a unit
+    (steady(cutting=True)) is stacked too, and listed in Rows.cuts (the caller cuts after the call)."""
     rows, plans, windows, local_rows, memory_rows, units = [], [], [], [], [], []
-    valid, keys, positions, forced, standing = [], [], [], [], []
+    valid, keys, positions, forced, standing, cutting = [], [], [], [], [], []
     cfg = caches[0].config
     for b, cache in enumerate(caches):
         layer = cache.layers[0]
         plan = layer.plans.get(layer.seen, layer.window_length(), layer.cut, layer.store.n_units, 1)
-        if not steady(layer, plan):
+        if cuts and not steady(layer, plan) and steady(layer, plan, cutting=True):
+            cutting.append(len(rows))
+        elif not steady(layer, plan):
             if stand_ins and can_stand_in(layer):  # window 0, any rotation: its outputs are thrown away
                 standing.append(len(rows))
                 rows.append(b)
@@ -193,7 +207,7 @@ def plan_rows(
     else:
         idx = upload(torch.tensor(host, dtype=torch.long), dev).view(-1, s)
     return Rows(rows, None if every else idx[5], plans, windows, idx[0], idx[1], idx[2], idx[3], idx[4],
-                valid, keys, positions, forced, cfg.block_size, stand_ins=standing)  # fmt: skip
+                valid, keys, positions, forced, cfg.block_size, stand_ins=standing, cuts=cutting)  # fmt: skip
 
 
 def _holds_row(layer: ContextMemoryLayer, row: tuple | None) -> bool:
@@ -249,6 +263,7 @@ class StackedLayer:
         # so a checkpoint holding its views keeps them).
         self.writable = False
         self.copied = 0  # rows copied in place (tests and benchmarks read it)
+        self.cut_rows = 0  # rows whose unit was cut from the buffers after a step (Rows.cuts)
 
     # ---- keeping the buffers current (host work only when a row's state changed) ---------------
     def prepare(self, layers: list[ContextMemoryLayer], st: Rows) -> None:
@@ -421,18 +436,22 @@ class StackedLayer:
         its row of the buffers (views made only when read), its counters, lookup log (ids: the step's
         (S, kv_heads, topk), None when no row logs) and bounds. A graph step (st.in_place) runs it after
         its replay; its buffers are written in place, so the layers hold static views (a checkpoint
-        copies them)."""
+        copies them). A row of st.cuts instead has its first unit cut from the buffers (_cut_row)."""
         k_buf, v_buf, score = self.k, self.v, self.score
         kvh = k_buf.shape[0]
         rows = self.rows = [(k_buf, v_buf, score, i, w + 1) for i, w in enumerate(st.windows)]
         self.writable = self.writable and st.in_place
-        standing = set(st.stand_ins)
+        standing, cutting = set(st.stand_ins), set(st.cuts)
         for i, lay in enumerate(layers):
             if i in standing:  # stepped alone: its row is copied in again when it is stacked next
                 rows[i] = None
                 continue
-            lay.hand_window(rows[i])
-            lay.static_views = st.in_place
+            if i in cutting:  # its first unit cut from the buffers; the rest, its own, copied in again next
+                self._cut_row(lay, st.plans[i], i, st.windows[i] + 1)
+                rows[i] = None
+            else:
+                lay.hand_window(rows[i])
+                lay.static_views = st.in_place
             if lay.probe is None:  # steady rows have none; as count_lookups
                 lay.lookups += 1
                 lay.units_fetched += kvh * st.valid[i]
@@ -443,3 +462,18 @@ class StackedLayer:
             if st.positions[i] > lay.max_position:
                 lay.max_position = st.positions[i]
             lay.seen += 1
+
+    def _cut_row(self, layer: ContextMemoryLayer, plan: CallPlan, i: int, n: int) -> None:
+        """What ContextMemoryLayer.attend does after its local pass in a call that cuts the window's first
+        unit, on row i's n keys of the buffers (the window and the step's key, its scores): the unit
+        (keys rotated back to position 0, representatives by received score) appended to the store, the
+        keys after it the layer's own window."""
+        # copies (contiguous, as the plain path's joined window): the buffers are written in place later
+        k, v, score = (t[:, i, :n].contiguous() for t in (self.k, self.v, self.score))
+        first = plan.seen - plan.window - layer.base  # position of window key 0
+        layer.store.append_many(*layer.cut_units(plan, k, v, score, first))
+        keep = plan.keep_from
+        layer.local_k, layer.local_v = k[:, keep:].contiguous(), v[:, keep:].contiguous()
+        layer.local_score = score[:, keep:].contiguous()
+        layer.static_views = False
+        self.cut_rows += 1

@@ -591,8 +591,12 @@ def test_stacked_inputs_kernel_equals_reference(device, dtype, some_rows):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("lengths", [[696, 600, 304], [700, 603, 306]], ids=["together", "staggered"])
-def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[int]):
+@pytest.mark.parametrize(
+    "lengths,cuts",
+    [([696, 600, 304], True), ([700, 603, 306], True), ([700, 603, 306], False)],
+    ids=["together", "staggered", "staggered-stand-ins"],
+)
+def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[int], cuts: bool, monkeypatch):
     """BatchEngine(graphs=True): steps go through cuda/batch_graph.BatchGraph (on CUDA captured and
     replayed; elsewhere the same steps without a graph). Over 20 steps in which the sessions cut units
     (every 8 tokens: all on one step, a plain step; or each on its own step, taking it alone while
@@ -600,6 +604,9 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
     steps and one session leaves, each session's tokens and logits are the plain batched path's, and the states left behind step on alone as the plain path's
     do. A checkpoint taken between graph steps (the buffers are written in place) still holds its
     state after more of them."""
+    from memllm.context.cuda.batch_graph import BatchGraph
+
+    monkeypatch.setattr(BatchGraph, "cuts", cuts)
     model = model_on(device)
     got_s = [fed(model, device, n) for n in lengths]
     ref_s = [fed(model, device, n) for n in lengths]
@@ -624,13 +631,18 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
             events = e.step()
             logits[name].append([ev.request.session.last_logits.cpu() for ev in events])
         graphs[id(engines["graph"]._batch)] = engines["graph"]._batch.graph
-    assert len(graphs) == 2 and engines["graph"].stacked_rows == engines["plain"].stacked_rows
-    counts = [sum(g.counters()[k] for g in graphs.values()) for k in ("graph_steps", "captures", "replays", "stood_in")]
-    assert counts[0] >= 12
-    if lengths[0] == 700:  # each row cut alone (3 rows, twice or more in 20 steps), copied back in place
-        assert counts[3] >= 5 and counts[0] >= 18
+    counts = [sum(g.counters()[k] for g in graphs.values())
+              for k in ("graph_steps", "captures", "replays", "stood_in", "cut_rows")]  # fmt: skip
+    # a row whose token completes a unit is stacked too (the plain path runs it alone in the call)
+    assert len(graphs) == 2 and engines["graph"].stacked_rows == engines["plain"].stacked_rows + counts[4]
+    if lengths[0] == 700:  # each row cuts on its own step (3 rows, twice or more in 20 steps)
+        # stacked and cut after the call, or stepping alone first (a stand-in); copied back in place
+        assert (counts[4] >= 5 and counts[3] == 0) if cuts else (counts[3] >= 5 and counts[4] == 0)
+        assert counts[0] >= 18
         copied = sum(bl.stacked.copied for bl in engines["graph"]._batch.layers)
         assert copied >= 2 * len(engines["graph"]._batch.layers)
+    else:  # every row cuts on one step: stacked, then the unit cut from the buffers (before: a plain step)
+        assert counts[4] >= 6 and counts[3] == 0 and counts[0] >= 18
     if device == "cuda":
         assert counts[1] >= 1 and counts[2] >= 3
     assert engines["plain"]._batch.graph is None

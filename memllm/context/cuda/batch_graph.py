@@ -11,9 +11,17 @@ is captured once and replayed:
     back into its own row in place), the window buffers with room for the longest window a steady step
     has and the index buffer with room for GROW_UNITS more units a row, so they are not made again as
     windows and indexes grow;
-  * a session whose step cuts a unit (one of B every block_size / B steps when sessions cut on
-    different steps, as a server's do) takes that step alone first (the caller's `alone`: its windows
-    made its own, its own model call) and stands in for its row: computed and thrown away;
+  * a session whose token completes a unit (one of B every block_size / B steps when sessions cut on
+    different steps, as a server's do) is stacked as the others: its local pass reads its whole window,
+    the unit to cut included, and its lookup chooses among the units before the step, as
+    ContextMemoryLayer.attend's cutting call does; after the call the unit is cut from the buffers
+    (StackedLayer.advance: keys rotated back, representatives, appended to its store) and the rest of
+    its window, now its own, goes back into its row in place at the next step (`Rows.cuts`; before,
+    such a session stood in as below: a whole B=1 model call per cut, 76 against 44 ms a step at
+    N = 48 in GPU run 44);
+  * a session whose step is otherwise not steady but can stand in (a re-base) takes that step alone
+    first (the caller's `alone`: its windows made its own, its own model call) and stands in for its
+    row: computed and thrown away;
   * the call: every layer takes the rows given (BatchCache.given_rows) and writes the window scores
     back into their buffer (Rows.in_place);
   * after it, each layer's rows advance on the host (StackedLayer.advance: the counters, the handed
@@ -53,6 +61,10 @@ class BatchGraph:
     """`step(model, tokens)`: one token per session of `batch` -> logits (B, vocab) fp32, or None when
     the plain batched call must run. Call it under attach(model, cache=batch)."""
 
+    # Whether a row whose token completes a unit is stacked and its unit cut after the call (else it
+    # stands in, taking its step alone first, as in GPU run 44; tests compare the two).
+    cuts = True
+
     def __init__(self, batch, capture: bool = True):
         # A weak reference: the BatchCache owns this object (a cycle would keep the graph's pool alive).
         self._batch = weakref.ref(batch)
@@ -70,6 +82,7 @@ class BatchGraph:
         self.settled = 0
         self.steps = self.captures = self.replays = 0
         self.alone = 0  # sessions that took a graph step's token alone (stand-ins)
+        self.cut = 0  # rows whose token completed a unit, stacked and cut after the call (Rows.cuts)
 
     @property
     def batch(self):
@@ -77,7 +90,7 @@ class BatchGraph:
 
     def counters(self) -> dict[str, int]:
         return {"graph_steps": self.steps, "captures": self.captures, "replays": self.replays,
-                "stood_in": self.alone}  # fmt: skip
+                "stood_in": self.alone, "cut_rows": self.cut}  # fmt: skip
 
     def step(
         self, model: torch.nn.Module, tokens: Sequence[int], alone: Callable[[int], torch.Tensor] | None = None
@@ -90,7 +103,8 @@ class BatchGraph:
         if any(c.layers[0].lookup_log is not None for c in caches):
             return None
         positions = batch.positions(1, torch.device("cpu"), 0).view(-1).tolist()
-        st = batch.plan_rows(into=self.inputs, extra=(positions, tokens), stand_ins=alone is not None)
+        st = batch.plan_rows(into=self.inputs, extra=(positions, tokens), stand_ins=alone is not None,
+                             cuts=self.cuts)  # fmt: skip
         if st is None or st.forced:
             return None
         cfg = batch.config
@@ -125,6 +139,7 @@ class BatchGraph:
             logits[b] = row
         self.steps += 1
         self.alone += len(own)
+        self.cut += len(st.cuts)
         return logits
 
     def _forward(self, model: torch.nn.Module) -> torch.Tensor:
