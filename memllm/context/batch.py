@@ -6,12 +6,13 @@ its linear layers once for all B rows; per layer, the attention function (attent
 `BatchLayer.attend`, which computes each session's attention by its own rule and advances its state:
   * "reference": a loop over the sessions, each through its own `ContextMemoryLayer.attend` on its
     row (the plain path a session alone takes: the same code, the same numbers);
-  * "fast": the sessions whose step is a steady one (phase 2, the call cuts nothing, no re-base, the
-    index holds at least topk units) run stacked (context/stacked.py: their windows, indexes and
+  * "fast": the sessions whose step is a steady one (phase 2, the call cuts nothing, or only the
+    window's first unit, cut from the buffers after the call; no re-base, the index holds at least
+    topk units) run stacked (context/stacked.py: their windows, indexes and
     sinks in padded buffers kept across the calls of one BatchCache, one local pass, one lookup,
     one gather over every session's store, one memory pass, one merge; a fixed number of launches
     per layer whatever the number of sessions, no host synchronisation); the other sessions (inside
-    the window, a step that cuts a unit, a re-base) take the reference loop in the same call.
+    the window, the first cut, a re-base) take the reference loop in the same call.
     On CUDA the local pass, memory pass and merge are two Triton launches for every row
     (cuda/static.stacked_attention_cuda, tested against static.stacked_attention), the gather one;
     elsewhere plain PyTorch. Tests compare the path with the reference on the CPU and CUDA.
@@ -232,7 +233,7 @@ class BatchCache(Cache):
             return None
         if layer_idx != 0 and self._steady is not None:
             return self._steady[0]
-        st = plan_rows(self.caches, self.rotary)
+        st = plan_rows(self.caches, self.rotary, cuts=True)
         if st is not None:
             self.stacked_steps += len(st.rows)
         self._steady = (st,)

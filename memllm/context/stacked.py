@@ -1,8 +1,12 @@
 """The stacked rows of a batched decode step (context/batch.py, impl "fast"), with buffers kept across calls.
 
 A row is stacked when its session's step is a steady one (`steady`: phase 2, one token, nothing cut,
-no re-base, the index holding at least topk units). Host work is done once per call and once per
-change of the rows' state, not per layer and step:
+no re-base, the index holding at least topk units), or one that is steady but for cutting the window's
+first unit (its token completes a unit; `Rows.cuts`): stacked the same way, its local pass over the
+whole window (the unit to cut included, as ContextMemoryLayer.attend's cutting call reads it), then the
+unit cut from the buffers after the call (`StackedLayer._cut_row`; before, such a row took the
+reference loop, and inside a graph step a whole model call of its own). Host work is done once per call
+and once per change of the rows' state, not per layer and step:
   * `plan_rows` (once per call, when layer 0 asks: every layer is in the state layer 0 is in): the
     rows' host integers (plans, windows, counters, bounds) and their device indexes (rotation rows,
     window lengths, unit counts) uploaded in ONE copy (pinned, asynchronous on CUDA);
@@ -57,7 +61,7 @@ def steady(layer: ContextMemoryLayer, plan: CallPlan, cutting: bool = False) -> 
     phase 2, one execution block with memory, nothing cut, no sinks set, no re-base, the index
     holding at least topk units, no probe and nothing deferred (host integers only). cutting: instead
     a step that is steady but for cutting the window's first unit (its token completes a unit), which
-    a graph step runs stacked and then cuts (StackedLayer.advance: `Rows.cuts`)."""
+    the stacked path runs and then cuts (StackedLayer.advance: `Rows.cuts`)."""
     cfg = layer.config
     cut_ok = (
         plan.n_cut == 1 and plan.cut_start == 0 and plan.keep_from == cfg.block_size

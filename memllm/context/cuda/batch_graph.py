@@ -12,13 +12,10 @@ is captured once and replayed:
     has and the index buffer with room for GROW_UNITS more units a row, so they are not made again as
     windows and indexes grow;
   * a session whose token completes a unit (one of B every block_size / B steps when sessions cut on
-    different steps, as a server's do) is stacked as the others: its local pass reads its whole window,
-    the unit to cut included, and its lookup chooses among the units before the step, as
-    ContextMemoryLayer.attend's cutting call does; after the call the unit is cut from the buffers
-    (StackedLayer.advance: keys rotated back, representatives, appended to its store) and the rest of
-    its window, now its own, goes back into its row in place at the next step (`Rows.cuts`; before,
-    such a session stood in as below: a whole B=1 model call per cut, 76 against 44 ms a step at
-    N = 48 in GPU run 44);
+    different steps, as a server's do) is stacked as the others (stacked.py, `Rows.cuts`: the unit is
+    cut from the buffers after the call) and the rest of its window, now its own, goes back into its
+    row in place at the next step (before, such a session stood in as below: a whole B=1 model call
+    per cut, 76 against 44 ms a step at N = 48 in GPU run 44);
   * a session whose step is otherwise not steady but can stand in (a re-base) takes that step alone
     first (the caller's `alone`: its windows made its own, its own model call) and stands in for its
     row: computed and thrown away;
