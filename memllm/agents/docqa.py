@@ -60,7 +60,9 @@ class Evidence:
     """One thing an answer used. kind: 'chunk' (text retrieval) or 'unit' (a KV memory unit).
 
     score: similarity for chunks; for units, the share of the group's lookups (layers x KV heads x
-    query blocks) that selected it. group: the layer group for units ('layers 0-9'), None for chunks.
+    query blocks) that selected it. group: the layer group for units ('layers 0-9'; adjacent groups whose
+    best units are the same, as when every layer reads the units the question chose, are one group:
+    'layers 0-29'), None for chunks.
     """
 
     kind: str
@@ -631,7 +633,9 @@ class DocumentQA:
         # units read as often (every layer reads what the question chose): the question's ranking decides
         chosen = (self.session.last_selection or {}).get("ranked_units", [])
         rank = {u: i for i, u in enumerate(chosen)}
-        evidence = []
+        # per group of layers: its best units and their shares; adjacent groups that show the same (every
+        # layer reads the units the question chose) are shown once, as one group
+        picked: list[tuple[range, list[tuple[Evidence, float]]]] = []
         for group in _layer_groups(n_layers, self.layer_groups):
             total: Counter = Counter()
             picks = 0
@@ -639,17 +643,19 @@ class DocumentQA:
                 c = counts.get(layer, Counter())
                 total.update(c)
                 picks += sum(c.values())
-            label = f"layers {group.start}-{group.stop - 1}"
-            shown = 0
+            shown: list[tuple[Evidence, float]] = []
             for unit, times in sorted(total.items(), key=lambda kv: (-kv[1], rank.get(kv[0], len(rank)), kv[0])):
-                ev = self._unit_to_evidence(unit, cfg, times / max(1, picks), label)
-                if ev is None:
-                    continue
-                evidence.append(ev)
-                shown += 1
-                if shown >= self.evidence_units:
+                ev = self._unit_to_evidence(unit, cfg, times / max(1, picks), "")
+                if ev is not None:
+                    shown.append((ev, round(ev.score, 6)))
+                if len(shown) >= self.evidence_units:
                     break
-        return evidence
+            same = picked and [(e.start, e.end, sc) for e, sc in picked[-1][1]] == [(e.start, e.end, sc) for e, sc in shown]
+            if same:
+                picked[-1] = (range(picked[-1][0].start, group.stop), picked[-1][1])
+            else:
+                picked.append((group, shown))
+        return [replace(ev, group=f"layers {g.start}-{g.stop - 1}") for g, shown in picked for ev, _ in shown]
 
     def _unit_to_evidence(self, unit: int, cfg: MemoryConfig, share: float, label: str) -> Evidence | None:
         """Unit u holds stream tokens [n_init + u*block, n_init + (u+1)*block)."""

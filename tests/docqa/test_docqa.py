@@ -61,7 +61,8 @@ def test_kv_evidence_is_the_units_the_lookups_chose(tiny_llm):
     asked_lookups = qa.session.stats()["lookups"] - lookups
     assert asked_lookups > 0
     units = [e for e in answer.evidence if e.kind == "unit"]
-    assert units and {e.group for e in units} == {"layers 0-0", "layers 1-1"}
+    # every layer read the units the question chose: the two layers' groups show the same, once
+    assert units and {e.group for e in units} == {"layers 0-1"} and len(units) == len({e.start for e in units})
     cfg = qa.memory
     seg_start = qa.segments[0][0]
     for ev in units:
@@ -89,6 +90,23 @@ def test_kv_evidence_is_the_units_the_lookups_chose(tiny_llm):
     assert len(rec.log) == qa.session.stats()["lookups"] - before > 0
 
 
+def test_kv_evidence_keeps_groups_apart_where_layers_chose_other_units(tiny_llm):
+    # With each layer's own lookup (selector "infllm") the layers choose apart: a group per layer where
+    # their best units differ, merged only where they are the same.
+    from dataclasses import replace
+
+    from memllm.agents.docqa import default_memory
+
+    memory = replace(default_memory(tiny_llm.trained_len), selector="infllm")
+    qa = make(tiny_llm, "kv", memory=memory)
+    qa.read(boxes_text(), name="boxes.txt")
+    units = [e for e in qa.ask(QUESTIONS[0]).evidence if e.kind == "unit"]
+    by_group: dict[str, list[int]] = {}
+    for e in units:
+        by_group.setdefault(e.group, []).append(e.start)
+    assert set(by_group) == {"layers 0-0", "layers 1-1"} and by_group["layers 0-0"] != by_group["layers 1-1"]
+
+
 def test_kv_evidence_lists_the_units_the_question_ranked_best_first(tiny_llm):
     # Every layer reads the units the question chose, so their lookup counts tie: the evidence shows them
     # in the order of the question's ranking (before: by unit id, the document's first units).
@@ -98,7 +116,7 @@ def test_kv_evidence_lists_the_units_the_question_ranked_best_first(tiny_llm):
     sel = qa.session.last_selection
     assert sel is not None and sorted(sel["ranked_units"]) == sorted(sel["units"])
     cfg, seg_start, td = qa.memory, qa.segments[0][0], qa.docs[0]
-    group = [e for e in answer.evidence if e.kind == "unit" and e.group == "layers 0-0"]
+    group = [e for e in answer.evidence if e.kind == "unit" and e.group == "layers 0-1"]
     shown = [(td.starts.index(e.start) + seg_start - cfg.n_init) // cfg.block_size for e in group]
     ranked = [u for u in sel["ranked_units"] if u in shown]
     assert shown and shown == ranked[: len(shown)]
