@@ -373,6 +373,18 @@ class ContextMemoryLayer(CacheLayerMixin):
         repr_k = torch.gather(k_blk, 2, top.unsqueeze(-1).expand(-1, -1, -1, d))  # (kv_heads, n, r, d)
         return k_blk.transpose(0, 1), v_blk.transpose(0, 1), repr_k.transpose(0, 1)
 
+    def cut_after(self, plan: CallPlan, k_all: torch.Tensor, v_all: torch.Tensor, score: torch.Tensor) -> None:
+        """What `attend` does with a cutting call's window after its local pass, for a call attended
+        elsewhere (a batch's stacked rows, the static step): k_all, v_all, score (the window and the
+        call's keys, their received scores; this layer's own tensors, not views of shared buffers) ->
+        the cut units appended to the store, the keys after them the window."""
+        first = plan.seen - plan.window - self.base  # position of window key 0
+        self.store.append_many(*self.cut_units(plan, k_all, v_all, score, first))
+        keep = plan.keep_from
+        self.local_k, self.local_v = k_all[:, keep:].contiguous(), v_all[:, keep:].contiguous()
+        self.local_score = score[:, keep:].contiguous()
+        self.static_views = False
+
     def write_cut_units(
         self,
         plan: CallPlan,

@@ -473,11 +473,5 @@ class StackedLayer:
         (keys rotated back to position 0, representatives by received score) appended to the store, the
         keys after it the layer's own window."""
         # copies (contiguous, as the plain path's joined window): the buffers are written in place later
-        k, v, score = (t[:, i, :n].contiguous() for t in (self.k, self.v, self.score))
-        first = plan.seen - plan.window - layer.base  # position of window key 0
-        layer.store.append_many(*layer.cut_units(plan, k, v, score, first))
-        keep = plan.keep_from
-        layer.local_k, layer.local_v = k[:, keep:].contiguous(), v[:, keep:].contiguous()
-        layer.local_score = score[:, keep:].contiguous()
-        layer.static_views = False
+        layer.cut_after(plan, *(t[:, i, :n].contiguous() for t in (self.k, self.v, self.score)))
         self.cut_rows += 1

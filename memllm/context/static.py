@@ -239,13 +239,22 @@ class StaticDecode:
         layer = self.cache.layers[0]
         return layer.plans.get(layer.seen, layer.local_k.shape[1], layer.cut, layer.store.n_units, n)
 
-    def eligible(self, plan: CallPlan, rows: int = 1) -> bool:
+    def eligible(self, plan: CallPlan, rows: int = 1, cutting: bool = False) -> bool:
         """Whether the next call (plan.c tokens padded to `rows`) is a static step: phase 2, nothing
-        cut, no re-base, at most two execution blocks, fits the buffers and the trained length."""
+        cut, no re-base, at most two execution blocks, fits the buffers and the trained length.
+        cutting: instead a one-token call that is such a step but for cutting the window's first unit
+        (the token completes it): the static step attends over the whole window, the unit included,
+        as ContextMemoryLayer.attend's cutting call does, and `cut_after` cuts the unit after it."""
         layer, cfg = self.cache.layers[0], self.cache.config
+        cut_ok = (
+            rows == 1 and plan.c == 1 and plan.n_cut == 1 and plan.cut_start == 0
+            and plan.keep_from == cfg.block_size
+            if cutting
+            else plan.n_cut == 0
+        )  # fmt: skip
         return (
             layer.cut
-            and plan.n_cut == 0
+            and cut_ok
             and plan.sinks_from is None
             and len(plan.memory_blocks) == len(plan.blocks) <= (1 if rows == 1 else 2)
             and cfg.topk > 0
@@ -317,6 +326,17 @@ class StaticDecode:
             layer.max_position = max(layer.max_position, model_start + rows - 1)  # padded rows too
             layer.seen += plan.c
         self.synced_seen = self.cache.layers[0].seen
+
+    def cut_after(self, plan: CallPlan) -> None:
+        """After a static step of a cutting one-token call (eligible(cutting=True)) and advance_host: what
+        ContextMemoryLayer.attend does after its local pass, on the buffers' window (the step's key and
+        scores in it): the first unit (keys rotated back, representatives by received score) appended to
+        each layer's store, the keys after it the layer's own window (the next static step copies them
+        back into the buffers: `sync`)."""
+        n = plan.window + plan.c
+        for sw, layer in zip(self.windows, self.cache.layers, strict=True):
+            layer.cut_after(plan, sw.k[:, :n].clone(), sw.v[:, :n].clone(), sw.score[:, :n].clone())
+            sw.views = None
 
     def cut_shape(self, plan: CallPlan, known: dict[tuple, CutShape] | None = None) -> CutShape | None:
         """The static shape of a call that cuts units (a prefill chunk in phase 2), or None when it must

@@ -1,8 +1,9 @@
 """The static single-token step (static.py, what graph.py captures) equals the plain decode path.
 
 Run eagerly (DecodeGraph(capture=False)) on the CPU: per-token logits, the state after decoding, the
-counters and the lookup log all match the plain path, across the plain steps that cut units (one in
-block_size tokens) and a checkpoint/rollback in the middle of static steps.
+counters and the lookup log all match the plain path, across the steps that cut units (one in block_size
+tokens: a static step, then the unit cut; `StaticDecode.cut_after`) and a checkpoint/rollback in the middle of
+static steps.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def test_static_decode_equals_plain(kind, lookup, offload):
     ids = torch.randint(1, 500, (1, PREFILL + DECODE), generator=torch.Generator().manual_seed(3))
     want, plain, _, want_log = decode(model, mem, ids, static=False)
     got, cache, graph, got_log = decode(model, mem, ids, static=True)
-    assert 0 < graph.steps < DECODE  # static steps, and plain ones where units were cut
+    # every token a static step, those that complete a unit too (the unit cut after the step)
+    assert graph.steps == DECODE and graph.cut_after_steps >= 2
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_log == want_log
     assert_same_memory(cache, plain)

@@ -18,8 +18,13 @@ call of a given padded size identical, so the whole model call is captured once 
     units it cuts (segments, index slots), since the graph writes them at the device unit count;
     at 1M tokens on the H100 a steady 3,584-token chunk took 31.7 ms of GPU time replayed, against
     ~96 ms of wall time on the plain path (benchmarks/profile_prefill.py, profile_gpu.py);
-  * other calls (phase 1, the first cut, int8 units, a lookup log, a too-large window) take the
-    plain path, and the next static step copies the state back into the buffers;
+  * a token that completes a unit (one in block_size while decoding) is the one-token step, replayed
+    as any other, and the unit is then cut on the host from the buffers' window (StaticDecode.cut_after:
+    what ContextMemoryLayer.attend does after its local pass; a few launches a layer, no model call);
+    the next step copies the window back into the buffers;
+  * other calls (phase 1, the first cut, a question that completes a unit, int8 units in a cutting
+    chunk, a lookup log, a too-large window) take the plain path, and the next static step copies the
+    state back into the buffers;
   * a rows step returns the logits of its last real row (logits_to_keep as a device index).
 `DecodeGraph(cache, capture=False)` runs the same static steps without a graph (any device): the
 path tests compare with the plain one. Replay makes no host synchronisation. Knows nothing of text.
@@ -82,6 +87,7 @@ class DecodeGraph:
         self.steps = 0  # static steps taken (replayed, captured-and-replayed, warm-up or eager)
         self.row_steps = 0  # of which multi-token (rows) steps
         self.cut_steps = 0  # of which cutting calls (prefill chunks)
+        self.cut_after_steps = 0  # of which one-token steps that completed a unit, cut after the step
         self.captures = 0
         self.replays = 0
 
@@ -92,7 +98,8 @@ class DecodeGraph:
     def counters(self) -> dict[str, int]:
         """Graphs captured, replays, and static steps taken (benchmarks report these)."""
         return {"captures": self.captures, "replays": self.replays, "static_steps": self.steps,
-                "row_steps": self.row_steps, "cut_steps": self.cut_steps}  # fmt: skip
+                "row_steps": self.row_steps, "cut_steps": self.cut_steps,
+                "cut_after_steps": self.cut_after_steps}  # fmt: skip
 
     def step(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
         cache = self.cache
@@ -102,11 +109,15 @@ class DecodeGraph:
         st = self.static
         plan = st.plan(n)
         rows = rows_bucket(n, cache.config.exc_block_size)
+        cut_after = False
         if rows is not None and st.eligible(plan, rows):
             shape, cut = (rows, len(plan.blocks)), None
+        elif rows == 1 and st.eligible(plan, 1, cutting=True):
+            # a token that completes a unit: the one-token static step, then the unit cut on the host
+            shape, cut, cut_after = (1, len(plan.blocks)), None, True
         else:
-            # Only calls too long for a rows step (prefill chunks): a decode token or a question that
-            # completes a unit takes the plain path, so decoding makes no new shapes (and captures).
+            # Only calls too long for a rows step (prefill chunks): a question that completes a unit
+            # takes the plain path, so decoding makes no new shapes (and captures).
             cut = self._cut_shape(plan) if rows is None else None
             if cut is None:
                 return None
@@ -134,6 +145,9 @@ class DecodeGraph:
                 sw.ids = ids  # a replay writes the ids tensors of its own capture
             st.advance_host(plan, rows)
             self.row_steps += rows > 1
+            if cut_after:
+                st.cut_after(plan)
+                self.cut_after_steps += 1
         self.steps += 1
         return logits
 
