@@ -10,6 +10,7 @@ memllm.documents and memllm.bench.qa.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from memllm.config import SELECTORS, MemoryConfig
 from memllm.errors import ConfigError, InputError
 
 EXCERPT = 60
+WORD = re.compile(r"\w+")
 
 
 def _write(text: str) -> None:
@@ -34,12 +36,33 @@ def _note(text: str) -> None:
     print(f"memllm: {text}", file=sys.stderr, flush=True)
 
 
-def excerpt(text: str, width: int = EXCERPT) -> str:
-    """One line of at most `width` characters, whitespace collapsed, quoted."""
+def excerpt(text: str, width: int = EXCERPT, near: str | None = None) -> str:
+    """One line of at most `width` characters, whitespace collapsed, quoted: the text's start, or with
+    `near` (the question) the stretch holding most of its words of 4 or more characters (numbers of any
+    length), "..." marking what is left out (a unit holds ~100 words; its start is seldom what matched)."""
     flat = " ".join(text.split())
-    if len(flat) > width:
-        flat = flat[: width - 3] + "..."
-    return json.dumps(flat, ensure_ascii=False)
+    if len(flat) <= width:
+        return json.dumps(flat, ensure_ascii=False)
+    start = _best_start(flat, width - 6, near) if near else 0
+    piece = flat[start : start + width - (6 if start else 3)]
+    return json.dumps(("..." if start else "") + piece + "...", ensure_ascii=False)
+
+
+def _best_start(flat: str, span: int, question: str) -> int:
+    """Where in `flat` a stretch of `span` characters, starting at a word, holds most distinct words of
+    `question` (0 when none holds any; ties: the earliest)."""
+    wanted = {w for w in WORD.findall(question.lower()) if len(w) >= 4 or w.isdigit()}
+    if not wanted:
+        return 0
+    found = [(m.start(), m.group().lower()) for m in WORD.finditer(flat) if m.group().lower() in wanted]
+    best, best_n = 0, 0
+    for i, (at, _) in enumerate(found):
+        n = len({w for pos, w in found[i:] if pos + len(w) <= at + span})
+        if n > best_n:
+            best, best_n = at, n
+    # from the start of the sentence the first match is in, when that is only a few words before it
+    stop = flat.rfind(". ", 0, best)
+    return stop + 2 if stop >= 0 and best - stop <= span // 4 else best
 
 
 def render_answer(answer: Any, evidence: bool = True) -> str:
@@ -50,7 +73,7 @@ def render_answer(answer: Any, evidence: bool = True) -> str:
             lines.append("evidence:")
         for ev in answer.evidence:
             tag = f"chunk {ev.score:.3f}" if ev.kind == "chunk" else f"{ev.group} {ev.score:.0%}"
-            lines.append(f"  [{tag}] {ev.location()} {excerpt(ev.text)}")
+            lines.append(f"  [{tag}] {ev.location()} {excerpt(ev.text, near=answer.question)}")
         lines.extend(f"note: {n}" for n in answer.notes)
     lines.append(f"({answer.seconds:.2f} s)")
     return "\n".join(lines) + "\n"

@@ -182,3 +182,20 @@ def test_bench_qa_command(cli, tmp_path):
     bad = runner.invoke(app, ["qa", "--lengths", "8q"])
     assert bad.exit_code == 2
     assert bad.stderr == "error: cannot read length '8q': use numbers like 8k, 32k, 128k, 512k, 1m\n"
+
+
+def test_an_evidence_excerpt_shows_where_the_question_matched():
+    """A unit holds ~100 words; the excerpt `ask` prints is the stretch holding most of the question's
+    words (from its sentence's start when that is near), else the unit's start."""
+    from memllm.cli.ask import excerpt
+
+    unit = ("them.  So I inverted the 5 regrets,\nyielding a list of 5 commands\n\nThe lighthouse on Skerry "
+            "Island was rebuilt in 1911 by a keeper named Marta Velde. Then more text follows.")  # fmt: skip
+    assert excerpt(unit) == '"them. So I inverted the 5 regrets, yielding a list of 5 c..."'
+    shown = json.loads(excerpt(unit, near="Who rebuilt the lighthouse on Skerry Island?"))
+    assert shown.startswith("...lighthouse on Skerry Island was rebuilt") and shown.endswith("...")
+    assert len(shown) <= 60
+    assert json.loads(excerpt(unit, near="Who was the keeper?")).startswith("...keeper named Marta Velde.")
+    assert json.loads(excerpt(unit, near="What follows then?")).startswith("...Then more text follows.")
+    assert excerpt(unit, near="What is the meaning of life?") == excerpt(unit)  # no word of it: the start
+    assert excerpt("short text", near="text") == '"short text"'
