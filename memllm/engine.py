@@ -309,8 +309,8 @@ class BatchEngine:
         return list(logits.unbind(0))
 
     def _alone(self, session: Any, token: int) -> torch.Tensor:
-        """A session's step by itself inside a graph step (its step cuts a unit): its windows made its
-        own first (the graph step goes on writing the batch's buffers)."""
+        """A session's step by itself inside a graph step (a stand-in: its step is not steady, e.g. a
+        re-base): its windows made its own first (the graph step goes on writing the batch's buffers)."""
         compact(session)
         cache = session.cache
         with attach(self.llm.model, cache=cache, inspect=False):

@@ -87,6 +87,13 @@ class CallPlan:
         return self.device_tensors[device]
 
 
+def cuts_first_unit(plan: CallPlan, cfg: MemoryConfig) -> bool:
+    """Whether `plan` is a one-token call that cuts exactly the window's first unit (a decoded token
+    that completes it): what the stacked and static steps attend as a steady step and then cut
+    (ContextMemoryLayer.cut_after)."""
+    return plan.c == 1 and plan.n_cut == 1 and plan.cut_start == 0 and plan.keep_from == cfg.block_size
+
+
 def held_limit(cfg: MemoryConfig) -> int:
     """Window keys (past the protected head) a held call may reach without cutting."""
     return cfg.n_local + cfg.block_size + cfg.exc_block_size

@@ -51,7 +51,7 @@ import torch
 
 from memllm.context.cache import ContextMemoryCache, ContextMemoryLayer
 from memllm.context.kernels import TorchKernels
-from memllm.context.plan import CallPlan
+from memllm.context.plan import CallPlan, cuts_first_unit
 from memllm.context.positions import Rotary
 from memllm.context.prefill import upload
 
@@ -63,11 +63,7 @@ def steady(layer: ContextMemoryLayer, plan: CallPlan, cutting: bool = False) -> 
     a step that is steady but for cutting the window's first unit (its token completes a unit), which
     the stacked path runs and then cuts (StackedLayer.advance: `Rows.cuts`)."""
     cfg = layer.config
-    cut_ok = (
-        plan.n_cut == 1 and plan.cut_start == 0 and plan.keep_from == cfg.block_size
-        if cutting
-        else plan.n_cut == 0 and plan.keep_from == 0
-    )
+    cut_ok = cuts_first_unit(plan, cfg) if cutting else plan.n_cut == 0 and plan.keep_from == 0
     return (
         layer.cut
         and plan.c == 1
@@ -166,9 +162,10 @@ def plan_rows(
     for b, cache in enumerate(caches):
         layer = cache.layers[0]
         plan = layer.plans.get(layer.seen, layer.window_length(), layer.cut, layer.store.n_units, 1)
-        if cuts and not steady(layer, plan) and steady(layer, plan, cutting=True):
-            cutting.append(len(rows))
-        elif not steady(layer, plan):
+        is_steady = steady(layer, plan)
+        if not is_steady and cuts and steady(layer, plan, cutting=True):
+            cutting.append(len(rows))  # stacked as a steady row below
+        elif not is_steady:
             if stand_ins and can_stand_in(layer):  # window 0, any rotation: its outputs are thrown away
                 standing.append(len(rows))
                 rows.append(b)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from memllm.context.lookup import block_query_sums
-from memllm.context.plan import CallPlan, held_limit
+from memllm.context.plan import CallPlan, cuts_first_unit, held_limit
 from memllm.context.positions import Rotary
 from memllm.context.window import merge
 
@@ -246,12 +246,7 @@ class StaticDecode:
         (the token completes it): the static step attends over the whole window, the unit included,
         as ContextMemoryLayer.attend's cutting call does, and `cut_after` cuts the unit after it."""
         layer, cfg = self.cache.layers[0], self.cache.config
-        cut_ok = (
-            rows == 1 and plan.c == 1 and plan.n_cut == 1 and plan.cut_start == 0
-            and plan.keep_from == cfg.block_size
-            if cutting
-            else plan.n_cut == 0
-        )  # fmt: skip
+        cut_ok = rows == 1 and cuts_first_unit(plan, cfg) if cutting else plan.n_cut == 0
         return (
             layer.cut
             and cut_ok

@@ -92,9 +92,10 @@ class BatchGraph:
     def step(
         self, model: torch.nn.Module, tokens: Sequence[int], alone: Callable[[int], torch.Tensor] | None = None
     ) -> torch.Tensor | None:
-        """tokens[b] into session b. A session whose step is not steady (it cuts a unit) but can stand
-        in (stacked.can_stand_in) takes its step first through alone(b) -> its logits (vocab,); its row
-        of the graph step is computed and thrown away. None: the plain batched call must run."""
+        """tokens[b] into session b. A session whose step is not steady (nor steady but for cutting its
+        window's first unit: stacked, Rows.cuts) but can stand in (stacked.can_stand_in) takes its step
+        first through alone(b) -> its logits (vocab,); its row of the graph step is computed and thrown
+        away. None: the plain batched call must run."""
         batch = self.batch
         caches = batch.caches
         if any(c.layers[0].lookup_log is not None for c in caches):
