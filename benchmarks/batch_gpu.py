@@ -147,10 +147,16 @@ def gpu_busy_ms(step, steps: int, dev: torch.device) -> tuple[float | None, dict
             if "LaunchKernel" in evt.key:
                 launches += evt.count
             host.append((evt.self_cpu_time_total, evt.key, evt.count))
-    top = lambda rows: [  # noqa: E731
-        {"name": k[:120], "ms_per_step": round(t / 1000 / steps, 3), "calls_per_step": round(c / steps, 1)}
-        for t, k, c in sorted(rows, reverse=True)[:25]
-    ]
+    top = (
+        lambda rows: [  # noqa: E731
+            {
+                "name": k[:120],
+                "ms_per_step": round(t / 1000 / steps, 3),
+                "calls_per_step": round(c / steps, 1),
+            }
+            for t, k, c in sorted(rows, reverse=True)[:25]
+        ]
+    )
     where = {"launches_per_step": launches / steps, "kernels": top(kernels), "host_ops": top(host)}
     return total / 1000 / steps, where
 
@@ -247,26 +253,37 @@ def cache_row(
             "unit_cache_host_bytes_per_step": misses * pair_bytes / done}  # fmt: skip
 
 
-def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None, cuts=True) -> dict:
+def memllm_decode(
+    llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None, cuts=True, churn=0
+) -> dict:
     """n clones of src decoding together; `more` (ids): clone i first reads i * block_size // n of them,
     so the clones cut their units on different steps (as sessions of a server do) instead of together.
     cuts (with graphs): BatchGraph.cuts, a row whose token completes a unit stacked and cut after the call;
-    False: it stands in, taking its step alone first (GPU run 44)."""
+    False: it stands in, taking its step alone first (GPU run 44). churn: every `churn` steps the oldest
+    request leaves and a fresh clone joins (continuous batching, as a server's requests end and arrive),
+    its cost inside the timed steps."""
     from memllm.context.cuda.batch_graph import BatchGraph
 
     BatchGraph.cuts = cuts  # a class setting: this process runs one row at a time
     dev = src.cache.layers[0].device
     t = time.perf_counter()
-    clones = [clone_session(src, llm, memory) for _ in range(n)]
+    total = warm + steps + 2 + profile_steps  # the steps made (timed, sync-counted, profiled, one more)
+    spares = -(-total // churn) if churn else 0  # the clones that join as others leave
+    clones = [clone_session(src, llm, memory) for _ in range(n + spares)]
     clone_s = time.perf_counter() - t
+    clones, waiting = clones[:n], clones[n:]
     for i, c in enumerate(clones if more is not None else ()):
         k = i * memory.block_size // n
         if k:
             c.feed_ids(more[:k])
     engine = BatchEngine(llm, impl, graphs=graphs)
+    for i, c in enumerate(waiting if more is not None else ()):  # joiners stagger as the first clones do
+        k = (n + i) * memory.block_size // n % memory.block_size
+        if k:
+            c.feed_ids(more[:k])
     for c in clones:  # room for the timed steps, the one counting syncs, the profiled ones and one more:
-        # no request ends inside the profiled steps (its leaving copies its windows: not a steady step)
-        engine.join(c, max_new_tokens=warm + steps + 2 + profile_steps, stop=set())
+        # no request ends inside the profiled steps unless churn says so (its leaving copies its windows)
+        engine.join(c, max_new_tokens=total, stop=set())
     for _ in range(warm):
         engine.step()
     sync(dev)
@@ -277,8 +294,20 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
     stepped = []  # the steps where_time_goes takes (timed, sync-counted and profiled ones)
     engine_step = engine.step
 
+    changes = 0
+    seen: dict[int, dict] = {}  # each batch graph's counters (a new batch, and graph, at each change)
+
     def step() -> None:
+        nonlocal changes
         stepped.append(engine_step())
+        if engine._batch is not None and engine._batch.graph is not None:
+            seen[id(engine._batch)] = engine._batch.graph.counters()
+        if churn and len(stepped) % churn == 0 and waiting:
+            engine.leave(engine.active[0])
+            joiner = waiting.pop(0)
+            clones.append(joiner)
+            engine.join(joiner, max_new_tokens=total, stop=set())
+            changes += 1
 
     row = where_time_goes(step, steps, dev, profile_steps)
     done = steps + 1 + (profile_steps if dev.type == "cuda" else 0)
@@ -287,14 +316,18 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
     suffix = f"+cache{memory.max_cached_blocks}" if memory.device_unit_cache else ""
     suffix += ("+graph" if graphs else "") + ("+standins" if graphs and not cuts else "")
     suffix += "+staggered" if more is not None else ""
+    suffix += f"+churn{churn}" if churn else ""
     graph = engine._batch.graph if engine._batch is not None else None
     if graph is not None:  # the batch of the timed steps (its captures include the warm steps')
         row["batch_graph"] = graph.counters()
+    if churn and seen:  # every batch of the timed steps, summed
+        row["batch_graphs"] = {k: sum(c[k] for c in seen.values()) for k in next(iter(seen.values()))}
+        row["batch_graphs"]["batches"] = len(seen)
     row.update({
         "system": f"memllm-{impl}{suffix}", "sessions": n, "steps": steps,
         "tokens_per_s": n * 1000 / row["ms_per_step"], "stacked_share": (engine.stacked_rows - stacked0) / (n * done) if n > 1 else None,
         "plain_rows_timed": (engine.batch_rows - rows0) - (engine.stacked_rows - stacked0) if n > 1 else None,
-        "clone_s": clone_s,
+        "clone_s": clone_s, "churn": churn, "membership_changes": changes,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         # a clone's units: the source's full segments by reference, its own copy of the partial one
         "host_bytes_referenced_per_clone": sum(lay.store.host_bytes() for lay in clones[0].cache.layers),
@@ -302,10 +335,12 @@ def memllm_decode(llm, src, memory, n, steps, warm, impl, profile_steps, graphs=
             lay.store.segment_bytes() for lay in clones[0].cache.layers if lay.store.n_units % lay.store.segment_units
         ),
     })  # fmt: skip
-    for c in clones:
+    for c in clones + waiting:
         c.close()
     BatchGraph.cuts = True
-    del clones, engine
+    clones.clear()  # what holds the sessions' memory goes before the cache is emptied
+    engine.requests.clear()
+    engine._batch = None
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -481,8 +516,12 @@ def main() -> None:
                          "standins: the graph with rows that complete a unit stepping alone first (before 2026-12-06)")  # fmt: skip
     ap.add_argument("--staggered", action="store_true",
                     help="the clones cut their units on different steps (each first reads a share of a block)")  # fmt: skip
+    ap.add_argument("--churn", default="0",
+                    help="comma-separated: 0 (the same sessions throughout) or K (every K steps a request "
+                         "leaves and another joins, inside the timed steps)")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    churns = [int(x) for x in args.churn.split(",") if x.strip()]
     modes = {"on": (True, True), "standins": (True, False), "off": (False, True)}  # (graphs, BatchGraph.cuts)
     graph_modes = [modes[x.strip()] for x in args.graphs.split(",") if x.strip()]
 
@@ -555,16 +594,22 @@ def main() -> None:
                 checks["length"] = n_tok
                 say(f"correctness (batched first step vs alone): {checks}")
             more = ids[1 : resolved.block_size + 1] if args.staggered else None  # what staggered clones read
-            for n in ns:
+            for n, churn in [(n, k) for n in ns for k in churns]:
                 for mem, (graphs, cuts) in [(m, g) for m in memories for g in graph_modes]:
-                    if graphs and n == 1:  # one session steps alone (its own decode graph) either way
+                    if (
+                        graphs and n == 1 or churn and n == 1
+                    ):  # one session steps alone (its own decode graph) either way
                         continue
                     if over():
                         skipped.append(
-                            f"memllm at {n_tok} x {n}" + (" (device cache)" if mem.device_unit_cache else "") + (" (graph)" if graphs else "")
+                            f"memllm at {n_tok} x {n}"
+                            + (" (device cache)" if mem.device_unit_cache else "")
+                            + (" (graph)" if graphs else "")
                         )
                         continue
-                    row = memllm_decode(llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more, cuts)
+                    row = memllm_decode(
+                        llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more, cuts, churn
+                    )
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)
                     hits = (
