@@ -147,16 +147,10 @@ def gpu_busy_ms(step, steps: int, dev: torch.device) -> tuple[float | None, dict
             if "LaunchKernel" in evt.key:
                 launches += evt.count
             host.append((evt.self_cpu_time_total, evt.key, evt.count))
-    top = (
-        lambda rows: [  # noqa: E731
-            {
-                "name": k[:120],
-                "ms_per_step": round(t / 1000 / steps, 3),
-                "calls_per_step": round(c / steps, 1),
-            }
-            for t, k, c in sorted(rows, reverse=True)[:25]
-        ]
-    )
+    def top(rows):
+        return [{"name": k[:120], "ms_per_step": round(t / 1000 / steps, 3), "calls_per_step": round(c / steps, 1)}
+                for t, k, c in sorted(rows, reverse=True)[:25]]  # fmt: skip
+
     where = {"launches_per_step": launches / steps, "kernels": top(kernels), "host_ops": top(host)}
     return total / 1000 / steps, where
 

@@ -174,7 +174,8 @@ class BatchEngine:
         compact(req.session)
         req.session.cache.release_unit_caches()  # its device unit cache's slots go (MemoryConfig.device_unit_cache)
         self.requests = [r for r in self.requests if r is not req]
-        if not self.requests:  # nothing left to batch: the stacked buffers go
+        if not self.requests and self._batch is not None:  # nothing left to batch: the stacked buffers go
+            self._batch.graph = None  # its captured graph freed now (a cycle would wait for a collection)
             self._batch = None
 
     # ---- stepping --------------------------------------------------------------------------------
@@ -282,6 +283,8 @@ class BatchEngine:
         ):
             return last
         self._batch = BatchCache(caches, self.impl, previous=last)
+        if last is not None:  # its graph goes now, not when a collection finds the batch (maybe in a capture)
+            last.graph = None
         return self._batch
 
     @torch.no_grad()

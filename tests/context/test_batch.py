@@ -666,3 +666,65 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
     a.cache.rollback(cp)
     for lay, (k, s) in zip(a.cache.layers, saved, strict=True):
         assert torch.equal(lay.local_k, k) and torch.equal(lay.local_score, s)
+
+
+def test_a_replaced_batch_lets_its_graph_go_at_once():
+    """When the sessions of an engine's batch change (one leaves, another joins) the old BatchCache's
+    graph is dropped at that moment: BatchCache and its layers form a cycle, so otherwise the graph (and
+    on CUDA its captured graph) would go whenever a collection found it, maybe inside another capture."""
+    import weakref
+
+    model = model_on("cpu")
+    engine = BatchEngine(FakeLLM(model, CharTokenizer()), graphs=True)
+    sessions = [fed(model, "cpu", n) for n in (300, 304, 308)]
+    reqs = [engine.join(s, max_new_tokens=8, stop=set()) for s in sessions[:2]]
+    engine.step()
+    first = weakref.ref(engine._batch.graph)
+    engine.leave(reqs[0])
+    engine.join(sessions[2], max_new_tokens=8, stop=set())
+    engine.step()
+    assert first() is None and engine._batch.graph is not None
+    last = weakref.ref(engine._batch.graph)
+    for r in engine.active:
+        engine.leave(r)
+    assert last() is None and engine._batch is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph capture needs CUDA")
+def test_a_capture_survives_a_collection_that_frees_another_graph():
+    """An unreachable cycle that holds a captured graph, found by an automatic collection while another
+    graph is being captured, would reset its graph inside the capture (not permitted: the capture fails,
+    as in GPU run 46 with sessions joining and leaving). run_captured holds collections off meanwhile."""
+    import gc
+
+    from memllm.context.cuda.graph import run_captured
+
+    class Slot:
+        graph = signature = warm = logits = None
+
+    dev = torch.device("cuda")
+    x = torch.arange(8.0, device=dev)
+
+    def forward() -> torch.Tensor:
+        junk = [[i] for i in range(20_000)]  # enough new objects for automatic collections
+        return (x * 3).sum().view(1) + len(junk) * 0
+
+    slot = Slot()
+    got = [run_captured(slot, 1, dev, forward, lambda: 1)]  # the warm-up
+    old = Slot()
+    for _ in range(2):  # a warm-up, then a capture
+        run_captured(old, 1, dev, lambda: (x * 2).sum().view(1), lambda: 1)
+    assert old.graph is not None
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(10)
+    try:
+        cycle: list = [old]
+        cycle.append(cycle)
+        del old, cycle  # unreachable: the next collection frees it (and its graph)
+        got += [run_captured(slot, 1, dev, forward, lambda: 1) for _ in range(2)]  # the capture, a replay
+    finally:
+        gc.set_threshold(*threshold)
+    assert [done for _, done in got] == ["warm", "capture", "replay"]
+    assert all(float(out) == 84.0 for out, _ in got)

@@ -32,6 +32,7 @@ path tests compare with the plain one. Replay makes no host synchronisation. Kno
 
 from __future__ import annotations
 
+import gc
 import weakref
 from collections.abc import Callable
 
@@ -251,8 +252,17 @@ def run_captured(
         return logits, "warm"
     slot.graph = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        slot.logits = forward()
+    # No cyclic garbage collection inside the capture: an unreachable object that holds a captured graph
+    # (an engine's replaced BatchCache and its BatchGraph, a cycle) freed there resets that graph, which
+    # the capture does not permit, and the capture fails (GPU run 46, sessions joining and leaving).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            slot.logits = forward()
+    finally:
+        if collecting:
+            gc.enable()
     slot.graph, slot.signature = graph, sig
     graph.replay()
     return slot.logits.clone(), "capture"
