@@ -9,7 +9,9 @@ chooses each active session's next token (greedy, from its last logits) and feed
 model call (memllm.context.batch.BatchCache: each session its
 own units and window) and returns the tokens as events; a session that reaches a stop id or its
 max_new_tokens leaves, and sessions may join or `leave` between steps (one that leaves frees the
-pools of its device unit cache, context/unit_cache.py). `generate()` steps until no
+pools of its device unit cache, context/unit_cache.py; one that joins as another left takes its row
+of the decode call, the others keep theirs, so the stacked buffers and a CUDA graph of the step
+stay). `generate()` steps until no
 session is active. What a session generates stays in its memory, exactly as Session.generate_ids
 leaves it (the same tokens, within the batched path's rounding). A lone active session takes its
 own path (prefill.step: its decode graph on CUDA).
@@ -21,7 +23,6 @@ is driven by one thread: memllm.engine_thread drives engines for callers in othe
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,20 +273,32 @@ class BatchEngine:
         logits = out.logits.float()  # (B, len(keep), vocab)
         return [logits[b, keep.index(m - 1)] for b, m in enumerate(lengths)]
 
-    def _batch_of(self, caches: list[Any]) -> BatchCache:
-        """The BatchCache of a decode call over `caches` (row b: caches[b]): the last one if it was
-        over the same caches in the same order, else a new one that takes over its stacked buffers."""
+    def _batch_of(self, caches: list[Any]) -> tuple[BatchCache, list[int]]:
+        """The BatchCache of a decode call over `caches` and its rows' order (row i: caches[order[i]]).
+        The last one if it was over the same caches; where as many sessions step as before and some
+        are new, the newcomers take the rows of the sessions gone, the others keep theirs
+        (BatchCache.swap: the stacked buffers and a captured graph stay); else a new one that takes
+        over the last one's stacked buffers."""
         last = self._batch
-        if (
-            last is not None
-            and len(last.caches) == len(caches)
-            and all(map(operator.is_, last.caches, caches))
-        ):
-            return last
+        if last is not None and len(last.caches) == len(caches):
+            row = {id(c): i for i, c in enumerate(last.caches)}
+            order: list[int | None] = [None] * len(caches)
+            newcomers = []
+            for j, c in enumerate(caches):
+                i = row.get(id(c))
+                if i is None:
+                    newcomers.append(j)
+                else:
+                    order[i] = j
+            free = [i for i, j in enumerate(order) if j is None]
+            for i, j in zip(free, newcomers, strict=True):
+                last.swap(i, caches[j])
+                order[i] = j
+            return last, order  # type: ignore[return-value]
         self._batch = BatchCache(caches, self.impl, previous=last)
         if last is not None:  # its graph goes now, not when a collection finds the batch (maybe in a capture)
             last.graph = None
-        return self._batch
+        return self._batch, list(range(len(caches)))
 
     @torch.no_grad()
     def _feed(self, sessions: list[Any], tokens: list[int]) -> list[torch.Tensor]:
@@ -296,7 +309,8 @@ class BatchEngine:
             cache = sessions[0].cache
             with attach(model, cache=cache):
                 return [prefill.step(model, cache, torch.tensor([tokens]))]
-        batch = self._batch_of([s.cache for s in sessions])
+        batch, order = self._batch_of([s.cache for s in sessions])
+        sessions, tokens = [sessions[j] for j in order], [tokens[j] for j in order]  # in the batch's rows
         stacked = batch.stacked_steps
         graph = self._graph_of(batch)
         with attach(model, cache=batch, inspect=False):  # the sessions' caches were made for this model
@@ -309,7 +323,11 @@ class BatchEngine:
         self.steps += 1
         self.stacked_rows += batch.stacked_steps - stacked
         self.batch_rows += len(sessions)
-        return list(logits.unbind(0))
+        rows = logits.unbind(0)
+        back = [0] * len(order)
+        for i, j in enumerate(order):
+            back[j] = i
+        return [rows[i] for i in back]
 
     def _alone(self, session: Any, token: int) -> torch.Tensor:
         """A session's step by itself inside a graph step (a stand-in: its step is not steady, e.g. a

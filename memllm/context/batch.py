@@ -195,6 +195,19 @@ class BatchCache(Cache):
             for new, old in zip(self.layers, previous.layers, strict=True):
                 new.stacked = old.stacked
 
+    def swap(self, row: int, cache: ContextMemoryCache) -> None:
+        """Row `row` now stands for `cache` (a session that joined as another left): the rows, the stacked
+        buffers and a graph stay; the next call copies the newcomer's window, index and sinks into its row
+        (StackedLayer.prepare), in place for a graph step."""
+        if cache.config != self.config or cache.spec != self.spec:
+            raise ConfigError("sessions batched together must share one model and one MemoryConfig")
+        if any(c is cache for c in self.caches):
+            raise ConfigError("a session's cache appears twice in one batch")
+        if self.lengths is not None:
+            raise ConfigError("a ragged call's rows are not swapped")
+        self.caches[row] = cache
+        self._steady = None
+
     @property
     def seen_tokens(self) -> list[int]:
         return [c.seen_tokens for c in self.caches]

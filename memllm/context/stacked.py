@@ -254,7 +254,7 @@ class StackedLayer:
         # window_from is it)
         self.rows: list[tuple | None] = []
         self.reprs: torch.Tensor | None = None  # (S, kv_heads, units, head_dim): each row's index
-        self.index_keys: list[tuple[int, int]] = []  # per row: (store.edits, n_units) reprs was copied at
+        self.index_keys: list[tuple[int, int, int]] = []  # per row: (id(store), store.edits, n_units) reprs was copied at
         self.sink_k: torch.Tensor | None = None  # (S, kv_heads, n_init, head_dim)
         self.sink_v: torch.Tensor | None = None
         self.sinks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per row: the sink tensors copied
@@ -274,27 +274,31 @@ class StackedLayer:
         into its own row in place (no buffer a graph baked in changes) when no row of the windows was
         handed out as an immutable window since they were made (`writable`)."""
         same = len(layers) == len(self.layers) and all(map(operator.is_, layers, self.layers))
+        # a graph step over as many rows, some of them another session's now (BatchCache.swap): those
+        # rows are copied in place, as a row whose state changed, and no buffer is made again
+        rows_stay = same or (st.in_place and len(layers) == len(self.layers) and self.k is not None)
         slot = {} if same else {id(lay): j for j, lay in enumerate(self.layers)}
         src = list(range(len(layers))) if same else [slot.get(id(lay), -1) for lay in layers]
         need = max(st.windows) + 1
-        fits = same and self.k.shape[2] >= need
-        if not (fits and all(map(_holds_row, layers, self.rows))) or (st.in_place and not self.writable):
+        fits = rows_stay and self.k.shape[2] >= need
+        if not (same and fits and all(map(_holds_row, layers, self.rows))) or (st.in_place and not self.writable):
             if st.in_place and fits and self.writable:
                 self._copy_rows(layers)
             else:
                 self._windows(layers, st, src, need)
-        index = [(lay.store.edits, lay.store.n_units) for lay in layers]
-        if not (same and index == self.index_keys and self.reprs.shape[2] >= max(n for _, n in index)):
-            if st.in_place and same and self.reprs.shape[2] >= max(n for _, n in index):
+        # the index kept per row: its store (a swapped row's is another) and what it held
+        index = [(id(lay.store), lay.store.edits, lay.store.n_units) for lay in layers]
+        if not (same and index == self.index_keys and self.reprs.shape[2] >= max(n for *_, n in index)):
+            if st.in_place and rows_stay and self.reprs.shape[2] >= max(n for *_, n in index):
                 for i, lay in enumerate(layers):
                     if index[i] != self.index_keys[i]:
-                        self.reprs[i, :, : index[i][1]].copy_(lay.store.repr_keys())
+                        self.reprs[i, :, : index[i][2]].copy_(lay.store.repr_keys())
                 self.index_keys = index
             else:
                 self._index(layers, src, index, st.grow_units if st.in_place else 0)
         sinks = [(lay.sink_k, lay.sink_v) for lay in layers]
         if not (same and all(a[0] is b[0] and a[1] is b[1] for a, b in zip(sinks, self.sinks, strict=True))):
-            if st.in_place and same:
+            if st.in_place and rows_stay:
                 for i, (k, v) in enumerate(sinks):
                     if not (k is self.sinks[i][0] and v is self.sinks[i][1]):
                         self.sink_k[i].copy_(k)

@@ -669,25 +669,73 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
 
 
 def test_a_replaced_batch_lets_its_graph_go_at_once():
-    """When the sessions of an engine's batch change (one leaves, another joins) the old BatchCache's
-    graph is dropped at that moment: BatchCache and its layers form a cycle, so otherwise the graph (and
-    on CUDA its captured graph) would go whenever a collection found it, maybe inside another capture."""
+    """When fewer sessions step than before, the engine's BatchCache is replaced and the old one's graph
+    dropped at that moment: BatchCache and its layers form a cycle, so otherwise the graph (and on CUDA
+    its captured graph) would go whenever a collection found it, maybe inside another capture."""
     import weakref
 
     model = model_on("cpu")
     engine = BatchEngine(FakeLLM(model, CharTokenizer()), graphs=True)
     sessions = [fed(model, "cpu", n) for n in (300, 304, 308)]
-    reqs = [engine.join(s, max_new_tokens=8, stop=set()) for s in sessions[:2]]
+    reqs = [engine.join(s, max_new_tokens=8, stop=set()) for s in sessions]
     engine.step()
     first = weakref.ref(engine._batch.graph)
     engine.leave(reqs[0])
-    engine.join(sessions[2], max_new_tokens=8, stop=set())
     engine.step()
     assert first() is None and engine._batch.graph is not None
     last = weakref.ref(engine._batch.graph)
     for r in engine.active:
         engine.leave(r)
     assert last() is None and engine._batch is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_session_joining_as_another_leaves_takes_its_row(device: str):
+    """One request leaves and another joins between steps (a loaded server's usual change): the newcomer
+    takes the row of the one gone and the others keep theirs, so the engine keeps its BatchCache, the
+    stacked buffers (nothing made again) and the graph step's signature (on CUDA: no new capture, the
+    joined gather tables and unit caches' address tables written in place). Every session's tokens and
+    logits equal the plain batched path's (which makes its buffers anew), and the newcomer's equal its
+    own steps alone, its cuts included."""
+    model = model_on(device)
+    lengths = (300, 304, 309)
+    got_s, ref_s = [fed(model, device, n) for n in lengths], [fed(model, device, n) for n in lengths]
+    solo = fed(model, device, lengths[2])
+    want = alone(solo, 12)
+    engines = {"graph": BatchEngine(FakeLLM(model, CharTokenizer()), graphs=True),
+               "plain": BatchEngine(FakeLLM(model, CharTokenizer()), graphs=False)}  # fmt: skip
+    reqs = {name: [e.join(s, max_new_tokens=30, stop=set()) for s in ss[:2]]
+            for (name, e), ss in zip(engines.items(), (got_s, ref_s), strict=True)}  # fmt: skip
+    logits: dict[str, list[list[torch.Tensor]]] = {"graph": [], "plain": []}
+    graph = None
+    for step in range(16):
+        if step == 4:  # the first leaves, the third joins: the third takes row 0
+            for (name, e), ss in zip(engines.items(), (got_s, ref_s), strict=True):
+                e.leave(reqs[name][0])
+                reqs[name].append(e.join(ss[2], max_new_tokens=12, stop=set()))
+        for name, e in engines.items():
+            events = e.step()
+            logits[name].append([ev.request.session.last_logits.cpu() for ev in events])
+        if step == 3:
+            batch, graph = engines["graph"]._batch, engines["graph"]._batch.graph
+            rebuilds = [bl.stacked.rebuilds for bl in batch.layers]
+            signature = graph._signature()
+    batch = engines["graph"]._batch
+    assert batch.graph is graph and batch.caches[0] is got_s[2].cache and batch.caches[1] is got_s[1].cache
+    assert [bl.stacked.rebuilds for bl in batch.layers] == rebuilds  # no buffer made again
+    assert graph._signature() == signature and graph.counters()["cut_rows"] >= 2
+    if device == "cuda":  # captured once, before the change, and replayed after it
+        assert graph.counters()["captures"] == 1 and graph.counters()["replays"] >= 12
+    assert sum(bl.stacked.copied for bl in batch.layers) >= len(batch.layers)  # the newcomer, in place
+    for a, b in zip(reqs["graph"], reqs["plain"], strict=True):
+        assert a.tokens == b.tokens
+    assert reqs["graph"][2].tokens == want[0]
+    for row_a, row_b in zip(logits["graph"], logits["plain"], strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert rel_err(x, y) < TOL[device]
+    newcomer = [row[-1] for row in logits["graph"][4:]]  # events in the requests' order: the newcomer last
+    for x, y in zip(newcomer, want[1], strict=True):
+        assert rel_err(x, y) < TOL[device]
 
 
 @pytest.mark.gpu

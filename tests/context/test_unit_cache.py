@@ -397,6 +397,17 @@ def test_cuda_cached_gather_equals_the_reference(dtype_name, per_head):
     assert counted(fast.unit_cache)[0] > 0 and counted(fast.unit_cache)[2] > 0
 
 
+def gather_equals_each_store(gather, fast: list, ref: list, sizes, gen: torch.Generator) -> None:
+    """One StoresGather call over `fast` (random ids, row i within sizes[i]) equals, row by row, the
+    reference cached gather of the same row's store in `ref`."""
+    ids = torch.stack([torch.randint(0, n, (KVH, 3), generator=gen) for n in sizes]).to(KERNEL_DEVICE)
+    got_k, got_v = gather(fast, ids, OUT_DTYPE)
+    for i, s in enumerate(ref):
+        want_k, want_v = unit_cache.gather_cached(s, ids[i : i + 1], OUT_DTYPE, reference_read)
+        torch.testing.assert_close(got_k[i : i + 1], want_k, rtol=0, atol=0)
+        torch.testing.assert_close(got_v[i : i + 1], want_v, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype_name", ["bf16", "int8"])
@@ -411,16 +422,39 @@ def test_cuda_stores_gather_through_caches_equals_the_reference(dtype_name):
     gather = StoresGather()
     gen = torch.Generator().manual_seed(8)
     for _ in range(20):
-        ids = torch.stack([torch.randint(0, n, (KVH, 3), generator=gen) for n in sizes]).to(KERNEL_DEVICE)
-        got_k, got_v = gather(fast, ids, OUT_DTYPE)
-        for i, s in enumerate(ref):
-            want_k, want_v = unit_cache.gather_cached(s, ids[i : i + 1], OUT_DTYPE, reference_read)
-            torch.testing.assert_close(got_k[i : i + 1], want_k, rtol=0, atol=0)
-            torch.testing.assert_close(got_v[i : i + 1], want_v, rtol=0, atol=0)
+        gather_equals_each_store(gather, fast, ref, sizes, gen)
     for a, b in zip(fast, ref, strict=True):
         assert torch.equal(a.unit_cache.table, b.unit_cache.table)
         assert torch.equal(a.unit_cache.meta, b.unit_cache.meta)
     assert gather.joins == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+def test_stores_gather_takes_another_store_in_place():
+    """A row's store replaced by another's (a session joining as another leaves, BatchCache.swap): the
+    joined segment tables, the offsets and the caches' stacked address tables are written in place (the
+    tensors a captured graph reads stay), and every row's gather equals the reference cached gather of
+    its own store, before and after."""
+    from memllm.context.cuda.gather import StoresGather
+
+    sizes = [6, 9, 13]
+    fast = [make_store(n, 3, seed=n, device=KERNEL_DEVICE) for n in sizes]
+    ref = [make_store(n, 3, seed=n, device=KERNEL_DEVICE) for n in sizes]
+    gather = StoresGather()
+    gen = torch.Generator().manual_seed(9)
+    tensors = None
+    for i_step in range(12):
+        if i_step == 6:  # row 1 is another session's now
+            sizes[1] = 11
+            fast[1], ref[1] = (make_store(11, 3, seed=99, device=KERNEL_DEVICE) for _ in range(2))
+        gather_equals_each_store(gather, fast, ref, sizes, gen)
+        if i_step == 5:
+            tensors = [t.data_ptr() for t in (*gather.joined.values(), gather.base, gather.kept["tables"],
+                                              gather.kept["pools"])]  # fmt: skip
+    assert gather.joins == 2 and gather.made == 1
+    assert tensors == [t.data_ptr() for t in (*gather.joined.values(), gather.base, gather.kept["tables"],
+                                              gather.kept["pools"])]  # fmt: skip
 
 
 @pytest.mark.gpu

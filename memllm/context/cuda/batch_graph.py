@@ -23,11 +23,16 @@ is captured once and replayed:
     back into their buffer (Rows.in_place);
   * after it, each layer's rows advance on the host (StackedLayer.advance: the counters, the handed
     windows, now static views: a checkpoint copies them, and a session leaving the batch gets its own);
-  * what a graph has baked in (`signature`): every layer's buffers, the stores' gather tables and
-    their unit caches' pools. A change (a session joined or left: a new BatchCache and graph; a new
-    segment of units; an index past its room) means a step run as the plain one would, then (the
-    buffers unchanged for SETTLE steps) an eager warm-up, then a capture. Measured: GPU runs 42-44
-    (benchmarks/RESULTS.md; run 43 before stand-ins and in-place rows: a capture at every cut).
+  * a session that joins as another leaves takes its row (BatchEngine, BatchCache.swap): its window,
+    index and sinks are copied into that row in place, the joined gather tables and the unit caches'
+    stacked address tables written in place (StoresGather._join, gather.stacked_addresses), so the
+    graph stays (before: a new BatchCache and graph, three steps' worth per change at N = 48 with a
+    change every 4 steps, GPU run 47);
+  * what a graph has baked in (`signature`): every layer's buffers and the tensors of the joined tables
+    and address tables. A change (fewer or more sessions: a new BatchCache and graph; tables or an
+    index past their room) means a step run as the plain one would, then (the buffers unchanged for
+    SETTLE steps) an eager warm-up, then a capture. Measured: GPU runs 42-47 (benchmarks/RESULTS.md;
+    run 43 before stand-ins and in-place rows: a capture at every cut).
 A step with a row that can neither be stacked nor stand in, forced units or a lookup log takes the
 plain batched path. `BatchGraph(batch, capture=False)` runs the same steps without a graph (any device):
 the path tests compare with the plain one. Knows nothing of sessions or text.
@@ -151,16 +156,23 @@ class BatchGraph:
         return out.logits[:, -1].float()
 
     def _refresh(self) -> None:
-        """What a graph reads, made now on the current stream (not in a warm-up on the side one): the
-        stores' joined gather tables and their unit caches' pools."""
+        """What a graph reads, made current now on the current stream (not in a warm-up on the side one),
+        in place where it can be (a replay reads the new values): the stores' joined gather tables, their
+        unit caches' pools and the pools' stacked address tables."""
         for bl in self.batch.layers:
             stores = [m.store for m in bl.members]
-            current = getattr(bl.stacked.gather, "current", None)  # StoresGather's
+            gather = bl.stacked.gather
+            current = getattr(gather, "current", None)  # StoresGather's
             if current is not None:
                 current(stores, self.device)
-            for s in stores:
-                if s.unit_cache is not None:
-                    s.unit_cache.ensure(bl.members[0].dtype)
+            caches = [s.unit_cache for s in stores]
+            for c in caches:
+                if c is not None:
+                    c.ensure(bl.members[0].dtype)
+            if len(caches) > 1 and all(c is not None for c in caches) and hasattr(gather, "kept"):
+                from memllm.context.cuda.gather import stacked_addresses  # CUDA only (Triton)
+
+                stacked_addresses(caches, gather.kept)
 
     def _after_warm_up(self) -> tuple:
         self._refresh()
@@ -171,11 +183,14 @@ class BatchGraph:
         parts: list = []
         for bl in self.batch.layers:
             sl = bl.stacked
-            stores = [m.store for m in bl.members]
-            pools = tuple(s.unit_cache.pool_ptrs.data_ptr() for s in stores if s.unit_cache is not None)
+            # the joined gather tables and the unit caches' stacked address tables are written in place
+            # while they fit (StoresGather._join, stacked_addresses): their tensors, not the stores or
+            # sessions behind them, are what the graph baked in
+            kept = getattr(sl.gather, "kept", {})
+            addresses = tuple(kept[k].data_ptr() for k in ("tables", "pools") if k in kept)
             parts.append((
                 sl.rebuilds, sl.k.data_ptr(), sl.k.shape, sl.v.data_ptr(), sl.score.data_ptr(),
                 sl.reprs.data_ptr(), sl.reprs.shape, sl.sink_k.data_ptr(), sl.sink_v.data_ptr(),
-                getattr(sl.gather, "joins", None), tuple(s.version for s in stores), pools,
+                getattr(sl.gather, "made", None), addresses,
             ))  # fmt: skip
         return tuple(parts)

@@ -281,6 +281,8 @@ class StoresGather:
         self.joined: dict[str, torch.Tensor] = {}
         self.base: torch.Tensor | None = None  # (S,) long: each row's first unit in the joined tables
         self.joins = 0  # times the tables were joined (tests read it)
+        self._pinned: torch.Tensor | None = None  # the last offsets uploaded (pinned), alive until copied
+        self.made = 0  # times the joined tables' tensors were made anew (a graph baked in the last ones)
         self.kept: dict = {}  # the stores' unit caches' address tables (cached_args)
 
     def __call__(
@@ -318,13 +320,31 @@ class StoresGather:
                 raise ValueError("gather_units_stores needs stores of one shape (one MemoryConfig)")
         names = ["k", "v", "k_scale", "v_scale"] if first.offload_dtype == "int8" else ["k", "v"]
         tables = [segment_tables(s) for s in stores]
-        self.joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
+        joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
         starts, at = [], 0
         for tab in tables:
             starts.append(at * first.segment_units)
             at += tab["k"].shape[0]
         base = torch.tensor(starts, dtype=torch.long)
-        self.base = (base.pin_memory() if device.type == "cuda" else base).to(device, non_blocking=True)
+        base = base.pin_memory() if device.type == "cuda" else base
+        old = self.joined
+        if (
+            self.base is not None and self.base.numel() == len(stores) and list(old) == names
+            and old["k"].numel() >= at
+        ):  # fmt: skip
+            # in place (stream-ordered): a graph that read the tables reads the new ones at its next replay
+            for name in names:
+                old[name][:at].copy_(joined[name])
+            self.base.copy_(base, non_blocking=True)
+            self._pinned = base  # kept alive until the copy has run (replaced at the next join)
+        else:  # with room: a store's next segments or another session's store fit in place
+            self.joined = {}
+            for name in names:
+                self.joined[name] = torch.zeros(2 * at, dtype=joined[name].dtype, device=joined[name].device)
+                self.joined[name][:at].copy_(joined[name])
+            self.base = base.to(device, non_blocking=True)
+            self._pinned = base
+            self.made += 1
         self.stores, self.versions = list(stores), [s.version for s in stores]
         self.joins += 1
 
@@ -466,6 +486,25 @@ def plan_caches_cuda(
     return source, install
 
 
+def stacked_addresses(caches: list[UnitCache], kept: dict) -> None:
+    """kept["tables"], kept["pools"] ((N, 2) int64 on the device): the caches' address tables stacked,
+    made again only when a cache's tables changed; for as many caches as before, written in place (a
+    graph that read them reads the new ones at its next replay)."""
+    key = kept.get("key")
+    if key is not None and len(key) == len(caches) and all(
+        k[0] is c.table_ptrs and k[1] is c.pool_ptrs for k, c in zip(key, caches, strict=True)
+    ):
+        return
+    tables = torch.stack([c.table_ptrs for c in caches])
+    pools = torch.stack([c.pool_ptrs for c in caches])
+    if key is not None and len(key) == len(caches):
+        kept["tables"].copy_(tables)
+        kept["pools"].copy_(pools)
+    else:
+        kept["tables"], kept["pools"] = tables, pools
+    kept["key"] = [(c.table_ptrs, c.pool_ptrs) for c in caches]
+
+
 def cached_args(
     caches: list[UnitCache], ids: torch.Tensor, dtype: torch.dtype, kept: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -480,12 +519,7 @@ def cached_args(
         tables, pools = caches[0].table_ptrs.view(1, 2), caches[0].pool_ptrs.view(1, 2)
     else:
         kept = {} if kept is None else kept
-        key = kept.get("key")
-        if not (key is not None and len(key) == len(caches)
-                and all(k[0] is c.table_ptrs and k[1] is c.pool_ptrs for k, c in zip(key, caches, strict=True))):  # fmt: skip
-            kept["key"] = [(c.table_ptrs, c.pool_ptrs) for c in caches]
-            kept["tables"] = torch.stack([c.table_ptrs for c in caches])
-            kept["pools"] = torch.stack([c.pool_ptrs for c in caches])
+        stacked_addresses(caches, kept)
         tables, pools = kept["tables"], kept["pools"]
     source, install = plan_caches_cuda(caches, ids, tables)
     return source.reshape(-1), install.reshape(-1), pools, caches[0].capacity
