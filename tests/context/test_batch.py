@@ -738,6 +738,29 @@ def test_a_session_joining_as_another_leaves_takes_its_row(device: str):
         assert rel_err(x, y) < TOL[device]
 
 
+def test_a_newcomer_takes_the_row_of_a_session_gone_steps_ago():
+    """One session ends, the other steps alone for a while (its own path), then a third joins: the
+    engine's last batch (two rows) takes the newcomer into the row of the one gone, the other's window,
+    changed by its steps alone, copied back into its row. Tokens and logits equal the plain path's."""
+    model = model_on("cpu")
+    runs = {}
+    for graphs in (True, False):
+        ss = [fed(model, "cpu", n) for n in (300, 304, 309)]
+        engine = BatchEngine(FakeLLM(model, CharTokenizer()), graphs=graphs)
+        reqs = [engine.join(ss[0], max_new_tokens=3, stop=set()), engine.join(ss[1], max_new_tokens=20, stop=set())]
+        logits = []
+        for step in range(16):
+            if step == 6:
+                reqs.append(engine.join(ss[2], max_new_tokens=8, stop=set()))
+            logits.append([ev.request.session.last_logits.clone() for ev in engine.step()])
+        runs[graphs] = ([r.tokens for r in reqs], logits, engine)
+    (tok_g, log_g, eng), (tok_p, log_p, _) = runs[True], runs[False]
+    assert tok_g == tok_p and eng._batch.graph.counters()["graph_steps"] == 11  # one batch: 3 steps, then 8
+    for row_a, row_b in zip(log_g, log_p, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert rel_err(x, y) < TOL["cpu"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graph capture needs CUDA")
 def test_a_capture_survives_a_collection_that_frees_another_graph():
