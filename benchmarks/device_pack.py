@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -65,12 +66,21 @@ def write_embedder(into: Path) -> None:
             bin_file.unlink()
 
 
+def room_mib() -> int:
+    """MiB a call can carry beside the working tree: 64 less the tracked files (they travel too; with
+    55.6 MB parts a 11.4 MB tree went over the limit in session 14), less 2 for what else travels."""
+    listed = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+    tree = sum(Path(os.fsdecode(f)).stat().st_size for f in listed if f and Path(os.fsdecode(f)).is_file())
+    return max(8, 64 - 2 - -(-tree // (1 << 20)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=("qwen", "smollm2"), required=True)
     ap.add_argument("--suites", default="", help="files to add (comma-separated), e.g. ruler_gpu.py build outputs")
     ap.add_argument("--no-embedder", action="store_true", help="leave MiniLM out (batch_gpu.py needs none)")
-    ap.add_argument("--part-mib", type=int, default=53)
+    ap.add_argument("--part-mib", type=int, default=None,
+                    help="part size (default: 64 MiB less the tracked tree, which travels with every call, less 2)")  # fmt: skip
     ap.add_argument("--out", default=".gpu/t")
     args = ap.parse_args()
     out = Path(args.out)
@@ -91,7 +101,7 @@ def main() -> None:
         with tarfile.open(tar_path, "w") as tar:
             tar.add(m, arcname="m")
         digest = hashlib.sha256()
-        size = args.part_mib << 20
+        size = (args.part_mib or room_mib()) << 20
         names = []
         with open(tar_path, "rb") as fh:
             while chunk := fh.read(size):
