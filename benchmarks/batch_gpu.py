@@ -248,17 +248,21 @@ def cache_row(
 
 
 def memllm_decode(
-    llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None, cuts=True, churn=0
+    llm, src, memory, n, steps, warm, impl, profile_steps, graphs=False, more=None, cuts=True, churn=0, settle=None
 ) -> dict:
     """n clones of src decoding together; `more` (ids): clone i first reads i * block_size // n of them,
     so the clones cut their units on different steps (as sessions of a server do) instead of together.
     cuts (with graphs): BatchGraph.cuts, a row whose token completes a unit stacked and cut after the call;
     False: it stands in, taking its step alone first (GPU run 44). churn: every `churn` steps the oldest
     request leaves and a fresh clone joins (continuous batching, as a server's requests end and arrive),
-    its cost inside the timed steps."""
+    its cost inside the timed steps. settle: cuda/batch_graph.SETTLE for this row (None: the library's)."""
+    from memllm.context.cuda import batch_graph
     from memllm.context.cuda.batch_graph import BatchGraph
 
     BatchGraph.cuts = cuts  # a class setting: this process runs one row at a time
+    default_settle = batch_graph.SETTLE
+    if settle is not None:
+        batch_graph.SETTLE = settle
     dev = src.cache.layers[0].device
     t = time.perf_counter()
     total = warm + steps + 2 + profile_steps  # the steps made (timed, sync-counted, profiled, one more)
@@ -311,6 +315,7 @@ def memllm_decode(
     suffix += ("+graph" if graphs else "") + ("+standins" if graphs and not cuts else "")
     suffix += "+staggered" if more is not None else ""
     suffix += f"+churn{churn}" if churn else ""
+    suffix += f"+settle{settle}" if graphs and settle is not None else ""
     graph = engine._batch.graph if engine._batch is not None else None
     if graph is not None:  # the batch of the timed steps (its captures include the warm steps')
         row["batch_graph"] = graph.counters()
@@ -332,6 +337,7 @@ def memllm_decode(
     for c in clones + waiting:
         c.close()
     BatchGraph.cuts = True
+    batch_graph.SETTLE = default_settle
     clones.clear()  # what holds the sessions' memory goes before the cache is emptied
     engine.requests.clear()
     engine._batch = None
@@ -513,8 +519,12 @@ def main() -> None:
     ap.add_argument("--churn", default="0",
                     help="comma-separated: 0 (the same sessions throughout) or K (every K steps a request "
                          "leaves and another joins, inside the timed steps)")  # fmt: skip
+    ap.add_argument("--settle", default="",
+                    help="comma-separated SETTLE values for the graph rows (steps a changed batch steps plainly "
+                         "before its warm-up and capture); default: the library's")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    settles = [int(x) for x in args.settle.split(",") if x.strip()] or [None]
     churns = [int(x) for x in args.churn.split(",") if x.strip()]
     modes = {"on": (True, True), "standins": (True, False), "off": (False, True)}  # (graphs, BatchGraph.cuts)
     graph_modes = [modes[x.strip()] for x in args.graphs.split(",") if x.strip()]
@@ -589,7 +599,9 @@ def main() -> None:
                 say(f"correctness (batched first step vs alone): {checks}")
             more = ids[1 : resolved.block_size + 1] if args.staggered else None  # what staggered clones read
             for n, churn in [(n, k) for n in ns for k in churns]:
-                for mem, (graphs, cuts) in [(m, g) for m in memories for g in graph_modes]:
+                for mem, (graphs, cuts), settle in [
+                    (m, g, t) for m in memories for g in graph_modes for t in (settles if g[0] else [None])
+                ]:
                     if (
                         graphs and n == 1 or churn and n == 1
                     ):  # one session steps alone (its own decode graph) either way
@@ -602,7 +614,7 @@ def main() -> None:
                         )
                         continue
                     row = memllm_decode(
-                        llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more, cuts, churn
+                        llm, src, mem, n, steps, warm, args.impl, profile_steps, graphs, more, cuts, churn, settle
                     )
                     row.update(length=n_tok, prefill_s=prefill_s, extra_tokens_read=extra)
                     rows.append(row)
