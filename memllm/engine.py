@@ -11,7 +11,8 @@ own units and window) and returns the tokens as events; a session that reaches a
 max_new_tokens leaves, and sessions may join or `leave` between steps (one that leaves frees the
 pools of its device unit cache, context/unit_cache.py; one that joins as another left takes its row
 of the decode call, the others keep theirs, so the stacked buffers and a CUDA graph of the step
-stay). `generate()` steps until no
+stay; where a request ends and none joins, the next step runs on a plain batch of its own and the
+batch with its graph waits that one step for a newcomer, as a server's next queued turn joins). `generate()` steps until no
 session is active. What a session generates stays in its memory, exactly as Session.generate_ids
 leaves it (the same tokens, within the batched path's rounding). A lone active session takes its
 own path (prefill.step: its decode graph on CUDA).
@@ -108,6 +109,9 @@ class BatchEngine:
         # The decode calls' BatchCache, kept while the same sessions step together (its stacked
         # buffers carry over: context/stacked.py); a new one, taking them over, when they change.
         self._batch: BatchCache | None = None
+        # Steps run on a batch of their own while fewer sessions step than `_batch` holds (a request
+        # ended): `_batch` and its graph are held one step for a newcomer to take the free row.
+        self._held = 0
 
     # ---- membership ------------------------------------------------------------------------------
     @property
@@ -294,7 +298,18 @@ class BatchEngine:
             for i, j in zip(free, newcomers, strict=True):
                 last.swap(i, caches[j])
                 order[i] = j
+            self._held = 0
             return last, order  # type: ignore[return-value]
+        if (
+            last is not None and last.graph is not None and not self._held and len(caches) < len(last.caches)
+            and {id(c) for c in caches} <= {id(c) for c in last.caches}
+        ):  # fmt: skip
+            # a request ended: this step on a plain batch of its own (its own buffers; the sessions'
+            # windows copied in, and back into `_batch`'s rows in place when they step there again),
+            # `_batch` and its graph held for a newcomer next step (a loaded server's next turn)
+            self._held = 1
+            return BatchCache(caches, self.impl), list(range(len(caches)))
+        self._held = 0
         self._batch = BatchCache(caches, self.impl, previous=last)
         if last is not None:  # its graph goes now, not when a collection finds the batch (maybe in a capture)
             last.graph = None
@@ -312,7 +327,7 @@ class BatchEngine:
         batch, order = self._batch_of([s.cache for s in sessions])
         sessions, tokens = [sessions[j] for j in order], [tokens[j] for j in order]  # in the batch's rows
         stacked = batch.stacked_steps
-        graph = self._graph_of(batch)
+        graph = self._graph_of(batch) if batch is self._batch else None  # a held step's batch: plain
         with attach(model, cache=batch, inspect=False):  # the sessions' caches were made for this model
             logits = graph.step(model, tokens, lambda b: self._alone(sessions[b], tokens[b])) if graph is not None else None
             if logits is None:

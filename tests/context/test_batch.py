@@ -669,9 +669,10 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
 
 
 def test_a_replaced_batch_lets_its_graph_go_at_once():
-    """When fewer sessions step than before, the engine's BatchCache is replaced and the old one's graph
-    dropped at that moment: BatchCache and its layers form a cycle, so otherwise the graph (and on CUDA
-    its captured graph) would go whenever a collection found it, maybe inside another capture."""
+    """When fewer sessions step than before for a second step (the first is held for a newcomer), the
+    engine's BatchCache is replaced and the old one's graph dropped at that moment: BatchCache and its
+    layers form a cycle, so otherwise the graph (and on CUDA its captured graph) would go whenever a
+    collection found it, maybe inside another capture."""
     import weakref
 
     model = model_on("cpu")
@@ -681,6 +682,8 @@ def test_a_replaced_batch_lets_its_graph_go_at_once():
     engine.step()
     first = weakref.ref(engine._batch.graph)
     engine.leave(reqs[0])
+    engine.step()  # held: a batch of its own for this step
+    assert first() is not None and engine._batch.graph is first()
     engine.step()
     assert first() is None and engine._batch.graph is not None
     last = weakref.ref(engine._batch.graph)
@@ -736,6 +739,42 @@ def test_a_session_joining_as_another_leaves_takes_its_row(device: str):
     newcomer = [row[-1] for row in logits["graph"][4:]]  # events in the requests' order: the newcomer last
     for x, y in zip(newcomer, want[1], strict=True):
         assert rel_err(x, y) < TOL[device]
+
+
+def test_a_batch_is_held_one_step_for_a_newcomer():
+    """A request ends (here: leaves) and a newcomer joins one step later, as a server's turn ends at its
+    stop token and the next queued turn joins after that step: the step between runs on a plain batch of
+    its own, and the engine's batch, its stacked buffers (nothing made again) and its graph (the same
+    signature) take the newcomer into the free row, the others' windows copied back in place. Tokens and
+    logits equal the plain path's, which makes new batches."""
+    model = model_on("cpu")
+    runs = {}
+    for graphs in (True, False):
+        ss = [fed(model, "cpu", n) for n in (300, 304, 309, 302)]
+        engine = BatchEngine(FakeLLM(model, CharTokenizer()), graphs=graphs)
+        reqs = [engine.join(s, max_new_tokens=20, stop=set()) for s in ss[:3]]
+        logits, kept = [], None
+        for step in range(14):
+            if step == 5:
+                engine.leave(reqs[0])
+            if step == 6:  # one step later
+                reqs.append(engine.join(ss[3], max_new_tokens=8, stop=set()))
+            if step == 4 and graphs:
+                batch = engine._batch
+                kept = (batch, batch.graph, batch.graph._signature(), [bl.stacked.rebuilds for bl in batch.layers],
+                        sum(bl.stacked.copied for bl in batch.layers))  # fmt: skip
+            logits.append([ev.request.session.last_logits.clone() for ev in engine.step()])
+        runs[graphs] = ([r.tokens for r in reqs], logits, engine, kept, reqs[3].session.cache)
+    (tok_g, log_g, eng, kept, newcomer), (tok_p, log_p, *_) = runs[True], runs[False]
+    batch, graph, signature, rebuilds, copied = kept
+    assert eng._batch is batch and batch.graph is graph and graph._signature() == signature
+    assert [bl.stacked.rebuilds for bl in batch.layers] == rebuilds
+    assert sum(bl.stacked.copied for bl in batch.layers) >= copied + 3 * len(batch.layers)  # 2 back, 1 new
+    assert batch.caches[0] is newcomer  # the row of the one that left
+    assert tok_g == tok_p
+    for row_a, row_b in zip(log_g, log_p, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert rel_err(x, y) < TOL["cpu"]
 
 
 def test_a_newcomer_takes_the_row_of_a_session_gone_steps_ago():
