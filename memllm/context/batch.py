@@ -147,6 +147,15 @@ class BatchLayer(CacheLayerMixin):
         return self.stacked
 
 
+def _check_batched_with(first: ContextMemoryCache, cache: ContextMemoryCache) -> None:
+    """ConfigError unless `cache` may share a batch with `first` (one model, one MemoryConfig)."""
+    if cache.config != first.config or cache.spec != first.spec:
+        raise ConfigError(
+            "sessions batched together must share one model and one MemoryConfig: "
+            "run sessions with other settings in a batch of their own"
+        )
+
+
 class BatchCache(Cache):
     """A Cache over ContextMemoryCaches (one per session, batch row b = caches[b]). Use through
     `attach(model, cache=batch)` with position_ids = `next_position_ids(n)`; impl "fast" or
@@ -166,11 +175,7 @@ class BatchCache(Cache):
             raise ConfigError("a BatchCache needs at least one session's cache")
         first = caches[0]
         for c in caches[1:]:
-            if c.config != first.config or c.spec != first.spec:
-                raise ConfigError(
-                    "sessions batched together must share one model and one MemoryConfig: "
-                    "run sessions with other settings in a batch of their own"
-                )
+            _check_batched_with(first, c)
         if len({id(c) for c in caches}) != len(caches):
             raise ConfigError("a session's cache appears twice in one batch")
         super().__init__(layers=[BatchLayer(self, i) for i in range(len(first.layers))])
@@ -199,8 +204,7 @@ class BatchCache(Cache):
         """Row `row` now stands for `cache` (a session that joined as another left): the rows, the stacked
         buffers and a graph stay; the next call copies the newcomer's window, index and sinks into its row
         (StackedLayer.prepare), in place for a graph step."""
-        if cache.config != self.config or cache.spec != self.spec:
-            raise ConfigError("sessions batched together must share one model and one MemoryConfig")
+        _check_batched_with(self.caches[0], cache)
         if any(c is cache for c in self.caches):
             raise ConfigError("a session's cache appears twice in one batch")
         if self.lengths is not None:

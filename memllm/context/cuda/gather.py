@@ -281,7 +281,6 @@ class StoresGather:
         self.joined: dict[str, torch.Tensor] = {}
         self.base: torch.Tensor | None = None  # (S,) long: each row's first unit in the joined tables
         self.joins = 0  # times the tables were joined (tests read it)
-        self._pinned: torch.Tensor | None = None  # the last offsets uploaded (pinned), alive until copied
         self.made = 0  # times the joined tables' tensors were made anew (a graph baked in the last ones)
         self.kept: dict = {}  # the stores' unit caches' address tables (cached_args)
 
@@ -320,31 +319,24 @@ class StoresGather:
                 raise ValueError("gather_units_stores needs stores of one shape (one MemoryConfig)")
         names = ["k", "v", "k_scale", "v_scale"] if first.offload_dtype == "int8" else ["k", "v"]
         tables = [segment_tables(s) for s in stores]
-        joined = {name: torch.cat([tab[name] for tab in tables]) for name in names}
         starts, at = [], 0
         for tab in tables:
             starts.append(at * first.segment_units)
             at += tab["k"].shape[0]
         base = torch.tensor(starts, dtype=torch.long)
-        base = base.pin_memory() if device.type == "cuda" else base
-        old = self.joined
-        if (
-            self.base is not None and self.base.numel() == len(stores) and list(old) == names
-            and old["k"].numel() >= at
+        if not (
+            self.base is not None and self.base.numel() == len(stores) and list(self.joined) == names
+            and self.joined["k"].numel() >= at
         ):  # fmt: skip
-            # in place (stream-ordered): a graph that read the tables reads the new ones at its next replay
-            for name in names:
-                old[name][:at].copy_(joined[name])
-            self.base.copy_(base, non_blocking=True)
-            self._pinned = base  # kept alive until the copy has run (replaced at the next join)
-        else:  # with room: a store's next segments or another session's store fit in place
-            self.joined = {}
-            for name in names:
-                self.joined[name] = torch.zeros(2 * at, dtype=joined[name].dtype, device=joined[name].device)
-                self.joined[name][:at].copy_(joined[name])
-            self.base = base.to(device, non_blocking=True)
-            self._pinned = base
+            # new tensors (a graph that read the old ones is captured again), with room: a store's next
+            # segments or another session's store then fit in place
+            self.joined = {name: torch.zeros(2 * at, dtype=tables[0][name].dtype, device=tables[0][name].device) for name in names}
+            self.base = torch.empty(len(stores), dtype=torch.long, device=device)
             self.made += 1
+        # written in place (stream-ordered): a graph that read the tables reads these at its next replay
+        for name in names:
+            torch.cat([tab[name] for tab in tables], out=self.joined[name][:at])
+        self.base.copy_(base.pin_memory() if device.type == "cuda" else base, non_blocking=True)
         self.stores, self.versions = list(stores), [s.version for s in stores]
         self.joins += 1
 
