@@ -158,7 +158,9 @@ class BatchGraph:
     def _refresh(self) -> None:
         """What a graph reads, made current now on the current stream (not in a warm-up on the side one),
         in place where it can be (a replay reads the new values): the stores' joined gather tables, their
-        unit caches' pools and the pools' stacked address tables."""
+        unit caches' pools and the pools' stacked address tables. Only where graphs are captured (CUDA)."""
+        from memllm.context.cuda.gather import stacked_addresses  # Triton: imported only here
+
         for bl in self.batch.layers:
             stores = [m.store for m in bl.members]
             gather = bl.stacked.gather
@@ -170,8 +172,6 @@ class BatchGraph:
                 if c is not None:
                     c.ensure(bl.members[0].dtype)
             if len(caches) > 1 and all(c is not None for c in caches) and hasattr(gather, "kept"):
-                from memllm.context.cuda.gather import stacked_addresses  # CUDA only (Triton)
-
                 stacked_addresses(caches, gather.kept)
 
     def _after_warm_up(self) -> tuple:
