@@ -12,7 +12,7 @@ import torch
 from memllm.config import MemoryConfig
 from memllm.context.plan import plan_call
 from memllm.context.window import joined_memory, local_attention, memory_attention, merge
-from tests.context.helpers import kernel_devices
+from tests.context.helpers import kernel_devices, skip_interpreted_runtime_loops
 
 MEM = MemoryConfig(n_init=4, n_local=48, block_size=8, repr_topk=2, topk=3, exc_block_size=64, chunk_size=200,
                    offload_dtype="fp32")  # fmt: skip
@@ -130,6 +130,7 @@ CASES = [(s, MEM, {}) for s in STATES] + [(BIG_STATE, BIG, SMALL_TILES), (BIG_ST
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_equal_loops(device, case, dtype):
+    skip_interpreted_runtime_loops(device)
     kernel_case(device, dtype)
     from memllm.context.cuda.window import local_attention_cuda, memory_attention_cuda
 
@@ -155,6 +156,7 @@ def test_kernels_equal_loops(device, case, dtype):
 def test_received_row_splits_equal_loop(device, state, dtype):
     """Small row splits (several per call, one row tile or several per split) give the loop's received
     attention, and the same bits on a second run."""
+    skip_interpreted_runtime_loops(device)
     kernel_case(device, dtype)
     from memllm.context.cuda.window import received_attention_cuda
 
@@ -174,6 +176,7 @@ def test_received_row_splits_equal_loop(device, state, dtype):
 def test_memory_merge_kernel_equals_merge(device, case, dtype):
     """The memory pass merged in place equals window.merge of the local and memory loops' results; lse is
     only read, and with no memory key (no sinks, nothing chosen) out keeps its values."""
+    skip_interpreted_runtime_loops(device)
     kernel_case(device, dtype)
     from memllm.context.cuda.window import memory_attention_merge_cuda
 
