@@ -35,7 +35,7 @@ def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     keys = {}
-    for name, users in (("ka", ["alice"]), ("kb", ["bob", "carol"]), ("kc", ["dave"])):
+    for name, users in (("ka", ["alice"]), ("kb", ["bob", "carol"]), ("kc", ["dave"]), ("kd", ["erin"])):
         out = _run(["keys", "add", name, *sum((["--user", u] for u in users), [])], home)
         assert out.returncode == 0, out.stderr
         keys[name] = (out.stdout.strip(), users)
@@ -160,20 +160,21 @@ def test_isolation_property(server, seq):
 
 def test_openai_message_forms_and_recall_field(server):
     base, keys = server
-    auth = {"Authorization": f"Bearer {keys['kc'][0]}"}
+    # erin: a user test_isolation_property never writes for (its random records would be recalled too)
+    auth = {"Authorization": f"Bearer {keys['kd'][0]}"}
     body = {"messages": [{"role": "system", "content": None},
-                         {"role": "user", "content": [{"type": "text", "text": "dave likes "},
+                         {"role": "user", "content": [{"type": "text", "text": "erin likes "},
                                                       {"type": "text", "text": "tea"}]}],
             "max_completion_tokens": 8}
     r = httpx.post(base + "/v1/chat/completions", json=body, headers=auth, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"].startswith("echo: dave likes tea")
+    assert r.json()["choices"][0]["message"]["content"].startswith("echo: erin likes tea")
     r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
                    json={"messages": [{"role": "user", "content": "what do I like?"}], "max_tokens": 8})
-    assert "dave likes tea" in [x["text"] for x in r.json()["memllm"]["recalled"]]
+    assert "erin likes tea" in [x["text"] for x in r.json()["memllm"]["recalled"]]
     usage = r.json()["usage"]
-    assert usage["prompt_tokens"] > len("what do I like?".split()) + len("dave likes tea".split())  # memory counted
-    assert r.json()["memllm"]["user"] == "dave"
+    assert usage["prompt_tokens"] > len("what do I like?".split()) + len("erin likes tea".split())  # memory counted
+    assert r.json()["memllm"]["user"] == "erin"
     r = httpx.post(base + "/v1/chat/completions", headers=auth, timeout=30,
                    json={"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000})
     assert r.status_code == 400 and r.json()["error"]["code"] == 400
