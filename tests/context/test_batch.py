@@ -741,16 +741,17 @@ def test_a_session_joining_as_another_leaves_takes_its_row(device: str):
         assert rel_err(x, y) < TOL[device]
 
 
-def test_a_batch_is_held_one_step_for_a_newcomer():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_is_held_one_step_for_a_newcomer(device: str):
     """A request ends (here: leaves) and a newcomer joins one step later, as a server's turn ends at its
     stop token and the next queued turn joins after that step: the step between runs on a plain batch of
     its own, and the engine's batch, its stacked buffers (nothing made again) and its graph (the same
     signature) take the newcomer into the free row, the others' windows copied back in place. Tokens and
-    logits equal the plain path's, which makes new batches."""
-    model = model_on("cpu")
+    logits equal the plain path's, which makes new batches; on CUDA the graph is captured once."""
+    model = model_on(device)
     runs = {}
     for graphs in (True, False):
-        ss = [fed(model, "cpu", n) for n in (300, 304, 309, 302)]
+        ss = [fed(model, device, n) for n in (300, 304, 309, 302)]
         engine = BatchEngine(FakeLLM(model, CharTokenizer()), graphs=graphs)
         reqs = [engine.join(s, max_new_tokens=20, stop=set()) for s in ss[:3]]
         logits, kept = [], None
@@ -763,7 +764,7 @@ def test_a_batch_is_held_one_step_for_a_newcomer():
                 batch = engine._batch
                 kept = (batch, batch.graph, batch.graph._signature(), [bl.stacked.rebuilds for bl in batch.layers],
                         sum(bl.stacked.copied for bl in batch.layers))  # fmt: skip
-            logits.append([ev.request.session.last_logits.clone() for ev in engine.step()])
+            logits.append([ev.request.session.last_logits.cpu() for ev in engine.step()])
         runs[graphs] = ([r.tokens for r in reqs], logits, engine, kept, reqs[3].session.cache)
     (tok_g, log_g, eng, kept, newcomer), (tok_p, log_p, *_) = runs[True], runs[False]
     batch, graph, signature, rebuilds, copied = kept
@@ -771,10 +772,12 @@ def test_a_batch_is_held_one_step_for_a_newcomer():
     assert [bl.stacked.rebuilds for bl in batch.layers] == rebuilds
     assert sum(bl.stacked.copied for bl in batch.layers) >= copied + 3 * len(batch.layers)  # 2 back, 1 new
     assert batch.caches[0] is newcomer  # the row of the one that left
+    if device == "cuda":
+        assert graph.counters()["captures"] == 1
     assert tok_g == tok_p
     for row_a, row_b in zip(log_g, log_p, strict=True):
         for x, y in zip(row_a, row_b, strict=True):
-            assert rel_err(x, y) < TOL["cpu"]
+            assert rel_err(x, y) < TOL[device]
 
 
 def test_a_newcomer_takes_the_row_of_a_session_gone_steps_ago():
