@@ -102,6 +102,13 @@ def batched_equals_alone(
             assert rel_err(got, ref) < tol
 
 
+def assert_steps_close(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], tol: float) -> None:
+    """Step by step, each event's logits within relative error tol of the other run's (as many of both)."""
+    for row_a, row_b in zip(got, want, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert rel_err(x, y) < tol
+
+
 def model_on(device: str, layers: int = 2):
     return tiny_model("llama", layers=layers).to(device)
 
@@ -653,9 +660,7 @@ def test_graph_steps_equal_the_plain_batched_steps(device: str, lengths: list[in
     assert engines["plain"]._batch.graph is None
     for a, b in zip(reqs["graph"], reqs["plain"], strict=True):
         assert a.tokens == b.tokens
-    for row_a, row_b in zip(logits["graph"], logits["plain"], strict=True):
-        for x, y in zip(row_a, row_b, strict=True):
-            assert rel_err(x, y) < TOL[device]
+    assert_steps_close(logits["graph"], logits["plain"], TOL[device])
     for a, b in zip(got_s, ref_s, strict=True):
         assert a.cache.seen_tokens == b.cache.seen_tokens and a.stats()["units"] == b.stats()["units"]
         ga, gb = alone(a, 2), alone(b, 2)
@@ -733,9 +738,7 @@ def test_a_session_joining_as_another_leaves_takes_its_row(device: str):
     for a, b in zip(reqs["graph"], reqs["plain"], strict=True):
         assert a.tokens == b.tokens
     assert reqs["graph"][2].tokens == want[0]
-    for row_a, row_b in zip(logits["graph"], logits["plain"], strict=True):
-        for x, y in zip(row_a, row_b, strict=True):
-            assert rel_err(x, y) < TOL[device]
+    assert_steps_close(logits["graph"], logits["plain"], TOL[device])
     newcomer = [row[-1] for row in logits["graph"][4:]]  # events in the requests' order: the newcomer last
     for x, y in zip(newcomer, want[1], strict=True):
         assert rel_err(x, y) < TOL[device]
@@ -775,9 +778,7 @@ def test_a_batch_is_held_one_step_for_a_newcomer(device: str):
     if device == "cuda":
         assert graph.counters()["captures"] == 1
     assert tok_g == tok_p
-    for row_a, row_b in zip(log_g, log_p, strict=True):
-        for x, y in zip(row_a, row_b, strict=True):
-            assert rel_err(x, y) < TOL[device]
+    assert_steps_close(log_g, log_p, TOL[device])
 
 
 def test_a_newcomer_takes_the_row_of_a_session_gone_steps_ago():
@@ -798,9 +799,7 @@ def test_a_newcomer_takes_the_row_of_a_session_gone_steps_ago():
         runs[graphs] = ([r.tokens for r in reqs], logits, engine)
     (tok_g, log_g, eng), (tok_p, log_p, _) = runs[True], runs[False]
     assert tok_g == tok_p and eng._batch.graph.counters()["graph_steps"] == 11  # one batch: 3 steps, then 8
-    for row_a, row_b in zip(log_g, log_p, strict=True):
-        for x, y in zip(row_a, row_b, strict=True):
-            assert rel_err(x, y) < TOL["cpu"]
+    assert_steps_close(log_g, log_p, TOL["cpu"])
 
 
 @pytest.mark.gpu
