@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -441,9 +442,7 @@ class ContextMemoryLayer(CacheLayerMixin):
             q_probe = rot.rotated(q, start, -1, torch.float32)
             self.probe.add(
                 self.layer_idx,
-                unit_mass(
-                    q_probe, lse, self.sink_k, self.store, scale, self.dtype, self.kernels.gather_units
-                ),
+                unit_mass(q_probe, lse, self.sink_k, self.store, scale, partial(self.kernels.scan_units, dtype=self.dtype)),
             )
         if self.store.n_units > 0 and cfg.topk > 0:
             if q_sum is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memllm.context import gather, lookup, unit_cache
+from memllm.context import gather, lookup, select, unit_cache
 from memllm.context.plan import CallPlan
 from memllm.context.positions import Rotary
 from memllm.context.units import UnitStore
@@ -118,6 +118,10 @@ class TorchKernels:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """gather.gather_units."""
         return gather.gather_units(store, ids, dtype, self.impl)
+
+    def scan_units(self, q: torch.Tensor, store: UnitStore, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """The probe's scan (select.unit_lse): q (kv_heads, rows, d) fp32 -> (kv_heads, rows, n_units)."""
+        return select.unit_lse(q, store, scale, dtype, self.gather_units)
 
     def gather_selected(
         self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype
@@ -300,6 +304,15 @@ class CudaKernels(TorchKernels):
 
             return gather_units_uva(store, ids, dtype)
         return super().gather_units(store, ids, dtype)
+
+    def scan_units(self, q: torch.Tensor, store: UnitStore, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """One Triton launch (cuda/select.unit_lse_uva) for a CUDA store of the shapes it takes."""
+        if store.device.type == "cuda" and q.is_cuda:
+            from memllm.context.cuda import select as select_cuda
+
+            if select_cuda.supports(store):
+                return select_cuda.unit_lse_uva(q, store, scale, dtype)
+        return super().scan_units(q, store, scale, dtype)
 
     def gather_selected(
         self, store: UnitStore, ids: torch.Tensor, dtype: torch.dtype

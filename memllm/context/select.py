@@ -40,49 +40,61 @@ SCAN_UNITS = 1024
 SCAN_BYTES = 16 << 20
 
 
+Scan = Callable[[torch.Tensor, UnitStore, float], torch.Tensor]
+
+
+def unit_lse(
+    q: torch.Tensor, store: UnitStore, scale: float, dtype: torch.dtype, gather: Gather, chunk: int | None = None
+) -> torch.Tensor:
+    """The probe's scan, reference: q (kv_heads, rows, d) fp32 -> (kv_heads, rows, n_units) fp32, every
+    unit's log-sum-exp of scale * q . k over its block_size keys.
+
+    The units' keys are read `chunk` units at a time (default: SCAN_BYTES of logits) through `gather`
+    (the cache's kernels.gather_units: on CUDA from pinned host memory by device-side ids, in `dtype`),
+    so device memory stays bounded by the chunk. The kernels' scan_units is this on the CPU, and one
+    Triton launch on CUDA (cuda/select.py)."""
+    kvh, rows, _ = q.shape
+    n, bs = store.n_units, store.block_size
+    if chunk is None:
+        chunk = max(1, min(SCAN_UNITS, SCAN_BYTES // (kvh * rows * bs * 4)))
+    out = torch.empty(kvh, rows, n, dtype=torch.float32, device=q.device)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        ids = torch.arange(lo, hi, device=q.device).expand(1, kvh, -1)
+        k, v = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
+        del v  # each buffer is freed as soon as it is used: the scan's peak is one step's, not two chunks'
+        kf = k[0].float()
+        del k
+        logits = torch.matmul(q, kf.transpose(1, 2))  # (kvh, rows, (hi - lo) * bs)
+        del kf
+        logits.mul_(scale)
+        out[:, :, lo:hi] = torch.logsumexp(logits.view(kvh, rows, hi - lo, bs), dim=-1)
+        del logits
+    return out
+
+
 def unit_mass(
     q_mem: torch.Tensor,
     lse_window: torch.Tensor,
     sink_k: torch.Tensor,
     store: UnitStore,
     scale: float,
-    dtype: torch.dtype,
-    gather: Gather,
-    chunk: int | None = None,
+    scan: Scan,
 ) -> torch.Tensor:
     """q_mem (heads, m, d) the question's queries at the memory frame (keys at position 0, queries at
     n_local); lse_window (heads, m) their log-sum-exp over the window -> (m, n_units) fp32: per row, the
     attention mass (summed over heads) that every unit would receive in one softmax over window,
-    sinks and all units.
-
-    The units' keys are read `chunk` units at a time (default: SCAN_BYTES of logits) through `gather`
-    (the cache's kernels.gather_units: on CUDA from pinned host memory by device-side ids), so device
-    memory stays bounded by the chunk."""
+    sinks and all units. scan(q (kv_heads, rows, d) fp32, store, scale) -> (kv_heads, rows, n_units): each
+    unit's log-sum-exp (the cache's kernels.scan_units; unit_lse is its reference)."""
     heads, m, d = q_mem.shape
     kvh = store.kv_heads
     g = heads // kvh
     n = store.n_units
     q = q_mem.float().reshape(kvh, g * m, d)
-    dev = q.device
-    if chunk is None:
-        chunk = max(1, min(SCAN_UNITS, SCAN_BYTES // (heads * m * store.block_size * 4)))
     parts = [lse_window.float().reshape(kvh, g * m)]
     if sink_k.shape[1]:
         parts.append(torch.logsumexp(torch.matmul(q, sink_k.float().transpose(1, 2)) * scale, dim=-1))
-    unit_lse = torch.empty(kvh, g * m, n, dtype=torch.float32, device=dev)
-    bs = store.block_size
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        ids = torch.arange(lo, hi, device=dev).expand(1, kvh, -1)
-        k, v = gather(store, ids, dtype)  # (1, kvh, (hi - lo) * bs, d)
-        del v  # each buffer is freed as soon as it is used: the scan's peak is one step's, not two chunks'
-        kf = k[0].float()
-        del k
-        logits = torch.matmul(q, kf.transpose(1, 2))  # (kvh, g*m, (hi - lo) * bs)
-        del kf
-        logits.mul_(scale)
-        unit_lse[:, :, lo:hi] = torch.logsumexp(logits.view(kvh, g * m, hi - lo, bs), dim=-1)
-        del logits
+    unit_lse = scan(q, store, scale)
     if n:
         parts.append(torch.logsumexp(unit_lse, dim=-1))
     total = torch.logsumexp(torch.stack(parts), dim=0)  # (kvh, g*m)

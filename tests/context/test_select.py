@@ -5,6 +5,8 @@ units everywhere, and the memory is rolled back afterwards."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -26,8 +28,10 @@ def make_session(device: str = "cpu", **mem) -> Session:
     return Session(FakeLLM(model, CharTokenizer()), small_memory(**mem))
 
 
-def filled_store(n_units: int, kvh: int = 2, bs: int = 8, d: int = 16, device: str = "cpu") -> UnitStore:
-    store = UnitStore(kvh, bs, d, 2, "fp32", torch.device(device), segment_units=7)
+def filled_store(
+    n_units: int, kvh: int = 2, bs: int = 8, d: int = 16, device: str = "cpu", dtype: str = "fp32"
+) -> UnitStore:
+    store = UnitStore(kvh, bs, d, 2, dtype, torch.device(device), segment_units=7)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(n_units, kvh, bs, d, generator=g)
     v = torch.randn(n_units, kvh, bs, d, generator=g)
@@ -48,7 +52,8 @@ def test_unit_mass_is_the_dense_softmax_over_all_keys(impl):
     qg = q.reshape(kvh, heads // kvh, m, d)
     lse_window = torch.logsumexp(torch.einsum("hgmd,hkd->hgmk", qg, window_k) * scale, -1).reshape(heads, m)
     gather = kernels_for(impl, torch.device("cpu")).gather_units
-    got = select.unit_mass(q, lse_window, sinks, store, scale, torch.float32, gather, chunk=4)
+    scan = partial(select.unit_lse, dtype=torch.float32, gather=gather, chunk=4)
+    got = select.unit_mass(q, lse_window, sinks, store, scale, scan)
     units_k, _ = store.gather_reference(torch.arange(n).expand(1, kvh, -1), torch.float32)  # (1, kvh, n*bs, d)
     keys = torch.cat([window_k, sinks, units_k[0]], dim=1)
     p = torch.softmax(torch.einsum("hgmd,hkd->hgmk", qg, keys) * scale, dim=-1)
@@ -179,8 +184,9 @@ def test_cuda_scan_and_selection_equal_the_reference():
     sinks = torch.randn(kvh, 4, d, generator=g).cuda()
     lse = torch.randn(heads, m, generator=g).cuda()
     cuda = torch.device("cuda")
-    fast = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("fast", cuda).gather_units, 64)
-    ref = select.unit_mass(q, lse, sinks, store, 0.25, torch.float32, kernels_for("reference", cuda).gather_units, 64)
+    fast = select.unit_mass(q, lse, sinks, store, 0.25, partial(kernels_for("fast", cuda).scan_units, dtype=torch.float32))
+    ref_scan = partial(select.unit_lse, dtype=torch.float32, gather=kernels_for("reference", cuda).gather_units, chunk=64)
+    ref = select.unit_mass(q, lse, sinks, store, 0.25, ref_scan)
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-6)
     # A whole session on CUDA (fast path, decode graphs) chooses the units the CPU reference chooses.
     cuda = make_session("cuda", impl="fast")
@@ -340,3 +346,28 @@ def test_a_restored_session_indexes_the_text_it_was_saved_with(tmp_path):
     assert r2.config.selector == "hybrid" and r2.text_index is None
     _, _, sel = ask_logged(r2, selector="hybrid")
     assert sel["text_score"] is None and len(sel["units"]) == r2.config.topk
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 45, 70])
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+def test_cuda_scan_kernel_equals_the_chunked_reference(offload, rows, precision, monkeypatch):
+    """cuda/select.unit_lse_uva (one launch, keys from pinned host memory) against select.unit_lse (chunks
+    through the gather): units over several segments, row counts below, between and above its tiles,
+    keys read in bf16 from every host dtype (int8 dequantized as the gather does)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from memllm.context.cuda import select as select_cuda
+
+    monkeypatch.setattr(select_cuda, "PRECISION", precision)
+    kvh, bs, d, n = 2, 16, 32, 23
+    store = filled_store(n, kvh, bs, d, device="cuda", dtype=offload)
+    assert select_cuda.supports(store)
+    q = torch.randn(kvh, rows, d, generator=torch.Generator().manual_seed(rows)).cuda()
+    gather = kernels_for("reference", torch.device("cuda")).gather_units
+    for dtype in (torch.float32, torch.bfloat16):
+        want = select.unit_lse(q, store, 0.3, dtype, gather, chunk=5)
+        got = kernels_for("fast", torch.device("cuda")).scan_units(q, store, 0.3, dtype)
+        assert got.shape == want.shape == (kvh, rows, n)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
