@@ -14,7 +14,12 @@ cuda/select.py, kept as the fallback), and `kernel` (or `kernel:ieee`, `kernel:t
 
   PYTHONPATH=/tmp/site:. python benchmarks/question_latency.py --model-dir /root/m --gguf smollm2.gguf \\
       --lengths 128k,1m --scans chunked:16,chunked:64,kernel:ieee,kernel:tf32x3 --out $OUT/question_latency.json
+  PYTHONPATH=. python benchmarks/question_latency.py --random smollm2 --lengths 128k,1m ...   # no weights to carry
   python benchmarks/question_latency.py --quick      # CPU, tiny random Llama: the script's own check
+
+--random smollm2|qwen0.5b: random weights in bf16 with SmolLM2-135M's or Qwen2.5-0.5B's shapes (layers, heads, KV
+heads, head_dim, vocabulary): a question's time does not depend on the weights' values (every unit is scanned,
+the same number of units is read whatever is chosen, the answer runs its --new-tokens with no stop).
 """
 
 from __future__ import annotations
@@ -38,6 +43,29 @@ from memllm.config import MemoryConfig  # noqa: E402
 from memllm.context import cache as cache_mod  # noqa: E402
 from memllm.context import select  # noqa: E402
 from memllm.session import Session  # noqa: E402
+
+SHAPES = {  # the models' config.json shapes
+    "smollm2": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                             rope_theta=100000.0, tie_word_embeddings=True)),
+    "qwen0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                              rope_theta=1000000.0, tie_word_embeddings=True)),
+}  # fmt: skip
+
+
+def random_model(name: str) -> torch.nn.Module:
+    """Random weights in bf16 on CUDA with `name`'s shapes (SHAPES)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kind, shape = SHAPES[name]
+    config = (LlamaConfig if kind == "llama" else Qwen2Config)(**shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(config)
+    model = model.to(torch.bfloat16).eval()
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def sync() -> None:
@@ -148,6 +176,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--random", choices=sorted(SHAPES))
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.quick:
@@ -157,6 +186,12 @@ def main() -> None:
         memory = MemoryConfig(selector="question", offload_dtype="fp32", n_local=512, block_size=32, topk=4,
                               chunk_size=512, exc_block_size=64, n_init=16)  # fmt: skip
         todo, vocab = [8192], (1, 128)
+    elif args.random:
+        from tests.context.helpers import CharTokenizer, FakeLLM
+
+        llm = FakeLLM(random_model(args.random), CharTokenizer(), f"random weights, {args.random}'s shapes (bf16)")
+        memory = MemoryConfig(selector="question")
+        todo, vocab = lengths(args.lengths), (100, 40000)
     else:
         llm = load_llm(args.model_dir, args.gguf, "SmolLM2-135M-Instruct (GGUF dequantized, bf16)", args.weights_cache)
         memory = MemoryConfig(selector="question")
