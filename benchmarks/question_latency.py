@@ -241,7 +241,13 @@ def env(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": dev, "torch": torch.__version__, "transformers": transformers.__version__, "triton": triton_version,
             "python": sys.version.split()[0], "command": " ".join(sys.argv)}  # fmt: skip
 
 

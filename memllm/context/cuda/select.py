@@ -21,7 +21,7 @@ import triton.language as tl
 from memllm.context.cuda.gather import TL_DTYPES, segment_tables
 from memllm.context.units import UnitStore
 
-ROWS = 32  # query rows a program's tile holds: (ROWS, block) fp32 logits in registers
+ROWS = 64  # query rows a program's tile holds: (ROWS, block) fp32 logits in registers
 PRECISION = "tf32x3"  # tl.dot's input_precision (module docstring)
 
 
