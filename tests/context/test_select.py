@@ -17,7 +17,14 @@ from memllm.context.kernels import kernels_for
 from memllm.context.units import UnitStore
 from memllm.errors import ConfigError
 from memllm.session import Session
-from tests.context.helpers import CharTokenizer, FakeLLM, small_memory, tiny_model
+from tests.context.helpers import (
+    CharTokenizer,
+    FakeLLM,
+    kernel_devices,
+    skip_interpreted_runtime_loops,
+    small_memory,
+    tiny_model,
+)
 
 TEXT = "".join(chr(33 + (i * 7919) % 90) for i in range(700))
 QUESTION = "What was said near the start?"
@@ -348,26 +355,32 @@ def test_a_restored_session_indexes_the_text_it_was_saved_with(tmp_path):
     assert sel["text_score"] is None and len(sel["units"]) == r2.config.topk
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", kernel_devices())
 @pytest.mark.parametrize("offload", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("rows", [1, 45, 70])
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
-def test_cuda_scan_kernel_equals_the_chunked_reference(offload, rows, precision, monkeypatch):
+def test_scan_kernel_equals_the_chunked_reference(device, offload, rows, precision, monkeypatch):
     """cuda/select.unit_lse_uva (one launch, keys from pinned host memory) against select.unit_lse (chunks
     through the gather): units over several segments, row counts below, between and above its tiles,
-    keys read in bf16 from every host dtype (int8 dequantized as the gather does)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    keys read in bf16 from every host dtype (int8 dequantized as the gather does). On CUDA through the
+    fast kernels' scan_units; on the CPU under TRITON_INTERPRET=1 (ieee products, keys in fp32)."""
+    skip_interpreted_runtime_loops(device)
+    if device == "cpu" and (precision != "ieee" or offload == "int8"):
+        pytest.skip("the interpreter: ieee products, fp32 and bf16 units")
     from memllm.context.cuda import select as select_cuda
 
     monkeypatch.setattr(select_cuda, "PRECISION", precision)
     kvh, bs, d, n = 2, 16, 32, 23
-    store = filled_store(n, kvh, bs, d, device="cuda", dtype=offload)
+    store = filled_store(n, kvh, bs, d, device=device, dtype=offload)
     assert select_cuda.supports(store)
-    q = torch.randn(kvh, rows, d, generator=torch.Generator().manual_seed(rows)).cuda()
-    gather = kernels_for("reference", torch.device("cuda")).gather_units
-    for dtype in (torch.float32, torch.bfloat16):
+    q = torch.randn(kvh, rows, d, generator=torch.Generator().manual_seed(rows)).to(device)
+    gather = kernels_for("reference", torch.device(device)).gather_units
+    # the interpreter's bf16 rounding is not the device's (nor torch's): keys read in fp32 there
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
         want = select.unit_lse(q, store, 0.3, dtype, gather, chunk=5)
-        got = kernels_for("fast", torch.device("cuda")).scan_units(q, store, 0.3, dtype)
+        if device == "cuda":
+            got = kernels_for("fast", torch.device("cuda")).scan_units(q, store, 0.3, dtype)
+        else:
+            got = select_cuda.unit_lse_uva(q, store, 0.3, dtype)
         assert got.shape == want.shape == (kvh, rows, n)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

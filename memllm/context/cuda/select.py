@@ -56,7 +56,7 @@ def _unit_lse_kernel(
         ks = tl.load(ks_table + seg).to(tl.pointer_type(tl.float32))
         k = k * tl.load(ks + (off * KV_HEADS + h) * HEAD_DIM + d)[None, :]
     kt = tl.trans(k.to(KEY_DTYPE).to(tl.float32))  # (HEAD_DIM, BLOCK)
-    out = out_ptr + (h * n_units + u) * rows
+    out = out_ptr + (h * n_units + u).to(tl.int64) * rows  # kv_heads * units * rows may pass 2**31
     for r0 in range(0, rows, ROWS):
         r = r0 + tl.arange(0, ROWS)
         live = r < rows
