@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,18 @@ def test_the_words_are_held_compactly_and_counted():
     before = idx.nbytes()
     idx.lexical("zebra violet", 40)
     assert idx.nbytes() > before
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 2500])
+def test_window_cosines_equal_the_fp32_product(n):
+    """unit_text.window_cosines converts the fp16 vectors a chunk at a time: the same fp32 products as
+    converting them all first, across chunk boundaries."""
+    from memllm.unit_text import COSINE_CHUNK, window_cosines
+
+    assert COSINE_CHUNK == 1024
+    rng = np.random.default_rng(n)
+    vectors = rng.standard_normal((n, 48)).astype(np.float16)
+    q = rng.standard_normal(48).astype(np.float32)
+    got = window_cosines(vectors, q)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    np.testing.assert_allclose(got.numpy(), vectors.astype(np.float32) @ q, rtol=1e-5, atol=1e-5)
