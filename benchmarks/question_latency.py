@@ -30,9 +30,10 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -113,31 +114,17 @@ def timers(session: Session, took: dict[str, float]):
 def scan_path(mb: int | None, precision: str | None = None):
     """mb: the reference scan with chunks of mb MB of logits (the CUDA kernel refused for the while);
     None: the library's own scan (on CUDA with the kernel's products in `precision` if given)."""
-    if mb is None:
-        if precision is None or not torch.cuda.is_available():
-            yield
-            return
-        from memllm.context.cuda import select as select_cuda
-
-        real_precision, select_cuda.PRECISION = select_cuda.PRECISION, precision
-        try:
-            yield
-        finally:
-            select_cuda.PRECISION = real_precision
-        return
-    default = select.SCAN_BYTES
-    select.SCAN_BYTES = mb << 20
-    real = None
-    if torch.cuda.is_available():
-        from memllm.context.cuda import select as select_cuda
-
-        real, select_cuda.supports = select_cuda.supports, lambda store: False
-    try:
+    with ExitStack() as stack:
+        select_cuda = None
+        if torch.cuda.is_available():
+            from memllm.context.cuda import select as select_cuda
+        if mb is not None:
+            stack.enter_context(patch.object(select, "SCAN_BYTES", mb << 20))
+            if select_cuda is not None:
+                stack.enter_context(patch.object(select_cuda, "supports", lambda store: False))
+        elif precision is not None and select_cuda is not None:
+            stack.enter_context(patch.object(select_cuda, "PRECISION", precision))
         yield
-    finally:
-        select.SCAN_BYTES = default
-        if real is not None:
-            select_cuda.supports = real
 
 
 def ask(session: Session, prompt: list[int], new_tokens: int) -> int:

@@ -29,8 +29,6 @@ from memllm.unit_lexical import RARE, RARE_FLOOR, WindowWords
 
 WINDOW = 48  # tokens a window holds (at most block_size); a window starts every WINDOW // 2 tokens
 
-
-
 # Windows whose fp16 vectors are converted at a time in window_cosines: a chunk's fp32 copy (1.5 MB at 384
 # dimensions) stays in cache. At 1M tokens (43,690 windows) on a 2-core CPU: 3.9 ms a question, against 28.4
 # for converting all of them first with NumPy (17.3 with torch), the same products (benchmarks/window_cosines.py).
@@ -44,6 +42,7 @@ def window_cosines(vectors: np.ndarray, q: np.ndarray) -> torch.Tensor:
     for lo in range(0, v.shape[0], COSINE_CHUNK):
         torch.mv(v[lo : lo + COSINE_CHUNK].float(), qt, out=out[lo : lo + COSINE_CHUNK])
     return out
+
 
 class UnitTextIndex:
     """embedder: a memllm Embedder (embed(texts) -> (n, dim) float32, rows unit-norm); tokenizer: the
