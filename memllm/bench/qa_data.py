@@ -124,19 +124,30 @@ def cases(dataset: str) -> list[QACase]:
 
 # ---------------------------------------------------------------------------------------- haystacks
 def pick_cases(dataset: str, n: int, seed: int) -> list[QACase]:
-    """n questions, each from a different article (SQuAD) / question (HotpotQA), reproducibly."""
+    """n questions, reproducibly: first a round of one per article (SQuAD) / pair of gold paragraphs
+    (HotpotQA), what this always picked; then, while n is not reached, rounds of one more per article
+    on gold paragraphs no question chosen so far uses (SQuAD v2 dev has 35 articles: a 50-question cell
+    takes 15 second questions, each on another paragraph of its article). Fewer than n: no more data."""
     rng = random.Random(f"{dataset}:{seed}")
     pool = cases(dataset)
     rng.shuffle(pool)
-    out, groups = [], set()
-    for c in pool:
-        gold_titles = {p.split("\n", 1)[0] for p in c.gold} if dataset == "hotpotqa" else set()
-        key = c.group if dataset == "squad" else frozenset(gold_titles)
-        if key in groups:
-            continue
-        groups.add(key)
-        out.append(c)
-        if len(out) == n:
+    out: list[QACase] = []
+    taken: set[str] = set()
+    paragraphs: set[str] = set()
+    while len(out) < n:
+        first, groups, before = not out, set(), len(out)
+        for c in pool:
+            gold_titles = {p.split("\n", 1)[0] for p in c.gold} if dataset == "hotpotqa" else set()
+            key = c.group if dataset == "squad" else frozenset(gold_titles)
+            if key in groups or c.id in taken or (not first and paragraphs & set(c.gold)):
+                continue
+            groups.add(key)
+            taken.add(c.id)
+            paragraphs.update(c.gold)
+            out.append(c)
+            if len(out) == n:
+                break
+        if len(out) == before:
             break
     return out
 

@@ -103,3 +103,12 @@ def test_in_memory_store_ranks_like_the_faiss_store(tmp_path):
     assert mem.add_many([MemoryRecord(texts[0], namespace="doc", kind="chunk")]) == [recs[0].id]
     assert mem.delete([recs[0].id]) == 1 and mem.count("doc") == 59
     assert [r.text for r in mem.list("doc", limit=2)] == texts[1:3]
+
+
+def test_squad_past_its_articles_takes_other_paragraphs_of_them():
+    first = qa_data.pick_cases("squad", 35, seed=3)
+    more = qa_data.pick_cases("squad", 50, seed=3)
+    assert len({c.group for c in first}) == 35  # SQuAD v2 dev's articles: one question each first
+    assert [c.id for c in more[:35]] == [c.id for c in first]  # the first round unchanged
+    assert len(more) == 50 and len({c.gold[0] for c in more}) == 50  # no paragraph twice in a haystack
+    assert {c.group for c in more[35:]} <= {c.group for c in first}
