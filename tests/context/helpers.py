@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -93,10 +94,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def kernel_devices() -> list[str]:
-    """Where Triton kernel tests run: CUDA, else the CPU under TRITON_INTERPRET=1, else nowhere."""
+def kernel_devices() -> list:
+    """Where Triton kernel tests run (parametrize values): CUDA, marked `gpu` so that `pytest -m gpu`
+    selects them on a GPU machine, else the CPU under TRITON_INTERPRET=1, else nowhere."""
     if torch.cuda.is_available():
-        return ["cuda"]
+        return [pytest.param("cuda", marks=pytest.mark.gpu)]
     return ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
 
 
