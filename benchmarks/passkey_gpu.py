@@ -41,22 +41,25 @@ class DeviceLLM:
 
 
 def load_llm(model_dir: str, gguf: str | None, name: str, cache: str | None = None) -> DeviceLLM:
-    """The model on the GPU in bf16 with sdpa attention. A GGUF is dequantized on the CPU (~45 s for
-    the 0.5B model on the device machine): with `cache`, the first call saves the loaded model there
-    as safetensors and later calls on the same (warm) machine load it from there."""
+    """The model on the GPU in bf16 with sdpa attention. A GGUF is dequantized on the CPU (with its
+    tokenizer ~47-52 s a call for the 0.5B model on the device machine, run 50): with `cache`, the first
+    call saves the loaded model there (weights_cache.save: a model loaded from a GGUF, its logits'
+    fingerprint) and later calls on the same (warm) machine load it from there, checked against it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src, kw = model_dir, ({"gguf_file": gguf} if gguf else {})
-    if cache and (Path(cache) / "config.json").exists():
-        src, kw = cache, {}
-    tok = AutoTokenizer.from_pretrained(src, **kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, **kw)
-    if cache and src != cache:
-        try:  # transformers versions that keep GGUF weights packed cannot save them: no cache then
-            model.save_pretrained(cache)
-            tok.save_pretrained(cache)
-        except ValueError as exc:
-            print(f"weights not cached: {exc}", flush=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import weights_cache
+
+    if weights_cache.ready(cache):
+        model, tok = weights_cache.load(cache, torch.bfloat16)
+    else:
+        kw = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(model_dir, **kw)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **kw)
+        if cache:
+            why = weights_cache.save(model, tok, cache)
+            if why:
+                print(f"weights not cached: {why}", flush=True)
     model = model.cuda().eval()
     model.set_attn_implementation("sdpa")
     return DeviceLLM(model, tok, name)
