@@ -16,8 +16,8 @@ from memllm.errors import ConfigError
 OFFLOAD_DTYPES = ("bf16", "fp16", "fp32", "int8")
 IMPLS = ("fast", "reference")
 LOOKUPS = ("shared", "per_head")
-SELECTORS = ("question", "hybrid", "text", "infllm", "lexical", "lexical_attention")
-TEXT_SELECTORS = ("hybrid", "text", "lexical", "lexical_attention")  # those that read the text index
+SELECTORS = ("question", "hybrid", "text", "infllm", "lexical")
+TEXT_SELECTORS = ("hybrid", "text", "lexical")  # those that read the text index
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
 
 
@@ -59,11 +59,7 @@ class MemoryConfig:
     during prefill; "lexical" (the default): as "hybrid", with the units that hold the question's rare
     words best (memllm/unit_lexical.py) and their neighbours taken first as evidence, and where they hold
     every rare word of the question, the question's attention filling the rest (select.lexical_evidence;
-    on an H200 with Qwen2.5-Coder-0.5B above "hybrid" at 32K and 128K: benchmarks/RESULTS.md);
-    "lexical_attention" (a candidate, not yet measured in answers): as "lexical", with the question's
-    attention filling the rest after the rare-word units whenever there are such units (the fused
-    ranking's evidence only where the words single out none): the oracle's reading when the tier's
-    best unit is the gold one.
+    on an H200 with Qwen2.5-Coder-0.5B above "hybrid" at 32K and 128K: benchmarks/RESULTS.md).
     select_neighbours: units read on either side of each unit the question selector picks.
     memory_distance: the one distance at which sinks and retrieved units sit from every query (None:
     n_local, InfLLM's rule: just past the local window). A small model reads retrieved units far

@@ -285,7 +285,7 @@ class Session:
         if selector in TEXT_SELECTORS and self.text_index is not None:
             question = (query or "").strip() or self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
-            if selector in ("lexical", "lexical_attention"):
+            if selector == "lexical":
                 lexical = self.text_index.lexical(question, n_units)
         if text is None:
             ranked = score
@@ -294,8 +294,7 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            chosen = select.lexical_evidence(ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold,
-                                             fill=selector == "lexical")  # fmt: skip
+            chosen = select.lexical_evidence(ranked, score, *lexical, cfg.topk, cfg.select_neighbours, first=gold)
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:

@@ -7,7 +7,7 @@ question's attention alone, context/select.py); "hybrid" (select.hybrid: the
 question's attention mass and the cosine of a text index over the units' text, memllm/unit_text.py;
 without an embedder the session's own, the packaged MiniLM); "text" (the text index alone); "oracle" (the question selector with the gold evidence's units read first);
 "lexical" (the default selector: the hybrid with the units holding the question's rare words first,
-select.lexical_evidence); "lexical_attention" (a candidate: those units, then the question's attention).
+select.lexical_evidence).
 The memllm systems share one read of each haystack (the selector acts at question time only). Diagnostics per question: per layer, the share of the gold units its lookups read during the
 question and answer; whether every layer read every gold unit; for the question selector, the rank
 of each gold unit in the fused score (and in the text index's, `text_rank`). Knows nothing of the CLI.
@@ -27,7 +27,7 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_attention")
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
 TEXT_SYSTEMS = TEXT_SELECTORS  # systems that need the text index's embedder: the selectors that read it
 
 

@@ -142,8 +142,8 @@ def ask(
         None, "--selector", metavar="|".join(SELECTORS),
         help="Which units a question reads (kv, hybrid modes): lexical (the default: the units holding the "
         "question's rare words first, then hybrid's), hybrid (its attention and a text index over the units, see "
-        "the README), question (its attention alone, no embedder), text (the text index alone), infllm (each "
-        "layer's own lookup) or lexical_attention (a candidate: the rare-word units, then the question's attention).",
+        "the README), question (its attention alone, no embedder), text (the text index alone) or infllm (each "
+        "layer's own lookup).",
     ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),

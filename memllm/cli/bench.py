@@ -105,8 +105,7 @@ def ruler(
         help="full (the model's own attention, lengths within its context), infllm (each layer's own "
         "lookup), question (the question's attention alone), hybrid (the question's attention and a text index "
         "over the units), lexical (the default selector: hybrid with the units holding the question's rare words "
-        "first), lexical_attention (a candidate: those units, then the question's attention), text (the text index "
-        "alone), oracle (gold units read first).",
+        "first), text (the text index alone), oracle (gold units read first).",
     ),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),

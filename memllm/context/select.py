@@ -233,16 +233,13 @@ def lexical_evidence(
     neighbours: int = 1,
     first: Sequence[int] = (),
     share: float = EVIDENCE_SHARE,
-    fill: bool = True,
 ) -> torch.Tensor:
     """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
     `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
     the question, that is the evidence and the attention fills the rest (as the oracle's gold units);
     elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. Where
     there is no tier: `evidence_then_attention` itself. held: (n_units, words) bool, the question's rare words
-    each unit's best window holds. fill False (selector "lexical_attention", a candidate): wherever there is a
-    tier, the attention fills the rest after it, as where it holds every rare word; the fused ranking's
-    evidence (its near-duplicates: in QA, other paragraphs that share the question's words) is not read."""
+    each unit's best window holds."""
     n = mass.numel()
     n_evidence = max(1, min(k, round(k * share)))
     tier = lexical_tier(lexical, n_evidence)
@@ -252,7 +249,7 @@ def lexical_evidence(
     for v in [*tier, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
             lead.append(v)
-    if tier and (not fill or (held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()))):
+    if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):
         return choose(mass, k, neighbours, first=lead)
     return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
 

@@ -165,12 +165,6 @@ def test_a_small_topk_reads_every_tier_unit_and_a_covering_tier_leaves_the_fill_
     lead = [*values, 6, 8]  # the tier, then the first value's neighbours up to six
     want = select.choose(mass, k, 1, first=lead) if covers else select.evidence_then_attention(ranked, mass, k, 1, first=lead)
     assert torch.equal(got, want)
-    # "lexical_attention" (fill=False): the attention fills after the tier either way
-    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1, fill=False), select.choose(mass, k, 1, first=lead))
-    # no tier: the fused ranking's evidence for both
-    none = torch.zeros(n)
-    assert torch.equal(select.lexical_evidence(ranked, mass, none, held, k, 1, fill=False),
-                       select.evidence_then_attention(ranked, mass, k, 1))  # fmt: skip
 
 
 def test_no_tier_when_too_many_units_hold_the_words():
@@ -181,8 +175,8 @@ def test_no_tier_when_too_many_units_hold_the_words():
     assert select.lexical_tier(lexical, cap=12) == [2, 1, 4]
 
 
-@pytest.mark.parametrize("selector", [MemoryConfig().selector, "lexical_attention"])  # the default; a candidate
-def test_the_lexical_selector_reads_the_needle_in_every_layer(selector):
+def test_the_lexical_selector_reads_the_needle_in_every_layer():
+    selector = MemoryConfig().selector  # the default
     s = text_session(topk=6)
     s.feed(PROSE[:300] + NEEDLE + PROSE[:400])
     cfg = s.config

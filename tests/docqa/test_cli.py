@@ -140,7 +140,7 @@ def test_stdin_document(cli, tiny_llm):
         (["ask", "-q", "why?"], 2, "give documents to read (FILE..., '-' for stdin) or --memory PATH saved earlier"),
         (["ask", "DOC"], 2, "give questions with -q/--questions (or --save-memory PATH to only read)"),
         (["ask", "DOC", "-q", "why?", "--mode", "full"], 2, "--mode must be kv, text or hybrid, got 'full'"),
-        (["ask", "DOC", "-q", "why?", "--selector", "best"], 2, "--selector must be one of question, hybrid, text, infllm, lexical, lexical_attention, got 'best'"),
+        (["ask", "DOC", "-q", "why?", "--selector", "best"], 2, "--selector must be one of question, hybrid, text, infllm, lexical, got 'best'"),
         (["ask", "DOC", "-q", "why?", "--mode", "text", "--selector", "hybrid"], 2,
          "--selector applies to --mode kv or hybrid (text mode reads no memory units)"),
         (["ask", "--memory", "NOWHERE", "-q", "why?", "--selector", "hybrid"], 2,
