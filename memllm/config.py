@@ -145,11 +145,16 @@ class MemoryConfig:
         distance n_local, model calls at cache-reported positions below n_init + n_local + chunk_size.
         All must stay below `trained_len`.
         """
-        n_local = self.n_local
-        if n_local is None:
-            # Leave room in the trained window for sinks, retrieved units and one execution block.
-            n_local = max(self.block_size, min(4096, trained_len // 2))
+        # The default leaves room in the trained window for sinks, retrieved units and one execution block.
+        default_local = max(self.block_size, min(4096, trained_len // 2))
+        n_local = self.n_local if self.n_local is not None else default_local
         room = trained_len - self.n_init - n_local - self.block_size
+        if room < 1:
+            raise ConfigError(
+                f"MemoryConfig.n_local ({n_local}) leaves no room in the model's trained context ({trained_len}) "
+                f"beside n_init ({self.n_init}) and a unit ({self.block_size}): lower it (the default for this "
+                f"model: {default_local})"
+            )
         chunk = self.chunk_size
         if chunk is None:
             # Not capped by n_local: a chunk longer than the window is cut block by block as it goes

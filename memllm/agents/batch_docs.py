@@ -8,11 +8,12 @@ Knows nothing of the CLI or of Ray.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from memllm.agents.docqa import Answer, DocumentQA, Progress, ReadReport, memory_for
+from memllm.config import MemoryConfig
 from memllm.documents import Document
 
 
@@ -35,16 +36,17 @@ def answer_each(
     questions: Sequence[str],
     mode: str = "kv",
     *,
-    selector: str | None = None,
+    settings: Mapping[str, Any] | None = None,
     embedder: Any = None,
     max_new_tokens: int = 24,
     progress: Callable[[Document], Progress | None] | None = None,
 ) -> Iterator[DocumentAnswers]:
     """Read each document into its own memory and ask it every question; one result per document, in
-    order. selector: the units' selector (kv, hybrid modes; None: the model's default); embedder: the
-    chunk store's and units' text index's (None: the packaged MiniLM where one is needed);
-    progress(doc): a reading progress callback for that document, or None."""
-    config = replace(memory_for(llm), selector=selector) if selector is not None else None
+    order. settings: MemoryConfig fields changed from the model's own (`memory_settings`: the
+    selector, n_local, topk; kv and hybrid modes); embedder: the chunk store's and units' text index's
+    (None: the packaged MiniLM where one is needed); progress(doc): a reading progress callback for that
+    document, or None."""
+    config = memory_settings(llm, settings)
     for doc in documents:
         qa = DocumentQA(llm, mode, memory=config, embedder=embedder, max_new_tokens=max_new_tokens)
         try:
@@ -53,3 +55,14 @@ def answer_each(
         finally:
             qa.close()
         yield DocumentAnswers(doc.name, answers, report)
+
+
+def memory_settings(llm: Any, settings: Mapping[str, Any] | None) -> MemoryConfig | None:
+    """The model's document-QA memory settings (`memory_for`) with `settings` (MemoryConfig fields:
+    `memllm ask`'s --selector, --n-local, --topk) changed; None where nothing is changed. A bad value
+    is ConfigError, from MemoryConfig's own checks and from resolving it for the model's window."""
+    if not settings:
+        return None
+    config = replace(memory_for(llm), **settings)
+    config.resolved(llm.trained_len)  # a window that does not fit the model: refused before anything is read
+    return config

@@ -145,6 +145,13 @@ def ask(
         "the README), question (its attention alone, no embedder), text (the text index alone) or infllm (each "
         "layer's own lookup).",
     ),  # fmt: skip
+    n_local: int | None = typer.Option(
+        None, "--n-local", min=1, metavar="N", help="The local window in tokens (kv, hybrid modes; default: the "
+        "model's, 4,096 from an 8K model up). SmolLM2-135M reads from memory with 512 and --topk 8 (see the README).",
+    ),  # fmt: skip
+    topk: int | None = typer.Option(
+        None, "--topk", min=1, metavar="N", help="Memory units a lookup reads (kv, hybrid modes; default 16).",
+    ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
     model: str = typer.Option(models.DEFAULT_MODEL, "--model", "-m", help="Alias, Hugging Face id or path."),
@@ -172,11 +179,14 @@ def ask(
     if mode is not None and mode not in MODES[:3]:
         raise ConfigError(f"--mode must be kv, text or hybrid, got {mode!r}")
     common.check_selector(selector)
-    if selector is not None:
+    given = {"selector": selector, "n_local": n_local, "topk": topk}
+    settings = {k: v for k, v in given.items() if v is not None}  # MemoryConfig fields the user changed
+    for key in settings:
+        flag = "--" + key.replace("_", "-")
         if memory is not None:
-            raise ConfigError("--selector applies when documents are read: a saved --memory keeps its own")
+            raise ConfigError(f"{flag} applies when documents are read: a saved --memory keeps its own")
         if mode == "text":
-            raise ConfigError("--selector applies to --mode kv or hybrid (text mode reads no memory units)")
+            raise ConfigError(f"{flag} applies to --mode kv or hybrid (text mode reads no memory units)")
     if ray_workers is not None and ray is None:
         raise ConfigError("--ray-workers applies with --ray ADDRESS")
     if each or ray is not None:
@@ -200,17 +210,16 @@ def ask(
     docs = [read_document(f) for f in files]  # bounded reads, refused before the model loads
     with common.exit_on_sigterm():
         if each or ray is not None:
-            _ask_each(docs, questions, mode or "kv", selector, model, device, max_new_tokens, evidence, as_json,
+            _ask_each(docs, questions, mode or "kv", settings, model, device, max_new_tokens, evidence, as_json,
                       ray, ray_workers)  # fmt: skip
             return
-        _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json, selector)
+        _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json, settings)
 
 
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
-         as_json: bool, selector: str | None = None) -> None:  # fmt: skip
-    from dataclasses import replace
-
+         as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
+    from memllm.agents.batch_docs import memory_settings
     from memllm.agents.docqa import DocumentQA, memory_for
 
     llm = common.load_llm(model, device)
@@ -227,9 +236,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
-        config = None
-        if selector is not None:
-            config = replace(memory_for(llm), selector=selector)
+        config = memory_settings(llm, settings)
         units = (config or memory_for(llm)).selector
         qa = DocumentQA(llm, mode, memory=config, embedder=common.embedder_for(mode, units), max_new_tokens=max_new_tokens)
     try:
@@ -259,7 +266,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         qa.close()
 
 
-def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | None, model: str,
+def _ask_each(docs: list[Any], questions: list[str], mode: str, settings: dict[str, Any], model: str,
               device: str, max_new_tokens: int, evidence: bool, as_json: bool, ray: str | None,
               ray_workers: int | None) -> None:  # fmt: skip
     """--each and --ray: every document in a memory of its own; the answers printed per document, in the
@@ -285,7 +292,7 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | 
         with cluster(ray) as ray_module:
             _note(f"answering {total} document(s) on the Ray cluster at {ray}")
             for result in answer_on_ray(ray_module, docs, questions, model=model, device=device, mode=mode,
-                                        selector=selector, max_new_tokens=max_new_tokens, workers=ray_workers,
+                                        settings=settings, max_new_tokens=max_new_tokens, workers=ray_workers,
                                         on_done=done, log=_note):  # fmt: skip
                 show(result)
         return
@@ -293,7 +300,7 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | 
     from memllm.agents.docqa import memory_for
 
     llm = common.load_llm(model, device)
-    embedder = common.embedder_for(mode, selector or memory_for(llm).selector)
+    embedder = common.embedder_for(mode, settings.get("selector") or memory_for(llm).selector)
     bars: list[_Progress] = []
 
     def reading(doc: Any) -> _Progress:
@@ -301,7 +308,7 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, selector: str | 
         return bars[-1]
 
     try:
-        results = answer_each(llm, docs, questions, mode, selector=selector, embedder=embedder,
+        results = answer_each(llm, docs, questions, mode, settings=settings, embedder=embedder,
                               max_new_tokens=max_new_tokens, progress=reading)  # fmt: skip
         for n, result in enumerate(results, 1):
             bars.pop().close()

@@ -39,9 +39,9 @@ def _ray() -> Any:
 class DocWorker:
     """One model in one Ray actor; answers one document's questions at a time."""
 
-    def __init__(self, model: str, device: str, mode: str, selector: str | None, max_new_tokens: int) -> None:
+    def __init__(self, model: str, device: str, mode: str, settings: dict[str, Any] | None, max_new_tokens: int) -> None:
         self.model, self.device = model, device
-        self.mode, self.selector, self.max_new_tokens = mode, selector, max_new_tokens
+        self.mode, self.settings, self.max_new_tokens = mode, dict(settings or {}), max_new_tokens
         self.llm: Any = None
         self.embedder: Any = None
 
@@ -52,7 +52,7 @@ class DocWorker:
             from memllm.cli import common
 
             self.llm = common.load_llm(self.model, self.device)
-            units = self.selector or memory_for(self.llm).selector
+            units = self.settings.get("selector") or memory_for(self.llm).selector
             self.embedder = common.embedder_for(self.mode, units)
         return self.model
 
@@ -60,7 +60,7 @@ class DocWorker:
         from memllm.agents.batch_docs import answer_each
 
         self.load()
-        (result,) = answer_each(self.llm, [doc], questions, self.mode, selector=self.selector,
+        (result,) = answer_each(self.llm, [doc], questions, self.mode, settings=self.settings,
                                 embedder=self.embedder, max_new_tokens=self.max_new_tokens)  # fmt: skip
         return result
 
@@ -132,7 +132,7 @@ def answer_on_ray(
     model: str,
     device: str,
     mode: str,
-    selector: str | None,
+    settings: dict[str, Any] | None,
     max_new_tokens: int,
     workers: int | None = None,
     on_done: Callable[[int, int], None] | None = None,
@@ -142,7 +142,8 @@ def answer_on_ray(
     results in the documents' order, each as soon as it and those before it are done. workers: actors
     to start (None: one per GPU of the cluster, else DEFAULT_CPU_WORKERS; never more than the
     documents, nor than the cluster's GPUs, else its CPUs). on_done(done, total) after each document a
-    worker finishes; log(message): a status line."""
+    worker finishes; log(message): a status line; settings: the memory settings each worker changes from
+    its model's own (batch_docs.memory_settings)."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--ray-workers must be at least 1, got {workers}")
     if not documents:
@@ -156,7 +157,7 @@ def answer_on_ray(
     if log is not None:
         log(f"{n} Ray worker(s), one {'GPU' if gpus else 'CPU'} and one model each")
     actor = ray.remote(**({"num_gpus": 1} if gpus else {"num_cpus": 1}))(DocWorker)
-    pool = [actor.remote(model, device, mode, selector, max_new_tokens) for _ in range(n)]
+    pool = [actor.remote(model, device, mode, settings, max_new_tokens) for _ in range(n)]
     qs = list(questions)
     try:
         ray.get([a.load.remote() for a in pool])  # a model that cannot load fails here, once

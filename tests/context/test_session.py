@@ -165,3 +165,5 @@ def test_budget_beyond_trained_length_is_refused():
         make_session(n_local=400, topk=16, block_size=8)
     with pytest.raises(ConfigError, match="chunk_size"):
         MemoryConfig(n_init=4, n_local=48, block_size=8, chunk_size=500).resolved(512)
+    with pytest.raises(ConfigError, match=r"n_local \(512\) leaves no room .* \(512\) .*default for this model: 256"):
+        MemoryConfig(n_init=4, n_local=512, block_size=8).resolved(512)  # named, not as a chunk_size below 1

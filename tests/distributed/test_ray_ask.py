@@ -40,19 +40,25 @@ def write_docs(folder: Path, n: int) -> list[str]:
     return paths
 
 
-def alone(llm, path: str, mode: str = "kv"):
+def alone(llm, path: str, mode: str = "kv", memory=None):
     """The answers of one document read into a DocumentQA of its own (the library, no CLI)."""
-    return library_answers(llm, mode, path, QUESTIONS)
+    return library_answers(llm, mode, path, QUESTIONS, memory)
 
 
 def without_seconds(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
 
-def test_each_answers_every_document_alone(cli, tiny_llm, tmp_path):
+@pytest.mark.parametrize("topk", [None, 2])  # the model's memory settings; --topk 2 changed in each memory
+def test_each_answers_every_document_alone(cli, tiny_llm, tmp_path, topk):
+    from dataclasses import replace
+
+    from memllm.agents.docqa import default_memory
+
     docs = write_docs(tmp_path, 2)
-    expected = {d: alone(tiny_llm, d) for d in docs}  # kv, the hybrid selector (the fake embedder)
-    args = ["ask", *docs, "--each", "-q", QUESTIONS[0], "-q", QUESTIONS[1]]
+    memory = None if topk is None else replace(default_memory(tiny_llm.trained_len), topk=topk)
+    expected = {d: alone(tiny_llm, d, memory=memory) for d in docs}  # kv, the hybrid selector (the fake embedder)
+    args = ["ask", *docs, "--each", "-q", QUESTIONS[0], "-q", QUESTIONS[1], *(["--topk", str(topk)] if topk else [])]
     as_json = runner.invoke(app, [*args, "--json"])
     assert as_json.exit_code == 0, as_json.output
     want = [{"document": d, **a.to_dict()} for d in docs for a in expected[d]]
@@ -115,7 +121,7 @@ def test_ray_answers_as_each_does_on_20_documents(ray_cluster, tmp_path, isolate
     model = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     docs = write_docs(tmp_path, 20)
     args = [*docs, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "--model", str(model), "--device", "cpu",
-            "--mode", "kv", "--selector", "question", "--json", "--max-new-tokens", "6"]  # fmt: skip
+            "--mode", "kv", "--selector", "question", "--topk", "2", "--json", "--max-new-tokens", "6"]  # fmt: skip
     # Ray gives each worker OMP_NUM_THREADS=1 (its one CPU): the run without Ray gets the same, so that
     # both do the same arithmetic whatever the machine's core count (it passes without this on 2 cores)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MEMLLM_HOME=str(isolated_home), OMP_NUM_THREADS="1")

@@ -50,12 +50,13 @@ def boxes_text(n: int = 24) -> str:
     )
 
 
-def library_answers(llm, mode, path, questions):
-    """The answers of `path` read into a DocumentQA of its own (the library, no CLI; fake embedder)."""
+def library_answers(llm, mode, path, questions, memory=None):
+    """The answers of `path` read into a DocumentQA of its own (the library, no CLI; fake embedder;
+    memory: its MemoryConfig, None for the model's)."""
     from memllm.agents.docqa import DocumentQA
     from memllm.memory_stores.embeddings import FakeEmbedder
 
-    qa = DocumentQA(llm, mode, embedder=FakeEmbedder())
+    qa = DocumentQA(llm, mode, memory=memory, embedder=FakeEmbedder())
     qa.read(path)
     try:
         return [qa.ask(q) for q in questions]

@@ -105,18 +105,34 @@ def test_save_memory_then_answer_without_the_document(cli, tiny_llm, tmp_path):
     )
 
 
-def test_selector_option_reads_a_text_index_and_answers_as_the_library_does(cli, tiny_llm, tmp_path):
+@pytest.mark.parametrize("flags", [["--selector", "hybrid"], ["--selector", "hybrid", "--n-local", "half", "--topk", "2"]])
+def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny_llm, tmp_path, monkeypatch, flags):
     from dataclasses import replace
 
     doc = tmp_path / "boxes.txt"
     doc.write_text(boxes_text())
-    result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 7?", "--selector", "hybrid", "--json"])
+    default = docqa_mod.default_memory(tiny_llm.trained_len)
+    flags = [str(default.n_local // 2) if f == "half" else f for f in flags]
+    changes = {flags[i].removeprefix("--").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
+    changes = {k: (v if k == "selector" else int(v)) for k, v in changes.items()}
+    used = []
+    init = DocumentQA.__init__
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("memory"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DocumentQA, "__init__", spy)
+    result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 7?", *flags, "--json"])
     assert result.exit_code == 0, result.output
-    memory = replace(docqa_mod.default_memory(tiny_llm.trained_len), selector="hybrid")
+    memory = replace(default, **changes)
+    assert used == [memory]  # the model's settings with the flags' changes, nothing else
     qa = DocumentQA(tiny_llm, "kv", memory=memory, embedder=FakeEmbedder())
     qa.read(str(doc))
     try:
         assert qa.session.text_index is not None
+        assert qa.session.config.n_local == changes.get("n_local", default.n_local)
+        assert qa.session.config.topk == changes.get("topk", default.topk)
         want = qa.ask("What color is box 7?").to_dict()
     finally:
         qa.close()
@@ -145,6 +161,10 @@ def test_stdin_document(cli, tiny_llm):
          "--selector applies to --mode kv or hybrid (text mode reads no memory units)"),
         (["ask", "--memory", "NOWHERE", "-q", "why?", "--selector", "hybrid"], 2,
          "--selector applies when documents are read: a saved --memory keeps its own"),
+        (["ask", "DOC", "-q", "why?", "--mode", "text", "--n-local", "64"], 2,
+         "--n-local applies to --mode kv or hybrid (text mode reads no memory units)"),
+        (["ask", "--memory", "NOWHERE", "-q", "why?", "--topk", "4"], 2,
+         "--topk applies when documents are read: a saved --memory keeps its own"),
         (["ask", "--memory", "NOWHERE", "-q", "why?"], 7,
          "no document memory at NOWHERE: expected docqa.json (written by --save-memory)"),
         (["ask", "EMPTY", "-q", "why?"], 7, "EMPTY is empty: nothing to read"),
@@ -199,3 +219,12 @@ def test_an_evidence_excerpt_shows_where_the_question_matched():
     assert json.loads(excerpt(unit, near="What follows then?")).startswith("...Then more text follows.")
     assert excerpt(unit, near="What is the meaning of life?") == excerpt(unit)  # no word of it: the start
     assert excerpt("short text", near="text") == '"short text"'
+
+
+def test_a_window_the_model_cannot_hold_is_refused_before_reading(cli, tiny_llm, tmp_path):
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    result = runner.invoke(app, ["ask", str(doc), "-q", "Where?", "--n-local", str(tiny_llm.trained_len)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: MemoryConfig.n_local ({tiny_llm.trained_len}) leaves no room in the model's")
+    assert len(result.stderr.splitlines()) == 1 and "read " not in result.stderr
