@@ -66,3 +66,9 @@ def memory_settings(llm: Any, settings: Mapping[str, Any] | None) -> MemoryConfi
     config = replace(memory_for(llm), **settings)
     config.resolved(llm.trained_len)  # a window that does not fit the model: refused before anything is read
     return config
+
+
+def units_selector(llm: Any, settings: Mapping[str, Any] | None) -> str:
+    """The selector a memory with `settings` uses (the model's own where they leave it): what decides
+    whether its units need a text index's embedder (cli.common.embedder_for)."""
+    return (settings or {}).get("selector") or memory_for(llm).selector

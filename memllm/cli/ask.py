@@ -219,8 +219,8 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import memory_settings
-    from memllm.agents.docqa import DocumentQA, memory_for
+    from memllm.agents.batch_docs import memory_settings, units_selector
+    from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
     if memory is not None:
@@ -236,9 +236,8 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
-        config = memory_settings(llm, settings)
-        units = (config or memory_for(llm)).selector
-        qa = DocumentQA(llm, mode, memory=config, embedder=common.embedder_for(mode, units), max_new_tokens=max_new_tokens)
+        embedder = common.embedder_for(mode, units_selector(llm, settings))
+        qa = DocumentQA(llm, mode, memory=memory_settings(llm, settings), embedder=embedder, max_new_tokens=max_new_tokens)
     try:
         if files:
             bar = _Progress("reading")
@@ -296,11 +295,10 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str, settings: dict[s
                                         on_done=done, log=_note):  # fmt: skip
                 show(result)
         return
-    from memllm.agents.batch_docs import answer_each
-    from memllm.agents.docqa import memory_for
+    from memllm.agents.batch_docs import answer_each, units_selector
 
     llm = common.load_llm(model, device)
-    embedder = common.embedder_for(mode, settings.get("selector") or memory_for(llm).selector)
+    embedder = common.embedder_for(mode, units_selector(llm, settings))
     bars: list[_Progress] = []
 
     def reading(doc: Any) -> _Progress:

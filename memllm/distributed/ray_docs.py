@@ -48,12 +48,11 @@ class DocWorker:
     def load(self) -> str:
         """Load the model (and the embedder the mode needs) once; returns the model's name."""
         if self.llm is None:
-            from memllm.agents.docqa import memory_for
+            from memllm.agents.batch_docs import units_selector
             from memllm.cli import common
 
             self.llm = common.load_llm(self.model, self.device)
-            units = self.settings.get("selector") or memory_for(self.llm).selector
-            self.embedder = common.embedder_for(self.mode, units)
+            self.embedder = common.embedder_for(self.mode, units_selector(self.llm, self.settings))
         return self.model
 
     def answer(self, doc: Document, questions: list[str]) -> DocumentAnswers:

@@ -105,16 +105,15 @@ def test_save_memory_then_answer_without_the_document(cli, tiny_llm, tmp_path):
     )
 
 
-@pytest.mark.parametrize("flags", [["--selector", "hybrid"], ["--selector", "hybrid", "--n-local", "half", "--topk", "2"]])
-def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny_llm, tmp_path, monkeypatch, flags):
+@pytest.mark.parametrize("window", [False, True])  # --selector alone; with --n-local and --topk too
+def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny_llm, tmp_path, monkeypatch, window):
     from dataclasses import replace
 
     doc = tmp_path / "boxes.txt"
     doc.write_text(boxes_text())
     default = docqa_mod.default_memory(tiny_llm.trained_len)
-    flags = [str(default.n_local // 2) if f == "half" else f for f in flags]
-    changes = {flags[i].removeprefix("--").replace("-", "_"): flags[i + 1] for i in range(0, len(flags), 2)}
-    changes = {k: (v if k == "selector" else int(v)) for k, v in changes.items()}
+    changes = {"selector": "hybrid", **({"n_local": default.n_local // 2, "topk": 2} if window else {})}
+    flags = [x for k, v in changes.items() for x in ("--" + k.replace("_", "-"), str(v))]
     used = []
     init = DocumentQA.__init__
 
