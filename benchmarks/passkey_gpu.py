@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--sync-check", default=None)
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
     ap.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
+    ap.add_argument("--n-local", type=int, default=None, help="MemoryConfig.n_local (default: the model's)")
+    ap.add_argument("--topk", type=int, default=None, help="MemoryConfig.topk (default 16)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--selector", default=None, help="also ask after the read through this selector (config.SELECTORS)")
     ap.add_argument("--selector-lengths", default=None, help="lengths for --selector (default: --lengths)")
@@ -92,7 +94,8 @@ def main() -> None:
     llm = load_llm(args.model_dir, args.gguf, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized, bf16)", args.weights_cache)
     model, tok = llm.model, llm.tokenizer
     print(f"model loaded in {time.time() - t:.1f}s", flush=True)
-    memory = MemoryConfig(offload_dtype=args.offload_dtype, memory_distance=args.memory_distance)
+    window = {k: v for k, v in (("n_local", args.n_local), ("topk", args.topk)) if v is not None}
+    memory = MemoryConfig(offload_dtype=args.offload_dtype, memory_distance=args.memory_distance, **window)
     say = lambda m: print(m, flush=True)  # noqa: E731
     results = []
     if args.full:

@@ -12,9 +12,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from memllm.agents.docqa import Answer, DocumentQA, Progress, ReadReport, memory_for
+from memllm import models
+from memllm.agents.docqa import Answer, DocumentQA, Progress, ReadReport, estimate_tokens, memory_for
 from memllm.config import MemoryConfig
 from memllm.documents import Document
+
+# Tokens kept free beside the documents for the question's prompt and its answer when deciding whether
+# they fit the default window whole (a quarter of the window where that is less: small test models).
+ASK_ROOM = 512
 
 
 @dataclass
@@ -46,14 +51,18 @@ def answer_each(
     selector, n_local, topk; kv and hybrid modes); embedder: the chunk store's and units' text index's
     (None: the packaged MiniLM where one is needed); progress(doc): a reading progress callback for that
     document, or None."""
-    config = memory_settings(llm, settings)
     for doc in documents:
-        qa = DocumentQA(llm, mode, memory=config, embedder=embedder, max_new_tokens=max_new_tokens)
+        chosen = long_read_settings(llm, [doc], mode, settings)
+        qa = DocumentQA(llm, mode, memory=memory_settings(llm, chosen), embedder=embedder,
+                        max_new_tokens=max_new_tokens)  # fmt: skip
         try:
             report = qa.read(doc, progress(doc) if progress is not None else None)
             answers = [qa.ask(q) for q in questions]
         finally:
             qa.close()
+        note = long_read_note(llm, settings, chosen)
+        if note is not None:
+            report.notes.append(note)
         yield DocumentAnswers(doc.name, answers, report)
 
 
@@ -66,6 +75,35 @@ def memory_settings(llm: Any, settings: Mapping[str, Any] | None) -> MemoryConfi
     config = replace(memory_for(llm), **settings)
     config.resolved(llm.trained_len)  # a window that does not fit the model: refused before anything is read
     return config
+
+
+def long_read_settings(
+    llm: Any, documents: Sequence[Document], mode: str, settings: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """`settings` with the model's long-read window (models.PackagedModel.long_read) added where the
+    documents will not fit its default window whole (with ASK_ROOM for a question) and nothing chose a
+    window: not the user (n_local, topk in `settings`), not the loaded model (`llm.memory`). Documents
+    that fit keep the default window, where every token is attended (full attention, exact)."""
+    out = dict(settings or {})
+    spec = models.ALIASES.get(getattr(llm, "name", ""))
+    if (mode not in ("kv", "hybrid") or spec is None or not spec.long_read or getattr(llm, "memory", None)
+            is not None or {"n_local", "topk"} & out.keys()):  # fmt: skip
+        return out
+    window = memory_for(llm).resolved(llm.trained_len)
+    tokens = sum(estimate_tokens(d.text, llm.tokenizer) for d in documents)
+    n_local = window.n_local or 0
+    if tokens + min(ASK_ROOM, n_local // 4) <= window.n_init + n_local:
+        return out
+    return {**out, **dict(spec.long_read)}
+
+
+def long_read_note(llm: Any, settings: Mapping[str, Any] | None, chosen: Mapping[str, Any]) -> str | None:
+    """What long_read_settings added, as a line for the user; None where it added nothing."""
+    added = {k: v for k, v in chosen.items() if k not in (settings or {})}
+    if not added:
+        return None
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in added.items())
+    return f"longer than {llm.name}'s default window: read with {flags} (the window it reads from memory with)"
 
 
 def units_selector(llm: Any, settings: Mapping[str, Any] | None) -> str:

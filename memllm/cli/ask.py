@@ -147,10 +147,11 @@ def ask(
     ),  # fmt: skip
     n_local: int | None = typer.Option(
         None, "--n-local", min=1, metavar="N", help="The local window in tokens (kv, hybrid modes; default: the "
-        "model's, 4,096 from an 8K model up). SmolLM2-135M reads from memory with 512 and --topk 8 (see the README).",
+        "model's, 4,096 from an 8K model up, where the documents fit it whole; longer documents are read at the "
+        "window the model reads from memory with where it has one: SmolLM2-135M 512 and --topk 8, see the README).",
     ),  # fmt: skip
     topk: int | None = typer.Option(
-        None, "--topk", min=1, metavar="N", help="Memory units a lookup reads (kv, hybrid modes; default 16).",
+        None, "--topk", min=1, metavar="N", help="Memory units a lookup reads (kv, hybrid modes; default 16, or the model's for long documents as --n-local).",
     ),  # fmt: skip
     save_memory: str | None = typer.Option(None, "--save-memory", help="Save what was read to this folder."),
     memory: str | None = typer.Option(None, "--memory", help="Answer from memory saved with --save-memory."),
@@ -219,7 +220,7 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import memory_settings, units_selector
+    from memllm.agents.batch_docs import long_read_note, long_read_settings, memory_settings, units_selector
     from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
@@ -236,6 +237,11 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
         mode = mode or "kv"
+        chosen = long_read_settings(llm, files, mode, settings)
+        note = long_read_note(llm, settings, chosen)
+        if note is not None:
+            _note(f"note: the documents are {note}")
+        settings = chosen
         embedder = common.embedder_for(mode, units_selector(llm, settings))
         qa = DocumentQA(llm, mode, memory=memory_settings(llm, settings), embedder=embedder, max_new_tokens=max_new_tokens)
     try:

@@ -105,15 +105,9 @@ def test_save_memory_then_answer_without_the_document(cli, tiny_llm, tmp_path):
     )
 
 
-@pytest.mark.parametrize("window", [False, True])  # --selector alone; with --n-local and --topk too
-def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny_llm, tmp_path, monkeypatch, window):
-    from dataclasses import replace
-
-    doc = tmp_path / "boxes.txt"
-    doc.write_text(boxes_text())
-    default = docqa_mod.default_memory(tiny_llm.trained_len)
-    changes = {"selector": "hybrid", **({"n_local": default.n_local // 2, "topk": 2} if window else {})}
-    flags = [x for k, v in changes.items() for x in ("--" + k.replace("_", "-"), str(v))]
+@pytest.fixture
+def qa_memories(monkeypatch):
+    """The `memory` argument of every DocumentQA built while the test runs, in order."""
     used = []
     init = DocumentQA.__init__
 
@@ -122,6 +116,19 @@ def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(DocumentQA, "__init__", spy)
+    return used
+
+
+@pytest.mark.parametrize("window", [False, True])  # --selector alone; with --n-local and --topk too
+def test_memory_options_answer_as_the_library_does_with_those_settings(cli, tiny_llm, tmp_path, qa_memories, window):
+    from dataclasses import replace
+
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text())
+    default = docqa_mod.default_memory(tiny_llm.trained_len)
+    changes = {"selector": "hybrid", **({"n_local": default.n_local // 2, "topk": 2} if window else {})}
+    flags = [x for k, v in changes.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    used = qa_memories
     result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 7?", *flags, "--json"])
     assert result.exit_code == 0, result.output
     memory = replace(default, **changes)
@@ -227,3 +234,71 @@ def test_a_window_the_model_cannot_hold_is_refused_before_reading(cli, tiny_llm,
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith(f"error: MemoryConfig.n_local ({tiny_llm.trained_len}) leaves no room in the model's")
     assert len(result.stderr.splitlines()) == 1 and "read " not in result.stderr
+
+
+@pytest.fixture
+def long_read_alias(tiny_llm, monkeypatch):
+    """The tiny model named as the default alias, whose long-read window is made one the tiny model holds:
+    the long-read settings it gets."""
+    from dataclasses import replace
+
+    from memllm import models
+
+    window = (("n_local", 32), ("topk", 2))
+    monkeypatch.setattr(tiny_llm, "name", models.DEFAULT_MODEL)
+    monkeypatch.setitem(models.ALIASES, models.DEFAULT_MODEL,
+                        replace(models.ALIASES[models.DEFAULT_MODEL], long_read=window))  # fmt: skip
+    return dict(window)
+
+
+@pytest.mark.parametrize("boxes", [1, 24])  # fits the default window whole; does not
+def test_ask_reads_a_long_document_at_the_models_long_read_window(cli, tiny_llm, tmp_path, qa_memories,
+                                                                   long_read_alias, boxes):  # fmt: skip
+    from dataclasses import replace
+
+    doc = tmp_path / "boxes.txt"
+    doc.write_text(boxes_text(boxes))
+    used = qa_memories
+    result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 0?", "--json"])
+    assert result.exit_code == 0, result.output
+    note = (f"memllm: note: the documents are longer than {tiny_llm.name}'s default window: read with --n-local 32 "
+            "--topk 2 (the window it reads from memory with)")  # fmt: skip
+    if boxes == 1:  # the default window, every token attended
+        assert used == [None] and "--n-local" not in result.stderr
+    else:
+        assert used == [replace(docqa_mod.default_memory(tiny_llm.trained_len), **long_read_alias)]
+        assert note in result.stderr.splitlines()
+    # a window the user chose, or a text-mode read, is left alone
+    for flags in (["--topk", "3"], ["--mode", "text"]):
+        used.clear()
+        result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 0?", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        assert "default window" not in result.stderr
+        assert used[0] is None or used[0].n_local == docqa_mod.default_memory(tiny_llm.trained_len).n_local
+
+
+def test_each_document_gets_the_window_its_length_needs(cli, tiny_llm, tmp_path, long_read_alias):
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text(boxes_text(1))
+    long.write_text(boxes_text(24))
+    result = runner.invoke(app, ["ask", str(short), str(long), "-q", "What color is box 0?", "--each", "--json"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "default window" in line]
+    assert notes == [f"memllm: note: {long}: longer than {tiny_llm.name}'s default window: read with --n-local 32 "
+                     "--topk 2 (the window it reads from memory with)"]  # fmt: skip
+
+
+def test_long_read_settings_leave_a_loaded_models_own_memory_and_other_models_alone(tiny_llm, monkeypatch,
+                                                                                    long_read_alias):  # fmt: skip
+    from memllm.agents.batch_docs import long_read_settings
+    from memllm.config import MemoryConfig
+    from memllm.documents import read_text
+
+    long = [read_text(boxes_text(24), "long")]
+    assert long_read_settings(tiny_llm, long, "kv", {"selector": "hybrid"}) == {"selector": "hybrid", **long_read_alias}
+    assert long_read_settings(tiny_llm, long, "hybrid", None) == long_read_alias
+    monkeypatch.setattr(tiny_llm, "memory", MemoryConfig(n_init=16, n_local=64, block_size=16, repr_topk=4))
+    assert long_read_settings(tiny_llm, long, "kv", None) == {}
+    monkeypatch.setattr(tiny_llm, "memory", None)
+    monkeypatch.setattr(tiny_llm, "name", "some/other-model")
+    assert long_read_settings(tiny_llm, long, "kv", None) == {}
