@@ -83,10 +83,12 @@ def long_read_settings(
     """`settings` with the model's long-read window (models.PackagedModel.long_read) added where the
     documents will not fit its default window whole (with ASK_ROOM for a question) and nothing chose a
     window: not the user (n_local, topk in `settings`), not the loaded model (`llm.memory`). Documents
-    that fit keep the default window, where every token is attended (full attention, exact)."""
+    that fit keep the default window, where every token is attended (full attention, exact). kv mode only:
+    hybrid puts n_local/2 tokens of retrieved passages in the window with the question (2,048 at the default
+    window, 256 at SmolLM2's 512), and how it answers at the small window is not measured."""
     out = dict(settings or {})
     spec = models.ALIASES.get(getattr(llm, "name", ""))
-    if (mode not in ("kv", "hybrid") or spec is None or not spec.long_read or getattr(llm, "memory", None)
+    if (mode != "kv" or spec is None or not spec.long_read or getattr(llm, "memory", None)
             is not None or {"n_local", "topk"} & out.keys()):  # fmt: skip
         return out
     window = memory_for(llm).resolved(llm.trained_len)

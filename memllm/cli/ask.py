@@ -147,8 +147,8 @@ def ask(
     ),  # fmt: skip
     n_local: int | None = typer.Option(
         None, "--n-local", min=1, metavar="N", help="The local window in tokens (kv, hybrid modes; default: the "
-        "model's, 4,096 from an 8K model up, where the documents fit it whole; longer documents are read at the "
-        "window the model reads from memory with where it has one: SmolLM2-135M 512 and --topk 8, see the README).",
+        "model's, 4,096 from an 8K model up; in kv mode, documents longer than that are read at the window the model "
+        "reads from memory with where it has one: SmolLM2-135M 512 and --topk 8, see the README).",
     ),  # fmt: skip
     topk: int | None = typer.Option(
         None, "--topk", min=1, metavar="N", help="Memory units a lookup reads (kv, hybrid modes; default 16, or the model's for long documents as --n-local).",

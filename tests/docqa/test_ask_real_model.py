@@ -103,4 +103,4 @@ def test_the_default_model_reads_a_long_document_at_its_long_read_window():
     long = read_text("\n\n".join(paragraphs * 40), "almanac x40")  # ~12.5K tokens
     assert long_read_settings(llm, [fits], "kv", None) == {}
     assert long_read_settings(llm, [long], "kv", None) == {"n_local": 512, "topk": 8}
-    assert long_read_settings(llm, [long], "text", None) == {}
+    assert long_read_settings(llm, [long], "text", None) == long_read_settings(llm, [long], "hybrid", None) == {}

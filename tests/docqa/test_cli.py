@@ -269,7 +269,7 @@ def test_ask_reads_a_long_document_at_the_models_long_read_window(cli, tiny_llm,
         assert used == [replace(docqa_mod.default_memory(tiny_llm.trained_len), **long_read_alias)]
         assert note in result.stderr.splitlines()
     # a window the user chose, or a text-mode read, is left alone
-    for flags in (["--topk", "3"], ["--mode", "text"]):
+    for flags in (["--topk", "3"], ["--mode", "text"], ["--mode", "hybrid"]):
         used.clear()
         result = runner.invoke(app, ["ask", str(doc), "-q", "What color is box 0?", "--json", *flags])
         assert result.exit_code == 0, result.output
@@ -296,7 +296,7 @@ def test_long_read_settings_leave_a_loaded_models_own_memory_and_other_models_al
 
     long = [read_text(boxes_text(24), "long")]
     assert long_read_settings(tiny_llm, long, "kv", {"selector": "hybrid"}) == {"selector": "hybrid", **long_read_alias}
-    assert long_read_settings(tiny_llm, long, "hybrid", None) == long_read_alias
+    assert long_read_settings(tiny_llm, long, "hybrid", None) == {}  # its passages need the default window
     monkeypatch.setattr(tiny_llm, "memory", MemoryConfig(n_init=16, n_local=64, block_size=16, repr_topk=4))
     assert long_read_settings(tiny_llm, long, "kv", None) == {}
     monkeypatch.setattr(tiny_llm, "memory", None)
