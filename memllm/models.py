@@ -338,6 +338,7 @@ def model_table() -> list[dict[str, Any]]:
                 "package_bytes": size,
                 "cache_bytes": cache_size,
                 "trained_context": spec.trained_len,
+                "long_read": dict(spec.long_read),  # the MemoryConfig fields `ask` reads long documents with
                 "description": spec.description,
                 "install": spec.install_command,
             }

@@ -46,6 +46,9 @@ def list_models(
     console.print(table)
     for r in rows:
         note = r["description"] if r["installed"] else f"not installed: {r['install']}"
+        if r["long_read"]:
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["long_read"].items())
+            note += f"; ask reads documents longer than its default window with {flags}"
         console.print(f"{r['alias']}: {note}", soft_wrap=True)
 
 
