@@ -1,0 +1,74 @@
+"""`memllm ask`'s kv path on a long document with the default model: the long-read window it now picks
+(models.PackagedModel.long_read) against the default window it used before, on the CPU.
+
+One essay haystack of the RULER-style suite (memllm.bench.ruler: single needles and multikey needles with
+near-duplicate distractors) decoded to text, read by `batch_docs.answer_each` exactly as `ask --each`
+reads a document, every question asked as a user asks it (the question alone, `Question.query`), each
+answer scored by the suite's rule. Both settings read the same text and ask the same questions.
+
+    python benchmarks/ask_long_read_cpu.py --length 12k --per-family 8 --max-new-tokens 48 --out benchmarks/results/ask_long_read_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import transformers
+
+from memllm import MemLLM
+from memllm.agents.batch_docs import answer_each, long_read_settings
+from memllm.bench import ruler
+from memllm.bench.passkey import parse_length
+from memllm.documents import read_text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", default="12k")
+    ap.add_argument("--families", default="single,multikey")
+    ap.add_argument("--per-family", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    llm = MemLLM.from_pretrained(args.model, device="cpu", dtype="fp32")
+    hay = ruler.needle_haystack(llm.tokenizer, parse_length(args.length), args.families.split(","),
+                                args.per_family, args.seed)  # fmt: skip
+    doc = read_text(llm.tokenizer.decode(hay.ids), "haystack")
+    picked = long_read_settings(llm, [doc], "kv", None)
+    systems = {"long-read window (now)": None, "default window (before)": {"n_local": 4096, "topk": 16}}
+    queries = [q.query or q.prompt for q in hay.questions]
+    rows, details = [], []
+    for name, settings in systems.items():
+        start = time.perf_counter()
+        (result,) = answer_each(llm, [doc], queries, "kv", settings=settings, max_new_tokens=args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        per_family: dict[str, list[float]] = {}
+        for q, a in zip(hay.questions, result.answers, strict=True):
+            s = q.score(a.text)
+            per_family.setdefault(q.family, []).append(s)
+            details.append({"system": name, "family": q.family, "id": q.id, "query": q.query, "answers": q.answers,
+                            "answer": a.text, "score": s, "depth": q.depth})  # fmt: skip
+        rows.append({"system": name, "settings": settings or picked, "read_tokens": result.read.tokens,
+                     "read_s": round(result.read.seconds, 2), "total_s": round(seconds, 2), "notes": result.read.notes,
+                     "scores": {f: sum(v) for f, v in per_family.items()},
+                     "questions": {f: len(v) for f, v in per_family.items()}})  # fmt: skip
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": "cpu", "threads": torch.get_num_threads(), "args": vars(args)}  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": rows, "details": details}, f, indent=1)
+    print(json.dumps(env))
+    for r in rows:
+        cells = " ".join(f"{f} {s:g}/{r['questions'][f]}" for f, s in r["scores"].items())
+        print(f"{r['system']:26s} {r['settings']}  {cells}  read {r['read_tokens']} tokens in {r['read_s']} s")
+
+
+if __name__ == "__main__":
+    main()
