@@ -268,6 +268,15 @@ def test_ask_reads_a_long_document_at_the_models_long_read_window(cli, tiny_llm,
     else:
         assert used == [replace(docqa_mod.default_memory(tiny_llm.trained_len), **long_read_alias)]
         assert note in result.stderr.splitlines()
+        # the library's answer at that window; a saved memory keeps the window it was read at
+        (want,) = library_answers(tiny_llm, "kv", doc, ["What color is box 0?"], memory=used[0])
+        mem = tmp_path / "mem"
+        saved = runner.invoke(app, ["ask", str(doc), "--save-memory", str(mem), "-q", "What color is box 0?", "--json"])
+        again = runner.invoke(app, ["ask", "--memory", str(mem), "-q", "What color is box 0?", "--json"])
+        answers = [json.loads(r.stdout) for r in (result, saved, again)] + [want.to_dict()]
+        assert all(a.pop("seconds") is not None for a in answers)
+        assert answers[1:] == answers[:-1]
+        assert json.loads((mem / "kv" / "manifest.json").read_text())["memory"]["n_local"] == 32
     # a window the user chose, or a text-mode read, is left alone
     for flags in (["--topk", "3"], ["--mode", "text"], ["--mode", "hybrid"]):
         used.clear()
