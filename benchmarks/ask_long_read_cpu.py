@@ -1,5 +1,7 @@
-"""`memllm ask`'s kv path on a long document with the default model: the long-read window it now picks
-(models.PackagedModel.long_read) against the default window it used before, on the CPU.
+"""`memllm ask`'s path on a long document with the default model, on the CPU: the two windows, SmolLM2-135M's
+long-read one (n_local 512, topk 8; models.PackagedModel.long_read) and the default (4,096, topk 16), in kv or
+hybrid mode, marking the one `ask` picks in that mode (kv: the long-read window past the default window; hybrid:
+the default).
 
 One essay haystack of the RULER-style suite (memllm.bench.ruler: single needles and multikey needles with
 near-duplicate distractors) decoded to text, read by `batch_docs.answer_each` exactly as `ask --each`
@@ -7,6 +9,7 @@ reads a document, every question asked as a user asks it (the question alone, `Q
 answer scored by the suite's rule. Both settings read the same text and ask the same questions.
 
     python benchmarks/ask_long_read_cpu.py --length 12k --per-family 8 --max-new-tokens 48 --out benchmarks/results/ask_long_read_cpu.json
+    python benchmarks/ask_long_read_cpu.py --mode hybrid --length 12k --per-family 8 --max-new-tokens 48 --out benchmarks/results/ask_long_read_cpu_hybrid.json
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--families", default="single,multikey")
     ap.add_argument("--per-family", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", default="kv", choices=("kv", "hybrid"))
     ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -41,13 +45,13 @@ def main() -> None:
     hay = ruler.needle_haystack(llm.tokenizer, parse_length(args.length), args.families.split(","),
                                 args.per_family, args.seed)  # fmt: skip
     doc = read_text(llm.tokenizer.decode(hay.ids), "haystack")
-    picked = long_read_settings(llm, [doc], "kv", None)
-    systems = {"long-read window (now)": None, "default window (before)": {"n_local": 4096, "topk": 16}}
+    picked = long_read_settings(llm, [doc], args.mode, None)  # what `ask --mode MODE` reads this document with
+    systems = {"n_local 512, topk 8": {"n_local": 512, "topk": 8}, "n_local 4096, topk 16": {"n_local": 4096, "topk": 16}}
     queries = [q.query or q.prompt for q in hay.questions]
     rows, details = [], []
     for name, settings in systems.items():
         start = time.perf_counter()
-        (result,) = answer_each(llm, [doc], queries, "kv", settings=settings, max_new_tokens=args.max_new_tokens)
+        (result,) = answer_each(llm, [doc], queries, args.mode, settings=settings, max_new_tokens=args.max_new_tokens)
         seconds = time.perf_counter() - start
         per_family: dict[str, list[float]] = {}
         for q, a in zip(hay.questions, result.answers, strict=True):
@@ -55,7 +59,8 @@ def main() -> None:
             per_family.setdefault(q.family, []).append(s)
             details.append({"system": name, "family": q.family, "id": q.id, "query": q.query, "answers": q.answers,
                             "answer": a.text, "score": s, "depth": q.depth})  # fmt: skip
-        rows.append({"system": name, "settings": settings or picked, "read_tokens": result.read.tokens,
+        rows.append({"system": name, "settings": settings, "ask_picks_it": settings == {**{"n_local": 4096, "topk": 16},
+                     **picked}, "read_tokens": result.read.tokens,
                      "read_s": round(result.read.seconds, 2), "total_s": round(seconds, 2), "notes": result.read.notes,
                      "scores": {f: sum(v) for f, v in per_family.items()},
                      "questions": {f: len(v) for f, v in per_family.items()}})  # fmt: skip
@@ -67,7 +72,8 @@ def main() -> None:
     print(json.dumps(env))
     for r in rows:
         cells = " ".join(f"{f} {s:g}/{r['questions'][f]}" for f, s in r["scores"].items())
-        print(f"{r['system']:26s} {r['settings']}  {cells}  read {r['read_tokens']} tokens in {r['read_s']} s")
+        picked_mark = " (what ask picks)" if r["ask_picks_it"] else ""
+        print(f"{args.mode} {r['system']:22s}{picked_mark:18s} {cells}  read {r['read_tokens']} tokens in {r['read_s']} s")
 
 
 if __name__ == "__main__":
