@@ -3,13 +3,14 @@ long-read one (n_local 512, topk 8; models.PackagedModel.long_read) and the defa
 hybrid mode, marking the one `ask` picks in that mode (kv: the long-read window past the default window; hybrid:
 the default).
 
-One essay haystack of the RULER-style suite (memllm.bench.ruler: single needles and multikey needles with
-near-duplicate distractors) decoded to text, read by `batch_docs.answer_each` exactly as `ask --each`
+One haystack of the RULER-style suite (memllm.bench.ruler: an essay with single needles and multikey needles with
+near-duplicate distractors, or with --families squad,hotpotqa Wikipedia paragraphs around the gold ones) decoded to text, read by `batch_docs.answer_each` exactly as `ask --each`
 reads a document, every question asked as a user asks it (the question alone, `Question.query`), each
 answer scored by the suite's rule. Both settings read the same text and ask the same questions.
 
     python benchmarks/ask_long_read_cpu.py --length 12k --per-family 8 --max-new-tokens 48 --out benchmarks/results/ask_long_read_cpu.json
     python benchmarks/ask_long_read_cpu.py --mode hybrid --length 12k --per-family 8 --max-new-tokens 48 --out benchmarks/results/ask_long_read_cpu_hybrid.json
+    python benchmarks/ask_long_read_cpu.py --mode hybrid --families squad,hotpotqa --length 12k --per-family 8 --max-new-tokens 24 --out benchmarks/results/ask_long_read_cpu_hybrid_qa.json   # and --mode kv: ..._kv_qa.json
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = MemLLM.from_pretrained(args.model, device="cpu", dtype="fp32")
-    hay = ruler.needle_haystack(llm.tokenizer, parse_length(args.length), args.families.split(","),
-                                args.per_family, args.seed)  # fmt: skip
+    families = args.families.split(",")
+    if set(families) <= set(ruler.QA_FAMILIES):  # SQuAD / HotpotQA: gold paragraphs among Wikipedia paragraphs
+        hay = ruler.build_suite(llm.tokenizer, parse_length(args.length), families, args.per_family, args.seed)[0]
+    else:
+        hay = ruler.needle_haystack(llm.tokenizer, parse_length(args.length), families, args.per_family, args.seed)
     doc = read_text(llm.tokenizer.decode(hay.ids), "haystack")
     picked = long_read_settings(llm, [doc], args.mode, None)  # what `ask --mode MODE` reads this document with
     systems = {"n_local 512, topk 8": {"n_local": 512, "topk": 8}, "n_local 4096, topk 16": {"n_local": 4096, "topk": 16}}
