@@ -184,6 +184,13 @@ class MemoryConfig:
             )
         return out
 
+    def exact_tokens(self) -> int:
+        """Tokens a session of this (resolved) config holds before its first cut (memllm/context/plan.py):
+        in its window, all attended to exactly."""
+        if self.n_local is None:
+            raise ConfigError("MemoryConfig.exact_tokens needs a resolved config (n_local set): call resolved()")
+        return self.n_init + self.n_local + self.block_size - 1
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -46,12 +46,6 @@ def text_memory(llm: Any) -> MemoryConfig:
     return replace(cfg, n_local=n_local, chunk_size=chunk, topk=0, selector="infllm")
 
 
-def text_room(cfg: MemoryConfig) -> int:
-    """Tokens a session of `cfg` holds before its first cut (memllm/context/plan.py): in its window, all
-    attended to exactly."""
-    return cfg.n_init + cfg.n_local + cfg.block_size - 1
-
-
 @dataclass(eq=False)
 class _Turn:
     session: Any
@@ -123,7 +117,7 @@ class EngineThread:
         cfg = text_memory(self.llm)
         with self._count:
             company = self.outstanding > 0 or bool(self._turns) or not self._inbox.empty()
-            alone = not company or len(ids) + max_new_tokens > text_room(cfg)
+            alone = not company or len(ids) + max_new_tokens > cfg.exact_tokens()
             self.outstanding += 1
             self.text_replies += 1
             self.text_alone += alone

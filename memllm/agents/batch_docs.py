@@ -93,8 +93,7 @@ def long_read_settings(
         return out
     window = memory_for(llm).resolved(llm.trained_len)
     tokens = sum(estimate_tokens(d.text, llm.tokenizer) for d in documents)
-    n_local = window.n_local or 0
-    if tokens + min(ASK_ROOM, n_local // 4) <= window.n_init + n_local:
+    if tokens + min(ASK_ROOM, (window.n_local or 0) // 4) <= window.exact_tokens():
         return out
     return {**out, **dict(spec.long_read)}
 

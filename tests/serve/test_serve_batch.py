@@ -217,16 +217,16 @@ def answers_text(body: dict) -> str:
 def test_a_text_reply_alone_or_too_long_is_the_models_own(tiny):
     """generate_text with nothing else outstanding, or with prompt and reply longer than its sessions'
     window: llm.reply_stream's reply, no engine step."""
-    from memllm.engine_thread import EngineThread, text_memory, text_room
+    from memllm.engine_thread import EngineThread, text_memory
 
     cfg = text_memory(tiny)
-    assert cfg.topk == 0 and text_room(cfg) == tiny.trained_len - cfg.exc_block_size - 1
+    assert cfg.topk == 0 and cfg.exact_tokens() == tiny.trained_len - cfg.exc_block_size - 1
     engine = EngineThread(tiny, threading.RLock())
     try:
         ids = tiny.chat_ids([{"role": "user", "content": SAID["cy"]}], 12)
         want = "".join(tiny.reply_stream(ids, max_new_tokens=12))
         assert want and "".join(engine.generate_text(ids, 12)) == want
-        long = (ids * (text_room(cfg) // len(ids) + 1))[: text_room(cfg)]
+        long = (ids * (cfg.exact_tokens() // len(ids) + 1))[: cfg.exact_tokens()]
         engine.outstanding += 1  # as if another user's reply were generating
         assert "".join(engine.generate_text(long, 12)) == "".join(tiny.reply_stream(long, max_new_tokens=12))
         engine.outstanding -= 1
