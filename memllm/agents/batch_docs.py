@@ -103,8 +103,8 @@ def long_read_note(llm: Any, settings: Mapping[str, Any] | None, chosen: Mapping
     added = {k: v for k, v in chosen.items() if k not in (settings or {})}
     if not added:
         return None
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in added.items())
-    return f"longer than {llm.name}'s default window: read with {flags} (the window it reads from memory with)"
+    return (f"longer than {llm.name}'s default window: read with {models.as_flags(added)} (the window it reads from "
+            "memory with)")  # fmt: skip
 
 
 def units_selector(llm: Any, settings: Mapping[str, Any] | None) -> str:

@@ -47,8 +47,7 @@ def list_models(
     for r in rows:
         note = r["description"] if r["installed"] else f"not installed: {r['install']}"
         if r["long_read"]:
-            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["long_read"].items())
-            note += f"; ask reads documents longer than its default window with {flags}"
+            note += f"; ask reads documents longer than its default window with {models.as_flags(r['long_read'])}"
         console.print(f"{r['alias']}: {note}", soft_wrap=True)
 
 
