@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--families", default="single,multikey")
     ap.add_argument("--per-family", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mode", default="kv", choices=("kv", "hybrid"))
+    ap.add_argument("--mode", default="kv", choices=("kv", "hybrid", "text"))  # text: no window (chunks alone)
     ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
     ap.add_argument("--windows", default="512,4096", help="comma-separated: 512 (topk 8) and/or 4096 (topk 16)")
     ap.add_argument("--out", default=None)
