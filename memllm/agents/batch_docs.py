@@ -39,7 +39,7 @@ def answer_each(
     llm: Any,
     documents: Iterable[Document],
     questions: Sequence[str],
-    mode: str = "kv",
+    mode: str | None = "kv",
     *,
     settings: Mapping[str, Any] | None = None,
     embedder: Any = None,
@@ -47,20 +47,22 @@ def answer_each(
     progress: Callable[[Document], Progress | None] | None = None,
 ) -> Iterator[DocumentAnswers]:
     """Read each document into its own memory and ask it every question; one result per document, in
-    order. settings: MemoryConfig fields changed from the model's own (`memory_settings`: the
-    selector, n_local, topk; kv and hybrid modes); embedder: the chunk store's and units' text index's
-    (None: the packaged MiniLM where one is needed); progress(doc): a reading progress callback for that
-    document, or None."""
+    order. mode: kv, text or hybrid, or None (`ask` without --mode: kv, or the model's mode for a document
+    longer than its window, `long_read_mode`); settings: MemoryConfig fields changed from the model's own
+    (`memory_settings`: the selector, n_local, topk; kv and hybrid modes); embedder: the chunk store's and
+    units' text index's (None: the packaged MiniLM where one is needed); progress(doc): a reading progress
+    callback for that document, or None."""
     for doc in documents:
-        chosen = long_read_settings(llm, [doc], mode, settings)
-        qa = DocumentQA(llm, mode, memory=memory_settings(llm, chosen), embedder=embedder,
+        doc_mode = long_read_mode(llm, [doc], mode, settings)
+        chosen = long_read_settings(llm, [doc], doc_mode, settings)
+        qa = DocumentQA(llm, doc_mode, memory=memory_settings(llm, chosen), embedder=embedder,
                         max_new_tokens=max_new_tokens)  # fmt: skip
         try:
             report = qa.read(doc, progress(doc) if progress is not None else None)
             answers = [qa.ask(q) for q in questions]
         finally:
             qa.close()
-        note = long_read_note(llm, settings, chosen)
+        note = long_read_note(llm, settings, chosen, None if doc_mode == (mode or "kv") else doc_mode)
         if note is not None:
             report.notes.append(note)
         yield DocumentAnswers(doc.name, answers, report)
@@ -77,34 +79,61 @@ def memory_settings(llm: Any, settings: Mapping[str, Any] | None) -> MemoryConfi
     return config
 
 
+def fits_default_window(llm: Any, documents: Sequence[Document]) -> bool:
+    """Whether `documents` fit the model's default window whole, with ASK_ROOM for a question (a quarter
+    of the window where that is less): read there, every token is attended (full attention, exact)."""
+    window = memory_for(llm).resolved(llm.trained_len)
+    tokens = sum(estimate_tokens(d.text, llm.tokenizer) for d in documents)
+    return tokens + min(ASK_ROOM, (window.n_local or 0) // 4) <= window.exact_tokens()
+
+
+def _long_read_spec(llm: Any) -> models.PackagedModel | None:
+    """The packaged alias whose long-document choices apply: none where the loaded model has a memory of its own."""
+    spec = models.ALIASES.get(getattr(llm, "name", ""))
+    return None if spec is None or getattr(llm, "memory", None) is not None else spec
+
+
+def long_read_mode(
+    llm: Any, documents: Sequence[Document], mode: str | None, settings: Mapping[str, Any] | None = None
+) -> str:
+    """The mode to read `documents` in: `mode` where given; else the model's `long_mode`
+    (models.PackagedModel) where the documents do not fit its default window and the user chose no window
+    (n_local, topk in `settings`); else kv."""
+    if mode is not None:
+        return mode
+    spec = _long_read_spec(llm)
+    if spec is None or not spec.long_mode or {"n_local", "topk"} & (settings or {}).keys():
+        return "kv"
+    return "kv" if fits_default_window(llm, documents) else spec.long_mode
+
+
 def long_read_settings(
     llm: Any, documents: Sequence[Document], mode: str, settings: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """`settings` with the model's long-read window (models.PackagedModel.long_read) added where the
-    documents will not fit its default window whole (with ASK_ROOM for a question) and nothing chose a
-    window: not the user (n_local, topk in `settings`), not the loaded model (`llm.memory`). Documents
-    that fit keep the default window, where every token is attended (full attention, exact). kv mode only:
-    hybrid puts n_local/2 tokens of retrieved passages in the window with the question (2,048 at the default
-    window, 256 at SmolLM2's 512), and how it answers at the small window is not measured."""
+    documents will not fit its default window whole (`fits_default_window`) and nothing chose a window:
+    not the user (n_local, topk in `settings`), not the loaded model (`llm.memory`). Documents that fit keep
+    the default window, where every token is attended (full attention, exact). kv mode only: hybrid puts
+    n_local/2 tokens of retrieved passages in the window with the question (2,048 at the default window,
+    256 at SmolLM2's 512), and answers fewer QA questions at the small window (RESULTS)."""
     out = dict(settings or {})
-    spec = models.ALIASES.get(getattr(llm, "name", ""))
-    if (mode != "kv" or spec is None or not spec.long_read or getattr(llm, "memory", None)
-            is not None or {"n_local", "topk"} & out.keys()):  # fmt: skip
+    spec = _long_read_spec(llm)
+    if mode != "kv" or spec is None or not spec.long_read or {"n_local", "topk"} & out.keys():
         return out
-    window = memory_for(llm).resolved(llm.trained_len)
-    tokens = sum(estimate_tokens(d.text, llm.tokenizer) for d in documents)
-    if tokens + min(ASK_ROOM, (window.n_local or 0) // 4) <= window.exact_tokens():
-        return out
-    return {**out, **dict(spec.long_read)}
+    return out if fits_default_window(llm, documents) else {**out, **dict(spec.long_read)}
 
 
-def long_read_note(llm: Any, settings: Mapping[str, Any] | None, chosen: Mapping[str, Any]) -> str | None:
-    """What long_read_settings added, as a line for the user; None where it added nothing."""
+def long_read_note(
+    llm: Any, settings: Mapping[str, Any] | None, chosen: Mapping[str, Any], mode: str | None = None
+) -> str | None:
+    """What long_read_mode (the `mode` it picked, where it picked one) and long_read_settings added, as a
+    line for the user; None where they added nothing."""
     added = {k: v for k, v in chosen.items() if k not in (settings or {})}
-    if not added:
+    flags = " ".join(([f"--mode {mode}"] if mode else []) + ([models.as_flags(added)] if added else []))
+    if not flags:
         return None
-    return (f"longer than {llm.name}'s default window: read with {models.as_flags(added)} (the window it reads from "
-            "memory with)")  # fmt: skip
+    why = "the mode it answers long documents in best" if mode else "the window it reads from memory with"
+    return f"longer than {llm.name}'s default window: read with {flags} ({why})"
 
 
 def units_selector(llm: Any, settings: Mapping[str, Any] | None) -> str:

@@ -211,7 +211,7 @@ def ask(
     docs = [read_document(f) for f in files]  # bounded reads, refused before the model loads
     with common.exit_on_sigterm():
         if each or ray is not None:
-            _ask_each(docs, questions, mode or "kv", settings, model, device, max_new_tokens, evidence, as_json,
+            _ask_each(docs, questions, mode, settings, model, device, max_new_tokens, evidence, as_json,
                       ray, ray_workers)  # fmt: skip
             return
         _ask(docs, questions, mode, save_memory, memory, model, device, max_new_tokens, evidence, as_json, settings)
@@ -220,7 +220,13 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import long_read_note, long_read_settings, memory_settings, units_selector
+    from memllm.agents.batch_docs import (
+        long_read_mode,
+        long_read_note,
+        long_read_settings,
+        memory_settings,
+        units_selector,
+    )
     from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
@@ -236,9 +242,10 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         qa = DocumentQA.load(llm, memory, embedder=embedder, max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
-        mode = mode or "kv"
-        chosen = long_read_settings(llm, files, mode, settings)
-        note = long_read_note(llm, settings, chosen)
+        picked = long_read_mode(llm, files, mode, settings)
+        chosen = long_read_settings(llm, files, picked, settings)
+        note = long_read_note(llm, settings, chosen, None if picked == (mode or "kv") else picked)
+        mode = picked
         if note is not None:
             _note(f"note: the documents are {note}")
         settings = chosen
@@ -271,7 +278,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         qa.close()
 
 
-def _ask_each(docs: list[Any], questions: list[str], mode: str, settings: dict[str, Any], model: str,
+def _ask_each(docs: list[Any], questions: list[str], mode: str | None, settings: dict[str, Any], model: str,
               device: str, max_new_tokens: int, evidence: bool, as_json: bool, ray: str | None,
               ray_workers: int | None) -> None:  # fmt: skip
     """--each and --ray: every document in a memory of its own; the answers printed per document, in the

@@ -75,12 +75,13 @@ def check_selector(selector: str | None) -> None:
         raise ConfigError(f"--selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
 
 
-def embedder_for(mode: str, selector: str | None = None) -> Any:
-    """The embedder `memllm ask` needs: the chunk store's (text, hybrid modes), also the units' text
-    index's (the selectors that read one); None where neither is used."""
+def embedder_for(mode: str | None, selector: str | None = None) -> Any:
+    """The embedder `memllm ask` needs: the chunk store's (text, hybrid modes, and no mode given, where a
+    long document may be read in the model's own mode), also the units' text index's (the selectors that
+    read one); None where neither is used."""
     from memllm.config import TEXT_SELECTORS
 
-    return load_embedder() if mode in ("text", "hybrid") or selector in TEXT_SELECTORS else None
+    return load_embedder() if mode in ("text", "hybrid", None) or selector in TEXT_SELECTORS else None
 
 
 def open_store(path: str | None, *, with_embedder: bool) -> Any:

@@ -46,8 +46,10 @@ def list_models(
     console.print(table)
     for r in rows:
         note = r["description"] if r["installed"] else f"not installed: {r['install']}"
+        if r["long_mode"]:
+            note += f"; ask reads documents longer than its default window in --mode {r['long_mode']} where no mode is given"
         if r["long_read"]:
-            note += f"; ask reads documents longer than its default window with {models.as_flags(r['long_read'])}"
+            note += f"; ask --mode kv reads them with {models.as_flags(r['long_read'])}"
         console.print(f"{r['alias']}: {note}", soft_wrap=True)
 
 

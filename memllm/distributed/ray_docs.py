@@ -39,7 +39,7 @@ def _ray() -> Any:
 class DocWorker:
     """One model in one Ray actor; answers one document's questions at a time."""
 
-    def __init__(self, model: str, device: str, mode: str, settings: dict[str, Any] | None, max_new_tokens: int) -> None:
+    def __init__(self, model: str, device: str, mode: str | None, settings: dict[str, Any] | None, max_new_tokens: int) -> None:
         self.model, self.device = model, device
         self.mode, self.settings, self.max_new_tokens = mode, dict(settings or {}), max_new_tokens
         self.llm: Any = None
@@ -130,7 +130,7 @@ def answer_on_ray(
     *,
     model: str,
     device: str,
-    mode: str,
+    mode: str | None,
     settings: dict[str, Any] | None,
     max_new_tokens: int,
     workers: int | None = None,

@@ -297,6 +297,72 @@ def test_each_document_gets_the_window_its_length_needs(cli, tiny_llm, tmp_path,
                      "--topk 2 (the window it reads from memory with)"]  # fmt: skip
 
 
+@pytest.fixture
+def long_mode_alias(long_read_alias, monkeypatch):
+    """long_read_alias whose mode for long documents (models.PackagedModel.long_mode) is hybrid."""
+    from dataclasses import replace
+
+    from memllm import models
+
+    spec = models.ALIASES[models.DEFAULT_MODEL]
+    monkeypatch.setitem(models.ALIASES, models.DEFAULT_MODEL, replace(spec, long_mode="hybrid"))
+    return long_read_alias
+
+
+@pytest.fixture
+def qa_modes(monkeypatch):
+    """(mode, memory) of every DocumentQA built while the test runs, in order."""
+    built = []
+    init = DocumentQA.__init__
+
+    def spy(self, llm, mode="kv", *args, **kwargs):
+        built.append((mode, kwargs.get("memory")))
+        init(self, llm, mode, *args, **kwargs)
+
+    monkeypatch.setattr(DocumentQA, "__init__", spy)
+    return built
+
+
+def test_a_long_document_is_read_in_the_models_long_mode_where_no_mode_is_given(cli, tiny_llm, tmp_path, qa_modes,
+                                                                                long_mode_alias):  # fmt: skip
+    from dataclasses import replace
+
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text(boxes_text(1))
+    long.write_text(boxes_text(24))
+    note = (f"memllm: note: the documents are longer than {tiny_llm.name}'s default window: read with --mode hybrid "
+            "(the mode it answers long documents in best)")  # fmt: skip
+
+    def run(*args):
+        qa_modes.clear()
+        result = runner.invoke(app, ["ask", *args, "-q", "What color is box 0?", "--json"])
+        assert result.exit_code == 0, result.output
+        return result
+
+    result = run(str(long))
+    assert qa_modes == [("hybrid", None)]  # hybrid at the default window (its passages need it)
+    assert note in result.stderr.splitlines()
+    (want,) = library_answers(tiny_llm, "hybrid", long, ["What color is box 0?"])
+    got = json.loads(result.stdout)
+    assert got.pop("seconds") is not None and want.to_dict().pop("seconds") is not None
+    assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.to_dict().items() if k != "seconds"}
+    # a document that fits, a mode or a window the user gave: kv (at the long-read window where it is kv's)
+    run(str(short))
+    assert qa_modes == [("kv", None)]
+    result = run(str(long), "--mode", "kv")
+    assert qa_modes == [("kv", replace(docqa_mod.default_memory(tiny_llm.trained_len), **long_mode_alias))]
+    assert "--mode hybrid" not in result.stderr and "--n-local 32" in result.stderr
+    result = run(str(long), "--topk", "3")
+    assert [m for m, _ in qa_modes] == ["kv"] and "default window" not in result.stderr
+    # --each decides per document, and says so on the long one only
+    result = run(str(short), str(long), "--each")
+    assert [m for m, _ in qa_modes] == ["kv", "hybrid"]
+    assert [line for line in result.stderr.splitlines() if "default window" in line] == [
+        f"memllm: note: {long}: longer than {tiny_llm.name}'s default window: read with --mode hybrid "
+        "(the mode it answers long documents in best)"
+    ]
+
+
 def test_long_read_settings_leave_a_loaded_models_own_memory_and_other_models_alone(tiny_llm, monkeypatch,
                                                                                     long_read_alias):  # fmt: skip
     from memllm.agents.batch_docs import long_read_settings
@@ -311,3 +377,22 @@ def test_long_read_settings_leave_a_loaded_models_own_memory_and_other_models_al
     monkeypatch.setattr(tiny_llm, "memory", None)
     monkeypatch.setattr(tiny_llm, "name", "some/other-model")
     assert long_read_settings(tiny_llm, long, "kv", None) == {}
+
+
+def test_long_read_mode_leaves_a_given_mode_a_loaded_models_memory_and_other_models_alone(tiny_llm, monkeypatch,
+                                                                                         long_mode_alias):  # fmt: skip
+    from memllm.agents.batch_docs import long_read_mode
+    from memllm.config import MemoryConfig
+    from memllm.documents import read_text
+
+    long, short = [read_text(boxes_text(24), "long")], [read_text(boxes_text(1), "short")]
+    assert long_read_mode(tiny_llm, long, None) == "hybrid"
+    assert long_read_mode(tiny_llm, short, None) == "kv"
+    assert long_read_mode(tiny_llm, long, None, {"selector": "question"}) == "hybrid"
+    assert long_read_mode(tiny_llm, long, None, {"n_local": 64}) == "kv"
+    assert [long_read_mode(tiny_llm, long, m) for m in ("kv", "text", "hybrid")] == ["kv", "text", "hybrid"]
+    monkeypatch.setattr(tiny_llm, "memory", MemoryConfig(n_init=16, n_local=64, block_size=16, repr_topk=4))
+    assert long_read_mode(tiny_llm, long, None) == "kv"
+    monkeypatch.setattr(tiny_llm, "memory", None)
+    monkeypatch.setattr(tiny_llm, "name", "some/other-model")
+    assert long_read_mode(tiny_llm, long, None) == "kv"
