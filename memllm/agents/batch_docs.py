@@ -97,12 +97,12 @@ def long_read_mode(
     llm: Any, documents: Sequence[Document], mode: str | None, settings: Mapping[str, Any] | None = None
 ) -> str:
     """The mode to read `documents` in: `mode` where given; else the model's `long_mode`
-    (models.PackagedModel) where the documents do not fit its default window and the user chose no window
-    (n_local, topk in `settings`); else kv."""
+    (models.PackagedModel) where the documents do not fit its default window and the user changed no memory
+    setting (selector, n_local, topk in `settings`: those are kv's); else kv."""
     if mode is not None:
         return mode
     spec = _long_read_spec(llm)
-    if spec is None or not spec.long_mode or {"n_local", "topk"} & (settings or {}).keys():
+    if spec is None or not spec.long_mode or settings:
         return "kv"
     return "kv" if fits_default_window(llm, documents) else spec.long_mode
 

@@ -137,7 +137,10 @@ def ask(
     files: list[str] = typer.Argument(None, help="Documents (.txt, .md, .html, .pdf; '-' for stdin)."),
     question: list[str] = typer.Option([], "--question", "-q", help="A question (repeat for more)."),
     questions_file: str | None = typer.Option(None, "--questions", help="A file of questions, one per line."),
-    mode: str | None = typer.Option(None, "--mode", help="kv (context memory, default), text or hybrid."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="kv (context memory; the default), text or hybrid. Without it (and without --selector, "
+        "--n-local, --topk), a model may read documents longer than its window in a mode of its own (`memllm models`).",
+    ),
     selector: str | None = typer.Option(
         None, "--selector", metavar="|".join(SELECTORS),
         help="Which units a question reads (kv, hybrid modes): lexical (the default: the units holding the "

@@ -247,7 +247,7 @@ def long_read_alias(tiny_llm, monkeypatch):
     window = (("n_local", 32), ("topk", 2))
     monkeypatch.setattr(tiny_llm, "name", models.DEFAULT_MODEL)
     monkeypatch.setitem(models.ALIASES, models.DEFAULT_MODEL,
-                        replace(models.ALIASES[models.DEFAULT_MODEL], long_read=window))  # fmt: skip
+                        replace(models.ALIASES[models.DEFAULT_MODEL], long_read=window, long_mode=""))  # fmt: skip
     return dict(window)
 
 
@@ -299,13 +299,13 @@ def test_each_document_gets_the_window_its_length_needs(cli, tiny_llm, tmp_path,
 
 @pytest.fixture
 def long_mode_alias(long_read_alias, monkeypatch):
-    """long_read_alias whose mode for long documents (models.PackagedModel.long_mode) is hybrid."""
+    """long_read_alias whose mode for long documents (models.PackagedModel.long_mode) is text (retrieved chunks)."""
     from dataclasses import replace
 
     from memllm import models
 
     spec = models.ALIASES[models.DEFAULT_MODEL]
-    monkeypatch.setitem(models.ALIASES, models.DEFAULT_MODEL, replace(spec, long_mode="hybrid"))
+    monkeypatch.setitem(models.ALIASES, models.DEFAULT_MODEL, replace(spec, long_mode="text"))
     return long_read_alias
 
 
@@ -330,7 +330,7 @@ def test_a_long_document_is_read_in_the_models_long_mode_where_no_mode_is_given(
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
     short.write_text(boxes_text(1))
     long.write_text(boxes_text(24))
-    note = (f"memllm: note: the documents are longer than {tiny_llm.name}'s default window: read with --mode hybrid "
+    note = (f"memllm: note: the documents are longer than {tiny_llm.name}'s default window: read with --mode text "
             "(the mode it answers long documents in best)")  # fmt: skip
 
     def run(*args):
@@ -340,9 +340,9 @@ def test_a_long_document_is_read_in_the_models_long_mode_where_no_mode_is_given(
         return result
 
     result = run(str(long))
-    assert qa_modes == [("hybrid", None)]  # hybrid at the default window (its passages need it)
+    assert qa_modes == [("text", None)]  # chunks alone, no window
     assert note in result.stderr.splitlines()
-    (want,) = library_answers(tiny_llm, "hybrid", long, ["What color is box 0?"])
+    (want,) = library_answers(tiny_llm, "text", long, ["What color is box 0?"])
     got = json.loads(result.stdout)
     assert got.pop("seconds") is not None and want.to_dict().pop("seconds") is not None
     assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.to_dict().items() if k != "seconds"}
@@ -351,14 +351,14 @@ def test_a_long_document_is_read_in_the_models_long_mode_where_no_mode_is_given(
     assert qa_modes == [("kv", None)]
     result = run(str(long), "--mode", "kv")
     assert qa_modes == [("kv", replace(docqa_mod.default_memory(tiny_llm.trained_len), **long_mode_alias))]
-    assert "--mode hybrid" not in result.stderr and "--n-local 32" in result.stderr
+    assert "--mode text" not in result.stderr and "--n-local 32" in result.stderr
     result = run(str(long), "--topk", "3")
     assert [m for m, _ in qa_modes] == ["kv"] and "default window" not in result.stderr
     # --each decides per document, and says so on the long one only
     result = run(str(short), str(long), "--each")
-    assert [m for m, _ in qa_modes] == ["kv", "hybrid"]
+    assert [m for m, _ in qa_modes] == ["kv", "text"]
     assert [line for line in result.stderr.splitlines() if "default window" in line] == [
-        f"memllm: note: {long}: longer than {tiny_llm.name}'s default window: read with --mode hybrid "
+        f"memllm: note: {long}: longer than {tiny_llm.name}'s default window: read with --mode text "
         "(the mode it answers long documents in best)"
     ]
 
@@ -386,10 +386,10 @@ def test_long_read_mode_leaves_a_given_mode_a_loaded_models_memory_and_other_mod
     from memllm.documents import read_text
 
     long, short = [read_text(boxes_text(24), "long")], [read_text(boxes_text(1), "short")]
-    assert long_read_mode(tiny_llm, long, None) == "hybrid"
+    assert long_read_mode(tiny_llm, long, None) == "text"
     assert long_read_mode(tiny_llm, short, None) == "kv"
-    assert long_read_mode(tiny_llm, long, None, {"selector": "question"}) == "hybrid"
-    assert long_read_mode(tiny_llm, long, None, {"n_local": 64}) == "kv"
+    for settings in ({"selector": "question"}, {"n_local": 64}, {"topk": 4}):  # memory settings: kv's
+        assert long_read_mode(tiny_llm, long, None, settings) == "kv"
     assert [long_read_mode(tiny_llm, long, m) for m in ("kv", "text", "hybrid")] == ["kv", "text", "hybrid"]
     monkeypatch.setattr(tiny_llm, "memory", MemoryConfig(n_init=16, n_local=64, block_size=16, repr_topk=4))
     assert long_read_mode(tiny_llm, long, None) == "kv"

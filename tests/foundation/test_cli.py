@@ -98,6 +98,7 @@ def test_models_json_lists_aliases(isolated_home):
     data = json.loads(result.stdout)
     assert [m["alias"] for m in data["models"]] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
     assert [m["long_read"] for m in data["models"]] == [{"n_local": 512, "topk": 8}, {}]
+    assert [m["long_mode"] for m in data["models"]] == ["text", None]
     assert data["home"] == str(isolated_home)
     assert all(m["cached"] is False for m in data["models"])
 
