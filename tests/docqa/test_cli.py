@@ -346,6 +346,11 @@ def test_a_long_document_is_read_in_the_models_long_mode_where_no_mode_is_given(
     got = json.loads(result.stdout)
     assert got.pop("seconds") is not None and want.to_dict().pop("seconds") is not None
     assert {k: v for k, v in got.items() if k != "seconds"} == {k: v for k, v in want.to_dict().items() if k != "seconds"}
+    # a memory saved from that read answers the same, in the mode it was read in
+    mem = tmp_path / "mem"
+    run(str(long), "--save-memory", str(mem))
+    again = json.loads(run("--memory", str(mem)).stdout)
+    assert {**again, "seconds": 0} == {**json.loads(result.stdout), "seconds": 0} and again["mode"] == "text"
     # a document that fits, a mode or a window the user gave: kv (at the long-read window where it is kv's)
     run(str(short))
     assert qa_modes == [("kv", None)]
