@@ -1,7 +1,7 @@
 """`memllm ask`'s path on a long document with the default model, on the CPU: the two windows, SmolLM2-135M's
-long-read one (n_local 512, topk 8; models.PackagedModel.long_read) and the default (4,096, topk 16), in kv or
-hybrid mode, marking the one `ask` picks in that mode (kv: the long-read window past the default window; hybrid:
-the default).
+long-read one (n_local 512, topk 8; models.PackagedModel.long_read) and the default (4,096, topk 16), in kv,
+hybrid or text mode (text reads no units: its window does not matter), marking the one `ask --mode MODE` picks
+(kv: the long-read window past the default window; hybrid, text: the default).
 
 One haystack of the RULER-style suite (memllm.bench.ruler: an essay with single needles and multikey needles with
 near-duplicate distractors, or with --families squad,hotpotqa Wikipedia paragraphs around the gold ones) decoded to text, read by `batch_docs.answer_each` exactly as `ask --each`

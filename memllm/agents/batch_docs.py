@@ -53,8 +53,7 @@ def answer_each(
     units' text index's (None: the packaged MiniLM where one is needed); progress(doc): a reading progress
     callback for that document, or None."""
     for doc in documents:
-        doc_mode = long_read_mode(llm, [doc], mode, settings)
-        chosen = long_read_settings(llm, [doc], doc_mode, settings)
+        doc_mode, chosen, note = long_read_choice(llm, [doc], mode, settings)
         qa = DocumentQA(llm, doc_mode, memory=memory_settings(llm, chosen), embedder=embedder,
                         max_new_tokens=max_new_tokens)  # fmt: skip
         try:
@@ -62,7 +61,6 @@ def answer_each(
             answers = [qa.ask(q) for q in questions]
         finally:
             qa.close()
-        note = long_read_note(llm, settings, chosen, None if doc_mode == (mode or "kv") else doc_mode)
         if note is not None:
             report.notes.append(note)
         yield DocumentAnswers(doc.name, answers, report)
@@ -121,6 +119,17 @@ def long_read_settings(
     if mode != "kv" or spec is None or not spec.long_read or {"n_local", "topk"} & out.keys():
         return out
     return out if fits_default_window(llm, documents) else {**out, **dict(spec.long_read)}
+
+
+def long_read_choice(
+    llm: Any, documents: Sequence[Document], mode: str | None, settings: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any], str | None]:
+    """How `ask` reads `documents` given the user's `mode` (None: not given) and memory `settings`: the mode
+    (long_read_mode), the settings (long_read_settings) and the note saying what was chosen for the user
+    (long_read_note; None where nothing was)."""
+    picked = long_read_mode(llm, documents, mode, settings)
+    chosen = long_read_settings(llm, documents, picked, settings)
+    return picked, chosen, long_read_note(llm, settings, chosen, None if picked == (mode or "kv") else picked)
 
 
 def long_read_note(

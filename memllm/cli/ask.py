@@ -223,13 +223,7 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import (
-        long_read_mode,
-        long_read_note,
-        long_read_settings,
-        memory_settings,
-        units_selector,
-    )
+    from memllm.agents.batch_docs import long_read_choice, memory_settings, units_selector
     from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
@@ -245,13 +239,9 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         qa = DocumentQA.load(llm, memory, embedder=embedder, max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
-        picked = long_read_mode(llm, files, mode, settings)
-        chosen = long_read_settings(llm, files, picked, settings)
-        note = long_read_note(llm, settings, chosen, None if picked == (mode or "kv") else picked)
-        mode = picked
+        mode, settings, note = long_read_choice(llm, files, mode, settings)
         if note is not None:
             _note(f"note: the documents are {note}")
-        settings = chosen
         embedder = common.embedder_for(mode, units_selector(llm, settings))
         qa = DocumentQA(llm, mode, memory=memory_settings(llm, settings), embedder=embedder, max_new_tokens=max_new_tokens)
     try:
