@@ -8,6 +8,7 @@ Knows nothing of the CLI or of Ray.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -85,6 +86,11 @@ def fits_default_window(llm: Any, documents: Sequence[Document]) -> bool:
     return tokens + min(ASK_ROOM, (window.n_local or 0) // 4) <= window.exact_tokens()
 
 
+def _fits(llm: Any, documents: Sequence[Document], fits: Callable[[], bool] | None) -> bool:
+    """fits_default_window, or the caller's `fits` where it has one."""
+    return fits() if fits is not None else fits_default_window(llm, documents)
+
+
 def _long_read_spec(llm: Any) -> models.PackagedModel | None:
     """The packaged alias whose long-document choices apply: none where the loaded model has a memory of its own."""
     spec = models.ALIASES.get(getattr(llm, "name", ""))
@@ -92,33 +98,43 @@ def _long_read_spec(llm: Any) -> models.PackagedModel | None:
 
 
 def long_read_mode(
-    llm: Any, documents: Sequence[Document], mode: str | None, settings: Mapping[str, Any] | None = None
+    llm: Any,
+    documents: Sequence[Document],
+    mode: str | None,
+    settings: Mapping[str, Any] | None = None,
+    fits: Callable[[], bool] | None = None,
 ) -> str:
     """The mode to read `documents` in: `mode` where given; else the model's `long_mode`
     (models.PackagedModel) where the documents do not fit its default window and the user changed no memory
-    setting (selector, n_local, topk in `settings`: those are kv's); else kv."""
+    setting (selector, n_local, topk in `settings`: those are kv's); else kv. `fits`: fits_default_window
+    for these documents, where the caller has it (long_read_choice asks it once)."""
     if mode is not None:
         return mode
     spec = _long_read_spec(llm)
     if spec is None or not spec.long_mode or settings:
         return "kv"
-    return "kv" if fits_default_window(llm, documents) else spec.long_mode
+    return "kv" if _fits(llm, documents, fits) else spec.long_mode
 
 
 def long_read_settings(
-    llm: Any, documents: Sequence[Document], mode: str, settings: Mapping[str, Any] | None
+    llm: Any,
+    documents: Sequence[Document],
+    mode: str,
+    settings: Mapping[str, Any] | None,
+    fits: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """`settings` with the model's long-read window (models.PackagedModel.long_read) added where the
     documents will not fit its default window whole (`fits_default_window`) and nothing chose a window:
     not the user (n_local, topk in `settings`), not the loaded model (`llm.memory`). Documents that fit keep
     the default window, where every token is attended (full attention, exact). kv mode only: hybrid puts
     n_local/2 tokens of retrieved passages in the window with the question (2,048 at the default window,
-    256 at SmolLM2's 512), and answers fewer QA questions at the small window (RESULTS)."""
+    256 at SmolLM2's 512), and answers fewer QA questions at the small window (RESULTS). `fits`: as in
+    long_read_mode."""
     out = dict(settings or {})
     spec = _long_read_spec(llm)
     if mode != "kv" or spec is None or not spec.long_read or {"n_local", "topk"} & out.keys():
         return out
-    return out if fits_default_window(llm, documents) else {**out, **dict(spec.long_read)}
+    return out if _fits(llm, documents, fits) else {**out, **dict(spec.long_read)}
 
 
 def long_read_choice(
@@ -127,8 +143,9 @@ def long_read_choice(
     """How `ask` reads `documents` given the user's `mode` (None: not given) and memory `settings`: the mode
     (long_read_mode), the settings (long_read_settings) and the note saying what was chosen for the user
     (long_read_note; None where nothing was)."""
-    picked = long_read_mode(llm, documents, mode, settings)
-    chosen = long_read_settings(llm, documents, picked, settings)
+    fits = functools.cache(lambda: fits_default_window(llm, documents))  # the documents are tokenized once
+    picked = long_read_mode(llm, documents, mode, settings, fits)
+    chosen = long_read_settings(llm, documents, picked, settings, fits)
     return picked, chosen, long_read_note(llm, settings, chosen, None if picked == (mode or "kv") else picked)
 
 

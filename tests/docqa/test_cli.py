@@ -401,3 +401,17 @@ def test_long_read_mode_leaves_a_given_mode_a_loaded_models_memory_and_other_mod
     monkeypatch.setattr(tiny_llm, "memory", None)
     monkeypatch.setattr(tiny_llm, "name", "some/other-model")
     assert long_read_mode(tiny_llm, long, None) == "kv"
+
+
+def test_long_read_choice_tokenizes_the_documents_once(tiny_llm, monkeypatch, long_mode_alias):
+    from memllm.agents import batch_docs
+    from memllm.documents import read_text
+
+    counted = []
+    estimate = batch_docs.estimate_tokens
+    monkeypatch.setattr(batch_docs, "estimate_tokens", lambda text, tok: counted.append(text) or estimate(text, tok))
+    short, long = [read_text(boxes_text(1), "short")], [read_text(boxes_text(24), "long")]
+    assert batch_docs.long_read_choice(tiny_llm, short, None, None)[:2] == ("kv", {})  # fits: kv, default window
+    assert batch_docs.long_read_choice(tiny_llm, long, "kv", None)[:2] == ("kv", long_mode_alias)
+    assert batch_docs.long_read_choice(tiny_llm, long, None, None)[:2] == ("text", {})
+    assert len(counted) == 3  # once a choice, though the mode and the window both ask whether they fit
