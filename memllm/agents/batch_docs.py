@@ -108,12 +108,20 @@ def long_read_mode(
     (models.PackagedModel) where the documents do not fit its default window and the user changed no memory
     setting (selector, n_local, topk in `settings`: those are kv's); else kv. `fits`: fits_default_window
     for these documents, where the caller has it (long_read_choice asks it once)."""
+    known = mode_before_reading(llm, mode, settings)
+    if known is not None:
+        return known
+    return "kv" if _fits(llm, documents, fits) else _long_read_spec(llm).long_mode  # type: ignore[union-attr]
+
+
+def mode_before_reading(llm: Any, mode: str | None, settings: Mapping[str, Any] | None = None) -> str | None:
+    """The mode long_read_mode picks whatever the documents are; None where it depends on their length (no
+    mode given, no memory setting, a model with a long mode of its own): what decides, before any document
+    is read, whether an embedder is needed (cli.common.embedder_for)."""
     if mode is not None:
         return mode
     spec = _long_read_spec(llm)
-    if spec is None or not spec.long_mode or settings:
-        return "kv"
-    return "kv" if _fits(llm, documents, fits) else spec.long_mode
+    return "kv" if spec is None or not spec.long_mode or settings else None
 
 
 def long_read_settings(

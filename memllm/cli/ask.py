@@ -223,7 +223,7 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import long_read_choice, memory_settings, units_selector
+    from memllm.agents.batch_docs import long_read_choice, memory_settings
     from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
@@ -242,7 +242,7 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         mode, settings, note = long_read_choice(llm, files, mode, settings)
         if note is not None:
             _note(f"note: the documents are {note}")
-        embedder = common.embedder_for(mode, units_selector(llm, settings))
+        embedder = common.embedder_before_reading(llm, mode, settings)
         qa = DocumentQA(llm, mode, memory=memory_settings(llm, settings), embedder=embedder, max_new_tokens=max_new_tokens)
     try:
         if files:
@@ -301,10 +301,10 @@ def _ask_each(docs: list[Any], questions: list[str], mode: str | None, settings:
                                         on_done=done, log=_note):  # fmt: skip
                 show(result)
         return
-    from memllm.agents.batch_docs import answer_each, units_selector
+    from memllm.agents.batch_docs import answer_each
 
     llm = common.load_llm(model, device)
-    embedder = common.embedder_for(mode, units_selector(llm, settings))
+    embedder = common.embedder_before_reading(llm, mode, settings)
     bars: list[_Progress] = []
 
     def reading(doc: Any) -> _Progress:

@@ -8,7 +8,7 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import typer
@@ -82,6 +82,15 @@ def embedder_for(mode: str | None, selector: str | None = None) -> Any:
     from memllm.config import TEXT_SELECTORS
 
     return load_embedder() if mode in ("text", "hybrid", None) or selector in TEXT_SELECTORS else None
+
+
+def embedder_before_reading(llm: Any, mode: str | None, settings: Mapping[str, Any] | None) -> Any:
+    """embedder_for the mode `ask` will read in (None: not given) with the user's memory `settings`, as far
+    as it is known before the documents are (batch_docs.mode_before_reading): no embedder is loaded where
+    the mode can only be kv and the units' selector reads no text index."""
+    from memllm.agents.batch_docs import mode_before_reading, units_selector
+
+    return embedder_for(mode_before_reading(llm, mode, settings), units_selector(llm, settings))
 
 
 def open_store(path: str | None, *, with_embedder: bool) -> Any:

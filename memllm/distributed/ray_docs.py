@@ -48,11 +48,10 @@ class DocWorker:
     def load(self) -> str:
         """Load the model (and the embedder the mode needs) once; returns the model's name."""
         if self.llm is None:
-            from memllm.agents.batch_docs import units_selector
             from memllm.cli import common
 
             self.llm = common.load_llm(self.model, self.device)
-            self.embedder = common.embedder_for(self.mode, units_selector(self.llm, self.settings))
+            self.embedder = common.embedder_before_reading(self.llm, self.mode, self.settings)
         return self.model
 
     def answer(self, doc: Document, questions: list[str]) -> DocumentAnswers:

@@ -415,3 +415,22 @@ def test_long_read_choice_tokenizes_the_documents_once(tiny_llm, monkeypatch, lo
     assert batch_docs.long_read_choice(tiny_llm, long, "kv", None)[:2] == ("kv", long_mode_alias)
     assert batch_docs.long_read_choice(tiny_llm, long, None, None)[:2] == ("text", {})
     assert len(counted) == 3  # once a choice, though the mode and the window both ask whether they fit
+
+
+def test_an_embedder_is_loaded_only_where_the_mode_or_the_selector_may_need_one(tiny_llm, monkeypatch, long_mode_alias):
+    from memllm.cli import common
+
+    loads = []
+    monkeypatch.setattr(common, "load_embedder", lambda: loads.append(1) or "embedder")
+    assert common.embedder_before_reading(tiny_llm, None, None) == "embedder"  # a long document may be read as text
+    assert common.embedder_before_reading(tiny_llm, "text", None) == "embedder"
+    assert common.embedder_before_reading(tiny_llm, None, {"selector": "lexical"}) == "embedder"  # its text index
+    assert len(loads) == 3
+    # kv whatever the documents are: --mode kv, or a memory setting; a selector that reads no text index
+    assert common.embedder_before_reading(tiny_llm, "kv", {"selector": "question"}) is None
+    assert common.embedder_before_reading(tiny_llm, None, {"selector": "question"}) is None
+    assert common.embedder_before_reading(tiny_llm, None, {"selector": "infllm", "topk": 4}) is None
+    monkeypatch.setattr(tiny_llm, "name", "some/other-model")  # no long mode of its own: kv
+    monkeypatch.setattr(tiny_llm, "memory", None)
+    assert common.embedder_before_reading(tiny_llm, None, {"selector": "question"}) is None
+    assert len(loads) == 3
