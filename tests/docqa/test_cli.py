@@ -419,6 +419,7 @@ def test_long_read_choice_tokenizes_the_documents_once(tiny_llm, monkeypatch, lo
 
 def test_an_embedder_is_loaded_only_where_the_mode_or_the_selector_may_need_one(tiny_llm, monkeypatch, long_mode_alias):
     from memllm.cli import common
+    from memllm.config import MemoryConfig
 
     loads = []
     monkeypatch.setattr(common, "load_embedder", lambda: loads.append(1) or "embedder")
@@ -430,7 +431,8 @@ def test_an_embedder_is_loaded_only_where_the_mode_or_the_selector_may_need_one(
     assert common.embedder_before_reading(tiny_llm, "kv", {"selector": "question"}) is None
     assert common.embedder_before_reading(tiny_llm, None, {"selector": "question"}) is None
     assert common.embedder_before_reading(tiny_llm, None, {"selector": "infllm", "topk": 4}) is None
-    monkeypatch.setattr(tiny_llm, "name", "some/other-model")  # no long mode of its own: kv
-    monkeypatch.setattr(tiny_llm, "memory", None)
-    assert common.embedder_before_reading(tiny_llm, None, {"selector": "question"}) is None
+    # a model loaded with a memory of its own reads in kv, with its own selector: none where that reads no text index
+    monkeypatch.setattr(tiny_llm, "memory", MemoryConfig(n_init=16, n_local=64, block_size=16, repr_topk=4,
+                                                         selector="question"))  # fmt: skip
+    assert common.embedder_before_reading(tiny_llm, None, None) is None
     assert len(loads) == 3
