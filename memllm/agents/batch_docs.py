@@ -1,5 +1,8 @@
-"""Each document on its own: one DocumentQA per document, every question asked of each.
+"""Documents read as `memllm ask` reads them, in the library.
 
+`read_documents` (and `document_qa`, which it and `ask` build on) choose the mode and the window for the
+documents' length (long_read_choice: what was measured to answer best for the model) and read them into one
+DocumentQA. `answer_each` reads each document on its own: one DocumentQA per document, every question asked of each.
 `answer_each` is what `memllm ask --each` runs in its own process, and what every Ray worker runs on the
 documents it is given (memllm.distributed.ray_docs), so that both give the same answers.
 
@@ -11,12 +14,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from memllm import models
 from memllm.agents.docqa import Answer, DocumentQA, Progress, ReadReport, estimate_tokens, memory_for
 from memllm.config import MemoryConfig
-from memllm.documents import Document
+from memllm.documents import Document, read_document
 
 # Tokens kept free beside the documents for the question's prompt and its answer when deciding whether
 # they fit the default window whole (a quarter of the window where that is less: small test models).
@@ -54,9 +58,7 @@ def answer_each(
     units' text index's (None: the packaged MiniLM where one is needed); progress(doc): a reading progress
     callback for that document, or None."""
     for doc in documents:
-        doc_mode, chosen, note = long_read_choice(llm, [doc], mode, settings)
-        qa = DocumentQA(llm, doc_mode, memory=memory_settings(llm, chosen), embedder=embedder,
-                        max_new_tokens=max_new_tokens)  # fmt: skip
+        qa, note = document_qa(llm, [doc], mode, settings=settings, embedder=embedder, max_new_tokens=max_new_tokens)
         try:
             report = qa.read(doc, progress(doc) if progress is not None else None)
             answers = [qa.ask(q) for q in questions]
@@ -65,6 +67,49 @@ def answer_each(
         if note is not None:
             report.notes.append(note)
         yield DocumentAnswers(doc.name, answers, report)
+
+
+def document_qa(
+    llm: Any,
+    documents: Sequence[Document],
+    mode: str | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    embedder: Any = None,
+    max_new_tokens: int = 24,
+) -> tuple[DocumentQA, str | None]:
+    """A DocumentQA for `documents` chosen as `memllm ask` chooses (long_read_choice): the mode (`mode`, or
+    None: kv, or the model's own mode for documents longer than its default window) and the window (the
+    model's long-read window where they do not fit it), with the user's memory `settings` (memory_settings);
+    and the note saying what was chosen for the user (None where nothing was). Nothing is read yet."""
+    picked, chosen, note = long_read_choice(llm, documents, mode, settings)
+    qa = DocumentQA(llm, picked, memory=memory_settings(llm, chosen), embedder=embedder, max_new_tokens=max_new_tokens)
+    return qa, note
+
+
+def read_documents(
+    llm: Any,
+    sources: Sequence[str | Path | Document],
+    mode: str | None = None,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    embedder: Any = None,
+    max_new_tokens: int = 24,
+    progress: Progress | None = None,
+) -> tuple[DocumentQA, ReadReport]:
+    """Read files (paths) or Documents as `memllm ask` reads them (document_qa: the mode and the window chosen
+    for their length) into one DocumentQA, ready for `ask`; the read's report, with the choice's note first
+    among its notes. The caller closes the DocumentQA (or uses it in a `with` block)."""
+    docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
+    qa, note = document_qa(llm, docs, mode, settings=settings, embedder=embedder, max_new_tokens=max_new_tokens)
+    try:
+        report = qa.read_many(docs, progress=progress)
+    except BaseException:
+        qa.close()
+        raise
+    if note is not None:
+        report.notes.insert(0, note)
+    return qa, report
 
 
 def memory_settings(llm: Any, settings: Mapping[str, Any] | None) -> MemoryConfig | None:

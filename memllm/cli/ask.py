@@ -223,7 +223,7 @@ def ask(
 def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: str | None,
          memory: str | None, model: str, device: str, max_new_tokens: int, evidence: bool,
          as_json: bool, settings: dict[str, Any] | None = None) -> None:  # fmt: skip
-    from memllm.agents.batch_docs import long_read_choice, memory_settings
+    from memllm.agents.batch_docs import document_qa
     from memllm.agents.docqa import DocumentQA
 
     llm = common.load_llm(model, device)
@@ -239,11 +239,10 @@ def _ask(files: list[Any], questions: list[str], mode: str | None, save_memory: 
         qa = DocumentQA.load(llm, memory, embedder=embedder, max_new_tokens=max_new_tokens)
         _note(f"restored {len(qa.docs)} document(s) from {memory} in {time.perf_counter() - start:.2f} s")
     else:
-        mode, settings, note = long_read_choice(llm, files, mode, settings)
+        embedder = common.embedder_before_reading(llm, mode, settings)
+        qa, note = document_qa(llm, files, mode, settings=settings, embedder=embedder, max_new_tokens=max_new_tokens)
         if note is not None:
             _note(f"note: the documents are {note}")
-        embedder = common.embedder_before_reading(llm, mode, settings)
-        qa = DocumentQA(llm, mode, memory=memory_settings(llm, settings), embedder=embedder, max_new_tokens=max_new_tokens)
     try:
         if files:
             bar = _Progress("reading")

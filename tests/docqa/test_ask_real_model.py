@@ -107,3 +107,19 @@ def test_the_default_model_reads_a_long_document_at_its_long_read_window():
     assert long_read_settings(llm, [long], "kv", None) == {"n_local": 512, "topk": 8}
     assert long_read_settings(llm, [long], "text", None) == long_read_settings(llm, [long], "hybrid", None) == {}
     assert long_read_mode(llm, [fits], None) == "kv" and long_read_mode(llm, [long], None) == "text"
+
+
+def test_the_library_reads_a_long_document_as_ask_does():
+    """batch_docs.read_documents, the library's `ask`: the same long document is read in text mode (the
+    default model's long mode), the choice said in the read's notes, and the fact answered from it."""
+    from memllm import MemLLM
+    from memllm.agents.batch_docs import read_documents
+    from memllm.documents import read_text
+
+    llm = MemLLM.from_pretrained("smollm2-135m", device="cpu")
+    long = read_text("\n\n".join(DOCUMENT.split("\n\n") * 40), "almanac x40")
+    qa, report = read_documents(llm, [long], max_new_tokens=8)
+    with qa:
+        assert qa.mode == "text" and "--mode text" in report.notes[0]
+        answer = qa.ask(QUESTION)
+    assert "Agatha Pennywhistle" in answer.text and answer.evidence

@@ -436,3 +436,33 @@ def test_an_embedder_is_loaded_only_where_the_mode_or_the_selector_may_need_one(
                                                          selector="question"))  # fmt: skip
     assert common.embedder_before_reading(tiny_llm, None, None) is None
     assert len(loads) == 3
+
+
+def test_the_library_reads_documents_as_ask_chooses(tiny_llm, tmp_path, long_mode_alias):
+    """batch_docs.read_documents (the library's `memllm ask`): a long document in the model's long mode, a short
+    one in kv at the default window, the user's mode as given; the choice's note first in the read's notes;
+    paths and Documents alike; the same answers as `ask` gives on the CLI's path (document_qa)."""
+    from memllm.agents.batch_docs import document_qa, read_documents
+    from memllm.documents import read_text
+    from memllm.memory_stores.embeddings import FakeEmbedder
+
+    long_path = tmp_path / "long.txt"
+    long_path.write_text(boxes_text(24))
+    short = read_text(boxes_text(1), "short")
+    qa, report = read_documents(tiny_llm, [long_path], embedder=FakeEmbedder())
+    with qa:
+        assert qa.mode == "text" and report.documents == [str(long_path)] and report.tokens > 0
+        assert "--mode text" in report.notes[0]
+        answer = qa.ask("Which shelf is box 3 on?", max_new_tokens=4)
+    qa, report = read_documents(tiny_llm, [short], embedder=FakeEmbedder())
+    with qa:
+        assert (qa.mode, report.notes) == ("kv", [])
+    qa, report = read_documents(tiny_llm, [long_path], "kv", embedder=FakeEmbedder())
+    with qa:
+        assert qa.mode == "kv" and qa.memory.n_local == long_mode_alias["n_local"]
+        assert "--n-local" in report.notes[0]
+    qa, note = document_qa(tiny_llm, [read_text(boxes_text(24), str(long_path))], embedder=FakeEmbedder())
+    with qa:
+        assert qa.mode == "text" and note is not None
+        qa.read(long_path)
+        assert qa.ask("Which shelf is box 3 on?", max_new_tokens=4).text == answer.text
