@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from memllm.documents import Document
 
 _PARA = re.compile(r"\n[ \t]*\n\s*")
-_SOFT = re.compile(r"\n|(?<=[.!?])\s+|\s+")
+# Where a piece too long for a chunk is cut, best first: a sentence's end, a line's end, a word's end (the last
+# one past the piece's middle at the best level that has one): a cut at any word end split a needle sentence
+# from its value ("... project is " | "c3f91ecb-..."), so a chunk held the question's words and not the answer.
+_SOFT = (re.compile(r"(?<=[.!?])\s+"), re.compile(r"\n"), re.compile(r"\s+"))
 
 
 @dataclass
@@ -58,16 +61,18 @@ class TokenizedDocument:
 
 
 def _split_long(td: TokenizedDocument, start: int, end: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    """Cut [start, end) into pieces of <= chunk_tokens tokens, preferring line/sentence/word ends."""
+    """Cut [start, end) into pieces of <= chunk_tokens tokens, preferring sentence, then line, then word ends (_SOFT)."""
     out = []
     text = td.doc.text
     while td.tokens_in(start, end) > chunk_tokens:
         first = bisect.bisect_left(td.starts, start)
         hard = td.starts[min(first + chunk_tokens, len(td.starts) - 1)]  # start of the first token too many
         cut = hard
-        for m in _SOFT.finditer(text, start, hard):
-            if m.end() > start + (hard - start) // 2:
-                cut = m.end()
+        for level in _SOFT:
+            ends = [m.end() for m in level.finditer(text, start, hard) if m.end() > start + (hard - start) // 2]
+            if ends:
+                cut = ends[-1]
+                break
         if cut <= start:
             cut = hard
         out.append((start, cut))

@@ -230,6 +230,30 @@ def test_chunk_spans_cover_the_text_within_budget(tiny_llm):
     assert "".join(covered.split()) == "".join(text.split())
 
 
+def test_chunks_end_at_a_sentence_then_a_line_then_a_word(tiny_llm):
+    """A paragraph too long for a chunk is cut at a sentence's end where one is past the piece's middle, so a
+    sentence and its value stay in one chunk (a cut at any word end split "... project is " from its code);
+    with no sentence end, at a line's end; with neither, at a word's end."""
+    import re
+
+    def chunks(text):
+        td = TokenizedDocument.build(read_text(text, "t.txt"), tiny_llm.tokenizer)
+        spans = chunk_spans(td, 40)
+        assert all(td.tokens_in(a, b) <= 40 for a, b in spans) and len(spans) > 2
+        return [text[a:b] for a, b in spans]
+
+    words = " ".join(f"The code of project {i} is {i * 7919}." for i in range(40)).split(" ")
+    wrapped = "\n".join(" ".join(words[i : i + 5]) for i in range(0, len(words), 5))  # lines cut mid-sentence
+    cut = chunks(wrapped)
+    assert all(c.rstrip().endswith(".") for c in cut)
+    for i in range(40):  # every sentence whole in one chunk
+        assert sum(re.sub(r"\s+", " ", c).count(f"project {i} is {i * 7919}.") for c in cut) == 1
+    lines = "\n".join(f"line {i} of a log with no full stop" for i in range(60))
+    assert all(c.endswith("full stop\n") for c in chunks(lines)[:-1])
+    flat = " ".join(f"w{i}" for i in range(300))
+    assert all(re.fullmatch(r"(w\d+ )+", c) for c in chunks(flat)[:-1])
+
+
 def test_host_memory_refusal(tiny_llm, monkeypatch):
     from memllm import limits
 
