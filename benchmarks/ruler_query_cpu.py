@@ -8,9 +8,10 @@ build`), one read per haystack and, for every question, three systems on that re
 
   * `lexical`         the default selector, matching `Question.query` (what the library does now);
   * `lexical_prompt`  the same selector matching the prompt (the question with `query` blanked: as before b0a0e4a);
-  * `oracle`          the gold units read first;
-  * `lexical_half`    the candidate of session 20 (ruler_run.CANDIDATE_SHARE: the fused ranking's evidence fills half
-                      of topk, not three quarters), on the same read.
+  * `oracle`          the gold units read first.
+
+(Session 21 ran the candidate `lexical_half` here, the fused evidence filling half of topk; GPU run 53 measured it
+and it was deleted: benchmarks/RESULTS.md.)
 
     python benchmarks/ruler_query_cpu.py --suite .gpu/suite_qwen_a.json.gz --lengths 32k --families squad,hotpotqa \
         --questions 50 --out benchmarks/results/ruler_query_cpu_qwen_32k.json.gz
@@ -37,7 +38,7 @@ from memllm.session import Session
 sys.path.insert(0, str(Path(__file__).parent))
 from ruler_gpu import _write, load_suite, subsample  # noqa: E402
 
-SYSTEMS = ("lexical", "lexical_prompt", "oracle", "lexical_half")
+SYSTEMS = ("lexical", "lexical_prompt", "oracle")
 
 
 def ask(session: Session, q: ruler.Question, system: str, newlines: set[int], stops: set[int]) -> dict:

@@ -189,17 +189,15 @@ def evidence_then_attention(
     k: int,
     neighbours: int = 1,
     first: Sequence[int] = (),
-    share: float | None = None,
+    share: float = EVIDENCE_SHARE,
 ) -> torch.Tensor:
     """The k units to read: `first`, then the fused ranking's best units with their neighbours up to
-    `share` of k (default EVIDENCE_SHARE; the evidence), then the question's attention mass alone
-    (`choose`) -> (k,) long.
+    `share` of k (the evidence), then the question's attention mass alone (`choose`) -> (k,) long.
 
     The fused ranking brings the units whose text matches the question; past its best few these are
     the evidence's near-duplicates (other needles, similar paragraphs), which a small model answers
     from. The attention's own ranking fills the rest with the units every question looks at (the
     stream's start, recurring passages): what the oracle reads beside the gold units."""
-    share = EVIDENCE_SHARE if share is None else share
     n_evidence = max(1, min(k, round(k * share)))
     evidence = choose(ranked, n_evidence, neighbours, first=first).tolist()
     given = set(first)
@@ -234,7 +232,7 @@ def lexical_evidence(
     k: int,
     neighbours: int = 1,
     first: Sequence[int] = (),
-    share: float | None = None,
+    share: float = EVIDENCE_SHARE,
 ) -> torch.Tensor:
     """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
     `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
@@ -243,7 +241,6 @@ def lexical_evidence(
     there is no tier: `evidence_then_attention` itself. held: (n_units, words) bool, the question's rare words
     each unit's best window holds."""
     n = mass.numel()
-    share = EVIDENCE_SHARE if share is None else share
     n_evidence = max(1, min(k, round(k * share)))
     tier = lexical_tier(lexical, n_evidence)
     lead = list(dict.fromkeys(int(u) for u in first))

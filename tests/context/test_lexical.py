@@ -146,23 +146,6 @@ def test_lexical_evidence_equals_the_reference_rule(seed):
         assert torch.equal(got, select.evidence_then_attention(ranked, mass, k, 1))
 
 
-@pytest.mark.parametrize("share", [0.5, 0.25])
-def test_the_evidence_share_is_read_when_the_units_are_chosen(share, monkeypatch):
-    """A benchmark's candidate share (ruler_run.CANDIDATE_SHARE) sets select.EVIDENCE_SHARE around one
-    question: the selection reads it at call time, as an explicit `share` would."""
-    g = torch.Generator().manual_seed(5)
-    n, k = 80, 16
-    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
-    lexical, held = torch.zeros(n), torch.zeros(n, 2, dtype=torch.bool)
-    lexical[[10, 40]] = 1.0
-    held[[10, 40], 0] = True  # the tier lacks word 1: the fused ranking's evidence follows it
-    explicit = select.lexical_evidence(ranked, mass, lexical, held, k, 1, share=share)
-    monkeypatch.setattr(select, "EVIDENCE_SHARE", share)
-    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1), explicit)
-    assert torch.equal(explicit, reference(ranked, mass, lexical, held, k, 1))
-    assert not torch.equal(explicit, select.lexical_evidence(ranked, mass, lexical, held, k, 1, share=0.75))
-
-
 @pytest.mark.parametrize("covers", [True, False])
 def test_a_small_topk_reads_every_tier_unit_and_a_covering_tier_leaves_the_fill_to_the_attention(covers):
     n, k = 60, 8  # six evidence slots: four values with neighbours would read two
