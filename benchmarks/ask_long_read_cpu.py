@@ -16,6 +16,7 @@ answer scored by the suite's rule. Both settings read the same text and ask the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -24,6 +25,7 @@ import torch
 import transformers
 
 from memllm import MemLLM
+from memllm.agents import batch_docs
 from memllm.agents.batch_docs import answer_each, long_read_settings
 from memllm.bench import ruler
 from memllm.bench.passkey import parse_length
@@ -40,9 +42,12 @@ def main() -> None:
     ap.add_argument("--mode", default="kv", choices=("kv", "hybrid", "text"))  # text: no window (chunks alone)
     ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
     ap.add_argument("--windows", default="512,4096", help="comma-separated: 512 (topk 8) and/or 4096 (topk 16)")
+    ap.add_argument("--retrieval", default=None, help="DocumentQA's text retrieval (text, hybrid modes); default: its own")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    if args.retrieval is not None:  # every DocumentQA answer_each builds retrieves so
+        batch_docs.DocumentQA = functools.partial(batch_docs.DocumentQA, retrieval=args.retrieval)
     llm = MemLLM.from_pretrained(args.model, device="cpu", dtype="fp32")
     families = args.families.split(",")
     if set(families) <= set(ruler.QA_FAMILIES):  # SQuAD / HotpotQA: gold paragraphs among Wikipedia paragraphs

@@ -42,6 +42,10 @@ from memllm.errors import ConfigError, InputError, SnapshotError
 from memllm.savedir import check_target, private_tempdir, replace_folder
 
 MODES = ("kv", "text", "hybrid", "full")
+# Text retrieval (text and hybrid modes): "lexical", the chunks holding the question's rare words first, then MiniLM's
+# ranking (_lexical_first; benchmarks/RESULTS.md, "Text mode's retrieval"); "dense", MiniLM's ranking alone (the
+# baseline benchmarks compare with).
+RETRIEVALS = ("lexical", "dense")
 DOCQA_FORMAT = "memllm-docqa"
 DOCQA_VERSION = 1
 PROMPT_QUESTION = (
@@ -170,6 +174,37 @@ def newline_ids(tokenizer: Any) -> frozenset[int]:
     return _NEWLINE_IDS[key]
 
 
+# A chunk joins the tier for words the tier lacks only where those words weigh at least this share of what the
+# tier's best chunk holds: a second key of a question about two (multiquery, HotpotQA's two titles), not a word such
+# as "year" or "did" that few chunks of a small document happen to hold (those brought chunks MiniLM ranked nowhere
+# in front of the gold one and cost SmolLM2 QA answers; benchmarks/RESULTS.md, "Text mode's retrieval").
+COVER_SHARE = 0.5
+
+
+def cover_words(lead: list[int], held: Any, cap: int, share: float = COVER_SHARE) -> list[int]:
+    """`lead` (chunk indexes) and then, while some of the question's rare words are in none of them, the chunk
+    holding the most of those words (IDF-weighted, IDF over the chunks), up to `cap` chunks, each only where its
+    new words weigh at least `share` of the best lead chunk's. held: (chunks, words) bool, the rare words each
+    chunk holds (unit_lexical.WindowWords.unit_scores)."""
+    import torch
+
+    held = held.bool()
+    idf = torch.log(held.shape[0] / held.sum(dim=0).clamp(min=1).float())
+    weight = idf / idf.sum().clamp(min=1e-12)
+    out = list(lead)
+    least = share * float((held[out].float() @ weight).max())
+    left = ~held[out].any(dim=0)
+    while left.any() and len(out) < cap:
+        gain = held[:, left].float() @ weight[left]
+        gain[out] = -1.0
+        best = int(gain.argmax())
+        if float(gain[best]) < least or float(gain[best]) <= 0:
+            break
+        out.append(best)
+        left &= ~held[best]
+    return out
+
+
 def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
@@ -278,6 +313,8 @@ class DocumentQA:
     most the window left after question and answer; None: all of it; the 135M default model does
     better on short prompts); hybrid_tokens: the same for hybrid (default: n_local/2).
     evidence_units: units shown per layer group; layer_groups: how many groups of layers.
+    retrieval: how text and hybrid modes choose chunks (RETRIEVALS; default "lexical": the chunks holding the
+    question's rare words, its names and keys, first, then MiniLM's ranking).
     """
 
     def __init__(
@@ -295,6 +332,7 @@ class DocumentQA:
         evidence_units: int = 3,
         layer_groups: int = 3,
         embedder: Any = None,
+        retrieval: str = "lexical",
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"document QA mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -330,6 +368,10 @@ class DocumentQA:
         self.hybrid_tokens = hybrid_tokens if hybrid_tokens is not None else max(64, n_local // 2)
         self.controller: Any = None
         self.chunk_count = 0
+        if retrieval not in RETRIEVALS:
+            raise ConfigError(f"retrieval must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
+        self.retrieval = retrieval
+        self._words: tuple[list[Any], Any] | None = None  # _chunk_words
 
     # ------------------------------------------------------------------ text store
     def _embedder_or_default(self) -> Any:
@@ -379,6 +421,7 @@ class DocumentQA:
                 metadata={"doc": doc_index, "chunk": i, "lines": [a, b]},
             ))  # fmt: skip
         store.add_many(records)
+        self._words = None  # rebuilt at the next question
         return len(records)
 
     # ------------------------------------------------------------------ reading
@@ -546,16 +589,58 @@ class DocumentQA:
         if ctl.config.candidates != want:
             ctl.config = replace(ctl.config, candidates=want)
         recall = ctl.recall(question, memory_tokens=budget, flash_tokens=0)
-        used = [it for it in recall.items if it.mode != "dropped"]
+        used = [(it.record, float(it.relevance)) for it in recall.items if it.mode != "dropped"]
+        if self.retrieval == "lexical":
+            used = self._lexical_first(question, used, budget)
         evidence = []
-        for it in used:
-            rec = it.record
+        for rec, relevance in used:
             s, e = rec.span or (0, len(rec.text))
             lines = tuple(rec.metadata.get("lines") or (0, 0))
             evidence.append(Evidence("chunk", rec.source or "", s, e, (int(lines[0]), int(lines[1])),
-                                     float(it.relevance), rec.text))  # fmt: skip
-        order = sorted(used, key=lambda it: it.relevance)  # best chunk nearest the question
-        return evidence, "\n\n".join(it.record.text for it in order)
+                                     relevance, rec.text))  # fmt: skip
+        order = [rec for rec, _ in reversed(used)]  # best chunk nearest the question
+        return evidence, "\n\n".join(rec.text for rec in order)
+
+    def _lexical_first(self, question: str, used: list[tuple[Any, float]], budget: int) -> list[tuple[Any, float]]:
+        """The chunks whose rare-word score (unit_lexical: the question's rare words they hold, IDF over the
+        chunks) is within LEXICAL_MARGIN of the best first, up to EVIDENCE_SHARE of the budget's chunks
+        (select.lexical_tier: none where more hold them), then the MiniLM ranking `used`; within `budget` tokens."""
+        import torch
+
+        from memllm.context.select import EVIDENCE_SHARE, lexical_tier
+
+        records, words = self._chunk_words()
+        n = len(records)
+        if not n:
+            return used
+        at = torch.arange(n)
+        scores, held = words.unit_scores(question, at, at, n)
+        cap = max(1, round(EVIDENCE_SHARE * budget / max(16, self.chunk_tokens)))
+        tier = lexical_tier(scores, cap)
+        if tier and held.shape[1]:
+            tier = cover_words(tier, held, cap)
+        tier = [records[i] for i in tier]
+        cosine = {rec.id: r for rec, r in used}
+        lead = [(rec, cosine.get(rec.id, 0.0)) for rec in tier]
+        out, room = [], budget
+        for rec, r in [*lead, *((rec, r) for rec, r in used if rec.id not in {t.id for t in tier})]:
+            cost = self.llm.count_tokens(rec.text + "\n")
+            if cost <= room:
+                out.append((rec, r))
+                room -= cost
+        return out
+
+    def _chunk_words(self) -> tuple[list[Any], Any]:
+        """The namespace's chunks in reading order and their words (unit_lexical.WindowWords), built once
+        after each read."""
+        if self._words is None:
+            from memllm.unit_lexical import WindowWords
+
+            records = self.store.list(self.namespace, filters={"kind": "chunk"})
+            words = WindowWords()
+            words.extend(r.text for r in records)
+            self._words = (records, words)
+        return self._words
 
     def _generate(self, ids: list[int], cache: Any, n_new: int, start_position: int = 0) -> str:
         import torch

@@ -347,3 +347,54 @@ def test_kv_with_a_text_selector_reads_a_text_index_over_the_units(tiny_llm, sel
     again = qa.ask(QUESTIONS[0])
     after = memory_state(qa)
     assert before[:2] == after[:2] and torch.equal(before[2], after[2]) and first.text == again.text
+
+
+def _keys_document(n: int = 60) -> tuple[str, list[str]]:
+    """Short paragraphs naming other keys with the question's words (close to it in bag-of-words cosine) and two
+    long ones, each holding one asked key among other words: (text, the two asked key sentences)."""
+    nouns = ["heron", "badger", "lantern", "harbor", "meadow", "comet", "willow", "anvil", "sparrow", "quarry"]
+    paras = [f"What are the secret codes of the crimson-{nouns[i % 10]}{i} project and the silver-{nouns[(i + 3) % 10]}{i} "
+             f"project? {1000 + i} and {2000 + i}." for i in range(n)]  # fmt: skip
+    filler = " ".join(f"Farmers{j} carried barrels{j} along roads{j} near rivers{j}." for j in range(3))
+    asked = ["The secret code of the crimson-falcon project is 4417.", "The secret code of the silver-otter project is 9023."]
+    paras.insert(n // 3, f"{filler} {asked[0]} {filler}")
+    paras.insert(2 * n // 3, f"{filler} {asked[1]} {filler}")
+    return "\n\n".join(paras), asked
+
+
+def test_text_retrieval_puts_the_chunks_holding_the_questions_rare_words_first(tiny_llm):
+    """Text mode's default retrieval (`lexical`): the chunks holding the question's rare words (its keys) come
+    first and nearest the question, both keys of a question about two (cover_words), before MiniLM's (here the
+    fake embedder's) ranking; `dense`, that ranking alone, is the baseline benchmarks compare with."""
+    text, asked = _keys_document()
+    question = "What are the secret codes of the crimson-falcon project and the silver-otter project?"
+    qa = make(tiny_llm, "text", chunk_tokens=64)  # the tiny model's window leaves no room: a budget of 600 tokens
+    assert qa.retrieval == "lexical"
+    qa.read(text, name="keys.txt")
+    evidence, joined = qa._retrieve(question, 600)
+    assert all(a in " ".join(e.text for e in evidence[:2]) for a in asked)
+    assert sum(qa.llm.count_tokens(e.text + "\n") for e in evidence) <= 600 and len(evidence) > 2
+    assert joined.endswith(evidence[0].text)  # the best chunk nearest the question
+    qa.close()
+    dense = make(tiny_llm, "text", chunk_tokens=64, retrieval="dense")
+    dense.read(text, name="keys.txt")
+    ranked = [e.score for e in dense._retrieve(question, 600)[0]]
+    assert len(ranked) > 2 and ranked == sorted(ranked, reverse=True)  # the embedder's ranking, best first
+    dense.close()
+    with pytest.raises(ConfigError, match="retrieval"):
+        make(tiny_llm, "text", retrieval="bm25")
+
+
+def test_cover_words_adds_a_chunk_for_words_the_lead_lacks_only_where_they_weigh():
+    from memllm.agents.docqa import cover_words
+
+    # words: key A (2 words), key B (2 words), "year" (a common question word in few chunks of a small document)
+    held = torch.zeros(20, 5, dtype=torch.bool)
+    held[3, 0:2] = True  # the chunk with key A
+    held[11, 2:4] = True  # the chunk with key B
+    held[[5, 6, 7], 4] = True  # "year"
+    held[12, 2] = True  # half of key B
+    assert cover_words([3], held, cap=4) == [3, 11]  # key B weighs as much as A: covered; "year" does not
+    assert cover_words([3], held, cap=4, share=0.0) == [3, 11, 5]  # every word, however little it weighs
+    assert cover_words([3], held, cap=1) == [3]  # no room
+    assert cover_words([3, 11], held, cap=4) == [3, 11]
