@@ -621,6 +621,7 @@ class DocumentQA:
             tier = cover_words(tier, held, cap)
         tier = [records[i] for i in tier]
         cosine = {rec.id: r for rec, r in used}
+        cosine.update(self._cosines(question, [rec for rec in tier if rec.id not in cosine]))
         lead = [(rec, cosine.get(rec.id, 0.0)) for rec in tier]
         out, room = [], budget
         for rec, r in [*lead, *((rec, r) for rec, r in used if rec.id not in {t.id for t in tier})]:
@@ -629,6 +630,18 @@ class DocumentQA:
                 out.append((rec, r))
                 room -= cost
         return out
+
+    def _cosines(self, question: str, records: list[Any]) -> dict[str, float]:
+        """The store embedder's cosine of `question` with each of `records` (chunks the rare words brought that
+        MiniLM's candidates did not hold): the relevance their evidence shows, as the others' (clipped at 0 as the
+        controller's); none without an embedder."""
+        embedder = getattr(self.store, "embedder", None)
+        if not records or embedder is None:
+            return {}
+        from memllm.memory_stores.embeddings import normalize_rows
+
+        vectors = normalize_rows(embedder.embed([question, *(rec.text for rec in records)]))
+        return {rec.id: max(0.0, float(v)) for rec, v in zip(records, vectors[1:] @ vectors[0], strict=True)}
 
     def _chunk_words(self) -> tuple[list[Any], Any]:
         """The namespace's chunks in reading order and their words (unit_lexical.WindowWords), built once

@@ -375,6 +375,10 @@ def test_text_retrieval_puts_the_chunks_holding_the_questions_rare_words_first(t
     assert all(a in " ".join(e.text for e in evidence[:2]) for a in asked)
     assert sum(qa.llm.count_tokens(e.text + "\n") for e in evidence) <= 600 and len(evidence) > 2
     assert joined.endswith(evidence[0].text)  # the best chunk nearest the question
+    # every chunk shows the embedder's cosine with the question, those MiniLM's candidates did not hold too
+    vectors = qa.store.embedder.embed([question, *(e.text for e in evidence)])
+    assert [e.score for e in evidence] == pytest.approx((vectors[1:] @ vectors[0]).tolist(), abs=1e-5)
+    assert all(e.score > 0 for e in evidence[:2])
     qa.close()
     dense = make(tiny_llm, "text", chunk_tokens=64, retrieval="dense")
     dense.read(text, name="keys.txt")
