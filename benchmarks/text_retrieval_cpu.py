@@ -29,9 +29,6 @@ from memllm.bench import ruler
 from memllm.bench.passkey import parse_length
 from memllm.documents import read_text
 
-QA = ("squad", "hotpotqa")
-NEEDLES = ("single", "multikey", "multivalue", "multiquery")
-
 
 def char_starts(tokenizer, ids: list[int], positions: set[int]) -> dict[int, int]:
     """Token position -> character offset in decode(ids), for the positions asked (prefix decodes)."""
@@ -80,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lengths", default="12k,32k")
-    ap.add_argument("--families", default=",".join(QA + NEEDLES))
+    ap.add_argument("--families", default=",".join(ruler.QA_FAMILIES + ruler.NEEDLE_FAMILIES))
     ap.add_argument("--per-family", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrievals", default=",".join(RETRIEVALS))

@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from memllm import models
-from memllm.agents.docqa import Answer, DocumentQA, Progress, ReadReport, estimate_tokens, memory_for
+from memllm.agents.docqa import (
+    Answer,
+    DocumentQA,
+    Progress,
+    ReadReport,
+    as_documents,
+    estimate_tokens,
+    memory_for,
+)
 from memllm.config import MemoryConfig
-from memllm.documents import Document, read_document
+from memllm.documents import Document
 
 # Tokens kept free beside the documents for the question's prompt and its answer when deciding whether
 # they fit the default window whole (a quarter of the window where that is less: small test models).
@@ -100,7 +108,7 @@ def read_documents(
     """Read files (paths) or Documents as `memllm ask` reads them (document_qa: the mode and the window chosen
     for their length) into one DocumentQA, ready for `ask`; the read's report, with the choice's note first
     among its notes. The caller closes the DocumentQA (or uses it in a `with` block)."""
-    docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
+    docs = as_documents(sources)
     qa, note = document_qa(llm, docs, mode, settings=settings, embedder=embedder, max_new_tokens=max_new_tokens)
     try:
         report = qa.read_many(docs, progress=progress)

@@ -205,6 +205,11 @@ def cover_words(lead: list[int], held: Any, cap: int, share: float = COVER_SHARE
     return out
 
 
+def as_documents(sources: Sequence[str | Path | Document]) -> list[Document]:
+    """Files (paths) read into Documents (read_document: bounded, InputError with the reason); Documents as they are."""
+    return [s if isinstance(s, Document) else read_document(s) for s in sources]
+
+
 def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
@@ -473,7 +478,7 @@ class DocumentQA:
         self, sources: Sequence[str | Path | Document], progress: Progress | None = None
     ) -> ReadReport:
         """Read several documents; progress(done, total) over all of them."""
-        docs = [s if isinstance(s, Document) else read_document(s) for s in sources]
+        docs = as_documents(sources)
         self.check_memory(docs)
         tds = [TokenizedDocument.build(d, self.llm.tokenizer) for d in docs]
         total = sum(len(td) for td in tds)
@@ -623,8 +628,9 @@ class DocumentQA:
         cosine = {rec.id: r for rec, r in used}
         cosine.update(self._cosines(question, [rec for rec in tier if rec.id not in cosine]))
         lead = [(rec, cosine.get(rec.id, 0.0)) for rec in tier]
+        led = {rec.id for rec in tier}
         out, room = [], budget
-        for rec, r in [*lead, *((rec, r) for rec, r in used if rec.id not in {t.id for t in tier})]:
+        for rec, r in [*lead, *((rec, r) for rec, r in used if rec.id not in led)]:
             cost = self.llm.count_tokens(rec.text + "\n")
             if cost <= room:
                 out.append((rec, r))
