@@ -95,26 +95,51 @@ class WindowWords:
                 at.append(windows)
         return found, at
 
+    def window_scores(
+        self, question: str, n_windows: int, rare: float = RARE, floor: int = RARE_FLOOR
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first n_windows windows -> ((n_windows,) each window's IDF-weighted share of the question's rare
+        words, (n_windows, rare words) bool: which it holds)."""
+        most = max(rare * n_windows, floor)
+        found = [at for at in self.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(at) <= most]
+        held = np.zeros((max(n_windows, 0), len(found)), dtype=bool)
+        if not found:
+            return np.zeros(max(n_windows, 0)), held
+        idf = np.array([math.log(n_windows / len(at)) for at in found])
+        weight = idf / max(idf.sum(), 1e-12)
+        for i, at in enumerate(found):
+            held[at, i] = True
+        return held @ weight, held
+
     def unit_scores(
         self, question: str, first: torch.Tensor, last: torch.Tensor, n_windows: int, rare: float = RARE,
         floor: int = RARE_FLOOR,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Units whose windows are first[u]..last[u] (of the first n_windows) -> ((n_units,) fp32 score,
         (n_units, rare words) bool: the words the unit's best window holds)."""
-        n_units = first.numel()
-        most = max(rare * n_windows, floor)
-        found = [at for at in self.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(at) <= most]
-        if not found or n_units == 0:
-            return torch.zeros(n_units), torch.zeros(n_units, len(found), dtype=torch.bool)
-        idf = np.array([math.log(n_windows / len(at)) for at in found])
-        weight = idf / max(idf.sum(), 1e-12)
-        held = np.zeros((n_windows, len(found)), dtype=bool)
-        for i, at in enumerate(found):
-            held[at, i] = True
-        per_window = held @ weight
-        lo, hi = first.numpy(), last.numpy()
-        span = int((hi - lo).max()) + 1
-        idx = lo[:, None] + np.arange(span)
-        vals = np.where(idx <= hi[:, None], per_window[np.minimum(idx, n_windows - 1)], -np.inf)
-        best = idx[np.arange(n_units), vals.argmax(axis=1)]  # the first best window, as np.argmax
-        return torch.from_numpy(per_window[best]).float(), torch.from_numpy(held[best])
+        per_window, held = self.window_scores(question, n_windows, rare, floor)
+        score, words_held, _, _ = best_windows(per_window, held, first, last)
+        return score, words_held
+
+
+def best_windows(
+    per_window: np.ndarray, held: np.ndarray, first: torch.Tensor, last: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Windows' scores and words (window_scores), units whose windows are first[u]..last[u] -> per unit:
+    (n_units,) fp32 its best window's score, (n_units, words) bool that window's words (the first best
+    window, as np.argmax), and (n_units,) the first and the last of its windows with that score."""
+    n_units = first.numel()
+    n_windows = per_window.shape[0]
+    if held.shape[1] == 0 or n_units == 0 or n_windows == 0:
+        none = np.zeros(n_units, dtype=np.int64)
+        return torch.zeros(n_units), torch.zeros(n_units, held.shape[1], dtype=torch.bool), none, none
+    lo, hi = first.numpy(), last.numpy()
+    span = int((hi - lo).max()) + 1
+    idx = lo[:, None] + np.arange(span)
+    vals = np.where(idx <= hi[:, None], per_window[np.minimum(idx, n_windows - 1)], -np.inf)
+    top = vals.max(axis=1)
+    at_top = vals == top[:, None]
+    first_best = idx[np.arange(n_units), vals.argmax(axis=1)]
+    last_best = idx[np.arange(n_units), span - 1 - at_top[:, ::-1].argmax(axis=1)]
+    return (torch.from_numpy(per_window[first_best]).float(), torch.from_numpy(held[first_best]), first_best,
+            last_best)  # fmt: skip

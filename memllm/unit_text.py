@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from memllm.errors import ConfigError
-from memllm.unit_lexical import RARE, RARE_FLOOR, WindowWords
+from memllm.unit_lexical import RARE, RARE_FLOOR, WindowWords, best_windows
 
 WINDOW = 48  # tokens a window holds (at most block_size); a window starts every WINDOW // 2 tokens
 
@@ -140,13 +140,32 @@ class UnitTextIndex:
         """(n_units,) fp32 and (n_units, words) bool: per unit, the IDF-weighted share of the question's
         rare words its best window holds, and which (memllm/unit_lexical.py). Windows' words are read
         lazily, once, as their vectors are."""
+        score, held, _ = self.lexical_sides(question, n_units, rare, floor)
+        return score, held
+
+    def lexical_sides(
+        self, question: str, n_units: int, rare: float = RARE, floor: int = RARE_FLOOR
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`lexical`, and (n_units,) int8 the side the unit's words lie against: +1 where the windows with
+        its best score reach into its last half window (or past its end; the sentence that holds them
+        may go on in the next unit), -1 where they reach into its first half window (or before it),
+        0 where both or neither (words spread over the unit, or none)."""
         if n_units <= 0:
-            return torch.zeros(0), torch.zeros(0, 0, dtype=torch.bool)
+            return torch.zeros(0), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.int8)
         n_windows = self._check(n_units)
         for lo in range(len(self._words), n_windows, self.batch):
             self._words.extend(self.window_text(j) for j in range(lo, min(n_windows, lo + self.batch)))
         first, last = self.unit_windows(n_units)
-        return self._words.unit_scores(question, first, last, n_windows, rare, floor)
+        per_window, held = self._words.window_scores(question, n_windows, rare, floor)
+        score, words_held, lo, hi = best_windows(per_window, held, first, last)
+        start = torch.from_numpy(lo * self.stride)  # tokens after n_init
+        end = torch.from_numpy(hi * self.stride + self.window)
+        unit_start = torch.arange(n_units) * self.block_size
+        half = self.window // 2
+        after = end > unit_start + self.block_size - half
+        before = start < unit_start + half
+        sides = after.to(torch.int8) - before.to(torch.int8)
+        return score, words_held, sides.masked_fill(score <= 0, 0)
 
     def scores(self, question: str, n_units: int) -> torch.Tensor:
         """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""

@@ -233,20 +233,25 @@ def lexical_evidence(
     neighbours: int = 1,
     first: Sequence[int] = (),
     share: float = EVIDENCE_SHARE,
+    *,
+    sides: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then their
-    `neighbours` (tier order), up to `share` of k. Where the tier's units together hold every rare word of
-    the question, that is the evidence and the attention fills the rest (as the oracle's gold units);
-    elsewhere the fused ranking's evidence and the attention follow as in `evidence_then_attention`. Where
-    there is no tier: `evidence_then_attention` itself. held: (n_units, words) bool, the question's rare words
-    each unit's best window holds."""
+    """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then the
+    neighbour each tier unit's words lie against (`sides`, UnitTextIndex.lexical_sides: +1 the next unit,
+    -1 the previous, 0 none), then their other `neighbours` (tier order), up to `share` of k. Where the
+    tier's units together hold every rare word of the question, that is the evidence and the attention
+    fills the rest (as the oracle's gold units); elsewhere the fused ranking's evidence and the attention
+    follow as in `evidence_then_attention`. Where there is no tier: `evidence_then_attention` itself.
+    held: (n_units, words) bool, the question's rare words each unit's best window holds."""
     n = mass.numel()
     n_evidence = max(1, min(k, round(k * share)))
     tier = lexical_tier(lexical, n_evidence)
     lead = list(dict.fromkeys(int(u) for u in first))
     cap = max(n_evidence, len(first))
+    side = [] if sides is None else sides.cpu().tolist()
+    toward = [u + side[u] for u in tier if side and side[u]] if neighbours else []
     around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
-    for v in [*tier, *around]:  # every tier unit before any neighbour: a small topk still reads them all
+    for v in [*tier, *toward, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
             lead.append(v)
     if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):

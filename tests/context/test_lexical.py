@@ -75,6 +75,67 @@ def test_rare_word_scores_equal_a_brute_force_scan_of_the_windows(block_size, wi
         idx.lexical(question, len(text) // block_size + 5)
 
 
+def brute_sides(idx: UnitTextIndex, question: str, n_units: int, rare: float, floor: int) -> list[int]:
+    """Per unit: +1 where the windows with its best score reach its last half window (or past it), -1 its
+    first half window, 0 both, neither or no word."""
+    n_windows = idx.windows_for(n_units)
+    sets = [set(words(idx.window_text(j))) for j in range(n_windows)]
+    _, _, q = brute_force(idx, question, n_units, rare, floor)
+    df = {w: sum(w in s for s in sets) for w in q}
+    idf = {w: math.log(n_windows / df[w]) for w in q}
+    total = sum(idf.values())
+    bs, half = idx.block_size, idx.window // 2
+    out = []
+    for u in range(n_units):
+        lo, hi = u * bs, (u + 1) * bs  # after n_init
+        inside = [j for j in range(n_windows) if min(hi, j * idx.stride + idx.window) - max(lo, j * idx.stride) >= half]
+        per = {j: sum(idf[w] for w in q if w in sets[j]) / total if q else 0.0 for j in inside}
+        top = max(per.values())
+        if top <= 0:
+            out.append(0)
+            continue
+        best = [j for j in inside if per[j] == top]
+        start, end = min(best) * idx.stride, max(best) * idx.stride + idx.window
+        out.append(int(end > hi - half) - int(start < lo + half))
+    return out
+
+
+@pytest.mark.parametrize("block_size,window,seed", [(32, 16, 0), (64, 48, 1), (16, 16, 2), (128, 48, 3)])
+def test_sides_point_to_the_neighbour_a_units_words_lie_against(block_size, window, seed):
+    """UnitTextIndex.lexical_sides: the scores and words of `lexical`, and each unit's side equal a brute-force
+    reading of its best windows; a rare word at a unit's end points to the next unit, at its start to the
+    previous one."""
+    rng = random.Random(seed)
+    n_init = 5
+    filler = [rng.choice(VOCAB) for _ in range(700)]
+    text = " ".join(filler)
+    for at in (rng.randrange(len(text) - 40) for _ in range(6)):  # rare words anywhere, on unit borders too
+        text = text[:at] + " zebra violet " + text[at + 14 :]
+    idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
+    idx.write(0, [ord(c) for c in text])
+    n_units = (len(text) - n_init) // block_size - 2
+    question = "Where is the zebra violet?"
+    score, held, sides = idx.lexical_sides(question, n_units)
+    want_score, want_held = idx.lexical(question, n_units)
+    assert torch.equal(score, want_score) and torch.equal(held, want_held)
+    assert sides.dtype == torch.int8 and sides.tolist() == brute_sides(idx, question, n_units, 0.02, 16)
+    assert set(sides.tolist()) <= {-1, 0, 1} and (sides[score <= 0] == 0).all()
+
+    if block_size < 2 * window:
+        return  # a window reaching both halves of the unit: no side to point at
+    # a word just before a border points forward; just after it, back
+    u = 4
+    end = n_init + (u + 1) * block_size
+    ids = [ord(c) for c in " ".join(filler)]
+    ids[end - 9 : end - 2] = [ord(c) for c in " kudzu "]
+    ids[end + 3 * block_size : end + 3 * block_size + 7] = [ord(c) for c in " kudzu "]
+    idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
+    idx.write(0, ids)
+    score, _, sides = idx.lexical_sides("kudzu?", n_units)
+    assert float(score[u]) > 0 and int(sides[u]) == 1
+    assert float(score[u + 4]) > 0 and int(sides[u + 4]) == -1
+
+
 def test_a_rollback_leaves_the_words_of_a_fresh_index():
     text = stream(300, seed=1)
     ids = [ord(c) for c in text]
@@ -95,9 +156,10 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
         assert x.tolist() == y.tolist()
 
 
-def reference(ranked, mass, lexical, held, k, nb):
+def reference(ranked, mass, lexical, held, k, nb, sides=None):
     """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
-    holds every rare word, tier_whole with union), the tier's units before their neighbours."""
+    holds every rare word, tier_whole with union), the tier's units before their neighbours, the neighbour
+    each unit's words lie against (sides) before the others."""
     n = mass.numel()
     n_ev = max(1, min(k, round(k * select.EVIDENCE_SHARE)))
     best = float(lexical.max())
@@ -106,7 +168,8 @@ def reference(ranked, mass, lexical, held, k, nb):
         tier = []
     tier.sort(key=lambda u: -float(lexical[u]))
     lead: list[int] = []
-    for v in tier + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
+    toward = [] if sides is None or not nb else [u + int(sides[u]) for u in tier if int(sides[u])]
+    for v in tier + toward + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
     if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
@@ -139,6 +202,9 @@ def test_lexical_evidence_equals_the_reference_rule(seed):
     got = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
     want = reference(ranked, mass, lexical, held, k, 1)
     assert torch.equal(got, want)
+    sides = torch.randint(-1, 2, (n,), generator=g, dtype=torch.int8)
+    sided = select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides)
+    assert torch.equal(sided, reference(ranked, mass, lexical, held, k, 1, sides))
     assert got.numel() == k
     if seed != 11:  # every unit holding all the words is read
         assert set(full[:n_full]) <= set(got.tolist())
@@ -165,6 +231,24 @@ def test_a_small_topk_reads_every_tier_unit_and_a_covering_tier_leaves_the_fill_
     lead = [*values, 6, 8]  # the tier, then the first value's neighbours up to six
     want = select.choose(mass, k, 1, first=lead) if covers else select.evidence_then_attention(ranked, mass, k, 1, first=lead)
     assert torch.equal(got, want)
+
+
+def test_a_small_topk_reads_first_the_neighbour_each_values_words_lie_against():
+    """Four values of one key and six evidence slots: without sides the first value's two neighbours take the
+    last two; with them, the halves of the two values cut across a border (the next unit after 21, the one
+    before 49) are read, and no neighbour when neighbours=0."""
+    n, k = 60, 8
+    g = torch.Generator().manual_seed(5)
+    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    values = [7, 21, 35, 49]
+    lexical, held = torch.zeros(n), torch.ones(n, 1, dtype=torch.bool)
+    lexical[values] = 1.0
+    sides = torch.zeros(n, dtype=torch.int8)
+    sides[21], sides[49] = 1, -1
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides)
+    assert torch.equal(got, select.choose(mass, k, 1, first=[*values, 22, 48]))
+    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1), select.choose(mass, k, 1, first=[*values, 6, 8]))
+    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 0, sides=sides), select.choose(mass, k, 0, first=values))
 
 
 def test_no_tier_when_too_many_units_hold_the_words():

@@ -1,0 +1,96 @@
+"""Which neighbour the lexical tier reads first, replayed without a model (issue 25).
+
+`select.lexical_evidence` puts the lexical tier's units first, then their neighbours, up to 3/4 of topk. With a
+small topk (SmolLM2's long-read window: topk 8, six evidence slots) and several tier units (four values of one
+key), the first tier unit's two neighbours take the slots and a needle cut across a unit border loses its other
+half. `sides` (UnitTextIndex.lexical_sides) reads first the neighbour each tier unit's words lie against. This
+replays, per question of a built suite, the units the rule reads with and without `sides` (the attention's
+mass left flat: its fill is the units 0, 1, ... in both) and counts the questions whose gold units (the
+evidence spans' units, as the oracle reads) are all read. Selections, not answers; the suite's wording is
+not read by the rule.
+
+    python benchmarks/lexical_sides_signal.py --suite .gpu/suite_smol.json.gz \
+        --tokenizer ~/.cache/memllm/models/smollm2-135m/weights --lengths 32k,128k --n-local 512 --topk 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from memllm.bench.ruler import Haystack
+from memllm.context import select
+from memllm.unit_text import UnitTextIndex
+
+
+class _NoEmbedder:
+    dim = 384  # the index's vectors are never made here: only its windows' words are read
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * mult)
+
+
+def replay(hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int) -> list[dict[str, Any]]:
+    index = UnitTextIndex(_NoEmbedder(), tok, n_init, block_size)
+    index.write(0, hay.ids)
+    n_units = max(0, (len(hay.ids) - n_init - n_local) // block_size)
+    flat = torch.zeros(n_units)
+    rows = []
+    for q in hay.questions:
+        gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
+        if not gold or n_units <= topk:
+            continue
+        score, held, sides = index.lexical_sides(q.query or q.prompt, n_units)
+        row = {"family": q.family, "id": q.id, "gold": gold}
+        for name, s in (("today", None), ("sides", sides)):
+            chosen = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=s).tolist())
+            row[name] = {"all": all(u in chosen for u in gold), "share": sum(u in chosen for u in gold) / len(gold)}
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--lengths", default="32k")
+    ap.add_argument("--n-init", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--n-local", type=int, default=4096)
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
+    with gzip.open(args.suite, "rt") as f:
+        data = json.load(f)
+    lengths = {parse_length(x) for x in args.lengths.split(",")}
+    hays = [Haystack.from_dict(h) for n, hs in data.items() if int(n) in lengths for h in hs]
+    rows = []
+    for hay in hays:
+        for row in replay(hay, tok, args.n_init, args.block_size, args.n_local, args.topk):
+            rows.append({**row, "length": hay.length})
+    cells: dict[tuple[int, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in rows:
+        cells[(r["length"], r["family"])].append(r)
+    print(f"n_local {args.n_local}, topk {args.topk}: every gold unit read (questions) / mean share of gold read")
+    print("| length | family | questions | today | sides |")
+    print("|---|---|---|---|---|")
+    for (length, family), rs in sorted(cells.items()):
+        cols = [f"{sum(r[n]['all'] for r in rs)} / {sum(r[n]['share'] for r in rs) / len(rs):.3f}" for n in ("today", "sides")]
+        print(f"| {length // 1024}K | {family} | {len(rs)} | {cols[0]} | {cols[1]} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
