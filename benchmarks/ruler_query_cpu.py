@@ -8,10 +8,10 @@ build`), one read per haystack and, for every question, three systems on that re
 
   * `lexical`         the default selector, matching `Question.query` (what the library does now);
   * `lexical_prompt`  the same selector matching the prompt (the question with `query` blanked: as before b0a0e4a);
-  * `lexical_unsided` the default selector with the tier's neighbours in tier order (before `Session.lexical_sides`);
   * `oracle`          the gold units read first.
 
-(Session 21 ran the candidate `lexical_half` here, the fused evidence filling half of topk; GPU run 53 measured it
+(Session 23 ran `lexical_unsided` here, the tier's neighbours in tier order before `sides`: deleted after GPU run 54.
+Session 21 ran the candidate `lexical_half` here, the fused evidence filling half of topk; GPU run 53 measured it
 and it was deleted: benchmarks/RESULTS.md.)
 
     python benchmarks/ruler_query_cpu.py --suite .gpu/suite_qwen_a.json.gz --lengths 32k --families squad,hotpotqa \
@@ -39,7 +39,7 @@ from memllm.session import Session
 sys.path.insert(0, str(Path(__file__).parent))
 from ruler_gpu import _write, load_suite, subsample  # noqa: E402
 
-SYSTEMS = ("lexical", "lexical_prompt", "lexical_unsided", "oracle")
+SYSTEMS = ("lexical", "lexical_prompt", "oracle")
 
 
 def ask(session: Session, q: ruler.Question, system: str, newlines: set[int], stops: set[int]) -> dict:

@@ -58,9 +58,6 @@ class Session:
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
-        # the "lexical" selector reads first the neighbour each tier unit's words lie against
-        # (select.lexical_evidence's sides); False: the tier's neighbours in tier order (a baseline)
-        self.lexical_sides = True
         # embedder (a memllm Embedder): a text index over the units' text, which the selectors of
         # config.TEXT_SELECTORS read (the default "lexical" among them); without one, the packaged
         # MiniLM shared by the process (loaded when a question first needs the index); other
@@ -297,9 +294,9 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            sides = lexical[2] if self.lexical_sides else None
+            score_lex, held, sides = lexical
             chosen = select.lexical_evidence(
-                ranked, score, lexical[0], lexical[1], cfg.topk, cfg.select_neighbours, first=gold, sides=sides
+                ranked, score, score_lex, held, cfg.topk, cfg.select_neighbours, first=gold, sides=sides
             )
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)

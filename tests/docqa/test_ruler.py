@@ -65,29 +65,6 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypa
     assert "all layers read" in ruler_run.table(items)
 
 
-def test_the_unsided_baseline_runs_on_the_same_read_and_leaves_sides_on(tiny_llm, monkeypatch):
-    from memllm.memory_stores.embeddings import FakeEmbedder
-    from memllm.session import Session
-
-    hays = ruler.build_suite(tiny_llm.tokenizer, 1536, ["multivalue"], 1, seed=0)
-    for q in (q for h in hays for q in h.questions):
-        q.max_new_tokens = 2
-    memory = MemoryConfig(n_init=8, n_local=32, block_size=32, repr_topk=2, topk=5, exc_block_size=16,
-                          chunk_size=64, offload_dtype="fp32")  # fmt: skip
-    seen: list[bool] = []
-    select_prompt = Session.select_prompt
-
-    def spy(self, *a, **kw):
-        seen.append(self.lexical_sides)
-        return select_prompt(self, *a, **kw)
-
-    monkeypatch.setattr(Session, "select_prompt", spy)
-    rows = ruler_run.run(tiny_llm, hays, ["lexical", "lexical_unsided"], memory, embedder=FakeEmbedder())
-    n = sum(len(h.questions) for h in hays)
-    assert [r["system"] for r in rows] == ["lexical", "lexical_unsided"] * n
-    assert seen == [True, False] * n  # each question: sides on, then off for the baseline alone
-
-
 def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_read():
     def row(system, qid, score, read, family="squad", text_rank=(3, 0)):
         return {"system": system, "family": family, "id": qid, "length": 1000, "score": score,
