@@ -1,0 +1,99 @@
+"""Whether a tier that lacks only light words should count as covering the question, from measured answers (issue 25).
+
+`select.lexical_evidence` lets the question's attention fill topk after the lexical tier only where the tier's
+units hold every rare word of the question; elsewhere the fused ranking's evidence comes next. A question often
+holds a rare word its evidence lacks ("mentioned", "provided"), and then near-duplicates of the evidence are read.
+The candidate: the tier covers where the words it lacks weigh less than SHARE of its best unit's score (as
+docqa.cover_words judges a missing word in text mode). Where it covers, the selection is what the deleted
+`lexical_attention` system read (the tier, its neighbours, then the attention: GPU run 51); elsewhere `lexical`'s.
+Both were measured on the same reads (run 51 at 128K and 512K; run 50's `lexical` and run 51's candidate at 1M,
+`lexical` equal in every question across runs 50 and 51), so the candidate's answers are those runs' answers,
+chosen per question by the rule here, which reads only the suite's token ids and question text.
+
+    python benchmarks/ruler_light_cover.py --shares 0.25,0.5,1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from memllm.bench.ruler import Haystack
+from memllm.context import select
+from memllm.unit_lexical import RARE, RARE_FLOOR, words
+from memllm.unit_text import UnitTextIndex
+
+RESULTS = Path(__file__).parent / "results"
+CELLS = (  # length, suite, measured answers
+    ("128k", "suite_qwen_a.json.gz", 131072, ["ruler_qwen_run51_128k_512k.json.gz"]),
+    ("512k", "suite_qwen_c.json.gz", 524288, ["ruler_qwen_run51_128k_512k.json.gz"]),
+    ("1m", "suite_qwen_b.json.gz", 1048576, ["ruler_qwen_run50_1m.json.gz", "ruler_qwen_run51_1m.json.gz"]),
+)
+
+
+class _NoEmbedder:
+    dim = 384
+
+
+def missing_weight(index: UnitTextIndex, question: str, n_units: int, topk: int) -> tuple[float, float] | None:
+    """(weight of the question's rare words no tier unit holds, the best tier unit's score); None: no tier."""
+    score, held, _ = index.lexical_sides(question, n_units)
+    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+    if not tier or held.shape[1] == 0:
+        return None
+    n_windows = index.windows_for(n_units)
+    most = max(RARE * n_windows, RARE_FLOOR)
+    at = [a for a in index._words.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(a) <= most]
+    idf = np.array([math.log(n_windows / len(a)) for a in at])
+    weight = idf / idf.sum()
+    covered = held[tier].any(dim=0).numpy()
+    return float(weight[~covered].sum()), float(score[tier[0]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", default=".gpu", help="the folder of the Qwen suites (ruler_gpu.py build)")
+    ap.add_argument("--tokenizer", default="~/.cache/memllm/models/qwen2.5-coder-0.5b/weights")
+    ap.add_argument("--shares", default="0.25,0.5,1.0")
+    ap.add_argument("--n-local", type=int, default=4096)
+    ap.add_argument("--topk", type=int, default=16)
+    args = ap.parse_args()
+    tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
+    shares = [float(x) for x in args.shares.split(",")]
+    print("| length | family | lexical | " + " | ".join(f"share {s} (attention fills)" for s in shares) + " |")
+    print("|---|---|---|" + "---|" * len(shares))
+    for name, suite, length, files in CELLS:
+        with gzip.open(Path(args.suites) / suite, "rt") as f:
+            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
+        answers: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        for file in files:
+            with gzip.open(RESULTS / file, "rt") as f:
+                for r in json.load(f)["rows"]:
+                    answers[r["id"]][r["system"]] = r["score"]
+        weights: dict[str, tuple[float, float] | None] = {}
+        for h in (h for h in hays if h.kind == "qa"):
+            index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
+            index.write(0, h.ids)
+            n_units = (len(h.ids) - 128 - args.n_local) // 128
+            for q in h.questions:
+                weights[q.id] = missing_weight(index, q.query or q.prompt, n_units, args.topk)
+        for family in ("hotpotqa", "squad"):
+            ids = [i for i in weights if i.startswith(family) and {"lexical", "lexical_attention"} <= set(answers[i])]
+            base = sum(answers[i]["lexical"] for i in ids)
+            cols = []
+            for share in shares:
+                light = [i for i in ids if weights[i] is not None and weights[i][0] < share * weights[i][1]]
+                got = base + sum(answers[i]["lexical_attention"] - answers[i]["lexical"] for i in light)
+                cols.append(f"{got:g} ({len(light)})")
+            print(f"| {name} | {family} | {base:g} | " + " | ".join(cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
