@@ -43,11 +43,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)  # a UUID is ~25 tokens, after a restated question
     ap.add_argument("--windows", default="512,4096", help="comma-separated: 512 (topk 8) and/or 4096 (topk 16)")
     ap.add_argument("--retrieval", default=None, help="DocumentQA's text retrieval (text, hybrid modes); default: its own")
+    ap.add_argument("--context-tokens", type=int, default=None,
+                    help="DocumentQA's context_tokens: tokens of chunks text mode puts in the prompt; default: its own")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    if args.retrieval is not None:  # every DocumentQA answer_each builds retrieves so
-        batch_docs.DocumentQA = functools.partial(batch_docs.DocumentQA, retrieval=args.retrieval)
+    given = {k: v for k, v in (("retrieval", args.retrieval), ("context_tokens", args.context_tokens)) if v is not None}
+    if given:  # every DocumentQA answer_each builds is made so
+        batch_docs.DocumentQA = functools.partial(batch_docs.DocumentQA, **given)
     llm = MemLLM.from_pretrained(args.model, device="cpu", dtype="fp32")
     families = args.families.split(",")
     if set(families) <= set(ruler.QA_FAMILIES):  # SQuAD / HotpotQA: gold paragraphs among Wikipedia paragraphs

@@ -48,6 +48,10 @@ class PackagedModel:
     # kv, at long_read). SmolLM2-135M answers more from retrieved chunks than from its memory units, and reads
     # 12K tokens in ~1.4 s instead of ~33 s on a 2-core CPU (benchmarks/RESULTS.md, "Long documents through ask").
     long_mode: str = ""
+    # Tokens of retrieved chunks text mode puts before the question (DocumentQA's context_tokens default).
+    # SmolLM2-135M answers more with fewer: 131 of 272 needle and QA questions at 512 against 117 at 2,048, on
+    # a 2-core CPU 3.3x faster (benchmarks/RESULTS.md, "Text mode's budget").
+    text_tokens: int = 2048
 
     @property
     def install_command(self) -> str:
@@ -68,6 +72,7 @@ ALIASES: dict[str, PackagedModel] = {
         description="SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1 GGUF; the default",
         long_read=(("n_local", 512), ("topk", 8)),
         long_mode="text",
+        text_tokens=512,
     ),
     "qwen2.5-coder-0.5b": PackagedModel(
         alias="qwen2.5-coder-0.5b",
@@ -351,6 +356,7 @@ def model_table() -> list[dict[str, Any]]:
                 "trained_context": spec.trained_len,
                 "long_read": dict(spec.long_read),  # the MemoryConfig fields `ask` reads long documents with
                 "long_mode": spec.long_mode or None,  # the mode `ask` reads them in where no --mode is given
+                "text_tokens": spec.text_tokens,  # tokens of chunks text mode puts before a question
                 "description": spec.description,
                 "install": spec.install_command,
             }

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from memllm import limits, validate
+from memllm import limits, models, validate
 from memllm.agents.doc_chunks import TokenizedDocument, chunk_spans
 from memllm.config import TEXT_SELECTORS, MemoryConfig
 from memllm.documents import Document, read_document, read_text
@@ -307,6 +307,13 @@ def _check_saved(manifest: dict[str, Any], docs: Any, folder: Path) -> None:
                 raise err(f"documents.json[{i}].{key} must hold non-negative integers")
 
 
+def text_tokens(llm: Any) -> int:
+    """The tokens of chunks text mode puts before a question for `llm`: its packaged alias's `text_tokens`
+    (models.PackagedModel), 2048 for other models."""
+    spec = models.ALIASES.get(getattr(llm, "name", ""))
+    return spec.text_tokens if spec is not None else models.PackagedModel.text_tokens
+
+
 class DocumentQA:
     """Read documents once, ask many questions. `llm` is a memllm.MemLLM (model + fast tokenizer).
 
@@ -314,9 +321,10 @@ class DocumentQA:
     packaged MiniLM embedder); namespace: where the chunks go in it. memory: context-memory settings
     for kv/hybrid (default: `default_memory(trained window)`). chunk_tokens: chunk size for text/hybrid
     (default 192; window / 8 for windows under 1536 tokens).
-    context_tokens: how many tokens of retrieved chunks text mode puts in the prompt (default 2048, at
-    most the window left after question and answer; None: all of it; the 135M default model does
-    better on short prompts); hybrid_tokens: the same for hybrid (default: n_local/2).
+    context_tokens: how many tokens of retrieved chunks text mode puts in the prompt, at most the window
+    left after question and answer (default: the packaged model's `text_tokens`, 512 for the 135M default
+    model, which answers more from short prompts, 2048 for others); hybrid_tokens: the same for hybrid
+    (default: n_local/2).
     evidence_units: units shown per layer group; layer_groups: how many groups of layers.
     retrieval: how text and hybrid modes choose chunks (RETRIEVALS; default "lexical": the chunks holding the
     question's rare words, its names and keys, first, then MiniLM's ranking).
@@ -331,7 +339,7 @@ class DocumentQA:
         *,
         namespace: str = "documents",
         chunk_tokens: int | None = None,
-        context_tokens: int | None = 2048,
+        context_tokens: int | None = None,
         hybrid_tokens: int | None = None,
         max_new_tokens: int = 24,
         evidence_units: int = 3,
@@ -347,6 +355,10 @@ class DocumentQA:
             raise ConfigError(f"chunk_tokens must be at least 16, got {chunk_tokens}")
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if context_tokens is None:
+            context_tokens = text_tokens(llm)
+        if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens < 1:
+            raise ConfigError(f"context_tokens must be an integer >= 1, got {context_tokens!r}")
         self.llm = llm
         self.mode = mode
         self.namespace = namespace
@@ -583,7 +595,7 @@ class DocumentQA:
 
     def _text_budget(self, tail: str, n_new: int) -> int:
         room = self.llm.trained_len - self.llm.count_tokens(tail) - n_new - 8
-        return max(0, min(room, self.context_tokens) if self.context_tokens is not None else room)
+        return max(0, min(room, self.context_tokens))
 
     def _retrieve(self, question: str, budget: int) -> tuple[list[Evidence], str]:
         """The best chunks that fit `budget` tokens: evidence (best first) and their text, best last."""

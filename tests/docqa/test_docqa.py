@@ -146,6 +146,32 @@ def test_text_mode_evidence_chunks_and_budget(tiny_llm):
     qa.close()
 
 
+def test_text_mode_puts_the_models_own_budget_of_chunks_before_the_question(tiny_llm, monkeypatch):
+    """context_tokens defaults to the packaged model's text_tokens (SmolLM2-135M: 512, measured to answer more
+    than 2,048), 2,048 for a model without an alias; a given value wins; a bad one is a ConfigError."""
+    from dataclasses import replace
+
+    from memllm import models
+
+    assert models.ALIASES["smollm2-135m"].text_tokens == 512
+    assert tiny_llm.name not in models.ALIASES and make(tiny_llm, "text").context_tokens == 2048
+    spec = replace(models.ALIASES["smollm2-135m"], alias=tiny_llm.name, text_tokens=40)
+    monkeypatch.setitem(models.ALIASES, tiny_llm.name, spec)
+    text = boxes_text()
+    chosen = {}
+    for name, kw in (("model's", {}), ("given", {"context_tokens": 2048})):
+        qa = make(tiny_llm, "text", **kw)
+        qa.read(text, name="boxes.txt")
+        chosen[name] = qa.ask("What color is box 7?").evidence
+        assert qa.context_tokens == (40 if name == "model's" else 2048)
+        qa.close()
+    assert 0 < sum(tiny_llm.count_tokens(e.text) for e in chosen["model's"]) <= 40
+    assert len(chosen["model's"]) < len(chosen["given"])
+    for bad in (0, -5, 1.5, True, "512"):
+        with pytest.raises(ConfigError, match="context_tokens"):
+            make(tiny_llm, "text", context_tokens=bad)
+
+
 def test_hybrid_has_chunks_and_units_and_rolls_back(tiny_llm):
     qa = make(tiny_llm, "hybrid", hybrid_tokens=64)
     qa.read(boxes_text(), name="boxes.txt")

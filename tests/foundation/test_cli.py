@@ -99,6 +99,7 @@ def test_models_json_lists_aliases(isolated_home):
     assert [m["alias"] for m in data["models"]] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
     assert [m["long_read"] for m in data["models"]] == [{"n_local": 512, "topk": 8}, {}]
     assert [m["long_mode"] for m in data["models"]] == ["text", None]
+    assert [m["text_tokens"] for m in data["models"]] == [512, 2048]
     assert data["home"] == str(isolated_home)
     assert all(m["cached"] is False for m in data["models"])
 
