@@ -159,6 +159,11 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
+def packaged(llm: Any) -> PackagedModel | None:
+    """The packaged alias a loaded model (memllm.MemLLM) was made from, by its name; None for other models."""
+    return ALIASES.get(getattr(llm, "name", ""))
+
+
 def resolve(name: str) -> ResolvedModel:
     """Resolve a model name; raise ModelNotFoundError / ModelPackageMissingError naming the fix."""
     if not name or not name.strip():

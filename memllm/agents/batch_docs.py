@@ -146,7 +146,7 @@ def _fits(llm: Any, documents: Sequence[Document], fits: Callable[[], bool] | No
 
 def _long_read_spec(llm: Any) -> models.PackagedModel | None:
     """The packaged alias whose long-document choices apply: none where the loaded model has a memory of its own."""
-    spec = models.ALIASES.get(getattr(llm, "name", ""))
+    spec = models.packaged(llm)
     return None if spec is None or getattr(llm, "memory", None) is not None else spec
 
 

@@ -310,7 +310,7 @@ def _check_saved(manifest: dict[str, Any], docs: Any, folder: Path) -> None:
 def text_tokens(llm: Any) -> int:
     """The tokens of chunks text mode puts before a question for `llm`: its packaged alias's `text_tokens`
     (models.PackagedModel), 2048 for other models."""
-    spec = models.ALIASES.get(getattr(llm, "name", ""))
+    spec = models.packaged(llm)
     return spec.text_tokens if spec is not None else models.PackagedModel.text_tokens
 
 

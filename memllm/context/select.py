@@ -248,8 +248,8 @@ def lexical_evidence(
     tier = lexical_tier(lexical, n_evidence)
     lead = list(dict.fromkeys(int(u) for u in first))
     cap = max(n_evidence, len(first))
-    side = [] if sides is None else sides.cpu().tolist()
-    toward = [u + side[u] for u in tier if side and side[u]] if neighbours else []
+    side = None if sides is None else sides.cpu().tolist()  # one read of the sides, not one per tier unit
+    toward = [u + side[u] for u in tier if side[u]] if neighbours and side is not None else []
     around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
     for v in [*tier, *toward, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
