@@ -11,6 +11,12 @@ Both were measured on the same reads (run 51 at 128K and 512K; run 50's `lexical
 chosen per question by the rule here, which reads only the suite's token ids and question text.
 
     python benchmarks/ruler_light_cover.py --shares 0.25,0.5,1.0
+
+Session 24 added a second rule, "missing words" (the ruler system `lexical_missing`): `lexical`'s selection is kept
+only where a unit it reads beside what the candidate reads holds a rare word the tier lacks (the fused ranking's
+evidence adds a word), the candidate's elsewhere; composed the same way, for every family:
+
+    python benchmarks/ruler_light_cover.py --rule missing
 """
 
 from __future__ import annotations
@@ -57,6 +63,56 @@ def missing_weight(index: UnitTextIndex, question: str, n_units: int, topk: int)
     return float(weight[~covered].sum()), float(score[tier[0]])
 
 
+def adds_lacking_word(index: UnitTextIndex, question: str, n_units: int, topk: int, added: set[int]) -> bool:
+    """Whether one of `added` (the units `lexical` read and the attention's fill did not) holds a rare word of
+    the question that no tier unit holds (select.lexical_evidence's missing_only)."""
+    score, held, _ = index.lexical_sides(question, n_units)
+    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+    if not tier or held.shape[1] == 0 or not added:
+        return bool(added)  # no tier: the rule is `lexical`'s (kept); nothing added: the two selections are one
+    lacks = ~held[tier].any(dim=0)
+    return bool(held[sorted(added)][:, lacks].any())
+
+
+def _chosen(row: dict) -> set[int]:
+    c = row["chosen"]
+    return set(c[0] if c and isinstance(c[0], list) else c)
+
+
+def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
+    print("| length | family | questions | lexical | missing words (questions where the attention fills) |")
+    print("|---|---|---|---|---|")
+    for name, suite, length, files in CELLS:
+        with gzip.open(Path(args.suites) / suite, "rt") as f:
+            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
+        rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
+        for file in files:
+            with gzip.open(RESULTS / file, "rt") as f:
+                for r in json.load(f)["rows"]:
+                    if abs(r["length"] - length) < length // 8:
+                        rows[r["id"]][r["system"]] = r
+        got: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0])
+        for h in hays:
+            index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
+            index.write(0, h.ids)
+            n_units = (len(h.ids) - 128 - args.n_local) // 128
+            for q in h.questions:
+                v = rows.get(q.id, {})
+                if not {"lexical", "lexical_attention"} <= set(v):
+                    continue
+                lex, att = v["lexical"], v["lexical_attention"]
+                keep = "chosen" not in lex or adds_lacking_word(
+                    index, q.query or q.prompt, n_units, args.topk, _chosen(lex) - _chosen(att)
+                )
+                cell = got[q.family]
+                cell[0] += 1
+                cell[1] += lex["score"]
+                cell[2] += lex["score"] if keep else att["score"]
+                cell[3] += not keep
+        for family, (n, base, cand, fills) in sorted(got.items()):
+            print(f"| {name} | {family} | {n} | {base:g} | {cand:g} ({fills}) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default=".gpu", help="the folder of the Qwen suites (ruler_gpu.py build)")
@@ -64,8 +120,12 @@ def main() -> None:
     ap.add_argument("--shares", default="0.25,0.5,1.0")
     ap.add_argument("--n-local", type=int, default=4096)
     ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--rule", choices=("light", "missing"), default="light")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
+    if args.rule == "missing":
+        missing_words(args, tok)
+        return
     shares = [float(x) for x in args.shares.split(",")]
     print("| length | family | lexical | " + " | ".join(f"share {s} (attention fills)" for s in shares) + " |")
     print("|---|---|---|" + "---|" * len(shares))
