@@ -12,9 +12,11 @@ chosen per question by the rule here, which reads only the suite's token ids and
 
     python benchmarks/ruler_light_cover.py --shares 0.25,0.5,1.0
 
-Session 24 added a second rule, "missing words" (the ruler system `lexical_missing`): `lexical`'s selection is kept
-only where a unit it reads beside what the candidate reads holds a rare word the tier lacks (the fused ranking's
-evidence adds a word), the candidate's elsewhere; composed the same way, for every family:
+Session 24 added a second rule, "missing words" (the ruler system `lexical_missing`, measured on the GPU at 32K in
+run 55 and deleted): `lexical`'s selection is kept only where a unit it reads beside what `lexical_attention` read
+holds a rare word the tier lacks (the fused ranking's evidence adds a word), `lexical_attention`'s elsewhere;
+composed the same way, for every family (a question whose gold sat in the window, no `chosen` recorded, counts
+`lexical`'s answer):
 
     python benchmarks/ruler_light_cover.py --rule missing
 """

@@ -10,10 +10,8 @@ build`), one read per haystack and, for every question, three systems on that re
   * `lexical_prompt`  the same selector matching the prompt (the question with `query` blanked: as before b0a0e4a);
   * `oracle`          the gold units read first.
 
-  * `lexical_missing` a candidate (session 24): the fused ranking's evidence only where it holds a rare word
-                      the lexical tier lacks (ruler_run's system of that name).
-
-(Session 23 ran `lexical_unsided` here, the tier's neighbours in tier order before `sides`: deleted after GPU run 54.
+(Session 24 began the candidate `lexical_missing` here, deleted after GPU run 55: benchmarks/RESULTS.md.
+Session 23 ran `lexical_unsided` here, the tier's neighbours in tier order before `sides`: deleted after GPU run 54.
 Session 21 ran the candidate `lexical_half` here, the fused evidence filling half of topk; GPU run 53 measured it
 and it was deleted: benchmarks/RESULTS.md.)
 
@@ -42,7 +40,7 @@ from memllm.session import Session
 sys.path.insert(0, str(Path(__file__).parent))
 from ruler_gpu import _write, load_suite, subsample  # noqa: E402
 
-SYSTEMS = ("lexical", "lexical_prompt", "oracle", "lexical_missing")
+SYSTEMS = ("lexical", "lexical_prompt", "oracle")
 
 
 def ask(session: Session, q: ruler.Question, system: str, newlines: set[int], stops: set[int]) -> dict:

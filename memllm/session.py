@@ -58,9 +58,6 @@ class Session:
         self.asks = 0
         self.last_selection: dict[str, Any] | None = None  # what select_prompt chose last
         self.limit_hint = LIMIT_HINT  # what a MemoryLimitError tells to do (the chat agent sets its own)
-        # a candidate of the "lexical" selector, measured on one read (benchmarks): the fused ranking's
-        # evidence only where it holds a rare word the lexical tier lacks (select.lexical_evidence)
-        self.lexical_missing_only = False
         # embedder (a memllm Embedder): a text index over the units' text, which the selectors of
         # config.TEXT_SELECTORS read (the default "lexical" among them); without one, the packaged
         # MiniLM shared by the process (loaded when a question first needs the index); other
@@ -299,8 +296,7 @@ class Session:
         if lexical is not None:
             score_lex, held, sides = lexical
             chosen = select.lexical_evidence(
-                ranked, score, score_lex, held, cfg.topk, cfg.select_neighbours, first=gold, sides=sides,
-                missing_only=self.lexical_missing_only,
+                ranked, score, score_lex, held, cfg.topk, cfg.select_neighbours, first=gold, sides=sides
             )
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)

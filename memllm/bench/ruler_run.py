@@ -27,12 +27,8 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_missing")
-# a candidate on the same read as "lexical": the fused ranking's evidence only where it holds a rare word the
-# lexical tier lacks (Session.lexical_missing_only)
-MISSING = "lexical_missing"
-# systems that need the text index's embedder: the selectors that read it
-TEXT_SYSTEMS = (*TEXT_SELECTORS, MISSING)
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
+TEXT_SYSTEMS = TEXT_SELECTORS  # systems that need the text index's embedder: the selectors that read it
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -78,20 +74,16 @@ def ask_memllm(
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    selector = "lexical" if system == MISSING else system if system in ("infllm", *TEXT_SELECTORS) else "question"
+    selector = system if system in ("infllm", *TEXT_SYSTEMS) else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
-    session.lexical_missing_only = system == MISSING
-    try:
-        with session.answering(), session.cache.record_lookups() as log:
-            gen = session.generate_ids(
-                ids, q.max_new_tokens, stop=stops, oracle_spans=oracle, selector=selector, query=q.query or None
-            )
-            out = _until_line(gen, tok, newlines)
-            gen.close()
-            recall = select.recall_by_layer(log, gold, len(session.cache.layers))
-    finally:
-        session.lexical_missing_only = False
+    with session.answering(), session.cache.record_lookups() as log:
+        gen = session.generate_ids(
+            ids, q.max_new_tokens, stop=stops, oracle_spans=oracle, selector=selector, query=q.query or None
+        )
+        out = _until_line(gen, tok, newlines)
+        gen.close()
+        recall = select.recall_by_layer(log, gold, len(session.cache.layers))
     seconds = time.perf_counter() - t0
     answer = _answer(tok, out)
     row: dict[str, Any] = {

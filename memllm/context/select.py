@@ -235,7 +235,6 @@ def lexical_evidence(
     share: float = EVIDENCE_SHARE,
     *,
     sides: torch.Tensor | None = None,
-    missing_only: bool = False,
 ) -> torch.Tensor:
     """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then the
     neighbour each tier unit's words lie against (`sides`, UnitTextIndex.lexical_sides: +1 the next unit,
@@ -243,9 +242,6 @@ def lexical_evidence(
     tier's units together hold every rare word of the question, that is the evidence and the attention
     fills the rest (as the oracle's gold units); elsewhere the fused ranking's evidence and the attention
     follow as in `evidence_then_attention`. Where there is no tier: `evidence_then_attention` itself.
-    missing_only (a candidate): the fused ranking's evidence is kept only where the units it reads that
-    the attention's fill would not hold a rare word the tier's units lack; elsewhere the attention fills
-    after the tier as where the tier holds every word (near-duplicates of the evidence add no word).
     held: (n_units, words) bool, the question's rare words each unit's best window holds."""
     n = mass.numel()
     n_evidence = max(1, min(k, round(k * share)))
@@ -258,19 +254,9 @@ def lexical_evidence(
     for v in [*tier, *toward, *around]:  # every tier unit before any neighbour: a small topk still reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:
             lead.append(v)
-    if not tier or held.shape[1] == 0:
-        return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
-    held = held.cpu()
-    lacks = ~held[tier].any(dim=0)  # the question's rare words no tier unit holds
-    if not bool(lacks.any()):
+    if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):
         return choose(mass, k, neighbours, first=lead)
-    mixed = evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
-    if missing_only:
-        plain = choose(mass, k, neighbours, first=lead)
-        added = sorted(set(mixed.tolist()) - set(plain.tolist()))
-        if not added or not bool(held[added][:, lacks].any()):
-            return plain
-    return mixed
+    return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
 
 
 def choose(score: torch.Tensor, k: int, neighbours: int = 1, first: Sequence[int] = ()) -> torch.Tensor:

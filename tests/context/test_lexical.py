@@ -251,42 +251,6 @@ def test_a_small_topk_reads_first_the_neighbour_each_values_words_lie_against():
     assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 0, sides=sides), select.choose(mass, k, 0, first=values))
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_missing_only_keeps_the_fused_evidence_only_where_it_adds_a_lacking_word(seed):
-    """The candidate equals `lexical`'s selection where a unit the fused evidence adds over the attention's fill
-    holds a word the tier lacks, and the attention's fill after the tier (the covering rule) elsewhere."""
-    g = torch.Generator().manual_seed(100 + seed)
-    n, k = 120, 16
-    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
-    held, lexical = torch.zeros(n, 3, dtype=torch.bool), torch.zeros(n)
-    units = [10, 40, 70, 90, 100, 25]  # the tier, near-duplicates, a unit holding the lacking word
-    for u in units[:2]:  # the tier: words 0 and 1, never word 2
-        held[u, :2] = True
-        lexical[u] = 1.0
-    for u in units[2:5]:  # near-duplicates: word 0 again
-        held[u, 0] = True
-        lexical[u] = 0.4
-    if seed % 2:  # odd seeds: the lacking word 2 in a unit the fused ranking puts first
-        held[units[5], 2] = True
-        lexical[units[5]] = 0.3
-        ranked[units[5]] = ranked.max() + 1.0
-        mass[max(0, units[5] - 1) : units[5] + 2] = 0.0  # not in the attention's fill
-    old = select.lexical_evidence(ranked, mass, lexical, held, k, 1)
-    new = select.lexical_evidence(ranked, mass, lexical, held, k, 1, missing_only=True)
-    lead = [*units[:2], *(u + s for u in units[:2] for s in (-1, 1) if 0 <= u + s < n)]
-    plain = select.choose(mass, k, 1, first=list(dict.fromkeys(lead)))
-    added = set(old.tolist()) - set(plain.tolist())
-    adds_word = any(bool(held[u, 2]) for u in added)
-    assert adds_word == bool(seed % 2)
-    assert torch.equal(new, old if adds_word else plain)
-    covering = held.clone()
-    covering[units[:2], 2] = True  # the tier holds every word: the candidate is the rule as it is
-    assert torch.equal(
-        select.lexical_evidence(ranked, mass, lexical, covering, k, 1, missing_only=True),
-        select.lexical_evidence(ranked, mass, lexical, covering, k, 1),
-    )
-
-
 def test_no_tier_when_too_many_units_hold_the_words():
     lexical = torch.ones(40)
     assert select.lexical_tier(lexical, cap=12) == []

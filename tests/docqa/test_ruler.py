@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from memllm.bench import ruler, ruler_run
 from memllm.cli.bench import ruler as ruler_command
 from memllm.config import MemoryConfig
-from memllm.memory_stores.embeddings import FakeEmbedder
 
 app = typer.Typer()
 app.command("ruler")(ruler_command)
@@ -64,29 +63,6 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypa
         (f, s) for f in ("single", "multikey") for s in ("infllm", "question", "oracle")
     }
     assert "all layers read" in ruler_run.table(items)
-
-
-def test_the_missing_words_candidate_acts_for_its_own_questions_only(tiny_llm, monkeypatch):
-    """"lexical_missing" is the lexical selector with select.lexical_evidence's missing_only, on the same read as
-    "lexical"; the session's switch is off again after every question."""
-    from memllm.context import select
-
-    hays = ruler.build_suite(tiny_llm.tokenizer, 1536, ["single"], 1, seed=0)
-    for q in (q for h in hays for q in h.questions):
-        q.max_new_tokens = 2
-    memory = MemoryConfig(n_init=8, n_local=32, block_size=32, repr_topk=2, topk=5, exc_block_size=16,
-                          chunk_size=64, offload_dtype="fp32")  # fmt: skip
-    seen: list[bool] = []
-    real = select.lexical_evidence
-
-    def spy(*a, **kw):
-        seen.append(kw["missing_only"])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(select, "lexical_evidence", spy)
-    rows = ruler_run.run(tiny_llm, hays, ["lexical", "lexical_missing"], memory, embedder=FakeEmbedder())
-    assert {r["system"] for r in rows} == {"lexical", "lexical_missing"}
-    assert seen and seen == [False, True] * (len(seen) // 2)
 
 
 def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_read():
