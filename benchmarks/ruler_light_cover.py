@@ -19,6 +19,13 @@ composed the same way, for every family (a question whose gold sat in the window
 `lexical`'s answer):
 
     python benchmarks/ruler_light_cover.py --rule missing
+
+And a third, "agree": the attention fills after the tier also where MiniLM's best unit (the text index's cosine, on this
+CPU) is in the tier or next to it (two retrievers agree, so the rest of the evidence is near-duplicates); composed from
+runs 50/51 at 128K-1M, and as a gate on run 55's `lexical_missing` at 32K (its answer where they agree, `lexical`'s
+elsewhere):
+
+    python benchmarks/ruler_light_cover.py --rule agree
 """
 
 from __future__ import annotations
@@ -115,6 +122,65 @@ def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
             print(f"| {name} | {family} | {n} | {base:g} | {cand:g} ({fills}) |")
 
 
+def _tier_agrees(index: UnitTextIndex, question: str, n_units: int, topk: int) -> tuple[bool, bool]:
+    """(a tier that holds every rare word or that MiniLM's best unit is in or next to, a tier at all)."""
+    score, held, _ = index.lexical_sides(question, n_units)
+    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+    if not tier:
+        return False, False
+    if held.shape[1] and bool(held[tier].any(dim=0).all()):
+        return True, True
+    best = int(index.scores(question, n_units).argmax())
+    return any(abs(best - u) <= 1 for u in tier), True
+
+
+def agreement(args: argparse.Namespace, tok: AutoTokenizer) -> None:
+    from memllm.memory_stores.embeddings import shared_embedder
+
+    embedder = shared_embedder()
+    gated = (  # run 55: model, suite, length, window, topk, answers
+        ("qwen2.5-coder-0.5b", "suite_qwen_a.json.gz", 32768, 4096, 16, "ruler_qwen_run55_32k.json.gz"),
+        ("smollm2-135m", "suite_smol.json.gz", 32768, 512, 8, "ruler_smollm2_run55_32k.json.gz"),
+        ("smollm2-135m", "suite_smol.json.gz", 131072, 512, 8, "ruler_smollm2_run55_128k.json.gz"),
+    )
+    jobs = [(args.tokenizer, suite, length, args.n_local, args.topk, files, "lexical_attention")
+            for _, suite, length, files in CELLS]  # fmt: skip
+    jobs += [(f"~/.cache/memllm/models/{m}/weights", suite, length, n_local, topk, [file], "lexical_missing")
+             for m, suite, length, n_local, topk, file in gated]  # fmt: skip
+    print("| tokenizer | length | family | lexical | agree (questions where the attention fills) | better / worse |")
+    print("|---|---|---|---|---|---|")
+    for tok_dir, suite, length, n_local, topk, files, other in jobs:
+        tok = AutoTokenizer.from_pretrained(str(Path(tok_dir).expanduser()))
+        with gzip.open(Path(args.suites) / suite, "rt") as f:
+            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
+        rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
+        for file in files:
+            with gzip.open(RESULTS / file, "rt") as f:
+                for r in json.load(f)["rows"]:
+                    if abs(r["length"] - length) < length // 8:
+                        rows[r["id"]][r["system"]] = r
+        got: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0, 0, 0])
+        for h in hays:
+            index = UnitTextIndex(embedder, tok, 128, 128)
+            index.write(0, h.ids)
+            n_units = (len(h.ids) - 128 - n_local) // 128
+            for q in h.questions:
+                v = rows.get(q.id, {})
+                if not {"lexical", other} <= set(v):
+                    continue
+                fills, _ = _tier_agrees(index, q.query or q.prompt, n_units, topk)
+                a, b = v["lexical"]["score"], v[other if fills else "lexical"]["score"]
+                cell = got[q.family]
+                cell[0] += a
+                cell[1] += b
+                cell[2] += fills
+                cell[3] += b > a
+                cell[4] += b < a
+        name = Path(tok_dir).parent.name
+        for family, (a, b, fills, up, down) in sorted(got.items()):
+            print(f"| {name} | {length // 1024}K | {family} | {a:g} | {b:g} ({fills}) | {up} / {down} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", default=".gpu", help="the folder of the Qwen suites (ruler_gpu.py build)")
@@ -122,11 +188,14 @@ def main() -> None:
     ap.add_argument("--shares", default="0.25,0.5,1.0")
     ap.add_argument("--n-local", type=int, default=4096)
     ap.add_argument("--topk", type=int, default=16)
-    ap.add_argument("--rule", choices=("light", "missing"), default="light")
+    ap.add_argument("--rule", choices=("light", "missing", "agree"), default="light")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
     if args.rule == "missing":
         missing_words(args, tok)
+        return
+    if args.rule == "agree":
+        agreement(args, tok)
         return
     shares = [float(x) for x in args.shares.split(",")]
     print("| length | family | lexical | " + " | ".join(f"share {s} (attention fills)" for s in shares) + " |")
