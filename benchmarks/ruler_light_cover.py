@@ -57,7 +57,9 @@ class _NoEmbedder:
     dim = 384
 
 
-def missing_weight(index: UnitTextIndex, question: str, n_units: int, topk: int) -> tuple[float, float] | None:
+def missing_weight(
+    index: UnitTextIndex, question: str, n_units: int, topk: int
+) -> tuple[float, float] | None:
     """(weight of the question's rare words no tier unit holds, the best tier unit's score); None: no tier."""
     score, held, _ = index.lexical_sides(question, n_units)
     tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
@@ -65,11 +67,28 @@ def missing_weight(index: UnitTextIndex, question: str, n_units: int, topk: int)
         return None
     n_windows = index.windows_for(n_units)
     most = max(RARE * n_windows, RARE_FLOOR)
-    at = [a for a in index._words.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(a) <= most]
+    at = [
+        a for a in index._words.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(a) <= most
+    ]
     idf = np.array([math.log(n_windows / len(a)) for a in at])
     weight = idf / idf.sum()
     covered = held[tier].any(dim=0).numpy()
     return float(weight[~covered].sum()), float(score[tier[0]])
+
+
+def load(
+    suites: str, suite: str, length: int, files: list[str]
+) -> tuple[list[Haystack], dict[str, dict[str, dict]]]:
+    """The suite's haystacks of `length` and the measured rows of that length: {question id: {system: row}}."""
+    with gzip.open(Path(suites) / suite, "rt") as f:
+        hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
+    rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
+    for file in files:
+        with gzip.open(RESULTS / file, "rt") as f:
+            for r in json.load(f)["rows"]:
+                if abs(r["length"] - length) < length // 8:
+                    rows[r["id"]][r["system"]] = r
+    return hays, rows
 
 
 def adds_lacking_word(index: UnitTextIndex, question: str, n_units: int, topk: int, added: set[int]) -> bool:
@@ -78,7 +97,9 @@ def adds_lacking_word(index: UnitTextIndex, question: str, n_units: int, topk: i
     score, held, _ = index.lexical_sides(question, n_units)
     tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
     if not tier or held.shape[1] == 0 or not added:
-        return bool(added)  # no tier: the rule is `lexical`'s (kept); nothing added: the two selections are one
+        return bool(
+            added
+        )  # no tier: the rule is `lexical`'s (kept); nothing added: the two selections are one
     lacks = ~held[tier].any(dim=0)
     return bool(held[sorted(added)][:, lacks].any())
 
@@ -92,14 +113,7 @@ def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
     print("| length | family | questions | lexical | missing words (questions where the attention fills) |")
     print("|---|---|---|---|---|")
     for name, suite, length, files in CELLS:
-        with gzip.open(Path(args.suites) / suite, "rt") as f:
-            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
-        rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
-        for file in files:
-            with gzip.open(RESULTS / file, "rt") as f:
-                for r in json.load(f)["rows"]:
-                    if abs(r["length"] - length) < length // 8:
-                        rows[r["id"]][r["system"]] = r
+        hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0])
         for h in hays:
             index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
@@ -147,18 +161,13 @@ def agreement(args: argparse.Namespace, tok: AutoTokenizer) -> None:
             for _, suite, length, files in CELLS]  # fmt: skip
     jobs += [(f"~/.cache/memllm/models/{m}/weights", suite, length, n_local, topk, [file], "lexical_missing")
              for m, suite, length, n_local, topk, file in gated]  # fmt: skip
-    print("| tokenizer | length | family | lexical | agree (questions where the attention fills) | better / worse |")
+    print(
+        "| tokenizer | length | family | lexical | agree (questions where the attention fills) | better / worse |"
+    )
     print("|---|---|---|---|---|---|")
     for tok_dir, suite, length, n_local, topk, files, other in jobs:
         tok = AutoTokenizer.from_pretrained(str(Path(tok_dir).expanduser()))
-        with gzip.open(Path(args.suites) / suite, "rt") as f:
-            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
-        rows: dict[str, dict[str, dict]] = collections.defaultdict(dict)
-        for file in files:
-            with gzip.open(RESULTS / file, "rt") as f:
-                for r in json.load(f)["rows"]:
-                    if abs(r["length"] - length) < length // 8:
-                        rows[r["id"]][r["system"]] = r
+        hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0, 0, 0])
         for h in hays:
             index = UnitTextIndex(embedder, tok, 128, 128)
@@ -198,16 +207,14 @@ def main() -> None:
         agreement(args, tok)
         return
     shares = [float(x) for x in args.shares.split(",")]
-    print("| length | family | lexical | " + " | ".join(f"share {s} (attention fills)" for s in shares) + " |")
+    print(
+        "| length | family | lexical | " + " | ".join(f"share {s} (attention fills)" for s in shares) + " |"
+    )
     print("|---|---|---|" + "---|" * len(shares))
     for name, suite, length, files in CELLS:
-        with gzip.open(Path(args.suites) / suite, "rt") as f:
-            hays = [Haystack.from_dict(h) for h in json.load(f)[str(length)]]
-        answers: dict[str, dict[str, float]] = collections.defaultdict(dict)
-        for file in files:
-            with gzip.open(RESULTS / file, "rt") as f:
-                for r in json.load(f)["rows"]:
-                    answers[r["id"]][r["system"]] = r["score"]
+        hays, rows = load(args.suites, suite, length, files)
+        answers = {i: {system: r["score"] for system, r in v.items()} for i, v in rows.items()}
+        answers = collections.defaultdict(dict, answers)
         weights: dict[str, tuple[float, float] | None] = {}
         for h in (h for h in hays if h.kind == "qa"):
             index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
@@ -216,7 +223,11 @@ def main() -> None:
             for q in h.questions:
                 weights[q.id] = missing_weight(index, q.query or q.prompt, n_units, args.topk)
         for family in ("hotpotqa", "squad"):
-            ids = [i for i in weights if i.startswith(family) and {"lexical", "lexical_attention"} <= set(answers[i])]
+            ids = [
+                i
+                for i in weights
+                if i.startswith(family) and {"lexical", "lexical_attention"} <= set(answers[i])
+            ]
             base = sum(answers[i]["lexical"] for i in ids)
             cols = []
             for share in shares:
