@@ -75,6 +75,7 @@ def decode(
     guard: RepetitionGuard | None = None,
     feed_last: bool = False,
     on_device: bool = False,
+    logprobs: list[float] | None = None,
 ) -> Iterator[Any]:
     """The decode loop of every generation path (plain attention: generate_ids; context memory:
     Session.generate_ids; the benchmarks' timing path: context/prefill.greedy): from next-token
@@ -83,13 +84,15 @@ def decode(
     logits`, then yield it: a caller that keeps a stream (Session) holds every token it has yielded.
     The last token is fed only with `feed_last` (a session continues from its logits; a one-off call
     needs none). `on_device`: tokens stay (1, 1) device tensors, never read on the host (no host
-    synchronisation per token), so there are no stop ids, no guard and no sampling."""
-    if on_device and (stop_ids or guard is not None or temperature > 0):
-        raise ConfigError("on-device decoding is greedy, without stop ids or a repetition guard")
+    synchronisation per token), so there are no stop ids, no guard and no sampling. `logprobs` (a
+    diagnostic): each yielded token's log-probability under the model's logits (before the guard) is
+    appended to it before the token is yielded."""
+    if on_device and (stop_ids or guard is not None or temperature > 0 or logprobs is not None):
+        raise ConfigError("on-device decoding is greedy, without stop ids, a repetition guard or log-probabilities")
     stops = set(stop_ids)
     generated: list[int] = []
     for i in range(max_new_tokens):
-        row = logits.reshape(1, -1)
+        model_row = row = logits.reshape(1, -1)
         if guard is not None and generated:
             row = guard.apply(row, generated)
         chosen = sample_next(row, temperature, generator)
@@ -100,6 +103,8 @@ def decode(
             if token in stops:
                 return
             generated.append(token)
+            if logprobs is not None:
+                logprobs.append(float(torch.log_softmax(model_row[0].float(), dim=-1)[token]))
         if feed_last or i + 1 < max_new_tokens:
             logits = step(token)
         yield token

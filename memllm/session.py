@@ -203,6 +203,7 @@ class Session:
         selector: str | None = None,
         guard: RepetitionGuard | None = None,
         query: str | None = None,
+        logprobs: list[float] | None = None,
     ) -> Iterator[int]:
         """Greedy continuation of the stream (after `prompt`): yields token ids; they stay in memory.
 
@@ -211,7 +212,8 @@ class Session:
         oracle_spans (a diagnostic): token spans of the stream whose units are read first; selector:
         this call's instead of the config's ("question" or "infllm"); guard (memllm.generation.RepetitionGuard)
         adjusts each step's logits for the tokens generated; query: the user's question alone, which the
-        text index and the rare words match instead of the whole prompt (select_prompt)."""
+        text index and the rare words match instead of the whole prompt (select_prompt); logprobs (a
+        diagnostic): each yielded token's log-probability is appended to it (generation.decode)."""
         stop = _stop_ids(self.llm) if stop is None else stop
         forced = False
         if prompt is not None:
@@ -230,7 +232,9 @@ class Session:
                 return self.last_logits
 
             with attach(model, cache=self.cache):
-                yield from decode(self.last_logits, step, max_new_tokens, stop_ids=stop, guard=guard, feed_last=True)
+                yield from decode(
+                    self.last_logits, step, max_new_tokens, stop_ids=stop, guard=guard, feed_last=True, logprobs=logprobs
+                )
         finally:
             if forced:
                 self.cache.forced.clear()

@@ -58,6 +58,13 @@ def _until_line(tokens: Any, tokenizer: Any, newlines: set[int]) -> list[int]:
     return out
 
 
+def answer_logprob(out: list[int], logprobs: list[float], newlines: set[int]) -> float | None:
+    """The mean log-probability the model gave the answer's tokens (the line ending that closed it left
+    out): its confidence, a diagnostic; None for an empty answer."""
+    n = len(out) - (1 if out and out[-1] in newlines else 0)
+    return round(sum(logprobs[:n]) / n, 4) if n > 0 else None
+
+
 def _ranks(score: torch.Tensor, units: Sequence[int]) -> list[int | None]:
     """Each unit's place (0 = best) when all units are sorted by `score`."""
     order = torch.argsort(score.float().cpu(), descending=True).tolist()
@@ -77,9 +84,16 @@ def ask_memllm(
     selector = system if system in ("infllm", *TEXT_SYSTEMS) else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
+    logprobs: list[float] = []
     with session.answering(), session.cache.record_lookups() as log:
         gen = session.generate_ids(
-            ids, q.max_new_tokens, stop=stops, oracle_spans=oracle, selector=selector, query=q.query or None
+            ids,
+            q.max_new_tokens,
+            stop=stops,
+            oracle_spans=oracle,
+            selector=selector,
+            query=q.query or None,
+            logprobs=logprobs,
         )
         out = _until_line(gen, tok, newlines)
         gen.close()
@@ -91,6 +105,7 @@ def ask_memllm(
         "depth": q.depth, "gold_units": gold, "in_window": len(gold) == 0, "seconds": seconds,
         "new_tokens": len(out), "recall_by_layer": recall,
         "all_layers_read": bool(gold) and all(r == 1.0 for r in recall if r is not None),
+        "logprob": answer_logprob(out, logprobs, newlines),
     }  # fmt: skip
     sel = session.last_selection if system != "infllm" else None
     if sel is not None and gold:

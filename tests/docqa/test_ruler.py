@@ -63,6 +63,16 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypa
         (f, s) for f in ("single", "multikey") for s in ("infllm", "question", "oracle")
     }
     assert "all layers read" in ruler_run.table(items)
+    # each memllm row's confidence: the mean log-probability of its answer's tokens
+    assert all(r["logprob"] is None or r["logprob"] <= 0.0 for r in rows)
+    assert any(r["logprob"] is not None for r in rows)
+
+
+def test_an_answers_log_probability_leaves_out_the_line_ending():
+    assert ruler_run.answer_logprob([5, 6, 10], [-1.0, -2.0, -9.0], {10}) == -1.5
+    assert ruler_run.answer_logprob([5, 6], [-1.0, -3.0], {10}) == -2.0
+    assert ruler_run.answer_logprob([10], [-0.5], {10}) is None
+    assert ruler_run.answer_logprob([], [], {10}) is None
 
 
 def test_gap_splits_the_reference_only_answers_by_whether_the_gold_units_were_read():
