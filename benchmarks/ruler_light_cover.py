@@ -38,6 +38,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import AutoTokenizer
 
 from memllm.bench.ruler import Haystack
@@ -57,12 +58,26 @@ class _NoEmbedder:
     dim = 384
 
 
+def read(embedder: object, tok: AutoTokenizer, hay: Haystack, n_local: int) -> tuple[UnitTextIndex, int]:
+    """The haystack's text index (128-token sinks and units) and the units past a window of n_local."""
+    index = UnitTextIndex(embedder, tok, 128, 128)
+    index.write(0, hay.ids)
+    return index, (len(hay.ids) - 128 - n_local) // 128
+
+
+def tier_of(
+    index: UnitTextIndex, question: str, n_units: int, topk: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each unit's rare-word score and words held, and the lexical tier as `select.lexical_evidence` takes it."""
+    score, held, _ = index.lexical_sides(question, n_units)
+    return score, held, select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+
+
 def missing_weight(
     index: UnitTextIndex, question: str, n_units: int, topk: int
 ) -> tuple[float, float] | None:
     """(weight of the question's rare words no tier unit holds, the best tier unit's score); None: no tier."""
-    score, held, _ = index.lexical_sides(question, n_units)
-    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+    score, held, tier = tier_of(index, question, n_units, topk)
     if not tier or held.shape[1] == 0:
         return None
     n_windows = index.windows_for(n_units)
@@ -94,12 +109,10 @@ def load(
 def adds_lacking_word(index: UnitTextIndex, question: str, n_units: int, topk: int, added: set[int]) -> bool:
     """Whether one of `added` (the units `lexical` read and the attention's fill did not) holds a rare word of
     the question that no tier unit holds (select.lexical_evidence's missing_only)."""
-    score, held, _ = index.lexical_sides(question, n_units)
-    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+    _, held, tier = tier_of(index, question, n_units, topk)
     if not tier or held.shape[1] == 0 or not added:
-        return bool(
-            added
-        )  # no tier: the rule is `lexical`'s (kept); nothing added: the two selections are one
+        # no tier: the rule is `lexical`'s (kept); nothing added: the two selections are one
+        return bool(added)
     lacks = ~held[tier].any(dim=0)
     return bool(held[sorted(added)][:, lacks].any())
 
@@ -116,9 +129,7 @@ def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
         hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0])
         for h in hays:
-            index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
-            index.write(0, h.ids)
-            n_units = (len(h.ids) - 128 - args.n_local) // 128
+            index, n_units = read(_NoEmbedder(), tok, h, args.n_local)
             for q in h.questions:
                 v = rows.get(q.id, {})
                 if not {"lexical", "lexical_attention"} <= set(v):
@@ -136,16 +147,15 @@ def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
             print(f"| {name} | {family} | {n} | {base:g} | {cand:g} ({fills}) |")
 
 
-def _tier_agrees(index: UnitTextIndex, question: str, n_units: int, topk: int) -> tuple[bool, bool]:
-    """(a tier that holds every rare word or that MiniLM's best unit is in or next to, a tier at all)."""
-    score, held, _ = index.lexical_sides(question, n_units)
-    tier = select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
+def _tier_agrees(index: UnitTextIndex, question: str, n_units: int, topk: int) -> bool:
+    """Whether there is a tier that holds every rare word or that MiniLM's best unit is in or next to."""
+    _, held, tier = tier_of(index, question, n_units, topk)
     if not tier:
-        return False, False
+        return False
     if held.shape[1] and bool(held[tier].any(dim=0).all()):
-        return True, True
+        return True
     best = int(index.scores(question, n_units).argmax())
-    return any(abs(best - u) <= 1 for u in tier), True
+    return any(abs(best - u) <= 1 for u in tier)
 
 
 def agreement(args: argparse.Namespace, tok: AutoTokenizer) -> None:
@@ -170,14 +180,12 @@ def agreement(args: argparse.Namespace, tok: AutoTokenizer) -> None:
         hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0, 0, 0])
         for h in hays:
-            index = UnitTextIndex(embedder, tok, 128, 128)
-            index.write(0, h.ids)
-            n_units = (len(h.ids) - 128 - n_local) // 128
+            index, n_units = read(embedder, tok, h, n_local)
             for q in h.questions:
                 v = rows.get(q.id, {})
                 if not {"lexical", other} <= set(v):
                     continue
-                fills, _ = _tier_agrees(index, q.query or q.prompt, n_units, topk)
+                fills = _tier_agrees(index, q.query or q.prompt, n_units, topk)
                 a, b = v["lexical"]["score"], v[other if fills else "lexical"]["score"]
                 cell = got[q.family]
                 cell[0] += a
@@ -217,9 +225,7 @@ def main() -> None:
         answers = collections.defaultdict(dict, answers)
         weights: dict[str, tuple[float, float] | None] = {}
         for h in (h for h in hays if h.kind == "qa"):
-            index = UnitTextIndex(_NoEmbedder(), tok, 128, 128)
-            index.write(0, h.ids)
-            n_units = (len(h.ids) - 128 - args.n_local) // 128
+            index, n_units = read(_NoEmbedder(), tok, h, args.n_local)
             for q in h.questions:
                 weights[q.id] = missing_weight(index, q.query or q.prompt, n_units, args.topk)
         for family in ("hotpotqa", "squad"):
