@@ -1,0 +1,204 @@
+"""The question's word pairs beside its rare words, replayed without a model (issue 25).
+
+The lexical tier (unit_lexical.py) scores a window by the question's rare words it holds, as a bag. A key or name
+of two words, one of them common ("brawny-end", "Black Death"), then scores as its rare word alone, and the
+near-duplicates that share that word (other "brawny-" keys, other paragraphs on death) tie with it: the tier is
+empty (more units than its cap) or holds them all, and the fused ranking's evidence, near-duplicates included,
+follows. Here a pair of adjacent question words, one of them rare, counts as one more rare term where the two
+stand adjacent in a window's text and few windows hold them so (as a phrase query). Per question of a built suite
+this replays `select.lexical_evidence` with the attention flat (as lexical_sides_signal.py) with and without the
+pairs, and counts:
+  * gold: the questions whose gold units are all in the lead (tier, sides, neighbours);
+  * pure: those whose tier is gold units only and holds every rare term (then the attention fills the rest and
+    no near-duplicate comes from the fused ranking, as with the oracle);
+  * tier: those with a tier at all.
+Selections, not answers.
+
+    python benchmarks/lexical_pairs_signal.py --suite .gpu/suite_smol.json.gz \
+        --tokenizer ~/.cache/memllm/models/smollm2-135m/weights --lengths 32k --n-local 512 --topk 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from memllm.bench.ruler import Haystack
+from memllm.context import select
+from memllm.unit_lexical import RARE, RARE_FLOOR, best_windows, words
+from memllm.unit_text import UnitTextIndex
+
+
+class _NoEmbedder:
+    dim = 384  # only the windows' words are read
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
+    return int(float(text.rstrip("km")) * mult)
+
+
+def terms(index: UnitTextIndex, question: str, n_windows: int, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(n_windows,) scores and (n_windows, terms) held, as WindowWords.window_scores, with the question's
+    rare adjacent pairs as more terms where `pairs`."""
+    most = max(RARE * n_windows, RARE_FLOOR)
+    qwords = words(question)
+    found, at = index._words.holding(list(dict.fromkeys(qwords)), n_windows)
+    windows_of = dict(zip(found, at, strict=True))
+    rare = {w for w, a in windows_of.items() if len(a) <= most}
+    cols = [windows_of[w] for w in dict.fromkeys(qwords) if w in rare]
+    if pairs:
+        texts: dict[int, list[str]] = {}
+        for a, b in dict.fromkeys(zip(qwords, qwords[1:], strict=False)):
+            if a == b or not (a in rare or b in rare) or a not in windows_of or b not in windows_of:
+                continue
+            cand = np.intersect1d(windows_of[a], windows_of[b])
+            hold = []
+            for j in cand.tolist():
+                seq = texts.setdefault(j, words(index.window_text(j)))
+                if any(x == a and y == b for x, y in zip(seq, seq[1:], strict=False)):
+                    hold.append(j)
+            if 0 < len(hold) <= most:
+                cols.append(np.array(hold))
+    held = np.zeros((n_windows, len(cols)), dtype=bool)
+    if not cols:
+        return np.zeros(n_windows), held
+    idf = np.array([math.log(n_windows / len(c)) for c in cols])
+    for i, c in enumerate(cols):
+        held[c, i] = True
+    return held @ (idf / max(idf.sum(), 1e-12)), held
+
+
+def narrowed(
+    index: UnitTextIndex,
+    question: str,
+    n_windows: int,
+    score: torch.Tensor,
+    first: torch.Tensor,
+    last: torch.Tensor,
+    cap: int,
+) -> torch.Tensor:
+    """`score`, where more than `cap` units are within the tier's margin of the best (the words single out no
+    few units): those of them whose best window holds the most of the question's rare pairs raised to the best
+    score plus the margin's worth, the rest left as they are; elsewhere unchanged."""
+    best = float(score.max()) if score.numel() else 0.0
+    if best <= 0:
+        return score
+    near = (score >= best * (1 - select.LEXICAL_MARGIN)).nonzero().flatten()
+    if len(near) <= cap:
+        return score
+    _, held_b = terms(index, question, n_windows, True)  # the pairs come after the words
+    n_pairs = held_b.shape[1] - terms(index, question, n_windows, False)[1].shape[1]
+    if n_pairs <= 0:
+        return score
+    pair_held = held_b[:, -n_pairs:].sum(axis=1).astype(float)
+    per_unit, _, _, _ = best_windows(pair_held, held_b[:, -n_pairs:], first, last)
+    got = per_unit[near]
+    if float(got.max()) <= 0:
+        return score
+    top = near[got == got.max()]
+    if len(top) > cap:
+        return score
+    out = score.clone()
+    out[top] = best / (1 - select.LEXICAL_MARGIN) + 1e-6
+    return out
+
+
+def replay(
+    hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
+) -> list[dict[str, Any]]:
+    index = UnitTextIndex(_NoEmbedder(), tok, n_init, block_size)
+    index.write(0, hay.ids)
+    n_units = max(0, (len(hay.ids) - n_init - n_local) // block_size)
+    flat = torch.zeros(n_units)
+    rows = []
+    if n_units <= topk:
+        return rows
+    index.lexical_sides("x", n_units)  # reads every window's words once
+    n_windows = index.windows_for(n_units)
+    first, last = index.unit_windows(n_units)
+    n_evidence = max(1, min(topk, round(topk * select.EVIDENCE_SHARE)))
+    for q in hay.questions:
+        gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
+        if not gold:
+            continue
+        row = {"family": q.family, "id": q.id, "gold": gold}
+        for name, pairs in (("words", False), ("pairs", True), ("narrow", None)):
+            per_window, held_w = terms(index, q.query or q.prompt, n_windows, bool(pairs))
+            score, held, lo, hi = best_windows(per_window, held_w, first, last)
+            if (
+                pairs is None
+            ):  # the words' score, its over-full tier narrowed to the units with the most pairs
+                score = narrowed(index, q.query or q.prompt, n_windows, score, first, last, n_evidence)
+            start, end = (
+                torch.from_numpy(lo * index.stride),
+                torch.from_numpy(hi * index.stride + index.window),
+            )
+            unit_start = torch.arange(n_units) * block_size
+            sides = (end > unit_start + block_size - index.window // 2).to(torch.int8) - (
+                start < unit_start + index.window // 2
+            ).to(torch.int8)
+            sides = sides.masked_fill(score <= 0, 0)
+            lead = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=sides).tolist())
+            tier = select.lexical_tier(score, n_evidence)
+            complete = bool(tier) and held.shape[1] > 0 and bool(held[tier].any(dim=0).all())
+            row[name] = {
+                "gold": all(u in lead for u in gold),
+                "pure": complete and all(u in gold for u in tier),
+                "tier": bool(tier),
+                "terms": int(held.shape[1]),
+            }
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--lengths", default="32k")
+    ap.add_argument("--n-init", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--n-local", type=int, default=4096)
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
+    with gzip.open(args.suite, "rt") as f:
+        data = json.load(f)
+    lengths = {parse_length(x) for x in args.lengths.split(",")}
+    hays = [Haystack.from_dict(h) for n, hs in data.items() if int(n) in lengths for h in hs]
+    rows = []
+    for hay in hays:
+        for row in replay(hay, tok, args.n_init, args.block_size, args.n_local, args.topk):
+            rows.append({**row, "length": hay.length})
+    cells: dict[tuple[int, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in rows:
+        cells[(r["length"], r["family"])].append(r)
+    print(
+        f"{args.suite} n_local {args.n_local}, topk {args.topk}: questions with gold all in the lead / pure tier / a tier"
+    )
+    print("| length | family | questions | words | pairs | narrow |")
+    print("|---|---|---|---|---|---|")
+    for (length, family), rs in sorted(cells.items()):
+        cols = [
+            " / ".join(str(sum(r[n][k] for r in rs)) for k in ("gold", "pure", "tier"))
+            for n in ("words", "pairs", "narrow")
+        ]
+        print(f"| {length // 1024}K | {family} | {len(rs)} | {' | '.join(cols)} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
