@@ -20,32 +20,17 @@ Selections, not answers.
 
 from __future__ import annotations
 
-import argparse
-import collections
-import gzip
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from lexical_sides_signal import index_of, run
 
 from memllm.bench.ruler import Haystack
 from memllm.context import select
 from memllm.unit_lexical import RARE, RARE_FLOOR, best_windows, words
 from memllm.unit_text import UnitTextIndex
-
-
-class _NoEmbedder:
-    dim = 384  # only the windows' words are read
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(text[-1], 1)
-    return int(float(text.rstrip("km")) * mult)
 
 
 def terms(index: UnitTextIndex, question: str, n_windows: int, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +102,9 @@ def narrowed(
 def replay(
     hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
 ) -> list[dict[str, Any]]:
-    index = UnitTextIndex(_NoEmbedder(), tok, n_init, block_size)
-    index.write(0, hay.ids)
-    n_units = max(0, (len(hay.ids) - n_init - n_local) // block_size)
+    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
     flat = torch.zeros(n_units)
-    rows = []
+    rows: list[dict[str, Any]] = []
     if n_units <= topk:
         return rows
     index.lexical_sides("x", n_units)  # reads every window's words once
@@ -136,19 +119,9 @@ def replay(
         for name, pairs in (("words", False), ("pairs", True), ("narrow", None)):
             per_window, held_w = terms(index, q.query or q.prompt, n_windows, bool(pairs))
             score, held, lo, hi = best_windows(per_window, held_w, first, last)
-            if (
-                pairs is None
-            ):  # the words' score, its over-full tier narrowed to the units with the most pairs
+            if pairs is None:  # the words' score, its over-full tier narrowed to the units with the most pairs
                 score = narrowed(index, q.query or q.prompt, n_windows, score, first, last, n_evidence)
-            start, end = (
-                torch.from_numpy(lo * index.stride),
-                torch.from_numpy(hi * index.stride + index.window),
-            )
-            unit_start = torch.arange(n_units) * block_size
-            sides = (end > unit_start + block_size - index.window // 2).to(torch.int8) - (
-                start < unit_start + index.window // 2
-            ).to(torch.int8)
-            sides = sides.masked_fill(score <= 0, 0)
+            sides = index.sides(score, lo, hi)
             lead = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=sides).tolist())
             tier = select.lexical_tier(score, n_evidence)
             complete = bool(tier) and held.shape[1] > 0 and bool(held[tier].any(dim=0).all())
@@ -163,41 +136,12 @@ def replay(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", required=True)
-    ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--lengths", default="32k")
-    ap.add_argument("--n-init", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--n-local", type=int, default=4096)
-    ap.add_argument("--topk", type=int, default=16)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    tok = AutoTokenizer.from_pretrained(str(Path(args.tokenizer).expanduser()))
-    with gzip.open(args.suite, "rt") as f:
-        data = json.load(f)
-    lengths = {parse_length(x) for x in args.lengths.split(",")}
-    hays = [Haystack.from_dict(h) for n, hs in data.items() if int(n) in lengths for h in hs]
-    rows = []
-    for hay in hays:
-        for row in replay(hay, tok, args.n_init, args.block_size, args.n_local, args.topk):
-            rows.append({**row, "length": hay.length})
-    cells: dict[tuple[int, str], list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in rows:
-        cells[(r["length"], r["family"])].append(r)
-    print(
-        f"{args.suite} n_local {args.n_local}, topk {args.topk}: questions with gold all in the lead / pure tier / a tier"
-    )
-    print("| length | family | questions | words | pairs | narrow |")
-    print("|---|---|---|---|---|---|")
-    for (length, family), rs in sorted(cells.items()):
-        cols = [
-            " / ".join(str(sum(r[n][k] for r in rs)) for k in ("gold", "pure", "tier"))
-            for n in ("words", "pairs", "narrow")
-        ]
-        print(f"| {length // 1024}K | {family} | {len(rs)} | {' | '.join(cols)} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}) + "\n")
+    run(
+        replay, __doc__,
+        "{suite} n_local {n_local}, topk {topk}: questions with gold all in the lead / pure tier / a tier",
+        ("words", "pairs", "narrow"),
+        lambda rs, n: " / ".join(str(sum(r[n][k] for r in rs)) for k in ("gold", "pure", "tier")),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

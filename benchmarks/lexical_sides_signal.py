@@ -40,10 +40,17 @@ def parse_length(text: str) -> int:
     return int(float(text.rstrip("km")) * mult)
 
 
-def replay(hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int) -> list[dict[str, Any]]:
+def index_of(hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int) -> tuple[UnitTextIndex, int]:
+    """A haystack's text index (its windows' words, no vectors) and the units past the window."""
     index = UnitTextIndex(_NoEmbedder(), tok, n_init, block_size)
     index.write(0, hay.ids)
-    n_units = max(0, (len(hay.ids) - n_init - n_local) // block_size)
+    return index, max(0, (len(hay.ids) - n_init - n_local) // block_size)
+
+
+def replay(
+    hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
+) -> list[dict[str, Any]]:
+    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
     flat = torch.zeros(n_units)
     rows = []
     for q in hay.questions:
@@ -54,13 +61,17 @@ def replay(hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, 
         row = {"family": q.family, "id": q.id, "gold": gold}
         for name, s in (("today", None), ("sides", sides)):
             chosen = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=s).tolist())
-            row[name] = {"all": all(u in chosen for u in gold), "share": sum(u in chosen for u in gold) / len(gold)}
+            row[name] = {
+                "all": all(u in chosen for u in gold),
+                "share": sum(u in chosen for u in gold) / len(gold),
+            }
         rows.append(row)
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def suite_args(description: str) -> tuple[argparse.Namespace, list[Haystack], Any]:
+    """The replay scripts' command line: the arguments, the suite's haystacks at --lengths, the tokenizer."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--suite", required=True)
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--lengths", default="32k")
@@ -74,22 +85,38 @@ def main() -> None:
     with gzip.open(args.suite, "rt") as f:
         data = json.load(f)
     lengths = {parse_length(x) for x in args.lengths.split(",")}
-    hays = [Haystack.from_dict(h) for n, hs in data.items() if int(n) in lengths for h in hs]
+    return args, [Haystack.from_dict(h) for n, hs in data.items() if int(n) in lengths for h in hs], tok
+
+
+def run(
+    replay_fn: Any, doc: str, title: str, names: tuple[str, ...], cell: Any
+) -> None:
+    """Replay every question of the suite named on the command line (`replay_fn(hay, tok, n_init, block_size,
+    n_local, topk)` -> rows), print a table per length and family (`cell(rows, name)` -> its text) and write
+    the rows to --out."""
+    args, hays, tok = suite_args(doc.split("\n\n")[0])
     rows = []
     for hay in hays:
-        for row in replay(hay, tok, args.n_init, args.block_size, args.n_local, args.topk):
+        for row in replay_fn(hay, tok, args.n_init, args.block_size, args.n_local, args.topk):
             rows.append({**row, "length": hay.length})
     cells: dict[tuple[int, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for r in rows:
         cells[(r["length"], r["family"])].append(r)
-    print(f"n_local {args.n_local}, topk {args.topk}: every gold unit read (questions) / mean share of gold read")
-    print("| length | family | questions | today | sides |")
-    print("|---|---|---|---|---|")
+    print(title.format(**vars(args)))
+    print("| length | family | questions | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
     for (length, family), rs in sorted(cells.items()):
-        cols = [f"{sum(r[n]['all'] for r in rs)} / {sum(r[n]['share'] for r in rs) / len(rs):.3f}" for n in ("today", "sides")]
-        print(f"| {length // 1024}K | {family} | {len(rs)} | {cols[0]} | {cols[1]} |")
+        print(f"| {length // 1024}K | {family} | {len(rs)} | " + " | ".join(cell(rs, n) for n in names) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}) + "\n")
+
+
+def main() -> None:
+    run(
+        replay, __doc__, "n_local {n_local}, topk {topk}: every gold unit read (questions) / mean share of gold read",
+        ("today", "sides"),
+        lambda rs, n: f"{sum(r[n]['all'] for r in rs)} / {sum(r[n]['share'] for r in rs) / len(rs):.3f}",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

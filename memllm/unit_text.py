@@ -158,14 +158,19 @@ class UnitTextIndex:
         first, last = self.unit_windows(n_units)
         per_window, held = self._words.window_scores(question, n_windows, rare, floor)
         score, words_held, lo, hi = best_windows(per_window, held, first, last)
+        return score, words_held, self.sides(score, lo, hi)
+
+    def sides(self, score: torch.Tensor, lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+        """(n_units,) int8, `lexical_sides`' sides from each unit's first and last best window (lo, hi, as
+        unit_lexical.best_windows gives them) and its score (0 where the score is)."""
         start = torch.from_numpy(lo * self.stride)  # tokens after n_init
         end = torch.from_numpy(hi * self.stride + self.window)
-        unit_start = torch.arange(n_units) * self.block_size
+        unit_start = torch.arange(score.numel()) * self.block_size
         half = self.window // 2
         after = end > unit_start + self.block_size - half
         before = start < unit_start + half
         sides = after.to(torch.int8) - before.to(torch.int8)
-        return score, words_held, sides.masked_fill(score <= 0, 0)
+        return sides.masked_fill(score <= 0, 0)
 
     def scores(self, question: str, n_units: int) -> torch.Tensor:
         """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""
