@@ -20,7 +20,6 @@ Selections, not answers.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -33,61 +32,55 @@ from memllm.unit_lexical import RARE, RARE_FLOOR, best_windows, words
 from memllm.unit_text import UnitTextIndex
 
 
-def terms(index: UnitTextIndex, question: str, n_windows: int, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(n_windows,) scores and (n_windows, terms) held, as WindowWords.window_scores, with the question's
-    rare adjacent pairs as more terms where `pairs`."""
+def terms(index: UnitTextIndex, question: str, n_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The words' (n_windows,) scores and (n_windows, words) held, as WindowWords.window_scores gives them, and
+    (n_windows, pairs) held: the question's adjacent pairs with a rare word, where a window holds the two
+    adjacent and few windows do."""
+    per_window, words_held = index._words.window_scores(question, n_windows)
     most = max(RARE * n_windows, RARE_FLOOR)
     qwords = words(question)
     found, at = index._words.holding(list(dict.fromkeys(qwords)), n_windows)
     windows_of = dict(zip(found, at, strict=True))
     rare = {w for w, a in windows_of.items() if len(a) <= most}
-    cols = [windows_of[w] for w in dict.fromkeys(qwords) if w in rare]
-    if pairs:
-        texts: dict[int, list[str]] = {}
-        for a, b in dict.fromkeys(zip(qwords, qwords[1:], strict=False)):
-            if a == b or not (a in rare or b in rare) or a not in windows_of or b not in windows_of:
-                continue
-            cand = np.intersect1d(windows_of[a], windows_of[b])
-            hold = []
-            for j in cand.tolist():
-                seq = texts.setdefault(j, words(index.window_text(j)))
-                if any(x == a and y == b for x, y in zip(seq, seq[1:], strict=False)):
-                    hold.append(j)
-            if 0 < len(hold) <= most:
-                cols.append(np.array(hold))
-    held = np.zeros((n_windows, len(cols)), dtype=bool)
-    if not cols:
-        return np.zeros(n_windows), held
-    idf = np.array([math.log(n_windows / len(c)) for c in cols])
+    cols, texts = [], {}
+    for a, b in dict.fromkeys(zip(qwords, qwords[1:], strict=False)):
+        if a == b or not (a in rare or b in rare) or a not in windows_of or b not in windows_of:
+            continue
+        hold = []
+        for j in np.intersect1d(windows_of[a], windows_of[b]).tolist():
+            seq = texts.setdefault(j, words(index.window_text(j)))
+            if any(x == a and y == b for x, y in zip(seq, seq[1:], strict=False)):
+                hold.append(j)
+        if 0 < len(hold) <= most:
+            cols.append(hold)
+    pairs_held = np.zeros((n_windows, len(cols)), dtype=bool)
     for i, c in enumerate(cols):
-        held[c, i] = True
-    return held @ (idf / max(idf.sum(), 1e-12)), held
+        pairs_held[c, i] = True
+    return per_window, words_held, pairs_held
+
+
+def scored(held: np.ndarray) -> np.ndarray:
+    """(n_windows,) each window's IDF-weighted share of the terms (`held`'s columns) it holds, as
+    WindowWords.window_scores weighs words."""
+    if held.shape[1] == 0:
+        return np.zeros(held.shape[0])
+    idf = np.log(held.shape[0] / held.sum(axis=0))
+    return held @ (idf / max(idf.sum(), 1e-12))
 
 
 def narrowed(
-    index: UnitTextIndex,
-    question: str,
-    n_windows: int,
-    score: torch.Tensor,
-    first: torch.Tensor,
-    last: torch.Tensor,
-    cap: int,
+    score: torch.Tensor, pairs_held: np.ndarray, first: torch.Tensor, last: torch.Tensor, cap: int
 ) -> torch.Tensor:
     """`score`, where more than `cap` units are within the tier's margin of the best (the words single out no
     few units): those of them whose best window holds the most of the question's rare pairs raised to the best
     score plus the margin's worth, the rest left as they are; elsewhere unchanged."""
     best = float(score.max()) if score.numel() else 0.0
-    if best <= 0:
+    if best <= 0 or pairs_held.shape[1] == 0:
         return score
     near = (score >= best * (1 - select.LEXICAL_MARGIN)).nonzero().flatten()
     if len(near) <= cap:
         return score
-    _, held_b = terms(index, question, n_windows, True)  # the pairs come after the words
-    n_pairs = held_b.shape[1] - terms(index, question, n_windows, False)[1].shape[1]
-    if n_pairs <= 0:
-        return score
-    pair_held = held_b[:, -n_pairs:].sum(axis=1).astype(float)
-    per_unit, _, _, _ = best_windows(pair_held, held_b[:, -n_pairs:], first, last)
+    per_unit, _, _, _ = best_windows(pairs_held.sum(axis=1).astype(float), pairs_held, first, last)
     got = per_unit[near]
     if float(got.max()) <= 0:
         return score
@@ -116,11 +109,14 @@ def replay(
         if not gold:
             continue
         row = {"family": q.family, "id": q.id, "gold": gold}
-        for name, pairs in (("words", False), ("pairs", True), ("narrow", None)):
-            per_window, held_w = terms(index, q.query or q.prompt, n_windows, bool(pairs))
-            score, held, lo, hi = best_windows(per_window, held_w, first, last)
-            if pairs is None:  # the words' score, its over-full tier narrowed to the units with the most pairs
-                score = narrowed(index, q.query or q.prompt, n_windows, score, first, last, n_evidence)
+        per_window, words_held, pairs_held = terms(index, q.query or q.prompt, n_windows)
+        both = np.concatenate([words_held, pairs_held], axis=1)
+        for name, (per, held_w) in (
+            ("words", (per_window, words_held)), ("pairs", (scored(both), both)), ("narrow", (per_window, words_held))
+        ):
+            score, held, lo, hi = best_windows(per, held_w, first, last)
+            if name == "narrow":  # the words' score, its over-full tier narrowed to the units with the most pairs
+                score = narrowed(score, pairs_held, first, last, n_evidence)
             sides = index.sides(score, lo, hi)
             lead = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=sides).tolist())
             tier = select.lexical_tier(score, n_evidence)
