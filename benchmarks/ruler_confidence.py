@@ -7,7 +7,7 @@ well the log-probability separates right answers from wrong ones.
     python benchmarks/ruler_confidence.py --runs benchmarks/results/ruler_qwen_run56_*.json.gz --pick lexical,hybrid
 
 Reads the rows of `ruler_gpu.py run` outputs (their `logprob`, recorded since 342c387). A question counts only
-where every picked system answered it with a logprob; an empty answer (None) ranks last.
+where every picked system has a row for it; an answer without a logprob (an empty one) ranks last.
 """
 
 from __future__ import annotations
