@@ -40,9 +40,12 @@ def parse_length(text: str) -> int:
     return int(float(text.rstrip("km")) * mult)
 
 
-def index_of(hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int) -> tuple[UnitTextIndex, int]:
-    """A haystack's text index (its windows' words, no vectors) and the units past the window."""
-    index = UnitTextIndex(_NoEmbedder(), tok, n_init, block_size)
+def index_of(
+    hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, embedder: object | None = None
+) -> tuple[UnitTextIndex, int]:
+    """A haystack's text index and the units past the window; without an embedder, its windows' words only
+    (no vectors)."""
+    index = UnitTextIndex(_NoEmbedder() if embedder is None else embedder, tok, n_init, block_size)
     index.write(0, hay.ids)
     return index, max(0, (len(hay.ids) - n_init - n_local) // block_size)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lexical_sides_signal import index_of
 from transformers import AutoTokenizer
 
 from memllm.bench.ruler import Haystack
@@ -52,17 +53,6 @@ CELLS = (  # length, suite, measured answers
     ("512k", "suite_qwen_c.json.gz", 524288, ["ruler_qwen_run51_128k_512k.json.gz"]),
     ("1m", "suite_qwen_b.json.gz", 1048576, ["ruler_qwen_run50_1m.json.gz", "ruler_qwen_run51_1m.json.gz"]),
 )
-
-
-class _NoEmbedder:
-    dim = 384
-
-
-def read(embedder: object, tok: AutoTokenizer, hay: Haystack, n_local: int) -> tuple[UnitTextIndex, int]:
-    """The haystack's text index (128-token sinks and units) and the units past a window of n_local."""
-    index = UnitTextIndex(embedder, tok, 128, 128)
-    index.write(0, hay.ids)
-    return index, (len(hay.ids) - 128 - n_local) // 128
 
 
 def tier_of(
@@ -129,7 +119,7 @@ def missing_words(args: argparse.Namespace, tok: AutoTokenizer) -> None:
         hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0])
         for h in hays:
-            index, n_units = read(_NoEmbedder(), tok, h, args.n_local)
+            index, n_units = index_of(h, tok, 128, 128, args.n_local)
             for q in h.questions:
                 v = rows.get(q.id, {})
                 if not {"lexical", "lexical_attention"} <= set(v):
@@ -180,7 +170,7 @@ def agreement(args: argparse.Namespace, tok: AutoTokenizer) -> None:
         hays, rows = load(args.suites, suite, length, files)
         got: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0, 0, 0])
         for h in hays:
-            index, n_units = read(embedder, tok, h, n_local)
+            index, n_units = index_of(h, tok, 128, 128, n_local, embedder)
             for q in h.questions:
                 v = rows.get(q.id, {})
                 if not {"lexical", other} <= set(v):
@@ -225,7 +215,7 @@ def main() -> None:
         answers = collections.defaultdict(dict, answers)
         weights: dict[str, tuple[float, float] | None] = {}
         for h in (h for h in hays if h.kind == "qa"):
-            index, n_units = read(_NoEmbedder(), tok, h, args.n_local)
+            index, n_units = index_of(h, tok, 128, 128, args.n_local)
             for q in h.questions:
                 weights[q.id] = missing_weight(index, q.query or q.prompt, n_units, args.topk)
         for family in ("hotpotqa", "squad"):
