@@ -34,7 +34,6 @@ import argparse
 import collections
 import gzip
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,6 @@ from transformers import AutoTokenizer
 
 from memllm.bench.ruler import Haystack
 from memllm.context import select
-from memllm.unit_lexical import RARE, RARE_FLOOR, words
 from memllm.unit_text import UnitTextIndex
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,11 +69,8 @@ def missing_weight(
     if not tier or held.shape[1] == 0:
         return None
     n_windows = index.windows_for(n_units)
-    most = max(RARE * n_windows, RARE_FLOOR)
-    at = [
-        a for a in index._words.holding(list(dict.fromkeys(words(question))), n_windows)[1] if len(a) <= most
-    ]
-    idf = np.array([math.log(n_windows / len(a)) for a in at])
+    windows_held = index._words.window_scores(question, n_windows)[1]  # the rare words, as the tier weighs them
+    idf = np.log(n_windows / windows_held.sum(axis=0))
     weight = idf / idf.sum()
     covered = held[tier].any(dim=0).numpy()
     return float(weight[~covered].sum()), float(score[tier[0]])
