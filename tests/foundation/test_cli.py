@@ -122,8 +122,13 @@ def test_terminal_chat_gets_line_editing_and_a_history_file(monkeypatch, tmp_pat
     assert session is not None and session.history.filename == str(tmp_path / "chat_history")
 
 
-def test_shell_completion_completes_commands_and_options():
+def test_shell_completion_completes_commands_and_options(monkeypatch):
     """`memllm --show-completion bash` prints the script; the completion itself names commands and options."""
+    import typer.completion
+
+    # Typer names the shell it finds among the process's ancestors (shellingham), whatever word follows the
+    # option; a test run with no shell above it (a detached job) would find none and exit 1.
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
     shown = runner.invoke(app, ["--show-completion", "bash"], prog_name="memllm")
     assert shown.exit_code == 0 and "complete -o default -F _memllm_completion memllm" in shown.output
 
