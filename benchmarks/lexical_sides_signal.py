@@ -60,7 +60,7 @@ def replay(
         gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
         if not gold or n_units <= topk:
             continue
-        score, held, sides = index.lexical_sides(q.query or q.prompt, n_units)
+        score, held, sides, _ = index.lexical_sides(q.query or q.prompt, n_units)
         row = {"family": q.family, "id": q.id, "gold": gold}
         for name, s in (("today", None), ("sides", sides)):
             chosen = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=s).tolist())

@@ -298,10 +298,10 @@ class Session:
         else:
             ranked = select.hybrid(score, text)
         if lexical is not None:
-            score_lex, held, sides = lexical
             chosen = select.lexical_evidence(
-                ranked, score, score_lex, held, cfg.topk, cfg.select_neighbours, first=gold, sides=sides
-            )
+                ranked, score, lexical.score, lexical.held, cfg.topk, cfg.select_neighbours, first=gold,
+                sides=lexical.sides, reach=lexical.reach,
+            )  # fmt: skip
         elif text is not None and selector == "hybrid":
             chosen = select.evidence_then_attention(ranked, score, cfg.topk, cfg.select_neighbours, first=gold)
         else:

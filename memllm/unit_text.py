@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +33,20 @@ WINDOW = 48  # tokens a window holds (at most block_size); a window starts every
 # dimensions) stays in cache. At 1M tokens (43,690 windows) on a 2-core CPU: 3.9 ms a question, against 28.4
 # for converting all of them first with NumPy (17.3 with torch), the same products (benchmarks/window_cosines.py).
 COSINE_CHUNK = 1024
+
+# Units a lexical hit's paragraph is followed into on each side (`paragraph_reach`): a SQuAD paragraph is 2-4
+# units of 128 tokens, and the sentence that answers often holds none of the question's words. Chosen by the
+# model-free replay benchmarks/lexical_paragraph_signal.py (RESULTS, "The hit's paragraph").
+PARAGRAPH_REACH = 2
+
+
+class LexicalMatch(NamedTuple):
+    """`UnitTextIndex.lexical_sides`: per unit, the question's rare words its best window holds and where."""
+
+    score: torch.Tensor  # (n_units,) fp32: the IDF-weighted share of the rare words (unit_lexical)
+    held: torch.Tensor  # (n_units, words) bool: which
+    sides: torch.Tensor  # (n_units,) int8: the neighbour the words lie against (+1 next, -1 previous, 0 none)
+    reach: torch.Tensor  # (n_units, 2) int8: units before and after into which the words' paragraph goes on
 
 
 def window_cosines(vectors: np.ndarray, q: np.ndarray) -> torch.Tensor:
@@ -66,6 +80,9 @@ class UnitTextIndex:
         self.ids = array("i")  # the stream's token ids, as the cache holds them
         self._vectors = np.zeros((0, int(embedder.dim)), dtype=np.float16)  # (windows embedded, dim)
         self._words = WindowWords()  # the windows' words, read by `lexical` only (selectors "lexical*")
+        self._breaks = np.zeros(0, dtype=np.int64)  # stream positions of tokens that end a blank line, ascending
+        self._breaks_read = 0  # stream tokens read for them
+        self._newlines: dict[int, int] = {}  # token id -> NL_* bits of its text
 
     # ---- the stream ----------------------------------------------------------------------------
     def write(self, position: int, ids: Sequence[int] | np.ndarray) -> None:
@@ -76,6 +93,8 @@ class UnitTextIndex:
             keep = max(0, (position - self.window - self.n_init) // self.stride + 1)
             self._vectors = self._vectors[: min(keep, len(self._vectors))]
             self._words.truncate(min(keep, len(self._words)))
+            self._breaks = self._breaks[: int(np.searchsorted(self._breaks, position))]
+            self._breaks_read = min(self._breaks_read, position)
         elif position > len(self.ids):  # tokens this index never saw (a restored stream): unknown text
             self.ids.extend([0] * (position - len(self.ids)))
         self.ids.frombytes(np.asarray(ids, dtype=np.intc).tobytes())  # C int, as array("i"); 1M ids: ~6 ms, not ~120
@@ -87,7 +106,7 @@ class UnitTextIndex:
 
     def nbytes(self) -> int:
         """Host bytes held: the ids, the windows' vectors and (once a lexical selector read them) words."""
-        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes + self._words.nbytes()
+        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes + self._words.nbytes() + self._breaks.nbytes
 
     def bytes_per_token(self) -> float:
         """Host bytes per stream token: its id and its share of a window's fp16 vector."""
@@ -140,25 +159,27 @@ class UnitTextIndex:
         """(n_units,) fp32 and (n_units, words) bool: per unit, the IDF-weighted share of the question's
         rare words its best window holds, and which (memllm/unit_lexical.py). Windows' words are read
         lazily, once, as their vectors are."""
-        score, held, _ = self.lexical_sides(question, n_units, rare, floor)
-        return score, held
+        match = self.lexical_sides(question, n_units, rare, floor, reach=0)
+        return match.score, match.held
 
     def lexical_sides(
-        self, question: str, n_units: int, rare: float = RARE, floor: int = RARE_FLOOR
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`lexical`, and (n_units,) int8 the side the unit's words lie against: +1 where the windows with
+        self, question: str, n_units: int, rare: float = RARE, floor: int = RARE_FLOOR, reach: int = PARAGRAPH_REACH
+    ) -> LexicalMatch:
+        """`lexical`; (n_units,) int8 the side the unit's words lie against: +1 where the windows with
         its best score reach into its last half window (or past its end; the sentence that holds them
         may go on in the next unit), -1 where they reach into its first half window (or before it),
-        0 where both or neither (words spread over the unit, or none)."""
+        0 where both or neither (words spread over the unit, or none); and (n_units, 2) the units before
+        and after (up to `reach`) into which the paragraph holding those windows goes on (`paragraph_reach`)."""
         if n_units <= 0:
-            return torch.zeros(0), torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, dtype=torch.int8)
+            none = torch.zeros(0, dtype=torch.int8)
+            return LexicalMatch(torch.zeros(0), torch.zeros(0, 0, dtype=torch.bool), none, none.view(0, 2))
         n_windows = self._check(n_units)
         for lo in range(len(self._words), n_windows, self.batch):
             self._words.extend(self.window_text(j) for j in range(lo, min(n_windows, lo + self.batch)))
         first, last = self.unit_windows(n_units)
         per_window, held = self._words.window_scores(question, n_windows, rare, floor)
         score, words_held, lo, hi = best_windows(per_window, held, first, last)
-        return score, words_held, self.sides(score, lo, hi)
+        return LexicalMatch(score, words_held, self.sides(score, lo, hi), self.paragraph_reach(score, lo, hi, reach))
 
     def sides(self, score: torch.Tensor, lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
         """(n_units,) int8, `lexical_sides`' sides from each unit's first and last best window (lo, hi, as
@@ -171,6 +192,53 @@ class UnitTextIndex:
         before = start < unit_start + half
         sides = after.to(torch.int8) - before.to(torch.int8)
         return sides.masked_fill(score <= 0, 0)
+
+    def paragraph_breaks(self, end: int) -> np.ndarray:
+        """Stream positions below `end` of the tokens that end a blank line (a paragraph break: a token whose
+        text holds two newlines, or one starting with a newline after one that ends with one), ascending.
+        Read once, as the stream grows; each token id's text decoded once."""
+        end = min(end, len(self.ids))
+        if end > self._breaks_read:
+            a = max(0, self._breaks_read - 1)  # the token before: a newline may end it
+            seg = np.frombuffer(self.ids, dtype=np.intc)[a:end]
+            ids, at = np.unique(seg, return_inverse=True)
+            for t in ids.tolist():
+                if t not in self._newlines:
+                    piece = self.tokenizer.decode([t])
+                    self._newlines[t] = ("\n\n" in piece) | ("\n" == piece[:1]) << 1 | ("\n" == piece[-1:]) << 2
+            bits = np.array([self._newlines[t] for t in ids.tolist()], dtype=np.int8)[at]
+            brk = (bits & 1).astype(bool)
+            brk[1:] |= ((bits[:-1] & 4) > 0) & ((bits[1:] & 2) > 0)
+            new = a + np.flatnonzero(brk)
+            self._breaks = np.concatenate([self._breaks, new[new >= self._breaks_read]])
+            self._breaks_read = end
+        return self._breaks[: int(np.searchsorted(self._breaks, end))]
+
+    def paragraph_reach(self, score: torch.Tensor, lo: np.ndarray, hi: np.ndarray, most: int) -> torch.Tensor:
+        """(n_units, 2) int8: per unit with a score, how many units before it and after it (up to `most`) the
+        paragraph holding its best windows (first lo, last hi, as unit_lexical.best_windows gives them) goes
+        on into: unit u + r is reached when no paragraph break lies between the windows' end and its start,
+        u - r when none lies between its end and the windows' start."""
+        n = score.numel()
+        out = np.zeros((n, 2), dtype=np.int8)
+        if n == 0 or most <= 0:
+            return torch.from_numpy(out)
+        base, bs = self.n_init, self.block_size
+        breaks = self.paragraph_breaks(base + n * bs)
+        start, end = base + lo * self.stride, base + hi * self.stride + self.window  # the windows, in the stream
+        u = np.arange(n)
+
+        def none_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return np.searchsorted(breaks, np.maximum(a, b)) == np.searchsorted(breaks, a)
+
+        on = score.numpy() > 0
+        back, ahead = on.copy(), on.copy()
+        for r in range(1, most + 1):
+            back &= (u - r >= 0) & none_between(base + (u - r + 1) * bs - 1, start)  # a break as its last token
+            ahead &= (u + r < n) & none_between(end, base + (u + r) * bs + 1)  # ... or as its first
+            out[:, 0] += back
+            out[:, 1] += ahead
+        return torch.from_numpy(out)
 
     def scores(self, question: str, n_units: int) -> torch.Tensor:
         """(n_units,) fp32: per unit, the best cosine of its windows' text with `question`."""

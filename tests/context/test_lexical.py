@@ -115,7 +115,7 @@ def test_sides_point_to_the_neighbour_a_units_words_lie_against(block_size, wind
     idx.write(0, [ord(c) for c in text])
     n_units = (len(text) - n_init) // block_size - 2
     question = "Where is the zebra violet?"
-    score, held, sides = idx.lexical_sides(question, n_units)
+    score, held, sides, _ = idx.lexical_sides(question, n_units)
     want_score, want_held = idx.lexical(question, n_units)
     assert torch.equal(score, want_score) and torch.equal(held, want_held)
     assert sides.dtype == torch.int8 and sides.tolist() == brute_sides(idx, question, n_units, 0.02, 16)
@@ -131,7 +131,7 @@ def test_sides_point_to_the_neighbour_a_units_words_lie_against(block_size, wind
     ids[end + 3 * block_size : end + 3 * block_size + 7] = [ord(c) for c in " kudzu "]
     idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
     idx.write(0, ids)
-    score, _, sides = idx.lexical_sides("kudzu?", n_units)
+    score, _, sides, _ = idx.lexical_sides("kudzu?", n_units)
     assert float(score[u]) > 0 and int(sides[u]) == 1
     assert float(score[u + 4]) > 0 and int(sides[u + 4]) == -1
 
@@ -156,10 +156,11 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
         assert x.tolist() == y.tolist()
 
 
-def reference(ranked, mass, lexical, held, k, nb, sides=None):
+def reference(ranked, mass, lexical, held, k, nb, sides=None, reach=None):
     """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
     holds every rare word, tier_whole with union), the tier's units before their neighbours, the neighbour
-    each unit's words lie against (sides) before the others."""
+    each unit's words lie against (sides) before the units its paragraph goes on into (reach: after, then
+    before, nearest first), before the others."""
     n = mass.numel()
     n_ev = max(1, min(k, round(k * select.EVIDENCE_SHARE)))
     best = float(lexical.max())
@@ -169,7 +170,10 @@ def reference(ranked, mass, lexical, held, k, nb, sides=None):
     tier.sort(key=lambda u: -float(lexical[u]))
     lead: list[int] = []
     toward = [] if sides is None or not nb else [u + int(sides[u]) for u in tier if int(sides[u])]
-    for v in tier + toward + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
+    paragraph = []
+    for u in tier if reach is not None and nb else []:
+        paragraph += [u + j for j in range(1, int(reach[u, 1]) + 1)] + [u - j for j in range(1, int(reach[u, 0]) + 1)]
+    for v in tier + toward + paragraph + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
     if tier and set().union(*(set(held[u].nonzero().flatten().tolist()) for u in tier)) == set(range(held.shape[1])):
@@ -205,6 +209,9 @@ def test_lexical_evidence_equals_the_reference_rule(seed):
     sides = torch.randint(-1, 2, (n,), generator=g, dtype=torch.int8)
     sided = select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides)
     assert torch.equal(sided, reference(ranked, mass, lexical, held, k, 1, sides))
+    reach = torch.randint(0, 3, (n, 2), generator=g, dtype=torch.int8)
+    read_on = select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides, reach=reach)
+    assert torch.equal(read_on, reference(ranked, mass, lexical, held, k, 1, sides, reach))
     assert got.numel() == k
     if seed != 11:  # every unit holding all the words is read
         assert set(full[:n_full]) <= set(got.tolist())
@@ -249,6 +256,82 @@ def test_a_small_topk_reads_first_the_neighbour_each_values_words_lie_against():
     assert torch.equal(got, select.choose(mass, k, 1, first=[*values, 22, 48]))
     assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1), select.choose(mass, k, 1, first=[*values, 6, 8]))
     assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 0, sides=sides), select.choose(mass, k, 0, first=values))
+
+
+def test_the_paragraph_of_a_tier_unit_is_read_before_the_neighbour_across_a_break():
+    """A question's words open a paragraph of three units (40..42) that follows another (39): the unit after
+    the next (42, where the answer may be) is read before the unit before (39, another paragraph)."""
+    n, k = 60, 8
+    g = torch.Generator().manual_seed(6)
+    mass, ranked = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    lexical, held = torch.zeros(n), torch.ones(n, 1, dtype=torch.bool)
+    lexical[[40, 12]] = torch.tensor([1.0, 0.95])
+    sides, reach = torch.zeros(n, dtype=torch.int8), torch.zeros(n, 2, dtype=torch.int8)
+    sides[40], reach[40] = 1, torch.tensor([0, 2])
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides, reach=reach)
+    assert torch.equal(got, select.choose(mass, k, 1, first=[40, 12, 41, 42, 39, 11]))
+    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1, sides=sides), select.choose(mass, k, 1, first=[40, 12, 41, 39, 11, 13]))
+    assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 0, sides=sides, reach=reach), select.choose(mass, k, 0, first=[40, 12]))
+
+
+def brute_reach(idx: UnitTextIndex, question: str, n_units: int, most: int) -> list[list[int]]:
+    """Per unit: the units before and after it (up to `most`) the paragraph of its best windows goes on into,
+    read from the decoded text: a unit is reached when no blank line lies between it and those windows."""
+    n_windows = idx.windows_for(n_units)
+    sets = [set(words(idx.window_text(j))) for j in range(n_windows)]
+    _, _, q = brute_force(idx, question, n_units, 0.02, 16)
+    df = {w: sum(w in s for s in sets) for w in q}
+    idf = {w: math.log(n_windows / df[w]) for w in q}
+    total = sum(idf.values())
+    bs, base, half = idx.block_size, idx.n_init, idx.window // 2
+    text = "".join(chr(t) for t in idx.ids)  # CharTokenizer: a token is a character
+
+    def blank(a: int, b: int) -> bool:  # a blank line ends in text[a:b]: "\n\n" with its second newline there
+        return any(text[i - 1 : i + 1] == "\n\n" for i in range(max(a, 1), b))
+
+    out = []
+    for u in range(n_units):
+        lo, hi = u * bs, (u + 1) * bs
+        inside = [j for j in range(n_windows) if min(hi, j * idx.stride + idx.window) - max(lo, j * idx.stride) >= half]
+        per = {j: sum(idf[w] for w in q if w in sets[j]) / total if q else 0.0 for j in inside}
+        if max(per.values()) <= 0:
+            out.append([0, 0])
+            continue
+        best = [j for j in inside if per[j] == max(per.values())]
+        start, end = base + min(best) * idx.stride, base + max(best) * idx.stride + idx.window
+        back = next((r - 1 for r in range(1, most + 1) if u - r < 0 or blank(base + (u - r + 1) * bs - 1, start)), most)
+        ahead = next((r - 1 for r in range(1, most + 1) if u + r >= n_units or blank(end, base + (u + r) * bs + 1)), most)
+        out.append([back, ahead])
+    return out
+
+
+@pytest.mark.parametrize("block_size,window,seed", [(32, 16, 0), (64, 48, 1), (16, 16, 2)])
+def test_paragraph_reach_equals_a_reading_of_the_blank_lines(block_size, window, seed):
+    """UnitTextIndex.lexical_sides' reach: per unit with the question's words, the units before and after its
+    best windows that no blank line parts from them (up to 2), as the decoded text reads; read again after
+    the stream grows and after a rollback, as a fresh index reads it."""
+    rng = random.Random(seed)
+    n_init = 5
+    text = " ".join(rng.choice(VOCAB) for _ in range(900))
+    for at in sorted(rng.sample(range(20, len(text) - 20), 30)):  # paragraphs of random lengths
+        text = text[:at] + "\n\n" + text[at + 2 :]
+    for at in (rng.randrange(len(text) - 40) for _ in range(6)):
+        text = text[:at] + " zebra violet " + text[at + 14 :]
+    ids = [ord(c) for c in text]
+    n_units = (len(text) - n_init) // block_size - 2
+    question = "Where is the zebra violet?"
+    idx = UnitTextIndex(FakeEmbedder(), CharTokenizer(), n_init, block_size, window=window)
+    idx.write(0, ids[: len(ids) // 2])
+    idx.paragraph_breaks(len(ids))  # read the first half's breaks before the rest arrives
+    idx.write(len(ids) // 2, ids[len(ids) // 2 :])
+    m = idx.lexical_sides(question, n_units)
+    assert m.reach.dtype == torch.int8 and m.reach.shape == (n_units, 2)
+    assert m.reach.tolist() == brute_reach(idx, question, n_units, 2)
+    assert (m.reach[m.score <= 0] == 0).all() and m.reach.max() <= 2 and m.reach.sum() > 0
+    assert idx.lexical_sides(question, n_units, reach=0).reach.sum() == 0
+    assert idx.paragraph_breaks(len(ids)).tolist() == [i for i in range(1, len(text)) if text[i - 1 : i + 1] == "\n\n"]
+    idx.write(len(ids) - 3 * block_size, ids[len(ids) - 3 * block_size :])  # a rollback: the same text again
+    assert idx.lexical_sides(question, n_units).reach.tolist() == m.reach.tolist()
 
 
 def test_no_tier_when_too_many_units_hold_the_words():
