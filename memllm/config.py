@@ -58,7 +58,8 @@ class MemoryConfig:
     units alone (a measured candidate); "infllm": each layer's own lookup per execution block, as
     during prefill; "lexical" (the default): as "hybrid", with the units that hold the question's rare
     words best (memllm/unit_lexical.py) and their neighbours taken first as evidence (first the neighbour
-    each one's words lie against: a sentence cut across a unit border is read whole), and where they hold
+    each one's words lie against: a sentence cut across a unit border is read whole; then up to two units
+    the paragraph holding those words goes on into, before a neighbour across a blank line), and where they hold
     every rare word of the question, the question's attention filling the rest (select.lexical_evidence;
     on an H200 with Qwen2.5-Coder-0.5B above "hybrid" at 32K and 128K: benchmarks/RESULTS.md).
     select_neighbours: units read on either side of each unit the question selector picks.
