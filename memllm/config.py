@@ -19,6 +19,10 @@ LOOKUPS = ("shared", "per_head")
 SELECTORS = ("question", "hybrid", "text", "infllm", "lexical")
 TEXT_SELECTORS = ("hybrid", "text", "lexical")  # those that read the text index
 _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a string: "cpu", "cuda", "cuda:1"
+# Units a lexical hit's paragraph is followed into on each side (MemoryConfig.paragraph_reach): a SQuAD paragraph is
+# 2-4 units of 128 tokens, and the sentence that answers often holds none of the question's words. Chosen by the
+# model-free replay benchmarks/lexical_paragraph_signal.py (RESULTS, "The paragraph of the question's words").
+PARAGRAPH_REACH = 2
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -63,6 +67,9 @@ class MemoryConfig:
     every rare word of the question, the question's attention filling the rest (select.lexical_evidence;
     on an H200 with Qwen2.5-Coder-0.5B above "hybrid" at 32K and 128K: benchmarks/RESULTS.md).
     select_neighbours: units read on either side of each unit the question selector picks.
+    paragraph_reach: with "lexical", units read on into the paragraph of each lexical tier unit's words on
+    either side, before the neighbours across a blank line (0: none; UnitTextIndex.paragraph_reach). Needs
+    select_neighbours > 0.
     memory_distance: the one distance at which sinks and retrieved units sit from every query (None:
     n_local, InfLLM's rule: just past the local window). A small model reads retrieved units far
     better near: SmolLM2-135M's oracle at 32K answers 2/50 single needles at 4,096 and 21/50 at 512
@@ -87,6 +94,7 @@ class MemoryConfig:
     decode_graphs: bool = True
     selector: str = "lexical"
     select_neighbours: int = 1
+    paragraph_reach: int = PARAGRAPH_REACH
     memory_distance: int | None = None
     device_unit_cache: bool = False
 
@@ -128,6 +136,7 @@ class MemoryConfig:
             )
         _one_of("selector", self.selector, SELECTORS)
         positive("select_neighbours", self.select_neighbours, allow_zero=True)
+        positive("paragraph_reach", self.paragraph_reach, allow_zero=True)
         if not isinstance(self.decode_graphs, bool):
             raise ConfigError(f"MemoryConfig.decode_graphs must be True or False, got {self.decode_graphs!r}")
         if not isinstance(self.device_unit_cache, bool):

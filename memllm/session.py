@@ -290,7 +290,7 @@ class Session:
             question = (query or "").strip() or self.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
             text = self.text_index.scores(question, n_units).to(score.device)
             if selector == "lexical":
-                lexical = self.text_index.lexical_sides(question, n_units)
+                lexical = self.text_index.lexical_sides(question, n_units, reach=cfg.paragraph_reach)
         if text is None:
             ranked = score
         elif selector == "text":

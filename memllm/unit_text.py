@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from memllm.config import PARAGRAPH_REACH
 from memllm.errors import ConfigError
 from memllm.unit_lexical import RARE, RARE_FLOOR, WindowWords, best_windows
 
@@ -33,11 +34,6 @@ WINDOW = 48  # tokens a window holds (at most block_size); a window starts every
 # dimensions) stays in cache. At 1M tokens (43,690 windows) on a 2-core CPU: 3.9 ms a question, against 28.4
 # for converting all of them first with NumPy (17.3 with torch), the same products (benchmarks/window_cosines.py).
 COSINE_CHUNK = 1024
-
-# Units a lexical hit's paragraph is followed into on each side (`paragraph_reach`): a SQuAD paragraph is 2-4
-# units of 128 tokens, and the sentence that answers often holds none of the question's words. Chosen by the
-# model-free replay benchmarks/lexical_paragraph_signal.py (RESULTS, "The hit's paragraph").
-PARAGRAPH_REACH = 2
 
 
 class LexicalMatch(NamedTuple):
@@ -216,16 +212,17 @@ class UnitTextIndex:
 
     def paragraph_reach(self, score: torch.Tensor, lo: np.ndarray, hi: np.ndarray, most: int) -> torch.Tensor:
         """(n_units, 2) int8: per unit with a score, how many units before it and after it (up to `most`) the
-        paragraph holding its best windows (first lo, last hi, as unit_lexical.best_windows gives them) goes
-        on into: unit u + r is reached when no paragraph break lies between the windows' end and its start,
-        u - r when none lies between its end and the windows' start."""
+        paragraph holding its best windows' words (first lo, last hi, as unit_lexical.best_windows gives them)
+        goes on into: unit u + r is reached when no paragraph break lies between the middle of the last best
+        window and its start, u - r when none lies between its end and the middle of the first. (The first
+        best window holds a word in its second half, past the window before it; the last one in its first.)"""
         n = score.numel()
         out = np.zeros((n, 2), dtype=np.int8)
         if n == 0 or most <= 0:
             return torch.from_numpy(out)
         base, bs = self.n_init, self.block_size
         breaks = self.paragraph_breaks(base + n * bs)
-        start, end = base + lo * self.stride, base + hi * self.stride + self.window  # the windows, in the stream
+        first, last = base + lo * self.stride + self.stride, base + hi * self.stride + self.stride  # their middles
         u = np.arange(n)
 
         def none_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -234,8 +231,8 @@ class UnitTextIndex:
         on = score.numpy() > 0
         back, ahead = on.copy(), on.copy()
         for r in range(1, most + 1):
-            back &= (u - r >= 0) & none_between(base + (u - r + 1) * bs - 1, start)  # a break as its last token
-            ahead &= (u + r < n) & none_between(end, base + (u + r) * bs + 1)  # ... or as its first
+            back &= (u - r >= 0) & none_between(base + (u - r + 1) * bs - 1, first)  # a break as its last token
+            ahead &= (u + r < n) & none_between(last, base + (u + r) * bs + 1)  # ... or as its first
             out[:, 0] += back
             out[:, 1] += ahead
         return torch.from_numpy(out)

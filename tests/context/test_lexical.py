@@ -276,7 +276,8 @@ def test_the_paragraph_of_a_tier_unit_is_read_before_the_neighbour_across_a_brea
 
 def brute_reach(idx: UnitTextIndex, question: str, n_units: int, most: int) -> list[list[int]]:
     """Per unit: the units before and after it (up to `most`) the paragraph of its best windows goes on into,
-    read from the decoded text: a unit is reached when no blank line lies between it and those windows."""
+    read from the decoded text: a unit is reached when no blank line lies between it and the middle of the
+    nearest best window."""
     n_windows = idx.windows_for(n_units)
     sets = [set(words(idx.window_text(j))) for j in range(n_windows)]
     _, _, q = brute_force(idx, question, n_units, 0.02, 16)
@@ -298,9 +299,9 @@ def brute_reach(idx: UnitTextIndex, question: str, n_units: int, most: int) -> l
             out.append([0, 0])
             continue
         best = [j for j in inside if per[j] == max(per.values())]
-        start, end = base + min(best) * idx.stride, base + max(best) * idx.stride + idx.window
-        back = next((r - 1 for r in range(1, most + 1) if u - r < 0 or blank(base + (u - r + 1) * bs - 1, start)), most)
-        ahead = next((r - 1 for r in range(1, most + 1) if u + r >= n_units or blank(end, base + (u + r) * bs + 1)), most)
+        first, last = base + min(best) * idx.stride + idx.stride, base + max(best) * idx.stride + idx.stride  # middles
+        back = next((r - 1 for r in range(1, most + 1) if u - r < 0 or blank(base + (u - r + 1) * bs - 1, first)), most)
+        ahead = next((r - 1 for r in range(1, most + 1) if u + r >= n_units or blank(last, base + (u + r) * bs + 1)), most)
         out.append([back, ahead])
     return out
 
@@ -357,6 +358,31 @@ def test_the_lexical_selector_reads_the_needle_in_every_layer():
         assert sorted(set(ids.tolist())) == sel["units"]
     _, _, plain = ask_logged(s, question="Where is the zebra violet?", selector="hybrid")
     assert plain["lexical_score"] is None
+
+
+def test_the_lexical_selector_reads_on_into_the_paragraph_of_the_questions_words():
+    """A rare word opens a paragraph (after a blank line) that goes on for three more units: every layer reads
+    the word's unit and the two after it (MemoryConfig.paragraph_reach, default 2); a variant of the ruler
+    runner asks the same question with it off, and the session's own settings are back after."""
+    from memllm.bench import ruler_run
+
+    s = text_session(topk=6, selector="lexical")
+    text = PROSE[:300] + "\n\n" + " kudzu " + PROSE[:40] + "\n\n" + PROSE[:300]
+    s.feed(text)
+    cfg = s.config
+    n_units = s.stats()["units_per_layer"]
+    at = text.index("kudzu")
+    (u,) = select.units_of_spans([(at, at + 5)], cfg.n_init, cfg.block_size, n_units)
+    _, log, sel = ask_logged(s, question="Where is the kudzu?", query="kudzu?")
+    assert int(sel["lexical_score"].argmax()) == u
+    assert {u, u + 1, u + 2} <= set(sel["units"])
+    for _, ids in log:
+        assert {u, u + 1, u + 2} <= set(ids.tolist())
+    match = s.text_index.lexical_sides("kudzu?", n_units)
+    assert int(match.reach[u, 1]) == 2 and int(match.reach[u, 0]) == 0  # the blank line just before
+    assert ruler_run.VARIANTS["lexical_no_paragraph"] == ("lexical", {"paragraph_reach": 0})
+    with pytest.raises(ConfigError, match="paragraph_reach"):
+        MemoryConfig(paragraph_reach=-1)
 
 
 def test_the_selection_matches_the_query_not_the_prompts_instructions():

@@ -26,6 +26,7 @@ BAD = {
     "decode_graphs": ("yes", "True or False"),
     "selector": ("bm25", "'question', 'hybrid', 'text', 'infllm'"),
     "select_neighbours": (-1, "must be > 0"),
+    "paragraph_reach": (2.0, "must be an integer"),
     "memory_distance": (0, "must be > 0"),
     "device_unit_cache": (1, "True or False"),
 }
