@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lexical_sides_signal import index_of, run
+from lexical_sides_signal import gold_questions, run
 
 from memllm.bench.ruler import Haystack
 from memllm.context import select
@@ -29,13 +29,10 @@ REACH = (0, 1, 2, 3)
 def replay(
     hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
 ) -> list[dict[str, Any]]:
-    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
+    index, n_units, asked = gold_questions(hay, tok, n_init, block_size, n_local, topk)
     flat = torch.zeros(n_units)
     rows = []
-    for q in hay.questions:
-        gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
-        if not gold or n_units <= topk:
-            continue
+    for q, gold in asked:
         row: dict[str, Any] = {"family": q.family, "id": q.id, "gold": gold}
         for r in REACH:
             m = index.lexical_sides(q.query or q.prompt, n_units, reach=r)

@@ -50,16 +50,23 @@ def index_of(
     return index, max(0, (len(hay.ids) - n_init - n_local) // block_size)
 
 
+def gold_questions(
+    hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
+) -> tuple[UnitTextIndex, int, list[tuple[Any, list[int]]]]:
+    """A haystack's text index, its units past the window, and each question with gold units there (none
+    when no more than topk units are)."""
+    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
+    asked = [(q, select.units_of_spans(q.spans, n_init, block_size, n_units)) for q in hay.questions]
+    return index, n_units, [(q, gold) for q, gold in asked if gold and n_units > topk]
+
+
 def replay(
     hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
 ) -> list[dict[str, Any]]:
-    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
+    index, n_units, asked = gold_questions(hay, tok, n_init, block_size, n_local, topk)
     flat = torch.zeros(n_units)
     rows = []
-    for q in hay.questions:
-        gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
-        if not gold or n_units <= topk:
-            continue
+    for q, gold in asked:
         score, held, sides, _ = index.lexical_sides(q.query or q.prompt, n_units)
         row = {"family": q.family, "id": q.id, "gold": gold}
         for name, s in (("today", None), ("sides", sides)):
