@@ -78,7 +78,8 @@ class UnitTextIndex:
         self._words = WindowWords()  # the windows' words, read by `lexical` only (selectors "lexical*")
         self._breaks = np.zeros(0, dtype=np.int64)  # stream positions of tokens that end a blank line, ascending
         self._breaks_read = 0  # stream tokens read for them
-        self._newlines: dict[int, int] = {}  # token id -> NL_* bits of its text
+        # per token id (-1 not yet decoded): 1 its text holds a blank line, 2 it starts with a newline, 4 it ends with one
+        self._newlines = np.full(0, -1, dtype=np.int8)
 
     # ---- the stream ----------------------------------------------------------------------------
     def write(self, position: int, ids: Sequence[int] | np.ndarray) -> None:
@@ -101,8 +102,10 @@ class UnitTextIndex:
         return len(self._vectors)
 
     def nbytes(self) -> int:
-        """Host bytes held: the ids, the windows' vectors and (once a lexical selector read them) words."""
-        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes + self._words.nbytes() + self._breaks.nbytes
+        """Host bytes held: the ids, the windows' vectors and (once a lexical selector read them) words and
+        paragraph breaks."""
+        words = self._words.nbytes() + self._breaks.nbytes + self._newlines.nbytes
+        return self.ids.itemsize * len(self.ids) + self._vectors.nbytes + words
 
     def bytes_per_token(self) -> float:
         """Host bytes per stream token: its id and its share of a window's fp16 vector."""
@@ -197,12 +200,15 @@ class UnitTextIndex:
         if end > self._breaks_read:
             a = max(0, self._breaks_read - 1)  # the token before: a newline may end it
             seg = np.frombuffer(self.ids, dtype=np.intc)[a:end]
-            ids, at = np.unique(seg, return_inverse=True)
-            for t in ids.tolist():
-                if t not in self._newlines:
-                    piece = self.tokenizer.decode([t])
-                    self._newlines[t] = ("\n\n" in piece) | ("\n" == piece[:1]) << 1 | ("\n" == piece[-1:]) << 2
-            bits = np.array([self._newlines[t] for t in ids.tolist()], dtype=np.int8)[at]
+            if seg.size and int(seg.max()) >= len(self._newlines):
+                grown = np.full(int(seg.max()) + 1, -1, dtype=np.int8)
+                grown[: len(self._newlines)] = self._newlines
+                self._newlines = grown
+            ids = np.unique(seg)
+            for t in ids[self._newlines[ids] < 0].tolist():
+                piece = self.tokenizer.decode([t])
+                self._newlines[t] = ("\n\n" in piece) | ("\n" == piece[:1]) << 1 | ("\n" == piece[-1:]) << 2
+            bits = self._newlines[seg]
             brk = (bits & 1).astype(bool)
             brk[1:] |= ((bits[:-1] & 4) > 0) & ((bits[1:] & 2) > 0)
             new = a + np.flatnonzero(brk)
