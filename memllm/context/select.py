@@ -240,8 +240,9 @@ def lexical_evidence(
     """`evidence_then_attention` with the lexical tier first: `first`, then the tier's units, then the
     neighbour each tier unit's words lie against (`sides`, UnitTextIndex.lexical_sides: +1 the next unit,
     -1 the previous, 0 none), then the units the paragraph of each tier unit's words goes on into (`reach`,
-    (n_units, 2): units before and after, UnitTextIndex.paragraph_reach; nearest first, after before
-    before), then their other `neighbours` (tier order), up to `share` of k. Where the
+    (n_units, 2): units before and after, UnitTextIndex.paragraph_reach; the next ones of every tier unit
+    before those two away, after before before), then their other `neighbours` (tier order), up to `share`
+    of k. Where the
     tier's units together hold every rare word of the question, that is the evidence and the attention
     fills the rest (as the oracle's gold units); elsewhere the fused ranking's evidence and the attention
     follow as in `evidence_then_attention`. Where there is no tier: `evidence_then_attention` itself.
@@ -254,7 +255,10 @@ def lexical_evidence(
     side = None if sides is None else sides.cpu().tolist()  # one read of the sides, not one per tier unit
     toward = [u + side[u] for u in tier if side[u]] if neighbours and side is not None else []
     spans = reach.cpu()[tier].tolist() if neighbours and reach is not None and tier else []
-    paragraph = [v for u, (b, a) in zip(tier, spans, strict=False) for v in [*range(u + 1, u + a + 1), *range(u - 1, u - b - 1, -1)]]
+    far = max((r for pair in spans for r in pair), default=0)
+    paragraph = [  # nearest first over the whole tier: every tier unit's next units before any unit two away
+        u + s * j for j in range(1, far + 1) for u, (b, a) in zip(tier, spans, strict=True) for s, r in ((1, a), (-1, b)) if j <= r
+    ]
     around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
     for v in [*tier, *toward, *paragraph, *around]:  # every tier unit before any neighbour: a small topk reads them all
         if 0 <= v < n and v not in lead and len(lead) < cap:

@@ -159,8 +159,8 @@ def test_a_rollback_leaves_the_words_of_a_fresh_index():
 def reference(ranked, mass, lexical, held, k, nb, sides=None, reach=None):
     """The rule as the offline replay wrote it (benchmarks/ruler_lexical.py: tier_first; where the tier
     holds every rare word, tier_whole with union), the tier's units before their neighbours, the neighbour
-    each unit's words lie against (sides) before the units its paragraph goes on into (reach: after, then
-    before, nearest first), before the others."""
+    each unit's words lie against (sides) before the units its paragraph goes on into (reach: every tier
+    unit's next ones before those two away, after before before), before the others."""
     n = mass.numel()
     n_ev = max(1, min(k, round(k * select.EVIDENCE_SHARE)))
     best = float(lexical.max())
@@ -171,8 +171,9 @@ def reference(ranked, mass, lexical, held, k, nb, sides=None, reach=None):
     lead: list[int] = []
     toward = [] if sides is None or not nb else [u + int(sides[u]) for u in tier if int(sides[u])]
     paragraph = []
-    for u in tier if reach is not None and nb else []:
-        paragraph += [u + j for j in range(1, int(reach[u, 1]) + 1)] + [u - j for j in range(1, int(reach[u, 0]) + 1)]
+    for j in range(1, 1 + (int(reach.max()) if reach is not None and nb else 0)):  # nearest first over the tier
+        for u in tier:
+            paragraph += [u + j] * (j <= int(reach[u, 1])) + [u - j] * (j <= int(reach[u, 0]))
     for v in tier + toward + paragraph + [u + s * j for u in tier for j in range(1, nb + 1) for s in (-1, 1)]:
         if 0 <= v < n and v not in lead and len(lead) < n_ev:
             lead.append(v)
@@ -256,6 +257,19 @@ def test_a_small_topk_reads_first_the_neighbour_each_values_words_lie_against():
     assert torch.equal(got, select.choose(mass, k, 1, first=[*values, 22, 48]))
     assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 1), select.choose(mass, k, 1, first=[*values, 6, 8]))
     assert torch.equal(select.lexical_evidence(ranked, mass, lexical, held, k, 0, sides=sides), select.choose(mass, k, 0, first=values))
+
+
+def test_every_tier_units_next_paragraph_unit_comes_before_one_two_away():
+    """A stream without blank lines (a log): every tier unit's paragraph reaches 2 each side; the lead takes each
+    tier unit's units one away before any two away, so a later tier unit keeps its neighbours."""
+    n, k = 80, 16  # twelve evidence slots
+    mass, ranked = torch.zeros(n), torch.zeros(n)
+    lexical, held = torch.zeros(n), torch.ones(n, 1, dtype=torch.bool)
+    tier = [10, 30, 50, 70]
+    lexical[tier] = 1.0
+    reach = torch.full((n, 2), 2, dtype=torch.int8)
+    got = select.lexical_evidence(ranked, mass, lexical, held, k, 1, reach=reach)
+    assert torch.equal(got, select.choose(mass, k, 1, first=[*tier, 11, 9, 31, 29, 51, 49, 71, 69]))
 
 
 def test_the_paragraph_of_a_tier_unit_is_read_before_the_neighbour_across_a_break():
