@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lexical_sides_signal import index_of, run
+from lexical_sides_signal import gold_questions, run
 
 from memllm.bench.ruler import Haystack
 from memllm.context import select
@@ -95,19 +95,16 @@ def narrowed(
 def replay(
     hay: Haystack, tok: Any, n_init: int, block_size: int, n_local: int, topk: int
 ) -> list[dict[str, Any]]:
-    index, n_units = index_of(hay, tok, n_init, block_size, n_local)
+    index, n_units, asked = gold_questions(hay, tok, n_init, block_size, n_local, topk)
     flat = torch.zeros(n_units)
     rows: list[dict[str, Any]] = []
-    if n_units <= topk:
+    if not asked:
         return rows
-    index.lexical_sides("x", n_units)  # reads every window's words once
+    index.lexical("x", n_units)  # reads every window's words once
     n_windows = index.windows_for(n_units)
     first, last = index.unit_windows(n_units)
     n_evidence = max(1, min(topk, round(topk * select.EVIDENCE_SHARE)))
-    for q in hay.questions:
-        gold = select.units_of_spans(q.spans, n_init, block_size, n_units)
-        if not gold:
-            continue
+    for q, gold in asked:
         row = {"family": q.family, "id": q.id, "gold": gold}
         per_window, words_held, pairs_held = terms(index, q.query or q.prompt, n_windows)
         both = np.concatenate([words_held, pairs_held], axis=1)

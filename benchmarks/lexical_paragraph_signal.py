@@ -34,9 +34,10 @@ def replay(
     rows = []
     for q, gold in asked:
         row: dict[str, Any] = {"family": q.family, "id": q.id, "gold": gold}
+        m = index.lexical_sides(q.query or q.prompt, n_units, reach=max(REACH))  # reach r is it capped at r
         for r in REACH:
-            m = index.lexical_sides(q.query or q.prompt, n_units, reach=r)
-            chosen = select.lexical_evidence(flat, flat, m.score, m.held, topk, 1, sides=m.sides, reach=m.reach)
+            reach = m.reach.clamp(max=r)
+            chosen = select.lexical_evidence(flat, flat, m.score, m.held, topk, 1, sides=m.sides, reach=reach)
             row[f"reach {r}"] = all(u in set(chosen.tolist()) for u in gold)
         rows.append(row)
     return rows

@@ -57,7 +57,7 @@ def tier_of(
     index: UnitTextIndex, question: str, n_units: int, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Each unit's rare-word score and words held, and the lexical tier as `select.lexical_evidence` takes it."""
-    score, held, *_ = index.lexical_sides(question, n_units)
+    score, held = index.lexical(question, n_units)
     return score, held, select.lexical_tier(score, round(topk * select.EVIDENCE_SHARE))
 
 
