@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,11 +27,8 @@ from memllm.context import select
 from memllm.errors import ConfigError
 from memllm.session import Session
 
-SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", "lexical_no_paragraph")
-# Systems that are a selector with other settings, for a measurement inside one read: "lexical_no_paragraph" is
-# "lexical" as before MemoryConfig.paragraph_reach (to be deleted once the answers have decided).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lexical_no_paragraph": ("lexical", {"paragraph_reach": 0})}
-TEXT_SYSTEMS = (*TEXT_SELECTORS, *VARIANTS)  # systems that need the text index's embedder
+SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical")
+TEXT_SYSTEMS = TEXT_SELECTORS  # systems that need the text index's embedder: the selectors that read it
 
 
 def newline_ids(tokenizer: Any) -> set[int]:
@@ -85,13 +81,10 @@ def ask_memllm(
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    base, changes = VARIANTS.get(system, (system, {}))
-    selector = base if base in ("infllm", *TEXT_SELECTORS) else "question"
+    selector = system if system in ("infllm", *TEXT_SYSTEMS) else "question"
     oracle = q.spans if system == "oracle" else None
     t0 = time.perf_counter()
     logprobs: list[float] = []
-    saved = session.config
-    session.config = replace(saved, **changes) if changes else saved  # a variant's settings, this question only
     with session.answering(), session.cache.record_lookups() as log:
         gen = session.generate_ids(
             ids,
@@ -106,7 +99,6 @@ def ask_memllm(
             out = _until_line(gen, tok, newlines)
         finally:
             gen.close()
-            session.config = saved
         recall = select.recall_by_layer(log, gold, len(session.cache.layers))
     seconds = time.perf_counter() - t0
     answer = _answer(tok, out)

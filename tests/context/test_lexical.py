@@ -376,10 +376,7 @@ def test_the_lexical_selector_reads_the_needle_in_every_layer():
 
 def test_the_lexical_selector_reads_on_into_the_paragraph_of_the_questions_words():
     """A rare word opens a paragraph (after a blank line) that goes on for three more units: every layer reads
-    the word's unit and the two after it (MemoryConfig.paragraph_reach, default 2); a variant of the ruler
-    runner asks the same question with it off, and the session's own settings are back after."""
-    from memllm.bench import ruler_run
-
+    the word's unit and the two after it (MemoryConfig.paragraph_reach, default 2)."""
     s = text_session(topk=6, selector="lexical")
     text = PROSE[:300] + "\n\n" + " kudzu " + PROSE[:40] + "\n\n" + PROSE[:300]
     s.feed(text)
@@ -394,7 +391,6 @@ def test_the_lexical_selector_reads_on_into_the_paragraph_of_the_questions_words
         assert {u, u + 1, u + 2} <= set(ids.tolist())
     match = s.text_index.lexical_sides("kudzu?", n_units)
     assert int(match.reach[u, 1]) == 2 and int(match.reach[u, 0]) == 0  # the blank line just before
-    assert ruler_run.VARIANTS["lexical_no_paragraph"] == ("lexical", {"paragraph_reach": 0})
     with pytest.raises(ConfigError, match="paragraph_reach"):
         MemoryConfig(paragraph_reach=-1)
 

@@ -51,11 +51,6 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypa
     rows = ruler_run.run(tiny_llm, hays, ["infllm", "question", "oracle"], memory, progress=said.append)
     assert any(": read " in m and "tokens/s" in m for m in said)  # a long read shows its progress
     assert len(rows) == 3 * sum(len(h.questions) for h in hays)
-    # a variant: "lexical" with paragraph_reach 0, for that question only
-    from memllm.memory_stores.embeddings import FakeEmbedder
-
-    lex = ruler_run.run(tiny_llm, hays[:1], ["lexical_no_paragraph"], memory, embedder=FakeEmbedder())
-    assert lex and all(r["system"] == "lexical_no_paragraph" and "chosen" in r for r in lex if not r["in_window"])
     oracle = [r for r in rows if r["system"] == "oracle" and not r["in_window"]]
     assert oracle and all(r["all_layers_read"] for r in oracle)
     assert all(r["recall_by_layer"] == [1.0, 1.0] for r in oracle)
