@@ -13,6 +13,7 @@ from a unit the other system did not read.
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import json
 import re
@@ -76,21 +77,30 @@ def main() -> None:
         m = index.lexical_sides(q.query or q.prompt, n_units)
         up, down = torch.arange(n_units, 0, -1).float(), torch.arange(n_units).float()
         picks = [
-            set(select.lexical_evidence(f, f, m.score, m.held, args.topk, 1, sides=m.sides, reach=m.reach).tolist())
+            set(
+                select.lexical_evidence(
+                    f, f, m.score, m.held, args.topk, 1, sides=m.sides, reach=m.reach
+                ).tolist()
+            )
             for f in (up, down)
         ]
         tier = select.lexical_tier(m.score, round(args.topk * select.EVIDENCE_SHARE))
         held = bool(tier) and m.held.shape[1] > 0 and bool(m.held[tier].any(dim=0).all())
         return picks[0] & picks[1], held, m.score
+
     a, b = rows_of(args.a), rows_of(args.b)
     families = set(args.families.split(","))
     n, bs = args.n_init, args.block_size
 
     def text(ids: list[int], units: list[int], pad: int) -> str:
-        return " ".join(tok.decode(ids[max(0, n + u * bs - pad) : n + (u + 1) * bs + pad]) for u in units).lower()
+        return " ".join(
+            tok.decode(ids[max(0, n + u * bs - pad) : n + (u + 1) * bs + pad]) for u in units
+        ).lower()
 
     traced = read_all = from_extra = 0
-    rest_gold = [0, 0, 0, 0]  # gold units A read outside the lead, of them holding no rare word; all such units
+    outside = (
+        collections.Counter()
+    )  # units A read outside the lead: gold, gold with no rare word, all, no rare word
     for qid, ra in a.items():
         rb = b.get(qid)
         if rb is None or ra["family"] not in families or rb["score"] <= ra["score"]:
@@ -107,7 +117,9 @@ def main() -> None:
         told = ""
         if args.lead:
             lead, held, score = lead_of(qid)
-            told = " ".join(f"{u}:{'lead' if u in lead else 'rest'}{'' if score[u] > 0 else '/no-word'}" for u in extra)
+            told = " ".join(
+                f"{u}:{'lead' if u in lead else 'rest'}{'' if score[u] > 0 else '/no-word'}" for u in extra
+            )
             told = f" [extra: {told}; tier holds every word {held}]"
         print(f"{qid}: every gold unit read {ra['all_layers_read']}, answer words in A's extra units "
               f"{len(in_extra)}/{len(words)}, in the gold {len(in_gold)}/{len(words)}: {ra['answer'][:60]!r}{told}")  # fmt: skip
@@ -118,12 +130,14 @@ def main() -> None:
             if ra["family"] in families and not ra["in_window"] and ra.get("chosen"):
                 lead, _, score = lead_of(qid)
                 gold = [u for u in ra["gold_units"] if u in ra["chosen"] and u not in lead]
-                rest_gold[0] += len(gold)
-                rest_gold[1] += sum(not score[u] > 0 for u in gold)
-                rest_gold[2] += sum(u not in lead and not score[u] > 0 for u in ra["chosen"])
-                rest_gold[3] += sum(u not in lead for u in ra["chosen"])
-        print(f"every question of A: gold units read outside the lead {rest_gold[0]}, of them holding no rare word "
-              f"{rest_gold[1]}; units read outside the lead {rest_gold[3]}, holding no rare word {rest_gold[2]}")  # fmt: skip
+                rest = [u for u in ra["chosen"] if u not in lead]
+                outside["gold"] += len(gold)
+                outside["gold, no word"] += sum(not score[u] > 0 for u in gold)
+                outside["all"] += len(rest)
+                outside["all, no word"] += sum(not score[u] > 0 for u in rest)
+        print(f"every question of A: gold units read outside the lead {outside['gold']}, of them holding no rare word "
+              f"{outside['gold, no word']}; units read outside the lead {outside['all']}, holding no rare word "
+              f"{outside['all, no word']}")  # fmt: skip
 
 
 if __name__ == "__main__":
