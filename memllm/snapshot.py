@@ -272,10 +272,15 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         validate.integer(meta.get("base"), f"layers[{i}].base", err, 0, seen)
         validate.boolean(meta.get("cut"), f"layers[{i}].cut", err)
         validate.integer(meta.get("units", 0), f"layers[{i}].units", err, 0, seen)
+    seen = {meta["seen"] for meta in layers}
+    if len(seen) > 1:  # every layer sees every token of the stream
+        raise err(f"the layers' seen differ ({min(seen)} to {max(seen)})")
     if manifest["version"] != VERSION:
         return
     validate.text(manifest.get("fingerprint"), "fingerprint", err, 256)
-    validate.integer(manifest.get("tokens"), "tokens", err)
+    tokens = validate.integer(manifest.get("tokens"), "tokens", err)
+    if seen and tokens not in seen:
+        raise err(f"tokens is {tokens}, the layers' seen {seen.pop()}")
     for i, entry in enumerate(validate.seq(manifest.get("files"), "files", err, 4 * MAX_PARTS)):
         entry = validate.obj(entry, f"files[{i}]", err)
         validate.text(entry.get("name"), f"files[{i}].name", err, 255)
@@ -375,6 +380,19 @@ def _check_shapes(layer: Any, state: dict[str, torch.Tensor], folder: Path) -> N
             )
 
 
+def _check_counts(layer: Any, meta: dict[str, Any], folder: Path) -> None:
+    """A loaded layer holds `seen` tokens (its sinks, its units, its window), and none in sinks or units before
+    its first cut: else the next call's positions would not be the stream's."""
+    sinks, window = layer.sink_k.shape[-2], layer.local_k.shape[-2]
+    held = sinks + layer.store.n_units * layer.config.block_size + window
+    if held != meta["seen"] or (not meta["cut"] and held != window):
+        raise SnapshotError(
+            f"snapshot at {folder} is altered: layer {layer.layer_idx} holds {held} tokens "
+            f"({sinks} sinks, {layer.store.n_units} units, a window of {window}), its manifest says seen "
+            f"{meta['seen']}, cut {meta['cut']}"
+        )
+
+
 def read_checked(llm: Any, path: str | Path, namespace: str | None = None) -> dict[str, Any]:
     """The manifest of the snapshot at `path`, checked first (see `verify`) against `llm`."""
     folder = Path(path)
@@ -405,6 +423,7 @@ def restore_into(session: Any, path: str | Path, manifest: dict[str, Any]) -> No
                 state["units.repr"] = torch.empty(layer.spec.kv_heads, 0, layer.spec.head_dim)
             _check_shapes(layer, state, folder)
             layer.load_state(state, seen=meta["seen"], cut=meta["cut"], base=meta["base"])
+            _check_counts(layer, meta, folder)
     except (KeyError, IndexError, ValueError, RuntimeError, SafetensorError) as exc:
         # what the checksums cannot catch: a version 1 snapshot, or tensors that never fit this model
         raise SnapshotError(f"snapshot at {folder} does not fit this model's memory: {exc!r:.200}") from exc

@@ -103,6 +103,14 @@ def _rewrite_head_without(folder: Path, key: str) -> None:
     _edit_manifest(folder, fix)
 
 
+def _seen_everywhere(m: dict) -> None:
+    """Every layer's seen and the token count moved together: the manifest agrees with itself, not with the
+    tensors it names."""
+    for layer in m["layers"]:
+        layer["seen"] += 5
+    m["tokens"] += 5
+
+
 CORRUPTIONS = {
     "header too large": lambda d: _head(d).write_bytes(b"\xff" * 8 + b"{}"),
     "invalid header length": lambda d: _head(d).write_bytes(b"\x05\x00"),
@@ -112,6 +120,9 @@ CORRUPTIONS = {
     "fewer layers": lambda d: _edit_manifest(d, lambda m: m.update(layers=m["layers"][:1])),
     "seen huge": lambda d: _edit_manifest(d, lambda m: m["layers"][0].update(seen=10**30)),
     "seen a string": lambda d: _edit_manifest(d, lambda m: m["layers"][0].update(seen="12")),
+    "seen off in one layer": lambda d: _edit_manifest(d, lambda m: m["layers"][0].update(seen=27)),
+    "seen off in every layer": lambda d: _edit_manifest(d, _seen_everywhere),
+    "cut false in every layer": lambda d: _edit_manifest(d, lambda m: [x.update(cut=False) for x in m["layers"]]),
     "cut a string": lambda d: _edit_manifest(d, lambda m: m["layers"][0].update(cut="true")),
     "files not a list": lambda d: _edit_manifest(d, lambda m: m.update(files={"a": 1})),
     "manifest torn": lambda d: (d / "kv" / "manifest.json").write_text('{"format": "memllm-con'),

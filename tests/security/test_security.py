@@ -248,6 +248,9 @@ def test_session_restore_refuses_torn_foreign_and_legacy_mismatched(cli, tiny_gg
     manifest = json.loads((snap / "manifest.json").read_text())
     manifest["layers"][0]["seen"] += 34  # the issue's torn pair: manifest and state disagree
     (snap / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="is altered: the layers' seen differ"):
+        Session.restore(llm, snap)
+    manifest["layers"][0]["seen"] -= 34
     # a manifest changed by hand still names files with checksums: the head is checked, counts too
     manifest["files"][0]["sha256"] = "0" * 64
     (snap / "manifest.json").write_text(json.dumps(manifest))
