@@ -67,7 +67,7 @@ def replay(
     flat = torch.zeros(n_units)
     rows = []
     for q, gold in asked:
-        score, held, sides, _ = index.lexical_sides(q.query or q.prompt, n_units)
+        score, held, sides, _ = index.lexical_sides(q.query or q.prompt, n_units, reach=0)  # no paragraph read
         row = {"family": q.family, "id": q.id, "gold": gold}
         for name, s in (("today", None), ("sides", sides)):
             chosen = set(select.lexical_evidence(flat, flat, score, held, topk, 1, sides=s).tolist())

@@ -5,9 +5,13 @@ For every question that system B answers better than system A (the same question
 units are those A read and B did not (`chosen`). The script decodes them, with half a unit of context each side,
 and counts how many of the words of A's answer (longer than three letters, at most eight) are in that text and
 how many in the gold units' text. An answer whose words are all in A's extra units and not in the gold was taken
-from a unit the other system did not read.
+from a unit the other system did not read. With `--lead`, each extra unit is told as the lexical selector's lead
+(`select.lexical_lead`, replayed from the text index without a model: the tier, the neighbour its words lie
+against, the paragraph, the plain neighbours) or the rest (the fused ranking's evidence or the attention's fill),
+`/no-word` where it holds no rare word of the question, with whether the tier holds every rare word (then the rest
+is the attention's fill alone); and over every question of A, the gold units and all units read outside the lead.
 
-    python benchmarks/ruler_answer_source.py --a benchmarks/results/ruler_qwen_run60_c_512k.json.gz:lexical --b benchmarks/results/ruler_qwen_run50_512k.json.gz:oracle --suite .gpu/suite_qwen_c.json.gz --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights --families squad
+    python benchmarks/ruler_answer_source.py --a benchmarks/results/ruler_qwen_run60_c_512k.json.gz:lexical --b benchmarks/results/ruler_qwen_run50_512k.json.gz:oracle --suite .gpu/suite_qwen_c.json.gz --tokenizer ~/.cache/memllm/models/qwen2.5-coder-0.5b/weights --lead
 """
 
 from __future__ import annotations
@@ -75,18 +79,8 @@ def main() -> None:
         index, n_units = indexes[id(hays[qid])]
         q = next(q for q in hay.questions if q.id == qid)
         m = index.lexical_sides(q.query or q.prompt, n_units)
-        up, down = torch.arange(n_units, 0, -1).float(), torch.arange(n_units).float()
-        picks = [
-            set(
-                select.lexical_evidence(
-                    f, f, m.score, m.held, args.topk, 1, sides=m.sides, reach=m.reach
-                ).tolist()
-            )
-            for f in (up, down)
-        ]
-        tier = select.lexical_tier(m.score, round(args.topk * select.EVIDENCE_SHARE))
-        held = bool(tier) and m.held.shape[1] > 0 and bool(m.held[tier].any(dim=0).all())
-        return picks[0] & picks[1], held, m.score
+        lead, covers = select.lexical_lead(m.score, m.held, args.topk, 1, sides=m.sides, reach=m.reach)
+        return set(lead), covers, m.score
 
     a, b = rows_of(args.a), rows_of(args.b)
     families = set(args.families.split(","))

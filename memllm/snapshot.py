@@ -272,15 +272,15 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         validate.integer(meta.get("base"), f"layers[{i}].base", err, 0, seen)
         validate.boolean(meta.get("cut"), f"layers[{i}].cut", err)
         validate.integer(meta.get("units", 0), f"layers[{i}].units", err, 0, seen)
-    seen = {meta["seen"] for meta in layers}
-    if len(seen) > 1:  # every layer sees every token of the stream
-        raise err(f"the layers' seen differ ({min(seen)} to {max(seen)})")
+    counts = {meta["seen"] for meta in layers}
+    if len(counts) > 1:  # every layer sees every token of the stream
+        raise err(f"the layers' seen differ ({min(counts)} to {max(counts)})")
     if manifest["version"] != VERSION:
         return
     validate.text(manifest.get("fingerprint"), "fingerprint", err, 256)
     tokens = validate.integer(manifest.get("tokens"), "tokens", err)
-    if seen and tokens not in seen:
-        raise err(f"tokens is {tokens}, the layers' seen {seen.pop()}")
+    if counts and tokens not in counts:
+        raise err(f"tokens is {tokens}, the layers' seen {min(counts)}")
     for i, entry in enumerate(validate.seq(manifest.get("files"), "files", err, 4 * MAX_PARTS)):
         entry = validate.obj(entry, f"files[{i}]", err)
         validate.text(entry.get("name"), f"files[{i}].name", err, 255)

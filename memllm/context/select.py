@@ -224,6 +224,41 @@ def lexical_tier(lexical: torch.Tensor, cap: int, margin: float = LEXICAL_MARGIN
     return [] if len(tier) > cap else sorted(tier, key=lambda u: (-float(s[u]), u))
 
 
+def lexical_lead(
+    lexical: torch.Tensor,
+    held: torch.Tensor,
+    k: int,
+    neighbours: int = 1,
+    first: Sequence[int] = (),
+    share: float = EVIDENCE_SHARE,
+    *,
+    sides: torch.Tensor | None = None,
+    reach: torch.Tensor | None = None,
+) -> tuple[list[int], bool]:
+    """`lexical_evidence`'s lead, in reading order: `first`, then the tier's units, then the neighbour each
+    tier unit's words lie against (`sides`), then the units their paragraph goes on into (`reach`), then
+    their other `neighbours`, up to `share` of k; and whether the tier's units together hold every rare word
+    of the question (then the attention alone fills the rest)."""
+    n = lexical.numel()
+    n_evidence = max(1, min(k, round(k * share)))
+    tier = lexical_tier(lexical, n_evidence)
+    lead = list(dict.fromkeys(int(u) for u in first))
+    cap = max(n_evidence, len(first))
+    side = None if sides is None else sides.cpu().tolist()  # one read of the sides, not one per tier unit
+    toward = [u + side[u] for u in tier if side[u]] if neighbours and side is not None else []
+    spans = reach.cpu()[tier].tolist() if neighbours and reach is not None and tier else []
+    far = max((r for pair in spans for r in pair), default=0)
+    paragraph = [  # nearest first over the whole tier: every tier unit's next units before any unit two away
+        u + s * j for j in range(1, far + 1) for u, (b, a) in zip(tier, spans, strict=True) for s, r in ((1, a), (-1, b)) if j <= r
+    ]
+    around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
+    for v in [*tier, *toward, *paragraph, *around]:  # every tier unit before any neighbour: a small topk reads them all
+        if 0 <= v < n and v not in lead and len(lead) < cap:
+            lead.append(v)
+    covers = bool(tier) and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all())
+    return lead, covers
+
+
 def lexical_evidence(
     ranked: torch.Tensor,
     mass: torch.Tensor,
@@ -242,28 +277,13 @@ def lexical_evidence(
     -1 the previous, 0 none), then the units the paragraph of each tier unit's words goes on into (`reach`,
     (n_units, 2): units before and after, UnitTextIndex.paragraph_reach; the next ones of every tier unit
     before those two away, after before before), then their other `neighbours` (tier order), up to `share`
-    of k. Where the
+    of k (`lexical_lead`). Where the
     tier's units together hold every rare word of the question, that is the evidence and the attention
     fills the rest (as the oracle's gold units); elsewhere the fused ranking's evidence and the attention
     follow as in `evidence_then_attention`. Where there is no tier: `evidence_then_attention` itself.
     held: (n_units, words) bool, the question's rare words each unit's best window holds."""
-    n = mass.numel()
-    n_evidence = max(1, min(k, round(k * share)))
-    tier = lexical_tier(lexical, n_evidence)
-    lead = list(dict.fromkeys(int(u) for u in first))
-    cap = max(n_evidence, len(first))
-    side = None if sides is None else sides.cpu().tolist()  # one read of the sides, not one per tier unit
-    toward = [u + side[u] for u in tier if side[u]] if neighbours and side is not None else []
-    spans = reach.cpu()[tier].tolist() if neighbours and reach is not None and tier else []
-    far = max((r for pair in spans for r in pair), default=0)
-    paragraph = [  # nearest first over the whole tier: every tier unit's next units before any unit two away
-        u + s * j for j in range(1, far + 1) for u, (b, a) in zip(tier, spans, strict=True) for s, r in ((1, a), (-1, b)) if j <= r
-    ]
-    around = [u + s * j for u in tier for j in range(1, neighbours + 1) for s in (-1, 1)]
-    for v in [*tier, *toward, *paragraph, *around]:  # every tier unit before any neighbour: a small topk reads them all
-        if 0 <= v < n and v not in lead and len(lead) < cap:
-            lead.append(v)
-    if tier and held.shape[1] > 0 and bool(held.cpu()[tier].any(dim=0).all()):
+    lead, covers = lexical_lead(lexical, held, k, neighbours, first, share, sides=sides, reach=reach)
+    if covers:
         return choose(mass, k, neighbours, first=lead)
     return evidence_then_attention(ranked, mass, k, neighbours, first=lead, share=share)
 
