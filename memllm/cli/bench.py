@@ -113,6 +113,9 @@ def ruler(
     n_local: int | None = typer.Option(None, "--n-local", help="Local window (default: from the model)."),
     topk: int = typer.Option(16, "--topk", help="Memory units read per lookup."),
     block_size: int = typer.Option(128, "--block-size", help="Tokens per memory unit."),
+    memory_distance: int | None = typer.Option(
+        None, "--memory-distance", help="Where retrieved units sit from every query (default: from the window)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the haystacks and questions."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (every answer) instead of a table."),
 ) -> None:
@@ -131,7 +134,7 @@ def ruler(
         raise ConfigError(str(exc)) from None
     fams = parse_list(families, suite.FAMILIES, "task")
     chosen = parse_list(systems, ruler_run.SYSTEMS, "system")
-    memory = MemoryConfig(n_local=n_local, topk=topk, block_size=block_size)
+    memory = MemoryConfig(n_local=n_local, topk=topk, block_size=block_size, memory_distance=memory_distance)
     llm = load_llm(model, device, dtype)
     embedder = None
     if set(ruler_run.TEXT_SYSTEMS) & set(chosen):

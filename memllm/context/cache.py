@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -566,6 +567,7 @@ class ContextMemoryCache(Cache):
         for layer in layers:
             layer.forced = self.forced
         self.is_probing = False  # prefill.step runs no decode graph while probing
+        self.variant = False  # nor inside `configured`
 
     def decode_graph(self):
         """The DecodeGraph single tokens go through (CUDA, impl "fast", config.decode_graphs), else None."""
@@ -633,6 +635,26 @@ class ContextMemoryCache(Cache):
         finally:
             for layer in self.layers:
                 layer.lookup_log = None
+
+    @contextmanager
+    def configured(self, **changes: Any) -> Iterator[MemoryConfig]:
+        """Within the block, the cache and every layer under its config with `changes` (validated; e.g.
+        memory_distance) and calls run eagerly (no decode graph): a measurement's variant on one read.
+        Only settings that leave the stored state as it is belong here (not block_size or n_local)."""
+        saved = self.config
+        changed = replace(saved, **changes).resolved(self.spec.trained_len)
+        for key in ("n_init", "n_local", "block_size", "repr_topk", "offload_dtype", "device", "impl"):
+            if getattr(changed, key) != getattr(saved, key):
+                raise ConfigError(f"ContextMemoryCache.configured cannot change {key}: the stored state depends on it")
+        self.config, self.variant = changed, True
+        for layer in self.layers:
+            layer.config = changed
+        try:
+            yield changed
+        finally:
+            self.config, self.variant = saved, False
+            for layer in self.layers:
+                layer.config = saved
 
     @contextmanager
     def probing(self) -> Iterator[Probe]:

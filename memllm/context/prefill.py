@@ -31,7 +31,8 @@ def step(model: torch.nn.Module, cache: ContextMemoryCache, ids: torch.Tensor) -
     The call goes through the cache's DecodeGraph when it has one and the call is static: a single
     token or a short call (static.MAX_ROWS) that cuts nothing, or a chunk that cuts units in phase 2."""
     ids = upload(ids, cache.layers[0].device)
-    graph = None if cache.is_probing else cache.decode_graph()
+    plain = cache.is_probing or cache.variant  # a variant's config is not the one the graph's buffers were made with
+    graph = None if plain else cache.decode_graph()
     logits = graph.step(model, ids) if graph is not None else None
     if logits is not None:
         return logits

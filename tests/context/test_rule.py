@@ -162,3 +162,37 @@ def test_memory_distance_moves_only_what_memory_gives_and_is_bounded_by_the_wind
     with pytest.raises(ConfigError, match="memory_distance"):
         small_memory(memory_distance=64).resolved(128)
     assert small_memory().resolved(128).memory_distance == small_memory().n_local
+
+
+def test_a_variant_puts_every_layer_under_its_config_for_its_block_only():
+    """ContextMemoryCache.configured (a measurement's variant on one read, memllm.bench.ruler_run.VARIANTS): units
+    nearer while inside it, the same logits as the cache's own config after it; what the stored state depends
+    on, and a distance past the window, are refused."""
+    from memllm.errors import ConfigError
+
+    model = tiny_model("llama")
+    ids = torch.randperm(512, generator=torch.Generator().manual_seed(2))[:PREFILL].unsqueeze(0)
+    mem = small_memory()
+    with attach(model, mem) as cache, torch.no_grad():
+        for a in range(0, PREFILL, mem.chunk_size):
+            b = min(PREFILL, a + mem.chunk_size)
+            model(input_ids=ids[:, a:b], **cache_kwargs(model, cache), position_ids=cache.next_position_ids(b - a))
+        before = cache.config
+
+        def step():
+            cp = cache.checkpoint()
+            out = model(input_ids=ids[:, :1], **cache_kwargs(model, cache), position_ids=cache.next_position_ids(1))
+            cache.rollback(cp)
+            return out.logits
+
+        own = step()
+        with cache.configured(memory_distance=16) as changed:
+            assert changed.memory_distance == 16 and cache.variant
+            assert all(layer.config is changed for layer in cache.layers)
+            near = step()
+        assert cache.config is before and not cache.variant and all(layer.config is before for layer in cache.layers)
+        assert rel_err(near, own) > 1e-3 and rel_err(step(), own) == 0
+        for bad, match in (({"n_local": 64}, "n_local"), ({"memory_distance": 64}, "memory_distance")):
+            with pytest.raises(ConfigError, match=match), cache.configured(**bad):
+                pass
+            assert cache.config is before
