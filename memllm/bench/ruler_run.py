@@ -34,7 +34,8 @@ from memllm.session import Session
 NEAR = {"memory_distance": 512}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lexical_near": ("lexical", NEAR), "oracle_near": ("oracle", NEAR)}
 SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", *VARIANTS)
-TEXT_SYSTEMS = (*TEXT_SELECTORS, "lexical_near")  # systems that need the text index's embedder
+# systems that need the text index's embedder: the selectors that read it and their variants
+TEXT_SYSTEMS = (*TEXT_SELECTORS, *(name for name, (base, _) in VARIANTS.items() if base in TEXT_SELECTORS))
 
 
 def newline_ids(tokenizer: Any) -> set[int]:

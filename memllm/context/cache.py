@@ -543,6 +543,10 @@ class ContextMemoryLayer(CacheLayerMixin):
         self.store.load_state({k[len("units.") :]: t for k, t in state.items() if k.startswith("units.")})
 
 
+# The MemoryConfig fields ContextMemoryCache.configured may change for a block of calls.
+VARIANT_FIELDS = ("memory_distance",)
+
+
 class ContextMemoryCache(Cache):
     """A Cache of ContextMemoryLayer, one per decoder layer. Use through `attach` (attach.py)."""
 
@@ -638,14 +642,16 @@ class ContextMemoryCache(Cache):
 
     @contextmanager
     def configured(self, **changes: Any) -> Iterator[MemoryConfig]:
-        """Within the block, the cache and every layer under its config with `changes` (validated; e.g.
-        memory_distance) and calls run eagerly (no decode graph): a measurement's variant on one read.
-        Only settings that leave the stored state as it is belong here (not block_size or n_local)."""
+        """Within the block, the cache and every layer under its config with `changes` (validated) and calls
+        run eagerly (no decode graph): a measurement's variant on one read. Only VARIANT_FIELDS, the settings
+        the layers read at each call (the stored state, plans and buffers depend on the others)."""
+        other = sorted(set(changes) - set(VARIANT_FIELDS))
+        if other:
+            raise ConfigError(
+                f"ContextMemoryCache.configured changes only {', '.join(VARIANT_FIELDS)}, not {', '.join(other)}"
+            )
         saved = self.config
         changed = replace(saved, **changes).resolved(self.spec.trained_len)
-        for key in ("n_init", "n_local", "block_size", "repr_topk", "offload_dtype", "device", "impl"):
-            if getattr(changed, key) != getattr(saved, key):
-                raise ConfigError(f"ContextMemoryCache.configured cannot change {key}: the stored state depends on it")
         self.config, self.variant = changed, True
         for layer in self.layers:
             layer.config = changed

@@ -192,7 +192,7 @@ def test_a_variant_puts_every_layer_under_its_config_for_its_block_only():
             near = step()
         assert cache.config is before and not cache.variant and all(layer.config is before for layer in cache.layers)
         assert rel_err(near, own) > 1e-3 and rel_err(step(), own) == 0
-        for bad, match in (({"n_local": 64}, "n_local"), ({"memory_distance": 64}, "memory_distance")):
+        for bad, match in (({"n_local": 64}, "not n_local"), ({"memory_distance": 64}, "memory_distance")):
             with pytest.raises(ConfigError, match=match), cache.configured(**bad):
                 pass
             assert cache.config is before
