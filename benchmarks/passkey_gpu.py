@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--int8", default="", help="lengths to run again with int8 units (accuracy cost)")
     ap.add_argument("--sync-check", default=None)
     ap.add_argument("--only", default=None, help="comma-separated depth indices (0..depths-1) for memllm")
-    ap.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
+    ap.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default 512, or n_local if shorter)")
     ap.add_argument("--n-local", type=int, default=None, help="MemoryConfig.n_local (default: the model's)")
     ap.add_argument("--topk", type=int, default=None, help="MemoryConfig.topk (default 16)")
     ap.add_argument("--out", default=None)

@@ -158,7 +158,7 @@ def main() -> None:
     r.add_argument("--n-local", type=int, default=4096)
     r.add_argument("--topk", type=int, default=16)
     r.add_argument("--block-size", type=int, default=128)
-    r.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default n_local)")
+    r.add_argument("--memory-distance", type=int, default=None, help="MemoryConfig.memory_distance (default 512, or n_local if shorter)")
     r.add_argument("--no-graphs", action="store_true")
     r.add_argument("--memory-from", default=None, help="run memory's systems only at lengths >= this (e.g. 32k)")
     r.add_argument("--log-scores", action="store_true", help="hybrid rows keep both unit scores in full")

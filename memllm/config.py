@@ -23,6 +23,11 @@ _DEVICE = re.compile(r"[a-z]+(:[0-9]+)?")  # what torch.device accepts as a stri
 # 2-4 units of 128 tokens, and the sentence that answers often holds none of the question's words. Chosen by the
 # model-free replay benchmarks/lexical_paragraph_signal.py (RESULTS, "The paragraph of the question's words").
 PARAGRAPH_REACH = 2
+# Where sinks and retrieved units sit from every query unless MemoryConfig.memory_distance says (or the window is
+# shorter): Qwen2.5-Coder-0.5B with its 4,096 window answered 14 more of 400 QA questions with them at 512 than at the
+# window's end (InfLLM's rule), 35 better and 21 worse, the 128K needles tied (run 61, H100); reading at 512 too did no
+# worse on the CPU (16K, 24 questions: 9 against 8). SmolLM2-135M reads near units far better (runs 31-32).
+MEMORY_DISTANCE = 512
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -71,9 +76,9 @@ class MemoryConfig:
     either side, before the neighbours across a blank line (0: none; UnitTextIndex.paragraph_reach). Needs
     select_neighbours > 0.
     memory_distance: the one distance at which sinks and retrieved units sit from every query (None:
-    n_local, InfLLM's rule: just past the local window). A small model reads retrieved units far
-    better near: SmolLM2-135M's oracle at 32K answers 2/50 single needles at 4,096 and 21/50 at 512
-    (benchmarks/RESULTS.md). At most n_local.
+    MEMORY_DISTANCE, 512, or n_local where the window is shorter; InfLLM's rule is n_local, just past the
+    local window). Small models read retrieved units better near (benchmarks/RESULTS.md, runs 31-32 and 61).
+    At most n_local.
     decode_graphs: on CUDA with impl "fast", run static calls by replaying captured CUDA graphs
     (context/graph.py): single tokens and short calls (up to 128 tokens, e.g. a question) that cut
     nothing, and prefill chunks that cut units once the memory holds topk units (int8 units excepted).
@@ -153,7 +158,7 @@ class MemoryConfig:
 
         Positions the model sees: a call's window frame up to n_init + n_local + block_size + chunk_size
         (the window before the call plus the call's tokens, see memllm/context/plan.py), memory queries at
-        distance n_local, model calls at cache-reported positions below n_init + n_local + chunk_size.
+        distance memory_distance (at most n_local), model calls at cache-reported positions below n_init + n_local + chunk_size.
         All must stay below `trained_len`.
         """
         # The default leaves room in the trained window for sinks, retrieved units and one execution block.
@@ -180,7 +185,7 @@ class MemoryConfig:
                 f"- block_size ({room}): lower chunk_size or n_local"
             )
         cached = self.max_cached_blocks if self.max_cached_blocks is not None else max(2 * self.topk, 1)
-        distance = self.memory_distance if self.memory_distance is not None else n_local
+        distance = self.memory_distance if self.memory_distance is not None else min(n_local, MEMORY_DISTANCE)
         if distance > n_local:
             raise ConfigError(
                 f"MemoryConfig.memory_distance ({distance}) must be at most n_local ({n_local}): retrieved units "

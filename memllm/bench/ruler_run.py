@@ -29,10 +29,16 @@ from memllm.errors import ConfigError
 from memllm.session import Session
 
 # Systems that are a selector with the cache under other settings while it answers (ContextMemoryCache.configured),
-# for a measurement on one read: the sinks and read units nearer the question and its answer (memory_distance 512
-# against the window's 4,096 for Qwen; run 61 in benchmarks/RESULTS.md). Candidates until every family is measured.
-NEAR = {"memory_distance": 512}
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"lexical_near": ("lexical", NEAR), "oracle_near": ("oracle", NEAR)}
+# for a measurement on one read: "_far" puts the sinks and read units at the window's end (InfLLM's distance, the
+# default before run 61) instead of config.MEMORY_DISTANCE.
+Changes = Callable[[MemoryConfig], dict[str, Any]]
+
+
+def _far(cfg: MemoryConfig) -> dict[str, Any]:
+    return {"memory_distance": cfg.n_local}
+
+
+VARIANTS: dict[str, tuple[str, Changes]] = {"lexical_far": ("lexical", _far), "oracle_far": ("oracle", _far)}
 SYSTEMS = ("full", "infllm", "question", "hybrid", "text", "oracle", "lexical", *VARIANTS)
 # systems that need the text index's embedder: the selectors that read it and their variants
 TEXT_SYSTEMS = (*TEXT_SELECTORS, *(name for name, (base, _) in VARIANTS.items() if base in TEXT_SELECTORS))
@@ -88,7 +94,8 @@ def ask_memllm(
     n_units = session.cache.layers[0].store.n_units
     gold = select.units_of_spans(q.spans, cfg.n_init, cfg.block_size, n_units)
     ids = list(tok(q.prompt, add_special_tokens=False)["input_ids"])
-    base, changes = VARIANTS.get(system, (system, {}))
+    base, changes_of = VARIANTS.get(system, (system, None))
+    changes = changes_of(session.cache.config) if changes_of is not None else {}
     selector = base if base in ("infllm", *TEXT_SELECTORS) else "question"
     oracle = q.spans if base == "oracle" else None
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ The rule, per execution block of queries (aligned to absolute multiples of exc_b
   * phase 1 (nothing cut yet): local holds every token, sinks included: plain causal attention.
   * phase 2: each query attends to the local window (exact positions, causal) and to sinks + the
     topk units chosen by lookup.py for the block (shared by all KV heads, or per KV head), keys at
-    position 0 and queries at memory_distance (n_local by default); one softmax over both (window.merge).
+    position 0 and queries at memory_distance (config.MEMORY_DISTANCE by default); one softmax over both (window.merge).
   * after each block, while the window minus a block still holds n_local tokens, its oldest
     block_size tokens become a unit whose representatives are the repr_topk keys that received most
     attention (softmax over the window's keys) while in the window; in phase 1 the first n_init
@@ -433,7 +433,7 @@ class ContextMemoryLayer(CacheLayerMixin):
         t = plan.tensors(dev)
         n_mb = len(plan.memory_blocks)
         # Queries at memory_distance - (model_start + t) more than where the model put them: distance
-        # memory_distance (n_local unless configured).
+        # memory_distance (MEMORY_DISTANCE, or n_local where shorter, unless configured).
         start = model_start - cfg.memory_distance
         # With the kernels one launch: the queries in the model dtype and their per-block sums.
         q_mem, q_sum = self.kernels.memory_queries(rot, q, start, plan, t, kvh, self.dtype)

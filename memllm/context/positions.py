@@ -6,7 +6,7 @@ once more, by the angle between where the model put them and where memllm's rule
 exact relative positions inside the local window (window keys are kept rotated at j - base; base is
 moved forward, "re-based", before any position reaches the trained length), and one fixed distance
 for sinks and retrieved units (kept rotated at 0: keys at position 0, queries at memory_distance,
-n_local unless configured).
+MEMORY_DISTANCE or n_local where shorter, unless configured).
 cos/sin come from `model.model.rotary_emb` (any rope_type it implements: default, llama3, yarn, ...)
 at positions 0..trained_len-1, normalised by its attention scaling s (cos^2 + sin^2 = s^2), so a
 rotation by a difference of positions composes exactly with the model's own: R(b - a) s R(a) = s R(b).

@@ -5,8 +5,8 @@ keys the rule allows with their positions and does a dense softmax. The rule (me
 execution blocks of exc_block_size queries aligned to absolute multiples; before any cut, plain
 causal attention; afterwards local tokens [w, i] at positions (j - w) with the query at (i - w), plus
 sinks [0, n_init) and the topk units by the sum over KV heads g of (sum of the block's queries of g's
-heads rotated at n_local) . (mean of g's repr keys * s) (same units for every head; per KV head when
-mem.lookup == "per_head"), all at key position 0 with queries at n_local. After each block, while
+heads rotated at distance(mem)) . (mean of g's repr keys * s) (same units for every head; per KV head when
+mem.lookup == "per_head"), all at key position 0 with queries at distance(mem). After each block, while
 T - c0 - block_size >= n_local (c0 = w once cut, else n_init), tokens [c0, c0 + block_size) become a
 unit with representatives = the repr_topk tokens that received the most attention while local
 (softmax over the local keys only, summed over the queries that saw them).
@@ -21,8 +21,8 @@ from memllm.config import MemoryConfig
 
 
 def distance(mem) -> int:
-    """Where queries sit for sinks and units (keys at 0): memory_distance, n_local unless set."""
-    return mem.memory_distance if mem.memory_distance is not None else mem.n_local
+    """Where queries sit for sinks and units (keys at 0): memory_distance, unless set 512 or n_local if shorter."""
+    return mem.memory_distance if mem.memory_distance is not None else min(mem.n_local, 512)
 
 class RuleReference:
     def __init__(self, model: torch.nn.Module, mem: MemoryConfig):

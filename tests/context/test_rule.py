@@ -7,6 +7,7 @@ import torch
 from transformers import AttentionInterface
 
 from memllm.compat import cache_kwargs
+from memllm.config import MEMORY_DISTANCE, MemoryConfig
 from memllm.context import attach
 from tests.context.helpers import rel_err, small_memory, tiny_model
 from tests.context.reference_rule import RuleReference
@@ -161,7 +162,8 @@ def test_memory_distance_moves_only_what_memory_gives_and_is_bounded_by_the_wind
     assert cache.layers[0].config.memory_distance == 16
     with pytest.raises(ConfigError, match="memory_distance"):
         small_memory(memory_distance=64).resolved(128)
-    assert small_memory().resolved(128).memory_distance == small_memory().n_local
+    assert small_memory().resolved(128).memory_distance == small_memory().n_local  # a window shorter than 512
+    assert MemoryConfig().resolved(32768).memory_distance == MEMORY_DISTANCE == 512  # the 4,096 window's default
 
 
 def test_a_variant_puts_every_layer_under_its_config_for_its_block_only():

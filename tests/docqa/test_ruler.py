@@ -54,12 +54,11 @@ def test_one_read_answers_under_every_system_with_diagnostics(tiny_llm, monkeypa
     # variants: the cache under another memory distance while it answers (ContextMemoryCache.configured)
     from memllm.memory_stores.embeddings import FakeEmbedder
 
-    near = {**ruler_run.NEAR, "memory_distance": 16}  # the tiny model's window is shorter than 512
-    monkeypatch.setitem(ruler_run.VARIANTS, "lexical_near", ("lexical", near))
-    monkeypatch.setitem(ruler_run.VARIANTS, "oracle_near", ("oracle", near))
-    mine = ruler_run.run(tiny_llm, hays[:1], ["lexical_near", "oracle_near"], memory, embedder=FakeEmbedder())
-    assert {r["system"] for r in mine} == {"lexical_near", "oracle_near"}
-    assert all(r["all_layers_read"] for r in mine if r["system"] == "oracle_near" and not r["in_window"])
+    near = MemoryConfig(**{**memory.to_dict(), "memory_distance": 16})  # so that "far" (the window's 32) differs
+    mine = ruler_run.run(tiny_llm, hays[:1], ["lexical_far", "oracle_far"], near, embedder=FakeEmbedder())
+    assert {r["system"] for r in mine} == {"lexical_far", "oracle_far"}
+    assert all(r["all_layers_read"] for r in mine if r["system"] == "oracle_far" and not r["in_window"])
+    assert ruler_run.VARIANTS["lexical_far"][1](near.resolved(256)) == {"memory_distance": 32}
     oracle = [r for r in rows if r["system"] == "oracle" and not r["in_window"]]
     assert oracle and all(r["all_layers_read"] for r in oracle)
     assert all(r["recall_by_layer"] == [1.0, 1.0] for r in oracle)
