@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from memllm.config import MemoryConfig
+from memllm.config import MEMORY_DISTANCE, MemoryConfig
 
 
 def distance(mem) -> int:
-    """Where queries sit for sinks and units (keys at 0): memory_distance, unless set 512 or n_local if shorter."""
-    return mem.memory_distance if mem.memory_distance is not None else min(mem.n_local, 512)
+    """Where queries sit for sinks and units (keys at 0): memory_distance, unless set MEMORY_DISTANCE or n_local if
+    shorter."""
+    return mem.memory_distance if mem.memory_distance is not None else min(mem.n_local, MEMORY_DISTANCE)
 
 class RuleReference:
     def __init__(self, model: torch.nn.Module, mem: MemoryConfig):
